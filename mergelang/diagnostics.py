@@ -1,0 +1,303 @@
+"""Source spans and diagnostics: `file:line:col`, the source line, a caret, a code and a hint.
+
+Every user-facing error in mergelang is a :class:`Diagnostic`. Errors are collected (not raised
+one by one) so that a single `mergelang check` reports everything it can find; the stage that
+collected them raises one :class:`MergelangError` carrying all of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True, eq=False)
+class SourceFile:
+    """A recipe's text and where it came from (identity-compared: one object per loaded file)."""
+
+    path: str
+    text: str
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for i, ch in enumerate(self.text):
+            if ch == "\n":
+                starts.append(i + 1)
+        object.__setattr__(self, "_line_starts", starts)
+
+    def position(self, offset: int) -> tuple[int, int]:
+        """1-based (line, column) of a character offset."""
+        starts: list[int] = self._line_starts  # type: ignore[attr-defined]
+        line = bisect.bisect_right(starts, offset) - 1
+        return line + 1, offset - starts[line] + 1
+
+    def line_text(self, line: int) -> str:
+        starts: list[int] = self._line_starts  # type: ignore[attr-defined]
+        start = starts[line - 1]
+        end = starts[line] - 1 if line < len(starts) else len(self.text)
+        return self.text[start:end]
+
+    @property
+    def display_path(self) -> str:
+        return self.path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "SourceFile":
+        return cls(str(path), Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open character range [start, end) in a source file."""
+
+    source: SourceFile
+    start: int
+    end: int
+
+    @property
+    def line(self) -> int:
+        return self.source.position(self.start)[0]
+
+    @property
+    def col(self) -> int:
+        return self.source.position(self.start)[1]
+
+    @property
+    def text(self) -> str:
+        return self.source.text[self.start : self.end]
+
+    def location(self) -> str:
+        line, col = self.source.position(self.start)
+        return f"{self.source.display_path}:{line}:{col}"
+
+    def to(self, other: "Span") -> "Span":
+        return Span(self.source, min(self.start, other.start), max(self.end, other.end))
+
+    def __repr__(self) -> str:  # short and stable, for --emit output and test failures
+        return f"<{self.location()}>"
+
+
+class Severity(str, enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    NOTE = "note"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str
+    message: str
+    span: Span | None = None
+    help: str | None = None
+    notes: tuple[tuple[str, Span | None], ...] = ()
+    severity: Severity = Severity.ERROR
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity is Severity.ERROR
+
+    def with_note(self, text: str, span: Span | None = None) -> "Diagnostic":
+        return Diagnostic(
+            self.code, self.message, self.span, self.help, self.notes + ((text, span),), self.severity
+        )
+
+    def render(self, color: bool = False) -> str:
+        return render(self, color=color)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _style(text: str, code: str, color: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if color else text
+
+
+def _snippet(span: Span, color: bool, marker: str = "^") -> list[str]:
+    src = span.source
+    line, col = src.position(span.start)
+    end_line, end_col = src.position(max(span.start, span.end - 1))
+    text = src.line_text(line)
+    width = len(str(line))
+    gutter = " " * width + " |"
+    if end_line == line:
+        length = max(1, end_col - col + 1)
+    else:
+        length = max(1, len(text) - col + 1)
+    caret = " " * (col - 1) + marker * length
+    return [
+        _style(gutter, "34", color),
+        _style(f"{line} |", "34", color) + " " + text,
+        _style(gutter, "34", color) + " " + _style(caret, "31;1", color),
+    ]
+
+
+def render(diag: Diagnostic, color: bool = False) -> str:
+    """Render in the familiar rustc/xdsl style::
+
+        error[E103]: unknown keyword argument `densty` for `ties`
+          --> recipe.mrg:12:36
+           |
+        12 |     "*" => ties(base, [a, b], densty = 0.5)
+           |                               ^^^^^^
+           = help: did you mean `density`?
+    """
+    sev = diag.severity.value
+    head_color = {"error": "31;1", "warning": "33;1", "note": "36;1"}[sev]
+    lines = [_style(f"{sev}[{diag.code}]", head_color, color) + _style(f": {diag.message}", "1", color)]
+    pad = " "
+    if diag.span is not None:
+        pad = " " * (len(str(diag.span.line)) + 1)
+        lines.append(f"{pad[:-1]}--> {diag.span.location()}")
+        lines.extend(_snippet(diag.span, color))
+    for text, span in diag.notes:
+        if span is not None:
+            lines.append(f"{pad}= note: {text} ({span.location()})")
+        else:
+            lines.append(f"{pad}= note: {text}")
+    if diag.help:
+        lines.append(f"{pad}= help: {diag.help}")
+    return "\n".join(lines)
+
+
+class MergelangError(Exception):
+    """Raised by the public API when a recipe or its inputs have errors; carries all diagnostics."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic] | Diagnostic):
+        if isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics: list[Diagnostic] = list(diagnostics)
+        super().__init__(self.render())
+
+    @property
+    def codes(self) -> list[str]:
+        return [d.code for d in self.diagnostics]
+
+    def render(self, color: bool = False) -> str:
+        errors = [d for d in self.diagnostics if d.is_error]
+        body = "\n\n".join(d.render(color) for d in self.diagnostics)
+        n = len(errors)
+        if n > 1:
+            body += f"\n\n{n} errors"
+        return body
+
+
+class Diagnostics:
+    """An ordered, de-duplicated collection of diagnostics for one compilation."""
+
+    def __init__(self) -> None:
+        self._items: list[Diagnostic] = []
+        self._seen: dict[tuple, int] = {}
+        self._repeats: dict[tuple, list[str]] = {}
+
+    def add(self, diag: Diagnostic, subject: str | None = None) -> None:
+        """Add `diag`; the same (code, span, message-shape) for another tensor counts as a repeat."""
+        key = (diag.code, diag.span.source if diag.span else None,
+               diag.span.start if diag.span else None, diag.span.end if diag.span else None,
+               diag.message if subject is None else diag.message.replace(subject, "\0"))
+        if key in self._seen:
+            if subject is not None:
+                self._repeats[key].append(subject)
+            return
+        self._seen[key] = len(self._items)
+        self._repeats[key] = []
+        self._items.append(diag)
+
+    def extend(self, diags: Iterable[Diagnostic]) -> None:
+        for d in diags:
+            self.add(d)
+
+    @property
+    def items(self) -> list[Diagnostic]:
+        out = list(self._items)
+        for key, idx in self._seen.items():
+            others = self._repeats[key]
+            if others:
+                shown = ", ".join(f"`{o}`" for o in others[:3])
+                more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                out[idx] = out[idx].with_note(f"the same error occurs for {shown}{more}")
+        return out
+
+    @property
+    def has_errors(self) -> bool:
+        return any(d.is_error for d in self._items)
+
+    def raise_if_errors(self) -> None:
+        if self.has_errors:
+            raise MergelangError(self.items)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """A `help:` text suggesting the closest candidate names, or None."""
+    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=2, cutoff=0.6)
+    if not matches:
+        return None
+    if len(matches) == 1:
+        return f"did you mean `{matches[0]}`?"
+    return f"did you mean `{matches[0]}` or `{matches[1]}`?"
+
+
+def error(code: str, message: str, span: Span | None = None, help: str | None = None,
+          notes: tuple[tuple[str, Span | None], ...] = ()) -> Diagnostic:
+    return Diagnostic(code, message, span, help, notes, Severity.ERROR)
+
+
+def warning(code: str, message: str, span: Span | None = None, help: str | None = None,
+            notes: tuple[tuple[str, Span | None], ...] = ()) -> Diagnostic:
+    return Diagnostic(code, message, span, help, notes, Severity.WARNING)
+
+
+class CompileError(Exception):
+    """Internal control flow: aborts evaluation of one construct with one diagnostic."""
+
+    def __init__(self, diag: Diagnostic):
+        self.diag = diag
+        super().__init__(diag.message)
+
+
+# One registry of diagnostic codes, so docs and tests can enumerate them.
+CODES: dict[str, str] = {
+    # syntax and files
+    "E001": "syntax error",
+    "E002": "cannot read recipe or imported file",
+    "E003": "import cycle",
+    # names and calls
+    "E101": "unknown name",
+    "E102": "unknown function",
+    "E103": "unknown keyword argument",
+    "E104": "missing argument",
+    "E105": "too many positional arguments",
+    "E106": "duplicate definition",
+    "E107": "argument given twice",
+    "E108": "recursive function",
+    "E109": "invalid pattern",
+    # types and values
+    "E201": "type mismatch",
+    "E202": "shape mismatch",
+    "E203": "invalid value",
+    "E204": "assertion failed",
+    "E205": "division by zero",
+    "E206": "unsupported dtype",
+    "E207": "output shape differs from the reference model",
+    # models and checkpoints
+    "E301": "model not found",
+    "E302": "tensor missing in a model",
+    "E303": "invalid checkpoint",
+    "E304": "no rule matches a tensor",
+    "E305": "no merge block",
+    "E306": "unsafe checkpoint (pickle)",
+    # command line and options
+    "E401": "bad override (--set)",
+    "E402": "invalid option",
+    "E403": "output folder exists",
+    # runtime
+    "E501": "runtime check failed",
+    "E502": "cannot write output",
+    # warnings
+    "W001": "rule never matches",
+    "W002": "integer or bool tensor passed through",
+    "W003": "function shadows a standard library method",
+}

@@ -1,0 +1,202 @@
+"""The merge graph: a `networkx.DiGraph` whose node payload is one typed :class:`Node`.
+
+Argument order lives in `Node.args` (like torch.fx); edges mirror the args so networkx's
+algorithms (topological order, ancestors, reachability) apply. `verify` checks the invariants and
+runs after every pass in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import networkx as nx
+
+from .diagnostics import Span
+from .ops import ARITY, Attrs, Op, TypeRuleError, infer
+from .types import TType
+
+PAYLOAD = "node"
+
+
+@dataclass(frozen=True)
+class Node:
+    op: Op
+    args: tuple[int, ...]
+    attrs: Attrs
+    type: TType
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def key(self) -> tuple:
+        """What makes two nodes interchangeable (for CSE)."""
+        return (self.op, self.args, self.attrs)
+
+    def with_args(self, args: tuple[int, ...]) -> "Node":
+        return replace(self, args=args)
+
+
+class MergeGraph(nx.DiGraph):
+    """A DiGraph of `Node`s with typed accessors. Node ids are ints, unique per graph."""
+
+    def __init__(self, incoming_graph_data=None, **attr):
+        super().__init__(incoming_graph_data, **attr)
+        self.graph.setdefault("next_id", 0)
+
+    # -- building
+    def add(self, node: Node) -> int:
+        nid = self.graph["next_id"]
+        self.graph["next_id"] = nid + 1
+        self.add_node(nid, **{PAYLOAD: node})
+        for a in node.args:
+            self.add_edge(a, nid)
+        return nid
+
+    def make(self, op: Op, args: Iterable[int] = (), attrs: Attrs | None = None,
+             span: Span | None = None) -> int:
+        """Add a node, typing it with the op's type rule (raises TypeRuleError)."""
+        args = tuple(args)
+        attrs = attrs if attrs is not None else Attrs()
+        ty = infer(op, attrs, [self.node(a).type for a in args])
+        return self.add(Node(op, args, attrs, ty, span))
+
+    def set_node(self, nid: int, node: Node) -> None:
+        """Replace a node's payload, rewiring its incoming edges."""
+        old = self.node(nid)
+        for a in set(old.args):
+            self.remove_edge(a, nid)
+        self.nodes[nid][PAYLOAD] = node
+        for a in node.args:
+            self.add_edge(a, nid)
+
+    def replace_uses(self, old: int, new: int) -> None:
+        """Point every user of `old` at `new` (`old` stays, unused)."""
+        for user in list(self.successors(old)):
+            n = self.node(user)
+            self.set_node(user, n.with_args(tuple(new if a == old else a for a in n.args)))
+
+    # -- reading
+    def node(self, nid: int) -> Node:
+        return self.nodes[nid][PAYLOAD]
+
+    def items(self) -> Iterable[tuple[int, Node]]:
+        for nid, data in self.nodes(data=PAYLOAD):
+            yield nid, data
+
+    def outputs(self) -> list[int]:
+        """OUTPUT node ids in output order."""
+        outs = [nid for nid, n in self.items() if n.op is Op.OUTPUT]
+        return sorted(outs, key=lambda nid: self.node(nid).attrs["order"])
+
+    def topo_order(self) -> list[int]:
+        return list(nx.lexicographical_topological_sort(self))
+
+    def fresh_copy(self) -> "MergeGraph":
+        g = MergeGraph()
+        g.graph.update(self.graph)
+        return g
+
+    def clone(self) -> "MergeGraph":
+        g = MergeGraph(self)
+        g.graph.update(self.graph)
+        return g
+
+
+class VerifyError(AssertionError):
+    pass
+
+
+def verify(g: MergeGraph) -> None:
+    """Check the graph invariants; raises VerifyError naming the first broken one."""
+    if not nx.is_directed_acyclic_graph(g):
+        raise VerifyError("graph has a cycle")
+    names: set[str] = set()
+    orders: list[int] = []
+    for nid, data in g.nodes(data=True):
+        node = data.get(PAYLOAD)
+        if not isinstance(node, Node) or set(data) != {PAYLOAD}:
+            raise VerifyError(f"node {nid} must carry exactly one Node payload, has {sorted(data)}")
+        if not isinstance(node.op, Op) or not isinstance(node.attrs, Attrs):
+            raise VerifyError(f"node {nid}: bad op or attrs")
+        arity = ARITY[node.op]
+        if arity is not None and len(node.args) != arity:
+            raise VerifyError(f"node {nid} ({node.op.value}) has {len(node.args)} args, wants {arity}")
+        if set(g.predecessors(nid)) != set(node.args):
+            raise VerifyError(f"node {nid}: edges {sorted(g.predecessors(nid))} != args {node.args}")
+        try:
+            expected = infer(node.op, node.attrs, [g.node(a).type for a in node.args])
+        except TypeRuleError as exc:
+            raise VerifyError(f"node {nid} ({node.op.value}): {exc}") from None
+        if expected != node.type:
+            raise VerifyError(f"node {nid} ({node.op.value}): type {node.type} != inferred {expected}")
+        if node.op is Op.OUTPUT:
+            if g.out_degree(nid):
+                raise VerifyError(f"output node {nid} has users")
+            name = node.attrs["name"]
+            if name in names:
+                raise VerifyError(f"two outputs named {name!r}")
+            names.add(name)
+            orders.append(node.attrs["order"])
+    if sorted(orders) != list(range(len(orders))):
+        raise VerifyError("output orders are not 0..n-1")
+    if g.graph.get("next_id", 0) <= max(g.nodes, default=-1):
+        raise VerifyError("next_id would reuse an existing node id")
+
+
+# ---------------------------------------------------------------- text form (--emit graph)
+def format_graph(g: MergeGraph, models: dict[str, str] | None = None) -> str:
+    """Stable text: nodes renumbered %0.. in a deterministic topological order, per output."""
+    order = _emit_order(g)
+    local = {nid: i for i, nid in enumerate(order)}
+    lines = []
+    for nid in order:
+        n = g.node(nid)
+        args = ", ".join(f"%{local[a]}" for a in n.args)
+        attrs = _attrs_text(n)
+        loc = f"  @{n.span.source.display_path.rsplit('/', 1)[-1]}:{n.span.line}:{n.span.col}" if n.span else ""
+        parts = [f"%{local[nid]} = {n.op.value}"]
+        if args:
+            parts.append(args)
+        if attrs:
+            parts.append(attrs)
+        lines.append(" ".join(parts) + f" : {n.type}{loc}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _attrs_text(n: Node) -> str:
+    a = dict(n.attrs)
+    if n.op in (Op.LOAD, Op.CONST):
+        a.pop("type", None)
+    if n.op is Op.LOAD:
+        return f"{a['model']}[{a['name']!r}]" + (f" from {a['src_dtype']}" if "src_dtype" in a else "")
+    return " ".join(f"{k}={v!r}" for k, v in sorted(a.items()))
+
+
+def _emit_order(g: MergeGraph) -> list[int]:
+    """Depth-first from each output in output order: a value right before its first use."""
+    seen: set[int] = set()
+    order: list[int] = []
+
+    def visit(root: int) -> None:
+        stack = [(root, False)]
+        while stack:
+            nid, done = stack.pop()
+            if done:
+                order.append(nid)
+                continue
+            if nid in seen:
+                continue
+            seen.add(nid)
+            stack.append((nid, True))
+            for a in reversed(g.node(nid).args):
+                if a not in seen:
+                    stack.append((a, False))
+
+    for out in g.outputs():
+        visit(out)
+    for nid in sorted(g.nodes):  # unreachable nodes (before DCE) last, in id order
+        if nid not in seen:
+            visit(nid)
+    return order
+
+
+emit_order = _emit_order

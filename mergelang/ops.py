@@ -1,0 +1,280 @@
+"""The graph's vocabulary: the `Op` enum, op categories and each op's type rule.
+
+Type rules are the single source of truth for result types: the graph builder calls
+:func:`infer` to type a new node and `verify` calls it again to check every node after a pass.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Iterator, Mapping
+
+from .types import TType, broadcast_shapes, format_shape
+
+
+class Op(enum.Enum):
+    # sources and sinks
+    LOAD = "load"
+    CONST = "const"
+    OUTPUT = "output"
+    # structure (views and conversions)
+    STACK = "stack"
+    INDEX = "index"
+    RESHAPE = "reshape"
+    CAST = "cast"
+    # elementwise, unary
+    NEG = "neg"
+    ABS = "abs"
+    SIGN = "sign"
+    SQRT = "sqrt"
+    EXP = "exp"
+    LOG = "log"
+    SIN = "sin"
+    COS = "cos"
+    ACOS = "acos"
+    TANH = "tanh"
+    NOT = "not"
+    CLAMP = "clamp"
+    # elementwise, binary
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    SAFE_DIV = "safe_div"
+    POW = "pow"
+    MINIMUM = "minimum"
+    MAXIMUM = "maximum"
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    AND = "and"
+    OR = "or"
+    # elementwise, ternary
+    WHERE = "where"
+    LERP = "lerp"
+    # reductions with a scope (attrs: kind, over)
+    REDUCE = "reduce"
+    DOT = "dot"
+    # order statistics
+    TOPK_MASK = "topk_mask"
+    # checks
+    ASSERT = "assert"
+
+    def __repr__(self) -> str:
+        return f"Op.{self.name}"
+
+
+UNARY = frozenset({Op.NEG, Op.ABS, Op.SIGN, Op.SQRT, Op.EXP, Op.LOG, Op.SIN, Op.COS, Op.ACOS,
+                   Op.TANH, Op.NOT, Op.CLAMP})
+ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.SAFE_DIV, Op.POW, Op.MINIMUM,
+                          Op.MAXIMUM})
+COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
+LOGICAL = frozenset({Op.AND, Op.OR, Op.NOT})
+BINARY = ARITH_BINARY | COMPARE | {Op.AND, Op.OR}
+TERNARY = frozenset({Op.WHERE, Op.LERP})
+ELEMENTWISE = UNARY | BINARY | TERNARY
+REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
+VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
+#: ops that are cheap enough to evaluate at compile time when all inputs are constants
+FOLDABLE = ELEMENTWISE | REDUCTIONS | {Op.STACK, Op.INDEX, Op.RESHAPE, Op.CAST}
+
+REDUCE_KINDS = ("sum", "mean", "max", "min", "count", "l1", "l2")
+SCOPES = ("models", "tensor", "rows", "cols")
+
+ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
+ARITY.update({op: 2 for op in BINARY})
+ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 2, Op.ASSERT: 2,
+              Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
+              Op.CAST: 1})
+
+
+class Attrs(Mapping[str, Any]):
+    """An immutable, hashable attribute mapping (values must be hashable: use tuples)."""
+
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, items: Mapping[str, Any] | None = None, **kw: Any):
+        merged = dict(items or {}, **kw)
+        self._items = tuple(sorted(merged.items()))
+        self._hash = hash(self._items)
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Attrs) and self._items == other._items
+
+    def replace(self, **kw: Any) -> "Attrs":
+        return Attrs(dict(self._items), **kw)
+
+    def __repr__(self) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in self._items)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+class TypeRuleError(Exception):
+    """A type rule was violated; the builder turns this into an E201/E202 diagnostic."""
+
+    def __init__(self, message: str, code: str = "E201", help: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.help = help
+
+
+def _models(types: list[TType]) -> int | None:
+    counts = {t.models for t in types if t.models is not None}
+    if len(counts) > 1:
+        a, b = sorted(counts)[:2]
+        raise TypeRuleError(f"cannot combine a stack of {a} models with a stack of {b} models", "E202")
+    return counts.pop() if counts else None
+
+
+def broadcast(types: list[TType]) -> TType:
+    """Broadcast element shapes (right-aligned, as torch does) and model axes."""
+    models = _models(types)
+    shape: tuple[int, ...] = ()
+    for t in types:
+        new = broadcast_shapes(shape, t.shape)
+        if new is None:
+            shapes = " and ".join(format_shape(x.shape) for x in types)
+            raise TypeRuleError(f"shapes {shapes} do not broadcast", "E202")
+        shape = new
+    return TType(shape, "float32", models)
+
+
+def _require(t: TType, dtype: str, what: str) -> None:
+    if t.dtype != dtype:
+        raise TypeRuleError(f"{what} expects {dtype} values, got {t.dtype}")
+
+
+def _reduce_shape(t: TType, over: str) -> TType:
+    if over == "models":
+        if t.models is None:
+            raise TypeRuleError("a reduction over models needs a stack of models (a list like [a, b])",
+                                help="pass a list of models, or use over = \"tensor\"")
+        return TType(t.shape, "float32", None)
+    if over == "tensor":
+        return TType((), "float32", t.models)
+    if over == "rows":
+        if not t.shape:
+            raise TypeRuleError("a reduction over rows needs a tensor with at least one dimension")
+        return TType(t.shape[:-1] + (1,), "float32", t.models)
+    if over == "cols":
+        if len(t.shape) < 2:
+            raise TypeRuleError("a reduction over cols needs a tensor with at least two dimensions",
+                                help='use over = "rows" or over = "tensor" for 1-D tensors')
+        return TType(t.shape[:-2] + (1, t.shape[-1]), "float32", t.models)
+    raise TypeRuleError(f"unknown scope {over!r}", "E203", f"scopes: {', '.join(SCOPES)}")
+
+
+def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
+    """The result type of `op` applied to arguments of types `args` (raises TypeRuleError)."""
+    n = ARITY[op]
+    if n is not None and len(args) != n:
+        raise TypeRuleError(f"{op.value} takes {n} arguments, got {len(args)}")
+    if op in ELEMENTWISE:
+        out = broadcast(args)
+        for t in args:  # a stacked operand must carry the full element rank (model axis at dim 0)
+            if t.models is not None and len(t.shape) != len(out.shape):
+                raise TypeRuleError("internal: stacked operand not reshaped to the result rank")
+        if op in LOGICAL:
+            for t in args:
+                _require(t, "bool", op.value)
+            return out.with_(dtype="bool")
+        if op is Op.WHERE:
+            _require(args[0], "bool", "where's condition")
+            if args[1].dtype == "bool" and args[2].dtype == "bool":
+                return out.with_(dtype="bool")
+            for t in args[1:]:
+                _require(t, "float32", "where's branches")
+            return out
+        for t in args:
+            _require(t, "float32", op.value)
+        return out.with_(dtype="bool") if op in COMPARE else out
+    if op is Op.REDUCE:
+        if attrs["kind"] not in REDUCE_KINDS:
+            raise TypeRuleError(f"unknown reduction {attrs['kind']!r}")
+        if attrs["kind"] != "count":
+            _require(args[0], "float32", attrs["kind"])
+        return _reduce_shape(args[0], attrs["over"])
+    if op is Op.DOT:
+        for t in args:
+            _require(t, "float32", "dot")
+        return _reduce_shape(broadcast(args), attrs["over"])
+    if op is Op.TOPK_MASK:
+        x, density = args
+        _require(x, "float32", "topk_mask")
+        if density.shape != ():
+            raise TypeRuleError("topk_mask's density must be a scalar or one scalar per model")
+        if density.models is not None and density.models != x.models:
+            raise TypeRuleError(f"{density.models} densities for a stack of {x.models} models", "E202")
+        if attrs["over"] not in ("tensor", "rows"):
+            raise TypeRuleError(f"topk_mask works over \"tensor\" or \"rows\", not {attrs['over']!r}",
+                                "E203")
+        return x.with_(dtype="bool")
+    if op is Op.ASSERT:
+        _require(args[1], "bool", "assert's condition")
+        return args[0]
+    if op is Op.STACK:
+        if not args:
+            raise TypeRuleError("cannot stack an empty list of tensors")
+        first = args[0]
+        for t in args:
+            if t.models is not None:
+                raise TypeRuleError("cannot nest a stack of models inside another list")
+            if t.shape != first.shape:
+                raise TypeRuleError(f"list items have different shapes: {format_shape(first.shape)} "
+                                    f"and {format_shape(t.shape)}", "E202")
+            if t.dtype != first.dtype:
+                raise TypeRuleError(f"list items have different dtypes: {first.dtype} and {t.dtype}")
+        return TType(first.shape, first.dtype, len(args))
+    if op is Op.INDEX:
+        t = args[0]
+        if t.models is None:
+            raise TypeRuleError("only a stack of models can be indexed")
+        i = attrs["i"]
+        if not -t.models <= i < t.models:
+            raise TypeRuleError(f"index {i} out of range for a stack of {t.models} models", "E203")
+        return TType(t.shape, t.dtype, None)
+    if op is Op.RESHAPE:
+        t = args[0]
+        shape = tuple(attrs["shape"])
+        if _prod(shape) != _prod(t.shape):
+            raise TypeRuleError(f"cannot reshape {format_shape(t.shape)} to {format_shape(shape)}")
+        return TType(shape, t.dtype, t.models)
+    if op is Op.CAST:
+        return args[0].with_(dtype=attrs["dtype"])
+    if op in (Op.LOAD, Op.CONST):
+        return attrs["type"]
+    if op is Op.OUTPUT:
+        return args[0].with_(dtype=attrs["dtype"])
+    raise TypeRuleError(f"no type rule for {op}")  # pragma: no cover - every op has a rule
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out

@@ -1,0 +1,111 @@
+"""Value types of graph nodes and the dtype vocabulary shared by checker, kernels and I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+# safetensors header dtype <-> torch dtype <-> the short names used in recipes and --emit output.
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+NAME_TO_TORCH: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt for dt in ST_TO_TORCH.values()
+}
+ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+           "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
+
+SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "bool": "bool",
+         "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8"}
+
+#: dtypes a recipe's `dtype` option may name for the output
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return NAME_TO_TORCH[ALIASES.get(name, name)]
+
+
+def is_floating(name: str) -> bool:
+    return torch_dtype(name).is_floating_point
+
+
+def itemsize(name: str) -> int:
+    dt = torch_dtype(name)
+    return torch.empty((), dtype=dt).element_size()
+
+
+@dataclass(frozen=True)
+class TType:
+    """The type of a graph value: an element shape, a dtype and, for a stack of per-model
+    tensors, the length of the leading model axis (`models`; None for a plain tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    models: int | None = None
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return self.shape if self.models is None else (self.models, *self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.full_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def stacked(self) -> bool:
+        return self.models is not None
+
+    def with_(self, **changes) -> "TType":
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        prefix = f"{self.models} x " if self.models is not None else ""
+        return f"{SHORT.get(self.dtype, self.dtype)}[{prefix}{dims}]"
+
+
+SCALAR = TType(())
+BOOL_SCALAR = TType((), "bool")
+
+
+def broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """numpy/torch broadcasting of element shapes; None when they do not broadcast."""
+    out = []
+    for x, y in zip(reversed((1,) * (len(b) - len(a)) + a), reversed((1,) * (len(a) - len(b)) + b)):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8GB' / '5 GiB' / 1000 -> bytes (pydantic's ByteSize: decimal GB, binary GiB)."""
+    from pydantic import ByteSize, TypeAdapter
+
+    return int(TypeAdapter(ByteSize).validate_python(text))
