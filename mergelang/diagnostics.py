@@ -21,6 +21,7 @@ class SourceFile:
 
     path: str
     text: str
+    library: bool = False  # a standard-library file: errors inside it point at the user's call
 
     def __post_init__(self) -> None:
         starts = [0]
@@ -46,8 +47,8 @@ class SourceFile:
         return self.path
 
     @classmethod
-    def read(cls, path: str | Path) -> "SourceFile":
-        return cls(str(path), Path(path).read_text(encoding="utf-8"))
+    def read(cls, path: str | Path, library: bool = False) -> "SourceFile":
+        return cls(str(path), Path(path).read_text(encoding="utf-8"), library)
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def _attrs_text(n: Node) -> str:
     if n.op in (Op.LOAD, Op.CONST):
         a.pop("type", None)
     if n.op is Op.LOAD:
-        return f"{a['model']}[{a['name']!r}]" + (f" from {a['src_dtype']}" if "src_dtype" in a else "")
+        return f"{a['model']}[{a['tensor']!r}] from {a['src_dtype']}"
     return " ".join(f"{k}={v!r}" for k, v in sorted(a.items()))
 
 

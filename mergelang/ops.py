@@ -40,7 +40,6 @@ class Op(enum.Enum):
     SUB = "sub"
     MUL = "mul"
     DIV = "div"
-    SAFE_DIV = "safe_div"
     POW = "pow"
     MINIMUM = "minimum"
     MAXIMUM = "maximum"
@@ -69,7 +68,7 @@ class Op(enum.Enum):
 
 UNARY = frozenset({Op.NEG, Op.ABS, Op.SIGN, Op.SQRT, Op.EXP, Op.LOG, Op.SIN, Op.COS, Op.ACOS,
                    Op.TANH, Op.NOT, Op.CLAMP})
-ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.SAFE_DIV, Op.POW, Op.MINIMUM,
+ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MINIMUM,
                           Op.MAXIMUM})
 COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
 LOGICAL = frozenset({Op.AND, Op.OR, Op.NOT})
@@ -86,7 +85,7 @@ SCOPES = ("models", "tensor", "rows", "cols")
 
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
-ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 2, Op.ASSERT: 2,
+ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
 
@@ -224,15 +223,16 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
             _require(t, "float32", "dot")
         return _reduce_shape(broadcast(args), attrs["over"])
     if op is Op.TOPK_MASK:
-        x, density = args
+        (x,) = args
         _require(x, "float32", "topk_mask")
-        if density.shape != ():
-            raise TypeRuleError("topk_mask's density must be a scalar or one scalar per model")
-        if density.models is not None and density.models != x.models:
-            raise TypeRuleError(f"{density.models} densities for a stack of {x.models} models", "E202")
+        density = attrs["density"]
+        if isinstance(density, tuple) and len(density) != x.models:
+            raise TypeRuleError(f"{len(density)} densities for a stack of {x.models} models", "E202")
         if attrs["over"] not in ("tensor", "rows"):
             raise TypeRuleError(f"topk_mask works over \"tensor\" or \"rows\", not {attrs['over']!r}",
                                 "E203")
+        if attrs["over"] == "rows" and not x.shape:
+            raise TypeRuleError("topk_mask over rows needs a tensor with at least one dimension")
         return x.with_(dtype="bool")
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")

@@ -1,0 +1,206 @@
+"""The compiler driver: recipe text -> checked graph -> optimized graph -> execution plan.
+
+`compile_recipe` runs every stage up to the requested one, collecting diagnostics; it raises one
+`MergelangError` carrying all errors found (warnings are kept on the result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from . import ast
+from .checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
+from .diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
+                          did_you_mean, error)
+from .elaborate import Elaborator
+from .graph import MergeGraph
+from .loader import Unit, load
+from .options import RecipeOptions, option_names, validation_message
+from .parser import parse_expr
+from .passes import optimize
+from .plan import ExecutionPlan, lower
+from .resolve import check_unit
+from .values import Const, ListV, Value
+
+STAGES = ("ast", "graph", "optimized", "plan")
+
+
+@dataclass
+class Compilation:
+    source: SourceFile
+    base_dir: Path
+    unit: Unit
+    models: dict[str, ModelSource | None]
+    params: dict[str, Value]
+    options: RecipeOptions
+    reference: str
+    graph: MergeGraph
+    optimized: MergeGraph
+    plan: ExecutionPlan
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    def close(self) -> None:
+        for m in self.models.values():
+            if m is not None:
+                m.close()
+
+
+def parse_override(text: str) -> Any:
+    """`--set NAME=VALUE`: VALUE is a recipe literal (number, bool, string, list) or a bare path."""
+    src = SourceFile("<--set>", text)
+    try:
+        node = parse_expr(src)
+    except CompileError:
+        return text
+    try:
+        return _literal(node)
+    except ValueError:
+        return text
+
+
+def _literal(node: ast.Expr) -> Any:
+    if isinstance(node, (ast.Number, ast.String, ast.Bool)):
+        return node.value
+    if isinstance(node, ast.NoneLit):
+        return None
+    if isinstance(node, ast.Unary) and node.op == "neg" and isinstance(node.operand, ast.Number):
+        return -node.operand.value
+    if isinstance(node, ast.ListExpr):
+        return [_literal(i) for i in node.items]
+    raise ValueError("not a literal")
+
+
+def _to_value(v: Any) -> Value:
+    if isinstance(v, (list, tuple)):
+        return ListV(tuple(_to_value(i) for i in v))
+    return Const(v)
+
+
+def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None = None,
+                   options: Mapping[str, Any] | None = None) -> Compilation:
+    """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
+    `options` override the recipe's `option` lines (e.g. dtype, shard_size)."""
+    diags = Diagnostics()
+    overrides = dict(overrides or {})
+    unit = load(source, base_dir, diags)
+    if unit is None:
+        diags.raise_if_errors()
+        raise AssertionError("unreachable")  # pragma: no cover
+    check_unit(unit, diags)
+    declared = {d.name for d in [*unit.models, *unit.params]}
+    for name in overrides:
+        if name not in declared:
+            diags.add(error("E401", f"--set {name}: the recipe declares no param or model `{name}`",
+                            None, did_you_mean(name, declared) or
+                            f"declared: {', '.join(sorted(declared)) or 'nothing'}"))
+    el = Elaborator(unit.fns, {}, {}, {}, diags)
+    el.models = {m.name: None for m in unit.models}  # names resolve while params are evaluated
+    params: dict[str, Value] = {}
+    el.params = params
+    for decl in unit.params:
+        if decl.name in overrides:
+            params[decl.name] = _to_value(overrides[decl.name])
+            continue
+        try:
+            value = el.eval(decl.value, {})
+        except CompileError as exc:
+            diags.add(exc.diag)
+            continue
+        if not isinstance(value, (Const, ListV)):
+            diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
+                            f"{value.describe()}", decl.value.span))
+            continue
+        params[decl.name] = value
+    models = _open_models(unit, el, overrides, diags)
+    opts = _options(unit, el, options or {}, diags)
+    block = unit.block
+    if block is None:
+        diags.add(error("E305", "the recipe has no `merge from MODEL { ... }` block", None,
+                        'add one, e.g. merge from base { "*" => linear([a, b]) }'))
+    elif block.source not in models:
+        diags.add(error("E101", f"unknown model `{block.source}`", block.source_span,
+                        did_you_mean(block.source, models) or "declare it with model NAME = \"PATH\""))
+    if diags.has_errors or block is None:
+        _fail(diags, models)
+    el.models = models
+    el.out_dtype = opts.dtype
+    graph = el.build(block)  # type: ignore[arg-type]
+    if diags.has_errors:
+        _fail(diags, models)
+    optimized = optimize(graph)
+    plan = lower(optimized)
+    return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
+                       optimized, plan, [d for d in diags.items if not d.is_error])
+
+
+def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
+    for m in models.values():
+        if m is not None:
+            m.close()
+    raise MergelangError(diags.items)
+
+
+def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
+                 diags: Diagnostics) -> dict[str, ModelSource | None]:
+    models: dict[str, ModelSource | None] = {}
+    for decl in unit.models:
+        models[decl.name] = None
+        if decl.name in overrides:
+            value: Any = overrides[decl.name]
+        else:
+            try:
+                v = el.eval(decl.value, {})
+            except CompileError as exc:
+                diags.add(exc.diag)
+                continue
+            if not (isinstance(v, Const) and isinstance(v.value, str)):
+                diags.add(error("E201", f"model `{decl.name}` needs a path string, not {v.describe()}",
+                                decl.value.span, 'e.g. model base = "./llama-base"'))
+                continue
+            value = v.value
+        if isinstance(value, ModelSource):
+            models[decl.name] = value
+            continue
+        if isinstance(value, Mapping):
+            try:
+                models[decl.name] = DictSource(decl.name, value)
+            except CheckpointError as exc:
+                diags.add(error(exc.code, f"model `{decl.name}`: {exc}", decl.span, exc.help))
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = unit.base_dir / path
+        try:
+            models[decl.name] = open_model(decl.name, path)
+        except (OSError, CheckpointError) as exc:
+            diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
+    return models
+
+
+def _options(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Diagnostics) -> RecipeOptions:
+    values: dict[str, Any] = {}
+    spans = {}
+    for decl in unit.options:
+        if decl.name not in option_names():
+            diags.add(error("E402", f"unknown option `{decl.name}`", decl.span,
+                            did_you_mean(decl.name, option_names()) or
+                            f"options: {', '.join(option_names())}"))
+            continue
+        try:
+            v = el.eval(decl.value, {})
+        except CompileError as exc:
+            diags.add(exc.diag)
+            continue
+        values[decl.name] = v.value if isinstance(v, Const) else v
+        spans[decl.name] = decl.value.span
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RecipeOptions(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"][0] if exc.errors() and exc.errors()[0]["loc"] else None
+        diags.add(error("E402", f"invalid option: {validation_message(exc)}", spans.get(first)))
+        return RecipeOptions()

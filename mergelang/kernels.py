@@ -1,0 +1,154 @@
+"""Torch implementations of every `Op`: one small function per op, looked up by `KERNELS[op]`.
+
+Values are float32 (or bool) tensors; a stack over models has the model axis at dim 0 and the
+element dims after it, so reductions over "rows" / "cols" address dims from the right.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .graph import Node
+from .ops import Op
+from .types import torch_dtype
+
+Kernel = Callable[[Node, list[torch.Tensor]], torch.Tensor]
+
+
+class CheckFailed(Exception):
+    """A runtime `checked(...)` condition was false (becomes an E501 diagnostic)."""
+
+
+def _dims(t: torch.Tensor, over: str, stacked: bool) -> tuple[int, ...]:
+    if over == "models":
+        return (0,)
+    if over == "tensor":
+        return tuple(range(1 if stacked else 0, t.dim()))
+    return (-1,) if over == "rows" else (-2,)
+
+
+def _reduce(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    over = node.attrs["over"]
+    return reduce(args[0], node.attrs["kind"], over, _stacked_input(node, over))
+
+
+def _stacked_input(node: Node, over: str) -> bool:
+    """Whether a reduction's input had a model axis (derivable from the result type)."""
+    return over == "models" or node.type.models is not None
+
+
+def reduce(x: torch.Tensor, kind: str, over: str, stacked: bool) -> torch.Tensor:
+    keep = over in ("rows", "cols")
+    dims = _dims(x, over, stacked)  # empty for a 0-d tensor reduced over "tensor"
+    if kind == "count":
+        x = (x != 0).to(torch.float32)
+        kind = "sum"
+    if kind == "sum":
+        return x.sum(dim=dims, keepdim=keep) if dims else x.clone()
+    if kind == "mean":
+        return x.mean(dim=dims, keepdim=keep) if dims else x.clone()
+    if kind == "max":
+        return x.amax(dim=dims, keepdim=keep) if dims else x.clone()
+    if kind == "min":
+        return x.amin(dim=dims, keepdim=keep) if dims else x.clone()
+    if kind == "l1":
+        return x.abs().sum(dim=dims, keepdim=keep) if dims else x.abs()
+    if kind == "l2":
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=keep) if dims else x.abs()
+    raise ValueError(kind)  # pragma: no cover
+
+
+def _dot(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    a, b = args
+    over = node.attrs["over"]
+    return reduce(a * b, "sum", over, _stacked_input(node, over))
+
+
+def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """True for exactly the k largest entries of every row (last dim); ties: lowest index first."""
+    n = x.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    # the k-th largest value of each row (kthvalue is a selection, not a full sort)
+    kth = torch.kthvalue(x, n - k + 1, dim=-1, keepdim=True).values
+    above = x > kth
+    need = k - above.sum(dim=-1, keepdim=True)
+    at = x == kth
+    return above | (at & (torch.cumsum(at, dim=-1) <= need))
+
+
+def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    density, over = node.attrs["density"], node.attrs["over"]
+    stacked = node.type.models is not None
+    models = x.unbind(0) if stacked else [x]
+    dens = density if isinstance(density, tuple) else (density,) * len(models)
+    out = []
+    for xm, d in zip(models, dens):
+        if over == "tensor":
+            flat = xm.reshape(1, -1)
+            out.append(topk_mask_rows(flat, int(d * flat.shape[-1])).reshape(xm.shape))
+        else:
+            out.append(topk_mask_rows(xm, int(d * xm.shape[-1])))
+    return torch.stack(out) if stacked else out[0]
+
+
+def _const(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    ty = node.type
+    return torch.tensor(node.attrs["value"], dtype=torch_dtype(ty.dtype)).reshape(ty.full_shape)
+
+
+def _assert(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    value, cond = args
+    if not bool(cond.all()):
+        raise CheckFailed(node.attrs["message"])
+    return value
+
+
+def _clamp(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    return torch.clamp(args[0], min=node.attrs["lo"], max=node.attrs["hi"])
+
+
+def _sign(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    return torch.sign(args[0])
+
+
+def _simple(fn: Callable[..., torch.Tensor]) -> Kernel:
+    return lambda node, args: fn(*args)
+
+
+KERNELS: dict[Op, Kernel] = {
+    Op.CONST: _const,
+    Op.STACK: lambda node, args: torch.stack(args),
+    Op.INDEX: lambda node, args: args[0][node.attrs["i"]],
+    Op.RESHAPE: lambda node, args: args[0].reshape(node.type.full_shape),
+    Op.CAST: lambda node, args: args[0].to(torch_dtype(node.attrs["dtype"])),
+    Op.NEG: _simple(torch.neg), Op.ABS: _simple(torch.abs), Op.SIGN: _sign,
+    Op.SQRT: _simple(torch.sqrt), Op.EXP: _simple(torch.exp), Op.LOG: _simple(torch.log),
+    Op.SIN: _simple(torch.sin), Op.COS: _simple(torch.cos), Op.ACOS: _simple(torch.acos),
+    Op.TANH: _simple(torch.tanh), Op.NOT: _simple(torch.logical_not), Op.CLAMP: _clamp,
+    Op.ADD: _simple(torch.add), Op.SUB: _simple(torch.sub), Op.MUL: _simple(torch.mul),
+    Op.DIV: _simple(torch.div), Op.POW: _simple(torch.pow), Op.MINIMUM: _simple(torch.minimum),
+    Op.MAXIMUM: _simple(torch.maximum), Op.EQ: _simple(torch.eq), Op.NE: _simple(torch.ne),
+    Op.LT: _simple(torch.lt), Op.LE: _simple(torch.le), Op.GT: _simple(torch.gt),
+    Op.GE: _simple(torch.ge), Op.AND: _simple(torch.logical_and), Op.OR: _simple(torch.logical_or),
+    Op.WHERE: _simple(torch.where), Op.LERP: lambda node, args: args[0] + args[2] * (args[1] - args[0]),
+    Op.REDUCE: _reduce, Op.DOT: _dot, Op.TOPK_MASK: _topk_mask, Op.ASSERT: _assert,
+    Op.OUTPUT: lambda node, args: args[0].to(torch_dtype(node.attrs["dtype"])),
+}
+
+
+def run_node(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """Evaluate one non-LOAD node."""
+    return KERNELS[node.op](node, args)
+
+
+def as_python(t: torch.Tensor) -> Any:
+    """A small constant tensor as a hashable attr value (float, bool or tuple)."""
+    if t.dim() == 0:
+        return bool(t) if t.dtype == torch.bool else float(t)
+    return tuple(bool(v) if t.dtype == torch.bool else float(v) for v in t.reshape(-1).tolist())

@@ -1,0 +1,127 @@
+"""Loading a recipe: parse the file, follow `import`s, add the standard library.
+
+The result is a :class:`Unit`: every declaration the later stages need, with the function table
+already merged (user functions shadow stdlib methods, with a W003 warning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ast
+from .diagnostics import CompileError, Diagnostics, SourceFile, error, warning
+from .parser import parse_program
+from .resources import stdlib_files
+
+
+@dataclass
+class Unit:
+    source: SourceFile
+    program: ast.Program
+    base_dir: Path
+    fns: dict[str, ast.FnDef] = field(default_factory=dict)
+    models: list[ast.ModelDecl] = field(default_factory=list)
+    params: list[ast.ParamDecl] = field(default_factory=list)
+    options: list[ast.OptionDecl] = field(default_factory=list)
+    block: ast.MergeBlock | None = None
+
+
+_STDLIB: dict[str, ast.FnDef] | None = None
+
+
+def stdlib_functions() -> dict[str, ast.FnDef]:
+    """Every function defined in `stdlib/*.mrg` (parsed once per process)."""
+    global _STDLIB
+    if _STDLIB is None:
+        fns: dict[str, ast.FnDef] = {}
+        for path in stdlib_files():
+            program = parse_program(SourceFile.read(path, library=True))
+            for fn in program.of(ast.FnDef):
+                if fn.name in fns:  # pragma: no cover - a stdlib bug, caught by the stdlib tests
+                    raise RuntimeError(f"stdlib defines {fn.name} twice")
+                fns[fn.name] = fn
+        _STDLIB = fns
+    return _STDLIB
+
+
+def load(source: SourceFile, base_dir: Path, diags: Diagnostics) -> Unit | None:
+    """Parse `source` and its imports; syntax errors end loading (returns None)."""
+    try:
+        program = parse_program(source)
+    except CompileError as exc:
+        diags.add(exc.diag)
+        return None
+    unit = Unit(source, program, base_dir)
+    user_fns: dict[str, ast.FnDef] = {}
+    _collect(unit, program, base_dir, user_fns, diags, stack=[_key(source)], top=True)
+    stdlib = stdlib_functions()
+    for name, fn in user_fns.items():
+        if name in stdlib:
+            diags.add(warning("W003", f"function `{name}` shadows the standard library method of the "
+                              "same name", fn.name_span, "rename it to use both"))
+    unit.fns = {**stdlib, **user_fns}
+    return unit
+
+
+def _key(source: SourceFile) -> str:
+    try:
+        return str(Path(source.path).resolve())
+    except OSError:
+        return source.path
+
+
+def _collect(unit: Unit, program: ast.Program, base_dir: Path, fns: dict[str, ast.FnDef],
+             diags: Diagnostics, stack: list[str], top: bool) -> None:
+    for item in program.items:
+        if isinstance(item, ast.FnDef):
+            if item.name in fns:
+                prev = fns[item.name]
+                diags.add(error("E106", f"function `{item.name}` is defined twice", item.name_span,
+                                notes=(("first defined here", prev.name_span),)))
+                continue
+            fns[item.name] = item
+        elif isinstance(item, ast.Import):
+            _import(unit, item, base_dir, fns, diags, stack)
+        elif not top:
+            diags.add(error("E203", "an imported file may only define functions and import others",
+                            item.span, "move declarations and the merge block into the main recipe"))
+        elif isinstance(item, ast.ModelDecl):
+            unit.models.append(item)
+        elif isinstance(item, ast.ParamDecl):
+            unit.params.append(item)
+        elif isinstance(item, ast.OptionDecl):
+            unit.options.append(item)
+        elif isinstance(item, ast.MergeBlock):
+            if unit.block is not None:
+                diags.add(error("E106", "a recipe has one `merge from` block", item.span,
+                                "put all rules in one block: the first matching rule wins",
+                                (("the first block is here", unit.block.span),)))
+                continue
+            unit.block = item
+
+
+def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnDef],
+            diags: Diagnostics, stack: list[str]) -> None:
+    path = Path(item.path)
+    if not path.is_absolute():
+        path = base_dir / path
+    key = str(path.resolve())
+    if key in stack:
+        chain = " -> ".join(Path(k).name for k in stack[stack.index(key):] + [key])
+        diags.add(error("E003", f"import cycle: {chain}", item.span, "remove one of the imports"))
+        return
+    try:
+        source = SourceFile.read(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        diags.add(error("E002", f"cannot read imported file {item.path}: {reason}", item.span,
+                        f"paths are relative to {base_dir}"))
+        return
+    try:
+        program = parse_program(source)
+    except CompileError as exc:
+        diags.add(exc.diag)
+        return
+    _collect(unit, program, path.parent, fns, diags, stack + [key], top=False)
+

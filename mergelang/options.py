@@ -1,0 +1,55 @@
+"""Validated run options (pydantic at the boundary): recipe `option` lines, CLI flags, API kwargs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError, field_validator
+
+from .types import ALIASES, OUTPUT_DTYPES
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3  # 5 GB, as transformers' save_pretrained
+
+
+class RecipeOptions(BaseModel):
+    """Options a recipe may set with `option NAME = VALUE` (and the CLI may override)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str | None = None  # output dtype; default: each tensor keeps the reference model's dtype
+    shard_size: ByteSize = ByteSize(DEFAULT_SHARD_SIZE)
+    copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = ALIASES.get(v, v)
+        if name not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)} (or bf16, fp16, fp32)")
+        return name
+
+    @field_validator("shard_size")
+    @classmethod
+    def _positive(cls, v: ByteSize) -> ByteSize:
+        if v <= 0:
+            raise ValueError("shard_size must be positive")
+        return v
+
+
+def option_names() -> list[str]:
+    return list(RecipeOptions.model_fields)
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def validate(values: dict[str, Any]) -> RecipeOptions:
+    return RecipeOptions(**values)

@@ -1,0 +1,107 @@
+"""Graph passes: pure functions `MergeGraph -> MergeGraph`, run in the order of `PIPELINE`.
+
+Each pass returns a new graph (the input is never modified), so `--emit graph` and
+`--emit optimized` can both be shown and the differential tests can run both.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .graph import MergeGraph, Node
+from .kernels import KERNELS, as_python, run_node
+from .ops import FOLDABLE, Attrs, Op
+
+Pass = Callable[[MergeGraph], MergeGraph]
+
+#: fold only results this small into CONST attrs (constants are per-model weights and scalars)
+FOLD_LIMIT = 64
+
+
+def fold_constants(g: MergeGraph) -> MergeGraph:
+    """Evaluate nodes whose inputs are all constants (e.g. stacked weights, their sums)."""
+    g = g.clone()
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.op not in FOLDABLE or not n.args or n.op is Op.ASSERT:
+            continue
+        args = [g.node(a) for a in n.args]
+        if not all(a.op is Op.CONST for a in args) or n.type.numel > FOLD_LIMIT:
+            continue
+        value = run_node(n, [KERNELS[Op.CONST](a, []) for a in args])
+        g.set_node(nid, Node(Op.CONST, (), Attrs(value=as_python(value), type=n.type), n.type, n.span))
+    return g
+
+
+def _is_const(g: MergeGraph, nid: int, value: float) -> bool:
+    n = g.node(nid)
+    return n.op is Op.CONST and n.attrs["value"] == value and n.type.dtype == "float32"
+
+
+def simplify(g: MergeGraph) -> MergeGraph:
+    """Algebraic identities that keep types: x*1, 1*x, x+0, 0+x, x-0, x/1, where(true, a, b)."""
+    g = g.clone()
+    for nid in g.topo_order():
+        n = g.node(nid)
+        keep: int | None = None
+        if n.op is Op.MUL:
+            a, b = n.args
+            keep = a if _is_const(g, b, 1.0) else b if _is_const(g, a, 1.0) else None
+        elif n.op is Op.ADD:
+            a, b = n.args
+            keep = a if _is_const(g, b, 0.0) else b if _is_const(g, a, 0.0) else None
+        elif n.op in (Op.SUB, Op.DIV):
+            a, b = n.args
+            keep = a if _is_const(g, b, 0.0 if n.op is Op.SUB else 1.0) else None
+        elif n.op is Op.WHERE:
+            c = g.node(n.args[0])
+            if c.op is Op.CONST and isinstance(c.attrs["value"], bool):
+                keep = n.args[1] if c.attrs["value"] else n.args[2]
+        if keep is not None and g.node(keep).type == n.type:
+            g.replace_uses(nid, keep)
+    return g
+
+
+def cse(g: MergeGraph) -> MergeGraph:
+    """Common-subexpression elimination: nodes with the same (op, args, attrs) are merged."""
+    g = g.clone()
+    seen: dict[tuple, int] = {}
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.op is Op.OUTPUT:
+            continue
+        key = n.key()
+        first = seen.get(key)
+        if first is None:
+            seen[key] = nid
+        else:
+            g.replace_uses(nid, first)
+    return g
+
+
+def dce(g: MergeGraph) -> MergeGraph:
+    """Dead-code elimination: drop every node no output depends on."""
+    g = g.clone()
+    live: set[int] = set()
+    stack = list(g.outputs())
+    while stack:
+        nid = stack.pop()
+        if nid in live:
+            continue
+        live.add(nid)
+        stack.extend(g.node(nid).args)
+    g.remove_nodes_from([nid for nid in list(g.nodes) if nid not in live])
+    return g
+
+
+PIPELINE: tuple[Pass, ...] = (fold_constants, simplify, cse, dce)
+
+
+def optimize(g: MergeGraph, check: Callable[[MergeGraph], None] | None = None) -> MergeGraph:
+    """Run `PIPELINE`; `check` (e.g. graph.verify) runs after every pass."""
+    for p in PIPELINE:
+        g = p(g)
+        if check is not None:
+            check(g)
+    return g
+

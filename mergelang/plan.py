@@ -1,0 +1,99 @@
+"""Lowering: an optimized graph becomes an `ExecutionPlan` — ordered steps with lifetimes.
+
+Schedule: outputs in output order; before each output, the not-yet-computed values it needs,
+depth first (so each input tensor is read right before its first use). A value is freed at its
+last use (torch.fx's interpreter does the same). The plan records the estimated peak of live
+bytes, used by `--emit plan` and checked against `--memory-budget`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .graph import MergeGraph, emit_order
+from .ops import Op
+
+
+@dataclass(frozen=True)
+class Step:
+    nid: int
+    free: tuple[int, ...]  # values whose last use is this step
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    graph: MergeGraph
+    steps: tuple[Step, ...]
+    peak_bytes: int
+    read_bytes: int
+    write_bytes: int
+
+    @property
+    def outputs(self) -> list[int]:
+        return self.graph.outputs()
+
+
+def _live_bytes(g: MergeGraph, nid: int) -> int:
+    n = g.node(nid)
+    if n.op is Op.CONST:
+        return 0
+    return n.type.nbytes
+
+
+def lower(g: MergeGraph) -> ExecutionPlan:
+    order = emit_order(g)
+    last: dict[int, int] = {}
+    for i, nid in enumerate(order):
+        for a in g.node(nid).args:
+            last[a] = i
+    frees: dict[int, list[int]] = {}
+    for nid, i in last.items():
+        frees.setdefault(i, []).append(nid)
+    steps = []
+    live = peak = 0
+    for i, nid in enumerate(order):
+        n = g.node(nid)
+        if n.op is not Op.OUTPUT:
+            live += _live_bytes(g, nid)
+        peak = max(peak, live)
+        free = tuple(sorted(frees.get(i, ())))
+        live -= sum(_live_bytes(g, a) for a in free)
+        steps.append(Step(nid, free))
+    reads = {(n.attrs["model"], n.attrs["tensor"]): n for _, n in g.items() if n.op is Op.LOAD}
+    read_bytes = sum(_src_bytes(n) for n in reads.values())
+    write_bytes = sum(n.type.nbytes for _, n in g.items() if n.op is Op.OUTPUT)
+    return ExecutionPlan(g, tuple(steps), peak, read_bytes, write_bytes)
+
+
+def _src_bytes(n) -> int:
+    return n.type.with_(dtype=n.attrs["src_dtype"]).nbytes
+
+
+def format_plan(plan: ExecutionPlan) -> str:
+    """Stable text for `--emit plan`: one line per step, with the values freed after it."""
+    g = plan.graph
+    local = {step.nid: i for i, step in enumerate(plan.steps)}
+    lines = [f"# {len(plan.outputs)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
+             f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} (float32 compute)"]
+    for step in plan.steps:
+        n = g.node(step.nid)
+        args = ", ".join(f"%{local[a]}" for a in n.args)
+        if n.op is Op.LOAD:
+            what = f"load {n.attrs['model']}[{n.attrs['tensor']!r}]"
+        elif n.op is Op.OUTPUT:
+            what = f"write {n.attrs['name']!r} as {n.attrs['dtype']} <- {args}"
+        elif n.op is Op.CONST:
+            what = f"const {n.attrs['value']!r}"
+        else:
+            what = f"{n.op.value} {args}".rstrip()
+        free = f"  ; free {', '.join(f'%{local[a]}' for a in step.free)}" if step.free else ""
+        lines.append(f"%{local[step.nid]} = {what} : {n.type}{free}")
+    return "\n".join(lines) + "\n"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
