@@ -200,3 +200,4 @@ def _emit_order(g: MergeGraph) -> list[int]:
 
 
 emit_order = _emit_order
+attrs_text = _attrs_text

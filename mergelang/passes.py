@@ -35,7 +35,10 @@ def fold_constants(g: MergeGraph) -> MergeGraph:
 
 def _is_const(g: MergeGraph, nid: int, value: float) -> bool:
     n = g.node(nid)
-    return n.op is Op.CONST and n.attrs["value"] == value and n.type.dtype == "float32"
+    if n.op is not Op.CONST or n.type.dtype != "float32":
+        return False
+    v = n.attrs["value"]
+    return all(x == value for x in v) if isinstance(v, tuple) else v == value
 
 
 def simplify(g: MergeGraph) -> MergeGraph:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .graph import MergeGraph, emit_order
+from .graph import MergeGraph, attrs_text, emit_order
 from .ops import Op
 
 
@@ -85,7 +85,7 @@ def format_plan(plan: ExecutionPlan) -> str:
         elif n.op is Op.CONST:
             what = f"const {n.attrs['value']!r}"
         else:
-            what = f"{n.op.value} {args}".rstrip()
+            what = f"{n.op.value} {args} {attrs_text(n)}".rstrip()
         free = f"  ; free {', '.join(f'%{local[a]}' for a in step.free)}" if step.free else ""
         lines.append(f"%{local[step.nid]} = {what} : {n.type}{free}")
     return "\n".join(lines) + "\n"
