@@ -101,6 +101,7 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     el.models = {m.name: None for m in unit.models}  # names resolve while params are evaluated
     params: dict[str, Value] = {}
     el.params = params
+    params_ok = True
     for decl in unit.params:
         if decl.name in overrides:
             params[decl.name] = _to_value(overrides[decl.name])
@@ -109,8 +110,10 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
             value = el.eval(decl.value, {})
         except CompileError as exc:
             diags.add(exc.diag)
+            params_ok = False
             continue
         if not isinstance(value, (Const, ListV)):
+            params_ok = False
             diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
                             f"{value.describe()}", decl.value.span))
             continue
@@ -124,7 +127,9 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     elif block.source not in models:
         diags.add(error("E101", f"unknown model `{block.source}`", block.source_span,
                         did_you_mean(block.source, models) or "declare it with model NAME = \"PATH\""))
-    if diags.has_errors or block is None:
+    # Elaborate even after other errors (to report shape errors too), as long as the block, its
+    # reference model and every param are usable; broken models are skipped silently.
+    if block is None or models.get(block.source) is None or not params_ok:
         _fail(diags, models)
     el.models = models
     el.out_dtype = opts.dtype

@@ -44,7 +44,7 @@ class SourceFile:
 
     @property
     def display_path(self) -> str:
-        return self.path
+        return "stdlib/" + Path(self.path).name if self.library else self.path
 
     @classmethod
     def read(cls, path: str | Path, library: bool = False) -> "SourceFile":
@@ -200,7 +200,7 @@ class Diagnostics:
                diag.span.start if diag.span else None, diag.span.end if diag.span else None,
                diag.message if subject is None else diag.message.replace(subject, "\0"))
         if key in self._seen:
-            if subject is not None:
+            if subject is not None and subject in diag.message:
                 self._repeats[key].append(subject)
             return
         self._seen[key] = len(self._items)
