@@ -184,14 +184,22 @@ def methods(show_all: bool) -> None:
     from .intrinsics import INTRINSICS
     from .loader import stdlib_functions
 
-    for name, fn in sorted(stdlib_functions().items()):
-        if name.startswith("_"):
-            continue
-        sig = signature_of(fn)
-        click.echo(sig.render())
-        if fn.doc:
-            click.echo("    " + fn.doc.replace("\n", "\n    "))
+    public = {n: f for n, f in sorted(stdlib_functions().items()) if not n.startswith("_")}
+    blocks = {n: f for n, f in public.items() if Path(f.span.source.path).name == "core.mrg"}
+    for title, group in (("merge methods", {n: f for n, f in public.items() if n not in blocks}),
+                         ("building blocks", blocks)):
+        click.echo(f"{title}:")
+        for name, fn in group.items():
+            click.echo(f"  {signature_of(fn).render()}")
+            click.echo(f"      {_first_sentence(fn.doc)}")
+        click.echo()
     if show_all:
-        click.echo("\nprimitives:")
+        click.echo("primitives:")
         for name, intr in sorted(INTRINSICS.items()):
-            click.echo(f"{intr.sig.render()}\n    {intr.sig.doc}")
+            click.echo(f"  {intr.sig.render()}\n      {intr.sig.doc}")
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
