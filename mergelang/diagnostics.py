@@ -198,9 +198,9 @@ class Diagnostics:
         """Add `diag`; the same (code, span, message-shape) for another tensor counts as a repeat."""
         key = (diag.code, diag.span.source if diag.span else None,
                diag.span.start if diag.span else None, diag.span.end if diag.span else None,
-               diag.message if subject is None else diag.message.replace(subject, "\0"))
+               diag.message if subject is None else diag.message.replace(f"`{subject}`", "\0"))
         if key in self._seen:
-            if subject is not None and subject in diag.message:
+            if subject is not None and f"`{subject}`" in diag.message:
                 self._repeats[key].append(subject)
             return
         self._seen[key] = len(self._items)

@@ -152,7 +152,7 @@ def format_graph(g: MergeGraph, models: dict[str, str] | None = None) -> str:
         n = g.node(nid)
         args = ", ".join(f"%{local[a]}" for a in n.args)
         attrs = _attrs_text(n)
-        loc = f"  @{n.span.source.display_path.rsplit('/', 1)[-1]}:{n.span.line}:{n.span.col}" if n.span else ""
+        loc = f"  @{_short_path(n.span)}:{n.span.line}:{n.span.col}" if n.span else ""
         parts = [f"%{local[nid]} = {n.op.value}"]
         if args:
             parts.append(args)
@@ -160,6 +160,12 @@ def format_graph(g: MergeGraph, models: dict[str, str] | None = None) -> str:
             parts.append(attrs)
         lines.append(" ".join(parts) + f" : {n.type}{loc}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _short_path(span: Span) -> str:
+    """`stdlib/x.mrg` for library files, the bare file name for user files (stable goldens)."""
+    src = span.source
+    return src.display_path if src.library else src.path.rsplit("/", 1)[-1]
 
 
 def _attrs_text(n: Node) -> str:

@@ -68,6 +68,9 @@ def _syntax_error(src: SourceFile, exc: lark.exceptions.LarkError) -> CompileErr
         return CompileError(error("E001", f"unexpected character {ch!r}", span, help_))
     if isinstance(exc, lark.exceptions.UnexpectedToken):
         tok: Token = exc.token
+        # the interactive parser knows the exact acceptable tokens (exc.expected is a superset)
+        ip = getattr(exc, "interactive_parser", None)
+        terms = set(ip.accepts()) if ip is not None else set(exc.expected)
         if tok.type == "$END":
             span = Span(src, max(0, len(src.text) - 1), len(src.text))
             what = "unexpected end of file"
@@ -76,13 +79,13 @@ def _syntax_error(src: SourceFile, exc: lark.exceptions.LarkError) -> CompileErr
             kind = {"NAME": "name", "NUMBER": "number", "STRING": "string", "REGEX": "regex"}
             what = (f"unexpected {kind[tok.type]} `{tok}`" if tok.type in kind
                     else f"unexpected {_word(tok.type)}")
-        expected = _expected(set(exc.expected))
+        expected = _expected(terms)
         help_ = f"expected {expected}" if expected else None
-        if tok.type == "EQUAL" and "`=>`" in expected:
+        if tok.type == "EQUAL" and "`=>`" in {_word(t) for t in terms}:
             help_ = "rules are written `\"PATTERN\" => EXPR`: use `=>`, not `=`"
-        elif tok.type == "EQUAL" and "`==`" in expected:
+        elif tok.type == "EQUAL" and "`==`" in {_word(t) for t in terms}:
             help_ = "use `==` to compare; `=` only names a keyword argument or a declaration"
-        if tok.type == "NAME" and "RPAR" in exc.expected:
+        if tok.type == "NAME" and "RPAR" in terms:
             help_ = (help_ or "") + " (missing `,` between arguments?)"
         return CompileError(error("E001", what, span, help_))
     if isinstance(exc, lark.exceptions.UnexpectedEOF):
