@@ -195,3 +195,25 @@ def methods(show_all: bool) -> None:
         click.echo("\nprimitives:")
         for name, intr in sorted(INTRINSICS.items()):
             click.echo(f"{intr.sig.render()}\n    {intr.sig.doc}")
+
+
+@main.command(name="import-mergekit")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="write the recipe to FILE (default: stdout)")
+@click.option("--layer-prefix", default="model.layers", show_default=True,
+              help="tensor-name prefix of the numbered transformer blocks")
+@_guard
+def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
+    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
+    from .mergekit_import import import_file
+
+    result = import_file(config, out, layer_prefix)
+    if result.errors:
+        raise MergelangError(result.diagnostics)
+    _echo_diags(result.diagnostics)
+    if out:
+        Path(out).write_text(result.text)
+        click.echo(f"wrote {out} ({len(result.diagnostics)} warnings)", err=True)
+    else:
+        click.echo(result.text, nl=False)

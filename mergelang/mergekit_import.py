@@ -1,0 +1,587 @@
+"""Translate a mergekit YAML config into an equivalent, readable `.mrg` recipe.
+
+mergekit semantics reproduced here (mergekit/config.py `evaluate_setting`, mergekit/plan.py):
+- a parameter is looked up per model (the model's / slice source's `parameters`), then in the
+  slice's `parameters`, then in the global `parameters`; a value that does not apply falls through;
+- a parameter may be a list of `{filter, value}` conditions: the first whose `filter` is a
+  substring of the tensor name (or is absent / "*") applies; each parameter has its own list;
+- a list of numbers is a *gradient*: spread over the layers of the slice, t = idx / (n - 1)
+  (t = 1 for a one-layer slice), linearly interpolated; tensors before the layers (embeddings)
+  use t = 0 and tensors after them (final norm, lm_head) t = 1;
+- `dtype` is mergekit's compute dtype and `out_dtype` the output's; mergelang computes in float32
+  and writes `option dtype = out_dtype or dtype`.
+
+Filters become rules with glob patterns (`"model.layers.{i}.*mlp*"`); a tensor name containing
+several filters gets a rule of its own only when that changes a value. Gradients become `param`
+lists used through the `gradient(values, t)` intrinsic, so they stay editable with `--set`.
+
+What is not translated is reported (warnings W101-W104, errors E701-E706), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .diagnostics import Diagnostic, MergelangError, error, warning
+
+# method -> (calling convention, per-model params it reads, required per-model params)
+GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+       "della", "della_linear", "sce")
+METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required)
+    "linear": ("models", True),
+    "nuslerp": ("models", True),
+    "multislerp": ("models", True),
+    "karcher": ("models", False),
+    "slerp": ("pair", False),
+    "nearswap": ("pair", False),
+    "model_stock": ("base_models", False),
+    "passthrough": ("single", False),
+    **{m: ("base_models", m != "sce") for m in GTA},
+}
+TAKES_BASE_KW = ("nuslerp", "multislerp")
+PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
+IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
+TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
+MAX_FILTERS = 8
+# module names found only inside transformer blocks: filters made of them get no rules for the
+# tensors outside the layers (embeddings, final norm, lm_head), which they cannot match
+LAYER_ONLY = ("self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+              "down_proj", "input_layernorm", "post_attention_layernorm", "experts", "attn")
+
+
+def _layer_only(f: str) -> bool:
+    return any(w in f for w in LAYER_ONLY)
+
+
+@dataclass
+class Source:
+    model: str  # recipe model name
+    layer_range: tuple[int, int] | None  # None: all layers (a `models:` config)
+    params: dict[str, Any]
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    params: dict[str, Any]
+
+
+@dataclass
+class Result:
+    text: str
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.is_error]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(i) for i in v) + "]"
+    if v is None:
+        return "none"
+    raise TypeError(v)
+
+
+def _ident(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "m"
+    return s if not s[0].isdigit() else "m_" + s
+
+
+def _conds(setting: Any) -> list[tuple[str | None, Any]]:
+    """A mergekit ParameterSetting as [(filter or None, value)]."""
+    if isinstance(setting, dict):
+        return [(_filter(setting.get("filter")), setting.get("value"))]
+    if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting):
+        return [(_filter(c.get("filter")), c.get("value")) for c in setting]
+    return [(None, setting)]
+
+
+def _filter(f: Any) -> str | None:
+    return None if f in (None, "*") else str(f)
+
+
+def _evaluate(setting: Any, matched: frozenset[str]) -> Any:
+    for f, value in _conds(setting):
+        if f is None or f in matched:
+            return value
+    return None
+
+
+def _is_gradient(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+class Translator:
+    def __init__(self, config: dict[str, Any], config_path: Path | None, out_dir: Path | None,
+                 layer_prefix: str = "model.layers"):
+        self.cfg = config
+        self.config_path = config_path
+        self.out_dir = out_dir
+        self.layer_prefix = layer_prefix
+        self.diags: list[Diagnostic] = []
+        self.models: dict[str, str] = {}  # mergekit reference -> recipe name
+        self.model_lines: list[str] = []
+        self.hoisted: dict[tuple, str] = {}  # (name, tuple(values)) -> param name
+        self.param_lines: list[str] = []
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------ diagnostics
+    def warn(self, code: str, msg: str, help: str | None = None) -> None:
+        self.diags.append(warning(code, msg, None, help))
+        self.notes.append(f"# NOTE ({code}): {msg}")
+
+    def err(self, code: str, msg: str, help: str | None = None) -> None:
+        self.diags.append(error(code, msg, None, help))
+
+    # ------------------------------------------------------------ models
+    def model(self, ref: Any, where: str, base: bool = False) -> str | None:
+        if isinstance(ref, dict):  # mergekit's {model: {path: ...}} form
+            ref = ref.get("path", ref.get("model"))
+        if not isinstance(ref, str) or not ref:
+            self.err("E702", f"{where}: expected a model path or Hugging Face id, got {ref!r}")
+            return None
+        if ref in self.models:
+            return self.models[ref]
+        if "+" in ref:
+            self.err("E706", f"{where}: `{ref}` applies a LoRA adapter (model+adapter); adapters are "
+                     "not supported by the importer", "merge the adapter into the model first "
+                     "(e.g. with peft's merge_and_unload) and use the merged folder")
+            return None
+        stem = re.sub(r"\.safetensors$", "", ref.rstrip("/").rsplit("/", 1)[-1])
+        name = "base" if base else _ident(stem)
+        taken = set(self.models.values())
+        if name in taken or name in ("base",) and not base:
+            k = 2
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+        self.models[ref] = name
+        path, comment = self._path(ref)
+        self.model_lines.append(f"model {name} = {_fmt(path)}{comment}")
+        return name
+
+    def _path(self, ref: str) -> tuple[str, str]:
+        candidates = [Path(ref).expanduser()]
+        if self.config_path is not None and not Path(ref).is_absolute():
+            candidates.append(self.config_path.parent / ref)
+        for c in candidates:
+            if c.exists():
+                if self.out_dir is not None and not c.is_absolute():
+                    return os.path.relpath(c.resolve(), self.out_dir.resolve()), ""
+                return str(c), ""
+        self.warn("W103", f"model `{ref}` is not a local path",
+                  f"download it (e.g. `huggingface-cli download {ref} --local-dir DIR`) and "
+                  "edit the path, or override it: --set NAME=DIR")
+        return ref, "  # a Hugging Face id: download it and put the local folder here"
+
+    # ------------------------------------------------------------ structure
+    def slices(self) -> list[Slice]:
+        cfg = self.cfg
+        has_models, has_slices = bool(cfg.get("models")), bool(cfg.get("slices"))
+        if cfg.get("modules"):
+            self.err("E704", "`modules` (multi-module configs) are not supported",
+                     "translate each module separately")
+            return []
+        if has_models == has_slices:
+            self.err("E702", "the config needs exactly one of `models` or `slices`")
+            return []
+        if has_models:
+            sources = []
+            for k, m in enumerate(cfg["models"]):
+                if not isinstance(m, dict):
+                    m = {"model": m}
+                self._unknown(m, {"model", "parameters"}, f"models[{k}]")
+                name = self.model(m.get("model"), f"models[{k}]", base=self._is_base(m.get("model")))
+                if name is not None:
+                    sources.append(Source(name, None, dict(m.get("parameters") or {})))
+            return [Slice(sources, {})]
+        out = []
+        for k, s in enumerate(cfg["slices"]):
+            if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
+                self.err("E702", f"slices[{k}]: expected a mapping with a `sources` list")
+                continue
+            self._unknown(s, {"sources", "parameters", "base_model", "residual_weight"}, f"slices[{k}]")
+            if s.get("base_model") not in (None, cfg.get("base_model")):
+                self.err("E704", f"slices[{k}]: a per-slice `base_model` is not supported")
+            if s.get("residual_weight") is not None:
+                self.err("E704", f"slices[{k}]: `residual_weight` is not supported")
+            sources = []
+            for j, src in enumerate(s["sources"]):
+                where = f"slices[{k}].sources[{j}]"
+                self._unknown(src, {"model", "layer_range", "parameters"}, where)
+                lr = src.get("layer_range")
+                if not (isinstance(lr, (list, tuple)) and len(lr) == 2
+                        and all(isinstance(x, int) for x in lr) and 0 <= lr[0] < lr[1]):
+                    self.err("E702", f"{where}: `layer_range` must be [start, end) with start < end")
+                    continue
+                name = self.model(src.get("model"), where, base=self._is_base(src.get("model")))
+                if name is not None:
+                    sources.append(Source(name, (lr[0], lr[1]), dict(src.get("parameters") or {})))
+            out.append(Slice(sources, dict(s.get("parameters") or {})))
+        return out
+
+    def _is_base(self, ref: Any) -> bool:
+        return ref is not None and ref == self.cfg.get("base_model")
+
+    def _unknown(self, d: Any, known: set[str], where: str) -> None:
+        if isinstance(d, dict):
+            for key in d:
+                if key not in known:
+                    self.warn("W101", f"{where}.{key} is not translated (unknown key)")
+
+    def check_layout(self, slices: list[Slice], method: str) -> None:
+        """mergelang's output follows the reference model's tensor names: every output layer k
+        must come from layer k of its inputs (no stacking or renumbering)."""
+        offset = 0
+        for k, s in enumerate(slices):
+            ranges = {src.layer_range for src in s.sources}
+            if None in ranges:
+                continue
+            if len(ranges) > 1:
+                self.err("E704", f"slices[{k}]: the sources have different layer ranges "
+                         f"({', '.join(str(list(r)) for r in sorted(ranges))})",  # type: ignore[arg-type]
+                         "mergelang merges layer i of every model into layer i of the output")
+                return
+            (a, b), = ranges
+            if a != offset:
+                kind = "a frankenmerge (layers stacked and renumbered)" if method == "passthrough" \
+                    else "a slice that moves layers"
+                self.err("E704", f"slices[{k}]: layers {a}..{b - 1} would become output layers "
+                         f"{offset}..{offset + b - a - 1}: {kind} is not supported yet",
+                         "the output must keep the reference model's layer numbering; "
+                         "only slices that tile the layers in order can be translated")
+                return
+            offset = b
+
+    # ------------------------------------------------------------ parameters
+    def lookup(self, name: str, src: Source | None, sl: Slice, matched: frozenset[str]) -> Any:
+        chain = [sl.params, self.cfg.get("parameters") or {}]
+        if src is not None:
+            chain.insert(0, src.params)
+        for d in chain:
+            if name in d:
+                v = _evaluate(d[name], matched)
+                if v is not None:
+                    return v
+        return None
+
+    def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
+        if _is_gradient(v):
+            if len(v) == 1:
+                return _fmt(v[0])
+            return f"gradient({self.hoist(root, pname, v)}, {t_expr})"
+        if isinstance(v, list):
+            self.err("E705", f"parameter `{pname}`: a list of {v!r} is not a gradient of numbers")
+            return _fmt(None)
+        return _fmt(v)
+
+    def hoist(self, root: str, pname: str, values: list) -> str:
+        key = (root, tuple(values))
+        if key in self.hoisted:
+            return self.hoisted[key]
+        name = _ident(pname)
+        taken = set(self.hoisted.values()) | set(self.models.values())
+        cand, k = name, 2
+        while cand in taken:
+            cand, k = f"{name}_{k}", k + 1
+        self.hoisted[key] = cand
+        self.param_lines.append(f"param {cand} = {_fmt(values)}")
+        return cand
+
+    # ------------------------------------------------------------ expressions
+    def call(self, method: str, sl: Slice, matched: frozenset[str], t_expr: str,
+             filt: str) -> str:
+        conv, weight_required = METHODS[method]
+        base = self.models.get(self.cfg.get("base_model")) if self.cfg.get("base_model") else None
+        suffix = f"_{filt}" if filt else ""
+        kwargs: list[str] = []
+        per_model_names: list[str] = []
+        for src in sl.sources:
+            per_model_names += [p for p in src.params if p not in per_model_names]
+        if conv == "single":
+            if len(sl.sources) != 1:
+                self.err("E702", f"passthrough takes exactly one model per slice, got {len(sl.sources)}")
+                return "none"
+            src = sl.sources[0]
+            scale = self.lookup("scale", src, sl, matched)
+            if scale is None:
+                return src.model
+            return f"passthrough({src.model}, scale = {self.value(scale, 'scale', 'scale' + suffix, t_expr)})"
+        if conv == "pair":
+            if base is None:
+                self.err("E705", f"{method} needs `base_model`")
+                return "none"
+            others = [s for s in sl.sources if s.model != base]
+            if len(others) != 1 or len(sl.sources) > 2:
+                self.err("E702", f"{method} merges exactly two models (base_model and one other), "
+                         f"got {len(sl.sources)}")
+                return "none"
+            t = self.lookup("t", None, sl, matched)
+            if t is None:
+                self.err("E705", f"{method} needs parameter `t`")
+                return "none"
+            self._globals(method, sl, matched, t_expr, suffix, kwargs, skip={"t"})
+            return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
+                "".join(", " + k for k in kwargs) + ")"
+        members = [s for s in sl.sources if not (conv == "base_models" and s.model == base)]
+        if conv == "base_models" and base is None:
+            self.err("E705", f"{method} needs `base_model`")
+            return "none"
+        if not members:
+            self.err("E702", f"{method}: no models to merge")
+            return "none"
+        for p in per_model_names:
+            if p in IGNORED_PARAMS:
+                continue
+            vals = []
+            for src in members:
+                v = self.lookup(p, src, sl, matched)
+                if v is None:
+                    v = PER_MODEL_DEFAULTS.get(p)
+                if v is None:
+                    self.err("E705", f"model `{src.model}` has no `{p}`" + (
+                        f" (mergekit requires one for {method})" if p == "weight" else
+                        " while other models have one; give it for every model"))
+                    return "none"
+                vals.append(self.value(v, p, f"{p}_{src.model}{suffix}", t_expr))
+            kw = "weights" if p == "weight" else p
+            same = len(set(vals)) == 1 and p != "weight"
+            kwargs.append(f"{kw} = {vals[0] if same else '[' + ', '.join(vals) + ']'}")
+        if weight_required and "weight" not in per_model_names:
+            g = self.lookup("weight", None, sl, matched)
+            if g is None:
+                self.err("E705", f"{method}: the models have no `weight` (mergekit requires one)")
+        self._globals(method, sl, matched, t_expr, suffix, kwargs, skip=set(per_model_names))
+        if conv == "models" and method in TAKES_BASE_KW and base is not None:
+            kwargs.append(f"base = {base}")
+        models = "[" + ", ".join(s.model for s in members) + "]"
+        head = f"{method}({base}, {models}" if conv == "base_models" else f"{method}({models}"
+        return head + "".join(", " + k for k in kwargs) + ")"
+
+    def _globals(self, method: str, sl: Slice, matched: frozenset[str], t_expr: str, suffix: str,
+                 kwargs: list[str], skip: set[str]) -> None:
+        names: list[str] = []
+        for d in (sl.params, self.cfg.get("parameters") or {}):
+            names += [n for n in d if n not in names]
+        for n in names:
+            if n in skip or n in IGNORED_PARAMS:
+                continue
+            v = self.lookup(n, None, sl, matched)
+            if v is None:
+                continue
+            kw = "weights" if n == "weight" else n
+            kwargs.append(f"{kw} = {self.value(v, n, n + suffix, t_expr)}")
+
+    # ------------------------------------------------------------ rules
+    def filters(self, slices: list[Slice]) -> list[str]:
+        out: list[str] = []
+        settings = list((self.cfg.get("parameters") or {}).values())
+        for sl in slices:
+            settings += list(sl.params.values())
+            for src in sl.sources:
+                settings += list(src.params.values())
+        for s in settings:
+            for f, _ in _conds(s):
+                if f is not None and f not in out:
+                    out.append(f)
+        return out
+
+    def region_rules(self, method: str, sl: Slice, filters: list[str], t_expr: str
+                     ) -> list[tuple[frozenset[str], str]]:
+        """(filter set, expression) rules, most specific first; a set of several filters gets
+        a rule only when its values differ from what the simpler rules give."""
+        idx = {f: i for i, f in enumerate(filters)}
+
+        def closure(s: frozenset[str]) -> frozenset[str]:
+            return s | {f for f in filters if any(f in g for g in s)}
+
+        subsets = sorted({closure(frozenset(c)) for r in range(len(filters) + 1)
+                          for c in itertools.combinations(filters, r)},
+                         key=lambda s: (len(s), sorted(idx[f] for f in s)))
+        emitted: list[tuple[frozenset[str], str]] = []
+        for s in subsets:
+            filt = "_".join(sorted(s, key=idx.__getitem__))
+            expr = self.call(method, sl, s, t_expr, _ident(filt) if filt else "")
+            if s:
+                cands = [e for e in emitted if e[0] <= s]
+                best = max(cands, key=lambda e: (len(e[0]), [-idx[f] for f in sorted(
+                    e[0], key=idx.__getitem__)]))
+                if best[1] == expr:
+                    continue
+            emitted.append((s, expr))
+        return sorted(emitted, key=lambda e: (-len(e[0]), sorted(idx[f] for f in e[0])))
+
+    def pattern(self, required: list[str], layer: bool) -> str:
+        special = any(ch in f for f in required for ch in "*?{}\"\\")
+        if layer and len(required) <= 1 and not special:
+            return f'"{self.layer_prefix}.{{i}}.*' + (f"{required[0]}*" if required else "") + '"'
+        if not layer and len(required) <= 1 and not special:
+            return f'"*{required[0]}*"' if required else '"*"'
+        look = "".join(f"(?=.*{re.escape(f)})" for f in required)
+        prefix = re.escape(self.layer_prefix) + r"\.(?P<i>\d+)\." if layer else ""
+        return f're"{prefix}{look}.*"'
+
+    # ------------------------------------------------------------ driver
+    def translate(self) -> Result:
+        cfg = self.cfg
+        for key in cfg:
+            if key not in TOP_KEYS:
+                self.warn("W101", f"`{key}` is not translated (unknown key)")
+        method = cfg.get("merge_method")
+        if method not in METHODS:
+            self.err("E703", f"unknown merge_method {method!r}",
+                     "supported: " + ", ".join(sorted(METHODS)))
+            return Result("", self.diags)
+        base_ref = cfg.get("base_model")
+        if base_ref is not None:
+            self.model(base_ref, "base_model", base=True)
+        slices = self.slices()
+        for key in ("tokenizer", "chat_template"):
+            if cfg.get(key) is not None:
+                self.warn("W101", f"`{key}` is not translated: the output copies the tokenizer "
+                          "files of the `merge from` model")
+        ts = cfg.get("tokenizer_source")
+        if ts is not None and not (ts == "base" or ts == base_ref):
+            self.warn("W101", f"`tokenizer_source: {ts}` is not translated: the output copies the "
+                      "tokenizer of the `merge from` model; the vocabularies must match")
+        for scope, params in [("parameters", cfg.get("parameters") or {})] + \
+                [(f"slices[{k}].parameters", s.params) for k, s in enumerate(slices)]:
+            for n in params:
+                if n in IGNORED_PARAMS:
+                    self.warn("W102", f"{scope}.{n} has no effect in mergelang: {IGNORED_PARAMS[n]}")
+        if any(d.is_error for d in self.diags) or not slices:
+            return Result("", self.diags)
+        self.check_layout(slices, method)
+        if any(d.is_error for d in self.diags):
+            return Result("", self.diags)
+        ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
+        filters = self.filters(slices)
+        if len(filters) > MAX_FILTERS:
+            self.err("E704", f"{len(filters)} different filters; at most {MAX_FILTERS} are supported")
+            return Result("", self.diags)
+        rules = self.rules(method, slices, filters, ref)
+        if any(d.is_error for d in self.diags):
+            return Result("", self.diags)
+        return Result(self.render(method, rules, ref), self.diags)
+
+    def rules(self, method: str, slices: list[Slice], filters: list[str], ref: str) -> list[str]:
+        layer_blocks: list[tuple[str | None, list]] = []
+        for sl in slices:
+            lr = sl.sources[0].layer_range
+            if lr is None:
+                t_expr, guard = f"i / (num_layers({ref}) - 1)", None
+            else:
+                a, b = lr
+                n = b - a
+                t_expr = "1" if n == 1 else (f"i / {n - 1}" if a == 0 else f"(i - {a}) / {n - 1}")
+                guard = None if len(slices) == 1 and a == 0 else (
+                    f"i == {a}" if n == 1 else f"i >= {a} and i < {b}")
+            layer_blocks.append((guard, self.region_rules(method, sl, filters, t_expr)))
+        outer = [f for f in filters if not _layer_only(f)]
+        pre = self.region_rules(method, slices[0], outer, "0")
+        post = self.region_rules(method, slices[-1], outer, "1")
+        lines: list[str] = []
+        if pre == post:
+            nonlayer = [("# embeddings, final norm and lm_head", None, post)]
+        else:
+            nonlayer = [("# tensors before the layers (embeddings): gradients at t = 0", "embed", pre),
+                        ("# tensors after the layers (final norm, lm_head): gradients at t = 1", None,
+                         post)]
+        if len(slices) == 1 and layer_blocks[0][0] is None and layer_blocks[0][1] == post:
+            return [self._rule(s, e, None, False, None) for s, e in post]
+        for k, (guard, rules) in enumerate(layer_blocks):
+            lr = slices[k].sources[0].layer_range
+            what = "all layers" if lr is None else f"layers {lr[0]}..{lr[1] - 1}"
+            lines.append(f"# {what}: gradients run from t = 0 at the first layer to t = 1 at the last")
+            lines += [self._rule(s, e, guard, True, None) for s, e in rules]
+        for comment, marker, rules in nonlayer:
+            lines.append(comment)
+            lines += [self._rule(s, e, None, False, marker) for s, e in rules]
+        return lines
+
+    def _rule(self, s: frozenset[str], expr: str, guard: str | None, layer: bool,
+              marker: str | None) -> str:
+        required = ([marker] if marker else []) + sorted(s, key=lambda f: (-len(f), f))
+        pat = self.pattern(required, layer)
+        return pat + (f" if {guard}" if guard else "") + " => " + expr
+
+    def render(self, method: str, rules: list[str], ref: str) -> str:
+        src = f" {self.config_path.name}" if self.config_path else ""
+        out = [f"# Translated from the mergekit config{src} by `mergelang import-mergekit`.",
+               f"# merge_method: {method}. Parameters follow mergekit: per-model values, then global",
+               "# ones; filters match substrings of tensor names; gradients are spread over layers.",
+               ""]
+        out += self.model_lines
+        if self.param_lines:
+            out.append("")
+            out += self.param_lines
+        dtype = self.cfg.get("out_dtype") or self.cfg.get("dtype")
+        if dtype:
+            out.append("")
+            if self.cfg.get("dtype") and not self.cfg.get("out_dtype"):
+                out.append("# mergekit's `dtype` is its compute dtype; mergelang computes in float32 and "
+                           "writes this dtype")
+            out.append(f"option dtype = {_fmt(str(dtype))}")
+        if self.notes:
+            out.append("")
+            out += sorted(set(self.notes), key=self.notes.index)
+        out.append("")
+        out.append(f"merge from {ref} {{")
+        width = max((len(r.split(" => ")[0]) for r in rules if not r.startswith("#")), default=0)
+        for r in rules:
+            if r.startswith("#"):
+                out.append("    " + r)
+            else:
+                head, expr = r.split(" => ", 1)
+                out.append(f"    {head.ljust(width)} => {expr}")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+
+def translate(config: dict[str, Any] | str, config_path: str | Path | None = None,
+              out_dir: str | Path | None = None, layer_prefix: str = "model.layers") -> Result:
+    """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics."""
+    if isinstance(config, str):
+        config = _load_yaml(config, str(config_path or "<config>"))
+    if not isinstance(config, dict):
+        return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
+    t = Translator(config, Path(config_path) if config_path else None,
+                   Path(out_dir) if out_dir else None, layer_prefix)
+    return t.translate()
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MergelangError(error("E701", f"cannot parse {where}: {exc}")) from None
+
+
+def import_file(path: str | Path, out: str | Path | None = None,
+                layer_prefix: str = "model.layers") -> Result:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergelangError(error("E701", f"cannot read {path}: {exc}")) from None
+    out_dir = Path(out).parent if out else Path.cwd()
+    return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)
