@@ -25,6 +25,7 @@ from .passes import optimize
 from .plan import ExecutionPlan, lower
 from .resolve import check_unit
 from .values import Const, ListV, Value
+from .vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
 
@@ -126,10 +127,13 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
                         did_you_mean(block.source, models) or "declare it with model NAME = \"PATH\""))
     if diags.has_errors or block is None:
         _fail(diags, models)
+    if opts.resize_vocab:
+        models = resize_models(models, block.source, diags)  # type: ignore[union-attr]
     el.models = models
     el.out_dtype = opts.dtype
     graph = el.build(block)  # type: ignore[arg-type]
     if diags.has_errors:
+        improve_diagnostics(diags, models, block.source)  # type: ignore[union-attr]
         _fail(diags, models)
     optimized = optimize(graph)
     plan = lower(optimized)

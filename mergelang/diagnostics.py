@@ -304,6 +304,7 @@ CODES: dict[str, str] = {
     "E704": "mergekit feature not supported by the importer",
     "E705": "missing or invalid mergekit parameter",
     "E706": "LoRA adapter reference in a mergekit config",
+    "E707": "cannot render a graph (Graphviz missing or failed)",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -311,4 +312,5 @@ CODES: dict[str, str] = {
     "W101": "mergekit key not translated",
     "W102": "mergekit parameter has no effect in mergelang",
     "W103": "mergekit model is not a local path",
+    "W104": "vocabulary tensors resized (option resize_vocab)",
 }
