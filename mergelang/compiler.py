@@ -25,6 +25,7 @@ from .passes import optimize
 from .plan import ExecutionPlan, lower
 from .resolve import check_unit
 from .values import Const, ListV, Value
+from .lora import LoraSpec, open_adapter
 from .vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
@@ -151,6 +152,7 @@ def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
 def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
                  diags: Diagnostics) -> dict[str, ModelSource | None]:
     models: dict[str, ModelSource | None] = {}
+    adapters = []
     for decl in unit.models:
         models[decl.name] = None
         if decl.name in overrides:
@@ -160,6 +162,9 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
                 v = el.eval(decl.value, {})
             except CompileError as exc:
                 diags.add(exc.diag)
+                continue
+            if isinstance(v, Const) and isinstance(v.value, LoraSpec):
+                adapters.append((decl, v.value))
                 continue
             if not (isinstance(v, Const) and isinstance(v.value, str)):
                 diags.add(error("E201", f"model `{decl.name}` needs a path string, not {v.describe()}",
@@ -182,6 +187,8 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
             models[decl.name] = open_model(decl.name, path)
         except (OSError, CheckpointError) as exc:
             diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
+    for decl, spec in adapters:
+        open_adapter(decl, spec, models, unit.base_dir, diags, {d.name for d, _ in adapters})
     return models
 
 
