@@ -25,7 +25,6 @@ from .passes import optimize
 from .plan import ExecutionPlan, lower
 from .resolve import check_unit
 from .values import Const, ListV, Value
-from .lora import LoraSpec, open_adapter
 from .vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
@@ -163,7 +162,7 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
             except CompileError as exc:
                 diags.add(exc.diag)
                 continue
-            if isinstance(v, Const) and isinstance(v.value, LoraSpec):
+            if isinstance(v, Const) and hasattr(v.value, "open_model"):  # lora(), stack_layers()
                 adapters.append((decl, v.value))
                 continue
             if not (isinstance(v, Const) and isinstance(v.value, str)):
@@ -187,8 +186,8 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
             models[decl.name] = open_model(decl.name, path)
         except (OSError, CheckpointError) as exc:
             diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
-    for decl, spec in adapters:
-        open_adapter(decl, spec, models, unit.base_dir, diags, {d.name for d, _ in adapters})
+    for decl, spec in adapters:  # derived models, once the checkpoints they use are open
+        spec.open_model(decl, models, unit.base_dir, diags, {d.name for d, _ in adapters})
     return models
 
 

@@ -40,6 +40,10 @@ class LoraSpec:
     base: str
     scale: float | None  # extra multiplier on top of alpha / r (default 1)
 
+    def open_model(self, decl: Any, models: dict, base_dir: Path, diags: Any,
+                   pending: set[str]) -> None:
+        open_adapter(decl, self, models, base_dir, diags, pending)
+
 
 @intrinsic("lora", "path", "base", ("scale", None),
            doc="a model declared as a LoRA/PEFT adapter applied to `base`: W + scale·(alpha/r)·B·A "

@@ -246,6 +246,35 @@ class Translator:
                 if key not in known:
                     self.warn("W101", f"{where}.{key} is not translated (unknown key)")
 
+    @staticmethod
+    def _in_order(slices: list[Slice]) -> bool:
+        offset = 0
+        for s in slices:
+            for src in s.sources:
+                if src.layer_range is not None and src.layer_range[0] != offset:
+                    return False
+            if s.sources and s.sources[0].layer_range is not None:
+                offset = s.sources[0].layer_range[1]
+        return True
+
+    def stack(self, slices: list[Slice]) -> list[Slice]:
+        """A passthrough frankenmerge: a `stack_layers` model, then rules over its new layers."""
+        name = "stacked"
+        while name in self.models.values():
+            name += "_"
+        ranges = ", ".join(f"layer_range({s.sources[0].model}, {s.sources[0].layer_range[0]}, "  # type: ignore[index]
+                           f"{s.sources[0].layer_range[1]})" for s in slices)  # type: ignore[index]
+        self.model_lines.append("# the layer ranges stacked in order and renumbered (a frankenmerge)")
+        self.model_lines.append(f"model {name} = stack_layers([{ranges}])")
+        self.models["<stacked>"] = name
+        out, offset = [], 0
+        for s in slices:
+            src = s.sources[0]
+            a, b = src.layer_range  # type: ignore[misc]
+            out.append(Slice([Source(name, (offset, offset + b - a), src.params)], s.params))
+            offset += b - a
+        return out
+
     def check_layout(self, slices: list[Slice], method: str) -> None:
         """mergelang's output follows the reference model's tensor names: every output layer k
         must come from layer k of its inputs (no stacking or renumbering)."""
@@ -261,12 +290,12 @@ class Translator:
                 return
             (a, b), = ranges
             if a != offset:
-                kind = "a frankenmerge (layers stacked and renumbered)" if method == "passthrough" \
-                    else "a slice that moves layers"
                 self.err("E704", f"slices[{k}]: layers {a}..{b - 1} would become output layers "
-                         f"{offset}..{offset + b - a - 1}: {kind} is not supported yet",
-                         "the output must keep the reference model's layer numbering; "
-                         "only slices that tile the layers in order can be translated")
+                         f"{offset}..{offset + b - a - 1}: the importer moves layers for "
+                         "passthrough slices of one model only",
+                         "write the recipe by hand: stack each source's ranges with "
+                         "`model x = stack_layers([layer_range(m, a, b), ...])`, then merge the "
+                         "stacked models")
                 return
             offset = b
 
@@ -468,10 +497,13 @@ class Translator:
                     self.warn("W102", f"{scope}.{n} has no effect in mergelang: {IGNORED_PARAMS[n]}")
         if any(d.is_error for d in self.diags) or not slices:
             return Result("", self.diags)
+        ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
+        if method == "passthrough" and not self._in_order(slices) and \
+                all(len(s.sources) == 1 for s in slices):
+            slices, ref = self.stack(slices), "stacked"
         self.check_layout(slices, method)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
-        ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
         filters = self.filters(slices)
         if len(filters) > MAX_FILTERS:
             self.err("E704", f"{len(filters)} different filters; at most {MAX_FILTERS} are supported")
@@ -504,7 +536,7 @@ class Translator:
             nonlayer = [("# tensors before the layers (embeddings): gradients at t = 0", "embed", pre),
                         ("# tensors after the layers (final norm, lm_head): gradients at t = 1", None,
                          post)]
-        if len(slices) == 1 and layer_blocks[0][0] is None and layer_blocks[0][1] == post:
+        if pre == post and all(rules == post for _, rules in layer_blocks):
             return [self._rule(s, e, None, False, None) for s, e in post]
         for k, (guard, rules) in enumerate(layer_blocks):
             lr = slices[k].sources[0].layer_range

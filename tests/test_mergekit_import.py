@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -233,13 +233,41 @@ def _codes(cfg) -> list[str]:
     return [d.code for d in translate(cfg).diagnostics]
 
 
-def test_frankenmerge_is_reported(models):
+def test_frankenmerge_is_translated_to_stack_layers(models):
     cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 3]}]},
-                      {"sources": [{"model": models["b"], "layer_range": [1, 4]}]}],
+                      {"sources": [{"model": models["b"], "layer_range": [1, 4],
+                                    "parameters": {"scale": [{"filter": "down_proj", "value": 0.5},
+                                                             {"value": 1.0}]}}]}],
            "merge_method": "passthrough"}
+    text = _translate(cfg)
+    assert "model stacked = stack_layers([layer_range(a, 0, 3), layer_range(b, 1, 4)])" in text
+    assert "merge from stacked {" in text
+    hand = _header(models, "a", "b") + """model s = stack_layers([layer_range(a, 0, 3), layer_range(b, 1, 4)])
+merge from s {
+    "model.layers.{i}.mlp.down_proj.*" if i >= 3 => s * 0.5
+    "*"                                          => s
+}
+"""
+    got, want = _merge(text), _merge(hand)
+    _assert_same(got, want, exact=True)
+    assert len([k for k in got if k.endswith("q_proj.weight")]) == 6
+    a, b = load_file(models["a"]), load_file(models["b"])
+    assert torch.equal(got["model.layers.2.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], b["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(got["model.layers.5.mlp.down_proj.weight"], 0.5 * b["model.layers.3.mlp.down_proj.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_slices_that_move_layers_in_a_merge_are_reported(models):
+    cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 2]},
+                                   {"model": models["b"], "layer_range": [0, 2]}]},
+                      {"sources": [{"model": models["a"], "layer_range": [1, 3]},
+                                   {"model": models["b"], "layer_range": [1, 3]}]}],
+           "merge_method": "slerp", "base_model": models["a"], "parameters": {"t": 0.5}}
     res = translate(cfg)
-    assert res.errors and res.errors[0].code == "E704" and res.text == ""
-    assert "frankenmerge" in res.errors[0].message
+    assert [d.code for d in res.errors] == ["E704"] and res.text == ""
+    assert "stack_layers" in res.errors[0].help
 
 
 def test_errors_and_warnings(models):
