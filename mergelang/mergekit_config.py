@@ -128,6 +128,7 @@ class ConfigReader:
         self.hoisted: dict[tuple, str] = {}  # (name, tuple(values)) -> param name
         self.param_lines: list[str] = []
         self.notes: list[str] = []
+        self.local_paths: dict[str, Path] = {}  # mergekit reference -> local checkpoint
 
     # ------------------------------------------------------------ diagnostics
     def warn(self, code: str, msg: str, help: str | None = None) -> None:
@@ -170,6 +171,7 @@ class ConfigReader:
             candidates.append(self.config_path.parent / ref)
         for c in candidates:
             if c.exists():
+                self.local_paths[ref] = c
                 if self.out_dir is not None and not c.is_absolute():
                     return os.path.relpath(c.resolve(), self.out_dir.resolve()), ""
                 return str(c), ""

@@ -243,10 +243,48 @@ class Translator(ConfigReader):
         if len(filters) > MAX_FILTERS:
             self.err("E704", f"{len(filters)} different filters; at most {MAX_FILTERS} are supported")
             return Result("", self.diags)
-        rules = self.rules(method, slices, filters, ref)
+        rules = self.prune(self.rules(method, slices, filters, ref), ref)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
         return Result(self.render(method, rules, ref), self.diags)
+
+    def prune(self, lines: list[str], ref: str) -> list[str]:
+        """With the reference checkpoint at hand, drop rules that match none of its tensors
+        (they could never apply) and comments left without rules."""
+        refs = [k for k, v in self.models.items() if v == ref]
+        path = self.local_paths.get(refs[0]) if refs else None
+        if path is None:
+            return lines
+        from .ast import glob_to_regex
+        from .checkpoint import CheckpointError, open_model
+
+        try:
+            src = open_model(ref, path)
+        except (OSError, CheckpointError):
+            return lines
+        try:
+            names = list(src.tensors())
+        finally:
+            src.close()
+        rules = [line for line in lines if not line.startswith("#")]
+        compiled = []
+        for line in rules:
+            head = line.split(" => ", 1)[0]
+            pat = head.split(" if ", 1)[0].strip()
+            regex = pat[3:-1] if pat.startswith('re"') else glob_to_regex(pat[1:-1])[0]
+            compiled.append((re.compile(regex), " if " in head))
+        used: set[int] = set()
+        for n in names:  # first match wins; a guarded rule may let the tensor fall through
+            for k, (rx, guarded) in enumerate(compiled):
+                if rx.fullmatch(n):
+                    used.add(k)
+                    if not guarded:
+                        break
+        if not used:
+            return lines
+        kept = [line for line in lines if line.startswith("#") or rules.index(line) in used]
+        return [line for i, line in enumerate(kept)
+                if not (line.startswith("#") and (i + 1 == len(kept) or kept[i + 1].startswith("#")))]
 
     def rules(self, method: str, slices: list[Slice], filters: list[str], ref: str) -> list[str]:
         layer_blocks: list[tuple[str | None, list]] = []

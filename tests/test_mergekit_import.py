@@ -55,8 +55,10 @@ def models(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def _merge(text: str) -> dict[str, torch.Tensor]:
+def _merge(text: str, no_warnings: bool = True) -> dict[str, torch.Tensor]:
     r = ml.compile(text)
+    # translated recipes are pruned against the local reference model: no rule is dead (W001)
+    assert not no_warnings or not r.warnings, [w.render() for w in r.warnings]
     try:
         return r.evaluate()
     finally:
@@ -210,6 +212,30 @@ def test_passthrough_slices_from_two_models_in_order(models):
 }
 """
     _assert_same(_merge(text), _merge(hand), exact=True)
+
+
+def test_rules_are_pruned_with_the_local_reference(models):
+    cfg = {"models": [{"model": models["a"], "parameters": {
+               "weight": [{"filter": "norm", "value": 0.2}, {"filter": "lm_head", "value": 0.9},
+                          {"value": 0.5}]}}],
+           "merge_method": "task_arithmetic", "base_model": models["base"]}
+    text = _translate(cfg)
+    hand = _header(models, "base", "a") + """merge from base {
+    "*norm*"         => base + 0.2 * (a - base)
+    "lm_head.weight" => base + 0.9 * (a - base)
+    "*"              => base + 0.5 * (a - base)
+}
+"""
+    _assert_same(_merge(text), _merge(hand))
+    # with a gradient, layers and the tensors around them get rules of their own; the rules
+    # no tensor of the local reference can reach are dropped (no W001 when compiling)
+    cfg["models"][0]["parameters"]["density"] = [1, 0.5]
+    cfg["merge_method"] = "ties"
+    text = _translate(cfg)
+    assert '"*lm_head*"' in text and "model.layers.{i}.*lm_head*" not in text
+    _merge(text)
+    cfg["base_model"] = "org/remote-base"  # not local: nothing to prune against
+    assert "model.layers.{i}.*lm_head*" in translate(cfg).text
 
 
 def test_gta_family_methods_are_emitted(models):
