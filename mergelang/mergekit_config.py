@@ -31,6 +31,9 @@ METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required
 }
 TAKES_BASE_KW = ("nuslerp", "multislerp")
 PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
+# per-model parameters mergekit accepts but a method ignores (task_arithmetic does not sparsify)
+UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karcher": {"density"},
+                    "nuslerp": {"density"}, "multislerp": {"density"}}
 IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
@@ -132,10 +135,14 @@ class ConfigReader:
 
     # ------------------------------------------------------------ diagnostics
     def warn(self, code: str, msg: str, help: str | None = None) -> None:
+        if any(d.code == code and d.message == msg for d in self.diags):
+            return  # e.g. found again for another group of tensors
         self.diags.append(warning(code, msg, None, help))
         self.notes.append(f"# NOTE ({code}): {msg}")
 
     def err(self, code: str, msg: str, help: str | None = None) -> None:
+        if any(d.code == code and d.message == msg for d in self.diags):
+            return
         self.diags.append(error(code, msg, None, help))
 
     # ------------------------------------------------------------ models

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .diagnostics import MergelangError, error
-from .mergekit_config import (IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
+from .mergekit_config import (UNUSED_BY_METHOD, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
                               _ident, _is_gradient, _layer_only)
 
@@ -113,6 +113,10 @@ class Translator(ConfigReader):
             return "none"
         for p in per_model_names:
             if p in IGNORED_PARAMS:
+                continue
+            if p in UNUSED_BY_METHOD.get(method, ()):
+                self.warn("W102", f"per-model `{p}` has no effect with {method} (mergekit ignores "
+                          "it too)")
                 continue
             vals = []
             for src in members:

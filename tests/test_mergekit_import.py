@@ -220,6 +220,11 @@ def test_rules_are_pruned_with_the_local_reference(models):
                           {"value": 0.5}]}}],
            "merge_method": "task_arithmetic", "base_model": models["base"]}
     text = _translate(cfg)
+    cfg["models"][0]["parameters"]["density"] = 0.5  # task arithmetic does not sparsify
+    res = translate(cfg)
+    assert [d.code for d in res.diagnostics] == ["W102"] and "density" in res.diagnostics[0].message
+    assert res.text.split("merge from")[1] == text.split("merge from")[1]
+    del cfg["models"][0]["parameters"]["density"]
     hand = _header(models, "base", "a") + """merge from base {
     "*norm*"         => base + 0.2 * (a - base)
     "lm_head.weight" => base + 0.9 * (a - base)
