@@ -102,7 +102,8 @@ class LoraSource(ModelSource):
                 slot["A" if kind.endswith("A") else "B"] = key
                 slot["embedding"] = "1" if "embedding" in kind else ""
                 continue
-            name = _FULL.match(key).group("name").replace(".modules_to_save.default", "")  # type: ignore[union-attr]
+            name = re.sub(r"\.modules_to_save(\.[A-Za-z0-9_]+)?(?=\.)", "",
+                          _FULL.match(key).group("name"))  # type: ignore[union-attr]
             if name in table and tuple(header[key].shape) == tuple(table[name].shape):
                 self.full[name] = key
             else:

@@ -106,3 +106,24 @@ def test_lora_errors(base, tmp_path):
     with pytest.raises(ml.MergelangError) as exc:
         ml.compile(f'model base = "{base}"\nmerge from base {{\n "*" => lora("{bad}", base = base)\n}}\n')
     assert exc.value.codes == ["E201"]
+
+
+def test_peft_key_variants(base, tmp_path):
+    """An adapter name before `.weight`, and full tensors saved for `modules_to_save`."""
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    head = torch.randn(16, 8, generator=g)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": a,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": b,
+               "base_model.model.lm_head.modules_to_save.default.weight": head},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 2}')
+    out = _run(f'model base = "{base}"\nmodel x = lora("{folder}", base = base)\n'
+               'merge from base {\n "*" => x\n}\n')
+    w = load_file(str(base))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[name], w[name] + b @ a, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out["lm_head.weight"], head)
+    assert torch.equal(out["model.norm.weight"], w["model.norm.weight"])
