@@ -81,12 +81,29 @@ class Recipe:
         ref = c.models[c.reference]
         folder = getattr(ref, "folder", None) if c.options.copy_files else None
         try:
+            extra = self._config_override(ref, folder)
             with CheckpointWriter(out_dir, layout, force=force) as writer:
                 execute(c.plan, c.models, writer.write, device, progress)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
-                                     recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME)
+                                     recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
+                                     extra_files=extra)
         except WriterError as exc:
             raise MergelangError(error(exc.code, str(exc), None, exc.help)) from None
+
+    def _config_override(self, ref: Any, folder: Path | None) -> dict[str, str] | None:
+        """config.json for a reference model that changes it (stacked layers: the layer count)."""
+        patch = getattr(ref, "config_patch", None)
+        if folder is None or patch is None or not (Path(folder) / "config.json").is_file():
+            return None
+        import json
+
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        cfg.update(patch())
+        dtype = self.config_dtype()
+        cfg["torch_dtype"] = dtype
+        if "dtype" in cfg:
+            cfg["dtype"] = dtype
+        return {"config.json": json.dumps(cfg, indent=2) + "\n"}
 
     def config_dtype(self) -> str:
         """config.json's dtype: the recipe's `dtype`, else the most common floating output dtype."""

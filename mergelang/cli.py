@@ -68,11 +68,16 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
-             shard_size: str | None = None):
+             shard_size: str | None = None, log_json: bool = False):
     from .api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size, **_overrides(sets))
-    if recipe_obj.warnings:
+    if recipe_obj.warnings and log_json:
+        from .progress import diagnostic_event
+
+        for d in recipe_obj.warnings:
+            click.echo(diagnostic_event(d), err=True)
+    elif recipe_obj.warnings:
         _echo_diags(recipe_obj.warnings)
     return recipe_obj
 
@@ -99,12 +104,15 @@ def main() -> None:
 @click.option("--shard-size", default=None, metavar="SIZE", help="max shard size, e.g. 2GB (default 5GB)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
+@click.option("--log-json", is_flag=True,
+              help="progress as JSON lines on stderr (one per tensor, then a summary)")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
-        dtype: str | None, shard_size: str | None, force: bool, quiet: bool) -> None:
+        dtype: str | None, shard_size: str | None, force: bool, quiet: bool,
+        log_json: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size)
+    r = _compile(recipe, sets, dtype, shard_size, log_json)
     plan = r.compilation.plan
     if budget is not None and plan.peak_bytes > budget:
         click.echo(f"warning: the plan's estimated peak ({plan.peak_bytes / 1e9:.2f} GB) is above "
@@ -116,13 +124,13 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.perf_counter()
-    from tqdm import tqdm
+    from .progress import reporter
 
-    with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-              desc="merging", disable=quiet or None, file=sys.stderr, leave=False) as bar:
-        path = r.run(out, device=device, force=force, progress=bar.update)
+    with reporter(plan, quiet, log_json) as (update, finish):
+        path = r.run(out, device=device, force=force, progress=update)
+        finish(str(path))
     r.close()
-    if not quiet:
+    if not quiet and not log_json:
         secs = time.perf_counter() - start
         click.echo(f"merged {len(r.outputs)} tensors ({plan.write_bytes / 1e6:.1f} MB) into {path} "
                    f"in {secs:.1f}s", err=True)
@@ -203,3 +211,56 @@ def _first_sentence(doc: str) -> str:
     text = " ".join(doc.split())
     end = text.find(". ")
     return text if end < 0 else text[: end + 1]
+
+
+@main.command(name="import-mergekit")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="write the recipe to FILE (default: stdout)")
+@click.option("--layer-prefix", default="model.layers", show_default=True,
+              help="tensor-name prefix of the numbered transformer blocks")
+@_guard
+def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
+    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
+    from .mergekit_import import import_file
+
+    result = import_file(config, out, layer_prefix)
+    if result.errors:
+        raise MergelangError(result.diagnostics)
+    _echo_diags(result.diagnostics)
+    if out:
+        Path(out).write_text(result.text)
+        click.echo(f"wrote {out} ({len(result.diagnostics)} warnings)", err=True)
+    else:
+        click.echo(result.text, nl=False)
+
+
+@main.command()
+@recipe_arg
+@set_opt
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg", "png"]), default="text",
+              show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="write to FILE (needed for png)")
+@_guard
+def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None) -> None:
+    """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw its graph."""
+    from .explain import explain_dot, explain_text, render
+
+    r = _compile(recipe, sets)
+    try:
+        c = r.compilation
+        if fmt == "text":
+            data: str | bytes = explain_text(c)
+        else:
+            dot = explain_dot(c)
+            data = dot if fmt == "dot" else render(dot, fmt)
+    finally:
+        r.close()
+    if out:
+        Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
+        click.echo(f"wrote {out}", err=True)
+    elif isinstance(data, bytes) and fmt == "png":
+        raise click.UsageError("--format png needs -o FILE")
+    else:
+        click.echo(data if isinstance(data, str) else data.decode(), nl=False)

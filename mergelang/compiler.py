@@ -25,6 +25,7 @@ from .passes import optimize
 from .plan import ExecutionPlan, lower
 from .resolve import check_unit
 from .values import Const, ListV, Value
+from .vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
 
@@ -131,10 +132,13 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     # reference model and every param are usable; broken models are skipped silently.
     if block is None or models.get(block.source) is None or not params_ok:
         _fail(diags, models)
+    if opts.resize_vocab:
+        models = resize_models(models, block.source, diags)  # type: ignore[union-attr]
     el.models = models
     el.out_dtype = opts.dtype
     graph = el.build(block)  # type: ignore[arg-type]
     if diags.has_errors:
+        improve_diagnostics(diags, models, block.source)  # type: ignore[union-attr]
         _fail(diags, models)
     optimized = optimize(graph)
     plan = lower(optimized)
@@ -152,6 +156,7 @@ def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
 def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
                  diags: Diagnostics) -> dict[str, ModelSource | None]:
     models: dict[str, ModelSource | None] = {}
+    adapters = []
     for decl in unit.models:
         models[decl.name] = None
         if decl.name in overrides:
@@ -161,6 +166,9 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
                 v = el.eval(decl.value, {})
             except CompileError as exc:
                 diags.add(exc.diag)
+                continue
+            if isinstance(v, Const) and hasattr(v.value, "open_model"):  # lora(), stack_layers()
+                adapters.append((decl, v.value))
                 continue
             if not (isinstance(v, Const) and isinstance(v.value, str)):
                 diags.add(error("E201", f"model `{decl.name}` needs a path string, not {v.describe()}",
@@ -183,6 +191,8 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
             models[decl.name] = open_model(decl.name, path)
         except (OSError, CheckpointError) as exc:
             diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
+    for decl, spec in adapters:  # derived models, once the checkpoints they use are open
+        spec.open_model(decl, models, unit.base_dir, diags, {d.name for d, _ in adapters})
     return models
 
 

@@ -297,8 +297,20 @@ CODES: dict[str, str] = {
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",
+    # ecosystem: mergekit import, explain, vocabularies
+    "E701": "cannot read or parse a mergekit config",
+    "E702": "invalid mergekit config",
+    "E703": "unknown mergekit merge_method",
+    "E704": "mergekit feature not supported by the importer",
+    "E705": "missing or invalid mergekit parameter",
+    "E706": "LoRA adapter reference in a mergekit config",
+    "E707": "cannot render a graph (Graphviz missing or failed)",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
     "W003": "function shadows a standard library method",
+    "W101": "mergekit key not translated",
+    "W102": "mergekit parameter has no effect in mergelang",
+    "W103": "mergekit model is not a local path",
+    "W104": "vocabulary tensors resized (option resize_vocab)",
 }

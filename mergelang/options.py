@@ -19,6 +19,7 @@ class RecipeOptions(BaseModel):
     dtype: str | None = None  # output dtype; default: each tensor keeps the reference model's dtype
     shard_size: ByteSize = ByteSize(DEFAULT_SHARD_SIZE)
     copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
+    resize_vocab: bool = False  # truncate/pad other models' embeddings to the reference's vocab
 
     @field_validator("dtype")
     @classmethod

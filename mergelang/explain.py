@@ -1,0 +1,278 @@
+"""`mergelang explain`: what a compiled recipe will do, as text or as a Graphviz picture.
+
+- `explain_text`: which rule each group of tensors matched (layer numbers collapsed, e.g.
+  `model.layers.{0..31}.mlp.up_proj.weight`), the methods each rule calls, bytes read per model and
+  written, the plan's estimated peak of live tensor memory and an I/O time estimate.
+- `explain_dot`: the optimized graph as DOT; outputs whose subgraphs have the same structure
+  (typically the same tensor in every layer) are drawn once, as one cluster labelled with the
+  collapsed names and a count.
+- `render`: DOT -> svg/png with Graphviz's `dot` program when it is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from typing import Any, Iterable
+
+from . import ast
+from .compiler import Compilation
+from .diagnostics import Diagnostics, MergelangError, error
+from .graph import MergeGraph
+from .ops import Op
+from .plan import _size
+from .types import is_floating
+
+ASSUMED_IO_BYTES_PER_S = 1e9  # for the time estimate: about one SSD's sequential throughput
+_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+# ---------------------------------------------------------------- collapsing names
+def template(name: str) -> tuple[str, tuple[int, ...]]:
+    """`model.layers.3.mlp.w` -> (`model.layers.{}.mlp.w`, (3,))."""
+    nums = tuple(int(m.group()) for m in _NUM.finditer(name))
+    return _NUM.sub("{}", name), nums
+
+
+def ranges(values: Iterable[int]) -> str:
+    vs = sorted(set(values))
+    parts, i = [], 0
+    while i < len(vs):
+        j = i
+        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
+            j += 1
+        parts.append(str(vs[i]) if i == j else f"{vs[i]}..{vs[j]}" if j > i + 1 else f"{vs[i]},{vs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def collapse(names: Iterable[str]) -> list[str]:
+    """Group names that differ only in their numeric components: `a.{0..31}.b` (in first-seen
+    order); a group whose numbers are not a full grid also says how many tensors it has."""
+    groups: dict[str, list[tuple[int, ...]]] = {}
+    for n in names:
+        tpl, nums = template(n)
+        groups.setdefault(tpl, []).append(nums)
+    out = []
+    for tpl, nums in groups.items():
+        if not nums[0]:
+            out.append(tpl)
+            continue
+        if len(nums) == 1:
+            out.append(tpl.format(*nums[0]))
+            continue
+        cols = list(zip(*nums))
+        text = tpl.format(*("{" + ranges(c) + "}" if len(set(c)) > 1 else str(c[0]) for c in cols))
+        grid = 1
+        for c in cols:
+            grid *= len(set(c))
+        out.append(text if grid == len(nums) else f"{text} ({len(nums)} tensors)")
+    return out
+
+
+# ---------------------------------------------------------------- the text summary
+def _calls(e: Any) -> list[str]:
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, ast.Call) and x.func not in out:
+            out.append(x.func)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                if f.name != "span":
+                    walk(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for i in x:
+                walk(i)
+
+    walk(e)
+    return out
+
+
+def rule_assignment(c: Compilation) -> tuple[dict[int, list[str]], list[str]]:
+    """rule index -> output tensor names it produces; and the names copied raw (non-float)."""
+    from .elaborate import Elaborator
+
+    block = c.unit.block
+    assert block is not None
+    el = Elaborator(c.unit.fns, c.models, {}, c.params, Diagnostics())
+    ref = c.models[c.reference]
+    assert ref is not None
+    by_rule: dict[int, list[str]] = defaultdict(list)
+    raw: list[str] = []
+    for name, info in ref.tensors().items():
+        el.tensor = name
+        rule, _ = el._match(block, name)
+        by_rule[rule].append(name)
+        if not is_floating(info.dtype):
+            raw.append(name)
+    return by_rule, raw
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def explain_text(c: Compilation) -> str:
+    block = c.unit.block
+    assert block is not None
+    plan, g = c.plan, c.optimized
+    by_rule, raw = rule_assignment(c)
+    lines = [f"recipe {c.source.path}: merge from `{c.reference}`, {len(plan.outputs)} output tensors"]
+    lines.append("")
+    lines.append("rules (first match wins):")
+    methods: dict[str, int] = {}
+    for i, rule in enumerate(block.rules):
+        names = by_rule.get(i, [])
+        guard = f" if {_one_line(rule.guard.span.text)}" if rule.guard is not None else ""
+        lines.append(f"  [{i + 1}] {rule.pattern.span.text}{guard} => {_one_line(rule.expr.span.text)}")
+        calls = _calls(rule.expr)
+        if calls:
+            lines.append(f"      calls: {', '.join(calls)}")
+        for fn in calls:
+            methods[fn] = methods.get(fn, 0) + len(names)
+        if not names:
+            lines.append("      matches no tensor")
+            continue
+        lines.append(f"      {len(names)} tensor{'s' if len(names) != 1 else ''}:")
+        lines += [f"        {n}" for n in collapse(names)]
+    if raw:
+        lines.append(f"  copied unchanged (not floating point): {', '.join(collapse(raw))}")
+    lines.append("")
+    lines.append("methods: " + (", ".join(f"{m} ({n} tensors)" for m, n in methods.items()) or "none"))
+    lines.append("")
+    reads: dict[str, int] = defaultdict(int)
+    seen = set()
+    for _, n in g.items():
+        if n.op is Op.LOAD and (n.attrs["model"], n.attrs["tensor"]) not in seen:
+            seen.add((n.attrs["model"], n.attrs["tensor"]))
+            reads[n.attrs["model"]] += n.type.with_(dtype=n.attrs["src_dtype"]).nbytes
+    lines.append(f"reads {_size(plan.read_bytes)}: " +
+                 ", ".join(f"{m} {_size(b)}" for m, b in sorted(reads.items())))
+    lines.append(f"writes {_size(plan.write_bytes)} ({_dtypes(g)})")
+    lines.append(f"estimated peak memory: {_size(plan.peak_bytes)} of live tensors (float32 compute)")
+    secs = (plan.read_bytes + plan.write_bytes) / ASSUMED_IO_BYTES_PER_S
+    lines.append(f"estimated time: about {secs:.1f}s of disk I/O at 1 GB/s, plus compute")
+    ops: dict[str, int] = defaultdict(int)
+    for _, n in g.items():
+        ops[n.op.value] += 1
+    lines.append(f"graph: {g.number_of_nodes()} nodes (" +
+                 ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])) + ")")
+    return "\n".join(lines) + "\n"
+
+
+def _dtypes(g: MergeGraph) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for _, n in g.items():
+        if n.op is Op.OUTPUT:
+            counts[n.attrs["dtype"]] += 1
+    return ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- the picture
+def _node_label(n: Any, out_name: str) -> str:
+    if n.op is Op.LOAD:
+        t = n.attrs["tensor"]
+        return f"load {n.attrs['model']}" + ("" if t == out_name else f"[{template(t)[0]}]")
+    if n.op is Op.CONST:
+        v = n.attrs["value"]
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if n.op is Op.OUTPUT:
+        return f"write {n.attrs['dtype']}"
+    extra = [f"{k}={v}" for k, v in sorted(dict(n.attrs).items()) if k in ("kind", "over", "density")]
+    return n.op.value + (f"\\n{' '.join(extra)}" if extra else "")
+
+
+def _subgraph(g: MergeGraph, out: int) -> list[int]:
+    """The output's ancestors, depth first in argument order (a canonical order per output)."""
+    seen: set[int] = set()
+    order: list[int] = []
+    stack = [(out, False)]
+    while stack:
+        nid, done = stack.pop()
+        if done:
+            order.append(nid)
+            continue
+        if nid in seen:
+            continue
+        seen.add(nid)
+        stack.append((nid, True))
+        for a in reversed(g.node(nid).args):
+            if a not in seen:
+                stack.append((a, False))
+    return order
+
+
+def _structure(g: MergeGraph, out: int) -> tuple[tuple, list[int]]:
+    """A key equal for outputs computed the same way (constants may differ), and the nodes."""
+    nodes = _subgraph(g, out)
+    local = {nid: i for i, nid in enumerate(nodes)}
+    name = g.node(out).attrs["name"]
+    sig = tuple(("const" if g.node(nid).op is Op.CONST else _node_label(g.node(nid), name),
+                 tuple(local[a] for a in g.node(nid).args)) for nid in nodes)
+    return sig, nodes
+
+
+def _const_label(values: list[Any]) -> str:
+    distinct = sorted(set(values), key=repr)
+    if len(distinct) == 1:
+        v = distinct[0]
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if all(isinstance(v, (int, float)) for v in distinct):
+        return f"{min(distinct):.4g} .. {max(distinct):.4g}\\n({len(distinct)} values)"
+    return f"{len(distinct)} values"
+
+
+def explain_dot(c: Compilation) -> str:
+    g = c.optimized
+    groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+    for out in g.outputs():
+        sig, nodes = _structure(g, out)
+        groups.setdefault(sig, []).append((out, nodes))
+    lines = ["digraph mergelang {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];',
+             '  graph [fontname="Helvetica", fontsize=11];']
+    for k, (sig, members) in enumerate(groups.items()):
+        names = collapse(g.node(o).attrs["name"] for o, _ in members)
+        label = "\\n".join(names[:6]) + (f"\\n... ({len(names) - 6} more groups)" if len(names) > 6 else "")
+        count = f" ({len(members)} tensors)" if len(members) > 1 else ""
+        lines.append(f"  subgraph cluster_{k} {{")
+        lines.append(f'    label="{_esc(label)}{count}";')
+        for i, (text, args) in enumerate(sig):
+            if text == "const":
+                text = _const_label([g.node(nodes[i]).attrs["value"] for _, nodes in members])
+            if text.startswith("load"):
+                shape = ", shape=ellipse"
+            elif text.startswith("write"):
+                shape = ', style=filled, fillcolor="#e8f0fe"'
+            elif not args:
+                shape = ", shape=plaintext"  # a constant
+            else:
+                shape = ""
+            lines.append(f'    g{k}_{i} [label="{_esc(text)}"{shape}];')
+            for a in args:
+                lines.append(f"    g{k}_{a} -> g{k}_{i};")
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _esc(text: str) -> str:
+    return text.replace('"', '\\"')
+
+
+def render(dot_text: str, fmt: str) -> bytes:
+    """Render DOT with Graphviz (`dot -Tsvg|png`); E707 when `dot` is not installed."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise MergelangError(error("E707", f"cannot render {fmt}: Graphviz's `dot` program is not "
+                                   "installed", None, "install Graphviz (e.g. apt install graphviz), "
+                                   "or write DOT with --format dot and render it elsewhere"))
+    proc = subprocess.run([exe, f"-T{fmt}"], input=dot_text.encode(), capture_output=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise MergelangError(error("E707", f"dot failed: {proc.stderr.decode(errors='replace').strip()}"))
+    return proc.stdout

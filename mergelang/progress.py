@@ -1,0 +1,89 @@
+"""Progress reporting for `mergelang run`: a tqdm bar over output bytes (throughput, ETA), or with
+`--log-json` one JSON object per line on stderr (machine-readable), or nothing with `--quiet`.
+
+JSON events (each line one object, keys stable):
+    {"event": "start", "tensors": N, "bytes": B, "read_bytes": R, "peak_bytes": P}
+    {"event": "tensor", "index": k, "name": ..., "dtype": ..., "bytes": b, "done_bytes": d,
+     "elapsed": seconds}
+    {"event": "done", "tensors": N, "bytes": B, "elapsed": seconds, "output": path}
+Compile warnings come first, as {"event": "diagnostic", "severity": "warning", "code": ...,
+"message": ..., "location": "file:line:col" or null, "help": ...}. Errors are still rendered as
+text (the exit code is 1).
+
+The executor reports each output tensor once, in plan order, so the k-th report is the k-th
+OUTPUT step of the plan: names come from the plan, the executor needs no change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import IO, Callable, Iterator
+
+from .diagnostics import Diagnostic
+from .ops import Op
+from .plan import ExecutionPlan
+
+
+def diagnostic_event(d: Diagnostic) -> str:
+    return json.dumps({"event": "diagnostic", "severity": d.severity.value, "code": d.code,
+                       "message": d.message, "location": d.span.location() if d.span else None,
+                       "help": d.help})
+
+
+def output_steps(plan: ExecutionPlan) -> list[tuple[str, str, int]]:
+    """(name, dtype, bytes) of each output, in the order the executor writes them."""
+    g = plan.graph
+    out = []
+    for step in plan.steps:
+        n = g.node(step.nid)
+        if n.op is Op.OUTPUT:
+            out.append((n.attrs["name"], n.attrs["dtype"], n.type.nbytes))
+    return out
+
+
+class JsonLog:
+    def __init__(self, plan: ExecutionPlan, stream: IO[str] | None = None):
+        self.stream = stream or sys.stderr
+        self.outputs = output_steps(plan)
+        self.total = sum(b for _, _, b in self.outputs)
+        self.start = time.perf_counter()
+        self.k = 0
+        self.done_bytes = 0
+        self.emit(event="start", tensors=len(self.outputs), bytes=self.total,
+                  read_bytes=plan.read_bytes, peak_bytes=plan.peak_bytes)
+
+    def emit(self, **fields) -> None:
+        self.stream.write(json.dumps(fields, sort_keys=False) + "\n")
+        self.stream.flush()
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.start, 6)
+
+    def update(self, nbytes: int) -> None:
+        name, dtype, _ = self.outputs[self.k] if self.k < len(self.outputs) else ("?", "?", 0)
+        self.done_bytes += nbytes
+        self.emit(event="tensor", index=self.k, name=name, dtype=dtype, bytes=nbytes,
+                  done_bytes=self.done_bytes, elapsed=self.elapsed())
+        self.k += 1
+
+    def finish(self, output: str) -> None:
+        self.emit(event="done", tensors=self.k, bytes=self.done_bytes, elapsed=self.elapsed(),
+                  output=output)
+
+
+@contextmanager
+def reporter(plan: ExecutionPlan, quiet: bool, log_json: bool
+             ) -> Iterator[tuple[Callable[[int], None], Callable[[str], None]]]:
+    """Yields (update(nbytes), finish(output_path))."""
+    if log_json:
+        log = JsonLog(plan)
+        yield log.update, log.finish
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+              desc="merging", disable=quiet or None, file=sys.stderr, leave=False) as bar:
+        yield bar.update, lambda _path: None

@@ -1,0 +1,131 @@
+"""`mergelang explain` (text summary, DOT picture) and `mergelang run --log-json`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mergelang.cli import main  # noqa: E402
+from mergelang.explain import collapse, ranges  # noqa: E402
+from test_mergekit_import import LAYERS, _tensors  # noqa: E402
+
+RECIPE = """model base = "base.safetensors"
+model a = "a.safetensors"
+model b = "b.safetensors"
+merge from base {
+    "*norm*" => base
+    "model.layers.{i}.self_attn.*" => slerp(a, b, t = i / 3)
+    "model.layers.{i}.mlp.*" if i > 100 => a
+    "*" => ties(base, [a, b], weights = [1, 1], density = 0.5)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("explain")
+    base = _tensors(0)
+    save_file(base, str(root / "base.safetensors"))
+    save_file(_tensors(1, base), str(root / "a.safetensors"))
+    save_file(_tensors(2, base), str(root / "b.safetensors"))
+    (root / "r.mrg").write_text(RECIPE)
+    return root / "r.mrg"
+
+
+def _invoke(*args: str, code: int = 0):
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == code, (res.output, res.exception)
+    return res
+
+
+def test_collapse_layer_numbers():
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(32)] + ["lm_head.weight"]
+    assert collapse(names) == ["model.layers.{0..31}.mlp.up_proj.weight", "lm_head.weight"]
+    assert ranges([0, 1, 2, 5, 7, 8]) == "0..2,5,7,8"
+    experts = [f"l.{i}.e.{j}.w" for i in range(2) for j in range(3)]
+    assert collapse(experts) == ["l.{0,1}.e.{0..2}.w"]
+    assert collapse(["l.0.e.0.w", "l.1.e.1.w"]) == ["l.{0,1}.e.{0,1}.w (2 tensors)"]
+
+
+def test_explain_text(recipe):
+    out = _invoke("explain", str(recipe)).stdout
+    assert out.startswith(f"recipe {recipe}: merge from `base`, {5 * LAYERS + 3} output tensors")
+    blocks = re.split(r"\n  \[\d\] ", out.split("\nmethods:")[0])
+    # rule 1: every norm, layer numbers collapsed
+    assert '"*norm*" => base' in blocks[1]
+    assert "model.layers.{0..3}.input_layernorm.weight" in blocks[1] and "model.norm.weight" in blocks[1]
+    assert "calls: slerp" in blocks[2] and "model.layers.{0..3}.self_attn.q_proj.weight" in blocks[2]
+    assert "matches no tensor" in blocks[3]
+    assert "calls: ties" in blocks[4] and "lm_head.weight" in blocks[4]
+    assert "model.layers.{0..3}.mlp.up_proj.weight" in blocks[4]
+    assert "methods: slerp (8 tensors), ties (10 tensors)" in out
+    assert re.search(r"reads [\d.]+ KiB: a [\d.]+ KiB, b [\d.]+ KiB, base [\d.]+ KiB", out)
+    assert re.search(r"estimated peak memory: [\d.]+ KiB", out)
+    assert "estimated time:" in out and "graph:" in out
+
+
+def test_explain_dot_collapses_layers(recipe, tmp_path):
+    dot = _invoke("explain", str(recipe), "--format", "dot").stdout
+    assert dot.startswith("digraph mergelang {") and dot.rstrip().endswith("}")
+    clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="([^"]*)";', dot)
+    # norms (copies), slerp layers (one structure, t varies), ties (one structure): few clusters
+    joined = "\n".join(clusters)
+    assert "model.layers.{0..3}.input_layernorm.weight\\nmodel.norm.weight (5 tensors)" in joined
+    assert any("mlp.up_proj" in c and "(10 tensors)" in c for c in clusters)
+    # slerp: layers 1 and 2 share one picture (t differs: the constant shows the range); the
+    # optimizer simplifies t = 0 and t = 1, so layers 0 and 3 have pictures of their own
+    assert "model.layers.{1,2}.self_attn.k_proj.weight\\nmodel.layers.{1,2}.self_attn.q_proj.weight (4 tensors)" in joined
+    assert "0.3333 .. 0.6667" in dot
+    assert len(clusters) == 5
+    # every edge stays inside its cluster and points at a declared node
+    nodes = set(re.findall(r"^    (g\d+_\d+) \[label=", dot, re.M))
+    for a, b in re.findall(r"^    (g\d+_\d+) -> (g\d+_\d+);", dot, re.M):
+        assert a in nodes and b in nodes and a.split("_")[0] == b.split("_")[0]
+    assert dot.count("write float32") == len(clusters)
+    out = tmp_path / "g.dot"
+    _invoke("explain", str(recipe), "--format", "dot", "-o", str(out))
+    assert out.read_text() == dot
+
+
+def test_explain_svg(recipe, tmp_path, monkeypatch):
+    out = tmp_path / "g.svg"
+    if shutil.which("dot") is None:
+        res = _invoke("explain", str(recipe), "--format", "svg", "-o", str(out), code=1)
+        assert "E707" in res.output
+        return
+    _invoke("explain", str(recipe), "--format", "svg", "-o", str(out))
+    assert "<svg" in out.read_text()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    res = _invoke("explain", str(recipe), "--format", "png", "-o", str(tmp_path / "g.png"), code=1)
+    assert "E707" in res.output and "graphviz" in res.output.lower()
+
+
+def test_run_log_json(recipe, tmp_path):
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out), "--log-json"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""
+    events = [json.loads(line) for line in res.stderr.splitlines() if line.strip()]
+    assert events[0]["event"] == "diagnostic" and events[0]["code"] == "W001"  # the i > 100 rule
+    assert events[0]["location"].endswith("r.mrg:7:5")
+    start, tensors, done = events[1], events[2:-1], events[-1]
+    assert start["event"] == "start" and start["tensors"] == 5 * LAYERS + 3
+    assert [e["event"] for e in tensors] == ["tensor"] * start["tensors"]
+    assert [e["index"] for e in tensors] == list(range(start["tensors"]))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert {e["name"] for e in tensors} == set(index["weight_map"])
+    assert tensors[-1]["done_bytes"] == start["bytes"] == sum(e["bytes"] for e in tensors)
+    assert all(e["elapsed"] >= 0 for e in tensors)
+    assert done["event"] == "done" and done["bytes"] == start["bytes"]
+    assert done["output"] == str(out.resolve()) or Path(done["output"]) == out
