@@ -33,6 +33,7 @@ class Op(enum.Enum):
     COS = "cos"
     ACOS = "acos"
     TANH = "tanh"
+    FLOOR = "floor"
     NOT = "not"
     CLAMP = "clamp"
     # elementwise, binary
@@ -59,6 +60,11 @@ class Op(enum.Enum):
     DOT = "dot"
     # order statistics
     TOPK_MASK = "topk_mask"
+    RANK = "rank"              # attrs: over, descending, normalized
+    BAND_MASK = "band_mask"    # attrs: lo, hi (int or one per model), over
+    ARGMAX_MASK = "argmax_mask"  # over models; attrs: last (ties: last model wins)
+    # randomness (counter-based, keyed by seed / tensor / model index / element index)
+    BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
     ASSERT = "assert"
 
@@ -67,7 +73,7 @@ class Op(enum.Enum):
 
 
 UNARY = frozenset({Op.NEG, Op.ABS, Op.SIGN, Op.SQRT, Op.EXP, Op.LOG, Op.SIN, Op.COS, Op.ACOS,
-                   Op.TANH, Op.NOT, Op.CLAMP})
+                   Op.TANH, Op.FLOOR, Op.NOT, Op.CLAMP})
 ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MINIMUM,
                           Op.MAXIMUM})
 COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
@@ -76,6 +82,7 @@ BINARY = ARITH_BINARY | COMPARE | {Op.AND, Op.OR}
 TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
+ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
 FOLDABLE = ELEMENTWISE | REDUCTIONS | {Op.STACK, Op.INDEX, Op.RESHAPE, Op.CAST}
@@ -86,6 +93,7 @@ SCOPES = ("models", "tensor", "rows", "cols")
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
+              Op.RANK: 1, Op.BAND_MASK: 1, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
 
@@ -234,6 +242,8 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if attrs["over"] == "rows" and not x.shape:
             raise TypeRuleError("topk_mask over rows needs a tensor with at least one dimension")
         return x.with_(dtype="bool")
+    if op in ORDER_OPS:
+        return _infer_order(op, attrs, args)
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")
         return args[0]
@@ -278,3 +288,36 @@ def _prod(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
+
+
+def _per_model_attr(value: Any, t: TType, what: str) -> None:
+    if isinstance(value, tuple) and len(value) != t.models:
+        raise TypeRuleError(f"{len(value)} {what} values for a stack of {t.models} models", "E202")
+
+
+def _infer_order(op: Op, attrs: Attrs, args: list[TType]) -> TType:
+    """Type rules of the order-statistics and random ops (all keep the shape of their input)."""
+    x = args[0]
+    _require(x, "float32", op.value)
+    if op is Op.ARGMAX_MASK:
+        if x.models is None:
+            raise TypeRuleError("argmax_mask works over the models of a stack (a list like [a, b])")
+        return x.with_(dtype="bool")
+    if op is Op.BERNOULLI:
+        p = args[1]
+        _require(p, "float32", "bernoulli's probability")
+        if p.models is not None and len(p.shape) != len(x.shape):
+            raise TypeRuleError("internal: stacked probability not reshaped to the result rank")
+        if broadcast([x, p]) != x.with_(dtype="float32"):
+            raise TypeRuleError(f"bernoulli's probability {p} does not broadcast to {x}", "E202")
+        return x.with_(dtype="bool")
+    if attrs["over"] not in ("tensor", "rows"):
+        raise TypeRuleError(f"{op.value} works over \"tensor\" or \"rows\", not {attrs['over']!r}",
+                            "E203")
+    if attrs["over"] == "rows" and not x.shape:
+        raise TypeRuleError(f"{op.value} over rows needs a tensor with at least one dimension")
+    if op is Op.BAND_MASK:
+        _per_model_attr(attrs["lo"], x, "lo")
+        _per_model_attr(attrs["hi"], x, "hi")
+        return x.with_(dtype="bool")
+    return x  # RANK: float32 ranks
