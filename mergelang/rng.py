@@ -21,7 +21,9 @@ M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 ROUNDS = 10
-CHUNK = 1 << 20  # counters per chunk: bounds the int64 temporaries (4 lanes each)
+#: counters per chunk (4 lanes each): small on CPU so the int64 temporaries stay in cache,
+#: large on GPU to amortise kernel launches
+CHUNK = {"cpu": 1 << 15, "cuda": 1 << 22}
 
 
 def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +62,9 @@ def random_u32(numel: int, *key_parts: object, device: torch.device | str = "cpu
     key, (h2, h3) = stream_key(*key_parts)
     out = torch.empty(numel, dtype=torch.int64, device=device)
     blocks = (numel + 3) // 4
-    for start in range(0, blocks, CHUNK):
-        j = torch.arange(start, min(blocks, start + CHUNK), dtype=torch.int64, device=device)
+    chunk = CHUNK.get(torch.device(device).type, CHUNK["cuda"])
+    for start in range(0, blocks, chunk):
+        j = torch.arange(start, min(blocks, start + chunk), dtype=torch.int64, device=device)
         words = philox4x32([j & MASK32, j >> 32, torch.full_like(j, h2), torch.full_like(j, h3)],
                            key)
         lanes = torch.stack(words, dim=-1).reshape(-1)  # element 4j + lane
