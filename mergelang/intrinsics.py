@@ -351,5 +351,58 @@ def _pairs(el: Any, a: dict[str, Value], span: Span) -> Value:
     return ListV(tuple(TensorV(el.make(Op.STACK, nodes, Attrs(), span)) for nodes in pick))
 
 
+@intrinsic("ndim", "x", doc="number of dimensions of the tensor being merged")
+def _ndim(el: Any, a: dict[str, Value], span: Span) -> Value:
+    x = a["x"]
+    if isinstance(x, (ModelV, TensorV)):
+        return Const(len(el.graph.node(el.to_node(x, span)).type.shape))
+    raise el.error("E201", f"ndim needs a tensor, got {x.describe()}", span)
+
+
+@intrinsic("topk_count_mask", "x", "k", ("fraction", 1.0), ("over", "tensor"),
+           doc="true for the floor(k * fraction) largest entries per tensor (per model) or row; k "
+               "may be computed at run time (e.g. a count), the product is taken in float64 "
+               "(ties: lowest index first)")
+def _topk_count_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+    over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
+    frac = a["fraction"]
+    if not is_number(frac):
+        raise el.error("E201", f"fraction must be a number known at compile time, got "
+                       f"{frac.describe()}", span)
+    x, k = el.to_node(a["x"], span), el.to_node(a["k"], span)
+    return TensorV(el.make(Op.TOPK_COUNT_MASK, [x, k], Attrs(over=over, fraction=float(frac.value)),  # type: ignore[union-attr]
+                           span))
+
+
+@intrinsic("iterate", "fn", "init", "times", ("args", None),
+           doc="bounded iteration: x = init, then x = fn(x, args...) `times` times (fn: the name "
+               "of a recipe or stdlib function, times: a number known at compile time)")
+def _iterate(el: Any, a: dict[str, Value], span: Span) -> Value:
+    name, times, extra = a["fn"], a["times"], a["args"]
+    if not (isinstance(name, Const) and isinstance(name.value, str)):
+        raise el.error("E201", f"iterate's `fn` must be a function name (a string), got "
+                       f"{name.describe()}", span)
+    fn = el.fns.get(name.value)
+    if fn is None:
+        from .diagnostics import did_you_mean
+        raise el.error("E102", f"unknown function `{name.value}`", span, did_you_mean(name.value, el.fns))
+    if not (is_number(times) and float(times.value) == int(times.value) and times.value >= 0):  # type: ignore[union-attr]
+        raise el.error("E203", f"iterate's `times` must be a whole number >= 0 known at compile "
+                       f"time, got {getattr(times, 'value', times.describe())}", span)
+    args = list(extra.items) if isinstance(extra, ListV) else [] if _none(extra) else [extra]
+    params = [p.name for p in fn.params]
+    if len(args) + 1 > len(params):
+        raise el.error("E105", f"`{fn.name}` takes {len(params)} arguments, iterate passes "
+                       f"{len(args) + 1}", span)
+    x = a["init"]
+    for _ in range(int(times.value)):  # type: ignore[union-attr]
+        x = el.apply(fn, dict(zip(params, [x, *args])), span)
+    return x
+
+
+def _none(v: Value) -> bool:
+    return isinstance(v, Const) and v.value is None
+
+
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)

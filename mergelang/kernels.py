@@ -221,5 +221,15 @@ def _bernoulli(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
                                        a["stream"]) for i in range(like.shape[0])])
 
 
-KERNELS.update({Op.RANK: _rank, Op.BAND_MASK: _band_mask, Op.ARGMAX_MASK: _argmax_mask,
+def _topk_count_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    x, k = args
+    stacked = node.type.models is not None
+    r = order_ranks(x, node.attrs["over"], stacked, descending=True)
+    kk = torch.floor(k.to(torch.float64) * node.attrs["fraction"]).to(torch.int64)
+    if stacked and kk.dim():
+        kk = kk.reshape((-1,) + (1,) * (x.dim() - 1))
+    return r < kk
+
+
+KERNELS.update({Op.TOPK_COUNT_MASK: _topk_count_mask, Op.RANK: _rank, Op.BAND_MASK: _band_mask, Op.ARGMAX_MASK: _argmax_mask,
                 Op.BERNOULLI: _bernoulli})

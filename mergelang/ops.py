@@ -62,6 +62,7 @@ class Op(enum.Enum):
     TOPK_MASK = "topk_mask"
     RANK = "rank"              # attrs: over, descending, normalized
     BAND_MASK = "band_mask"    # attrs: lo, hi (int or one per model), over
+    TOPK_COUNT_MASK = "topk_count_mask"  # args: x, k (run-time count); attrs: over
     ARGMAX_MASK = "argmax_mask"  # over models; attrs: last (ties: last model wins)
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
@@ -82,7 +83,7 @@ BINARY = ARITH_BINARY | COMPARE | {Op.AND, Op.OR}
 TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
-ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
+ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
 FOLDABLE = ELEMENTWISE | REDUCTIONS | {Op.STACK, Op.INDEX, Op.RESHAPE, Op.CAST}
@@ -93,7 +94,7 @@ SCOPES = ("models", "tensor", "rows", "cols")
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
-              Op.RANK: 1, Op.BAND_MASK: 1, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
+              Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
 
@@ -311,11 +312,21 @@ def _infer_order(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if broadcast([x, p]) != x.with_(dtype="float32"):
             raise TypeRuleError(f"bernoulli's probability {p} does not broadcast to {x}", "E202")
         return x.with_(dtype="bool")
+    if op is Op.TOPK_COUNT_MASK:
+        k = args[1]
+        _require(k, "float32", "topk_count_mask's count")
+        if k.shape or (k.models is not None and k.models != x.models):
+            raise TypeRuleError(f"topk_count_mask's count must be one number (or one per model), "
+                                f"got {k}", "E202")
     if attrs["over"] not in ("tensor", "rows"):
         raise TypeRuleError(f"{op.value} works over \"tensor\" or \"rows\", not {attrs['over']!r}",
                             "E203")
     if attrs["over"] == "rows" and not x.shape:
         raise TypeRuleError(f"{op.value} over rows needs a tensor with at least one dimension")
+    if op is Op.TOPK_COUNT_MASK:
+        if attrs["over"] == "rows" and args[1].models is not None:
+            raise TypeRuleError("topk_count_mask over rows takes one shared count", "E202")
+        return x.with_(dtype="bool")
     if op is Op.BAND_MASK:
         _per_model_attr(attrs["lo"], x, "lo")
         _per_model_attr(attrs["hi"], x, "hi")
