@@ -126,3 +126,121 @@ def nearswap(base, other, t):
 
 def weights_or_ones(weights: Sequence[float] | None, n: int) -> list[float]:
     return [1.0] * n if weights is None else [float(w) for w in weights]
+
+
+def sce(base, models, select_topk=1.0):
+    """mergekit sce: variance top-k select, mean(tau^2) weights, sign erase, weighted mean."""
+    b32 = base.detach().to(torch.float32)
+    tv32 = torch.stack([m.to(torch.float32) - b32 for m in models])
+    if select_topk < 1:
+        # the variance in float32, like the run under test, so the same entries are selected
+        var = ((tv32 - tv32.mean(0)) ** 2).mean(0)
+        nonzero = int((var != 0).sum())
+        k = int(nonzero * select_topk) if select_topk > 0 else 0
+        order = sorted(range(var.numel()), key=lambda i: (-float(var.flatten()[i]), i))
+        mask = torch.zeros(var.numel(), dtype=torch.bool)
+        mask[order[:k]] = True
+        tv32 = tv32 * mask.reshape(var.shape)
+    tv = tv32.to(torch.float64)
+    w = (tv ** 2).reshape(len(models), -1).mean(-1)
+    total = w.sum()
+    w = torch.full_like(w, 1 / len(models)) if abs(total) < 1e-6 else w / total
+    w = w.reshape((-1,) + (1,) * (tv.dim() - 1))
+    elected = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(torch.float64)
+    ew = w * (torch.sign(tv) == elected)
+    return _out(_f64(base) + (tv * ew).sum(0) / ew.sum(0).clamp(min=1e-6))
+
+
+def consensus(base, models, k=2, lam_tall=0.4, lam=1.0):
+    taus = task_vectors(base, models)
+    mtl = sum(taus)
+    support = sum((t.abs() > lam_tall * (mtl - t).abs()).to(torch.int64) for t in taus)
+    return _out(_f64(base) + lam * torch.where(support >= k, mtl, 0.0))
+
+
+def _nuslerp_core(t, v0, v1, mode):
+    shape = v0.shape
+    if mode == "flatten":
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif mode == "cols":
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    n0 = v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = ((v0 / n0) * (v1 / n1)).sum(-1, keepdim=True)
+    theta = torch.acos(cos.clamp(-1, 1))
+    s = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / s
+    lin = (1 - t) * v0 + t * v1
+    # exactly (anti)parallel vectors have sin theta = 0; float rounding leaves ~1e-8 (float64) or
+    # ~9e-8 (float32, at theta = pi) instead, so |cos| = 1 up to rounding also counts as colinear
+    res = torch.where((s.abs() < 1e-8) | (1 - cos.abs() < 1e-12), lin, res)
+    if mode == "cols":
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def nuslerp(models, weights=None, base=None, flatten=True, row_wise=False):
+    w = weights_or_ones(weights, 2)
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    mode = "flatten" if flatten else ("cols" if row_wise and models[0].dim() == 2 else "rows")
+    if base is None:
+        return _out(_nuslerp_core(t, _f64(models[0]), _f64(models[1]), mode))
+    taus = task_vectors(base, models)
+    return _out(_f64(base) + _nuslerp_core(t, taus[0], taus[1], mode))
+
+
+def multislerp(models, weights=None, base=None, normalize_weights=True, eps=1e-8):
+    w = torch.tensor(weights_or_ones(weights, len(models)), dtype=torch.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    xs = task_vectors(base, models) if base is not None else [_f64(m) for m in models]
+    flat = torch.stack([x.reshape(-1) for x in xs])
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mn = mean.norm()
+    if mn < eps:
+        assert len(models) == 2
+        res = (flat * w[:, None]).sum(0)
+    else:
+        mean = mean / mn
+        tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+        tr = (tangent * w[:, None]).sum(0)
+        tn = tr.norm() + eps
+        res = (mean * torch.cos(tn) + tr * (torch.sin(tn) / tn)) * (norms[:, 0] * w).sum()
+    res = res.reshape(xs[0].shape)
+    return _out(res if base is None else _f64(base) + res)
+
+
+def karcher(models, weights=None, max_iter=10, tol=1e-5):
+    """mergekit's karcher_merge_tensors in float64, with the given weights as alphas."""
+    w = weights_or_ones(weights, len(models))
+    alphas = [x / sum(w) for x in w]
+    xs = [_f64(m) for m in models]
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n if n > 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return _out(torch.zeros_like(xs[0]))
+    va = [alphas[i] for i in valid]
+    na = [a / sum(va) for a in va]
+    vu = [units[i] for i in valid]
+    mean = sum(a * u for a, u in zip(na, vu))
+    mn = float(mean.norm())
+    mean = vu[0].clone() if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(na, vu):
+            d = torch.clamp((mean * u).sum(), -1.0, 1.0)
+            theta = torch.arccos(d)
+            if theta < tol:
+                continue
+            tangent = tangent + a * (theta / torch.sin(theta)) * (u - d * mean)
+        tn = tangent.norm()
+        if tn < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        un = mean.norm()
+        if un > tol:
+            mean = mean / un
+    return _out(sum(a * n for a, n in zip(alphas, norms)) * mean)
