@@ -406,3 +406,5 @@ def _none(v: Value) -> bool:
 
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
+
+from . import intrinsics_linalg  # noqa: E402,F401  (registers svd, polar, matmul, concat_models)

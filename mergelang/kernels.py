@@ -233,3 +233,5 @@ def _topk_count_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 KERNELS.update({Op.TOPK_COUNT_MASK: _topk_count_mask, Op.RANK: _rank, Op.BAND_MASK: _band_mask, Op.ARGMAX_MASK: _argmax_mask,
                 Op.BERNOULLI: _bernoulli})
+
+from . import kernels_linalg  # noqa: E402,F401  (registers the linear-algebra kernels)

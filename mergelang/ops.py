@@ -64,6 +64,11 @@ class Op(enum.Enum):
     BAND_MASK = "band_mask"    # attrs: lo, hi (int or one per model), over
     TOPK_COUNT_MASK = "topk_count_mask"  # args: x, k (run-time count); attrs: over
     ARGMAX_MASK = "argmax_mask"  # over models; attrs: last (ties: last model wins)
+    # linear algebra (2-D, batched over a stack; float32 SVD)
+    SVD = "svd"                # attrs: part ("U" | "S" | "Vh"), k (leading triplets kept)
+    POLAR = "polar"            # orthogonal polar factor U Vh
+    MATMUL = "matmul"
+    CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
@@ -83,6 +88,7 @@ BINARY = ARITH_BINARY | COMPARE | {Op.AND, Op.OR}
 TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
+LINALG_OPS = frozenset({Op.SVD, Op.POLAR, Op.MATMUL, Op.CONCAT_MODELS})
 ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
@@ -94,6 +100,7 @@ SCOPES = ("models", "tensor", "rows", "cols")
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
+              Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.CONCAT_MODELS: 1,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
@@ -245,6 +252,8 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         return x.with_(dtype="bool")
     if op in ORDER_OPS:
         return _infer_order(op, attrs, args)
+    if op in LINALG_OPS:
+        return _infer_linalg(op, attrs, args)
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")
         return args[0]
@@ -332,3 +341,43 @@ def _infer_order(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         _per_model_attr(attrs["hi"], x, "hi")
         return x.with_(dtype="bool")
     return x  # RANK: float32 ranks
+
+
+def _matrix(t: TType, what: str) -> tuple[int, int]:
+    _require(t, "float32", what)
+    if len(t.shape) != 2:
+        raise TypeRuleError(f"{what} needs a 2-D tensor, got {format_shape(t.shape)}",
+                            help="use it in a rule or branch for 2-D tensors (see ndim)")
+    return t.shape[0], t.shape[1]
+
+
+def _infer_linalg(op: Op, attrs: Attrs, args: list[TType]) -> TType:
+    x = args[0]
+    if op is Op.SVD:
+        m, n = _matrix(x, "svd")
+        k = attrs["k"]
+        if not 0 < k <= min(m, n):
+            raise TypeRuleError(f"svd keeps {k} triplets of a {m}x{n} matrix (1..{min(m, n)})",
+                                "E203")
+        shape = {"U": (m, k), "S": (k,), "Vh": (k, n)}.get(attrs["part"])
+        if shape is None:
+            raise TypeRuleError(f"svd part must be U, S or Vh, not {attrs['part']!r}", "E203")
+        return TType(shape, "float32", x.models)
+    if op is Op.POLAR:
+        _matrix(x, "polar")
+        return x
+    if op is Op.MATMUL:
+        (m, k1), (k2, n) = _matrix(x, "matmul"), _matrix(args[1], "matmul")
+        if k1 != k2:
+            raise TypeRuleError(f"matmul of {m}x{k1} and {k2}x{n} matrices", "E202")
+        return TType((m, n), "float32", _models(args))
+    if op is Op.CONCAT_MODELS:
+        if x.models is None:
+            raise TypeRuleError("concat_models needs a stack of models")
+        axis = attrs["axis"]
+        if not 0 <= axis < len(x.shape):
+            raise TypeRuleError(f"axis {axis} out of range for {format_shape(x.shape)}", "E203")
+        shape = list(x.shape)
+        shape[axis] *= x.models
+        return TType(tuple(shape), x.dtype, None)
+    raise TypeRuleError(f"no type rule for {op}")  # pragma: no cover

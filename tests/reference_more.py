@@ -244,3 +244,37 @@ def karcher(models, weights=None, max_iter=10, tol=1e-5):
         if un > tol:
             mean = mean / un
     return _out(sum(a * n for a, n in zip(alphas, norms)) * mean)
+
+
+def tsv_merge(base, models, alpha=1.0):
+    """FusionBench's TSV-M (compute_and_sum_svd_mem_reduction) in float64, zero-padded blocks."""
+    taus = task_vectors(base, models)
+    T = len(taus)
+    if taus[0].dim() != 2:
+        return _out(_f64(base) + alpha * sum(taus) / T)
+    m, n = taus[0].shape
+    k = min(m, n)
+    r = int(k / T)
+    sum_u = torch.zeros(m, k, dtype=torch.float64)
+    sum_s = torch.zeros(k, dtype=torch.float64)
+    sum_v = torch.zeros(k, n, dtype=torch.float64)
+    for i, tau in enumerate(taus):
+        u, s, v = torch.linalg.svd(tau, full_matrices=False)
+        sum_u[:, i * r:(i + 1) * r] = u[:, :r]
+        sum_s[i * r:(i + 1) * r] = s[:r]
+        sum_v[i * r:(i + 1) * r, :] = v[:r, :]
+    u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
+    merged = torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
+    return _out(_f64(base) + alpha * merged)
+
+
+def iso_c(base, models, lam=1.0):
+    taus = task_vectors(base, models)
+    tv = sum(taus)
+    if tv.dim() == 2:
+        u, s, vh = torch.linalg.svd(tv, full_matrices=False)
+        tv = s.mean() * (u @ vh)
+    else:
+        tv = tv / len(taus)
+    return _out(_f64(base) + lam * tv)

@@ -1,0 +1,35 @@
+"""Torch kernels of the linear-algebra ops (2-D, batched over a stack's model axis).
+
+SVDs run in float32 (`torch.linalg.svd`, thin); the polar factor is U Vh of the thin SVD.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .graph import Node
+from .kernels import KERNELS
+from .ops import Op
+
+
+def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    k, part = node.attrs["k"], node.attrs["part"]
+    if part == "S":
+        return torch.linalg.svdvals(x)[..., :k]
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u[..., :, :k].contiguous() if part == "U" else vh[..., :k, :].contiguous()
+
+
+def _polar(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(args[0], full_matrices=False)
+    return u @ vh
+
+
+def _concat_models(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    return torch.cat(x.unbind(0), dim=node.attrs["axis"])
+
+
+KERNELS.update({Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
+                Op.CONCAT_MODELS: _concat_models})
