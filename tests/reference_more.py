@@ -278,3 +278,18 @@ def iso_c(base, models, lam=1.0):
     else:
         tv = tv / len(taus)
     return _out(_f64(base) + lam * tv)
+
+
+def peft_ties(base, models, weights, density, method, lam=1.0):
+    """PEFT's ties(): magnitude prune, election on unweighted tensors, weights after, / count."""
+    import reference as ref0
+
+    taus = [ref0.magnitude_trim(t, density) for t in task_vectors(base, models)]
+    stacked = torch.stack(taus)
+    sign = stacked.sign()
+    score = stacked.sum(0) if method == "total" else sign.sum(0)
+    agree = sign == torch.where(score >= 0, 1.0, -1.0).to(torch.float64)
+    w = torch.tensor(weights_or_ones(weights, len(models)), dtype=torch.float64)
+    w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
+    mixed = (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return _out(_f64(base) + lam * mixed)

@@ -155,3 +155,30 @@ def test_nearswap(t):
     other["w"][1, :4] = base["w"][1, :4] + 1e-8     # nearly equal
     out = ml.merge(f"nearswap(base, other, t = {t})", base=base, other=other)
     close(out, {k: ref.nearswap(base[k], other[k], t) for k in base})
+
+
+# ---- ties: PEFT's majority_sign_method ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+@pytest.mark.parametrize("weights,density", [([1.0, 1.0, 1.0], 1.0), ([2.0, -1.0, 0.5], 0.5),
+                                             ([0.3, 0.3, 0.4], 0.2)])
+def test_ties_peft_majority_sign(method, weights, density):
+    base, a, b, c = sd(0), sd(1, quantize=True), sd(2), sd(3, quantize=True)
+    w = ", ".join(map(str, weights))
+    out = ml.merge(f'ties(base, [a, b, c], weights = [{w}], density = {density}, lambda = 0.9, '
+                   f'majority_sign_method = "{method}")', base=base, a=a, b=b, c=c)
+    close(out, {k: ref.peft_ties(base[k], [a[k], b[k], c[k]], weights, density, method, 0.9)
+                for k in base})
+
+
+def test_ties_frequency_and_total_differ():
+    base = {"x": torch.zeros(1)}
+    a, b, c = {"x": torch.tensor([5.0])}, {"x": torch.tensor([-1.0])}, {"x": torch.tensor([-1.0])}
+    total = ml.merge('ties(base, [a, b, c], majority_sign_method = "total")', base=base, a=a, b=b, c=c)
+    freq = ml.merge('ties(base, [a, b, c], majority_sign_method = "frequency")', base=base, a=a, b=b,
+                    c=c)
+    assert torch.equal(total["x"], torch.tensor([5.0]))
+    assert torch.equal(freq["x"], torch.tensor([-1.0]))
+    with pytest.raises(ml.MergelangError) as info:
+        ml.merge('ties(base, [a, b], majority_sign_method = "count")', base=base, a=a, b=b)
+    assert "E203" in info.value.codes
