@@ -58,3 +58,56 @@ def _shape(el: Any, a: dict[str, Value], span: Span) -> Value:
     if not isinstance(x, (ModelV, TensorV)):
         raise el.error("E201", f"shape needs a tensor, got {x.describe()}", span)
     return ListV(tuple(Const(d) for d in el.graph.node(el.to_node(x, span)).type.shape))
+
+
+def _matrix_op(op: Op, *names: str) -> Any:
+    def impl(el: Any, a: dict[str, Value], span: Span) -> Value:
+        return TensorV(el.make(op, [el.to_node(a[n], span) for n in names], Attrs(), span))
+    return impl
+
+
+intrinsic("solve", "a", "b", doc="X with a X = b (a square; float32; a singular a stops the merge "
+                                  "with E501)")(_matrix_op(Op.SOLVE, "a", "b"))
+intrinsic("transpose", "x", doc="the transpose of a 2-D tensor")(_matrix_op(Op.TRANSPOSE, "x"))
+intrinsic("diagonal", "x", doc="a square matrix with its off-diagonal entries set to 0")(
+    _matrix_op(Op.DIAGONAL, "x"))
+
+
+@intrinsic("has", "model", doc="true when the model (or every model of a list) has a tensor of "
+                               "the name being merged (for sidecar checkpoints)")
+def _has(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from .elaborate import Poisoned
+    from .values import ListV, ModelV
+
+    m = a["model"]
+    items = m.items if isinstance(m, ListV) else (m,)
+    for item in items:
+        if not isinstance(item, ModelV):
+            raise el.error("E201", f"has needs a model or a list of models, got {item.describe()}",
+                           span)
+        source = el.models.get(item.name)
+        if source is None:
+            raise Poisoned()
+        if el.tensor not in source.tensors():
+            return Const(False)
+    return Const(True)
+
+
+@intrinsic("same_shape", "x", "like", ("what", "sidecar"),
+           doc="x, after checking at compile time that it has the shape of `like` (one per model "
+               "for lists): error E210 otherwise")
+def _same_shape(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from .values import ListV
+
+    x, like = a["x"], a["like"]
+    what = a["what"].value if isinstance(a["what"], Const) else "sidecar"
+    pairs = list(zip(x.items, like.items)) if isinstance(x, ListV) and isinstance(like, ListV) \
+        and len(x.items) == len(like.items) else [(x, like)]
+    for item, ref in pairs:  # item by item, before the list is stacked
+        tx = el.graph.node(el.to_node(item, span)).type
+        tl = el.graph.node(el.to_node(ref, span)).type
+        if tx.shape != tl.shape or tx.models != tl.models:
+            name = f" of `{item.name}`" if hasattr(item, "name") else ""
+            raise el.error("E210", f"{what} tensor `{el.tensor}`{name} is {tx}, expected {tl}",
+                           span, "a sidecar checkpoint needs a tensor of the same name and shape")
+    return x

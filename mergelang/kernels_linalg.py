@@ -31,5 +31,21 @@ def _concat_models(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(x.unbind(0), dim=node.attrs["axis"])
 
 
-KERNELS.update({Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
+def _solve(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    from .kernels import CheckFailed
+
+    out, info = torch.linalg.solve_ex(args[0], args[1])
+    if bool((info != 0).any()):
+        raise CheckFailed("solve: the matrix is singular")
+    return out
+
+
+def _diagonal(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    x = args[0]
+    return torch.diag_embed(torch.diagonal(x, dim1=-2, dim2=-1))
+
+
+KERNELS.update({Op.SOLVE: _solve, Op.TRANSPOSE: lambda node, args: args[0].transpose(-2, -1),
+                Op.DIAGONAL: _diagonal,
+Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
                 Op.CONCAT_MODELS: _concat_models})

@@ -70,6 +70,10 @@ def test_docs_example_runs(expr):
     g = torch.Generator().manual_seed(0)
     sd = lambda: {"w": torch.randn(12, 10, generator=g), "v": torch.randn(16, generator=g)}  # noqa: E731
     base, a, b, c = sd(), sd(), sd(), sd()
-    out = ml.merge(expr, base=base, a=a, b=b, c=c)
+    sidecars = {f"f{n}": {k: torch.rand(v.shape, generator=g) for k, v in a.items()} for n in "ab"}
+    for n in "ab":  # Gram matrices for the linear weight `w` only
+        x = torch.randn(40, 10, generator=g)
+        sidecars[f"g{n}"] = {"w": x.T @ x}
+    out = ml.merge(expr, base=base, a=a, b=b, c=c, **sidecars)
     assert set(out) == {"w", "v"}
     assert all(torch.isfinite(t).all() for t in out.values())
