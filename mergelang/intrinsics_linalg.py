@@ -68,6 +68,9 @@ def _matrix_op(op: Op, *names: str) -> Any:
 
 intrinsic("solve", "a", "b", doc="X with a X = b (a square; float32; a singular a stops the merge "
                                   "with E501)")(_matrix_op(Op.SOLVE, "a", "b"))
+intrinsic("pinv", "x", doc="Moore-Penrose pseudo-inverse of a 2-D tensor (float32 SVD; singular "
+                           "values below max(m, n) * eps * the largest count as zero)")(
+    _matrix_op(Op.PINV, "x"))
 intrinsic("transpose", "x", doc="the transpose of a 2-D tensor")(_matrix_op(Op.TRANSPOSE, "x"))
 intrinsic("diagonal", "x", doc="a square matrix with its off-diagonal entries set to 0")(
     _matrix_op(Op.DIAGONAL, "x"))

@@ -70,6 +70,7 @@ class Op(enum.Enum):
     MATMUL = "matmul"
     SOLVE = "solve"            # A X = B for square A (float32; singular A fails at run time)
     TRANSPOSE = "transpose"
+    PINV = "pinv"              # Moore-Penrose pseudo-inverse (float32 SVD)
     DIAGONAL = "diagonal"      # a square matrix with its off-diagonal entries zeroed
     CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
@@ -92,7 +93,7 @@ TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
 LINALG_OPS = frozenset({Op.SVD, Op.POLAR, Op.MATMUL, Op.CONCAT_MODELS, Op.SOLVE, Op.TRANSPOSE,
-                        Op.DIAGONAL})
+                        Op.PINV, Op.DIAGONAL})
 ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
@@ -104,7 +105,8 @@ SCOPES = ("models", "tensor", "rows", "cols")
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
-              Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1,
+              Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
+              Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
@@ -381,8 +383,8 @@ def _infer_linalg(op: Op, attrs: Attrs, args: list[TType]) -> TType:
             raise TypeRuleError(f"solve needs a square matrix and a right-hand side with as many "
                                 f"rows, got {m}x{k} and {k2}x{n}", "E202")
         return TType((k, n), "float32", _models(args))
-    if op is Op.TRANSPOSE:
-        m, n = _matrix(x, "transpose")
+    if op in (Op.TRANSPOSE, Op.PINV):
+        m, n = _matrix(x, op.value)
         return TType((n, m), "float32", x.models)
     if op is Op.DIAGONAL:
         m, n = _matrix(x, "diagonal")

@@ -71,3 +71,40 @@ def test_svd_on_1d_is_a_type_error():
     with pytest.raises(ml.MergelangError) as info:
         ml.merge('svd(x, "S")', x={"v": torch.randn(5)})
     assert "E201" in info.value.codes
+
+
+def wudi_ref(base, models):
+    taus = ref.task_vectors(base, models)
+    if taus[0].dim() != 2:
+        return (base.double() + sum(taus) / len(taus)).float()
+    taus = [t for t in taus if float(t.norm()) > 0]
+    if not taus:
+        return base.clone()
+    a = sum(t.T @ t / t.norm() ** 2 for t in taus)
+    b = sum(t @ t.T @ t / t.norm() ** 2 for t in taus)
+    return (base.double() + b @ torch.linalg.pinv(a, hermitian=True)).float()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_wudi(n):
+    shapes = {"tall": (12, 5), "sq": (6, 6), "b": (9,)}
+    base = sd(0, shapes)
+    ms = {f"m{i}": sd(1 + i, shapes) for i in range(n)}
+    out = ml.merge(f"wudi(base, [{', '.join(ms)}])", base=base, **ms)
+    close(out, {k: wudi_ref(base[k], [m[k] for m in ms.values()]) for k in base},
+          rtol=2e-4, atol=2e-4)
+
+
+def test_wudi_rank_deficient_and_zero_task_vectors():
+    # (2 x 7) task vectors from 2 models: A (7 x 7) has rank 4; one model equal to the base
+    shapes = {"wide": (2, 7)}
+    base, a, b = sd(0, shapes), sd(1, shapes), sd(2, shapes)
+    out = ml.merge("wudi(base, [a, b])", base=base, a=a, b=b)
+    close(out, {"wide": wudi_ref(base["wide"], [a["wide"], b["wide"]])}, rtol=2e-4, atol=2e-4)
+    out = ml.merge("wudi(base, [a, z])", base=base, a=a, z=dict(base))
+    close(out, {"wide": wudi_ref(base["wide"], [a["wide"], base["wide"]])}, rtol=2e-4, atol=2e-4)
+    # the optimum: the gradient sum_i (X - tau_i) tau_i^T tau_i / ||tau_i||^2 vanishes
+    taus = ref.task_vectors(base["wide"], [a["wide"], b["wide"]])
+    x = ml.merge("wudi(base, [a, b])", base=base, a=a, b=b)["wide"].double() - base["wide"].double()
+    grad = sum((x - t) @ t.T @ t / t.norm() ** 2 for t in taus)
+    assert float(grad.abs().max()) < 1e-4
