@@ -114,3 +114,12 @@ def _same_shape(el: Any, a: dict[str, Value], span: Span) -> Value:
             raise el.error("E210", f"{what} tensor `{el.tensor}`{name} is {tx}, expected {tl}",
                            span, "a sidecar checkpoint needs a tensor of the same name and shape")
     return x
+
+
+@intrinsic("layer_index", doc="the first whole-number component of the tensor's name "
+                              "(`model.layers.12.mlp.up_proj.weight` -> 12), none when there is none")
+def _layer_index(el: Any, a: dict[str, Value], span: Span) -> Value:
+    for part in el.tensor.split("."):
+        if part.isdigit():
+            return Const(int(part))
+    return Const(None)

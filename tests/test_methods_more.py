@@ -182,3 +182,27 @@ def test_ties_frequency_and_total_differ():
     with pytest.raises(ml.MergelangError) as info:
         ml.merge('ties(base, [a, b], majority_sign_method = "count")', base=base, a=a, b=b)
     assert "E203" in info.value.codes
+
+
+# ---- lines ---------------------------------------------------------------------------------------
+
+def test_lines_scales_by_layer_index():
+    names = {"model.embed_tokens.weight": (4, 3), "model.layers.0.mlp.weight": (3, 3),
+             "model.layers.3.mlp.weight": (3, 3), "model.layers.12.self_attn.q.weight": (3,),
+             "lm_head.weight": (4, 3)}
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in names.items()}
+    a = {k: torch.randn(s, generator=g) for k, s in names.items()}
+    out = ml.merge("base + lines(a - base, alpha = 0.3, beta = 0.6, num_layers = 13)", base=base, a=a)
+    for k in names:
+        layer = next((int(p) for p in k.split(".") if p.isdigit()), None)
+        scale = 0.3 if layer is None else 0.3 + 0.6 * layer / 12
+        want = (base[k].double() + scale * (a[k].double() - base[k].double())).float()
+        torch.testing.assert_close(out[k], want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_lines_explicit_layer_from_a_capture():
+    base = {"blocks.x.w": torch.zeros(3)}
+    a = {"blocks.x.w": torch.ones(3)}
+    out = ml.merge("lines(a - base, alpha = 0.0, beta = 1.0, num_layers = 5, layer = 2)", base=base, a=a)
+    assert torch.equal(out["blocks.x.w"], torch.full((3,), 0.5))
