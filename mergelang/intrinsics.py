@@ -50,6 +50,7 @@ _UNARY: dict[str, tuple[Op, Callable[[float], float], str]] = {
     "acos": (Op.ACOS, math.acos, "arc cosine"),
     "tanh": (Op.TANH, math.tanh, "hyperbolic tangent"),
     "floor": (Op.FLOOR, math.floor, "largest integer <= x"),
+    "round": (Op.ROUND, round, "nearest integer (halves to even, as Python and torch)"),
 }
 
 

@@ -123,3 +123,16 @@ def _layer_index(el: Any, a: dict[str, Value], span: Span) -> Value:
         if part.isdigit():
             return Const(int(part))
     return Const(None)
+
+
+@intrinsic("cat", "xs", ("axis", 0), doc="a list of tensors concatenated along `axis`")
+def _cat(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from .values import ListV
+
+    xs, axis = a["xs"], a["axis"]
+    if not isinstance(xs, ListV) or not xs.items:
+        raise el.error("E201", f"cat needs a non-empty list of tensors, got {xs.describe()}", span)
+    if not (is_number(axis) and float(axis.value) == int(axis.value)):  # type: ignore[union-attr]
+        raise el.error("E201", "cat's axis must be a whole number", span)
+    nodes = [el.to_node(x, span) for x in xs.items]
+    return TensorV(el.make(Op.CAT, nodes, Attrs(axis=int(axis.value)), span))  # type: ignore[union-attr]

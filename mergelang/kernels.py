@@ -130,7 +130,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.NEG: _simple(torch.neg), Op.ABS: _simple(torch.abs), Op.SIGN: _sign,
     Op.SQRT: _simple(torch.sqrt), Op.EXP: _simple(torch.exp), Op.LOG: _simple(torch.log),
     Op.SIN: _simple(torch.sin), Op.COS: _simple(torch.cos), Op.ACOS: _simple(torch.acos),
-    Op.TANH: _simple(torch.tanh), Op.FLOOR: _simple(torch.floor),
+    Op.TANH: _simple(torch.tanh), Op.FLOOR: _simple(torch.floor), Op.ROUND: _simple(torch.round),
     Op.NOT: _simple(torch.logical_not), Op.CLAMP: _clamp,
     Op.ADD: _simple(torch.add), Op.SUB: _simple(torch.sub), Op.MUL: _simple(torch.mul),
     Op.DIV: _simple(torch.div), Op.POW: _simple(torch.pow), Op.MINIMUM: _simple(torch.minimum),

@@ -46,6 +46,7 @@ def _diagonal(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 
 KERNELS.update({Op.SOLVE: _solve, Op.TRANSPOSE: lambda node, args: args[0].transpose(-2, -1),
+                Op.CAT: lambda node, args: torch.cat(args, dim=node.attrs["axis"]),
                 Op.DIAGONAL: _diagonal, Op.PINV: lambda node, args: torch.linalg.pinv(args[0]),
 Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
                 Op.CONCAT_MODELS: _concat_models})

@@ -34,6 +34,7 @@ class Op(enum.Enum):
     ACOS = "acos"
     TANH = "tanh"
     FLOOR = "floor"
+    ROUND = "round"            # half to even, like Python's round and torch.round
     NOT = "not"
     CLAMP = "clamp"
     # elementwise, binary
@@ -72,6 +73,7 @@ class Op(enum.Enum):
     TRANSPOSE = "transpose"
     PINV = "pinv"              # Moore-Penrose pseudo-inverse (float32 SVD)
     DIAGONAL = "diagonal"      # a square matrix with its off-diagonal entries zeroed
+    CAT = "cat"                # plain tensors concatenated along `axis`
     CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
@@ -83,7 +85,7 @@ class Op(enum.Enum):
 
 
 UNARY = frozenset({Op.NEG, Op.ABS, Op.SIGN, Op.SQRT, Op.EXP, Op.LOG, Op.SIN, Op.COS, Op.ACOS,
-                   Op.TANH, Op.FLOOR, Op.NOT, Op.CLAMP})
+                   Op.TANH, Op.FLOOR, Op.ROUND, Op.NOT, Op.CLAMP})
 ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MINIMUM,
                           Op.MAXIMUM})
 COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
@@ -93,7 +95,7 @@ TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
 LINALG_OPS = frozenset({Op.SVD, Op.POLAR, Op.MATMUL, Op.CONCAT_MODELS, Op.SOLVE, Op.TRANSPOSE,
-                        Op.PINV, Op.DIAGONAL})
+                        Op.PINV, Op.DIAGONAL, Op.CAT})
 ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
@@ -106,7 +108,7 @@ ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
-              Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1,
+              Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
@@ -391,6 +393,18 @@ def _infer_linalg(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if m != n:
             raise TypeRuleError(f"diagonal needs a square matrix, got {m}x{n}", "E202")
         return x
+    if op is Op.CAT:
+        axis = attrs["axis"]
+        for t in args:
+            if t.models is not None or t.dtype != "float32":
+                raise TypeRuleError("cat joins plain float tensors (use concat_models for a stack)")
+            if len(t.shape) != len(x.shape) or not 0 <= axis < len(x.shape) or any(
+                    a != b for i, (a, b) in enumerate(zip(t.shape, x.shape)) if i != axis):
+                raise TypeRuleError(f"cannot cat {format_shape(x.shape)} and "
+                                    f"{format_shape(t.shape)} along axis {axis}", "E202")
+        shape = list(x.shape)
+        shape[axis] = sum(t.shape[axis] for t in args)
+        return TType(tuple(shape), "float32", None)
     if op is Op.CONCAT_MODELS:
         if x.models is None:
             raise TypeRuleError("concat_models needs a stack of models")

@@ -108,3 +108,52 @@ def test_wudi_rank_deficient_and_zero_task_vectors():
     x = ml.merge("wudi(base, [a, b])", base=base, a=a, b=b)["wide"].double() - base["wide"].double()
     grad = sum((x - t) @ t.T @ t / t.norm() ** 2 for t in taus)
     assert float(grad.abs().max()) < 1e-4
+
+
+def iso_cts_ref(base, models, frac, lam=1.0):
+    """FusionBench's iso_cts in float64 (zero-initialised blocks, as there)."""
+    taus = ref.task_vectors(base, models)
+    T = len(taus)
+    if taus[0].dim() != 2:
+        return (base.double() + lam * sum(taus) / T).float()
+    k = min(taus[0].shape)
+    c = int(k * frac)
+    c = k - round((k - c) / T) * T
+    u, s, v = torch.linalg.svd(sum(taus), full_matrices=False)
+    cu, cs, cv = u[:, :c], s[:c], v[:c, :]
+    n = int((k - c) / T)
+    U = torch.zeros_like(u)
+    S = torch.zeros_like(s)
+    V = torch.zeros_like(v)
+    for i, w in enumerate(taus):
+        ut, st, vt = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
+        U[:, i * n:(i + 1) * n] = ut[:, :n]
+        S[i * n:(i + 1) * n] = st[:n]
+        V[i * n:(i + 1) * n, :] = vt[:n, :]
+    U[:, T * n:T * n + c] = cu
+    S[T * n:T * n + c] = cs
+    V[T * n:T * n + c, :] = cv
+    a, _, b = torch.linalg.svd(U, full_matrices=False)
+    U = a @ b
+    a, _, b = torch.linalg.svd(V, full_matrices=False)
+    V = a @ b
+    merged = S.mean() * (U @ V)
+    return (base.double() + lam * merged).float()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("frac", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_iso_cts(n, frac):
+    shapes = {"wide": (6, 20), "tall": (24, 5), "sq": (9, 9), "b": (11,)}
+    base = sd(0, shapes)
+    ms = {f"m{i}": sd(1 + i, shapes) for i in range(n)}
+    expr = f"iso_cts(base, [{', '.join(ms)}], common_space_fraction = {frac}, lambda = 0.9)"
+    if any(min(s) - round((min(s) - int(min(s) * frac)) / n) * n < 0
+           for s in shapes.values() if len(s) == 2):
+        with pytest.raises(ml.MergelangError) as info:  # FusionBench fails there too
+            ml.merge(expr, base=base, **ms)
+        assert "E203" in info.value.codes
+        return
+    out = ml.merge(expr, base=base, **ms)
+    close(out, {k: iso_cts_ref(base[k], [m[k] for m in ms.values()], frac, 0.9) for k in base},
+          rtol=2e-4, atol=2e-4)
