@@ -81,10 +81,13 @@ def test_nuslerp(flatten, row_wise, weights, with_base):
                                row_wise) for k in base})
 
 
-def test_nuslerp_colinear_and_zero():
-    a = {"x": torch.randn(4, 5), "z": torch.zeros(6)}
-    b = {"x": 3 * a["x"], "z": torch.randn(6)}
-    b["x"][1] = -a["x"][1]
+@pytest.mark.parametrize("seed", range(8))
+def test_nuslerp_colinear_and_zero(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = {"x": torch.randn(4, 5, generator=g), "z": torch.zeros(6)}
+    b = {"x": 3 * a["x"], "z": torch.randn(6, generator=g)}
+    b["x"][1] = -a["x"][1]            # one antiparallel row
+    b["x"][2] = -0.5 * a["x"][2]      # and a scaled one
     for flat in ("true", "false"):
         out = ml.merge(f"nuslerp([a, b], weights = [1, 3], nuslerp_flatten = {flat})", a=a, b=b)
         close(out, {k: ref.nuslerp([a[k], b[k]], [1, 3], None, flat == "true") for k in a})
