@@ -5,6 +5,8 @@ SVDs run in float32 (`torch.linalg.svd`, thin); the polar factor is U Vh of the 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .graph import Node
@@ -12,12 +14,26 @@ from .kernels import KERNELS
 from .ops import Op
 
 
+#: the last SVD computed: (weak reference to its input, (U, S, Vh)). The U, S and Vh parts of one
+#: input are separate graph nodes, which the scheduler runs while that input is alive; this lets
+#: them share one decomposition instead of computing it three times.
+_LAST_SVD: list[tuple[weakref.ref, tuple[torch.Tensor, ...]]] = []
+
+
+def _full_svd(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if _LAST_SVD and _LAST_SVD[0][0]() is x:
+        return _LAST_SVD[0][1]
+    result = tuple(torch.linalg.svd(x, full_matrices=False))
+    _LAST_SVD[:] = [(weakref.ref(x), result)]
+    return result
+
+
 def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     k, part = node.attrs["k"], node.attrs["part"]
+    u, s, vh = _full_svd(x)
     if part == "S":
-        return torch.linalg.svdvals(x)[..., :k]
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        return s[..., :k].contiguous()
     return u[..., :, :k].contiguous() if part == "U" else vh[..., :k, :].contiguous()
 
 
