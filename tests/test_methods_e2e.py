@@ -63,3 +63,28 @@ def test_disk_run_matches_in_memory_merge(ckpts, tmp_path, method):
     for k in SHAPES:
         assert torch.equal(one[k], two[k]), k
         assert torch.equal(one[k], mem[k]), k
+
+
+def test_example_recipe_runs(tmp_path):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = importlib.util.spec_from_file_location("mk", examples / "make_tiny_models.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    mk.make_models(tmp_path / "models", seed=0)
+    shutil.copy(examples / "dare_della.mrg", tmp_path / "dare_della.mrg")
+    runner = CliRunner()
+    for run in ("one", "two"):
+        result = runner.invoke(main, ["run", str(tmp_path / "dare_della.mrg"), "-o",
+                                      str(tmp_path / run), "-q"])
+        assert result.exit_code == 0, result.output
+    one, two = _read(tmp_path / "one"), _read(tmp_path / "two")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    result = runner.invoke(main, ["run", str(tmp_path / "dare_della.mrg"), "-o",
+                                  str(tmp_path / "three"), "-q", "--set", "seed=1"])
+    assert result.exit_code == 0, result.output
+    three = _read(tmp_path / "three")
+    assert any(not torch.equal(one[k], three[k]) for k in one if ".mlp." in k)
