@@ -193,18 +193,22 @@ def methods(show_all: bool) -> None:
     from .loader import stdlib_functions
 
     public = {n: f for n, f in sorted(stdlib_functions().items()) if not n.startswith("_")}
-    blocks = {n: f for n, f in public.items() if Path(f.span.source.path).name == "core.mrg"}
+    blocks = {n: f for n, f in public.items() if Path(f.span.source.path).name in BLOCK_FILES}
     for title, group in (("merge methods", {n: f for n, f in public.items() if n not in blocks}),
                          ("building blocks", blocks)):
-        click.echo(f"{title}:")
+        click.echo(f"# {title}")
         for name, fn in group.items():
-            click.echo(f"  {signature_of(fn).render()}")
-            click.echo(f"      {_first_sentence(fn.doc)}")
+            click.echo(signature_of(fn).render())
+            click.echo(f"    {_first_sentence(fn.doc)}")
         click.echo()
     if show_all:
-        click.echo("primitives:")
+        click.echo("# primitives")
         for name, intr in sorted(INTRINSICS.items()):
-            click.echo(f"  {intr.sig.render()}\n      {intr.sig.doc}")
+            click.echo(f"{intr.sig.render()}\n    {intr.sig.doc}")
+
+
+#: stdlib files holding building blocks (listed after the merge methods)
+BLOCK_FILES = ("core.mrg", "sparsify.mrg")
 
 
 def _first_sentence(doc: str) -> str:

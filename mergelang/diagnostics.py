@@ -283,6 +283,7 @@ CODES: dict[str, str] = {
     "E205": "division by zero",
     "E206": "unsupported dtype",
     "E207": "output shape differs from the reference model",
+    "E210": "sidecar tensor has the wrong shape",
     # models and checkpoints
     "E301": "model not found",
     "E302": "tensor missing in a model",

@@ -238,13 +238,17 @@ class Elaborator:
         if intrinsic is not None:
             return intrinsic.impl(self, given, e.span)
         assert fn is not None
+        return self.apply(fn, given, e.span)
+
+    def apply(self, fn: ast.FnDef, given: dict[str, Value], span: Span) -> Value:
+        """Inline a recipe function with bound arguments (defaults fill the rest)."""
         if len(self.stack) >= MAX_DEPTH:
-            raise self.error("E108", f"calls nest deeper than {MAX_DEPTH} (recursion in `{e.func}`?)",
-                             e.span)
+            raise self.error("E108", f"calls nest deeper than {MAX_DEPTH} (recursion in `{fn.name}`?)",
+                             span)
         local: dict[str, Value] = {}
         for p in fn.params:
             local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
-        self.stack.append(Frame(fn.name, e.span, local))
+        self.stack.append(Frame(fn.name, span, local))
         try:
             for let in fn.lets:
                 local[let.name] = self.eval(let.value, local)

@@ -49,6 +49,8 @@ _UNARY: dict[str, tuple[Op, Callable[[float], float], str]] = {
     "cos": (Op.COS, math.cos, "cosine"),
     "acos": (Op.ACOS, math.acos, "arc cosine"),
     "tanh": (Op.TANH, math.tanh, "hyperbolic tangent"),
+    "floor": (Op.FLOOR, math.floor, "largest integer <= x"),
+    "round": (Op.ROUND, round, "nearest integer (halves to even, as Python and torch)"),
 }
 
 
@@ -82,6 +84,15 @@ def _binary(op: Op, py: Callable[[float, float], float]) -> Impl:
         x, y = a["a"], a["b"]
         if is_number(x) and is_number(y):
             return Const(py(x.value, y.value))  # type: ignore[union-attr]
+        if (isinstance(x, ListV) and x.scalars and (is_number(y) or isinstance(y, ListV) and y.scalars)) \
+                or (isinstance(y, ListV) and y.scalars and is_number(x)):  # per-model numbers
+            xs = x.items if isinstance(x, ListV) else None
+            ys = y.items if isinstance(y, ListV) else None
+            n = len(xs if xs is not None else ys)  # type: ignore[arg-type]
+            if xs is not None and ys is not None and len(xs) != len(ys):
+                raise el.error("E202", f"lists of different lengths ({len(xs)} and {len(ys)})", span)
+            return ListV(tuple(Const(py((xs[i] if xs else x).value, (ys[i] if ys else y).value))  # type: ignore[union-attr]
+                               for i in range(n)))
         return TensorV(el.make(op, [el.to_node(x, span), el.to_node(y, span)], Attrs(), span))
     return impl
 
@@ -259,7 +270,142 @@ def _fail(el: Any, a: dict[str, Value], span: Span) -> Value:
     raise el.error("E203", msg.value if isinstance(msg, Const) else "failed", span)
 
 
+# ---------------------------------------------------------------- order statistics, randomness
+def _bool_const(el: Any, v: Value, what: str, span: Span) -> bool:
+    if not (isinstance(v, Const) and isinstance(v.value, bool)):
+        raise el.error("E201", f"`{what}` must be true or false, got {v.describe()}", span)
+    return v.value
+
+
+@intrinsic("rank", "x", ("over", "tensor"), ("descending", False), ("normalized", False),
+           doc="0-based rank of each entry within its tensor (per model) or row; ties: lowest "
+               "index first; normalized: rank / (n - 1) in [0, 1] (0 when n = 1)")
+def _rank(el: Any, a: dict[str, Value], span: Span) -> Value:
+    over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
+    attrs = Attrs(over=over, descending=_bool_const(el, a["descending"], "descending", span),
+                  normalized=_bool_const(el, a["normalized"], "normalized", span))
+    return TensorV(el.make(Op.RANK, [el.to_node(a["x"], span)], attrs, span))
+
+
+def _count_attr(el: Any, v: Value, what: str, span: Span) -> int | tuple[int, ...]:
+    if is_number(v) and float(v.value) == int(v.value):  # type: ignore[union-attr]
+        return int(v.value)  # type: ignore[union-attr]
+    if isinstance(v, ListV) and v.scalars and all(float(i.value) == int(i.value)  # type: ignore[union-attr]
+                                                 for i in v.items):
+        return tuple(int(i.value) for i in v.items)  # type: ignore[union-attr]
+    raise el.error("E201", f"band_mask's `{what}` must be an integer (or one per model) known at "
+                   f"compile time, got {v.describe()}", span)
+
+
+@intrinsic("band_mask", "x", "lo", "hi", ("over", "tensor"),
+           doc="true for the entries whose descending rank r (ties: lowest index first) has "
+               "lo <= r < hi; lo and hi are counts, one per model or shared")
+def _band_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+    over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
+    attrs = Attrs(lo=_count_attr(el, a["lo"], "lo", span), hi=_count_attr(el, a["hi"], "hi", span),
+                  over=over)
+    return TensorV(el.make(Op.BAND_MASK, [el.to_node(a["x"], span)], attrs, span))
+
+
+@intrinsic("argmax_mask", "x", ("ties", "last"),
+           doc="over the models of a stack: true at the one model with the largest entry "
+               "(ties = \"last\": the later model wins, \"first\": the earlier)")
+def _argmax_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+    ties = a["ties"]
+    if not (isinstance(ties, Const) and ties.value in ("last", "first")):
+        raise el.error("E203", f"ties must be \"last\" or \"first\", got {getattr(ties, 'value', ties)!r}",
+                       span)
+    return TensorV(el.make(Op.ARGMAX_MASK, [el.to_node(a["x"], span)],
+                           Attrs(last=ties.value == "last"), span))
+
+
+@intrinsic("bernoulli", "x", "p", ("seed", 0), ("stream", ""),
+           doc="a random mask shaped like x, true with probability p (a number, one per model, or "
+               "a tensor); counter-based (Philox4x32-10) stream keyed by (seed, tensor name, "
+               "model index, stream, element index): identical on any device, run after run")
+def _bernoulli(el: Any, a: dict[str, Value], span: Span) -> Value:
+    seed, stream = a["seed"], a["stream"]
+    if not (isinstance(seed, Const) and isinstance(seed.value, int) and not isinstance(seed.value, bool)):
+        raise el.error("E201", f"seed must be an integer known at compile time, got {seed.describe()}",
+                       span)
+    if not (isinstance(stream, Const) and isinstance(stream.value, str)):
+        raise el.error("E201", f"stream must be a string, got {stream.describe()}", span)
+    x = el.to_node(a["x"], span)
+    p = el.to_node(a["p"], span)
+    tx, tp = el.graph.node(x).type, el.graph.node(p).type
+    if tp.stacked and len(tp.shape) < len(tx.shape):
+        p = el.make(Op.RESHAPE, [p], Attrs(shape=(1,) * (len(tx.shape) - len(tp.shape)) + tp.shape),
+                    span)
+    return TensorV(el.make(Op.BERNOULLI, [x, p],
+                           Attrs(seed=seed.value, tensor=el.tensor, stream=stream.value), span))
+
+
+@intrinsic("pairs", "x", doc="all pairs i < j of a stack's models, as a list of two stacks "
+                             "[x[i] for each pair, x[j] for each pair]")
+def _pairs(el: Any, a: dict[str, Value], span: Span) -> Value:
+    n = _count(el, a["x"], span)
+    if n < 2:
+        raise el.error("E203", f"pairs needs at least 2 models, got {n}", span)
+    x = el.to_node(a["x"], span)
+    idx = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    pick = [[el.make(Op.INDEX, [x], Attrs(i=p[k]), span) for p in idx] for k in (0, 1)]
+    return ListV(tuple(TensorV(el.make(Op.STACK, nodes, Attrs(), span)) for nodes in pick))
+
+
+@intrinsic("ndim", "x", doc="number of dimensions of the tensor being merged")
+def _ndim(el: Any, a: dict[str, Value], span: Span) -> Value:
+    x = a["x"]
+    if isinstance(x, (ModelV, TensorV)):
+        return Const(len(el.graph.node(el.to_node(x, span)).type.shape))
+    raise el.error("E201", f"ndim needs a tensor, got {x.describe()}", span)
+
+
+@intrinsic("topk_count_mask", "x", "k", ("fraction", 1.0), ("over", "tensor"),
+           doc="true for the floor(k * fraction) largest entries per tensor (per model) or row; k "
+               "may be computed at run time (e.g. a count), the product is taken in float64 "
+               "(ties: lowest index first)")
+def _topk_count_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+    over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
+    frac = a["fraction"]
+    if not is_number(frac):
+        raise el.error("E201", f"fraction must be a number known at compile time, got "
+                       f"{frac.describe()}", span)
+    x, k = el.to_node(a["x"], span), el.to_node(a["k"], span)
+    return TensorV(el.make(Op.TOPK_COUNT_MASK, [x, k], Attrs(over=over, fraction=float(frac.value)),  # type: ignore[union-attr]
+                           span))
+
+
+@intrinsic("iterate", "fn", "init", "times", ("args", None),
+           doc="bounded iteration: x = init, then x = fn(x, args...) `times` times (fn: the name "
+               "of a recipe or stdlib function, times: a number known at compile time)")
+def _iterate(el: Any, a: dict[str, Value], span: Span) -> Value:
+    name, times, extra = a["fn"], a["times"], a["args"]
+    if not (isinstance(name, Const) and isinstance(name.value, str)):
+        raise el.error("E201", f"iterate's `fn` must be a function name (a string), got "
+                       f"{name.describe()}", span)
+    fn = el.fns.get(name.value)
+    if fn is None:
+        from .diagnostics import did_you_mean
+        raise el.error("E102", f"unknown function `{name.value}`", span, did_you_mean(name.value, el.fns))
+    if not (is_number(times) and float(times.value) == int(times.value) and times.value >= 0):  # type: ignore[union-attr]
+        raise el.error("E203", f"iterate's `times` must be a whole number >= 0 known at compile "
+                       f"time, got {getattr(times, 'value', times.describe())}", span)
+    args = list(extra.items) if isinstance(extra, ListV) else [] if _none(extra) else [extra]
+    params = [p.name for p in fn.params]
+    if len(args) + 1 > len(params):
+        raise el.error("E105", f"`{fn.name}` takes {len(params)} arguments, iterate passes "
+                       f"{len(args) + 1}", span)
+    x = a["init"]
+    for _ in range(int(times.value)):  # type: ignore[union-attr]
+        x = el.apply(fn, dict(zip(params, [x, *args])), span)
+    return x
+
+
+def _none(v: Value) -> bool:
+    return isinstance(v, Const) and v.value is None
+
+
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
 
-from . import intrinsics_layers, lora, stacking  # noqa: E402,F401  (register more intrinsics)
+from . import intrinsics_layers, intrinsics_linalg, lora, stacking  # noqa: E402,F401  (register more intrinsics)

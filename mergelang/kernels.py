@@ -130,7 +130,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.NEG: _simple(torch.neg), Op.ABS: _simple(torch.abs), Op.SIGN: _sign,
     Op.SQRT: _simple(torch.sqrt), Op.EXP: _simple(torch.exp), Op.LOG: _simple(torch.log),
     Op.SIN: _simple(torch.sin), Op.COS: _simple(torch.cos), Op.ACOS: _simple(torch.acos),
-    Op.TANH: _simple(torch.tanh), Op.NOT: _simple(torch.logical_not), Op.CLAMP: _clamp,
+    Op.TANH: _simple(torch.tanh), Op.FLOOR: _simple(torch.floor), Op.ROUND: _simple(torch.round),
+    Op.NOT: _simple(torch.logical_not), Op.CLAMP: _clamp,
     Op.ADD: _simple(torch.add), Op.SUB: _simple(torch.sub), Op.MUL: _simple(torch.mul),
     Op.DIV: _simple(torch.div), Op.POW: _simple(torch.pow), Op.MINIMUM: _simple(torch.minimum),
     Op.MAXIMUM: _simple(torch.maximum), Op.EQ: _simple(torch.eq), Op.NE: _simple(torch.ne),
@@ -152,3 +153,86 @@ def as_python(t: torch.Tensor) -> Any:
     if t.dim() == 0:
         return bool(t) if t.dtype == torch.bool else float(t)
     return tuple(bool(v) if t.dtype == torch.bool else float(v) for v in t.reshape(-1).tolist())
+
+
+# ---------------------------------------------------------------- order statistics and randomness
+def _rows(x: torch.Tensor, over: str, stacked: bool) -> torch.Tensor:
+    """A 2-D view: one row per ranked group (a model's whole tensor, or one row of it)."""
+    if over == "tensor":
+        return x.reshape(x.shape[0] if stacked else 1, -1)
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+
+
+def order_ranks(x: torch.Tensor, over: str, stacked: bool, descending: bool) -> torch.Tensor:
+    """int64 rank (0-based) of every entry within its group; ties: lowest index first."""
+    flat = _rows(x, over, stacked)
+    idx = torch.sort(flat, dim=-1, descending=descending, stable=True).indices
+    pos = torch.arange(flat.shape[-1], device=x.device).expand_as(idx)
+    return torch.empty_like(idx).scatter_(-1, idx, pos).reshape(x.shape)
+
+
+def _group_size(x: torch.Tensor, over: str, stacked: bool) -> int:
+    return _rows(x, over, stacked).shape[-1]
+
+
+def _rank(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    over, stacked = node.attrs["over"], node.type.models is not None
+    r = order_ranks(x, over, stacked, node.attrs["descending"])
+    if not node.attrs["normalized"]:
+        return r.to(torch.float32)
+    n = _group_size(x, over, stacked)
+    return (r.to(torch.float64) / max(n - 1, 1)).to(torch.float32)
+
+
+def _per_model(value: Any, x: torch.Tensor, stacked: bool) -> torch.Tensor | int:
+    if not isinstance(value, tuple):
+        return value
+    return torch.tensor(value, device=x.device).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _band_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    stacked = node.type.models is not None
+    r = order_ranks(x, node.attrs["over"], stacked, descending=True)
+    lo = _per_model(node.attrs["lo"], x, stacked)
+    hi = _per_model(node.attrs["hi"], x, stacked)
+    return (r >= lo) & (r < hi)
+
+
+def _argmax_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    n = x.shape[0]
+    if node.attrs["last"]:  # argmax returns the first maximum: search the flipped stack
+        i = n - 1 - torch.argmax(torch.flip(x, dims=(0,)), dim=0, keepdim=True)
+    else:
+        i = torch.argmax(x, dim=0, keepdim=True)
+    return torch.arange(n, device=x.device).reshape((n,) + (1,) * (x.dim() - 1)) == i
+
+
+def _bernoulli(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    from .rng import bernoulli_mask
+
+    like, p = args
+    a = node.attrs
+    p = torch.broadcast_to(p, like.shape)
+    if node.type.models is None:
+        return bernoulli_mask(p, tuple(like.shape), a["seed"], a["tensor"], "-", a["stream"])
+    return torch.stack([bernoulli_mask(p[i], tuple(like.shape[1:]), a["seed"], a["tensor"], i,
+                                       a["stream"]) for i in range(like.shape[0])])
+
+
+def _topk_count_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    x, k = args
+    stacked = node.type.models is not None
+    r = order_ranks(x, node.attrs["over"], stacked, descending=True)
+    kk = torch.floor(k.to(torch.float64) * node.attrs["fraction"]).to(torch.int64)
+    if stacked and kk.dim():
+        kk = kk.reshape((-1,) + (1,) * (x.dim() - 1))
+    return r < kk
+
+
+KERNELS.update({Op.TOPK_COUNT_MASK: _topk_count_mask, Op.RANK: _rank, Op.BAND_MASK: _band_mask, Op.ARGMAX_MASK: _argmax_mask,
+                Op.BERNOULLI: _bernoulli})
+
+from . import kernels_linalg  # noqa: E402,F401  (registers the linear-algebra kernels)

@@ -33,6 +33,8 @@ class Op(enum.Enum):
     COS = "cos"
     ACOS = "acos"
     TANH = "tanh"
+    FLOOR = "floor"
+    ROUND = "round"            # half to even, like Python's round and torch.round
     NOT = "not"
     CLAMP = "clamp"
     # elementwise, binary
@@ -59,6 +61,22 @@ class Op(enum.Enum):
     DOT = "dot"
     # order statistics
     TOPK_MASK = "topk_mask"
+    RANK = "rank"              # attrs: over, descending, normalized
+    BAND_MASK = "band_mask"    # attrs: lo, hi (int or one per model), over
+    TOPK_COUNT_MASK = "topk_count_mask"  # args: x, k (run-time count); attrs: over
+    ARGMAX_MASK = "argmax_mask"  # over models; attrs: last (ties: last model wins)
+    # linear algebra (2-D, batched over a stack; float32 SVD)
+    SVD = "svd"                # attrs: part ("U" | "S" | "Vh"), k (leading triplets kept)
+    POLAR = "polar"            # orthogonal polar factor U Vh
+    MATMUL = "matmul"
+    SOLVE = "solve"            # A X = B for square A (float32; singular A fails at run time)
+    TRANSPOSE = "transpose"
+    PINV = "pinv"              # Moore-Penrose pseudo-inverse (float32 SVD)
+    DIAGONAL = "diagonal"      # a square matrix with its off-diagonal entries zeroed
+    CAT = "cat"                # plain tensors concatenated along `axis`
+    CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
+    # randomness (counter-based, keyed by seed / tensor / model index / element index)
+    BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
     ASSERT = "assert"
 
@@ -67,7 +85,7 @@ class Op(enum.Enum):
 
 
 UNARY = frozenset({Op.NEG, Op.ABS, Op.SIGN, Op.SQRT, Op.EXP, Op.LOG, Op.SIN, Op.COS, Op.ACOS,
-                   Op.TANH, Op.NOT, Op.CLAMP})
+                   Op.TANH, Op.FLOOR, Op.ROUND, Op.NOT, Op.CLAMP})
 ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MINIMUM,
                           Op.MAXIMUM})
 COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
@@ -76,6 +94,9 @@ BINARY = ARITH_BINARY | COMPARE | {Op.AND, Op.OR}
 TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
+LINALG_OPS = frozenset({Op.SVD, Op.POLAR, Op.MATMUL, Op.CONCAT_MODELS, Op.SOLVE, Op.TRANSPOSE,
+                        Op.PINV, Op.DIAGONAL, Op.CAT})
+ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
 FOLDABLE = ELEMENTWISE | REDUCTIONS | {Op.STACK, Op.INDEX, Op.RESHAPE, Op.CAST}
@@ -86,6 +107,9 @@ SCOPES = ("models", "tensor", "rows", "cols")
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
+              Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
+              Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
+              Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1})
 
@@ -234,6 +258,10 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if attrs["over"] == "rows" and not x.shape:
             raise TypeRuleError("topk_mask over rows needs a tensor with at least one dimension")
         return x.with_(dtype="bool")
+    if op in ORDER_OPS:
+        return _infer_order(op, attrs, args)
+    if op in LINALG_OPS:
+        return _infer_linalg(op, attrs, args)
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")
         return args[0]
@@ -278,3 +306,112 @@ def _prod(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
+
+
+def _per_model_attr(value: Any, t: TType, what: str) -> None:
+    if isinstance(value, tuple) and len(value) != t.models:
+        raise TypeRuleError(f"{len(value)} {what} values for a stack of {t.models} models", "E202")
+
+
+def _infer_order(op: Op, attrs: Attrs, args: list[TType]) -> TType:
+    """Type rules of the order-statistics and random ops (all keep the shape of their input)."""
+    x = args[0]
+    _require(x, "float32", op.value)
+    if op is Op.ARGMAX_MASK:
+        if x.models is None:
+            raise TypeRuleError("argmax_mask works over the models of a stack (a list like [a, b])")
+        return x.with_(dtype="bool")
+    if op is Op.BERNOULLI:
+        p = args[1]
+        _require(p, "float32", "bernoulli's probability")
+        if p.models is not None and len(p.shape) != len(x.shape):
+            raise TypeRuleError("internal: stacked probability not reshaped to the result rank")
+        if broadcast([x, p]) != x.with_(dtype="float32"):
+            raise TypeRuleError(f"bernoulli's probability {p} does not broadcast to {x}", "E202")
+        return x.with_(dtype="bool")
+    if op is Op.TOPK_COUNT_MASK:
+        k = args[1]
+        _require(k, "float32", "topk_count_mask's count")
+        if k.shape or (k.models is not None and k.models != x.models):
+            raise TypeRuleError(f"topk_count_mask's count must be one number (or one per model), "
+                                f"got {k}", "E202")
+    if attrs["over"] not in ("tensor", "rows"):
+        raise TypeRuleError(f"{op.value} works over \"tensor\" or \"rows\", not {attrs['over']!r}",
+                            "E203")
+    if attrs["over"] == "rows" and not x.shape:
+        raise TypeRuleError(f"{op.value} over rows needs a tensor with at least one dimension")
+    if op is Op.TOPK_COUNT_MASK:
+        if attrs["over"] == "rows" and args[1].models is not None:
+            raise TypeRuleError("topk_count_mask over rows takes one shared count", "E202")
+        return x.with_(dtype="bool")
+    if op is Op.BAND_MASK:
+        _per_model_attr(attrs["lo"], x, "lo")
+        _per_model_attr(attrs["hi"], x, "hi")
+        return x.with_(dtype="bool")
+    return x  # RANK: float32 ranks
+
+
+def _matrix(t: TType, what: str) -> tuple[int, int]:
+    _require(t, "float32", what)
+    if len(t.shape) != 2:
+        raise TypeRuleError(f"{what} needs a 2-D tensor, got {format_shape(t.shape)}",
+                            help="use it in a rule or branch for 2-D tensors (see ndim)")
+    return t.shape[0], t.shape[1]
+
+
+def _infer_linalg(op: Op, attrs: Attrs, args: list[TType]) -> TType:
+    x = args[0]
+    if op is Op.SVD:
+        m, n = _matrix(x, "svd")
+        k = attrs["k"]
+        if not 0 < k <= min(m, n):
+            raise TypeRuleError(f"svd keeps {k} triplets of a {m}x{n} matrix (1..{min(m, n)})",
+                                "E203")
+        shape = {"U": (m, k), "S": (k,), "Vh": (k, n)}.get(attrs["part"])
+        if shape is None:
+            raise TypeRuleError(f"svd part must be U, S or Vh, not {attrs['part']!r}", "E203")
+        return TType(shape, "float32", x.models)
+    if op is Op.POLAR:
+        _matrix(x, "polar")
+        return x
+    if op is Op.MATMUL:
+        (m, k1), (k2, n) = _matrix(x, "matmul"), _matrix(args[1], "matmul")
+        if k1 != k2:
+            raise TypeRuleError(f"matmul of {m}x{k1} and {k2}x{n} matrices", "E202")
+        return TType((m, n), "float32", _models(args))
+    if op is Op.SOLVE:
+        (m, k), (k2, n) = _matrix(x, "solve"), _matrix(args[1], "solve")
+        if m != k or k2 != m:
+            raise TypeRuleError(f"solve needs a square matrix and a right-hand side with as many "
+                                f"rows, got {m}x{k} and {k2}x{n}", "E202")
+        return TType((k, n), "float32", _models(args))
+    if op in (Op.TRANSPOSE, Op.PINV):
+        m, n = _matrix(x, op.value)
+        return TType((n, m), "float32", x.models)
+    if op is Op.DIAGONAL:
+        m, n = _matrix(x, "diagonal")
+        if m != n:
+            raise TypeRuleError(f"diagonal needs a square matrix, got {m}x{n}", "E202")
+        return x
+    if op is Op.CAT:
+        axis = attrs["axis"]
+        for t in args:
+            if t.models is not None or t.dtype != "float32":
+                raise TypeRuleError("cat joins plain float tensors (use concat_models for a stack)")
+            if len(t.shape) != len(x.shape) or not 0 <= axis < len(x.shape) or any(
+                    a != b for i, (a, b) in enumerate(zip(t.shape, x.shape)) if i != axis):
+                raise TypeRuleError(f"cannot cat {format_shape(x.shape)} and "
+                                    f"{format_shape(t.shape)} along axis {axis}", "E202")
+        shape = list(x.shape)
+        shape[axis] = sum(t.shape[axis] for t in args)
+        return TType(tuple(shape), "float32", None)
+    if op is Op.CONCAT_MODELS:
+        if x.models is None:
+            raise TypeRuleError("concat_models needs a stack of models")
+        axis = attrs["axis"]
+        if not 0 <= axis < len(x.shape):
+            raise TypeRuleError(f"axis {axis} out of range for {format_shape(x.shape)}", "E203")
+        shape = list(x.shape)
+        shape[axis] *= x.models
+        return TType(tuple(shape), x.dtype, None)
+    raise TypeRuleError(f"no type rule for {op}")  # pragma: no cover
