@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .checkpoint import CheckpointError
 from .compiler import STAGES, Compilation, compile_recipe
-from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error
+from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from .execute import execute
+from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .graph import format_graph
 from .ast import dump
 from .parser import parse_program
@@ -39,6 +43,7 @@ class Recipe:
 
     def __init__(self, compilation: Compilation):
         self._c = compilation
+        self.run_warnings: list[Diagnostic] = []  # runtime warnings of the last run (E503 warn)
 
     @property
     def warnings(self) -> list[Diagnostic]:
@@ -74,19 +79,82 @@ class Recipe:
         return out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
-            progress: Callable[[int], None] | None = None) -> Path:
-        """Merge to an HF folder at `out_dir` (written to a temporary folder, renamed on success)."""
+            progress: Callable[[int], None] | None = None, resume: bool = False,
+            nan_check: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+        """Merge to an HF folder at `out_dir`. The tensors go to the work folder
+        ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
+        complete and verified. After a failure or a kill the work folder is kept, and
+        `resume=True` continues from it (bit-identical result); without `resume` an old work
+        folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
+        `log` receives one-line messages (resume state, NaN warnings)."""
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
         ref = c.models[c.reference]
         folder = getattr(ref, "folder", None) if c.options.copy_files else None
+        mode = nan_check or c.options.nan_check
+        if mode not in ("error", "warn", "off"):
+            raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
+        say = log or (lambda msg: None)
+        fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
+                       "inputs": inputs_fingerprint(c.models)}
+        writer: CheckpointWriter | None = None
         try:
-            with CheckpointWriter(out_dir, layout, force=force) as writer:
-                execute(c.plan, c.models, writer.write, device, progress)
+            with CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
+                                  resume=resume) as writer:
+                for msg in writer.messages:
+                    say(msg)
+                if writer.resumed and progress is not None:
+                    progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
+                plan = restrict_plan(c.plan, writer.resumed)
+                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME)
         except WriterError as exc:
-            raise MergelangError(error(exc.code, str(exc), None, exc.help)) from None
+            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
+        except CheckpointError as exc:
+            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
+        except MergelangError as exc:
+            diags = exc.diagnostics
+            raise self._kept(writer, diags[0], diags[1:]) from None
+
+    @staticmethod
+    def _kept(writer: "CheckpointWriter | None", diag: Diagnostic,
+              more: list[Diagnostic] | None = None) -> MergelangError:
+        """The error, with a note when a work folder was kept for --resume."""
+        if writer is not None and writer.resumable and writer.tmp_dir.is_dir():
+            diag = diag.with_note(f"the finished tensors are kept in {writer.tmp_dir}; rerun with "
+                                  "--resume (or run(..., resume=True)) to continue")
+        return MergelangError([diag, *(more or [])])
+
+    def _checked_sink(self, sink: Callable[[str, torch.Tensor], None], mode: str,
+                      say: Callable[[str], None]) -> Callable[[str, torch.Tensor], None]:
+        """`sink`, after the NaN/Inf check of each floating output tensor (option nan_check)."""
+        g = self._c.optimized
+        spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
+        delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: make kills land mid-run
+
+        def checked(name: str, t: torch.Tensor) -> None:
+            if mode != "off" and t.is_floating_point() and t.numel():
+                finite = torch.isfinite(t)
+                if not bool(finite.all()):
+                    nan = int(torch.isnan(t).sum())
+                    inf = t.numel() - int(finite.sum()) - nan
+                    diag = (error if mode == "error" else warning)(
+                        "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
+                        f"(of {t.numel()})", spans.get(name),
+                        "check the method's inputs and parameters (e.g. division by ~0, overflow "
+                        "when casting to the output dtype); option nan_check = \"warn\" or "
+                        "--nan-check warn writes it anyway")
+                    if mode == "error":
+                        raise MergelangError(diag)
+                    self.run_warnings.append(diag)
+                    say(diag.render())
+            if delay:
+                time.sleep(delay)
+            sink(name, t)
+
+        self.run_warnings: list[Diagnostic] = []
+        return checked
 
     def config_dtype(self) -> str:
         """config.json's dtype: the recipe's `dtype`, else the most common floating output dtype."""
@@ -103,12 +171,13 @@ class Recipe:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            **overrides: Any) -> Recipe:
+            allow_pickle: bool = False, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
-    `model`s (paths, or dicts of tensors); raises `MergelangError` carrying every diagnostic."""
+    `model`s (paths, or dicts of tensors); raises `MergelangError` carrying every diagnostic.
+    `allow_pickle` lets models be pickle checkpoints, read with torch.load(weights_only=True)."""
     source, base = _source(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
-    return Recipe(compile_recipe(source, base, overrides, options))
+    return Recipe(compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle))
 
 
 def parse(recipe: str | Path):

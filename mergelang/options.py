@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError, field_validator
 
@@ -19,6 +19,7 @@ class RecipeOptions(BaseModel):
     dtype: str | None = None  # output dtype; default: each tensor keeps the reference model's dtype
     shard_size: ByteSize = ByteSize(DEFAULT_SHARD_SIZE)
     copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
+    nan_check: Literal["error", "warn", "off"] = "error"  # NaN/Inf in an output tensor (E503)
 
     @field_validator("dtype")
     @classmethod

@@ -5,9 +5,11 @@ shapes and dtypes alone (:func:`plan_shards`), so every shard file can be create
 size before any tensor exists. Tensors are then written with ``os.pwrite`` at their planned
 offsets, from any thread and in any order, straight from memory to disk.
 
-Everything is written into a temporary folder next to the destination and moved into place
-only by :meth:`CheckpointWriter.finish`, so a failed or interrupted merge never leaves a
-half-written output folder behind.
+Everything is written into a temporary folder next to the destination, verified (shard sizes,
+headers and index re-read from disk) and moved into place only by :meth:`CheckpointWriter.finish`,
+so a failed or interrupted merge never leaves a half-written output folder behind. A resumable
+writer (given a run fingerprint) works in a deterministic work folder with a journal instead,
+kept on failure so that a rerun with ``resume=True`` continues where it stopped (journal.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Any
 
 import torch
 
+from .journal import (JOURNAL_NAME, Journal, JournalError, check_fingerprint, checksum, digest, range_crc,
+                      read_journal, reuse_shard, work_dir_for)
 from .types import NAME_TO_TORCH, TORCH_TO_ST
+from .verify import verify_output
 
 INDEX_NAME = "model.safetensors.index.json"
 #: suffixes of weight files that are never copied from ``config_from``
@@ -178,10 +183,20 @@ class CheckpointWriter:
     :meth:`finish`, removes everything written so far and leaves `out_dir` untouched.
     """
 
-    def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False):
+    def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False,
+                 fingerprint: dict[str, str] | None = None, resume: bool = False):
+        """`fingerprint` (what is computed and read, see journal.py) makes the writer resumable:
+        it works in the deterministic folder :func:`work_dir_for` with a journal, keeps that
+        folder when the block fails, and with `resume` reuses the tensors already journaled
+        (:attr:`resumed`). Without it, the temporary folder has a random name and is removed
+        on any failure."""
         self.out_dir = Path(os.path.abspath(out_dir))
         self.layout = layout
         self.force = force
+        self.resumable = fingerprint is not None
+        self.messages: list[str] = []  # what happened to an existing work folder, for the user
+        self.resumed: set[str] = set()  # tensors kept from an interrupted run (resume)
+        self._journal: Journal | None = None
         self._check_target()
         self._lock = threading.Condition()
         self._inflight = 0
@@ -193,10 +208,18 @@ class CheckpointWriter:
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir = self._fresh_name("tmp")
-            self.tmp_dir.mkdir()
+            if self.resumable:
+                self.tmp_dir = work_dir_for(self.out_dir)
+            else:
+                self.tmp_dir = self._fresh_name("tmp")
+                self.tmp_dir.mkdir()
         except OSError as e:
             raise _os_error(parent, e, "cannot create a folder in") from e
+        if self.resumable:
+            assert fingerprint is not None
+            fp = {**fingerprint, "layout": self._layout_fingerprint()}
+            self._open_work(fp, resume)
+            return
         path = self.tmp_dir
         try:
             for shard in layout.shards:
@@ -209,6 +232,69 @@ class CheckpointWriter:
             if isinstance(e, OSError):
                 raise _os_error(path, e) from e
             raise
+
+    # ------------------------------------------------------------------ resumable work folder
+
+    def _layout_fingerprint(self) -> str:
+        return digest(p for s in self.layout.shards for p in (s.filename, s.header))
+
+    def _open_work(self, fingerprint: dict[str, str], resume: bool) -> None:
+        """Create the work folder, or (resume) validate and reuse an existing one."""
+        work = self.tmp_dir
+        jpath = work / JOURNAL_NAME
+        entries: dict[str, int] = {}
+        if work.is_symlink() or (work.exists() and not work.is_dir()):
+            raise WriterError("E505", f"the work folder {work} is not a folder",
+                              help="remove it and run again")
+        if work.is_dir() and not resume:
+            shutil.rmtree(work, ignore_errors=True)
+            if work.exists():
+                raise WriterError("E502", f"cannot remove the old work folder {work}",
+                                  help="remove it by hand and run again")
+            self.messages.append(f"replaced the work folder {work} left by an interrupted run "
+                                 "(use --resume to continue such a run instead)")
+        elif work.is_dir():
+            if jpath.is_file():
+                try:
+                    header, entries = read_journal(jpath)
+                    check_fingerprint(header["fingerprint"], fingerprint, work)
+                except JournalError as e:
+                    raise WriterError(e.code, str(e), e.help) from None
+            else:
+                self.messages.append(f"the work folder {work} has no journal; starting over")
+        elif resume:
+            self.messages.append(f"nothing to resume (no work folder {work}); starting from "
+                                 "the beginning")
+        path = work
+        try:
+            work.mkdir(exist_ok=True)
+            for shard in self.layout.shards:
+                path = work / shard.filename
+                fd = reuse_shard(path, shard.size, shard.header) if entries else -1
+                if fd < 0:
+                    entries = {n: c for n, c in entries.items() if n not in shard.offsets}
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    self._fds[shard.filename] = fd
+                    _pwrite_all(fd, memoryview(shard.header), 0)
+                    os.ftruncate(fd, shard.size)
+                    continue
+                self._fds[shard.filename] = fd
+                for name in shard.offsets:
+                    if name in entries and range_crc(fd, *shard.offsets[name]) == entries[name]:
+                        self.resumed.add(name)
+            kept = {n: entries[n] for n in self.layout.tensors if n in self.resumed}
+            path = jpath
+            self._journal = Journal.create(jpath, fingerprint, kept)
+        except BaseException as e:
+            self._close_files()
+            if isinstance(e, OSError):
+                raise _os_error(path, e) from e
+            raise
+        self._claimed |= self.resumed
+        self._written |= self.resumed
+        if resume and entries:
+            self.messages.append(f"resuming: {len(self.resumed)} of {len(self.layout.tensors)} "
+                                 f"tensors already written in {work}")
 
     def _check_target(self) -> None:
         out = self.out_dir
@@ -245,6 +331,9 @@ class CheckpointWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
+            if self._journal is not None:  # the bytes are durable before the journal says so
+                os.fdatasync(fd)
+                self._journal.record(name, checksum(memoryview(data)))
             ok = True
         except OSError as e:
             raise _os_error(self.tmp_dir / shard.filename, e) from e
@@ -261,6 +350,8 @@ class CheckpointWriter:
             while self._inflight:
                 self._lock.wait()
             fds, self._fds = self._fds, {}
+        if self._journal is not None:
+            self._journal.close()
         for fd in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -280,7 +371,7 @@ class CheckpointWriter:
         try:
             return self._finish(config_from, dtype, recipe_text, recipe_filename, extra_files or {})
         except BaseException:
-            self.abort()
+            self.suspend() if self.resumable else self.abort()
             raise
 
     def _finish(self, config_from: Path | None, dtype: str | None, recipe_text: str | None,
@@ -293,14 +384,10 @@ class CheckpointWriter:
             self._closed = True  # no further writes; none are in flight (all are written)
             fds = dict(self._fds)
         for shard in self.layout.shards:
-            path = self.tmp_dir / shard.filename
             try:
                 os.fsync(fds[shard.filename])
-                actual = os.fstat(fds[shard.filename]).st_size
             except OSError as e:
-                raise _os_error(path, e) from e
-            if actual != shard.size:
-                raise WriterError("E502", f"{path} is {actual} bytes, expected {shard.size}")
+                raise _os_error(self.tmp_dir / shard.filename, e) from e
         self._close_files()
 
         index = json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n"
@@ -312,6 +399,14 @@ class CheckpointWriter:
         files.update(extra_files)
         for fname, content in files.items():
             self._put(fname, content)
+        problem = verify_output(self.tmp_dir, self.layout)
+        if problem:
+            raise WriterError("E506", f"the finished checkpoint failed verification: {problem}",
+                              help="nothing was moved to the output folder; this is likely a bug "
+                                   "or a failing disk")
+        if self.resumable:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / JOURNAL_NAME)
         self._sync_dir(self.tmp_dir)
         self._move_into_place()
         self._finished = True
@@ -383,6 +478,10 @@ class CheckpointWriter:
             raise _os_error(out, e, "cannot move the finished checkpoint to") from e
         self._sync_dir(out.parent)
 
+    def suspend(self) -> None:
+        """Close the files and keep the work folder (with its journal) for a later resume."""
+        self._close_files()
+
     def abort(self) -> None:
         """Close the files and remove the temporary folder, ignoring errors. Idempotent."""
         self._close_files()
@@ -396,4 +495,7 @@ class CheckpointWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if not self._finished:
-            self.abort()
+            if self.resumable and exc_type is not None:
+                self.suspend()  # interrupted or failed: keep the finished tensors for --resume
+            else:
+                self.abort()
