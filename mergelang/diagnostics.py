@@ -304,6 +304,7 @@ CODES: dict[str, str] = {
     "E504": "cannot resume: the work folder is from a different run",
     "E505": "cannot resume: the work folder is unusable",
     "E506": "the finished output failed verification",
+    "E507": "another run is writing to the same output",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import zlib
 from dataclasses import replace
@@ -123,6 +124,50 @@ class Journal:
                 except OSError:
                     pass
                 self._fd = -1
+
+
+def prepare_work(work: Path, fingerprint: Mapping[str, str], resume: bool,
+                 messages: list[str]) -> dict[str, int]:
+    """Get the work folder ready: replace an old one (not `resume`), or check that its journal
+    is from the same run (E504) and return its entries; the folder exists afterwards. What
+    happened is appended to `messages`. A folder another run is using is refused (E507)."""
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise JournalError("E505", f"the work folder {work} is not a folder", "remove it and run again")
+    entries: dict[str, int] = {}
+    if work.is_dir():
+        os.close(lock_dir(work))  # refuse early if another run holds it
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+            if work.exists():
+                raise JournalError("E505", f"cannot remove the old work folder {work}",
+                                   "remove it by hand and run again")
+            messages.append(f"replaced the work folder {work} left by an interrupted run "
+                            "(use --resume to continue such a run instead)")
+        elif (work / JOURNAL_NAME).is_file():
+            header, entries = read_journal(work / JOURNAL_NAME)
+            check_fingerprint(header["fingerprint"], fingerprint, work)
+        else:
+            messages.append(f"the work folder {work} has no journal; starting over")
+    elif resume:
+        messages.append(f"nothing to resume (no work folder {work}); starting from the beginning")
+    work.mkdir(exist_ok=True)
+    return entries
+
+
+def lock_dir(path: Path) -> int:
+    """An fd holding an exclusive flock on folder `path`; E507 when another process holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        pass
+    except OSError:
+        os.close(fd)
+        raise JournalError("E507", f"another mergelang run is writing to the work folder {path}",
+                           "wait for it to finish, or use another output folder") from None
+    return fd
 
 
 def check_fingerprint(old: Mapping[str, Any], new: Mapping[str, str], work: Path) -> None:

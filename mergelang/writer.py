@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .journal import (JOURNAL_NAME, Journal, JournalError, check_fingerprint, checksum, digest, range_crc,
-                      read_journal, reuse_shard, work_dir_for)
+from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, digest, lock_dir, prepare_work,
+                      range_crc, reuse_shard, work_dir_for)
 from .types import NAME_TO_TORCH, TORCH_TO_ST
 from .verify import verify_output
 
@@ -197,6 +197,7 @@ class CheckpointWriter:
         self.messages: list[str] = []  # what happened to an existing work folder, for the user
         self.resumed: set[str] = set()  # tensors kept from an interrupted run (resume)
         self._journal: Journal | None = None
+        self._lock_fd = -1  # flock on the work folder: one run per output at a time
         self._check_target()
         self._lock = threading.Condition()
         self._inflight = 0
@@ -242,32 +243,15 @@ class CheckpointWriter:
         """Create the work folder, or (resume) validate and reuse an existing one."""
         work = self.tmp_dir
         jpath = work / JOURNAL_NAME
-        entries: dict[str, int] = {}
-        if work.is_symlink() or (work.exists() and not work.is_dir()):
-            raise WriterError("E505", f"the work folder {work} is not a folder",
-                              help="remove it and run again")
-        if work.is_dir() and not resume:
-            shutil.rmtree(work, ignore_errors=True)
-            if work.exists():
-                raise WriterError("E502", f"cannot remove the old work folder {work}",
-                                  help="remove it by hand and run again")
-            self.messages.append(f"replaced the work folder {work} left by an interrupted run "
-                                 "(use --resume to continue such a run instead)")
-        elif work.is_dir():
-            if jpath.is_file():
-                try:
-                    header, entries = read_journal(jpath)
-                    check_fingerprint(header["fingerprint"], fingerprint, work)
-                except JournalError as e:
-                    raise WriterError(e.code, str(e), e.help) from None
-            else:
-                self.messages.append(f"the work folder {work} has no journal; starting over")
-        elif resume:
-            self.messages.append(f"nothing to resume (no work folder {work}); starting from "
-                                 "the beginning")
+        try:
+            entries = prepare_work(work, fingerprint, resume, self.messages)
+            self._lock_fd = lock_dir(work)
+        except JournalError as e:
+            raise WriterError(e.code, str(e), e.help) from None
+        except OSError as e:
+            raise _os_error(work, e) from e
         path = work
         try:
-            work.mkdir(exist_ok=True)
             for shard in self.layout.shards:
                 path = work / shard.filename
                 fd = reuse_shard(path, shard.size, shard.header) if entries else -1
@@ -352,7 +336,8 @@ class CheckpointWriter:
             fds, self._fds = self._fds, {}
         if self._journal is not None:
             self._journal.close()
-        for fd in fds.values():
+        lock_fd, self._lock_fd = self._lock_fd, -1
+        for fd in [*fds.values(), *([lock_fd] if lock_fd >= 0 else [])]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 

@@ -103,3 +103,18 @@ def test_resumable_writer_keeps_work_folder_on_failed_verification(tmp_path: Pat
         w.finish()
     assert verify_output(tmp_path / "out", layout) is None
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_two_runs_on_one_output_are_refused(tmp_path: Path) -> None:
+    ts = tensors()
+    layout = layout_of(ts)
+    fp = {"plan": "p", "inputs": "i"}
+    with CheckpointWriter(tmp_path / "out", layout, fingerprint=fp) as first:
+        for resume in (False, True):
+            with pytest.raises(WriterError) as ei:
+                CheckpointWriter(tmp_path / "out", layout, fingerprint=fp, resume=resume)
+            assert ei.value.code == "E507" and "another mergelang run" in str(ei.value)
+        for n, t in ts.items():
+            first.write(n, t)
+        first.finish()
+    assert verify_output(tmp_path / "out", layout) is None
