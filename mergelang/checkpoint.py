@@ -89,13 +89,15 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: __metadata__ must map names to strings")
             continue
         try:
-            st_dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            st_dtype, shape, begin, end = _entry(entry)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}",
+                                  "each tensor needs dtype (a string), shape (a list of integers) "
+                                  "and data_offsets (two integers)") from None
         if st_dtype not in ST_TO_TORCH:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}",
                                   f"supported: {', '.join(sorted(ST_TO_TORCH))}", "E206")
@@ -111,11 +113,31 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                                   f"{st_dtype}{list(shape)} needs {info.nbytes}")
         spans.append((begin, end, name))
         out[name] = info
+    # as safetensors itself requires: tensors back to back from 0, covering all the data
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b < pos:
+            raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+        if b > pos:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at {b}, not at {pos} (the data "
+                                  "has a gap)", "the file is corrupt")
+        pos, prev = e, name
+    if pos != data_len:
+        raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor are not "
+                              "covered by the header", "the file is corrupt or has trailing data")
     return out
+
+
+def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and data offsets of one header entry; TypeError/ValueError if malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry["dtype"], str):
+        raise TypeError
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    ints = (shape if isinstance(shape, list) else [None]) + (offsets if isinstance(offsets, list) else [None])
+    if len(offsets) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+        raise TypeError
+    return entry["dtype"], tuple(shape), offsets[0], offsets[1]
 
 
 class ModelSource:

@@ -167,3 +167,11 @@ def check_header(data: bytes, path: Path) -> None:
     for info in table.values():
         assert 0 <= info.begin <= info.end <= len(data)
         assert info.end - info.begin == info.nbytes
+    # what the checker accepts, the data reader (safetensors) must read: no late surprises
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(table)
+        for name, info in table.items():
+            t = f.get_tensor(name)
+            assert tuple(t.shape) == info.shape
