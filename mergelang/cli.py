@@ -185,8 +185,10 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool) -> None:
               show_default=True, help="the stage to print")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE instead of stdout")
+@allow_pickle_opt
 @_guard
-def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None) -> None:
+def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
+                allow_pickle: bool) -> None:
     """Compile RECIPE and print a stage (stable text)."""
     if emit == "ast":
         from .api import parse
@@ -194,7 +196,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None) 
 
         text = dump(parse(Path(recipe))) + "\n"
     else:
-        r = _compile(recipe, sets)
+        r = _compile(recipe, sets, allow_pickle=allow_pickle)
         text = r.emit(emit)
         r.close()
     if out:

@@ -174,6 +174,46 @@ def test_api_disk_full_keeps_work_folder_then_resume(work: Path, tmp_path: Path,
     assert not wdir.exists()
 
 
+def test_ctrl_c_keeps_work_folder_and_says_how_to_resume(work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    wdir = work_dir_for(out)
+    proc = run_cli("run", work / "recipe.mrg", "-o", out, env_extra={"MERGELANG_TEST_DELAY": "0.05"})
+    deadline = time.monotonic() + 120
+    while journal_entries(wdir) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert code == 130, err
+    assert "interrupted; nothing was written to the output folder" in err
+    assert "--resume" in err and str(wdir) in err and "Traceback" not in err
+    assert not out.exists() and wdir.is_dir()
+    code, err = cli("run", work / "recipe.mrg", "-o", out, "--resume", "-q")
+    assert code == 0 and "resuming:" in err
+    assert files_of(out) == files_of(work / "reference")
+
+
+def test_cli_disk_full_is_clean_e502(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real, calls = os.pwrite, []
+
+    def full(*args) -> int:
+        calls.append(1)
+        if len(calls) > 12:  # the shards were created, some tensors written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    code, err = cli("run", work / "recipe.mrg", "-o", out, "-q")
+    monkeypatch.undo()
+    assert code == 1 and "error[E502]" in err and "No space left on device" in err
+    assert "Traceback" not in err and "--resume" in err
+    assert not out.exists() and work_dir_for(out).is_dir()
+    code, err = cli("run", work / "recipe.mrg", "-o", out, "--resume", "-q")
+    assert code == 0, err
+    assert files_of(out) == files_of(work / "reference")
+
+
 def interrupted(work: Path, out: Path, after: int = 10) -> Path:
     """Run the merge in-process until `after` tensors are written, then fail (a simulated crash)."""
     recipe = ml.compile(work / "recipe.mrg")
