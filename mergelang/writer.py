@@ -315,9 +315,8 @@ class CheckpointWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
-            if self._journal is not None:  # the bytes are durable before the journal says so
-                os.fdatasync(fd)
-                self._journal.record(name, checksum(memoryview(data)))
+            if self._journal is not None:  # journaled once durable (group commit, journal.py)
+                self._journal.record(name, checksum(memoryview(data)), fd, data.nbytes)
             ok = True
         except OSError as e:
             raise _os_error(self.tmp_dir / shard.filename, e) from e
@@ -327,14 +326,18 @@ class CheckpointWriter:
                 self._inflight -= 1
                 self._lock.notify_all()
 
-    def _close_files(self) -> None:
-        """Stop accepting writes, wait for writes in flight, close every shard file."""
+    def _close_files(self, commit: bool = False) -> None:
+        """Stop accepting writes, wait for writes in flight, (`commit`: journal the tensors
+        written since the last group commit), close every shard file."""
         with self._lock:
             self._closed = True
             while self._inflight:
                 self._lock.wait()
             fds, self._fds = self._fds, {}
         if self._journal is not None:
+            if commit:
+                with contextlib.suppress(OSError):  # e.g. the disk is full: those are redone
+                    self._journal.commit()
             self._journal.close()
         lock_fd, self._lock_fd = self._lock_fd, -1
         for fd in [*fds.values(), *([lock_fd] if lock_fd >= 0 else [])]:
@@ -465,7 +468,7 @@ class CheckpointWriter:
 
     def suspend(self) -> None:
         """Close the files and keep the work folder (with its journal) for a later resume."""
-        self._close_files()
+        self._close_files(commit=True)
 
     def abort(self) -> None:
         """Close the files and remove the temporary folder, ignoring errors. Idempotent."""

@@ -381,3 +381,19 @@ def test_inputs_are_never_modified(work: Path, tmp_path: Path) -> None:
         for p in (work / "models").rglob("*"):
             p.chmod(0o644 if p.is_file() else 0o755)
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_matches_isfinite(dtype: torch.dtype) -> None:
+    from mergelang.api import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(64, 33, generator=g) * 100).to(dtype)
+    assert all_finite(t) and all_finite(t[:, ::2])  # non-contiguous too
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(big)  # its sum overflows, but every element is finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[17, 5] = bad
+        assert not all_finite(u) and not all_finite(u[:, 1::2])
+    assert all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).tiny, -0.0], dtype=dtype))
