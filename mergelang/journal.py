@@ -94,7 +94,7 @@ class Journal:
     """
 
     sync_bytes = 256 << 20
-    sync_seconds = 2.0
+    sync_seconds = 0.5
 
     def __init__(self, path: Path, fd: int):
         self.path = path

@@ -119,8 +119,8 @@ def test_reference_is_sharded(work: Path) -> None:
 def test_sigkill_then_resume_is_bit_identical(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     wdir = work_dir_for(out)
-    proc = run_cli("run", work / "recipe.mrg", "-o", out, "-q", env_extra={"MERGELANG_TEST_DELAY": "0.05"})
-    want = random.Random().randint(3, N_TENSORS - 10)  # a random point, after some entries
+    proc = run_cli("run", work / "recipe.mrg", "-o", out, "-q", env_extra={"MERGELANG_TEST_DELAY": "0.1"})
+    want = random.Random().randint(3, N_TENSORS - 15)  # a random point, after some entries
     deadline = time.monotonic() + 120
     while journal_entries(wdir) < want:
         assert proc.poll() is None, f"the merge ended before the kill: {proc.communicate()}"
@@ -177,7 +177,7 @@ def test_api_disk_full_keeps_work_folder_then_resume(work: Path, tmp_path: Path,
 def test_ctrl_c_keeps_work_folder_and_says_how_to_resume(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     wdir = work_dir_for(out)
-    proc = run_cli("run", work / "recipe.mrg", "-o", out, env_extra={"MERGELANG_TEST_DELAY": "0.05"})
+    proc = run_cli("run", work / "recipe.mrg", "-o", out, env_extra={"MERGELANG_TEST_DELAY": "0.1"})
     deadline = time.monotonic() + 120
     while journal_entries(wdir) < 5:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
