@@ -138,7 +138,7 @@ class Journal:
 
     def _commit(self) -> None:
         if self._fd < 0:
-            raise ValueError("internal: journal is closed")
+            return  # closed: nothing queued can be committed any more
         if self._queue:
             for fd in self._dirty:
                 os.fdatasync(fd)

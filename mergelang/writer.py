@@ -376,7 +376,7 @@ class CheckpointWriter:
                 os.fsync(fds[shard.filename])
             except OSError as e:
                 raise _os_error(self.tmp_dir / shard.filename, e) from e
-        self._close_files()
+        self._close_files(commit=True)  # a failure from here on keeps every tensor for resume
 
         index = json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n"
         files: dict[str, str | Path] = {INDEX_NAME: index}
