@@ -237,3 +237,14 @@ def test_allow_pickle_never_runs_code(tmp_path: Path) -> None:
     with pytest.raises(ml.MergelangError) as ei:
         ml.compile(recipe, allow_pickle=True)
     assert ei.value.codes == ["E303"] and "not a state dict" in str(ei.value)
+
+
+def test_no_code_execution_paths_in_the_package() -> None:
+    """No trust_remote_code anywhere; every torch.load is weights_only=True."""
+    import re
+
+    for py in sorted((REPO / "mergelang").rglob("*.py")):
+        text = py.read_text()
+        assert not re.search(r"trust_remote_code\s*=", text), py
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1), f"{py}: {m.group(0)}"
