@@ -22,6 +22,7 @@ import secrets
 import shutil
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -331,8 +332,9 @@ class CheckpointWriter:
         written since the last group commit), close every shard file."""
         with self._lock:
             self._closed = True
-            while self._inflight:
-                self._lock.wait()
+            deadline = time.monotonic() + 60  # a Ctrl-C inside write() may leave a count behind
+            while self._inflight and time.monotonic() < deadline:
+                self._lock.wait(timeout=1.0)
             fds, self._fds = self._fds, {}
         if self._journal is not None:
             if commit:
