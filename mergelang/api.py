@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .checkpoint import CheckpointError
 from .compiler import STAGES, Compilation, compile_recipe
-from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error
+from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from .execute import execute
+from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .graph import format_graph
 from .ast import dump
 from .parser import parse_program
@@ -34,11 +39,29 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
     return SourceFile("<recipe>", str(recipe)), Path.cwd()
 
 
+_EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in floating `t`, checked without allocating a tensor-sized mask in the
+    common case (isfinite().all() costs 10-40x more): a finite float32/64 sum proves every
+    element finite (an overflowing sum falls through to the exact check); 16-bit floats compare
+    their exponent bits."""
+    if t.dtype in (torch.float32, torch.float64):
+        if math.isfinite(float(t.sum())):
+            return True
+    elif t.dtype in _EXPONENT:
+        itype, mask = _EXPONENT[t.dtype]
+        return int((t.contiguous().view(itype) & mask).max()) != mask
+    return bool(torch.isfinite(t).all())
+
+
 class Recipe:
     """A compiled recipe. Compile once (all checks run from headers), run many times."""
 
     def __init__(self, compilation: Compilation):
         self._c = compilation
+        self.run_warnings: list[Diagnostic] = []  # runtime warnings of the last run (E503 warn)
 
     @property
     def warnings(self) -> list[Diagnostic]:
@@ -74,21 +97,82 @@ class Recipe:
         return out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
-            progress: Callable[[int], None] | None = None) -> Path:
-        """Merge to an HF folder at `out_dir` (written to a temporary folder, renamed on success)."""
+            progress: Callable[[int], None] | None = None, resume: bool = False,
+            nan_check: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+        """Merge to an HF folder at `out_dir`. The tensors go to the work folder
+        ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
+        complete and verified. After a failure or a kill the work folder is kept, and
+        `resume=True` continues from it (bit-identical result); without `resume` an old work
+        folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
+        `log` receives one-line messages (resume state, NaN warnings)."""
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
         ref = c.models[c.reference]
         folder = getattr(ref, "folder", None) if c.options.copy_files else None
+        mode = nan_check or c.options.nan_check
+        if mode not in ("error", "warn", "off"):
+            raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
+        say = log or (lambda msg: None)
+        fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
+                       "inputs": inputs_fingerprint(c.models)}
+        writer: CheckpointWriter | None = None
         try:
             extra = self._config_override(ref, folder)
-            with CheckpointWriter(out_dir, layout, force=force) as writer:
-                execute(c.plan, c.models, writer.write, device, progress)
+            with CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
+                                  resume=resume) as writer:
+                for msg in writer.messages:
+                    say(msg)
+                if writer.resumed and progress is not None:
+                    progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
+                plan = restrict_plan(c.plan, writer.resumed)
+                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
                                      extra_files=extra)
         except WriterError as exc:
-            raise MergelangError(error(exc.code, str(exc), None, exc.help)) from None
+            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
+        except CheckpointError as exc:
+            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
+        except MergelangError as exc:
+            diags = exc.diagnostics
+            raise self._kept(writer, diags[0], diags[1:]) from None
+
+    @staticmethod
+    def _kept(writer: "CheckpointWriter | None", diag: Diagnostic,
+              more: list[Diagnostic] | None = None) -> MergelangError:
+        """The error, with a note when a work folder was kept for --resume."""
+        if writer is not None and writer.resumable and writer.tmp_dir.is_dir():
+            diag = diag.with_note(f"the finished tensors are kept in {writer.tmp_dir}; rerun with "
+                                  "--resume (or run(..., resume=True)) to continue")
+        return MergelangError([diag, *(more or [])])
+
+    def _checked_sink(self, sink: Callable[[str, torch.Tensor], None], mode: str,
+                      say: Callable[[str], None]) -> Callable[[str, torch.Tensor], None]:
+        """`sink`, after the NaN/Inf check of each floating output tensor (option nan_check)."""
+        g = self._c.optimized
+        spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
+        delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: make kills land mid-run
+
+        def checked(name: str, t: torch.Tensor) -> None:
+            if mode != "off" and t.is_floating_point() and t.numel() and not all_finite(t):
+                nan = int(torch.isnan(t).sum())
+                inf = int(torch.isinf(t).sum())
+                diag = (error if mode == "error" else warning)(
+                    "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
+                    f"(of {t.numel()})", spans.get(name),
+                    "check the method's inputs and parameters (e.g. division by ~0, overflow "
+                    "when casting to the output dtype); option nan_check = \"warn\" or "
+                    "--nan-check warn writes it anyway")
+                if mode == "error":
+                    raise MergelangError(diag)
+                self.run_warnings.append(diag)
+                say(diag.render())
+            if delay:
+                time.sleep(delay)
+            sink(name, t)
+
+        self.run_warnings: list[Diagnostic] = []
+        return checked
 
     def _config_override(self, ref: Any, folder: Path | None) -> dict[str, str] | None:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
@@ -120,12 +204,13 @@ class Recipe:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            **overrides: Any) -> Recipe:
+            allow_pickle: bool = False, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
-    `model`s (paths, or dicts of tensors); raises `MergelangError` carrying every diagnostic."""
+    `model`s (paths, or dicts of tensors); raises `MergelangError` carrying every diagnostic.
+    `allow_pickle` lets models be pickle checkpoints, read with torch.load(weights_only=True)."""
     source, base = _source(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
-    return Recipe(compile_recipe(source, base, overrides, options))
+    return Recipe(compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle))
 
 
 def parse(recipe: str | Path):

@@ -25,6 +25,11 @@ from .types import ST_TO_TORCH, TORCH_TO_ST, dtype_name
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_HELP = ("pickle files can run code when loaded: convert them to safetensors, or pass "
+               "--allow-pickle (ml.compile(..., allow_pickle=True)) to read them with "
+               "torch.load(weights_only=True)")
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,15 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: __metadata__ must map names to strings")
             continue
         try:
-            st_dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            st_dtype, shape, begin, end = _entry(entry)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}",
+                                  "each tensor needs dtype (a string), shape (a list of integers) "
+                                  "and data_offsets (two integers)") from None
         if st_dtype not in ST_TO_TORCH:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}",
                                   f"supported: {', '.join(sorted(ST_TO_TORCH))}", "E206")
@@ -106,11 +113,31 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                                   f"{st_dtype}{list(shape)} needs {info.nbytes}")
         spans.append((begin, end, name))
         out[name] = info
+    # as safetensors itself requires: tensors back to back from 0, covering all the data
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b < pos:
+            raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+        if b > pos:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at {b}, not at {pos} (the data "
+                                  "has a gap)", "the file is corrupt")
+        pos, prev = e, name
+    if pos != data_len:
+        raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor are not "
+                              "covered by the header", "the file is corrupt or has trailing data")
     return out
+
+
+def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and data offsets of one header entry; TypeError/ValueError if malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry["dtype"], str):
+        raise TypeError
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    ints = (shape if isinstance(shape, list) else [None]) + (offsets if isinstance(offsets, list) else [None])
+    if len(offsets) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+        raise TypeError
+    return entry["dtype"], tuple(shape), offsets[0], offsets[1]
 
 
 class ModelSource:
@@ -169,7 +196,11 @@ class SafetensorsSource(ModelSource):
 
     def load(self, name: str) -> torch.Tensor:
         info = self._table[name]
-        return self._handle(info.file).get_tensor(name)
+        try:
+            return self._handle(info.file).get_tensor(name)
+        except Exception as exc:  # the file changed or broke since its header was read
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}",
+                                  "was the file modified or truncated during the merge?") from None
 
     def close(self) -> None:
         self._handles.clear()
@@ -194,50 +225,123 @@ class DictSource(ModelSource):
         return self._tensors[name]
 
 
+class PickleSource(ModelSource):
+    """Pickle checkpoints (``.bin``/``.pt``), read only on request (``--allow-pickle``) and only
+    with ``torch.load(weights_only=True)``, which refuses to build anything but tensors and plain
+    containers (no code runs). Each file is loaded (memory-mapped when possible) when opened,
+    because pickles have no header to read shapes from."""
+
+    def __init__(self, label: str, files: list[Path], folder: Path | None):
+        self.label = label
+        self.folder = folder
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._table: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, t in _torch_load(f).items():
+                if name in self._tensors:
+                    raise CheckpointError(f"tensor {name!r} appears twice (in {f} and another file)")
+                if t.dtype not in TORCH_TO_ST:
+                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}",
+                                          f"supported: {', '.join(sorted(ST_TO_TORCH))}", "E206")
+                self._tensors[name] = t
+                self._table[name] = TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), str(f))
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._table
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(True)
+        except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            obj = load(False)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the pickle: {first}",
+                              "the file holds more than tensors; only plain state dicts are "
+                              "read, and no code is ever run", "E309") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the pickle checkpoint: {exc}") from None
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _index_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each inside `folder` (E308) and present (E307)."""
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
+    files: list[Path] = []
+    root = folder.resolve()
+    for fname in dict.fromkeys(weight_map.values()):
+        p = (folder / fname).resolve()
+        if root not in p.parents:
+            raise CheckpointError(f"{index}: refers to {fname!r}, outside the model folder",
+                                  "index files may only name shards inside their folder", "E308")
+        if not p.is_file():
+            raise CheckpointError(f"{index}: shard {fname!r} is missing",
+                                  "the download may be incomplete", "E307")
+        files.append(p)
+    return files
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a `weight_map`)") from None
-        files: list[Path] = []
-        root = folder.resolve()
-        for fname in dict.fromkeys(weight_map.values()):
-            p = (folder / str(fname)).resolve()
-            if root not in p.parents:
-                raise CheckpointError(f"{index}: refers to {fname!r}, outside the model folder",
-                                      "index files may only name shards inside their folder")
-            if not p.is_file():
-                raise CheckpointError(f"{index}: shard {fname!r} is missing")
-            files.append(p)
-        return files
+        return _index_files(folder, index)
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 
 
-def open_model(label: str, path: str | Path) -> ModelSource:
-    """Open an HF folder or a `.safetensors` file (headers only); raises CheckpointError."""
+def open_model(label: str, path: str | Path, allow_pickle: bool = False) -> ModelSource:
+    """Open an HF folder or a `.safetensors` file (headers only); raises CheckpointError.
+    Pickle checkpoints are refused (E306) unless `allow_pickle`. Inputs are only ever opened
+    for reading; no code from a model folder is ever run (no trust_remote_code)."""
     p = Path(path)
     if p.is_file():
-        if p.suffix != ".safetensors":
-            if p.suffix in WEIGHT_SUFFIXES:
+        folder = p.resolve().parent if (p.parent / "config.json").is_file() else None
+        if p.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
                 raise CheckpointError(f"{p} is a pickle-based checkpoint; mergelang reads safetensors",
-                                      "convert it to safetensors first (pickle files can run code)", "E306")
-            raise CheckpointError(f"{p} is not a .safetensors file or a model folder")
-        return SafetensorsSource(label, [p.resolve()], p.resolve().parent if (p.parent / "config.json").is_file() else None)
+                                      PICKLE_HELP, "E306")
+            return PickleSource(label, [p.resolve()], folder)
+        if p.suffix != ".safetensors":
+            raise CheckpointError(f"{p} is not a .safetensors file or a model folder",
+                                  "supported: safetensors (and, with --allow-pickle, .bin/.pt)")
+        return SafetensorsSource(label, [p.resolve()], folder)
     if p.is_dir():
         files = _weight_files(p)
         if not files:
-            pickles = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            index = p / PICKLE_INDEX_NAME
+            pickles = _index_files(p, index) if index.is_file() else sorted(
+                f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+            if pickles and not allow_pickle:
+                names = ", ".join(f.name for f in pickles[:3])
+                raise CheckpointError(f"{p} holds only pickle checkpoints ({names})", PICKLE_HELP, "E306")
             if pickles:
-                raise CheckpointError(f"{p} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])})",
-                                      "convert them to safetensors first (pickle files can run code)", "E306")
+                return PickleSource(label, pickles, p.resolve())
             raise CheckpointError(f"{p} has no .safetensors weights")
         return SafetensorsSource(label, files, p.resolve())
     raise FileNotFoundError(str(p))

@@ -68,10 +68,11 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
-             shard_size: str | None = None, log_json: bool = False):
+             shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False):
     from .api import compile as ml_compile
 
-    recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size, **_overrides(sets))
+    recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
+                            allow_pickle=allow_pickle, **_overrides(sets))
     if recipe_obj.warnings and log_json:
         from .progress import diagnostic_event
 
@@ -82,6 +83,9 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
     return recipe_obj
 
 
+allow_pickle_opt = click.option(
+    "--allow-pickle", is_flag=True,
+    help="read pickle checkpoints (.bin/.pt) with torch.load(weights_only=True); off by default")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                        help="override a param (a value) or a model (a path); repeatable")
@@ -103,16 +107,21 @@ def main() -> None:
 @click.option("--dtype", default=None, help="output dtype (overrides the recipe's `option dtype`)")
 @click.option("--shard-size", default=None, metavar="SIZE", help="max shard size, e.g. 2GB (default 5GB)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted run from its work folder (same recipe and inputs)")
+@click.option("--nan-check", type=click.Choice(["error", "warn", "off"]), default=None,
+              help="NaN/Inf in an output tensor: fail (default), warn, or skip the check")
+@allow_pickle_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
-        dtype: str | None, shard_size: str | None, force: bool, quiet: bool,
-        log_json: bool = False) -> None:
+        dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
+        allow_pickle: bool, quiet: bool, log_json: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size, log_json)
+    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle)
     plan = r.compilation.plan
     if budget is not None and plan.peak_bytes > budget:
         click.echo(f"warning: the plan's estimated peak ({plan.peak_bytes / 1e9:.2f} GB) is above "
@@ -127,7 +136,21 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     from .progress import reporter
 
     with reporter(plan, quiet, log_json) as (update, finish):
-        path = r.run(out, device=device, force=force, progress=update)
+        def log(msg: str) -> None:
+            click.echo(msg if msg.startswith("warning[") else f"mergelang: {msg}", err=True)
+
+        try:
+            path = r.run(out, device=device, force=force, progress=update, resume=resume,
+                         nan_check=nan_check, log=log)
+        except KeyboardInterrupt:
+            from .journal import work_dir_for
+
+            kept = work_dir_for(out)
+            more = (f"; finished tensors are kept in {kept}: rerun with --resume to continue"
+                    if kept.is_dir() else "")
+            click.echo(f"mergelang: interrupted; nothing was written to the output folder{more}",
+                       err=True)
+            sys.exit(130)
         finish(str(path))
     r.close()
     if not quiet and not log_json:
@@ -149,10 +172,11 @@ def _budget(text: str | None) -> int | None:
 @main.command()
 @recipe_arg
 @set_opt
+@allow_pickle_opt
 @_guard
-def check(recipe: str, sets: tuple[str, ...]) -> None:
+def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
-    r = _compile(recipe, sets)
+    r = _compile(recipe, sets, allow_pickle=allow_pickle)
     plan = r.compilation.plan
     click.echo(f"ok: {len(r.outputs)} output tensors, reads {plan.read_bytes / 1e6:.1f} MB, "
                f"writes {plan.write_bytes / 1e6:.1f} MB, {len(r.warnings)} warnings")
@@ -166,8 +190,10 @@ def check(recipe: str, sets: tuple[str, ...]) -> None:
               show_default=True, help="the stage to print")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE instead of stdout")
+@allow_pickle_opt
 @_guard
-def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None) -> None:
+def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
+                allow_pickle: bool) -> None:
     """Compile RECIPE and print a stage (stable text)."""
     if emit == "ast":
         from .api import parse
@@ -175,7 +201,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None) 
 
         text = dump(parse(Path(recipe))) + "\n"
     else:
-        r = _compile(recipe, sets)
+        r = _compile(recipe, sets, allow_pickle=allow_pickle)
         text = r.emit(emit)
         r.close()
     if out:

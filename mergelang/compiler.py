@@ -82,7 +82,8 @@ def _to_value(v: Any) -> Value:
 
 
 def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None = None,
-                   options: Mapping[str, Any] | None = None) -> Compilation:
+                   options: Mapping[str, Any] | None = None, *, allow_pickle: bool = False
+                   ) -> Compilation:
     """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
     `options` override the recipe's `option` lines (e.g. dtype, shard_size)."""
     diags = Diagnostics()
@@ -119,7 +120,7 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
                             f"{value.describe()}", decl.value.span))
             continue
         params[decl.name] = value
-    models = _open_models(unit, el, overrides, diags)
+    models = _open_models(unit, el, overrides, diags, allow_pickle)
     opts = _options(unit, el, options or {}, diags)
     block = unit.block
     if block is None:
@@ -154,7 +155,7 @@ def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
 
 
 def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
-                 diags: Diagnostics) -> dict[str, ModelSource | None]:
+                 diags: Diagnostics, allow_pickle: bool = False) -> dict[str, ModelSource | None]:
     models: dict[str, ModelSource | None] = {}
     adapters = []
     for decl in unit.models:
@@ -188,7 +189,7 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
         if not path.is_absolute():
             path = unit.base_dir / path
         try:
-            models[decl.name] = open_model(decl.name, path)
+            models[decl.name] = open_model(decl.name, path, allow_pickle=allow_pickle)
         except (OSError, CheckpointError) as exc:
             diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
     for decl, spec in adapters:  # derived models, once the checkpoints they use are open

@@ -291,6 +291,9 @@ CODES: dict[str, str] = {
     "E304": "no rule matches a tensor",
     "E305": "no merge block",
     "E306": "unsafe checkpoint (pickle)",
+    "E307": "checkpoint index names a missing shard",
+    "E308": "checkpoint index names a file outside the model folder",
+    "E309": "pickle checkpoint refused by torch.load(weights_only=True)",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",
@@ -306,6 +309,11 @@ CODES: dict[str, str] = {
     "E705": "missing or invalid mergekit parameter",
     "E706": "LoRA adapter reference in a mergekit config",
     "E707": "cannot render a graph (Graphviz missing or failed)",
+    "E503": "NaN or infinite values in an output tensor",
+    "E504": "cannot resume: the work folder is from a different run",
+    "E505": "cannot resume: the work folder is unusable",
+    "E506": "the finished output failed verification",
+    "E507": "another run is writing to the same output",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

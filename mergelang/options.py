@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError, field_validator
 
@@ -20,6 +20,7 @@ class RecipeOptions(BaseModel):
     shard_size: ByteSize = ByteSize(DEFAULT_SHARD_SIZE)
     copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
     resize_vocab: bool = False  # truncate/pad other models' embeddings to the reference's vocab
+    nan_check: Literal["error", "warn", "off"] = "error"  # NaN/Inf in an output tensor (E503)
 
     @field_validator("dtype")
     @classmethod

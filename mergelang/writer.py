@@ -5,9 +5,11 @@ shapes and dtypes alone (:func:`plan_shards`), so every shard file can be create
 size before any tensor exists. Tensors are then written with ``os.pwrite`` at their planned
 offsets, from any thread and in any order, straight from memory to disk.
 
-Everything is written into a temporary folder next to the destination and moved into place
-only by :meth:`CheckpointWriter.finish`, so a failed or interrupted merge never leaves a
-half-written output folder behind.
+Everything is written into a temporary folder next to the destination, verified (shard sizes,
+headers and index re-read from disk) and moved into place only by :meth:`CheckpointWriter.finish`,
+so a failed or interrupted merge never leaves a half-written output folder behind. A resumable
+writer (given a run fingerprint) works in a deterministic work folder with a journal instead,
+kept on failure so that a rerun with ``resume=True`` continues where it stopped (journal.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import secrets
 import shutil
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +31,10 @@ from typing import Any
 
 import torch
 
+from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, digest, lock_dir, prepare_work,
+                      range_crc, reuse_shard, work_dir_for)
 from .types import NAME_TO_TORCH, TORCH_TO_ST
+from .verify import verify_output
 
 INDEX_NAME = "model.safetensors.index.json"
 #: suffixes of weight files that are never copied from ``config_from``
@@ -178,10 +184,21 @@ class CheckpointWriter:
     :meth:`finish`, removes everything written so far and leaves `out_dir` untouched.
     """
 
-    def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False):
+    def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False,
+                 fingerprint: dict[str, str] | None = None, resume: bool = False):
+        """`fingerprint` (what is computed and read, see journal.py) makes the writer resumable:
+        it works in the deterministic folder :func:`work_dir_for` with a journal, keeps that
+        folder when the block fails, and with `resume` reuses the tensors already journaled
+        (:attr:`resumed`). Without it, the temporary folder has a random name and is removed
+        on any failure."""
         self.out_dir = Path(os.path.abspath(out_dir))
         self.layout = layout
         self.force = force
+        self.resumable = fingerprint is not None
+        self.messages: list[str] = []  # what happened to an existing work folder, for the user
+        self.resumed: set[str] = set()  # tensors kept from an interrupted run (resume)
+        self._journal: Journal | None = None
+        self._lock_fd = -1  # flock on the work folder: one run per output at a time
         self._check_target()
         self._lock = threading.Condition()
         self._inflight = 0
@@ -193,10 +210,18 @@ class CheckpointWriter:
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir = self._fresh_name("tmp")
-            self.tmp_dir.mkdir()
+            if self.resumable:
+                self.tmp_dir = work_dir_for(self.out_dir)
+            else:
+                self.tmp_dir = self._fresh_name("tmp")
+                self.tmp_dir.mkdir()
         except OSError as e:
             raise _os_error(parent, e, "cannot create a folder in") from e
+        if self.resumable:
+            assert fingerprint is not None
+            fp = {**fingerprint, "layout": self._layout_fingerprint()}
+            self._open_work(fp, resume)
+            return
         path = self.tmp_dir
         try:
             for shard in layout.shards:
@@ -209,6 +234,52 @@ class CheckpointWriter:
             if isinstance(e, OSError):
                 raise _os_error(path, e) from e
             raise
+
+    # ------------------------------------------------------------------ resumable work folder
+
+    def _layout_fingerprint(self) -> str:
+        return digest(p for s in self.layout.shards for p in (s.filename, s.header))
+
+    def _open_work(self, fingerprint: dict[str, str], resume: bool) -> None:
+        """Create the work folder, or (resume) validate and reuse an existing one."""
+        work = self.tmp_dir
+        jpath = work / JOURNAL_NAME
+        try:
+            entries = prepare_work(work, fingerprint, resume, self.messages)
+            self._lock_fd = lock_dir(work)
+        except JournalError as e:
+            raise WriterError(e.code, str(e), e.help) from None
+        except OSError as e:
+            raise _os_error(work, e) from e
+        path = work
+        try:
+            for shard in self.layout.shards:
+                path = work / shard.filename
+                fd = reuse_shard(path, shard.size, shard.header) if entries else -1
+                if fd < 0:
+                    entries = {n: c for n, c in entries.items() if n not in shard.offsets}
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    self._fds[shard.filename] = fd
+                    _pwrite_all(fd, memoryview(shard.header), 0)
+                    os.ftruncate(fd, shard.size)
+                    continue
+                self._fds[shard.filename] = fd
+                for name in shard.offsets:
+                    if name in entries and range_crc(fd, *shard.offsets[name]) == entries[name]:
+                        self.resumed.add(name)
+            kept = {n: entries[n] for n in self.layout.tensors if n in self.resumed}
+            path = jpath
+            self._journal = Journal.create(jpath, fingerprint, kept)
+        except BaseException as e:
+            self._close_files()
+            if isinstance(e, OSError):
+                raise _os_error(path, e) from e
+            raise
+        self._claimed |= self.resumed
+        self._written |= self.resumed
+        if resume and entries:
+            self.messages.append(f"resuming: {len(self.resumed)} of {len(self.layout.tensors)} "
+                                 f"tensors already written in {work}")
 
     def _check_target(self) -> None:
         out = self.out_dir
@@ -245,6 +316,8 @@ class CheckpointWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
+            if self._journal is not None:  # journaled once durable (group commit, journal.py)
+                self._journal.record(name, checksum(memoryview(data)), fd, data.nbytes)
             ok = True
         except OSError as e:
             raise _os_error(self.tmp_dir / shard.filename, e) from e
@@ -254,14 +327,22 @@ class CheckpointWriter:
                 self._inflight -= 1
                 self._lock.notify_all()
 
-    def _close_files(self) -> None:
-        """Stop accepting writes, wait for writes in flight, close every shard file."""
+    def _close_files(self, commit: bool = False) -> None:
+        """Stop accepting writes, wait for writes in flight, (`commit`: journal the tensors
+        written since the last group commit), close every shard file."""
         with self._lock:
             self._closed = True
-            while self._inflight:
-                self._lock.wait()
+            deadline = time.monotonic() + 60  # a Ctrl-C inside write() may leave a count behind
+            while self._inflight and time.monotonic() < deadline:
+                self._lock.wait(timeout=1.0)
             fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        if self._journal is not None:
+            if commit:
+                with contextlib.suppress(OSError):  # e.g. the disk is full: those are redone
+                    self._journal.commit()
+            self._journal.close()
+        lock_fd, self._lock_fd = self._lock_fd, -1
+        for fd in [*fds.values(), *([lock_fd] if lock_fd >= 0 else [])]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -280,7 +361,7 @@ class CheckpointWriter:
         try:
             return self._finish(config_from, dtype, recipe_text, recipe_filename, extra_files or {})
         except BaseException:
-            self.abort()
+            self.suspend() if self.resumable else self.abort()
             raise
 
     def _finish(self, config_from: Path | None, dtype: str | None, recipe_text: str | None,
@@ -293,15 +374,11 @@ class CheckpointWriter:
             self._closed = True  # no further writes; none are in flight (all are written)
             fds = dict(self._fds)
         for shard in self.layout.shards:
-            path = self.tmp_dir / shard.filename
             try:
                 os.fsync(fds[shard.filename])
-                actual = os.fstat(fds[shard.filename]).st_size
             except OSError as e:
-                raise _os_error(path, e) from e
-            if actual != shard.size:
-                raise WriterError("E502", f"{path} is {actual} bytes, expected {shard.size}")
-        self._close_files()
+                raise _os_error(self.tmp_dir / shard.filename, e) from e
+        self._close_files(commit=True)  # a failure from here on keeps every tensor for resume
 
         index = json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n"
         files: dict[str, str | Path] = {INDEX_NAME: index}
@@ -312,6 +389,14 @@ class CheckpointWriter:
         files.update(extra_files)
         for fname, content in files.items():
             self._put(fname, content)
+        problem = verify_output(self.tmp_dir, self.layout)
+        if problem:
+            raise WriterError("E506", f"the finished checkpoint failed verification: {problem}",
+                              help="nothing was moved to the output folder; this is likely a bug "
+                                   "or a failing disk")
+        if self.resumable:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / JOURNAL_NAME)
         self._sync_dir(self.tmp_dir)
         self._move_into_place()
         self._finished = True
@@ -383,6 +468,10 @@ class CheckpointWriter:
             raise _os_error(out, e, "cannot move the finished checkpoint to") from e
         self._sync_dir(out.parent)
 
+    def suspend(self) -> None:
+        """Close the files and keep the work folder (with its journal) for a later resume."""
+        self._close_files(commit=True)
+
     def abort(self) -> None:
         """Close the files and remove the temporary folder, ignoring errors. Idempotent."""
         self._close_files()
@@ -396,4 +485,7 @@ class CheckpointWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if not self._finished:
-            self.abort()
+            if self.resumable and exc_type is not None:
+                self.suspend()  # interrupted or failed: keep the finished tensors for --resume
+            else:
+                self.abort()

@@ -152,7 +152,7 @@ CASES: dict[str, Case] = {
     "E304": Case('merge from a { "w" => b }\n', "a", help='"*" => a'),
     "E305": Case("", None, help="merge from base"),
     "E306": Case('model z = "model.bin"\nmerge from z { "*" => z }\n', '"model.bin"',
-                 help="convert it to safetensors", setup=_setup_pickle),
+                 help="--allow-pickle", setup=_setup_pickle),
     "E401": Case('param density = 0.5\nmerge from a { "*" => ties(a, [b, c], density = density) }\n',
                  None, help="did you mean `density`?", action="cli-set"),
     "E402": Case('option dtyp = "bf16"\nmerge from a { "*" => a }\n', 'option dtyp = "bf16"',
