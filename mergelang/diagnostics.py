@@ -297,6 +297,11 @@ CODES: dict[str, str] = {
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",
+    # alignment (align)
+    "E601": "align needs models",
+    "E602": "unknown alignment method",
+    "E603": "no permutation spec fits the model",
+    "E604": "models to align differ in shape",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

@@ -261,3 +261,5 @@ def _fail(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
+
+from .align import lang as _align_lang  # noqa: E402,F401  (registers `align`)
