@@ -215,3 +215,33 @@ def test_unknown_architecture_is_e603():
     with pytest.raises(ml.MergelangError) as exc:
         ml.merge("align(a, to = base)", base=sd, a=sd)
     assert exc.value.codes == ["E603"]
+
+
+def test_example_recipe_runs(tmp_path):
+    """examples/align_then_merge.mrg on the example models: fine-tunes of one base align to the
+    identity, so the result equals the plain average."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "examples" / "make_tiny_models.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    maker.make_models(tmp_path / "models", seed=0, noise=0.05, tokenizer=False)
+    shutil.copy(REPO / "examples" / "align_then_merge.mrg", tmp_path)
+    r = ml.compile(tmp_path / "align_then_merge.mrg")
+    out = r.evaluate()
+    from safetensors.torch import load_file
+
+    states = {}
+    for name in ("base", "math", "code"):
+        folder = tmp_path / "models" / name
+        states[name] = {}
+        for f in folder.glob("*.safetensors"):
+            states[name].update(load_file(f))
+    for k, v in out.items():
+        want = (states["base"][k].double() + states["math"][k].double() + states["code"][k].double()) / 3
+        torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
+    aligned = [s for s in r.compilation.models.values() if isinstance(s, AlignedSource)]
+    assert len(aligned) == 2
+    for s in aligned:
+        assert all(torch.equal(p, torch.arange(len(p))) for p in s.result.perms.values())
