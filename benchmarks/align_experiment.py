@@ -68,13 +68,15 @@ def loss_of(model, data: torch.Tensor) -> float:
         return model(data, labels=data).loss.item()
 
 
-def train(seed: int, table: torch.Tensor, steps: int, batch: int = 32):
+def train(seed: int, table: torch.Tensor, steps: int, batch: int = 32, init=None, data_seed: int = 12345):
+    import copy
+
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config())
+    model = LlamaForCausalLM(config()) if init is None else copy.deepcopy(init)
     opt = torch.optim.AdamW(model.parameters(), lr=SIZE["lr"], weight_decay=0.0)
-    gen = torch.Generator().manual_seed(12345)  # same data for both models: only the init differs
+    gen = torch.Generator().manual_seed(data_seed)  # same data for both models: only the init differs
     model.train()
     for _ in range(steps):
         x = sample(table, batch, gen)
@@ -85,6 +87,26 @@ def train(seed: int, table: torch.Tensor, steps: int, batch: int = 32):
     return model.eval()
 
 
+def merged_loss(expr: str, folders: dict, test: torch.Tensor) -> float:
+    from transformers import LlamaForCausalLM
+
+    text = "".join(f'model {k} = "{v}"\n' for k, v in folders.items())
+    text += f'merge from a {{\n    "*" => {expr}\n}}\n'
+    merged = ml.compile(text).evaluate()
+    m = LlamaForCausalLM(config()).eval()
+    m.load_state_dict(merged, strict=False)
+    return loss_of(m, test)
+
+
+def permute_saved(model, folder: Path, seed: int = 7) -> None:
+    from mergelang.align import apply_permutations, random_permutations, spec_for
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = spec_for(model.config.to_dict(), {k: tuple(v.shape) for k, v in state.items()})
+    model.load_state_dict(apply_permutations(state, spec, random_permutations(spec, seed)))
+    model.save_pretrained(folder)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -92,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--inner", type=int, default=192, help="MLP width")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the permuted fine-tune control")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr)
@@ -115,12 +139,18 @@ def main(argv=None) -> int:
                    "train_s": round(time.perf_counter() - t0, 1)}
             for key, expr in (("plain", "linear([a, b])"), ("aligned", "linear([a, align(b, to = a)])"),
                               ("ot", 'linear([a, align(b, to = a, method = "ot")])')):
-                text = f'model a = "{pa}"\nmodel b = "{pb}"\nmerge from a {{\n    "*" => {expr}\n}}\n'
-                merged = ml.compile(text).evaluate()
-                m = LlamaForCausalLM(config()).eval()
-                m.load_state_dict(merged, strict=False)
-                row[key] = loss_of(m, test)
+                row[key] = merged_loss(expr, {"a": pa, "b": pb}, test)
                 row[key + "_s"] = round(time.perf_counter() - t0, 1)
+            if args.control:
+                # control: a short fine-tune of `a` on other data, with its units randomly permuted
+                c = train(300 + k, table, max(1, args.steps // 3), init=a, data_seed=54321)
+                pc, pcp = Path(tmp) / f"c{k}", Path(tmp) / f"cp{k}"
+                c.save_pretrained(pc)
+                permute_saved(c, pcp)
+                row["ctl_finetune"] = loss_of(c, test)
+                row["ctl_unpermuted_avg"] = merged_loss("linear([a, c])", {"a": pa, "c": pc}, test)
+                row["ctl_plain"] = merged_loss("linear([a, c])", {"a": pa, "c": pcp}, test)
+                row["ctl_aligned"] = merged_loss("linear([a, align(c, to = a)])", {"a": pa, "c": pcp}, test)
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     summary = {"uniform": math.log(VOCAB), "chain_entropy": entropy, "steps": args.steps, **SIZE,
