@@ -12,8 +12,11 @@ folders, then merged by mergelang with
     aligned: linear([a, align(b, to = a)])            (weight matching)
     ot:      linear([a, align(b, to = a, method = "ot")])
 
-and every model's cross-entropy is measured on held-out sequences. Runs in well under a minute
-on a CPU. Results are recorded in docs/align.md.
+and every model's cross-entropy is measured on held-out sequences. Control (`--no-control` skips
+it): `c` = `a` fine-tuned for steps/3 more steps on other data and saved with all its units
+randomly permuted; plain vs aligned average of `a` and that permuted `c`. About a minute per
+pair on one free CPU core (4.5 minutes for 2 pairs on the busy machine where the numbers in
+docs/align.md were measured).
 """
 
 from __future__ import annotations
@@ -146,8 +149,8 @@ def main(argv=None) -> int:
                 c = train(300 + k, table, max(1, args.steps // 3), init=a, data_seed=54321)
                 pc, pcp = Path(tmp) / f"c{k}", Path(tmp) / f"cp{k}"
                 c.save_pretrained(pc)
-                permute_saved(c, pcp)
                 row["ctl_finetune"] = loss_of(c, test)
+                permute_saved(c, pcp)
                 row["ctl_unpermuted_avg"] = merged_loss("linear([a, c])", {"a": pa, "c": pc}, test)
                 row["ctl_plain"] = merged_loss("linear([a, c])", {"a": pa, "c": pcp}, test)
                 row["ctl_aligned"] = merged_loss("linear([a, align(c, to = a)])", {"a": pa, "c": pcp}, test)
