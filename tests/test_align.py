@@ -245,3 +245,28 @@ def test_example_recipe_runs(tmp_path):
     assert len(aligned) == 2
     for s in aligned:
         assert all(torch.equal(p, torch.arange(len(p))) for p in s.result.perms.values())
+
+
+def test_merge_on_state_dicts_uses_the_shape_only_spec():
+    """ml.merge has no config.json: residual and MLP groups only (heads fixed), still exact."""
+    from mergelang.align import random_permutations
+
+    model = ah.tiny_model(ah.llama_config())
+    state = ah.state_of(model)
+    spec = spec_for(None, {k: tuple(v.shape) for k, v in state.items()})
+    pstate = apply_permutations(state, spec, random_permutations(spec, 2))
+    out = ml.merge("align(a, to = base)", base=state, a=pstate)
+    for k, v in state.items():
+        assert torch.equal(out[k], v), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weight_matching_on_gpu_matches_cpu():
+    model = ah.tiny_model(ah.llama_config())
+    pstate, _, spec = ah.permuted_copy(model, seed=4)
+    state = ah.state_of(model)
+    cpu = weight_matching(state, pstate, spec, device="cpu")
+    gpu = weight_matching(state, pstate, spec, device="cuda")
+    for k in cpu.perms:
+        assert torch.equal(cpu.perms[k], gpu.perms[k])
