@@ -302,6 +302,7 @@ CODES: dict[str, str] = {
     "E602": "unknown alignment method",
     "E603": "no permutation spec fits the model",
     "E604": "models to align differ in shape",
+    "E605": "invalid custom permutation group",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

@@ -270,3 +270,53 @@ def test_weight_matching_on_gpu_matches_cpu():
     gpu = weight_matching(state, pstate, spec, device="cuda")
     for k in cpu.perms:
         assert torch.equal(cpu.perms[k], gpu.perms[k])
+
+
+MLP_GROUP = ("mlp: model.layers.{i}.mlp.gate_proj.weight@0 model.layers.{i}.mlp.up_proj.weight@0 "
+             "model.layers.{i}.mlp.down_proj.weight@1")
+KV_GROUP = ("kv: model.layers.{i}.self_attn.q_proj.weight@0x16, model.layers.{i}.self_attn.k_proj.weight@0x8, "
+            "model.layers.{i}.self_attn.v_proj.weight@0x8, model.layers.{i}.self_attn.o_proj.weight@1x16")
+
+
+def test_custom_groups_in_a_recipe():
+    """groups = [...] replaces the built-in spec: per-layer groups from {i}, blocks with @AXISxB."""
+    from mergelang.align.spec import custom_spec
+
+    model = ah.tiny_model(ah.llama_config())
+    state = ah.state_of(model)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    builtin = spec_for(model.config.to_dict(), shapes)
+    perms = {g.name: torch.arange(g.size) for g in builtin.groups}
+    gen = torch.Generator().manual_seed(9)
+    for g in builtin.groups:
+        if g.name.endswith(".mlp"):
+            perms[g.name] = torch.randperm(g.size, generator=gen)
+        if g.name.endswith(".kv_heads"):
+            perms[g.name] = torch.tensor([1, 0])  # 2 KV heads: swap them
+    pstate = apply_permutations(state, builtin, perms)
+    torch.testing.assert_close(ah.logits(model, pstate), ah.logits(model, state), rtol=1e-4, atol=1e-5)
+    spec = custom_spec([MLP_GROUP, KV_GROUP], shapes)
+    assert sorted(g.name for g in spec.groups) == ["kv[i=0]", "kv[i=1]", "mlp[i=0]", "mlp[i=1]"]
+    assert {g.size for g in spec.groups} == {48, 2}
+    out = ml.merge(f'align(a, to = base, groups = ["{MLP_GROUP}", "{KV_GROUP}"])', base=state, a=pstate)
+    for k, v in state.items():
+        assert torch.equal(out[k], v), k
+    only_mlp = ml.merge(f'align(a, to = base, groups = "{MLP_GROUP}")', base=state, a=pstate)
+    assert not torch.equal(only_mlp["model.layers.0.self_attn.k_proj.weight"],
+                           state["model.layers.0.self_attn.k_proj.weight"])  # heads not aligned
+
+
+@pytest.mark.parametrize("groups", [
+    '"mlp model.layers.0.mlp.up_proj.weight@0"',                       # no NAME:
+    '"mlp: model.layers.0.mlp.up_proj.weight"',                        # no @AXIS
+    '"mlp: model.layers.0.mlp.nope.weight@0"',                         # matches nothing
+    '"mlp: model.layers.0.mlp.up_proj.weight@0 model.layers.0.mlp.up_proj.weight@1"',  # sizes differ
+    '"mlp: model.layers.0.mlp.up_proj.weight@5"',                      # no such axis
+    "[1, 2]",
+])
+def test_custom_group_errors_are_e605(groups):
+    model = ah.tiny_model(ah.llama_config())
+    state = ah.state_of(model)
+    with pytest.raises(ml.MergelangError) as exc:
+        ml.merge(f"align(a, to = base, groups = {groups})", base=state, a=state)
+    assert exc.value.codes == ["E605"], exc.value.render()

@@ -250,3 +250,57 @@ def gpt2_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[in
                                       (L + "attn.c_attn.bias", 0, H, 1, 2 * D),
                                       (L + "attn.c_proj.weight", 0, H, 1)])
     return AlignSpec("gpt2", tuple(b.groups), "GPT-2 has no rotary: q/k dims inside a head are a group")
+
+
+# ------------------------------------------------------------------ custom groups (recipes)
+_MEMBER = re.compile(r"(?P<pat>.+)@(?P<axis>-?\d+)(?:x(?P<block>\d+))?")
+
+
+def custom_spec(texts: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> AlignSpec:
+    """Groups written in a recipe, one string each: `"NAME: PATTERN@AXIS PATTERN@AXIS ..."`.
+
+    PATTERN is a tensor-name glob (`*`, `{i}` integer captures); `@AXIS` the permuted axis,
+    `@AXISxB` moves blocks of B positions as one unit (e.g. heads). A group whose patterns
+    capture `{i}` becomes one group per captured value (`mlp[i=0]`, `mlp[i=1]`, ...). The
+    group's size is the first member's axis length / B; every member must agree."""
+    from ..ast import glob_to_regex
+
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for text in texts:
+        name, sep, body = text.partition(":")
+        name = name.strip()
+        if not sep or not name or not body.split():
+            raise SpecError(f"group {text!r}: expected \"NAME: PATTERN@AXIS ...\"")
+        for tok in body.replace(",", " ").split():
+            m = _MEMBER.fullmatch(tok)
+            if m is None:
+                raise SpecError(f"group `{name}`: member {tok!r} is not PATTERN@AXIS (or PATTERN@AXISxBLOCK)")
+            regex, _ = glob_to_regex(m["pat"])
+            rx = re.compile(regex)
+            hits = 0
+            for tensor in shapes:
+                mt = rx.fullmatch(tensor)
+                if mt is None:
+                    continue
+                hits += 1
+                caps = "".join(f"[{k}={v}]" for k, v in sorted(mt.groupdict().items()) if v is not None)
+                found.setdefault(name + caps, []).append((tensor, int(m["axis"]), int(m["block"] or 1)))
+            if not hits:
+                raise SpecError(f"group `{name}`: pattern {m['pat']!r} matches no tensor")
+    groups = []
+    for gname, members in found.items():
+        t0, a0, b0 = members[0]
+        shape0 = shapes[t0]
+        if not -len(shape0) <= a0 < len(shape0):
+            raise SpecError(f"group `{gname}`: `{t0}` has no axis {a0}")
+        size = shape0[a0] // b0
+        ms = []
+        for t, a, blk in members:
+            shape = shapes[t]
+            if not -len(shape) <= a < len(shape) or shape[a] != size * blk:
+                got = f"axis {a} of length {shape[a]}" if -len(shape) <= a < len(shape) else f"no axis {a}"
+                raise SpecError(f"group `{gname}` has size {size} (from `{t0}`), but `{t}` has {got}"
+                                + (f" (block {blk})" if blk > 1 else ""))
+            ms.append(Member(t, a % len(shape), 1, blk))
+        groups.append(Group(gname, size, tuple(ms)))
+    return AlignSpec("custom", tuple(groups), "groups declared in the recipe")
