@@ -176,7 +176,9 @@ def llama_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[i
     p = _prefix(names, "embed_tokens.weight") or _prefix(names, "layers.0.self_attn.q_proj.weight")
     layers = _layers(names, re.escape(p) + r"layers\.(\d+)\.")
     b = _Builder(names)
+    note = "query/key dims inside a head stay fixed (rotary embeddings pair them)"
     if "hidden_size" not in cfg:  # no config.json: sizes from shapes, heads unknown (left fixed)
+        note = "no config.json: attention heads and head dims stay fixed (head size unknown)"
         gate = shapes.get(f"{p}layers.{layers[0]}.mlp.gate_proj.weight") if layers else None
         if gate is None:
             raise SpecError("no config.json, and the tensor names do not look like a Llama model")
@@ -214,8 +216,7 @@ def llama_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[i
         b.group(f"layers.{i}.vo_dims", d, [
             (L + "self_attn.v_proj.weight", 0, KV), (L + "self_attn.v_proj.bias", 0, KV),
             (L + "self_attn.o_proj.weight", 1, H)])
-    return AlignSpec(cfg.get("model_type", "llama"), tuple(b.groups),
-                     "query/key dims inside a head stay fixed (rotary embeddings pair them)")
+    return AlignSpec(cfg.get("model_type", "llama"), tuple(b.groups), note)
 
 
 def gpt2_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]]) -> AlignSpec:
