@@ -155,6 +155,9 @@ class ModelSource:
     def close(self) -> None:
         pass
 
+    def prepare(self, device: object = None) -> None:
+        """Model-level work before any tensor is streamed (e.g. solving an alignment)."""
+
     def config(self) -> dict | None:
         if self.folder is not None and (self.folder / "config.json").is_file():
             try:

@@ -314,6 +314,12 @@ CODES: dict[str, str] = {
     "E505": "cannot resume: the work folder is unusable",
     "E506": "the finished output failed verification",
     "E507": "another run is writing to the same output",
+    # alignment (align)
+    "E601": "align needs models",
+    "E602": "unknown alignment method",
+    "E603": "no permutation spec fits the model",
+    "E604": "models to align differ in shape",
+    "E605": "invalid custom permutation group",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

@@ -36,6 +36,12 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
     dev = resolve_device(device)
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
+    # model-level stage: derived models (align) solve their permutations before streaming
+    for name in dict.fromkeys(g.node(s.nid).attrs["model"] for s in plan.steps
+                              if g.node(s.nid).op is Op.LOAD):
+        src = models[name]
+        if src is not None:
+            src.prepare(dev)
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:

@@ -409,3 +409,4 @@ assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
 
 from . import intrinsics_layers, intrinsics_linalg, lora, stacking  # noqa: E402,F401  (register more intrinsics)
+from .align import lang as _align_lang  # noqa: E402,F401  (registers `align`)

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Does aligning before averaging help? Two tiny Llamas trained from different seeds.
+
+    PYTHONPATH=. python benchmarks/align_experiment.py [--steps 300] [--pairs 2]
+
+Task: a random order-2 Markov chain over 32 tokens (the next token depends on the previous two,
+so attention has to look back): each model is trained on it for `--steps` Adam steps from its
+own random initialisation (seeds 100+k and 200+k, same data stream). Both are saved as HF
+folders, then merged by mergelang with
+
+    plain:   linear([a, b])
+    aligned: linear([a, align(b, to = a)])            (weight matching)
+    ot:      linear([a, align(b, to = a, method = "ot")])
+
+and every model's cross-entropy is measured on held-out sequences. Control (`--no-control` skips
+it): `c` = `a` fine-tuned for steps/3 more steps on other data and saved with all its units
+randomly permuted; plain vs aligned average of `a` and that permuted `c`. About a minute per
+pair on one free CPU core (4.5 minutes for 2 pairs on the busy machine where the numbers in
+docs/align.md were measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mergelang as ml  # noqa: E402
+
+VOCAB, SEQ = 32, 32
+
+
+SIZE = {"layers": 2, "inner": 192, "lr": 3e-3}
+
+
+def config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=SIZE["inner"],
+                       num_hidden_layers=SIZE["layers"],
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+
+
+def chain(seed: int = 0) -> torch.Tensor:
+    """Transition table: (prev2, prev1) -> distribution over next, peaked on 2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(VOCAB, VOCAB, VOCAB, generator=g) * 0.5
+    top = torch.randint(0, VOCAB, (VOCAB, VOCAB, 2), generator=g)
+    logits.scatter_add_(2, top, torch.full(top.shape, 4.0))
+    return logits.softmax(-1)
+
+
+def sample(table: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.empty(n, SEQ, dtype=torch.long)
+    x[:, :2] = torch.randint(0, VOCAB, (n, 2), generator=gen)
+    for t in range(2, SEQ):
+        x[:, t] = torch.multinomial(table[x[:, t - 2], x[:, t - 1]], 1, generator=gen).squeeze(1)
+    return x
+
+
+def loss_of(model, data: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(data, labels=data).loss.item()
+
+
+def train(seed: int, table: torch.Tensor, steps: int, batch: int = 32, init=None, data_seed: int = 12345):
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config()) if init is None else copy.deepcopy(init)
+    opt = torch.optim.AdamW(model.parameters(), lr=SIZE["lr"], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(data_seed)  # same data for both models: only the init differs
+    model.train()
+    for _ in range(steps):
+        x = sample(table, batch, gen)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def merged_loss(expr: str, folders: dict, test: torch.Tensor) -> float:
+    from transformers import LlamaForCausalLM
+
+    text = "".join(f'model {k} = "{v}"\n' for k, v in folders.items())
+    text += f'merge from a {{\n    "*" => {expr}\n}}\n'
+    merged = ml.compile(text).evaluate()
+    m = LlamaForCausalLM(config()).eval()
+    m.load_state_dict(merged, strict=False)
+    return loss_of(m, test)
+
+
+def permute_saved(model, folder: Path, seed: int = 7) -> None:
+    from mergelang.align import apply_permutations, random_permutations, spec_for
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = spec_for(model.config.to_dict(), {k: tuple(v.shape) for k, v in state.items()})
+    model.load_state_dict(apply_permutations(state, spec, random_permutations(spec, seed)))
+    model.save_pretrained(folder)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--inner", type=int, default=192, help="MLP width")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the permuted fine-tune control")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr)
+    torch.set_num_threads(1)
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    table = chain(0)
+    test = sample(table, 512, torch.Generator().manual_seed(999))
+    entropy = -(table[test[:, :-2], test[:, 1:-1]].gather(-1, test[:, 2:, None]).log()).mean().item()
+    rows = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.pairs):
+            a, b = train(100 + k, table, args.steps), train(200 + k, table, args.steps)
+            pa, pb = Path(tmp) / f"a{k}", Path(tmp) / f"b{k}"
+            a.save_pretrained(pa)
+            b.save_pretrained(pb)
+            row = {"pair": k, "a": loss_of(a, test), "b": loss_of(b, test),
+                   "train_s": round(time.perf_counter() - t0, 1)}
+            for key, expr in (("plain", "linear([a, b])"), ("aligned", "linear([a, align(b, to = a)])"),
+                              ("ot", 'linear([a, align(b, to = a, method = "ot")])')):
+                row[key] = merged_loss(expr, {"a": pa, "b": pb}, test)
+                row[key + "_s"] = round(time.perf_counter() - t0, 1)
+            if args.control:
+                # control: a short fine-tune of `a` on other data, with its units randomly permuted
+                c = train(300 + k, table, max(1, args.steps // 3), init=a, data_seed=54321)
+                pc, pcp = Path(tmp) / f"c{k}", Path(tmp) / f"cp{k}"
+                c.save_pretrained(pc)
+                row["ctl_finetune"] = loss_of(c, test)
+                permute_saved(c, pcp)
+                row["ctl_unpermuted_avg"] = merged_loss("linear([a, c])", {"a": pa, "c": pc}, test)
+                row["ctl_plain"] = merged_loss("linear([a, c])", {"a": pa, "c": pcp}, test)
+                row["ctl_aligned"] = merged_loss("linear([a, align(c, to = a)])", {"a": pa, "c": pcp}, test)
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    summary = {"uniform": math.log(VOCAB), "chain_entropy": entropy, "steps": args.steps, **SIZE,
+               "seconds": time.perf_counter() - t0, "pairs": rows}
+    print(f"uniform guess {math.log(VOCAB):.3f}, true next-token entropy {entropy:.3f}, "
+          f"{summary['seconds']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
