@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .diagnostics import CompileError, Span, did_you_mean, error
-from .types import ST_TO_TORCH, TORCH_TO_ST, dtype_name
+from .types import ST_TO_TORCH, TORCH_TO_ST, dtype_name, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -41,7 +41,7 @@ class TensorInfo:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=ST_TO_TORCH[TORCH_TO_ST_NAME[self.dtype]]).element_size()
+        return n * itemsize(self.dtype)
 
 
 TORCH_TO_ST_NAME = {dtype_name(k): v for k, v in TORCH_TO_ST.items()}
@@ -151,7 +151,8 @@ class SafetensorsSource(ModelSource):
                     raise CheckpointError(f"tensor {name!r} appears in both {table[name].file} and {f}")
                 table[name] = info
         # read order: file order, then offset within a file (sequential reads)
-        self._table = dict(sorted(table.items(), key=lambda kv: (files.index(Path(kv[1].file)), kv[1].begin)))
+        rank = {str(f): i for i, f in enumerate(files)}
+        self._table = dict(sorted(table.items(), key=lambda kv: (rank[kv[1].file], kv[1].begin)))
         self._handles: dict[str, object] = {}
         self._lock = threading.Lock()
 
