@@ -106,7 +106,6 @@ def make_model(folder: Path, size: str, seed: int, base: Path | None = None) -> 
     shapes = llama_shapes(size)
     groups = _shard_groups(shapes, 2)
     files = _write_index(folder, groups, shapes, 2)
-    (folder / "config.json").write_text(json.dumps(llama_config(size), indent=1))
     gen = torch.Generator().manual_seed(seed)
     for fname, group in zip(files, groups):
         base_sd = load_file(base / fname) if base is not None else None
@@ -124,6 +123,7 @@ def make_model(folder: Path, size: str, seed: int, base: Path | None = None) -> 
             del t
         save_file(sd, folder / fname, metadata={"format": "pt"})
         del sd, base_sd
+    (folder / "config.json").write_text(json.dumps(llama_config(size), indent=1))  # last: "done"
 
 
 def make_header_only_model(folder: Path, size: str) -> None:

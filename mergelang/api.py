@@ -16,6 +16,7 @@ from .graph import format_graph
 from .ast import dump
 from .parser import parse_program
 from .plan import format_plan
+from .types import parse_bytes
 from .writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
@@ -67,22 +68,26 @@ class Recipe:
             return format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
-    def evaluate(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
         """Run the merge in memory and return the output tensors (for small models and tests)."""
         out: dict[str, torch.Tensor] = {}
-        execute(self._c.plan, self._c.models, out.__setitem__, device)
+        execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
-            progress: Callable[[int], None] | None = None) -> Path:
-        """Merge to an HF folder at `out_dir` (written to a temporary folder, renamed on success)."""
+            progress: Callable[[int], None] | None = None, *, memory_budget: int | str | None = None,
+            pipelined: bool = True) -> Path:
+        """Merge to an HF folder at `out_dir` (written to a temporary folder, renamed on success).
+        `memory_budget` (bytes, or a size like "8GB") caps live + prefetched + pending bytes."""
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
         ref = c.models[c.reference]
         folder = getattr(ref, "folder", None) if c.options.copy_files else None
         try:
             with CheckpointWriter(out_dir, layout, force=force) as writer:
-                execute(c.plan, c.models, writer.write, device, progress)
+                execute(c.plan, c.models, writer.write, device, progress, memory_budget=budget,
+                        pipelined=pipelined)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME)
         except WriterError as exc:

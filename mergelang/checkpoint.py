@@ -154,6 +154,7 @@ class SafetensorsSource(ModelSource):
         rank = {str(f): i for i, f in enumerate(files)}
         self._table = dict(sorted(table.items(), key=lambda kv: (rank[kv[1].file], kv[1].begin)))
         self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -168,12 +169,55 @@ class SafetensorsSource(ModelSource):
                     h = self._handles[file] = safe_open(file, framework="pt", device="cpu")
         return h
 
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
     def load(self, name: str) -> torch.Tensor:
+        """Read one tensor with positional reads straight into a fresh buffer (thread-safe).
+
+        Measured on a 1B bf16 checkpoint (page cache warm) this is faster than safetensors'
+        `get_tensor` (an mmap plus a copy); `READER = "safetensors"` switches back to it."""
         info = self._table[name]
-        return self._handle(info.file).get_tensor(name)
+        if READER == "safetensors":
+            return self._handle(info.file).get_tensor(name)
+        n = info.end - info.begin
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
+        return buf.view(ST_TO_TORCH[TORCH_TO_ST_NAME[info.dtype]]).reshape(info.shape)
 
     def close(self) -> None:
         self._handles.clear()
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+#: "pread" (default) or "safetensors": how `SafetensorsSource.load` reads tensor data
+READER = os.environ.get("MERGELANG_READER", "pread")
+
+
+def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill `view` from `fd` at `offset` (os.preadv where available; a file lock-free loop)."""
+    done, n = 0, len(view)
+    while done < n:
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, n - done, offset + done)
+            view[done:done + len(data)] = data
+            k = len(data)
+        if k <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}",
+                                  "the file was truncated after its header was read")
+        done += k
 
 
 class DictSource(ModelSource):

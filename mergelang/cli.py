@@ -94,7 +94,7 @@ def main() -> None:
               help="output folder (written atomically)")
 @set_opt
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live tensor bytes, e.g. 8GB")
+@click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live + prefetched tensor bytes, e.g. 8GB")
 @click.option("--dtype", default=None, help="output dtype (overrides the recipe's `option dtype`)")
 @click.option("--shard-size", default=None, metavar="SIZE", help="max shard size, e.g. 2GB (default 5GB)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
@@ -120,7 +120,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
 
     with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, unit_divisor=1024,
               desc="merging", disable=quiet or None, file=sys.stderr, leave=False) as bar:
-        path = r.run(out, device=device, force=force, progress=bar.update)
+        path = r.run(out, device=device, force=force, progress=bar.update, memory_budget=budget)
     r.close()
     if not quiet:
         secs = time.perf_counter() - start
