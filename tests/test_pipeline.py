@@ -162,6 +162,7 @@ def test_lookahead_cap_holds(tmp_path, lookahead):
 def test_pread_reader_matches_safetensors(tmp_path, monkeypatch):
     paths = _models(tmp_path)
     src = open_model("base", paths["base"])
+    monkeypatch.setattr(checkpoint, "READER", "pread")
     fast = {n: src.load(n) for n in src.tensors()}
     monkeypatch.setattr(checkpoint, "READER", "safetensors")
     slow = {n: src.load(n) for n in src.tensors()}
@@ -172,7 +173,8 @@ def test_pread_reader_matches_safetensors(tmp_path, monkeypatch):
     src.close()
 
 
-def test_pread_reader_truncated_file(tmp_path):
+def test_pread_reader_truncated_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "READER", "pread")
     paths = _models(tmp_path)
     src = open_model("base", paths["base"])
     f = paths["base"] / "model.safetensors"
