@@ -51,12 +51,15 @@ def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
     return max(0, memory_budget - plan.peak_bytes)
 
 
-def read_raw(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int) -> torch.Tensor:
-    """Read one LOAD node's tensor as stored (on the CPU)."""
+def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int,
+               upcast: bool = True) -> torch.Tensor:
+    """Read one LOAD node's tensor on the CPU: float32 (unless it passes through raw: ints,
+    bools), or as stored with `upcast=False` (CUDA copies the narrow dtype, upcasts there)."""
     node = plan.graph.node(nid)
     src = models[node.attrs["model"]]
     assert src is not None
-    return src.load(node.attrs["tensor"])
+    want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    return src.load_as(node.attrs["tensor"], want)
 
 
 def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,9 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
                         dev: torch.device, progress: Callable[[int], None] | None) -> None:
     def take(nid: int) -> torch.Tensor:
-        return upcast(plan, nid, read_raw(plan, models, nid).to(dev))
+        if dev.type == "cpu":
+            return read_value(plan, models, nid)
+        return upcast(plan, nid, read_value(plan, models, nid, upcast=False).to(dev))
 
     def put(name: str, t: torch.Tensor, nbytes: int) -> None:
         sink(name, t)

@@ -85,9 +85,9 @@ class Pipeline:
     def __init__(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
                  sink: Callable[[str, torch.Tensor], None], dev: torch.device,
                  progress: Callable[[int], None] | None, lookahead: int, readers: int = 1):
-        from .execute import read_raw, upcast
+        from .execute import read_value, upcast
 
-        self._read_raw, self._upcast = read_raw, upcast
+        self._read_value, self._upcast = read_value, upcast
         self.plan, self.models, self.sink, self.dev, self.progress = plan, models, sink, dev, progress
         g = plan.graph
         self.loads = [s.nid for s in plan.steps if g.node(s.nid).op is Op.LOAD]
@@ -156,10 +156,9 @@ class Pipeline:
                 self.cv.notify_all()
 
     def _read(self, nid: int) -> tuple[torch.Tensor, object]:
-        raw = self._read_raw(self.plan, self.models, nid)
         if self._copy_stream is None:
-            return self._upcast(self.plan, nid, raw), None
-        raw = raw.pin_memory()
+            return self._read_value(self.plan, self.models, nid), None
+        raw = self._read_value(self.plan, self.models, nid, upcast=False).pin_memory()
         with torch.cuda.stream(self._copy_stream):
             value = self._upcast(self.plan, nid, raw.to(self.dev, non_blocking=True))
             event = torch.cuda.Event()

@@ -1,4 +1,4 @@
-"""The overlapped executor (mergelang/pipeline.py) and the pread reader.
+"""The overlapped executor (mergelang/pipeline.py) and the tensor readers.
 
 * bit-identical results to the sequential interpreter, for every lookahead (0 = one tensor in
   flight, tiny, default) and 1 or 2 reader threads, outputs reaching the sink in output order;
@@ -6,7 +6,7 @@
   unchanged, and no pipeline thread is left running;
 * the lookahead cap holds (prefetched + pending-write bytes stay within it, plus at most one
   tensor larger than the cap and one output waiting for the writer);
-* `SafetensorsSource.load` (positional reads) returns exactly what safetensors returns.
+* `SafetensorsSource.load`/`load_as` (per-tensor mmap, pread) return what safetensors returns.
 """
 
 from __future__ import annotations
@@ -102,14 +102,14 @@ def test_reader_exception_propagates(tmp_path):
     r = ml.compile(_recipe(tmp_path, "ties"))
     c = r.compilation
     src = c.models["b"]
-    original = src.load
+    original = src.load_as
 
-    def load(name):
+    def load_as(name, dtype=None):
         if name == "layers.1.q.weight":
             raise Boom(name)
-        return original(name)
+        return original(name, dtype)
 
-    src.load = load  # type: ignore[method-assign]
+    src.load_as = load_as  # type: ignore[method-assign]
     seen: list[str] = []
     with pytest.raises(Boom, match="layers.1.q.weight"):
         execute(c.plan, c.models, lambda n, t: seen.append(n))
@@ -159,30 +159,33 @@ def test_lookahead_cap_holds(tmp_path, lookahead):
     r.close()
 
 
-def test_pread_reader_matches_safetensors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+def test_readers_match_safetensors(tmp_path, monkeypatch, reader):
+    from safetensors.torch import load_file
+
     paths = _models(tmp_path)
+    expected = load_file(paths["base"] / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "READER", reader)
     src = open_model("base", paths["base"])
-    monkeypatch.setattr(checkpoint, "READER", "pread")
-    fast = {n: src.load(n) for n in src.tensors()}
-    monkeypatch.setattr(checkpoint, "READER", "safetensors")
-    slow = {n: src.load(n) for n in src.tensors()}
-    assert fast.keys() == slow.keys()
-    for n in fast:
-        assert fast[n].dtype == slow[n].dtype and fast[n].shape == slow[n].shape
-        assert torch.equal(fast[n], slow[n])
+    for n, want in expected.items():
+        for got in (src.load(n), src.load_as(n), src.load_as(n, want.dtype)):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        up = src.load_as(n, torch.float32)
+        assert up.dtype == torch.float32 and torch.equal(up, want.to(torch.float32))
     src.close()
 
 
-def test_pread_reader_truncated_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "READER", "pread")
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+def test_reader_truncated_file(tmp_path, monkeypatch, reader):
+    monkeypatch.setattr(checkpoint, "READER", reader)
     paths = _models(tmp_path)
     src = open_model("base", paths["base"])
     f = paths["base"] / "model.safetensors"
     with open(f, "r+b") as h:  # truncated after the header was read
         h.truncate(f.stat().st_size - 8)
     last = max(src.tensors().values(), key=lambda i: i.end)
-    with pytest.raises(CheckpointError, match="unexpected end of file"):
-        src.load(last.name)
+    with pytest.raises(CheckpointError, match="truncated"):
+        src.load_as(last.name, torch.float32)
     src.close()
 
 
