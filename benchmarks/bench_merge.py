@@ -213,7 +213,7 @@ for i, root in enumerate(roots):
     for f in sorted(root.glob("*.safetensors")):
         with safe_open(f, framework="pt") as h:
             for name in h.keys():
-                x = h.get_tensor(name)
+                x = h.get_tensor(name).clone()   # get_tensor is a lazy mmap view: copy = read
                 if i == 0:
                     kept.setdefault(f.name, {})[name] = x   # one output of the same size
                 del x
