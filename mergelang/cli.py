@@ -107,8 +107,10 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r = _compile(recipe, sets, dtype, shard_size)
     plan = r.compilation.plan
     if budget is not None and plan.peak_bytes > budget:
-        click.echo(f"warning: the plan's estimated peak ({plan.peak_bytes / 1e9:.2f} GB) is above "
-                   f"--memory-budget ({budget / 1e9:.2f} GB)", err=True)
+        click.echo(f"warning: the plan's estimated peak of live tensors ({plan.peak_bytes / 1e9:.2f} GB) "
+                   f"is above --memory-budget ({budget / 1e9:.2f} GB); tensors are not split into "
+                   f"row chunks, so the merge runs without prefetching and may exceed the budget",
+                   err=True)
     from .execute import resolve_device
 
     try:

@@ -203,3 +203,24 @@ def test_cuda_pipeline_matches_cpu(tmp_path):  # pragma: no cover - no GPU in CI
     for k in cpu:
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-6)
     r.close()
+
+
+def test_cli_memory_budget(tmp_path):
+    from click.testing import CliRunner
+
+    from mergelang.cli import main
+
+    recipe = tmp_path / "ties.mrg"
+    recipe.write_text(_recipe(tmp_path, "ties"))
+    runner = CliRunner()
+    tight = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "tight"), "--quiet",
+                                 "--device", "cpu", "--memory-budget", "1KB"])
+    assert tight.exit_code == 0, tight.output
+    assert "above --memory-budget" in tight.output and "row chunks" in tight.output
+    roomy = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "roomy"), "--quiet",
+                                 "--device", "cpu", "--memory-budget", "1GB"])
+    assert roomy.exit_code == 0 and "warning" not in roomy.output
+    for f in (tmp_path / "tight").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "roomy" / f.name).read_bytes()
+    bad = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "x"), "--memory-budget", "lots"])
+    assert bad.exit_code == 2
