@@ -321,7 +321,7 @@ def main() -> None:
         bench_merge(root_size, args.methods.split(","), args.memory_budget, args.device, args.repeat)
     if not args.no_compile:
         bench_compile(root, args.repeat)
-    print(f"peak RSS of this script: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
 
 
 if __name__ == "__main__":
