@@ -17,6 +17,7 @@ from .ops import ARITY, Attrs, Op, TypeRuleError, infer
 from .types import TType
 
 PAYLOAD = "node"
+_clear_cache = getattr(nx, "_clear_cache", lambda g: None)  # networkx >= 3.3 caches per graph
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class MergeGraph(nx.DiGraph):
             if d is None:
                 d = preds[a] = {}
             succ[a][nid] = d
-        nx._clear_cache(self)
+        _clear_cache(self)
         return nid
 
     def make(self, op: Op, args: Iterable[int] = (), attrs: Attrs | None = None,
