@@ -21,6 +21,7 @@ from .graph import format_graph
 from .ast import dump
 from .parser import parse_program
 from .plan import format_plan
+from .types import parse_bytes
 from .writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
@@ -90,21 +91,24 @@ class Recipe:
             return format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
-    def evaluate(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
         """Run the merge in memory and return the output tensors (for small models and tests)."""
         out: dict[str, torch.Tensor] = {}
-        execute(self._c.plan, self._c.models, out.__setitem__, device)
+        execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
-            nan_check: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+            nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
+            memory_budget: int | str | None = None, pipelined: bool = True) -> Path:
         """Merge to an HF folder at `out_dir`. The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
         complete and verified. After a failure or a kill the work folder is kept, and
         `resume=True` continues from it (bit-identical result); without `resume` an old work
         folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
-        `log` receives one-line messages (resume state, NaN warnings)."""
+        `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
+        a size like "8GB") caps live + prefetched + pending bytes."""
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
         ref = c.models[c.reference]
@@ -125,7 +129,8 @@ class Recipe:
                 if writer.resumed and progress is not None:
                     progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
-                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress)
+                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress,
+                        memory_budget=budget, pipelined=pipelined)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
                                      extra_files=extra)

@@ -103,7 +103,7 @@ def main() -> None:
               help="output folder (written atomically)")
 @set_opt
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live tensor bytes, e.g. 8GB")
+@click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live + prefetched tensor bytes, e.g. 8GB")
 @click.option("--dtype", default=None, help="output dtype (overrides the recipe's `option dtype`)")
 @click.option("--shard-size", default=None, metavar="SIZE", help="max shard size, e.g. 2GB (default 5GB)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
@@ -124,8 +124,10 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle)
     plan = r.compilation.plan
     if budget is not None and plan.peak_bytes > budget:
-        click.echo(f"warning: the plan's estimated peak ({plan.peak_bytes / 1e9:.2f} GB) is above "
-                   f"--memory-budget ({budget / 1e9:.2f} GB)", err=True)
+        click.echo(f"warning: the plan's estimated peak of live tensors ({plan.peak_bytes / 1e9:.2f} GB) "
+                   f"is above --memory-budget ({budget / 1e9:.2f} GB); tensors are not split into "
+                   f"row chunks, so the merge runs without prefetching and may exceed the budget",
+                   err=True)
     from .execute import resolve_device
 
     try:
@@ -141,7 +143,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
 
         try:
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
-                         nan_check=nan_check, log=log)
+                         nan_check=nan_check, log=log, memory_budget=budget)
         except KeyboardInterrupt:
             from .journal import work_dir_for
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,6 +87,20 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
                    ) -> Compilation:
     """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
     `options` override the recipe's `option` lines (e.g. dtype, shard_size)."""
+    # Compilation allocates ~10^5 small acyclic objects per 10^3 tensors; with torch imported,
+    # the cyclic GC's full collections were half of the compile time of a 70B-shaped model.
+    # Everything here is freed by reference counting, so the cycle collector pauses meanwhile.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _compile_recipe(source, base_dir, overrides, options, allow_pickle)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None,
+                    options: Mapping[str, Any] | None, allow_pickle: bool) -> Compilation:
     diags = Diagnostics()
     overrides = dict(overrides or {})
     unit = load(source, base_dir, diags)

@@ -3,6 +3,15 @@
 Each LOAD reads one tensor (upcast to float32 unless it passes through raw); values are freed
 after their last use; each OUTPUT is cast once to its dtype and handed to the sink (the
 checkpoint writer, or a dict for in-memory merges).
+
+By default the work is overlapped in three stages (see `pipeline.py`): reader thread(s) prefetch
+the plan's LOADs in plan order while the calling thread computes, and a writer thread hands
+finished outputs to the sink in output order. The prefetched-but-unconsumed loads plus the
+outputs waiting for the writer are capped by a byte budget ("lookahead"): with a
+`memory_budget`, it is what the budget leaves above the plan's sequential peak of live bytes, so
+live + prefetched + pending bytes stay within the budget whenever the plan's peak does. The
+results are bit-identical to the sequential interpreter (`pipelined=False`): the same kernels
+run on the same values in the same order; only the reads and writes move to other threads.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ from .plan import ExecutionPlan
 
 Sink = Callable[[str, torch.Tensor], None]
 
+#: lookahead (prefetched + not yet written bytes) when no memory budget is given
+DEFAULT_LOOKAHEAD = 1 << 30
+
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` picks CUDA when present; `cuda` without a GPU is an error (ValueError)."""
@@ -31,24 +43,67 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return dev
 
 
+def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
+    """Bytes the pipeline may hold beyond the plan's live values: the budget's headroom above
+    the sequential peak (0: no overlap, reads and writes still run one tensor at a time)."""
+    if memory_budget is None:
+        return DEFAULT_LOOKAHEAD
+    return max(0, memory_budget - plan.peak_bytes)
+
+
+def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int,
+               upcast: bool = True) -> torch.Tensor:
+    """Read one LOAD node's tensor on the CPU: float32 (unless it passes through raw: ints,
+    bools), or as stored with `upcast=False` (CUDA copies the narrow dtype, upcasts there)."""
+    node = plan.graph.node(nid)
+    src = models[node.attrs["model"]]
+    assert src is not None
+    want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    return src.load_as(node.attrs["tensor"], want)
+
+
+def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
+    """A LOAD's value: float32, unless the tensor passes through raw (ints, bools)."""
+    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(torch.float32)
+
+
 def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> None:
+            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
+            memory_budget: int | None = None, pipelined: bool = True, readers: int = 1) -> None:
+    """Run `plan`, calling `sink(name, tensor)` once per output, in output order."""
     dev = resolve_device(device)
+    prepare_models(plan, models, dev)
+    if not pipelined:
+        _execute_sequential(plan, models, sink, dev, progress)
+        return
+    from .pipeline import Pipeline
+
+    with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
+                  readers) as pipe:
+        compute(plan, pipe.take, pipe.put, dev)
+
+
+def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
+                   dev: torch.device) -> None:
+    """The model-level stage: derived models (align) solve their permutations before streaming."""
     g = plan.graph
-    values: dict[int, torch.Tensor] = {}
-    # model-level stage: derived models (align) solve their permutations before streaming
     for name in dict.fromkeys(g.node(s.nid).attrs["model"] for s in plan.steps
                               if g.node(s.nid).op is Op.LOAD):
         src = models[name]
         if src is not None:
             src.prepare(dev)
+
+
+def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
+            put: Callable[[str, torch.Tensor, int], None], dev: torch.device) -> None:
+    """The compute loop shared by both executors: `take(nid)` gives a LOAD's value on `dev`,
+    `put(name, tensor, nbytes)` receives each output (on the CPU)."""
+    g = plan.graph
+    values: dict[int, torch.Tensor] = {}
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
-            src = models[node.attrs["model"]]
-            assert src is not None
-            t = src.load(node.attrs["tensor"]).to(dev, non_blocking=True)
-            values[step.nid] = t if node.type.dtype != "float32" else t.to(torch.float32)
+            values[step.nid] = take(step.nid)
         else:
             args = [values[a] for a in node.args]
             try:
@@ -58,13 +113,27 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
                     "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
                     "the check depends on tensor values, so it could only run now")) from None
             if node.op is Op.OUTPUT:
-                sink(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out)
-                if progress is not None:
-                    progress(node.type.nbytes)
+                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes)
             else:
                 values[step.nid] = out
+            del args, out
         for nid in step.free:
             values.pop(nid, None)
+
+
+def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+                        dev: torch.device, progress: Callable[[int], None] | None) -> None:
+    def take(nid: int) -> torch.Tensor:
+        if dev.type == "cpu":
+            return read_value(plan, models, nid)
+        return upcast(plan, nid, read_value(plan, models, nid, upcast=False).to(dev))
+
+    def put(name: str, t: torch.Tensor, nbytes: int) -> None:
+        sink(name, t)
+        if progress is not None:
+            progress(nbytes)
+
+    compute(plan, take, put, dev)
 
 
 def _output_name(plan: ExecutionPlan, nid: int) -> str:

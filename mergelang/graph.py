@@ -17,6 +17,7 @@ from .ops import ARITY, Attrs, Op, TypeRuleError, infer
 from .types import TType
 
 PAYLOAD = "node"
+_clear_cache = getattr(nx, "_clear_cache", lambda g: None)  # networkx >= 3.3 caches per graph
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,21 @@ class MergeGraph(nx.DiGraph):
 
     # -- building
     def add(self, node: Node) -> int:
+        # the hot path of elaboration: networkx's own add_node/add_edge, minus their checks
         nid = self.graph["next_id"]
         self.graph["next_id"] = nid + 1
-        self.add_node(nid, **{PAYLOAD: node})
+        succ, pred = self._succ, self._pred
+        succ[nid] = {}
+        preds = pred[nid] = {}
+        self._node[nid] = {PAYLOAD: node}
         for a in node.args:
-            self.add_edge(a, nid)
+            if a not in succ:
+                raise KeyError(f"internal: argument {a} of a new node is not in the graph")
+            d = preds.get(a)
+            if d is None:
+                d = preds[a] = {}
+            succ[a][nid] = d
+        _clear_cache(self)
         return nid
 
     def make(self, op: Op, args: Iterable[int] = (), attrs: Attrs | None = None,
@@ -76,11 +87,11 @@ class MergeGraph(nx.DiGraph):
 
     # -- reading
     def node(self, nid: int) -> Node:
-        return self.nodes[nid][PAYLOAD]
+        return self._node[nid][PAYLOAD]
 
     def items(self) -> Iterable[tuple[int, Node]]:
-        for nid, data in self.nodes(data=PAYLOAD):
-            yield nid, data
+        for nid, data in self._node.items():
+            yield nid, data[PAYLOAD]
 
     def outputs(self) -> list[int]:
         """OUTPUT node ids in output order."""
@@ -88,6 +99,13 @@ class MergeGraph(nx.DiGraph):
         return sorted(outs, key=lambda nid: self.node(nid).attrs["order"])
 
     def topo_order(self) -> list[int]:
+        """networkx's lexicographical topological order (smallest ready id first). Builders
+        create arguments before their users and passes only rewire uses to older nodes, so
+        this is usually just the sorted ids: checked in O(edges), else networkx computes it."""
+        order = sorted(self._node)
+        pred = self._pred
+        if all(a < nid for nid in order for a in pred[nid]):
+            return order
         return list(nx.lexicographical_topological_sort(self))
 
     def fresh_copy(self) -> "MergeGraph":
@@ -96,8 +114,17 @@ class MergeGraph(nx.DiGraph):
         return g
 
     def clone(self) -> "MergeGraph":
-        g = MergeGraph(self)
+        """A copy sharing the (immutable) Node payloads; edges carry no data."""
+        g = MergeGraph()
         g.graph.update(self.graph)
+        g._node.update((nid, dict(data)) for nid, data in self._node.items())
+        succ = {u: {v: {} for v in nbrs} for u, nbrs in self._succ.items()}
+        pred: dict = {v: {} for v in self._pred}
+        for u, nbrs in succ.items():
+            for v, d in nbrs.items():
+                pred[v][u] = d
+        g._succ.update(succ)
+        g._pred.update(pred)
         return g
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -44,6 +45,7 @@ def is_floating(name: str) -> bool:
     return torch_dtype(name).is_floating_point
 
 
+@lru_cache(maxsize=None)
 def itemsize(name: str) -> int:
     dt = torch_dtype(name)
     return torch.empty((), dtype=dt).element_size()
