@@ -119,6 +119,33 @@ def test_statistic_covers_only_the_tensors_routed_to_the_call():
     names = [n for n in SHAPES if "norm" not in n]
     _check({n: out[n] for n in names}, reference_ties(base, [a, b], names, 0.25))
     assert torch.equal(out["norm.weight"], base["norm.weight"])
+    # the statistics passes do not read the tensors routed elsewhere
+    plan = ml.compile(text, base=base, a=a, b=b).compilation.plan
+    assert len(plan.prepasses) == 2
+    for pp in plan.prepasses:
+        reads = {pp.graph.node(s.nid).attrs.get("tensor") for s in pp.steps
+                 if pp.graph.node(s.nid).op.value == "load"}
+        assert reads == set(names)
+
+
+def test_sequential_and_pipelined_executors_agree():
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+                   'merge from base {\n  "*" => ties_global(base, [a, b])\n}\n', base=base, a=a, b=b)
+    one, two = r.evaluate(pipelined=False), r.evaluate(pipelined=True)
+    for n in SHAPES:
+        assert torch.equal(one[n], two[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():  # pragma: no cover - no GPU in CI
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+                   'merge from base {\n  "*" => ties_global(base, [a, b])\n}\n', base=base, a=a, b=b)
+    cpu, gpu = r.evaluate("cpu"), r.evaluate("cuda")
+    for n in SHAPES:
+        torch.testing.assert_close(gpu[n], cpu[n], rtol=1e-5, atol=1e-6)
 
 
 def test_two_call_sites_are_two_statistics():
@@ -145,7 +172,7 @@ def test_model_sum_primitive():
         assert torch.allclose(out[n], torch.full(SHAPES[n], total), rtol=1e-6)
 
 
-def test_nested_statistics_and_plan_without_stats_unchanged():
+def test_plan_without_statistics_has_one_pass():
     r = ml.compile('model base = "<memory>"\nmerge from base {\n  "*" => base * 2\n}\n',
                    base=make_sd(0))
     assert "pass" not in r.emit("plan")
