@@ -84,7 +84,8 @@ def format_plan(plan: ExecutionPlan) -> str:
         specs = [s for s in plan.stats if s.level == i]
         lines = [f"# pass {i + 1} of {n}: model-wide statistics"]
         for s in specs:
-            held = f", holds {_size(s.buffer_bytes)}" if s.buffer_bytes else ""
+            held = f", holds {_size(s.buffer_bytes)}" if s.buffer_bytes else \
+                (", radix select: this pass streams twice" if s.rounds > 1 else "")
             lines.append(f"#   {s.key}: {s.numel} entries per model from {s.tensors} tensors{held}")
         parts.append("\n".join(lines) + "\n" + _format_steps(pp))
     parts.append(f"# pass {n} of {n}: apply\n" + _format_steps(plan))

@@ -19,11 +19,11 @@ Before each pass runs, `fill` replaces its placeholders with CONST nodes holding
 so far (same node ids, so the lowered schedule stays valid). Whole models are never loaded: each
 pass streams tensors like an ordinary merge.
 
-Memory: `model_sum` keeps one float64 accumulator per model. `model_topk_value` is exact: it
-keeps a float32 copy of every routed entry (models x entries x 4 bytes, shown by `--emit plan`)
-and takes `torch.kthvalue` of their concatenation — the same number as the reference
-implementation, but bounded by host memory (a two-level radix histogram would make it constant
-memory at the cost of one more pass; not done).
+Memory: `model_sum` keeps one float64 accumulator per model. `model_topk_value` is exact (the
+same number as `torch.kthvalue` over the concatenation, as the reference implementation): up to
+`BUFFER_LIMIT` bytes it keeps a float32 copy of the routed entries (shown by `--emit plan`);
+above, a two-round radix select (StatCollector) keeps two 65536-bin histograms per model and
+streams its pass twice.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ from .ops import Attrs, Op
 from .values import Const, TensorV, Value, is_number
 
 
+#: largest entry buffer (bytes) kept for an exact model_topk_value; above it: radix select
+BUFFER_LIMIT = 1 << 30
+
+
 @dataclass(frozen=True)
 class StatSpec:
     key: str
@@ -53,7 +57,14 @@ class StatSpec:
 
     @property
     def buffer_bytes(self) -> int:
-        return (self.models or 1) * self.numel * 4 if self.kind == "topk_value" else 0
+        """Host memory that keeps the entries (0: not kept; radix select, see StatCollector)."""
+        size = (self.models or 1) * self.numel * 4
+        return size if self.kind == "topk_value" and size <= BUFFER_LIMIT else 0
+
+    @property
+    def rounds(self) -> int:
+        """How many times its pass streams the inputs."""
+        return 2 if self.kind == "topk_value" and not self.buffer_bytes else 1
 
 
 # ---------------------------------------------------------------- the intrinsics
@@ -148,34 +159,106 @@ def split_stats(g: MergeGraph) -> tuple[list[MergeGraph], MergeGraph, tuple[Stat
 
 # ---------------------------------------------------------------- running
 class StatCollector:
-    """The sink of a statistics pass: reduces the feeds of each statistic."""
+    """The sink of a statistics pass: reduces the feeds of each statistic of that pass.
+
+    `model_topk_value` is exact either way: small statistics keep their entries (float32) and
+    take `torch.kthvalue`; above `BUFFER_LIMIT` bytes a radix select over the entries' order-
+    preserving 32-bit keys runs instead — round 1 counts the high 16 bits per model, round 2
+    the low 16 bits of the entries in the chosen bucket — with two 65536-bin histograms per
+    model, at the cost of streaming the pass twice."""
 
     def __init__(self, specs: tuple[StatSpec, ...]):
         self.specs = {s.key: s for s in specs}
         self.sums: dict[str, torch.Tensor] = {}
         self.parts: dict[str, list[torch.Tensor]] = {}
+        self.hist: dict[str, torch.Tensor] = {}
+        self.bucket: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (high bits, rank left)
+        self.done: dict[str, Any] = {}
 
     def __call__(self, name: str, t: torch.Tensor) -> None:
         spec = self.specs[name.split("\t", 1)[0]]
+        if spec.key in self.done:
+            return
         flat = t.reshape(spec.models or 1, -1)
         if spec.kind == "sum":
             part = flat.to(torch.float64).sum(dim=1)
             prev = self.sums.get(spec.key)
             self.sums[spec.key] = part if prev is None else prev + part
+        elif spec.buffer_bytes:
+            self.parts.setdefault(spec.key, []).append(flat.to(torch.float32).cpu())
         else:
-            self.parts.setdefault(spec.key, []).append(flat.to(torch.float32))
+            keys = sort_keys(flat.to(torch.float32).cpu())
+            if spec.key in self.bucket:  # round 2: low bits of the entries in the chosen bucket
+                high, _ = self.bucket[spec.key]
+                sel = (keys >> 16) == high.unsqueeze(1)
+                idx = torch.where(sel, keys & 0xFFFF, torch.full_like(keys, 1 << 16))
+            else:
+                idx = keys >> 16
+            h = _bincount_rows(idx, (1 << 16) + 1)[:, : 1 << 16]
+            prev = self.hist.get(spec.key)
+            self.hist[spec.key] = h if prev is None else prev + h
 
-    def finish(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def finish(self) -> bool:
+        """Compute what this round allows; True when another round over the pass is needed."""
         for key, total in self.sums.items():
-            out[key] = _as_value(total, self.specs[key])
+            self.done[key] = _as_value(total, self.specs[key])
+        self.sums.clear()
         for key, parts in self.parts.items():
             x = torch.cat(parts, dim=1)
             parts.clear()
-            n = x.shape[1]
-            kk = max(n - int(n * self.specs[key].fraction), 1)
-            out[key] = _as_value(torch.kthvalue(x, kk, dim=1).values, self.specs[key])
-        return out
+            kk = _kth_index(x.shape[1], self.specs[key])
+            self.done[key] = _as_value(torch.kthvalue(x, kk, dim=1).values, self.specs[key])
+        self.parts.clear()
+        again = False
+        for key, h in self.hist.items():
+            spec = self.specs[key]
+            if key not in self.bucket:
+                kk = torch.full((h.shape[0],), _kth_index(spec.numel, spec), dtype=torch.int64)
+                high, left = _pick(h, kk)
+                self.bucket[key] = (high, left)
+                again = True
+            else:
+                high, left = self.bucket[key]
+                low, _ = _pick(h, left)
+                self.done[key] = _as_value(from_sort_keys((high << 16) | low), spec)
+        self.hist.clear()
+        return again
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return self.done
+
+
+def _kth_index(n: int, spec: StatSpec) -> int:
+    """1-based rank of the threshold among n entries (ties-merging's topk_values_mask)."""
+    return max(n - int(n * spec.fraction), 1)
+
+
+def _bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    rows = idx.shape[0]
+    offs = torch.arange(rows, dtype=torch.int64).unsqueeze(1) * bins
+    return torch.bincount((idx + offs).reshape(-1), minlength=rows * bins).reshape(rows, bins)
+
+
+def _pick(h: torch.Tensor, kk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the bin holding the kk-th smallest entry (1-based) and its rank within it."""
+    cum = h.cumsum(dim=1)
+    b = torch.searchsorted(cum, kk.unsqueeze(1)).squeeze(1)
+    below = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                        torch.zeros_like(b))
+    return b, kk - below
+
+
+def sort_keys(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys in [0, 2^32) with the same order (-0.0 just below +0.0)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
+
+
+def from_sort_keys(k: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(k >= 1 << 31, k - (1 << 31), 0xFFFFFFFF - k)
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32)
 
 
 def _as_value(t: torch.Tensor, spec: StatSpec) -> Any:
@@ -201,6 +284,9 @@ def run_stat_passes(plan: Any, run: Callable[[Any, Callable[[str, torch.Tensor],
     values: dict[str, Any] = {}
     for pp in plan.prepasses:
         col = StatCollector(plan.stats)
-        run(fill(pp, values), col)
-        values.update(col.finish())
+        filled = fill(pp, values)
+        run(filled, col)
+        while col.finish():
+            run(filled, col)
+        values.update(col.values)
     return fill(replace(plan, prepasses=(), stats=()), values)

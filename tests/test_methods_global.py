@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import mergelang as ml
 from mergelang.cli import main
+from mergelang import stats
 from mergelang.diagnostics import MergelangError
 
 SHAPES = {"embed.weight": (8, 6), "layers.0.mlp.weight": (5, 4, 3), "layers.0.bias": (7,),
@@ -54,16 +55,24 @@ def _check(out, want):
         torch.testing.assert_close(out[n], w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.fixture(params=["buffer", "radix"])
+def select(request, monkeypatch):
+    """Both exact threshold algorithms: kept entries + kthvalue, and the two-round radix select."""
+    if request.param == "radix":
+        monkeypatch.setattr(stats, "BUFFER_LIMIT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [0.2, 0.5, 1.0, 0.0])
 @pytest.mark.parametrize("merge", ["mean", "sum"])
-def test_ties_global_matches_reference(k, merge):
+def test_ties_global_matches_reference(k, merge, select):
     base, a, b, c = (make_sd(s) for s in range(4))
     out = ml.merge(f'ties_global(base, [a, b, c], k = {k}, lambda = 0.7, merge = "{merge}")',
                    base=base, a=a, b=b, c=c)
     _check(out, reference_ties(base, [a, b, c], list(SHAPES), k, 0.7, merge))
 
 
-def test_threshold_is_model_wide_not_per_tensor():
+def test_threshold_is_model_wide_not_per_tensor(select):
     base = {k: torch.zeros(s) for k, s in SHAPES.items()}
     a = make_sd(1)
     a["embed.weight"] *= 100  # all of the top 20% lies in one tensor
@@ -75,7 +84,7 @@ def test_threshold_is_model_wide_not_per_tensor():
     _check(out, reference_ties(base, [a], list(SHAPES), 0.2))
 
 
-def test_masks_exact_with_magnitude_ties():
+def test_masks_exact_with_magnitude_ties(select):
     base = {k: torch.zeros(s) for k, s in SHAPES.items()}
     a = {k: torch.sign(torch.randn(s, generator=torch.Generator().manual_seed(3))) for k, s in SHAPES.items()}
     b = {k: 2 * torch.ones(s) for k, s in SHAPES.items()}
@@ -86,7 +95,7 @@ def test_masks_exact_with_magnitude_ties():
 
 
 @pytest.mark.parametrize("majority", [1.0, -1.0, 0.0])
-def test_zero_elected_sign_takes_the_model_majority(majority):
+def test_zero_elected_sign_takes_the_model_majority(majority, select):
     """Entries where the trimmed task vectors cancel (gamma = 0) take sign(sum gamma); when that
     is 0 too, the repo keeps the negative entries (its where(sign > 0, tv > 0, tv < 0))."""
     names = ["x", "y"]
@@ -191,7 +200,7 @@ def test_errors():
     assert "mean" in str(info.value)
 
 
-def test_cli_run_on_tiny_checkpoints(tmp_path):
+def test_cli_run_on_tiny_checkpoints(tmp_path, select):
     sds = {n: make_sd(i) for i, n in enumerate(["base", "m1", "m2", "m3"])}
     for n, sd in sds.items():
         save_file(sd, str(tmp_path / f"{n}.safetensors"))
@@ -212,3 +221,22 @@ def test_cli_run_on_tiny_checkpoints(tmp_path):
     assert torch.equal(out["norm.weight"], sds["base"]["norm.weight"])
     result = CliRunner().invoke(main, ["compile", str(recipe), "--emit", "plan"])
     assert result.exit_code == 0 and "# pass 2 of 3: model-wide statistics" in result.output
+    assert ("radix select" in result.output) == (select == "radix")
+
+
+def test_model_topk_value_radix_select_is_exact(monkeypatch):
+    """Random values with duplicates, negatives, zeros and -0.0: the same threshold as
+    torch.kthvalue over the concatenation, for every fraction."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"p": (37, 11), "q": (200,), "r": (3, 3, 3)}
+    x = {n: torch.randn(s, generator=g).round(decimals=1) for n, s in shapes.items()}
+    x["q"][:20] = -0.0
+    x["q"][20:40] = 0.0
+    flat = torch.cat([v.reshape(-1) for v in x.values()])
+    for frac in (0.0, 0.013, 0.25, 0.5, 0.9, 1.0):
+        want = flat.kthvalue(max(flat.numel() - int(flat.numel() * frac), 1)).values
+        for limit in (1 << 30, 0):
+            monkeypatch.setattr(stats, "BUFFER_LIMIT", limit)
+            out = ml.merge(f"x * 0 + model_topk_value(x, {frac})", x=x)
+            for n in shapes:
+                assert torch.equal(out[n], torch.full(shapes[n], float(want))), (frac, limit, n)
