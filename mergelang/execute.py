@@ -76,7 +76,8 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
         from .stats import run_stat_passes
 
         plan = run_stat_passes(plan, lambda pp, sink: execute(
-            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers))
+            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers),
+            memory_budget)
     prepare_models(plan, models, dev)
     if not pipelined:
         _execute_sequential(plan, models, sink, dev, progress)

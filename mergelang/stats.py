@@ -167,8 +167,9 @@ class StatCollector:
     the low 16 bits of the entries in the chosen bucket — with two 65536-bin histograms per
     model, at the cost of streaming the pass twice."""
 
-    def __init__(self, specs: tuple[StatSpec, ...]):
+    def __init__(self, specs: tuple[StatSpec, ...], limit: int | None = None):
         self.specs = {s.key: s for s in specs}
+        self.limit = BUFFER_LIMIT if limit is None else min(limit, BUFFER_LIMIT)
         self.sums: dict[str, torch.Tensor] = {}
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.hist: dict[str, torch.Tensor] = {}
@@ -184,7 +185,7 @@ class StatCollector:
             part = flat.to(torch.float64).sum(dim=1)
             prev = self.sums.get(spec.key)
             self.sums[spec.key] = part if prev is None else prev + part
-        elif spec.buffer_bytes:
+        elif self.keeps(spec):
             self.parts.setdefault(spec.key, []).append(flat.to(torch.float32).cpu())
         else:
             keys = sort_keys(flat.to(torch.float32).cpu())
@@ -197,6 +198,10 @@ class StatCollector:
             h = _bincount_rows(idx, (1 << 16) + 1)[:, : 1 << 16]
             prev = self.hist.get(spec.key)
             self.hist[spec.key] = h if prev is None else prev + h
+
+    def keeps(self, spec: StatSpec) -> bool:
+        """Whether the entries are kept (else: radix select)."""
+        return (spec.models or 1) * spec.numel * 4 <= self.limit
 
     def finish(self) -> bool:
         """Compute what this round allows; True when another round over the pass is needed."""
@@ -279,11 +284,14 @@ def fill(plan: Any, values: dict[str, Any]) -> Any:
     return replace(plan, graph=g)
 
 
-def run_stat_passes(plan: Any, run: Callable[[Any, Callable[[str, torch.Tensor], None]], None]) -> Any:
-    """Run `plan`'s statistics passes with `run(pass_plan, sink)`; the apply plan, filled."""
+def run_stat_passes(plan: Any, run: Callable[[Any, Callable[[str, torch.Tensor], None]], None],
+                    memory_budget: int | None = None) -> Any:
+    """Run `plan`'s statistics passes with `run(pass_plan, sink)`; the apply plan, filled. With
+    a memory budget, entries are kept only within the budget's headroom above the pass's peak."""
     values: dict[str, Any] = {}
     for pp in plan.prepasses:
-        col = StatCollector(plan.stats)
+        limit = None if memory_budget is None else max(0, memory_budget - pp.peak_bytes)
+        col = StatCollector(plan.stats, limit)
         filled = fill(pp, values)
         run(filled, col)
         while col.finish():

@@ -240,3 +240,27 @@ def test_model_topk_value_radix_select_is_exact(monkeypatch):
             out = ml.merge(f"x * 0 + model_topk_value(x, {frac})", x=x)
             for n in shapes:
                 assert torch.equal(out[n], torch.full(shapes[n], float(want))), (frac, limit, n)
+
+
+def test_memory_budget_switches_to_radix_select(monkeypatch):
+    from mergelang.execute import execute
+
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+                   'merge from base {\n  "*" => ties_global(base, [a, b], k = 0.3)\n}\n',
+                   base=base, a=a, b=b)
+    plan, models = r.compilation.plan, r.compilation.models
+    calls = []
+    real = stats.run_stat_passes
+
+    def counting(p, run, budget=None):
+        return real(p, lambda pp, sink: (calls.append(pp), run(pp, sink)), budget)
+
+    monkeypatch.setattr(stats, "run_stat_passes", counting)
+    want = reference_ties(base, [a, b], list(SHAPES), 0.3)
+    for budget, passes in ((None, 2), (plan.prepasses[0].peak_bytes + 10, 3)):
+        calls.clear()
+        out: dict = {}
+        execute(plan, models, out.__setitem__, memory_budget=budget)
+        assert len(calls) == passes  # the radix select streams the threshold pass twice
+        _check(out, want)
