@@ -264,3 +264,13 @@ def test_memory_budget_switches_to_radix_select(monkeypatch):
         execute(plan, models, out.__setitem__, memory_budget=budget)
         assert len(calls) == passes  # the radix select streams the threshold pass twice
         _check(out, want)
+
+
+def test_explain_mentions_the_statistics_passes():
+    from mergelang.explain import explain_text
+
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+                   'merge from base {\n  "*" => ties_global(base, [a, b])\n}\n', base=base, a=a, b=b)
+    text = explain_text(r.compilation)
+    assert "model-wide statistics: 2, computed by 2 streaming pass(es)" in text
