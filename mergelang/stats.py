@@ -211,13 +211,18 @@ class StatCollector:
         for key, parts in self.parts.items():
             x = torch.cat(parts, dim=1)
             parts.clear()
+            if x.shape[1] == 0:  # no entries routed: no tensor uses the threshold
+                self.done[key] = _as_value(torch.zeros(x.shape[0]), self.specs[key])
+                continue
             kk = _kth_index(x.shape[1], self.specs[key])
             self.done[key] = _as_value(torch.kthvalue(x, kk, dim=1).values, self.specs[key])
         self.parts.clear()
         again = False
         for key, h in self.hist.items():
             spec = self.specs[key]
-            if key not in self.bucket:
+            if spec.numel == 0:  # no entries routed: no tensor uses the threshold
+                self.done[key] = _as_value(torch.zeros(h.shape[0]), spec)
+            elif key not in self.bucket:
                 kk = torch.full((h.shape[0],), _kth_index(spec.numel, spec), dtype=torch.int64)
                 high, left = _pick(h, kk)
                 self.bucket[key] = (high, left)

@@ -274,3 +274,12 @@ def test_explain_mentions_the_statistics_passes():
                    'merge from base {\n  "*" => ties_global(base, [a, b])\n}\n', base=base, a=a, b=b)
     text = explain_text(r.compilation)
     assert "model-wide statistics: 2, computed by 2 streaming pass(es)" in text
+
+
+@pytest.mark.parametrize("limit", [1 << 30, 0])
+def test_empty_tensors_only(monkeypatch, limit):
+    monkeypatch.setattr(stats, "BUFFER_LIMIT", limit)
+    shapes = {"e": (0, 3)}
+    base, a = make_sd(0, shapes), make_sd(1, shapes)
+    out = ml.merge("ties_global(base, [a], k = 0.5)", base=base, a=a)
+    assert out["e"].shape == (0, 3)
