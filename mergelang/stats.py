@@ -74,7 +74,8 @@ def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span) -> Value:
     where = " > ".join(s.location() for s in chain)
     models = el.graph.node(nid).type.models
     frac = f", {fraction:g}" if kind == "topk_value" else ""
-    key = f"model_{kind}(…{frac}) x{models or 1} @ {where}"
+    stack = f" x{models}" if models else ""
+    key = f"model_{kind}(…{frac}){stack} @ {where}"
     return TensorV(el.make(Op.MODEL_STAT, [nid], Attrs(kind=kind, key=key, fraction=fraction,
                                                        tensor=el.tensor), span))
 
