@@ -283,3 +283,20 @@ def test_empty_tensors_only(monkeypatch, limit):
     base, a = make_sd(0, shapes), make_sd(1, shapes)
     out = ml.merge("ties_global(base, [a], k = 0.5)", base=base, a=a)
     assert out["e"].shape == (0, 3)
+
+
+def test_every_pass_graph_verifies_after_every_optimization():
+    from mergelang.graph import verify
+    from mergelang.passes import optimize
+    from mergelang.stats import split_stats
+
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+                   'merge from base {\n  "*norm*" => base\n  "*" => ties_global(base, [a, b])\n}\n',
+                   base=base, a=a, b=b)
+    verify(r.compilation.graph)
+    passes, apply_graph, specs = split_stats(r.compilation.graph)
+    assert [s.level for s in specs] == [0, 1] and len(passes) == 2
+    for g in [*passes, apply_graph]:
+        verify(g)
+        optimize(g, check=verify)
