@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +25,7 @@ from .parser import parse_expr
 from .passes import optimize
 from .plan import ExecutionPlan, lower
 from .resolve import check_unit
+from .stats import split_stats
 from .values import Const, ListV, Value
 from .vocab import improve_diagnostics, resize_models
 
@@ -156,8 +157,11 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if diags.has_errors:
         improve_diagnostics(diags, models, block.source)  # type: ignore[union-attr]
         _fail(diags, models)
-    optimized = optimize(graph)
+    prepasses, apply_graph, stats = split_stats(graph)
+    optimized = optimize(apply_graph)
     plan = lower(optimized)
+    if prepasses:
+        plan = replace(plan, prepasses=tuple(lower(optimize(p)) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error])
 

@@ -284,6 +284,8 @@ CODES: dict[str, str] = {
     "E206": "unsupported dtype",
     "E207": "output shape differs from the reference model",
     "E210": "sidecar tensor has the wrong shape",
+    "E220": "a model-wide statistic's fraction is not a number in [0, 1]",
+    "E221": "a model-wide statistic needs float values",
     # models and checkpoints
     "E301": "model not found",
     "E302": "tensor missing in a model",

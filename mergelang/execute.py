@@ -72,6 +72,12 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
             memory_budget: int | None = None, pipelined: bool = True, readers: int = 1) -> None:
     """Run `plan`, calling `sink(name, tensor)` once per output, in output order."""
     dev = resolve_device(device)
+    if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
+        from .stats import run_stat_passes
+
+        plan = run_stat_passes(plan, lambda pp, sink: execute(
+            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers),
+            memory_budget)
     prepare_models(plan, models, dev)
     if not pipelined:
         _execute_sequential(plan, models, sink, dev, progress)

@@ -155,7 +155,14 @@ def explain_text(c: Compilation) -> str:
                  ", ".join(f"{m} {_size(b)}" for m, b in sorted(reads.items())))
     lines.append(f"writes {_size(plan.write_bytes)} ({_dtypes(g)})")
     lines.append(f"estimated peak memory: {_size(plan.peak_bytes)} of live tensors (float32 compute)")
-    secs = (plan.read_bytes + plan.write_bytes) / ASSUMED_IO_BYTES_PER_S
+    extra = 0
+    if plan.prepasses:  # model-wide statistics: streaming passes before the merge
+        rounds = [max((s.rounds for s in plan.stats if s.level == i), default=1)
+                  for i in range(len(plan.prepasses))]
+        extra = sum(r * pp.read_bytes for r, pp in zip(rounds, plan.prepasses))
+        lines.append(f"model-wide statistics: {len(plan.stats)}, computed by {sum(rounds)} "
+                     f"streaming pass(es) before the merge, reading {_size(extra)} more")
+    secs = (plan.read_bytes + extra + plan.write_bytes) / ASSUMED_IO_BYTES_PER_S
     lines.append(f"estimated time: about {secs:.1f}s of disk I/O at 1 GB/s, plus compute")
     ops: dict[str, int] = defaultdict(int)
     for _, n in g.items():

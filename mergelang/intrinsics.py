@@ -408,5 +408,5 @@ def _none(v: Value) -> bool:
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
 
-from . import intrinsics_layers, intrinsics_linalg, lora, stacking  # noqa: E402,F401  (register more intrinsics)
+from . import intrinsics_layers, intrinsics_linalg, lora, stacking, stats  # noqa: E402,F401  (register more intrinsics)
 from .align import lang as _align_lang  # noqa: E402,F401  (registers `align`)

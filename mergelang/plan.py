@@ -9,6 +9,7 @@ bytes, used by `--emit plan` and checked against `--memory-budget`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .graph import MergeGraph, attrs_text, emit_order
 from .ops import Op
@@ -27,6 +28,9 @@ class ExecutionPlan:
     peak_bytes: int
     read_bytes: int
     write_bytes: int
+    #: statistics passes that run before this plan (stats.py), and the statistics they compute
+    prepasses: tuple["ExecutionPlan", ...] = ()
+    stats: tuple[Any, ...] = ()
 
     @property
     def outputs(self) -> list[int]:
@@ -70,7 +74,25 @@ def _src_bytes(n) -> int:
 
 
 def format_plan(plan: ExecutionPlan) -> str:
-    """Stable text for `--emit plan`: one line per step, with the values freed after it."""
+    """Stable text for `--emit plan`: one line per step, with the values freed after it; with
+    model-wide statistics, one section per streaming pass."""
+    if not plan.prepasses:
+        return _format_steps(plan)
+    n = len(plan.prepasses) + 1
+    parts = []
+    for i, pp in enumerate(plan.prepasses):
+        specs = [s for s in plan.stats if s.level == i]
+        lines = [f"# pass {i + 1} of {n}: model-wide statistics"]
+        for s in specs:
+            held = f", holds {_size(s.buffer_bytes)}" if s.buffer_bytes else \
+                (", radix select: this pass streams twice" if s.rounds > 1 else "")
+            lines.append(f"#   {s.key}: {s.numel} entries per model from {s.tensors} tensors{held}")
+        parts.append("\n".join(lines) + "\n" + _format_steps(pp))
+    parts.append(f"# pass {n} of {n}: apply\n" + _format_steps(plan))
+    return "".join(parts)
+
+
+def _format_steps(plan: ExecutionPlan) -> str:
     g = plan.graph
     local = {step.nid: i for i, step in enumerate(plan.steps)}
     lines = [f"# {len(plan.outputs)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
@@ -82,6 +104,8 @@ def format_plan(plan: ExecutionPlan) -> str:
             what = f"load {n.attrs['model']}[{n.attrs['tensor']!r}]"
         elif n.op is Op.OUTPUT:
             what = f"write {n.attrs['name']!r} as {n.attrs['dtype']} <- {args}"
+        elif n.op is Op.STAT_VALUE:
+            what = f"stat {n.attrs['key']!r}"
         elif n.op is Op.CONST:
             what = f"const {n.attrs['value']!r}"
         else:
