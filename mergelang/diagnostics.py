@@ -286,6 +286,7 @@ CODES: dict[str, str] = {
     "E210": "sidecar tensor has the wrong shape",
     "E220": "a model-wide statistic's fraction is not a number in [0, 1]",
     "E221": "a model-wide statistic needs float values",
+    "E230": "model_quantile_value's offset is not an integer known at compile time",
     # models and checkpoints
     "E301": "model not found",
     "E302": "tensor missing in a model",

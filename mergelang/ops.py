@@ -81,7 +81,7 @@ class Op(enum.Enum):
     ASSERT = "assert"
     # model-wide statistics (see stats.py): a per-model scalar over every tensor routed to one
     # call site; computed by a statistics pass before the apply pass
-    MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value"), key, fraction, tensor
+    MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value" | "quantile_value"), key, fraction, tensor
     STAT_VALUE = "stat_value"  # arity 0; attrs: key, type; filled with a CONST at run time
 
     def __repr__(self) -> str:
@@ -116,7 +116,7 @@ ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
               Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0})
-STAT_KINDS = ("sum", "topk_value")
+STAT_KINDS = ("sum", "topk_value", "quantile_value")
 
 
 class Attrs(Mapping[str, Any]):
@@ -304,9 +304,9 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
     if op is Op.MODEL_STAT:
         if attrs["kind"] not in STAT_KINDS:
             raise TypeRuleError(f"unknown model-wide statistic {attrs['kind']!r}", "E203")
-        if attrs["kind"] == "topk_value":
+        if attrs["kind"] != "sum":
             if args[0].dtype != "float32":
-                raise TypeRuleError(f"model_topk_value needs float32 values, got {args[0].dtype}", "E221")
+                raise TypeRuleError(f"model_{attrs['kind']} needs float32 values, got {args[0].dtype}", "E221")
         return TType((), "float32", args[0].models)
     if op is Op.OUTPUT:
         return args[0].with_(dtype=attrs["dtype"])

@@ -48,36 +48,39 @@ BUFFER_LIMIT = 1 << 30
 @dataclass(frozen=True)
 class StatSpec:
     key: str
-    kind: str          # "sum" | "topk_value"
+    kind: str          # "sum" | "topk_value" | "quantile_value"
     fraction: float
     models: int | None
     level: int         # the statistics pass that computes it (0-based)
     numel: int         # entries per model over all routed tensors
     tensors: int       # how many tensors are routed to it
+    offset: int = 0    # quantile_value: added to the 0-based position int(N * fraction)
 
     @property
     def buffer_bytes(self) -> int:
         """Host memory that keeps the entries (0: not kept; radix select, see StatCollector)."""
         size = (self.models or 1) * self.numel * 4
-        return size if self.kind == "topk_value" and size <= BUFFER_LIMIT else 0
+        return size if self.kind != "sum" and size <= BUFFER_LIMIT else 0
 
     @property
     def rounds(self) -> int:
         """How many times its pass streams the inputs."""
-        return 2 if self.kind == "topk_value" and not self.buffer_bytes else 1
+        return 2 if self.kind != "sum" and not self.buffer_bytes else 1
 
 
 # ---------------------------------------------------------------- the intrinsics
-def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span) -> Value:
+def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span, offset: int = 0) -> Value:
     nid = el.to_node(x, span)
     chain = [f.call_span for f in el.stack] + [span]
     where = " > ".join(s.location() for s in chain)
     models = el.graph.node(nid).type.models
-    frac = f", {fraction:g}" if kind == "topk_value" else ""
+    frac = f", {fraction:g}" if kind != "sum" else ""
+    frac += f", {offset:+d}" if offset else ""
     stack = f" x{models}" if models else ""
     key = f"model_{kind}(…{frac}){stack} @ {where}"
+    extra = {"offset": offset} if offset else {}
     return TensorV(el.make(Op.MODEL_STAT, [nid], Attrs(kind=kind, key=key, fraction=fraction,
-                                                       tensor=el.tensor), span))
+                                                       tensor=el.tensor, **extra), span))
 
 
 @intrinsic("model_sum", "x",
@@ -97,6 +100,22 @@ def _model_topk_value(el: Any, a: dict[str, Value], span: Span) -> Value:
         raise el.error("E220", f"model_topk_value's fraction must be a number in [0, 1] known at "
                        f"compile time, got {f.describe()}", span, "e.g. 0.2 keeps the top 20%")
     return _stat(el, "topk_value", a["x"], float(f.value), span)  # type: ignore[union-attr]
+
+
+@intrinsic("model_quantile_value", "x", "fraction", ("offset", 0),
+           doc="per model, the entry at 0-based position int(N * fraction) + offset (clamped to "
+               "0..N-1) of the ascending sort of the N entries of every tensor routed to this "
+               "call site (torch.sort(x)[int(d * fraction) + offset], as PCB-merging's clamp)")
+def _model_quantile_value(el: Any, a: dict[str, Value], span: Span) -> Value:
+    f, off = a["fraction"], a["offset"]
+    if not (is_number(f) and 0.0 <= float(f.value) <= 1.0):  # type: ignore[union-attr]
+        raise el.error("E220", f"model_quantile_value's fraction must be a number in [0, 1] known "
+                       f"at compile time, got {f.describe()}", span, "e.g. 0.5 is the median")
+    if not (is_number(off) and float(off.value) == int(off.value)):  # type: ignore[union-attr]
+        raise el.error("E230", f"model_quantile_value's offset must be an integer known at "
+                       f"compile time, got {off.describe()}", span, "e.g. offset = -1")
+    return _stat(el, "quantile_value", a["x"], float(f.value), span,  # type: ignore[union-attr]
+                 int(off.value))  # type: ignore[union-attr]
 
 
 def _unfilled(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
@@ -132,7 +151,7 @@ def split_stats(g: MergeGraph) -> tuple[list[MergeGraph], MergeGraph, tuple[Stat
         per_model = x.numel // (x.models or 1) if x.models else x.numel
         if s is None:
             specs[key] = StatSpec(key, n.attrs["kind"], n.attrs["fraction"], x.models,
-                                  level[n.args[0]], per_model, 1)
+                                  level[n.args[0]], per_model, 1, n.attrs.get("offset", 0))
         else:
             specs[key] = replace(s, level=max(s.level, level[n.args[0]]),
                                  numel=s.numel + per_model, tensors=s.tensors + 1)
@@ -242,6 +261,8 @@ class StatCollector:
 
 def _kth_index(n: int, spec: StatSpec) -> int:
     """1-based rank of the threshold among n entries (ties-merging's topk_values_mask)."""
+    if spec.kind == "quantile_value":
+        return min(max(int(n * spec.fraction) + spec.offset, 0), n - 1) + 1
     return max(n - int(n * spec.fraction), 1)
 
 
