@@ -161,7 +161,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     optimized = optimize(apply_graph)
     plan = lower(optimized)
     if prepasses:
-        plan = replace(plan, prepasses=tuple(lower(optimize(p)) for p in prepasses), stats=stats)
+        plan = replace(plan, prepasses=tuple(lower(optimize(p), eager=True) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error])
 

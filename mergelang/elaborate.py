@@ -44,6 +44,7 @@ class Frame:
     fn: str
     call_span: Span
     env: dict[str, Value]
+    tag: str = ""  # `iterate`'s round ("#3"): tells model-wide statistics of each round apart
 
 
 class Elaborator:
@@ -240,7 +241,7 @@ class Elaborator:
         assert fn is not None
         return self.apply(fn, given, e.span)
 
-    def apply(self, fn: ast.FnDef, given: dict[str, Value], span: Span) -> Value:
+    def apply(self, fn: ast.FnDef, given: dict[str, Value], span: Span, tag: str = "") -> Value:
         """Inline a recipe function with bound arguments (defaults fill the rest)."""
         if len(self.stack) >= MAX_DEPTH:
             raise self.error("E108", f"calls nest deeper than {MAX_DEPTH} (recursion in `{fn.name}`?)",
@@ -248,7 +249,7 @@ class Elaborator:
         local: dict[str, Value] = {}
         for p in fn.params:
             local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
-        self.stack.append(Frame(fn.name, span, local))
+        self.stack.append(Frame(fn.name, span, local, tag))
         try:
             for let in fn.lets:
                 local[let.name] = self.eval(let.value, local)

@@ -204,10 +204,34 @@ def _attrs_text(n: Node) -> str:
     return " ".join(f"{k}={v!r}" for k, v in sorted(a.items()))
 
 
-def _emit_order(g: MergeGraph) -> list[int]:
-    """Depth-first from each output in output order: a value right before its first use."""
+def _emit_order(g: MergeGraph, eager: bool = False) -> list[int]:
+    """Depth-first from each output in output order: a value right before its first use.
+
+    `eager` (statistics passes, whose outputs are feeds that each end a small side branch):
+    outputs with more ancestors go first, and as soon as a value is computed, every consumer
+    cone that ends in outputs and needs nothing else not yet computed runs right away, so a
+    value is not kept alive only for a feed written much later (OPCM's per-model norms beside
+    its sequential chain: constant memory in the number of models)."""
     seen: set[int] = set()
     order: list[int] = []
+    computed: set[int] = set()  # in `order` (seen also holds nodes whose args are pending)
+
+    def ready_cone(c: int, cone: set[int]) -> bool:
+        if c in computed or c in cone:
+            return True
+        if c in seen or any(a not in computed and a not in cone for a in g.node(c).args):
+            return False
+        cone.add(c)
+        return all(ready_cone(u, cone) for u in g.successors(c))
+
+    def flush(nid: int) -> None:
+        for c in sorted(g.successors(nid)):
+            if c in seen or any(a not in computed for a in g.node(c).args):
+                continue
+            cone: set[int] = set()
+            if ready_cone(c, cone):
+                for x in sorted(cone):
+                    visit(x)
 
     def visit(root: int) -> None:
         stack = [(root, False)]
@@ -215,6 +239,9 @@ def _emit_order(g: MergeGraph) -> list[int]:
             nid, done = stack.pop()
             if done:
                 order.append(nid)
+                computed.add(nid)
+                if eager:
+                    flush(nid)
                 continue
             if nid in seen:
                 continue
@@ -224,7 +251,11 @@ def _emit_order(g: MergeGraph) -> list[int]:
                 if a not in seen:
                     stack.append((a, False))
 
-    for out in g.outputs():
+    outs = g.outputs()
+    if eager:
+        size = {o: len(nx.ancestors(g, o)) for o in outs}
+        outs = sorted(outs, key=lambda o: -size[o])
+    for out in outs:
         visit(out)
     for nid in sorted(g.nodes):  # unreachable nodes (before DCE) last, in id order
         if nid not in seen:

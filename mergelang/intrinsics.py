@@ -396,8 +396,8 @@ def _iterate(el: Any, a: dict[str, Value], span: Span) -> Value:
         raise el.error("E105", f"`{fn.name}` takes {len(params)} arguments, iterate passes "
                        f"{len(args) + 1}", span)
     x = a["init"]
-    for _ in range(int(times.value)):  # type: ignore[union-attr]
-        x = el.apply(fn, dict(zip(params, [x, *args])), span)
+    for i in range(int(times.value)):  # type: ignore[union-attr]
+        x = el.apply(fn, dict(zip(params, [x, *args])), span, tag=f"#{i + 1}")
     return x
 
 

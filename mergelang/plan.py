@@ -44,8 +44,8 @@ def _live_bytes(g: MergeGraph, nid: int) -> int:
     return n.type.nbytes
 
 
-def lower(g: MergeGraph) -> ExecutionPlan:
-    order = emit_order(g)
+def lower(g: MergeGraph, eager: bool = False) -> ExecutionPlan:
+    order = emit_order(g, eager)
     last: dict[int, int] = {}
     for i, nid in enumerate(order):
         for a in g.node(nid).args:

@@ -71,8 +71,8 @@ class StatSpec:
 # ---------------------------------------------------------------- the intrinsics
 def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span, offset: int = 0) -> Value:
     nid = el.to_node(x, span)
-    chain = [f.call_span for f in el.stack] + [span]
-    where = " > ".join(s.location() for s in chain)
+    chain = [f.call_span.location() + f.tag for f in el.stack] + [span.location()]
+    where = " > ".join(chain)
     models = el.graph.node(nid).type.models
     frac = f", {fraction:g}" if kind != "sum" else ""
     frac += f", {offset:+d}" if offset else ""
