@@ -134,3 +134,18 @@ def test_memory_is_constant_in_the_number_of_models():
         # reference, so the tolerance is wider here than on the small cases
         _check(r.evaluate(), reference_opcm(make_sd(0, shapes), list(env.values())), tol=5e-4)
     assert peaks[1] == peaks[2], peaks
+
+
+def test_each_iterate_round_is_its_own_statistic():
+    """model_sum inside `iterate`: one statistic per round (they used to share one key)."""
+    base, a, b = make_sd(0), make_sd(1), make_sd(2)
+    text = ('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
+            'fn _step(state, models) {\n'
+            '    return [2 * state[0] + model_sum(models[state[1]]), state[1] + 1]\n}\n'
+            'merge from base {\n'
+            '  "*" => base * 0 + iterate("_step", [0, 0], 2, [[a, b]])[0]\n}\n')
+    out = ml.compile(text, base=base, a=a, b=b).evaluate()
+    sa, sb = (float(sum(v.double().sum() for v in m.values())) for m in (a, b))
+    want = 2 * sa + sb
+    for n in SHAPES:
+        torch.testing.assert_close(out[n], torch.full(SHAPES[n], want, dtype=torch.float32))
