@@ -13,7 +13,7 @@ commute in the built-in specs (whole blocks vs. positions inside every block), s
 which they are applied does not matter.
 
 Built-in specs are derived from `config.json` (`spec_for`): the Llama family (llama, mistral,
-qwen2, qwen3; grouped-query attention) and GPT-2. See docs/align.md.
+qwen2, qwen3; grouped-query attention), GPT-2 and BERT. See docs/align.md.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def invert(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ built-in specs
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_TYPES = ("gpt2",)
+BERT_TYPES = ("bert",)
 
 
 def spec_for(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]]) -> AlignSpec:
@@ -143,6 +144,8 @@ def spec_for(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int
         return llama_spec(config, shapes)
     if kind in GPT2_TYPES or (kind is None and any(n.endswith("attn.c_attn.weight") for n in names)):
         return gpt2_spec(config, shapes)
+    if kind in BERT_TYPES or (kind is None and any(n.endswith("attention.self.query.weight") for n in names)):
+        return bert_spec(config, shapes)
     raise SpecError(f"no built-in permutation spec for model_type {kind!r}" if kind else
                     "no config.json and the tensor names match no built-in architecture")
 
@@ -251,6 +254,53 @@ def gpt2_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[in
                                       (L + "attn.c_attn.bias", 0, H, 1, 2 * D),
                                       (L + "attn.c_proj.weight", 0, H, 1)])
     return AlignSpec("gpt2", tuple(b.groups), "GPT-2 has no rotary: q/k dims inside a head are a group")
+
+
+def bert_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]]) -> AlignSpec:
+    """BERT (post-LayerNorm encoder, absolute positions, nn.Linear (out, in) weights)."""
+    cfg = dict(config or {})
+    names = list(shapes)
+    if "hidden_size" not in cfg:
+        raise SpecError("a BERT model needs its config.json (hidden_size, num_attention_heads) to be aligned")
+    p = _prefix(names, "embeddings.word_embeddings.weight") or _prefix(names, "encoder.layer.0.attention.self.query.weight")
+    layers = _layers(names, re.escape(p) + r"encoder\.layer\.(\d+)\.")
+    D, H, I = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("intermediate_size", 0)
+    d = D // H
+    b = _Builder(names)
+    E = p + "embeddings."
+    res: list[tuple] = [(E + "word_embeddings.weight", 1), (E + "position_embeddings.weight", 1),
+                        (E + "token_type_embeddings.weight", 1), (E + "LayerNorm.weight", 0),
+                        (E + "LayerNorm.bias", 0), (p + "pooler.dense.weight", 1)]
+    # a masked-LM head: its transform reads the residual; its output is read by the decoder, whose
+    # weight may be tied to the word embeddings, so the transform's output moves with the residual too
+    T = "cls.predictions."
+    res += [(T + "transform.dense.weight", 1), (T + "transform.dense.weight", 0), (T + "transform.dense.bias", 0),
+            (T + "transform.LayerNorm.weight", 0), (T + "transform.LayerNorm.bias", 0), (T + "decoder.weight", 1)]
+    for i in layers:
+        L = f"{p}encoder.layer.{i}."
+        for proj in ("query", "key", "value"):
+            res.append((L + f"attention.self.{proj}.weight", 1))
+        res += [(L + "attention.output.dense.weight", 0), (L + "attention.output.dense.bias", 0),
+                (L + "attention.output.LayerNorm.weight", 0), (L + "attention.output.LayerNorm.bias", 0),
+                (L + "intermediate.dense.weight", 1), (L + "output.dense.weight", 0), (L + "output.dense.bias", 0),
+                (L + "output.LayerNorm.weight", 0), (L + "output.LayerNorm.bias", 0)]
+    b.group("residual", D, res)
+    for i in layers:
+        L = f"{p}encoder.layer.{i}."
+        S = L + "attention.self."
+        b.group(f"layer.{i}.mlp", I, [(L + "intermediate.dense.weight", 0), (L + "intermediate.dense.bias", 0),
+                                      (L + "output.dense.weight", 1)])
+        b.group(f"layer.{i}.heads", H, [(S + f"{x}.{w}", 0, 1, d) for x in ("query", "key", "value")
+                                        for w in ("weight", "bias")] +
+                [(L + "attention.output.dense.weight", 1, 1, d)])
+        # no rotary: the q and k dims inside a head move together (q·k is invariant); relative
+        # position embeddings (older transformers) act on those dims, so they stay fixed then
+        if cfg.get("position_embedding_type", "absolute") == "absolute":
+                b.group(f"layer.{i}.qk_dims", d, [(S + f"{x}.{w}", 0, H) for x in ("query", "key")
+                                              for w in ("weight", "bias")])
+        b.group(f"layer.{i}.vo_dims", d, [(S + "value.weight", 0, H), (S + "value.bias", 0, H),
+                                          (L + "attention.output.dense.weight", 1, H)])
+    return AlignSpec("bert", tuple(b.groups), "absolute positions, no rotary: q/k dims inside a head are a group")
 
 
 # ------------------------------------------------------------------ custom groups (recipes)
