@@ -323,6 +323,7 @@ CODES: dict[str, str] = {
     "E603": "no permutation spec fits the model",
     "E604": "models to align differ in shape",
     "E605": "invalid custom permutation group",
+    "E606": "invalid soft-alignment `reg` (negative, not a number, or without method = \"ot\")",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

@@ -193,6 +193,9 @@ def test_align_names_and_nesting(folders):
     ('"*" => align(gpt2, to = base)', "E604"),
     ('"*" => align(small, to = base)', "E604"),
     ('"*" => align(perm, to = base, seed = 0.5)', "E201"),
+    ('"*" => align(perm, to = base, reg = 0.1)', "E606"),
+    ('"*" => align(perm, to = base, method = "ot", reg = -1)', "E606"),
+    ('"*" => align(perm, to = base, method = "ot", reg = "soft")', "E606"),
 ])
 def test_align_diagnostics(folders, body, code):
     text = recipe("    " + body, base=folders["base"], perm=folders["perm"], gpt2=folders["gpt2"],

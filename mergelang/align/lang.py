@@ -21,19 +21,23 @@ from .source import AlignedSource
 from .spec import SpecError, custom_spec, spec_for
 
 DOC = ("the model permuted (hidden units, heads) to match `to`, for merging: "
-       "method = \"weight_matching\" | \"ot\"; permutations are applied on load")
+       "method = \"weight_matching\" | \"ot\"; permutations are applied on load; "
+       "method = \"ot\" with reg > 0: soft transport maps (OT fusion) instead of permutations")
 
 
-def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str, ...] = ()) -> str:
+def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str, ...] = (),
+                 reg: float = 0.0) -> str:
     extra = "" if method == "weight_matching" else f", method={method}"
     extra += "" if seed == 0 else f", seed={seed}"
+    extra += "" if reg == 0 else f", reg={reg:g}"
     if groups:
         digest = hashlib.sha1("\n".join(groups).encode()).hexdigest()[:8]
         extra += f", groups={len(groups)}#{digest}"
     return f"align({model}, to={to}{extra})"
 
 
-@intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), doc=DOC)
+@intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), ("reg", 0),
+           doc=DOC)
 def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
     from ..elaborate import Poisoned
 
@@ -48,8 +52,9 @@ def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
                        "method = " + " | ".join(f'"{m}"' for m in METHODS))
     if not (isinstance(seed, Const) and isinstance(seed.value, int) and not isinstance(seed.value, bool)):
         raise el.error("E201", f"align's `seed` must be an integer, got {seed.describe()}", span)
+    reg = _reg(el, a["reg"], method.value, span)
     groups = _groups(el, a["groups"], span)
-    name = derived_name(model.name, to.name, method.value, seed.value, groups)  # type: ignore[union-attr]
+    name = derived_name(model.name, to.name, method.value, seed.value, groups, reg)  # type: ignore[union-attr]
     if name in el.models:
         return ModelV(name, span)
     if not el.tensor:
@@ -59,7 +64,7 @@ def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
     if src is None or ref is None:
         raise Poisoned()  # a model failed to open: already reported
     try:
-        el.models[name] = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span)  # type: ignore[union-attr]
+        el.models[name] = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span, reg)  # type: ignore[union-attr]
     except CompileError:
         el.models[name] = None  # reported once (here); later uses of this model are skipped
         raise
@@ -67,7 +72,7 @@ def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 def _derive(el: Any, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, method: str, seed: int,
-            groups: tuple[str, ...], span: Span) -> AlignedSource:
+            groups: tuple[str, ...], span: Span, reg: float = 0.0) -> AlignedSource:
     shapes = {k: v.shape for k, v in src.tensors().items()}
     ref_shapes = {k: v.shape for k, v in ref.tensors().items()}
     try:
@@ -89,7 +94,20 @@ def _derive(el: Any, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, m
             raise el.error("E604", f"cannot align `{model.name}` to `{to.name}`: tensor `{t}` has shape "  # type: ignore[union-attr]
                            f"{list(shapes[t])} in `{model.name}` but is {got} in `{to.name}`", span,  # type: ignore[union-attr]
                            "alignment needs two models of the same architecture and size")
-    return AlignedSource(name, src, ref, spec, method, seed)
+    return AlignedSource(name, src, ref, spec, method, seed, reg)
+
+
+def _reg(el: Any, v: Value, method: str, span: Span) -> float:
+    """`reg`: the entropic regularisation of soft OT (0 = hard permutations)."""
+    ok = isinstance(v, Const) and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
+    if not ok or not (v.value >= 0 and v.value < float("inf")):  # type: ignore[union-attr]
+        got = v.value if isinstance(v, Const) else v.describe()
+        raise el.error("E606", f"align's `reg` must be a finite number >= 0, got {got!r}", span,
+                       "reg = 0 gives hard permutations; e.g. reg = 0.05 for a soft OT alignment")
+    if v.value > 0 and method != "ot":  # type: ignore[union-attr]
+        raise el.error("E606", f"`reg = {v.value}` (soft alignment) needs method = \"ot\", not {method!r}", span,  # type: ignore[union-attr]
+                       'align(model, to = ref, method = "ot", reg = 0.05)')
+    return float(v.value)  # type: ignore[union-attr]
 
 
 def _groups(el: Any, v: Value, span: Span) -> tuple[str, ...]:

@@ -13,6 +13,8 @@ after a sweep with no improvement, or after `max_sweeps` sweeps.
 measures over the units (POT's `ot.emd`, cost = max(similarity) - similarity) and takes the hard
 permutation from the transport plan (a linear assignment on the plan, which is the plan's own
 permutation when `emd` returns a vertex of the Birkhoff polytope, as the network simplex does).
+With `reg > 0` the converged hard solution is then softened: groups without head blocks get a
+Sinkhorn transport map (`soft.py`), stored in `AlignResult.maps` and applied on load.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class AlignResult:
     converged: bool
     objective: list[float] = field(default_factory=list)  # after each sweep
     seconds: float = 0.0
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # soft OT maps (row-stochastic, n x n)
 
 
 def assign(cost: np.ndarray, method: str = "weight_matching") -> np.ndarray:
@@ -72,10 +75,13 @@ def group_cost(g: Group, ref: Mapping[str, torch.Tensor], other: Mapping[str, to
 
 def weight_matching(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], spec: AlignSpec,
                     seed: int = 0, method: str = "weight_matching", max_sweeps: int = MAX_SWEEPS,
-                    device: str | torch.device | None = None) -> AlignResult:
-    """Permutations of `other`'s groups that best match `ref` (tensors: float, same shapes)."""
+                    device: str | torch.device | None = None, reg: float = 0.0) -> AlignResult:
+    """Permutations of `other`'s groups that best match `ref` (tensors: float, same shapes);
+    with `method="ot"` and `reg > 0` also soft transport maps for the groups without head blocks."""
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; methods: {', '.join(METHODS)}")
+    if reg < 0 or (reg > 0 and method != "ot"):
+        raise ValueError("`reg` must be >= 0, and > 0 only with method='ot'")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,5 +116,13 @@ def weight_matching(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
         if not improved:
             converged = True
             break
+    maps: dict[str, torch.Tensor] = {}
+    if reg > 0:
+        from .soft import is_soft_capable, sinkhorn_map
+
+        for g in spec.groups:  # each soft map from the converged hard solution of the other groups
+            if is_soft_capable(g):
+                sim = group_cost(g, R, O, members_of, perms).cpu().numpy()
+                maps[g.name] = torch.as_tensor(sinkhorn_map(sim, reg), dtype=torch.float64)
     return AlignResult({k: v.cpu() for k, v in perms.items()}, sweeps, converged, history,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, maps)

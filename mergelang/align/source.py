@@ -3,7 +3,8 @@
 Nothing permuted is written to disk. The permutations are solved once, in `prepare` (called by
 the executor before any tensor is streamed, or by the first `load`): the spec's tensors are read
 from both checkpoints, matched, and dropped; afterwards `load(name)` reads the tensor from the
-wrapped checkpoint and gathers it along its permuted axes.
+wrapped checkpoint and gathers it along its permuted axes (with soft OT maps, `reg > 0`: a matrix
+product along the mixed axes, see soft.py).
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import torch
 
 from ..checkpoint import ModelSource, TensorInfo
 from .solve import AlignResult, weight_matching
+from .soft import transform_tensor
 from .spec import AlignSpec, permute_tensor
 
 
 class AlignedSource(ModelSource):
     def __init__(self, label: str, source: ModelSource, ref: ModelSource, spec: AlignSpec,
-                 method: str = "weight_matching", seed: int = 0):
+                 method: str = "weight_matching", seed: int = 0, reg: float = 0.0):
         self.label = label
         self.source, self.ref, self.spec = source, ref, spec
-        self.method, self.seed = method, seed
+        self.method, self.seed, self.reg = method, seed, reg
         self.folder = source.folder
         self.result: AlignResult | None = None
         self._members = spec.by_tensor()
@@ -45,7 +47,7 @@ class AlignedSource(ModelSource):
                 ref = {n: self.ref.load(n) for n in names}
                 other = {n: self.source.load(n) for n in names}
                 self.result = weight_matching(ref, other, self.spec, self.seed, self.method,
-                                              device=device)
+                                              device=device, reg=self.reg)
             return self.result
 
     @property
@@ -57,7 +59,10 @@ class AlignedSource(ModelSource):
         members = self._members.get(name)
         if not members:
             return t
-        return permute_tensor(t, members, self.perms)
+        result = self.prepare()
+        if result.maps:  # soft OT: a matrix product along the mixed axes (computed in float64)
+            return transform_tensor(t, members, result.perms, result.maps)
+        return permute_tensor(t, members, result.perms)
 
     def close(self) -> None:  # the wrapped sources are declared models: the compiler closes them
         pass

@@ -98,13 +98,20 @@ def units_view(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:
 
 
 def apply_permutations(tensors: Mapping[str, torch.Tensor], spec: AlignSpec,
-                       perms: Mapping[str, torch.Tensor], skip: str | None = None) -> dict[str, torch.Tensor]:
-    """Permute the spec's tensors (others are returned unchanged); `skip` leaves one group out."""
+                       perms: Mapping[str, torch.Tensor], skip: str | None = None,
+                       maps: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Permute the spec's tensors (others are returned unchanged); `skip` leaves one group out;
+    groups in `maps` (soft OT maps, see soft.py) are mixed by their map instead of permuted."""
     members = spec.by_tensor()
     out = dict(tensors)
     for name, t in tensors.items():
         if name in members:
-            out[name] = permute_tensor(t, members[name], perms, skip)
+            if maps:
+                from .soft import transform_tensor
+
+                out[name] = transform_tensor(t, members[name], perms, maps)
+            else:
+                out[name] = permute_tensor(t, members[name], perms, skip)
     return out
 
 
