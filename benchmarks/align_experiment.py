@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Does aligning before averaging help? Two tiny Llamas trained from different seeds.
 
-    PYTHONPATH=. python benchmarks/align_experiment.py [--steps 300] [--pairs 2]
+    PYTHONPATH=. python benchmarks/align_experiment.py [--task bigram] [--steps 300] [--pairs 3]
 
-Task: a random order-2 Markov chain over 32 tokens (the next token depends on the previous two,
-so attention has to look back): each model is trained on it for `--steps` Adam steps from its
+Tasks: `bigram` (default): a random first-order Markov chain over `--vocab` (256) tokens (next
+token ~ softmax(2 * N(0, 1)) row of the previous token); `order2`: a random order-2 Markov chain
+over 32 tokens (the next token depends on the previous two, so attention has to look back; the
+first experiment, a negative result). Each model is trained on it for `--steps` Adam steps from its
 own random initialisation (seeds 100+k and 200+k, same data stream). Both are saved as HF
 folders, then merged by mergelang with
 
     plain:   linear([a, b])
     aligned: linear([a, align(b, to = a)])            (weight matching)
     ot:      linear([a, align(b, to = a, method = "ot")])
+    ot_reg=R: linear([a, align(b, to = a, method = "ot", reg = R)])   (soft OT, --reg)
+
+plus two ablations through the Python API: weight matching without the residual group
+(`no_residual`) and with the residual group alone (`residual_only`).
 
 and every model's cross-entropy is measured on held-out sequences. Control (`--no-control` skips
 it): `c` = `a` fine-tuned for steps/3 more steps on other data and saved with all its units
@@ -34,24 +40,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mergelang as ml  # noqa: E402
 
-VOCAB, SEQ = 32, 32
-
-
-SIZE = {"layers": 2, "inner": 192, "lr": 3e-3}
+SEQ = 32
+SIZE = {"layers": 2, "inner": 192, "lr": 3e-3, "vocab": 256, "hidden": 64, "task": "bigram"}
 
 
 def config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=SIZE["inner"],
+    return LlamaConfig(vocab_size=SIZE["vocab"], hidden_size=SIZE["hidden"], intermediate_size=SIZE["inner"],
                        num_hidden_layers=SIZE["layers"],
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
 def chain(seed: int = 0) -> torch.Tensor:
-    """Transition table: (prev2, prev1) -> distribution over next, peaked on 2 tokens."""
+    """Transition table: (prev2, prev1) -> distribution over next, peaked on 2 tokens (order2),
+    or prev1 -> next (bigram), as a (V, V, V) table indexed [prev2, prev1]."""
+    VOCAB = SIZE["vocab"]
     g = torch.Generator().manual_seed(seed)
+    if SIZE["task"] == "bigram":
+        return (torch.randn(VOCAB, VOCAB, generator=g) * 2).softmax(-1).expand(VOCAB, VOCAB, VOCAB)
     logits = torch.randn(VOCAB, VOCAB, VOCAB, generator=g) * 0.5
     top = torch.randint(0, VOCAB, (VOCAB, VOCAB, 2), generator=g)
     logits.scatter_add_(2, top, torch.full(top.shape, 4.0))
@@ -60,7 +68,7 @@ def chain(seed: int = 0) -> torch.Tensor:
 
 def sample(table: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     x = torch.empty(n, SEQ, dtype=torch.long)
-    x[:, :2] = torch.randint(0, VOCAB, (n, 2), generator=gen)
+    x[:, :2] = torch.randint(0, SIZE["vocab"], (n, 2), generator=gen)
     for t in range(2, SEQ):
         x[:, t] = torch.multinomial(table[x[:, t - 2], x[:, t - 1]], 1, generator=gen).squeeze(1)
     return x
@@ -101,6 +109,25 @@ def merged_loss(expr: str, folders: dict, test: torch.Tensor) -> float:
     return loss_of(m, test)
 
 
+def ablation(a, b, test: torch.Tensor) -> dict:
+    """Weight matching without the residual group, and with it alone (Python API)."""
+    from transformers import LlamaForCausalLM
+
+    from mergelang.align import apply_permutations, spec_for, weight_matching
+    from mergelang.align.spec import AlignSpec
+
+    sa, sb = a.state_dict(), b.state_dict()
+    spec = spec_for(a.config.to_dict(), {k: tuple(v.shape) for k, v in sa.items()})
+    out = {}
+    for key, keep in (("no_residual", lambda g: g.name != "residual"), ("residual_only", lambda g: g.name == "residual")):
+        sub = AlignSpec(spec.arch, tuple(g for g in spec.groups if keep(g)))
+        moved = apply_permutations(sb, sub, weight_matching(sa, sb, sub).perms)
+        m = LlamaForCausalLM(config()).eval()
+        m.load_state_dict({k: (sa[k] + moved[k]) / 2 for k in sa})
+        out[key] = loss_of(m, test)
+    return out
+
+
 def permute_saved(model, folder: Path, seed: int = 7) -> None:
     from mergelang.align import apply_permutations, random_permutations, spec_for
 
@@ -112,8 +139,13 @@ def permute_saved(model, folder: Path, seed: int = 7) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=("bigram", "order2"), default="bigram")
+    ap.add_argument("--vocab", type=int, help="default 256 (bigram) / 32 (order2)")
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--reg", type=float, nargs="*", default=[0.01, 0.05], help="soft OT regularisations")
+    ap.add_argument("--no-ablation", dest="ablation", action="store_false")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--inner", type=int, default=192, help="MLP width")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -121,7 +153,8 @@ def main(argv=None) -> int:
                     help="skip the permuted fine-tune control")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr)
+    SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr, hidden=args.hidden, task=args.task,
+                vocab=args.vocab or (256 if args.task == "bigram" else 32))
     torch.set_num_threads(1)
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -140,10 +173,15 @@ def main(argv=None) -> int:
             b.save_pretrained(pb)
             row = {"pair": k, "a": loss_of(a, test), "b": loss_of(b, test),
                    "train_s": round(time.perf_counter() - t0, 1)}
-            for key, expr in (("plain", "linear([a, b])"), ("aligned", "linear([a, align(b, to = a)])"),
-                              ("ot", 'linear([a, align(b, to = a, method = "ot")])')):
+            exprs = [("plain", "linear([a, b])"), ("aligned", "linear([a, align(b, to = a)])"),
+                     ("ot", 'linear([a, align(b, to = a, method = "ot")])')]
+            exprs += [(f"ot_reg={r:g}", f'linear([a, align(b, to = a, method = "ot", reg = {r!r})])')
+                      for r in args.reg]
+            for key, expr in exprs:
                 row[key] = merged_loss(expr, {"a": pa, "b": pb}, test)
                 row[key + "_s"] = round(time.perf_counter() - t0, 1)
+            if args.ablation:
+                row.update(ablation(a, b, test))
             if args.control:
                 # control: a short fine-tune of `a` on other data, with its units randomly permuted
                 c = train(300 + k, table, max(1, args.steps // 3), init=a, data_seed=54321)
@@ -156,6 +194,7 @@ def main(argv=None) -> int:
                 row["ctl_aligned"] = merged_loss("linear([a, align(c, to = a)])", {"a": pa, "c": pcp}, test)
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    VOCAB = SIZE["vocab"]
     summary = {"uniform": math.log(VOCAB), "chain_entropy": entropy, "steps": args.steps, **SIZE,
                "seconds": time.perf_counter() - t0, "pairs": rows}
     print(f"uniform guess {math.log(VOCAB):.3f}, true next-token entropy {entropy:.3f}, "

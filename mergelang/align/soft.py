@@ -2,8 +2,8 @@
 
 `method = "ot", reg > 0`: after the hard descent has converged, every group whose members move
 single positions (no whole-head blocks) gets an entropic optimal-transport plan between uniform
-measures over its units, computed by POT's Sinkhorn (`ot.sinkhorn`, log-domain) from the group's
-similarity (the other groups' hard permutations applied), with cost
+measures over its units, computed by POT's Sinkhorn (`ot.sinkhorn`; log-domain below reg 2e-3)
+from the group's similarity (the other groups' hard permutations applied), with cost
 `M = (max(sim) - sim) / (max(sim) - min(sim))` in [0, 1] so that `reg` is relative to the
 cost's range. The plan's rows are normalised to sum to 1, giving a row-stochastic map `T`
 (n x n): new unit `i` of the aligned model is `sum_j T[i, j] * old unit j`, applied on load as a
@@ -38,7 +38,10 @@ def sinkhorn_map(sim: np.ndarray, reg: float) -> np.ndarray:
     span = float(sim.max() - sim.min())
     M = (sim.max() - sim) / (span if span > 0 else 1.0)
     a = np.full(n, 1.0 / n)
-    plan = ot.sinkhorn(a, a, M, reg, method="sinkhorn_log", numItermax=10000, stopThr=1e-9)
+    # M is in [0, 1]: exp(-M / reg) stays a normal float64 down to reg ~ 1/700, so the plain
+    # (fast, matrix-vector) Sinkhorn is safe above 2e-3; below, the log-domain one
+    method = "sinkhorn" if reg >= 2e-3 else "sinkhorn_log"
+    plan = ot.sinkhorn(a, a, M, reg, method=method, numItermax=10000, stopThr=1e-9)
     plan = np.asarray(plan, dtype=np.float64)
     return plan / plan.sum(axis=1, keepdims=True)
 
