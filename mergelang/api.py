@@ -78,8 +78,9 @@ class Recipe:
     def compilation(self) -> Compilation:
         return self._c
 
-    def emit(self, stage: str = "optimized") -> str:
-        """The stable text of a compiler stage: ast, graph, optimized or plan."""
+    def emit(self, stage: str = "optimized", memory_budget: int | str | None = None) -> str:
+        """The stable text of a compiler stage: ast, graph, optimized or plan (with a
+        `memory_budget`: the plan split into row chunks for it, as `run` executes it)."""
         c = self._c
         if stage == "ast":
             return dump(c.unit.program) + "\n"
@@ -88,6 +89,10 @@ class Recipe:
         if stage == "optimized":
             return format_graph(c.optimized)
         if stage == "plan":
+            if memory_budget is not None:
+                from .chunking import chunk_plan
+
+                return format_plan(chunk_plan(c.plan, parse_bytes(memory_budget)).plan)
             return format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
@@ -129,8 +134,9 @@ class Recipe:
                 if writer.resumed and progress is not None:
                     progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
-                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress,
-                        memory_budget=budget, pipelined=pipelined)
+                sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
+                execute(plan, c.models, sink, device, progress, memory_budget=budget,
+                        pipelined=pipelined)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
                                      extra_files=extra)
@@ -152,32 +158,13 @@ class Recipe:
         return MergelangError([diag, *(more or [])])
 
     def _checked_sink(self, sink: Callable[[str, torch.Tensor], None], mode: str,
-                      say: Callable[[str], None]) -> Callable[[str, torch.Tensor], None]:
+                      say: Callable[[str], None], rows_sink: Callable[..., None] | None = None
+                      ) -> "_CheckedSink":
         """`sink`, after the NaN/Inf check of each floating output tensor (option nan_check)."""
         g = self._c.optimized
         spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
-        delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: make kills land mid-run
-
-        def checked(name: str, t: torch.Tensor) -> None:
-            if mode != "off" and t.is_floating_point() and t.numel() and not all_finite(t):
-                nan = int(torch.isnan(t).sum())
-                inf = int(torch.isinf(t).sum())
-                diag = (error if mode == "error" else warning)(
-                    "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
-                    f"(of {t.numel()})", spans.get(name),
-                    "check the method's inputs and parameters (e.g. division by ~0, overflow "
-                    "when casting to the output dtype); option nan_check = \"warn\" or "
-                    "--nan-check warn writes it anyway")
-                if mode == "error":
-                    raise MergelangError(diag)
-                self.run_warnings.append(diag)
-                say(diag.render())
-            if delay:
-                time.sleep(delay)
-            sink(name, t)
-
-        self.run_warnings: list[Diagnostic] = []
-        return checked
+        self.run_warnings = []
+        return _CheckedSink(sink, mode, say, spans, self.run_warnings, rows_sink)
 
     def _config_override(self, ref: Any, folder: Path | None) -> dict[str, str] | None:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
@@ -206,6 +193,59 @@ class Recipe:
 
     def close(self) -> None:
         self._c.close()
+
+
+class _CheckedSink:
+    """A sink that checks each floating output for NaN/Inf first. Row chunks (the writer's
+    `write_rows`) are counted per tensor and judged once its last row is checked."""
+
+    def __init__(self, sink: Callable[[str, torch.Tensor], None], mode: str,
+                 say: Callable[[str], None], spans: dict[str, Any], warnings: list[Diagnostic],
+                 rows_sink: Callable[..., None] | None = None):
+        self.sink, self.mode, self.say, self.spans, self.warnings = sink, mode, say, spans, warnings
+        self.rows_sink = rows_sink
+        self.delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: kills land mid-run
+        self.partial: dict[str, list[int]] = {}  # name -> [rows seen, nan, inf, numel]
+        if rows_sink is not None:
+            self.write_rows = self._write_rows  # e.g. the checkpoint writer takes row chunks
+
+    def _bad(self, t: torch.Tensor) -> bool:
+        return self.mode != "off" and t.is_floating_point() and bool(t.numel()) and not all_finite(t)
+
+    def _report(self, name: str, nan: int, inf: int, numel: int) -> None:
+        diag = (error if self.mode == "error" else warning)(
+            "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
+            f"(of {numel})", self.spans.get(name),
+            "check the method's inputs and parameters (e.g. division by ~0, overflow "
+            "when casting to the output dtype); option nan_check = \"warn\" or "
+            "--nan-check warn writes it anyway")
+        if self.mode == "error":
+            raise MergelangError(diag)
+        self.warnings.append(diag)
+        self.say(diag.render())
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        if self._bad(t):
+            self._report(name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum()), t.numel())
+        if self.delay:
+            time.sleep(self.delay)
+        self.sink(name, t)
+
+    def _write_rows(self, name: str, t: torch.Tensor, start: int, total: int) -> None:
+        acc = self.partial.setdefault(name, [0, 0, 0, 0])
+        acc[0] += t.shape[0]
+        acc[3] += t.numel()
+        if self._bad(t):
+            acc[1] += int(torch.isnan(t).sum())
+            acc[2] += int(torch.isinf(t).sum())
+        if acc[0] >= total:
+            del self.partial[name]
+            if acc[1] or acc[2]:
+                self._report(name, acc[1], acc[2], acc[3])
+        if self.delay:
+            time.sleep(self.delay)
+        assert self.rows_sink is not None
+        self.rows_sink(name, t, start, total)
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,

@@ -158,6 +158,11 @@ class ModelSource:
         t = self.load(name)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns.
+        This default reads the whole tensor; safetensors files read just those rows."""
+        return self.load_as(name, dtype)[start:stop].clone()
+
     def close(self) -> None:
         pass
 
@@ -241,19 +246,34 @@ class SafetensorsSource(ModelSource):
         if READER != "mmap":
             return super().load_as(name, dtype)
         info = self._table[name]
+        return self._map(name, info, dtype, info.begin, info.end, info.shape)
+
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` through a private mmap of just their bytes (a contiguous range of
+        the stored tensor)."""
+        if READER != "mmap":
+            return super().load_rows(name, dtype, start, stop)
+        info = self._table[name]
+        row = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
+        stop = min(stop, info.shape[0])
+        return self._map(name, info, dtype, info.begin + start * row, info.begin + stop * row,
+                         (max(0, stop - start), *info.shape[1:]))
+
+    def _map(self, name: str, info: TensorInfo, dtype: torch.dtype | None, begin: int, end: int,
+             shape: tuple[int, ...]) -> torch.Tensor:
         stored = ST_TO_TORCH[TORCH_TO_ST_NAME[info.dtype]]
-        n = info.end - info.begin
+        n = end - begin
         if n == 0:
-            return torch.empty(info.shape, dtype=dtype or stored)
-        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+            return torch.empty(shape, dtype=dtype or stored)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
-            mm = mmap.mmap(self._fd(info.file), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
                                   "the file was truncated or replaced after its header was read") from None
         try:
             view = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
-                                    offset=info.begin - start).reshape(info.shape)
+                                    offset=begin - start).reshape(shape)
             out = view.to(dtype) if dtype is not None and dtype != stored else view.clone()
             del view
         finally:

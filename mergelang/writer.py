@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, digest, lock_dir, prepare_work,
-                      range_crc, reuse_shard, work_dir_for)
+from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
+                      prepare_work, range_crc, reuse_shard, work_dir_for)
 from .types import NAME_TO_TORCH, TORCH_TO_ST
 from .verify import verify_output
 
@@ -206,6 +206,8 @@ class CheckpointWriter:
         self._finished = False
         self._claimed: set[str] = set()  # names a write has started for
         self._written: set[str] = set()  # names written completely
+        #: row-chunked tensors being written: rows done, next row, running CRC (in-order chunks)
+        self._partial: dict[str, list[int]] = {}
         self._fds: dict[str, int] = {}
         parent = self.out_dir.parent
         try:
@@ -324,6 +326,60 @@ class CheckpointWriter:
         finally:
             with self._lock:
                 (self._written.add if ok else self._claimed.discard)(name)
+                self._inflight -= 1
+                self._lock.notify_all()
+
+    def write_rows(self, name: str, tensor: torch.Tensor, start: int, total: int) -> None:
+        """Write rows `start:start+len(tensor)` of `name` (a row chunk, chunking.py) at their
+        byte offset. Thread-safe; each row once. The tensor counts as written, and is journaled,
+        only when all its rows are (chunks in order keep a running CRC; otherwise the bytes are
+        read back once)."""
+        try:
+            shard, begin, end = self.layout.where(name)
+        except KeyError:
+            raise ValueError(f"internal: {name!r} is not in the output layout") from None
+        planned = self.layout.tensors[name]
+        n = int(tensor.shape[0]) if tensor.dim() else -1
+        if (not planned.shape or planned.shape[0] != total or tuple(tensor.shape[1:]) != planned.shape[1:]
+                or tensor.dtype != planned.torch_dtype or start < 0 or n < 0 or start + n > total):
+            raise ValueError(f"internal: rows {start}:{start + n} of {name!r} ({tuple(tensor.shape)} "
+                             f"{tensor.dtype}) do not fit the planned {planned.shape} {planned.torch_dtype}")
+        row = (end - begin) // total if total else 0
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"internal: write of {name!r} to a closed writer")
+            if name in self._written or (name in self._claimed and name not in self._partial):
+                raise ValueError(f"internal: {name!r} written twice")
+            state = self._partial.setdefault(name, [0, 0, 0])
+            self._claimed.add(name)
+            self._inflight += 1
+            fd = self._fds[shard.filename]
+        ok = complete = False
+        try:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            if data.nbytes:
+                _pwrite_all(fd, memoryview(data), begin + start * row)
+            with self._lock:
+                in_order = state[1] == start
+                state[0] += n
+                state[1] = start + n if in_order else -1
+                if in_order and self._journal is not None:
+                    state[2] = checksum_more(memoryview(data), state[2])
+                complete = state[0] == total
+            if complete and self._journal is not None:
+                crc = state[2] if state[1] == total else range_crc(fd, begin, end)
+                self._journal.record(name, crc, fd, end - begin)
+            ok = True
+        except OSError as e:
+            raise _os_error(self.tmp_dir / shard.filename, e) from e
+        finally:
+            with self._lock:
+                if not ok:
+                    self._partial.pop(name, None)
+                    self._claimed.discard(name)
+                elif complete:
+                    self._partial.pop(name, None)
+                    self._written.add(name)
                 self._inflight -= 1
                 self._lock.notify_all()
 
