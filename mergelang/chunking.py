@@ -14,13 +14,15 @@ row-local when:
 
 * it is elementwise (arguments without the row axis broadcast: lower rank, or size 1 there),
   a stack / index / cast over the model axis, or an assert;
+* it is a random mask (bernoulli: its stream is keyed by the element's index in the whole
+  tensor, so a chunk draws the same numbers at offset `row0 * row size`);
 * it reduces or selects over the models, or over `rows` (the last axis) of a tensor of rank >= 2
   (reduce, dot, topk_mask, rank, band_mask, topk_count_mask, argmax_mask);
 * it is a reshape that keeps axis 0.
 
 Anything else that touches the row axis is not: whole-tensor statistics (reduce/top-k over the
-tensor, norms), reductions over cols, linear algebra (svd, matmul, ...), concatenation, random
-masks (their stream is keyed by the element index) and values shared with another tensor's work.
+tensor, norms), reductions over cols, linear algebra (svd, matmul, ...), concatenation, and
+values shared with another tensor's work.
 Such a tensor runs whole, and `chunk_plan` reports why (the CLI warns). Values that do not have
 the row axis (constants, statistics, small per-tensor values) are computed once per segment.
 """
@@ -37,7 +39,8 @@ from .plan import ExecutionPlan, Step, _live_bytes, schedule
 from .types import TType
 
 #: ops whose result keeps the row axis of their (row) arguments, element for element
-_PASS = ELEMENTWISE | {Op.STACK, Op.INDEX, Op.CAST, Op.ASSERT, Op.OUTPUT, Op.ARGMAX_MASK}
+_PASS = ELEMENTWISE | {Op.STACK, Op.INDEX, Op.CAST, Op.ASSERT, Op.OUTPUT, Op.ARGMAX_MASK,
+                       Op.BERNOULLI}
 #: ops that work per row (over = "rows") or across models (over = "models") when told so
 _SCOPED = {Op.REDUCE, Op.DOT, Op.TOPK_MASK, Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK}
 
@@ -93,8 +96,6 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
         what = n.op.value
         rank = len(n.type.shape)
         over = n.attrs.get("over") if n.op in _SCOPED else None
-        if n.op is Op.BERNOULLI:
-            raise NotRowLocal("a random mask is keyed by the element index of the whole tensor")
         if n.op not in _PASS and n.op is not Op.RESHAPE and over not in ("models", "rows"):
             scope = f" over {n.attrs['over']}" if "over" in n.attrs else ""
             raise NotRowLocal(f"{what}{scope} needs every row at once")
@@ -132,6 +133,8 @@ def _chunk_node(n: Node, args: tuple[int, ...], a: int, b: int, rows: int) -> No
         attrs = attrs.replace(rows=(a, b, rows))
     elif n.op is Op.RESHAPE:
         attrs = attrs.replace(shape=(b - a, *tuple(attrs["shape"])[1:]))
+    elif n.op is Op.BERNOULLI:  # element e of the chunk is element a * row + e of the tensor
+        attrs = attrs.replace(row0=a)
     return Node(n.op, args, attrs, ty, n.span)
 
 
