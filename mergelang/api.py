@@ -8,21 +8,22 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
-
+from .ast import dump
 from .checkpoint import CheckpointError
 from .compiler import STAGES, Compilation, compile_recipe
 from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
-from .execute import execute
-from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .graph import format_graph
-from .ast import dump
+from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .parser import parse_program
 from .plan import format_plan
 from .types import parse_bytes
-from .writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
+
+if TYPE_CHECKING:  # torch, the executor and the writer are imported when a merge runs
+    import torch
+
+    from .writer import CheckpointWriter, OutputTensor
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
 
@@ -40,7 +41,7 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
     return SourceFile("<recipe>", str(recipe)), Path.cwd()
 
 
-_EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
+_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -48,12 +49,14 @@ def all_finite(t: torch.Tensor) -> bool:
     common case (isfinite().all() costs 10-40x more): a finite float32/64 sum proves every
     element finite (an overflowing sum falls through to the exact check); 16-bit floats compare
     their exponent bits."""
+    import torch
+
+    mask = _EXPONENT.get(str(t.dtype).removeprefix("torch."))
     if t.dtype in (torch.float32, torch.float64):
         if math.isfinite(float(t.sum())):
             return True
-    elif t.dtype in _EXPONENT:
-        itype, mask = _EXPONENT[t.dtype]
-        return int((t.contiguous().view(itype) & mask).max()) != mask
+    elif mask is not None:
+        return int((t.contiguous().view(torch.int16) & mask).max()) != mask
     return bool(torch.isfinite(t).all())
 
 
@@ -70,6 +73,8 @@ class Recipe:
 
     @property
     def outputs(self) -> list[OutputTensor]:
+        from .writer import OutputTensor
+
         g = self._c.optimized
         return [OutputTensor(g.node(n).attrs["name"], g.node(n).type.shape, g.node(n).attrs["dtype"])
                 for n in g.outputs()]
@@ -98,6 +103,8 @@ class Recipe:
 
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
         """Run the merge in memory and return the output tensors (for small models and tests)."""
+        from .execute import execute
+
         out: dict[str, torch.Tensor] = {}
         execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return out
@@ -113,6 +120,9 @@ class Recipe:
         folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
         `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
         a size like "8GB") caps live + prefetched + pending bytes."""
+        from .execute import execute
+        from .writer import CheckpointWriter, WriterError, plan_shards
+
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
@@ -209,6 +219,12 @@ class _CheckedSink:
         if rows_sink is not None:
             self.write_rows = self._write_rows  # e.g. the checkpoint writer takes row chunks
 
+    @staticmethod
+    def _count(t: torch.Tensor) -> tuple[int, int]:
+        import torch
+
+        return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
     def _bad(self, t: torch.Tensor) -> bool:
         return self.mode != "off" and t.is_floating_point() and bool(t.numel()) and not all_finite(t)
 
@@ -226,7 +242,7 @@ class _CheckedSink:
 
     def __call__(self, name: str, t: torch.Tensor) -> None:
         if self._bad(t):
-            self._report(name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum()), t.numel())
+            self._report(name, *self._count(t), t.numel())
         if self.delay:
             time.sleep(self.delay)
         self.sink(name, t)
@@ -236,8 +252,9 @@ class _CheckedSink:
         acc[0] += t.shape[0]
         acc[3] += t.numel()
         if self._bad(t):
-            acc[1] += int(torch.isnan(t).sum())
-            acc[2] += int(torch.isinf(t).sum())
+            nan, inf = self._count(t)
+            acc[1] += nan
+            acc[2] += inf
         if acc[0] >= total:
             del self.partial[name]
             if acc[1] or acc[2]:

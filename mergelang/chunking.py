@@ -199,6 +199,8 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
         try:
             if rows < 2:
                 raise NotRowLocal("it has fewer than two rows")
+            if out.type.models is not None:  # statistics passes' feeds: collected whole
+                raise NotRowLocal("it is a stack of models (a model-wide statistic's input)")
             rowed = classify(g, seg, rows)
         except NotRowLocal as e:
             unchunked.append(Unchunked(name, peak, str(e)))

@@ -22,9 +22,13 @@ import torch
 
 from .checkpoint import ModelSource
 from .diagnostics import MergelangError, error
-from .kernels import CheckFailed, run_node
+from .kernels import KERNELS, CheckFailed, run_node
 from .ops import Op
 from .plan import ExecutionPlan
+from .stats import unfilled
+
+KERNELS.setdefault(Op.MODEL_STAT, unfilled)
+KERNELS.setdefault(Op.STAT_VALUE, unfilled)
 
 Sink = Callable[[str, torch.Tensor], None]
 

@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
-from .types import NAME_TO_TORCH, TORCH_TO_ST
+from .types import ITEMSIZE, NAME_TO_ST, torch_dtype
 from .verify import verify_output
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 #: suffixes of weight files that are never copied from ``config_from``
@@ -54,18 +55,18 @@ class OutputTensor:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if self.dtype not in NAME_TO_TORCH:
+        if self.dtype not in NAME_TO_ST:
             raise ValueError(f"unsupported output dtype {self.dtype!r} for {self.name!r}")
         if any(d < 0 for d in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape} of {self.name!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return NAME_TO_TORCH[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.torch_dtype.itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def build_header(tensors: tuple[OutputTensor, ...]) -> tuple[bytes, dict[str, tu
     pos = 0
     for t in tensors:
         spans.append((pos, pos + t.nbytes))
-        meta[t.name] = {"dtype": TORCH_TO_ST[t.torch_dtype], "shape": list(t.shape),
+        meta[t.name] = {"dtype": NAME_TO_ST[t.dtype], "shape": list(t.shape),
                         "data_offsets": [pos, pos + t.nbytes]}
         pos += t.nbytes
     text = json.dumps(meta, separators=(",", ":")).encode("utf-8")
@@ -175,6 +176,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(28, "short write (no progress)")
         done += n
+
+
+def _bytes_of(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes as a flat numpy uint8 array (a view when it is a contiguous CPU tensor)."""
+    import torch
+
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class CheckpointWriter:
@@ -315,7 +323,7 @@ class CheckpointWriter:
             fd = self._fds[shard.filename]
         ok = False
         try:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = _bytes_of(tensor)
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
             if self._journal is not None:  # journaled once durable (group commit, journal.py)
@@ -356,7 +364,7 @@ class CheckpointWriter:
             fd = self._fds[shard.filename]
         ok = complete = False
         try:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = _bytes_of(tensor)
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin + start * row)
             with self._lock:

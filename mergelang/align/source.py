@@ -9,9 +9,10 @@ wrapped checkpoint and gathers it along its permuted axes.
 from __future__ import annotations
 
 import threading
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..checkpoint import ModelSource, TensorInfo
 from .solve import AlignResult, weight_matching
