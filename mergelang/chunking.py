@@ -35,7 +35,7 @@ import torch
 
 from .graph import MergeGraph, Node
 from .ops import ELEMENTWISE, Op
-from .plan import ExecutionPlan, Step, _live_bytes, schedule
+from .plan import ExecutionPlan, live_bytes, schedule
 from .types import TType
 
 #: ops whose result keeps the row axis of their (row) arguments, element for element
@@ -145,13 +145,17 @@ def _per_row_peak(g: MergeGraph, seg: list[int], rowed: set[int], rows: int) -> 
     for i, nid in enumerate(seg):
         for a in g.node(nid).args:
             last[a] = i
+    frees: dict[int, list[int]] = {}
+    for a, i in last.items():
+        if a in rowed:
+            frees.setdefault(i, []).append(a)
     live = peak = 0.0
     for i, nid in enumerate(seg):
         n = g.node(nid)
         if nid in rowed and n.op is not Op.OUTPUT:
             live += n.type.nbytes / rows
         peak = max(peak, live)
-        live -= sum(g.node(a).type.nbytes / rows for a, j in last.items() if j == i and a in rowed)
+        live -= sum(g.node(a).type.nbytes / rows for a in frees.get(i, ()))
     loads = [g.node(x).type.nbytes / rows for x in seg if x in rowed and g.node(x).op is Op.LOAD]
     out = g.node(seg[-1]).type.nbytes / rows
     return peak + max(loads, default=0.0) + out
@@ -182,8 +186,8 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
         carried.append(live)
         for nid in seg:
             if g.node(nid).op is not Op.OUTPUT:
-                live += _live_bytes(g, nid)
-            live -= sum(_live_bytes(g, a) for a in step_of[nid].free)
+                live += live_bytes(g, nid)
+            live -= sum(live_bytes(g, a) for a in step_of[nid].free)
     new_order: list[int] = []
     h: MergeGraph | None = None
     chunked: dict[str, int] = {}
@@ -206,7 +210,7 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
             unchunked.append(Unchunked(name, peak, str(e)))
             new_order.extend(seg)
             continue
-        fixed = before + sum(_live_bytes(g, x) for x in seg if x not in rowed)
+        fixed = before + sum(live_bytes(g, x) for x in seg if x not in rowed)
         per_row = _per_row_peak(g, seg, rowed, rows)
         step = max(min_rows, int((budget - fixed) // per_row) if per_row else rows)
         if step >= rows:
@@ -236,8 +240,7 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
 
 
 def _segment_peak(g: MergeGraph, seg: list[int], before: int) -> int:
-    steps, peak = schedule(g, seg)
-    return before + peak
+    return before + schedule(g, seg)[1]
 
 
 def _headroom(g: MergeGraph, seg: list[int]) -> int:

@@ -39,7 +39,7 @@ class ExecutionPlan:
         return self.graph.outputs()
 
 
-def _live_bytes(g: MergeGraph, nid: int) -> int:
+def live_bytes(g: MergeGraph, nid: int) -> int:
     n = g.node(nid)
     if n.op is Op.CONST:
         return 0
@@ -69,10 +69,10 @@ def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
     for i, nid in enumerate(order):
         n = g.node(nid)
         if n.op is not Op.OUTPUT:
-            live += _live_bytes(g, nid)
+            live += live_bytes(g, nid)
         peak = max(peak, live)
         free = tuple(sorted(frees.get(i, ())))
-        live -= sum(_live_bytes(g, a) for a in free)
+        live -= sum(live_bytes(g, a) for a in free)
         steps.append(Step(nid, free))
     return steps, peak
 

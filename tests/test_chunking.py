@@ -230,3 +230,25 @@ def test_row_assembler_and_writer_rows(tmp_path):
         w.finish()
     assert torch.equal(load_file(out / "model-00001-of-00001.safetensors")["x"], t)
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["x"]
+
+
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+def test_load_rows_reads_the_same_rows(tmp_path, monkeypatch, reader):
+    from mergelang import checkpoint
+    from mergelang.checkpoint import open_model
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {"bf": torch.randn(37, 5, generator=gen).to(torch.bfloat16),
+          "f32": torch.randn(9, 2, 3, generator=gen), "i": torch.arange(20, dtype=torch.int64).reshape(10, 2),
+          "empty": torch.zeros(0, 4)}
+    save_file(sd, tmp_path / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "READER", reader)
+    src = open_model("m", tmp_path)
+    for name, t in sd.items():
+        n = t.shape[0]
+        for a, b in ((0, n), (0, 1), (n // 3, n // 2), (max(0, n - 1), n)):
+            for dtype in (None, torch.float32):
+                got = src.load_rows(name, dtype, a, b)
+                want = t[a:b] if dtype is None else t[a:b].to(dtype)
+                assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    src.close()
