@@ -52,8 +52,13 @@ class Unchunked:
     name: str
     peak_bytes: int
     reason: str
+    split: bool = False  # split into single rows, and one row alone is still above the budget
 
     def message(self, budget: int) -> str:
+        if self.split:
+            return (f"tensor `{self.name}` runs in single-row chunks, but one row needs "
+                    f"{self.peak_bytes / 1e9:.2f} GB of live tensors, above the memory budget "
+                    f"({budget / 1e9:.2f} GB); it may exceed the budget")
         return (f"tensor `{self.name}` needs {self.peak_bytes / 1e9:.2f} GB of live tensors, above "
                 f"the memory budget ({budget / 1e9:.2f} GB), and cannot be split into row chunks: "
                 f"{self.reason}; it runs whole and may exceed the budget")
@@ -207,7 +212,7 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
                 raise NotRowLocal("it is a stack of models (a model-wide statistic's input)")
             rowed = classify(g, seg, rows)
         except NotRowLocal as e:
-            unchunked.append(Unchunked(name, peak, str(e)))
+            unchunked.append(Unchunked(name, peak + _headroom(g, seg), str(e)))
             new_order.extend(seg)
             continue
         fixed = before + sum(live_bytes(g, x) for x in seg if x not in rowed)
@@ -231,7 +236,8 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
         h.remove_nodes_from(rowed)
         chunked[name] = len(chunks)
         if step * per_row + fixed > budget:
-            unchunked.append(Unchunked(name, int(fixed + per_row), "one row alone is above the budget"))
+            unchunked.append(Unchunked(name, int(fixed + per_row), "one row alone is above the budget",
+                                       split=True))
     if h is None:
         return ChunkReport(replace(plan, budget=budget), chunked, unchunked)
     steps, peak = schedule(h, new_order)

@@ -252,3 +252,18 @@ def test_load_rows_reads_the_same_rows(tmp_path, monkeypatch, reader):
                 want = t[a:b] if dtype is None else t[a:b].to(dtype)
                 assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     src.close()
+
+
+def test_one_row_above_the_budget_is_reported(models):
+    r = ml.compile(_recipe(models, ROW_LOCAL["linear"][0]))
+    c = r.compilation
+    report = chunk_plan(c.plan, 500)  # less than one row of 8 models' float32 values
+    assert report.chunked["embed.weight"] == 96  # single rows
+    rows = [u for u in report.unchunked if u.name == "embed.weight"]
+    assert len(rows) == 1 and rows[0].split and "single-row chunks" in rows[0].message(500)
+    got: dict[str, torch.Tensor] = {}
+    execute(c.plan, c.models, got.__setitem__, memory_budget=500)
+    whole: dict[str, torch.Tensor] = {}
+    execute(c.plan, c.models, whole.__setitem__)
+    assert all(torch.equal(got[k], whole[k]) for k in whole)
+    r.close()
