@@ -267,3 +267,26 @@ def test_one_row_above_the_budget_is_reported(models):
     execute(c.plan, c.models, whole.__setitem__)
     assert all(torch.equal(got[k], whole[k]) for k in whole)
     r.close()
+
+
+def test_cli_run_in_chunks_reports_whole_tensors(models, tmp_path):
+    from click.testing import CliRunner
+
+    from mergelang.cli import main
+
+    recipe = tmp_path / "linear.mrg"
+    recipe.write_text(_recipe(models, ROW_LOCAL["linear"][0]))
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out"), "--device", "cpu",
+                                    "--log-json", "--memory-budget", "24KB"])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    tensors = [e for e in events if e["event"] == "tensor"]
+    # one event per tensor, not per chunk, with the whole tensor's bytes
+    assert {e["name"]: e["bytes"] for e in tensors} == {
+        k: 2 * int(torch.tensor(s).prod()) for k, s in SHAPES.items()}
+    assert len(tensors) == len(SHAPES)
+    assert "warning" not in res.stderr
+    out = load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")
+    sds = _inputs(models)
+    for k in SHAPES:
+        torch.testing.assert_close(out[k].float(), _linear_ref(sds, k).float(), rtol=1e-2, atol=1e-2)
