@@ -81,7 +81,7 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
     """Run `plan`, calling `sink(name, tensor)` once per output, in output order.
 
     With a `memory_budget`, outputs whose work does not fit are split into row chunks
-    (chunking.py); a sink with a `write_rows(name, rows, start, total)` method receives the
+    (chunking.py); a sink with a `write_rows(name, tensor, start, total)` method receives the
     chunks, any other sink whole tensors. `meter` records the peak of live tensor bytes
     (computed values + prefetched loads + outputs waiting for the sink)."""
     dev = resolve_device(device)
