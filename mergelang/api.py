@@ -8,21 +8,22 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
-
+from .ast import dump
 from .checkpoint import CheckpointError
 from .compiler import STAGES, Compilation, compile_recipe
 from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
-from .execute import execute
-from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .graph import format_graph
-from .ast import dump
+from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .parser import parse_program
 from .plan import format_plan
 from .types import parse_bytes
-from .writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
+
+if TYPE_CHECKING:  # torch, the executor and the writer are imported when a merge runs
+    import torch
+
+    from .writer import CheckpointWriter, OutputTensor
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
 
@@ -40,7 +41,7 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
     return SourceFile("<recipe>", str(recipe)), Path.cwd()
 
 
-_EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
+_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -48,12 +49,14 @@ def all_finite(t: torch.Tensor) -> bool:
     common case (isfinite().all() costs 10-40x more): a finite float32/64 sum proves every
     element finite (an overflowing sum falls through to the exact check); 16-bit floats compare
     their exponent bits."""
+    import torch
+
+    mask = _EXPONENT.get(str(t.dtype).removeprefix("torch."))
     if t.dtype in (torch.float32, torch.float64):
         if math.isfinite(float(t.sum())):
             return True
-    elif t.dtype in _EXPONENT:
-        itype, mask = _EXPONENT[t.dtype]
-        return int((t.contiguous().view(itype) & mask).max()) != mask
+    elif mask is not None:
+        return int((t.contiguous().view(torch.int16) & mask).max()) != mask
     return bool(torch.isfinite(t).all())
 
 
@@ -70,6 +73,8 @@ class Recipe:
 
     @property
     def outputs(self) -> list[OutputTensor]:
+        from .writer import OutputTensor
+
         g = self._c.optimized
         return [OutputTensor(g.node(n).attrs["name"], g.node(n).type.shape, g.node(n).attrs["dtype"])
                 for n in g.outputs()]
@@ -78,8 +83,9 @@ class Recipe:
     def compilation(self) -> Compilation:
         return self._c
 
-    def emit(self, stage: str = "optimized") -> str:
-        """The stable text of a compiler stage: ast, graph, optimized or plan."""
+    def emit(self, stage: str = "optimized", memory_budget: int | str | None = None) -> str:
+        """The stable text of a compiler stage: ast, graph, optimized or plan (with a
+        `memory_budget`: the plan split into row chunks for it, as `run` executes it)."""
         c = self._c
         if stage == "ast":
             return dump(c.unit.program) + "\n"
@@ -88,11 +94,17 @@ class Recipe:
         if stage == "optimized":
             return format_graph(c.optimized)
         if stage == "plan":
+            if memory_budget is not None:
+                from .chunking import chunk_plan
+
+                return format_plan(chunk_plan(c.plan, parse_bytes(memory_budget)).plan)
             return format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
         """Run the merge in memory and return the output tensors (for small models and tests)."""
+        from .execute import execute
+
         out: dict[str, torch.Tensor] = {}
         execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return out
@@ -108,6 +120,9 @@ class Recipe:
         folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
         `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
         a size like "8GB") caps live + prefetched + pending bytes."""
+        from .execute import execute
+        from .writer import CheckpointWriter, WriterError, plan_shards
+
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         layout = plan_shards(self.outputs, int(c.options.shard_size))
@@ -129,8 +144,9 @@ class Recipe:
                 if writer.resumed and progress is not None:
                     progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
-                execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress,
-                        memory_budget=budget, pipelined=pipelined)
+                sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
+                execute(plan, c.models, sink, device, progress, memory_budget=budget,
+                        pipelined=pipelined)
                 return writer.finish(config_from=folder, dtype=self.config_dtype(),
                                      recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
                                      extra_files=extra)
@@ -152,32 +168,13 @@ class Recipe:
         return MergelangError([diag, *(more or [])])
 
     def _checked_sink(self, sink: Callable[[str, torch.Tensor], None], mode: str,
-                      say: Callable[[str], None]) -> Callable[[str, torch.Tensor], None]:
+                      say: Callable[[str], None], rows_sink: Callable[..., None] | None = None
+                      ) -> "_CheckedSink":
         """`sink`, after the NaN/Inf check of each floating output tensor (option nan_check)."""
         g = self._c.optimized
         spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
-        delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: make kills land mid-run
-
-        def checked(name: str, t: torch.Tensor) -> None:
-            if mode != "off" and t.is_floating_point() and t.numel() and not all_finite(t):
-                nan = int(torch.isnan(t).sum())
-                inf = int(torch.isinf(t).sum())
-                diag = (error if mode == "error" else warning)(
-                    "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
-                    f"(of {t.numel()})", spans.get(name),
-                    "check the method's inputs and parameters (e.g. division by ~0, overflow "
-                    "when casting to the output dtype); option nan_check = \"warn\" or "
-                    "--nan-check warn writes it anyway")
-                if mode == "error":
-                    raise MergelangError(diag)
-                self.run_warnings.append(diag)
-                say(diag.render())
-            if delay:
-                time.sleep(delay)
-            sink(name, t)
-
-        self.run_warnings: list[Diagnostic] = []
-        return checked
+        self.run_warnings = []
+        return _CheckedSink(sink, mode, say, spans, self.run_warnings, rows_sink)
 
     def _config_override(self, ref: Any, folder: Path | None) -> dict[str, str] | None:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
@@ -206,6 +203,66 @@ class Recipe:
 
     def close(self) -> None:
         self._c.close()
+
+
+class _CheckedSink:
+    """A sink that checks each floating output for NaN/Inf first. Row chunks (the writer's
+    `write_rows`) are counted per tensor and judged once its last row is checked."""
+
+    def __init__(self, sink: Callable[[str, torch.Tensor], None], mode: str,
+                 say: Callable[[str], None], spans: dict[str, Any], warnings: list[Diagnostic],
+                 rows_sink: Callable[..., None] | None = None):
+        self.sink, self.mode, self.say, self.spans, self.warnings = sink, mode, say, spans, warnings
+        self.rows_sink = rows_sink
+        self.delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: kills land mid-run
+        self.partial: dict[str, list[int]] = {}  # name -> [rows seen, nan, inf, numel]
+        if rows_sink is not None:
+            self.write_rows = self._write_rows  # e.g. the checkpoint writer takes row chunks
+
+    @staticmethod
+    def _count(t: torch.Tensor) -> tuple[int, int]:
+        import torch
+
+        return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+    def _bad(self, t: torch.Tensor) -> bool:
+        return self.mode != "off" and t.is_floating_point() and bool(t.numel()) and not all_finite(t)
+
+    def _report(self, name: str, nan: int, inf: int, numel: int) -> None:
+        diag = (error if self.mode == "error" else warning)(
+            "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
+            f"(of {numel})", self.spans.get(name),
+            "check the method's inputs and parameters (e.g. division by ~0, overflow "
+            "when casting to the output dtype); option nan_check = \"warn\" or "
+            "--nan-check warn writes it anyway")
+        if self.mode == "error":
+            raise MergelangError(diag)
+        self.warnings.append(diag)
+        self.say(diag.render())
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        if self._bad(t):
+            self._report(name, *self._count(t), t.numel())
+        if self.delay:
+            time.sleep(self.delay)
+        self.sink(name, t)
+
+    def _write_rows(self, name: str, t: torch.Tensor, start: int, total: int) -> None:
+        acc = self.partial.setdefault(name, [0, 0, 0, 0])
+        acc[0] += t.shape[0]
+        acc[3] += t.numel()
+        if self._bad(t):
+            nan, inf = self._count(t)
+            acc[1] += nan
+            acc[2] += inf
+        if acc[0] >= total:
+            del self.partial[name]
+            if acc[1] or acc[2]:
+                self._report(name, acc[1], acc[2], acc[3])
+        if self.delay:
+            time.sleep(self.delay)
+        assert self.rows_sink is not None
+        self.rows_sink(name, t, start, total)
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,

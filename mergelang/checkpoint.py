@@ -15,13 +15,13 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .diagnostics import CompileError, Span, did_you_mean, error
-from .types import ST_TO_TORCH, TORCH_TO_ST, dtype_name, itemsize
+from .types import ITEMSIZE, ST_TO_NAME, dtype_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: checking reads headers only
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -48,9 +48,6 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n * itemsize(self.dtype)
-
-
-TORCH_TO_ST_NAME = {dtype_name(k): v for k, v in TORCH_TO_ST.items()}
 
 
 class CheckpointError(Exception):
@@ -99,12 +96,12 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}",
                                   "each tensor needs dtype (a string), shape (a list of integers) "
                                   "and data_offsets (two integers)") from None
-        if st_dtype not in ST_TO_TORCH:
+        if st_dtype not in ST_TO_NAME:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}",
-                                  f"supported: {', '.join(sorted(ST_TO_TORCH))}", "E206")
+                                  f"supported: {', '.join(sorted(ST_TO_NAME))}", "E206")
         if any(d < 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension")
-        dtype = dtype_name(ST_TO_TORCH[st_dtype])
+        dtype = ST_TO_NAME[st_dtype]
         info = TensorInfo(name, shape, dtype, path, base + begin, base + end)
         if begin < 0 or end < begin or end > data_len:
             raise CheckpointError(f"{path}: tensor {name!r} has offsets {begin}..{end} outside the "
@@ -158,6 +155,11 @@ class ModelSource:
         t = self.load(name)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns.
+        This default reads the whole tensor; safetensors files read just those rows."""
+        return self.load_as(name, dtype)[start:stop].clone()
+
     def close(self) -> None:
         pass
 
@@ -202,6 +204,8 @@ class SafetensorsSource(ModelSource):
             with self._lock:
                 h = self._handles.get(file)
                 if h is None:
+                    from safetensors import safe_open
+
                     h = self._handles[file] = safe_open(file, framework="pt", device="cpu")
         return h
 
@@ -227,11 +231,13 @@ class SafetensorsSource(ModelSource):
             except Exception as exc:  # the file changed or broke since its header was read
                 raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}",
                                       "was the file modified or truncated during the merge?") from None
+        import torch
+
         n = info.end - info.begin
         buf = torch.empty(n, dtype=torch.uint8)
         if n:
             read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
-        return buf.view(ST_TO_TORCH[TORCH_TO_ST_NAME[info.dtype]]).reshape(info.shape)
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def load_as(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, converted to `dtype`, through a private mmap of just its bytes that is
@@ -241,19 +247,36 @@ class SafetensorsSource(ModelSource):
         if READER != "mmap":
             return super().load_as(name, dtype)
         info = self._table[name]
-        stored = ST_TO_TORCH[TORCH_TO_ST_NAME[info.dtype]]
-        n = info.end - info.begin
+        return self._map(name, info, dtype, info.begin, info.end, info.shape)
+
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` through a private mmap of just their bytes (a contiguous range of
+        the stored tensor)."""
+        if READER != "mmap":
+            return super().load_rows(name, dtype, start, stop)
+        info = self._table[name]
+        row = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
+        stop = min(stop, info.shape[0])
+        return self._map(name, info, dtype, info.begin + start * row, info.begin + stop * row,
+                         (max(0, stop - start), *info.shape[1:]))
+
+    def _map(self, name: str, info: TensorInfo, dtype: torch.dtype | None, begin: int, end: int,
+             shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        stored = torch_dtype(info.dtype)
+        n = end - begin
         if n == 0:
-            return torch.empty(info.shape, dtype=dtype or stored)
-        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+            return torch.empty(shape, dtype=dtype or stored)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
-            mm = mmap.mmap(self._fd(info.file), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
                                   "the file was truncated or replaced after its header was read") from None
         try:
             view = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
-                                    offset=info.begin - start).reshape(info.shape)
+                                    offset=begin - start).reshape(shape)
             out = view.to(dtype) if dtype is not None and dtype != stored else view.clone()
             del view
         finally:
@@ -296,6 +319,8 @@ class DictSource(ModelSource):
         self.label = label
         self._tensors = dict(tensors)
         self._table = {}
+        import torch
+
         for name, t in self._tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
@@ -323,9 +348,9 @@ class PickleSource(ModelSource):
             for name, t in _torch_load(f).items():
                 if name in self._tensors:
                     raise CheckpointError(f"tensor {name!r} appears twice (in {f} and another file)")
-                if t.dtype not in TORCH_TO_ST:
+                if dtype_name(t.dtype) not in ITEMSIZE:
                     raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}",
-                                          f"supported: {', '.join(sorted(ST_TO_TORCH))}", "E206")
+                                          f"supported: {', '.join(sorted(ST_TO_NAME))}", "E206")
                 self._tensors[name] = t
                 self._table[name] = TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), str(f))
 
@@ -341,6 +366,8 @@ class PickleSource(ModelSource):
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     import pickle
+
+    import torch
 
     def load(mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -123,11 +123,11 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle)
     plan = r.compilation.plan
-    if budget is not None and plan.peak_bytes > budget:
-        click.echo(f"warning: the plan's estimated peak of live tensors ({plan.peak_bytes / 1e9:.2f} GB) "
-                   f"is above --memory-budget ({budget / 1e9:.2f} GB); tensors are not split into "
-                   f"row chunks, so the merge runs without prefetching and may exceed the budget",
-                   err=True)
+    if budget is not None:  # tensors above the budget run in row chunks; name those that cannot
+        from .chunking import chunk_plan
+
+        for u in chunk_plan(plan, budget).unchunked:
+            click.echo(f"warning: {u.message(budget)}", err=True)
     from .execute import resolve_device
 
     try:
@@ -192,10 +192,12 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool) -> None:
               show_default=True, help="the stage to print")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE instead of stdout")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="with --emit plan: the plan split into row chunks for this budget")
 @allow_pickle_opt
 @_guard
 def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
-                allow_pickle: bool) -> None:
+                allow_pickle: bool, memory_budget: str | None = None) -> None:
     """Compile RECIPE and print a stage (stable text)."""
     if emit == "ast":
         from .api import parse
@@ -203,8 +205,9 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
 
         text = dump(parse(Path(recipe))) + "\n"
     else:
+        budget = _budget(memory_budget)
         r = _compile(recipe, sets, allow_pickle=allow_pickle)
-        text = r.emit(emit)
+        text = r.emit(emit, budget) if emit == "plan" else r.emit(emit)
         r.close()
     if out:
         Path(out).write_text(text)

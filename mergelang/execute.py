@@ -22,9 +22,13 @@ import torch
 
 from .checkpoint import ModelSource
 from .diagnostics import MergelangError, error
-from .kernels import CheckFailed, run_node
+from .kernels import KERNELS, CheckFailed, run_node
 from .ops import Op
 from .plan import ExecutionPlan
+from .stats import unfilled
+
+KERNELS.setdefault(Op.MODEL_STAT, unfilled)
+KERNELS.setdefault(Op.STAT_VALUE, unfilled)
 
 Sink = Callable[[str, torch.Tensor], None]
 
@@ -59,6 +63,9 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
     src = models[node.attrs["model"]]
     assert src is not None
     want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    rows = node.attrs.get("rows")
+    if rows is not None:  # a row chunk (chunking.py)
+        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1])
     return src.load_as(node.attrs["tensor"], want)
 
 
@@ -69,24 +76,46 @@ def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
 
 def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
-            memory_budget: int | None = None, pipelined: bool = True, readers: int = 1) -> None:
-    """Run `plan`, calling `sink(name, tensor)` once per output, in output order."""
+            memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
+            meter: "PeakMeter | None" = None) -> None:
+    """Run `plan`, calling `sink(name, tensor)` once per output, in output order.
+
+    With a `memory_budget`, outputs whose work does not fit are split into row chunks
+    (chunking.py); a sink with a `write_rows(name, tensor, start, total)` method receives the
+    chunks, any other sink whole tensors. `meter` records the peak of live tensor bytes
+    (computed values + prefetched loads + outputs waiting for the sink)."""
     dev = resolve_device(device)
     if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
         from .stats import run_stat_passes
 
         plan = run_stat_passes(plan, lambda pp, sink: execute(
-            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers),
-            memory_budget)
+            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers,
+            meter=meter), memory_budget)
+    if memory_budget is not None and plan.budget != memory_budget:
+        from .chunking import chunk_plan
+
+        plan = chunk_plan(plan, memory_budget).plan
     prepare_models(plan, models, dev)
     if not pipelined:
-        _execute_sequential(plan, models, sink, dev, progress)
+        _execute_sequential(plan, models, sink, dev, progress, meter)
         return
     from .pipeline import Pipeline
 
     with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
                   readers) as pipe:
-        compute(plan, pipe.take, pipe.put, dev)
+        sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
+        compute(plan, pipe.take, pipe.put, dev, sample)
+
+
+class PeakMeter:
+    """The peak of live tensor bytes seen by the compute loop (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def sample(self, live: int) -> None:
+        if live > self.peak:
+            self.peak = live
 
 
 def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
@@ -101,15 +130,21 @@ def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None]
 
 
 def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
-            put: Callable[[str, torch.Tensor, int], None], dev: torch.device) -> None:
+            put: Callable[..., None], dev: torch.device,
+            meter: Callable[[int], None] | None = None) -> None:
     """The compute loop shared by both executors: `take(nid)` gives a LOAD's value on `dev`,
-    `put(name, tensor, nbytes)` receives each output (on the CPU)."""
+    `put(name, tensor, nbytes, rows)` receives each output (on the CPU; `rows` is
+    `(start, stop, total)` for a row chunk, else None). `meter(live_bytes)` is called after
+    each step with the bytes of the values held."""
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
+    live = 0
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
-            values[step.nid] = take(step.nid)
+            values[step.nid] = t = take(step.nid)
+            live += t.numel() * t.element_size()
+            del t
         else:
             args = [values[a] for a in node.args]
             try:
@@ -119,27 +154,42 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                     "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
                     "the check depends on tensor values, so it could only run now")) from None
             if node.op is Op.OUTPUT:
-                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes)
+                if meter is not None:
+                    meter(live + out.numel() * out.element_size())
+                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes,
+                    node.attrs.get("rows"))
             else:
                 values[step.nid] = out
+                live += out.numel() * out.element_size()
             del args, out
+        if meter is not None:
+            meter(live)
         for nid in step.free:
-            values.pop(nid, None)
+            t = values.pop(nid, None)
+            if t is not None:
+                live -= t.numel() * t.element_size()
+            del t
 
 
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-                        dev: torch.device, progress: Callable[[int], None] | None) -> None:
+                        dev: torch.device, progress: Callable[[int], None] | None,
+                        meter: PeakMeter | None = None) -> None:
+    from .chunking import RowAssembler, tensor_done
+
+    emit = RowAssembler(sink)
+
     def take(nid: int) -> torch.Tensor:
         if dev.type == "cpu":
             return read_value(plan, models, nid)
         return upcast(plan, nid, read_value(plan, models, nid, upcast=False).to(dev))
 
-    def put(name: str, t: torch.Tensor, nbytes: int) -> None:
-        sink(name, t)
-        if progress is not None:
-            progress(nbytes)
+    def put(name: str, t: torch.Tensor, nbytes: int, rows: tuple[int, int, int] | None = None) -> None:
+        emit(name, t, rows)
+        done = tensor_done(nbytes, rows)
+        if progress is not None and done:
+            progress(done)
 
-    compute(plan, take, put, dev)
+    compute(plan, take, put, dev, None if meter is None else meter.sample)
 
 
 def _output_name(plan: ExecutionPlan, nid: int) -> str:

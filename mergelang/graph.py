@@ -137,6 +137,7 @@ def verify(g: MergeGraph) -> None:
     if not nx.is_directed_acyclic_graph(g):
         raise VerifyError("graph has a cycle")
     names: set[str] = set()
+    chunks: dict[str, list[tuple[int, int, int]]] = {}
     orders: list[int] = []
     for nid, data in g.nodes(data=True):
         node = data.get(PAYLOAD)
@@ -159,10 +160,22 @@ def verify(g: MergeGraph) -> None:
             if g.out_degree(nid):
                 raise VerifyError(f"output node {nid} has users")
             name = node.attrs["name"]
+            rows = node.attrs.get("rows")
+            if rows is not None:  # a row chunk of an output (chunking.py)
+                if name not in chunks:
+                    orders.append(node.attrs["order"])
+                chunks.setdefault(name, []).append(rows)
+                continue
             if name in names:
                 raise VerifyError(f"two outputs named {name!r}")
             names.add(name)
             orders.append(node.attrs["order"])
+    for name, parts in chunks.items():
+        parts.sort()
+        total = parts[0][2]
+        if name in names or [a for a, _, _ in parts] != [0] + [b for _, b, _ in parts[:-1]] \
+                or parts[-1][1] != total or any(t != total for _, _, t in parts):
+            raise VerifyError(f"the row chunks of {name!r} do not cover its rows once")
     if sorted(orders) != list(range(len(orders))):
         raise VerifyError("output orders are not 0..n-1")
     if g.graph.get("next_id", 0) <= max(g.nodes, default=-1):

@@ -38,6 +38,11 @@ def checksum(data: Any) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def checksum_more(data: Any, crc: int) -> int:
+    """The CRC-32 of the bytes checksummed so far (`crc`) followed by `data`."""
+    return zlib.crc32(data, crc) & 0xFFFFFFFF
+
+
 def digest(parts: Iterable[str | bytes]) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -6,6 +6,7 @@ element dims after it, so reductions over "rows" / "cols" address dims from the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -236,10 +237,12 @@ def _bernoulli(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     like, p = args
     a = node.attrs
     p = torch.broadcast_to(p, like.shape)
+    shape = tuple(like.shape) if node.type.models is None else tuple(like.shape[1:])
+    off = a.get("row0", 0) * math.prod(shape[1:])  # a row chunk: its place in the whole stream
     if node.type.models is None:
-        return bernoulli_mask(p, tuple(like.shape), a["seed"], a["tensor"], "-", a["stream"])
-    return torch.stack([bernoulli_mask(p[i], tuple(like.shape[1:]), a["seed"], a["tensor"], i,
-                                       a["stream"]) for i in range(like.shape[0])])
+        return bernoulli_mask(p, shape, a["seed"], a["tensor"], "-", a["stream"], offset=off)
+    return torch.stack([bernoulli_mask(p[i], shape, a["seed"], a["tensor"], i, a["stream"], offset=off)
+                        for i in range(like.shape[0])])
 
 
 def _topk_count_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:

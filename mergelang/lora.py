@@ -17,9 +17,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .checkpoint import CheckpointError, ModelSource, TensorInfo, read_header
 from .diagnostics import Span
@@ -136,6 +137,8 @@ class LoraSource(ModelSource):
         return self.extra * alpha / denom
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         if name in self.full:
             return self._get(self.full[name])
         w = self.base.load(name)

@@ -7,10 +7,10 @@ version that `optimize` chains on a single copy), so `--emit graph` and
 
 from __future__ import annotations
 
-from typing import Callable
+import struct
+from typing import Any, Callable
 
 from .graph import MergeGraph, Node
-from .kernels import KERNELS, as_python, run_node
 from .ops import FOLDABLE, Attrs, Op
 
 Pass = Callable[[MergeGraph], MergeGraph]
@@ -28,9 +28,46 @@ def _fold_constants(g: MergeGraph) -> MergeGraph:
         args = [g.node(a) for a in n.args]
         if not all(a.op is Op.CONST for a in args) or n.type.numel > FOLD_LIMIT:
             continue
-        value = run_node(n, [KERNELS[Op.CONST](a, []) for a in args])
-        g.set_node(nid, Node(Op.CONST, (), Attrs(value=as_python(value), type=n.type), n.type, n.span))
+        value = _fold_structural(n, args)
+        if value is None:  # arithmetic: run the kernel (imports torch, only when something folds)
+            from .kernels import KERNELS, as_python, run_node
+
+            value = as_python(run_node(n, [KERNELS[Op.CONST](a, []) for a in args]))
+        g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
     return g
+
+
+def _f32(x: Any) -> float:
+    """`x` rounded to float32, as a CONST's float32 tensor holds it."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+def _fold_structural(n: Node, args: list[Node]) -> Any:
+    """Reshape, stack and index of constants without torch: they only move values (rounded to
+    float32 as the kernels' tensors would be); the same attr value the kernel path gives (flat,
+    float or bool). None: not such a node, or a value it does not handle."""
+    dtype = n.type.dtype
+    if n.op not in (Op.RESHAPE, Op.STACK, Op.INDEX) or dtype not in ("float32", "bool"):
+        return None
+    flats = []
+    for a in args:
+        v = a.attrs["value"]
+        v = v if isinstance(v, tuple) else (v,)
+        if a.type.dtype != dtype or not all(isinstance(x, (bool, int, float)) for x in v):
+            return None
+        try:
+            flats.append(tuple(bool(x) if dtype == "bool" else _f32(x) for x in v))
+        except OverflowError:
+            return None
+    if n.op is Op.INDEX:
+        m, k = n.type.numel, args[0].type.models or 1
+        i = n.attrs["i"] % k
+        vals = flats[0][i * m:(i + 1) * m]
+    else:
+        vals = tuple(x for f in flats for x in f)
+    if len(vals) != n.type.numel:
+        return None
+    return vals[0] if not n.type.full_shape else vals
 
 
 def _is_const(g: MergeGraph, nid: int, value: float) -> bool:

@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from .checkpoint import ModelSource
+from .chunking import RowAssembler, tensor_done
 from .ops import Op
 from .plan import ExecutionPlan
 
@@ -89,13 +90,14 @@ class Pipeline:
 
         self._read_value, self._upcast = read_value, upcast
         self.plan, self.models, self.sink, self.dev, self.progress = plan, models, sink, dev, progress
+        self.emit = RowAssembler(sink)  # row chunks: to the sink's write_rows, or reassembled
         g = plan.graph
         self.loads = [s.nid for s in plan.steps if g.node(s.nid).op is Op.LOAD]
         self.size = {nid: g.node(nid).type.nbytes for nid in self.loads}
         self.budget = ByteBudget(lookahead)
         self.cv = self.budget.cv  # one lock for everything: simple, and contention is per tensor
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}
-        self.queue: deque[tuple[str, torch.Tensor, int, int]] = deque()
+        self.queue: deque[tuple[str, torch.Tensor, int, int, tuple[int, int, int] | None]] = deque()
         self.closing = False
         self.error: BaseException | None = None
         self._next = 0
@@ -180,8 +182,10 @@ class Pipeline:
         return value
 
     # ---------------------------------------------------------------- writer
-    def put(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
-        """Queue one output for the sink (waits while the lookahead is full of pending writes)."""
+    def put(self, name: str, tensor: torch.Tensor, nbytes: int,
+            rows: tuple[int, int, int] | None = None) -> None:
+        """Queue one output (or row chunk of one) for the sink (waits while the lookahead is
+        full of pending writes)."""
         held = tensor.numel() * tensor.element_size()
         with self.cv:
             self._check()
@@ -192,7 +196,7 @@ class Pipeline:
                 self._check()
             raise  # pragma: no cover - _check always raises once stopped
         with self.cv:
-            self.queue.append((name, tensor, held, nbytes))
+            self.queue.append((name, tensor, held, nbytes, rows))
             self.cv.notify_all()
 
     def _writer(self) -> None:
@@ -206,9 +210,10 @@ class Pipeline:
                     if self.closing:
                         return
                     self.cv.wait()
-                name, tensor, held, nbytes = self.queue.popleft()
-            self.sink(name, tensor)
+                name, tensor, held, nbytes, rows = self.queue.popleft()
+            self.emit(name, tensor, rows)
             del tensor
             self.budget.release(held, write=True)
-            if self.progress is not None:
-                self.progress(nbytes)
+            done = tensor_done(nbytes, rows)
+            if self.progress is not None and done:
+                self.progress(done)

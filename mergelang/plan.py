@@ -31,13 +31,15 @@ class ExecutionPlan:
     #: statistics passes that run before this plan (stats.py), and the statistics they compute
     prepasses: tuple["ExecutionPlan", ...] = ()
     stats: tuple[Any, ...] = ()
+    #: the memory budget this plan was split into row chunks for (chunking.py); None: not split
+    budget: int | None = None
 
     @property
     def outputs(self) -> list[int]:
         return self.graph.outputs()
 
 
-def _live_bytes(g: MergeGraph, nid: int) -> int:
+def live_bytes(g: MergeGraph, nid: int) -> int:
     n = g.node(nid)
     if n.op is Op.CONST:
         return 0
@@ -45,7 +47,16 @@ def _live_bytes(g: MergeGraph, nid: int) -> int:
 
 
 def lower(g: MergeGraph, eager: bool = False) -> ExecutionPlan:
-    order = emit_order(g, eager)
+    steps, peak = schedule(g, emit_order(g, eager))
+    reads = {(n.attrs["model"], n.attrs["tensor"]): n for _, n in g.items() if n.op is Op.LOAD}
+    read_bytes = sum(_src_bytes(n) for n in reads.values())
+    write_bytes = sum(n.type.nbytes for _, n in g.items() if n.op is Op.OUTPUT)
+    return ExecutionPlan(g, tuple(steps), peak, read_bytes, write_bytes)
+
+
+def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
+    """Steps for running `order`: each value is freed after its last use; and the peak of live
+    bytes (float32 compute; outputs are handed off, constants are free)."""
     last: dict[int, int] = {}
     for i, nid in enumerate(order):
         for a in g.node(nid).args:
@@ -58,15 +69,12 @@ def lower(g: MergeGraph, eager: bool = False) -> ExecutionPlan:
     for i, nid in enumerate(order):
         n = g.node(nid)
         if n.op is not Op.OUTPUT:
-            live += _live_bytes(g, nid)
+            live += live_bytes(g, nid)
         peak = max(peak, live)
         free = tuple(sorted(frees.get(i, ())))
-        live -= sum(_live_bytes(g, a) for a in free)
+        live -= sum(live_bytes(g, a) for a in free)
         steps.append(Step(nid, free))
-    reads = {(n.attrs["model"], n.attrs["tensor"]): n for _, n in g.items() if n.op is Op.LOAD}
-    read_bytes = sum(_src_bytes(n) for n in reads.values())
-    write_bytes = sum(n.type.nbytes for _, n in g.items() if n.op is Op.OUTPUT)
-    return ExecutionPlan(g, tuple(steps), peak, read_bytes, write_bytes)
+    return steps, peak
 
 
 def _src_bytes(n) -> int:
@@ -95,15 +103,18 @@ def format_plan(plan: ExecutionPlan) -> str:
 def _format_steps(plan: ExecutionPlan) -> str:
     g = plan.graph
     local = {step.nid: i for i, step in enumerate(plan.steps)}
-    lines = [f"# {len(plan.outputs)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
-             f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} (float32 compute)"]
+    names = {g.node(o).attrs["name"] for o in plan.outputs}
+    budget = f"; split into row chunks for a budget of {_size(plan.budget)}" if plan.budget else ""
+    lines = [f"# {len(names)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
+             f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} (float32 compute)"
+             f"{budget}"]
     for step in plan.steps:
         n = g.node(step.nid)
         args = ", ".join(f"%{local[a]}" for a in n.args)
         if n.op is Op.LOAD:
-            what = f"load {n.attrs['model']}[{n.attrs['tensor']!r}]"
+            what = f"load {n.attrs['model']}[{n.attrs['tensor']!r}]{_rows(n)}"
         elif n.op is Op.OUTPUT:
-            what = f"write {n.attrs['name']!r} as {n.attrs['dtype']} <- {args}"
+            what = f"write {n.attrs['name']!r}{_rows(n)} as {n.attrs['dtype']} <- {args}"
         elif n.op is Op.STAT_VALUE:
             what = f"stat {n.attrs['key']!r}"
         elif n.op is Op.CONST:
@@ -113,6 +124,14 @@ def _format_steps(plan: ExecutionPlan) -> str:
         free = f"  ; free {', '.join(f'%{local[a]}' for a in step.free)}" if step.free else ""
         lines.append(f"%{local[step.nid]} = {what} : {n.type}{free}")
     return "\n".join(lines) + "\n"
+
+
+def _rows(n) -> str:
+    """` rows A:B` (` of N` for a write) for a row chunk's LOAD or OUTPUT, else empty."""
+    rows = n.attrs.get("rows")
+    if rows is None:
+        return ""
+    return f" rows {rows[0]}:{rows[1]}" + (f" of {rows[2]}" if len(rows) > 2 else "")
 
 
 def _size(n: int) -> str:

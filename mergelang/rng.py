@@ -56,29 +56,34 @@ def stream_key(*parts: object) -> tuple[tuple[int, int], tuple[int, int]]:
     return (w[0], w[1]), (w[2], w[3])
 
 
-def random_u32(numel: int, *key_parts: object, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`numel` uniform 32-bit integers (int64 tensor) of the stream named by `key_parts`;
-    element e depends only on the key and e."""
+def random_u32(numel: int, *key_parts: object, device: torch.device | str = "cpu",
+               offset: int = 0) -> torch.Tensor:
+    """`numel` uniform 32-bit integers (int64 tensor) of the stream named by `key_parts`:
+    elements `offset .. offset + numel` (a row chunk reads its slice of the stream); element e
+    depends only on the key and e."""
     key, (h2, h3) = stream_key(*key_parts)
     out = torch.empty(numel, dtype=torch.int64, device=device)
-    blocks = (numel + 3) // 4
+    end = offset + numel
+    first, blocks = offset // 4, (end + 3) // 4
     chunk = CHUNK.get(torch.device(device).type, CHUNK["cuda"])
-    for start in range(0, blocks, chunk):
-        j = torch.arange(start, min(blocks, start + chunk), dtype=torch.int64, device=device)
+    for start in range(first, blocks, chunk):
+        stop = min(blocks, start + chunk)
+        j = torch.arange(start, stop, dtype=torch.int64, device=device)
         words = philox4x32([j & MASK32, j >> 32, torch.full_like(j, h2), torch.full_like(j, h3)],
                            key)
         lanes = torch.stack(words, dim=-1).reshape(-1)  # element 4j + lane
-        lo = start * 4
-        hi = min(numel, lo + lanes.numel())
-        out[lo:hi] = lanes[:hi - lo]
+        lo, hi = max(start * 4, offset), min(stop * 4, end)
+        out[lo - offset:hi - offset] = lanes[lo - start * 4:hi - start * 4]
     return out
 
 
-def bernoulli_mask(p: torch.Tensor, shape: tuple[int, ...], *key_parts: object) -> torch.Tensor:
-    """True with probability p (broadcast to `shape`): u32 < p * 2^32, compared exactly in float64."""
+def bernoulli_mask(p: torch.Tensor, shape: tuple[int, ...], *key_parts: object,
+                   offset: int = 0) -> torch.Tensor:
+    """True with probability p (broadcast to `shape`): u32 < p * 2^32, compared exactly in float64.
+    `offset`: the flat index of the first element in the whole tensor (row chunks)."""
     n = 1
     for d in shape:
         n *= d
-    u = random_u32(n, *key_parts, device=p.device).reshape(shape)
+    u = random_u32(n, *key_parts, device=p.device, offset=offset).reshape(shape)
     thr = p.to(torch.float64) * 4294967296.0
     return u.to(torch.float64) < thr

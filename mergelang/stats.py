@@ -29,14 +29,14 @@ streams its pass twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .diagnostics import Span
 from .graph import MergeGraph, Node
 from .intrinsics import intrinsic
-from .kernels import KERNELS
 from .ops import Attrs, Op
 from .values import Const, TensorV, Value, is_number
 
@@ -118,12 +118,10 @@ def _model_quantile_value(el: Any, a: dict[str, Value], span: Span) -> Value:
                  int(off.value))  # type: ignore[union-attr]
 
 
-def _unfilled(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+def unfilled(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """The kernel of MODEL_STAT / STAT_VALUE nodes left in a plan (registered by execute.py, so
+    that compiling does not import the kernels, nor torch)."""
     raise RuntimeError(f"internal: model-wide statistic {node.attrs['key']} was not computed")
-
-
-KERNELS[Op.MODEL_STAT] = _unfilled
-KERNELS[Op.STAT_VALUE] = _unfilled
 
 
 # ---------------------------------------------------------------- planning
@@ -197,6 +195,8 @@ class StatCollector:
         self.done: dict[str, Any] = {}
 
     def __call__(self, name: str, t: torch.Tensor) -> None:
+        import torch
+
         spec = self.specs[name.split("\t", 1)[0]]
         if spec.key in self.done:
             return
@@ -225,6 +225,8 @@ class StatCollector:
 
     def finish(self) -> bool:
         """Compute what this round allows; True when another round over the pass is needed."""
+        import torch
+
         for key, total in self.sums.items():
             self.done[key] = _as_value(total, self.specs[key])
         self.sums.clear()
@@ -267,6 +269,8 @@ def _kth_index(n: int, spec: StatSpec) -> int:
 
 
 def _bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    import torch
+
     rows = idx.shape[0]
     offs = torch.arange(rows, dtype=torch.int64).unsqueeze(1) * bins
     return torch.bincount((idx + offs).reshape(-1), minlength=rows * bins).reshape(rows, bins)
@@ -274,6 +278,8 @@ def _bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
 
 def _pick(h: torch.Tensor, kk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the bin holding the kk-th smallest entry (1-based) and its rank within it."""
+    import torch
+
     cum = h.cumsum(dim=1)
     b = torch.searchsorted(cum, kk.unsqueeze(1)).squeeze(1)
     below = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
@@ -283,11 +289,15 @@ def _pick(h: torch.Tensor, kk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def sort_keys(x: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 keys in [0, 2^32) with the same order (-0.0 just below +0.0)."""
+    import torch
+
     bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
 
 
 def from_sort_keys(k: torch.Tensor) -> torch.Tensor:
+    import torch
+
     bits = torch.where(k >= 1 << 31, k - (1 << 31), 0xFFFFFFFF - k)
     bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
     return bits.to(torch.int32).view(torch.float32)

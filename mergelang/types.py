@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# safetensors header dtype <-> torch dtype <-> the short names used in recipes and --emit output.
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors header dtype <-> the torch dtype names used in recipes and --emit output. Plain
+# tables, so that checking a recipe (headers only) never imports torch; the torch dtype tables
+# (ST_TO_TORCH, TORCH_TO_ST, NAME_TO_TORCH) are built on first use (module __getattr__).
+ST_TO_NAME: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64",
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-
-NAME_TO_TORCH: dict[str, torch.dtype] = {
-    str(dt).removeprefix("torch."): dt for dt in ST_TO_TORCH.values()
+NAME_TO_ST = {v: k for k, v in ST_TO_NAME.items()}
+ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint16": 2,
+    "uint32": 4, "uint64": 8,
 }
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
            "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
 
@@ -33,22 +35,37 @@ SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def dtype_name(dt: torch.dtype) -> str:
+def _torch_tables() -> dict[str, Any]:
+    import torch
+
+    st = {k: getattr(torch, v) for k, v in ST_TO_NAME.items() if hasattr(torch, v)}
+    tables = {"ST_TO_TORCH": st, "TORCH_TO_ST": {v: k for k, v in st.items()},
+              "NAME_TO_TORCH": {ST_TO_NAME[k]: v for k, v in st.items()}}
+    globals().update(tables)
+    return tables
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST", "NAME_TO_TORCH"):
+        return _torch_tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dt: "torch.dtype") -> str:
     return str(dt).removeprefix("torch.")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return NAME_TO_TORCH[ALIASES.get(name, name)]
+def torch_dtype(name: str) -> "torch.dtype":
+    tables = globals().get("NAME_TO_TORCH") or _torch_tables()["NAME_TO_TORCH"]
+    return tables[ALIASES.get(name, name)]
 
 
 def is_floating(name: str) -> bool:
-    return torch_dtype(name).is_floating_point
+    return ALIASES.get(name, name) in FLOATING
 
 
-@lru_cache(maxsize=None)
 def itemsize(name: str) -> int:
-    dt = torch_dtype(name)
-    return torch.empty((), dtype=dt).element_size()
+    return ITEMSIZE[ALIASES.get(name, name)]
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .checkpoint import ModelSource, TensorInfo
 from .diagnostics import Diagnostic, Diagnostics, warning
@@ -77,6 +78,8 @@ class ResizedVocab(ModelSource):
         return self._table
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         t = self.inner.load(name)
         r = self.rows.get(name)
         if r is None or t.shape[0] == r:

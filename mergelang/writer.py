@@ -1,7 +1,7 @@
 """Output checkpoints: stream merged tensors into a sharded Hugging Face safetensors folder.
 
 The layout (which tensor goes in which shard, at which byte offset) is planned up front from
-shapes and dtypes alone (:func:`plan_shards`), so every shard file can be created at its final
+shapes and dtypes alone (:func:`layout.plan_shards`), so every shard file can be created at its final
 size before any tensor exists. Tensors are then written with ``os.pwrite`` at their planned
 offsets, from any thread and in any order, straight from memory to disk.
 
@@ -16,25 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import secrets
 import shutil
-import struct
 import threading
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, digest, lock_dir, prepare_work,
-                      range_crc, reuse_shard, work_dir_for)
-from .types import NAME_TO_TORCH, TORCH_TO_ST
+from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
+                      prepare_work, range_crc, reuse_shard, work_dir_for)
+from .layout import OutputTensor, ShardFile, ShardLayout, build_header, plan_shards
 from .verify import verify_output
+
+__all__ = ["CheckpointWriter", "WriterError", "OutputTensor", "ShardFile", "ShardLayout",
+           "build_header", "plan_shards"]  # the layout types live in layout.py
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 #: suffixes of weight files that are never copied from ``config_from``
@@ -42,113 +42,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
                    ".pkl", ".onnx")
 #: files bigger than this are never copied from ``config_from``
 MAX_COPY_SIZE = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output checkpoint: name, shape and torch dtype name (e.g. "bfloat16")."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if self.dtype not in NAME_TO_TORCH:
-            raise ValueError(f"unsupported output dtype {self.dtype!r} for {self.name!r}")
-        if any(d < 0 for d in self.shape):
-            raise ValueError(f"negative dimension in shape {self.shape} of {self.name!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return NAME_TO_TORCH[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.torch_dtype.itemsize
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    """One planned shard file: its tensors in file order, its exact header bytes and offsets."""
-
-    filename: str
-    tensors: tuple[OutputTensor, ...]
-    header: bytes  # 8-byte length prefix + space-padded JSON header
-    offsets: dict[str, tuple[int, int]]  # absolute (begin, end) byte offsets in the file
-    size: int  # total file size in bytes
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """The planned output: every shard file, in order."""
-
-    shards: tuple[ShardFile, ...]
-
-    @cached_property
-    def _where(self) -> dict[str, tuple[ShardFile, int, int]]:
-        return {name: (shard, b, e) for shard in self.shards for name, (b, e) in shard.offsets.items()}
-
-    @cached_property
-    def tensors(self) -> dict[str, OutputTensor]:
-        """Every planned tensor by name, in layout order."""
-        return {t.name: t for s in self.shards for t in s.tensors}
-
-    def index(self) -> dict[str, Any]:
-        """The content of ``model.safetensors.index.json`` (total_size: tensor bytes, as HF counts)."""
-        return {"metadata": {"total_size": sum(t.nbytes for t in self.tensors.values())},
-                "weight_map": {name: self._where[name][0].filename for name in self.tensors}}
-
-    def where(self, name: str) -> tuple[ShardFile, int, int]:
-        """The shard holding `name` and the tensor's absolute (begin, end) offsets in it."""
-        return self._where[name]
-
-
-def build_header(tensors: tuple[OutputTensor, ...]) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """A safetensors header for `tensors` laid out back to back in order, and their absolute
-    offsets. The JSON is padded with spaces so the data starts 8-byte aligned."""
-    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for t in tensors:
-        spans.append((pos, pos + t.nbytes))
-        meta[t.name] = {"dtype": TORCH_TO_ST[t.torch_dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + t.nbytes]}
-        pos += t.nbytes
-    text = json.dumps(meta, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors pads it
-    header = struct.pack("<Q", len(text)) + text
-    return header, {t.name: (len(header) + b, len(header) + e) for t, (b, e) in zip(tensors, spans)}
-
-
-def plan_shards(tensors: list[OutputTensor], shard_size: int) -> ShardLayout:
-    """Split `tensors` greedily, in order, into shards of at most `shard_size` tensor bytes.
-
-    A tensor that would push the current shard past `shard_size` starts a new shard; a single
-    tensor bigger than `shard_size` gets a shard of its own. Files are always named
-    ``model-0000i-of-0000N.safetensors``, even when there is one shard. No tensors gives one
-    empty shard.
-    """
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    if len({t.name for t in tensors}) != len(tensors):
-        raise ValueError("duplicate output tensor names")
-    groups: list[list[OutputTensor]] = [[]]
-    used = 0
-    for t in tensors:
-        if groups[-1] and used + t.nbytes > shard_size:
-            groups.append([])
-            used = 0
-        groups[-1].append(t)
-        used += t.nbytes
-    shards = []
-    for i, group in enumerate(groups):
-        members = tuple(group)
-        header, offsets = build_header(members)
-        size = len(header) + sum(t.nbytes for t in members)
-        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shards.append(ShardFile(filename, members, header, offsets, size))
-    return ShardLayout(tuple(shards))
 
 
 class WriterError(Exception):
@@ -175,6 +68,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(28, "short write (no progress)")
         done += n
+
+
+def _bytes_of(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes as a flat numpy uint8 array (a view when it is a contiguous CPU tensor)."""
+    import torch
+
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class CheckpointWriter:
@@ -206,6 +106,8 @@ class CheckpointWriter:
         self._finished = False
         self._claimed: set[str] = set()  # names a write has started for
         self._written: set[str] = set()  # names written completely
+        #: row-chunked tensors being written: rows done, next row, running CRC (in-order chunks)
+        self._partial: dict[str, list[int]] = {}
         self._fds: dict[str, int] = {}
         parent = self.out_dir.parent
         try:
@@ -313,7 +215,7 @@ class CheckpointWriter:
             fd = self._fds[shard.filename]
         ok = False
         try:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = _bytes_of(tensor)
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
             if self._journal is not None:  # journaled once durable (group commit, journal.py)
@@ -324,6 +226,60 @@ class CheckpointWriter:
         finally:
             with self._lock:
                 (self._written.add if ok else self._claimed.discard)(name)
+                self._inflight -= 1
+                self._lock.notify_all()
+
+    def write_rows(self, name: str, tensor: torch.Tensor, start: int, total: int) -> None:
+        """Write rows `start:start+len(tensor)` of `name` (a row chunk, chunking.py) at their
+        byte offset. Thread-safe; each row once. The tensor counts as written, and is journaled,
+        only when all its rows are (chunks in order keep a running CRC; otherwise the bytes are
+        read back once)."""
+        try:
+            shard, begin, end = self.layout.where(name)
+        except KeyError:
+            raise ValueError(f"internal: {name!r} is not in the output layout") from None
+        planned = self.layout.tensors[name]
+        n = int(tensor.shape[0]) if tensor.dim() else -1
+        if (not planned.shape or planned.shape[0] != total or tuple(tensor.shape[1:]) != planned.shape[1:]
+                or tensor.dtype != planned.torch_dtype or start < 0 or n < 0 or start + n > total):
+            raise ValueError(f"internal: rows {start}:{start + n} of {name!r} ({tuple(tensor.shape)} "
+                             f"{tensor.dtype}) do not fit the planned {planned.shape} {planned.torch_dtype}")
+        row = (end - begin) // total if total else 0
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"internal: write of {name!r} to a closed writer")
+            if name in self._written or (name in self._claimed and name not in self._partial):
+                raise ValueError(f"internal: {name!r} written twice")
+            state = self._partial.setdefault(name, [0, 0, 0])
+            self._claimed.add(name)
+            self._inflight += 1
+            fd = self._fds[shard.filename]
+        ok = complete = False
+        try:
+            data = _bytes_of(tensor)
+            if data.nbytes:
+                _pwrite_all(fd, memoryview(data), begin + start * row)
+            with self._lock:
+                in_order = state[1] == start
+                state[0] += n
+                state[1] = start + n if in_order else -1
+                if in_order and self._journal is not None:
+                    state[2] = checksum_more(memoryview(data), state[2])
+                complete = state[0] == total
+            if complete and self._journal is not None:
+                crc = state[2] if state[1] == total else range_crc(fd, begin, end)
+                self._journal.record(name, crc, fd, end - begin)
+            ok = True
+        except OSError as e:
+            raise _os_error(self.tmp_dir / shard.filename, e) from e
+        finally:
+            with self._lock:
+                if not ok:
+                    self._partial.pop(name, None)
+                    self._claimed.discard(name)
+                elif complete:
+                    self._partial.pop(name, None)
+                    self._written.add(name)
                 self._inflight -= 1
                 self._lock.notify_all()
 

@@ -216,7 +216,8 @@ def test_cli_memory_budget(tmp_path):
     tight = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "tight"), "--quiet",
                                  "--device", "cpu", "--memory-budget", "1KB"])
     assert tight.exit_code == 0, tight.output
-    assert "above --memory-budget" in tight.output and "row chunks" in tight.output
+    assert "above the memory budget" in tight.output and "cannot be split into row chunks" in tight.output
+    assert "`embed.weight`" in tight.output and "topk_mask over tensor" in tight.output
     roomy = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "roomy"), "--quiet",
                                  "--device", "cpu", "--memory-budget", "1GB"])
     assert roomy.exit_code == 0 and "warning" not in roomy.output

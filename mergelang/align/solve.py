@@ -22,11 +22,11 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
+if TYPE_CHECKING:  # imported where used: checking a recipe imports none of them
+    import numpy as np
+    import torch
 
 from .spec import AlignSpec, Group, permute_tensor, units_view
 
@@ -46,6 +46,9 @@ class AlignResult:
 
 def assign(cost: np.ndarray, method: str = "weight_matching") -> np.ndarray:
     """The permutation p (new unit i = old unit p[i]) maximising sum_i cost[i, p[i]]."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
     if method == "ot":
         import ot
 
@@ -78,6 +81,8 @@ def weight_matching(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
                     device: str | torch.device | None = None, reg: float = 0.0) -> AlignResult:
     """Permutations of `other`'s groups that best match `ref` (tensors: float, same shapes);
     with `method="ot"` and `reg > 0` also soft transport maps for the groups without head blocks."""
+    import torch
+
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; methods: {', '.join(METHODS)}")
     if reg < 0 or (reg > 0 and method != "ot"):

@@ -10,13 +10,13 @@ product along the mixed axes, see soft.py).
 from __future__ import annotations
 
 import threading
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..checkpoint import ModelSource, TensorInfo
 from .solve import AlignResult, weight_matching
-from .soft import transform_tensor
 from .spec import AlignSpec, permute_tensor
 
 
@@ -61,6 +61,7 @@ class AlignedSource(ModelSource):
             return t
         result = self.prepare()
         if result.maps:  # soft OT: a matrix product along the mixed axes (computed in float64)
+            from .soft import transform_tensor  # torch: imported only when a tensor is read
             return transform_tensor(t, members, result.perms, result.maps)
         return permute_tensor(t, members, result.perms)
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class SpecError(Exception):
 # ------------------------------------------------------------------ index maps
 def member_index(m: Member, n: int, length: int, perm: torch.Tensor) -> torch.Tensor:
     """The gather index along the member's axis (length `length`) for permutation `perm`."""
+    import torch
+
     idx = torch.arange(length, dtype=torch.long, device=perm.device)
     inner = perm.view(1, n, 1) * m.block + torch.arange(m.block, device=perm.device).view(1, 1, m.block)
     inner = inner + torch.arange(m.repeat, device=perm.device).view(m.repeat, 1, 1) * (n * m.block)
@@ -117,6 +120,8 @@ def apply_permutations(tensors: Mapping[str, torch.Tensor], spec: AlignSpec,
 
 def permute_tensor(t: torch.Tensor, members: Sequence[tuple[Group, Member]],
                    perms: Mapping[str, torch.Tensor], skip: str | None = None) -> torch.Tensor:
+    import torch
+
     for g, m in members:
         if g.name == skip:
             continue
@@ -128,11 +133,15 @@ def permute_tensor(t: torch.Tensor, members: Sequence[tuple[Group, Member]],
 
 
 def random_permutations(spec: AlignSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
 
 
 def invert(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
+
     return {k: torch.argsort(p) for k, p in perms.items()}
 
 
