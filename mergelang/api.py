@@ -22,6 +22,7 @@ from .ast import dump
 from .parser import parse_program
 from .plan import format_plan
 from .types import parse_bytes
+from .multiwriter import MultiWriter
 from .writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
@@ -75,6 +76,24 @@ class Recipe:
                 for n in g.outputs()]
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        """The named outputs (`merge "NAME" from ...`), () for a recipe with one unnamed block.
+        With names, :attr:`outputs` lists their tensors as ``NAME/TENSOR``."""
+        return self._c.output_names
+
+    def _references(self) -> dict[str, str]:
+        """Output name -> the model its block merges from (its names, shapes, config.json)."""
+        return {n: b.source for b in self._c.unit.blocks for n in b.outputs}
+
+    def _split(self, items: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """`{"NAME/TENSOR": x}` -> `{NAME: {TENSOR: x}}` for every named output, in order."""
+        out: dict[str, dict[str, Any]] = {n: {} for n in self.output_names}
+        for key, value in items.items():
+            name, _, tensor = key.partition("/")
+            out[name][tensor] = value
+        return out
+
+    @property
     def compilation(self) -> Compilation:
         return self._c
 
@@ -91,11 +110,12 @@ class Recipe:
             return format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
-    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
-        """Run the merge in memory and return the output tensors (for small models and tests)."""
+    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
+        """Run the merge in memory and return the output tensors (for small models and tests):
+        a state dict, or with named outputs a dict {output name: state dict}."""
         out: dict[str, torch.Tensor] = {}
         execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
-        return out
+        return self._split(out) if self.output_names else out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
@@ -110,30 +130,40 @@ class Recipe:
         a size like "8GB") caps live + prefetched + pending bytes."""
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
-        layout = plan_shards(self.outputs, int(c.options.shard_size))
-        ref = c.models[c.reference]
-        folder = getattr(ref, "folder", None) if c.options.copy_files else None
+        layout = plan_shards(self.outputs, int(c.options.shard_size)) if not self.output_names else None
         mode = nan_check or c.options.nan_check
         if mode not in ("error", "warn", "off"):
             raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
         say = log or (lambda msg: None)
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}
-        writer: CheckpointWriter | None = None
+        writer: CheckpointWriter | MultiWriter | None = None
         try:
-            extra = self._config_override(ref, folder)
-            with CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
-                                  resume=resume) as writer:
+            if self.output_names:
+                layouts = {n: plan_shards(list(ts.values()), int(c.options.shard_size))
+                           for n, ts in self._split({t.name: t.renamed(t.name.partition("/")[2])
+                                                     for t in self.outputs}).items()}
+                files = {n: self._files(ref) for n, ref in self._references().items()}
+                writer = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint,
+                                     resume=resume)
+                sizes = {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
+                         for t, x in lay.tensors.items()}
+            else:
+                files = self._files(c.reference)
+                writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
+                                          resume=resume)
+                sizes = {t: x.nbytes for t, x in layout.tensors.items()}
+            with writer:
                 for msg in writer.messages:
                     say(msg)
                 if writer.resumed and progress is not None:
-                    progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
+                    progress(sum(sizes[n] for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
                 execute(plan, c.models, self._checked_sink(writer.write, mode, say), device, progress,
                         memory_budget=budget, pipelined=pipelined)
-                return writer.finish(config_from=folder, dtype=self.config_dtype(),
-                                     recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
-                                     extra_files=extra)
+                if isinstance(writer, MultiWriter):
+                    return writer.finish(files)
+                return writer.finish(**files)
         except WriterError as exc:
             raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
         except CheckpointError as exc:
@@ -142,8 +172,16 @@ class Recipe:
             diags = exc.diagnostics
             raise self._kept(writer, diags[0], diags[1:]) from None
 
+    def _files(self, reference: str) -> dict[str, Any]:
+        """CheckpointWriter.finish's arguments for an output merged from model `reference`: its
+        config.json and other small files, the dtype, the recipe."""
+        ref = self._c.models[reference]
+        folder = getattr(ref, "folder", None) if self._c.options.copy_files else None
+        return dict(config_from=folder, dtype=self.config_dtype(), recipe_text=self._c.source.text,
+                    recipe_filename=RECIPE_FILENAME, extra_files=self._config_override(ref, folder))
+
     @staticmethod
-    def _kept(writer: "CheckpointWriter | None", diag: Diagnostic,
+    def _kept(writer: "CheckpointWriter | MultiWriter | None", diag: Diagnostic,
               more: list[Diagnostic] | None = None) -> MergelangError:
         """The error, with a note when a work folder was kept for --resume."""
         if writer is not None and writer.resumable and writer.tmp_dir.is_dir():
