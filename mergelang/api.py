@@ -107,7 +107,9 @@ class Recipe:
         if stage == "optimized":
             return format_graph(c.optimized)
         if stage == "plan":
-            return format_plan(c.plan)
+            head = (f"# outputs: {', '.join(self.output_names)} (each written to OUTDIR/NAME/; "
+                    "tensors named NAME/TENSOR below)\n" if self.output_names else "")
+            return head + format_plan(c.plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
@@ -265,11 +267,13 @@ def parse(recipe: str | Path):
         raise MergelangError(exc.diag) from None
 
 
-def merge(expr: str, *, dtype: str | None = None, **state_dicts: Mapping[str, torch.Tensor] | Any
-          ) -> dict[str, torch.Tensor]:
+def merge(expr: str, *, dtype: str | None = None, outputs: list[str] | tuple[str, ...] | None = None,
+          **state_dicts: Mapping[str, torch.Tensor] | Any) -> dict[str, Any]:
     """Merge in-memory state dicts with one recipe expression applied to every tensor, e.g.
     `merge("ties(base, [a, b], density = 0.5)", base=sd0, a=sd1, b=sd2)`. Non-tensor keyword
-    values are params. The output follows the names and dtypes of `base` (else the first dict)."""
+    values are params. The output follows the names and dtypes of `base` (else the first dict).
+    With `outputs` (names), the expression gives one tensor per name (a stack, e.g.
+    `emr(base, [a, b])`) and the result is {name: state dict}."""
     models = {k: v for k, v in state_dicts.items() if isinstance(v, Mapping)}
     params = {k: v for k, v in state_dicts.items() if not isinstance(v, Mapping)}
     if not models:
@@ -277,7 +281,12 @@ def merge(expr: str, *, dtype: str | None = None, **state_dicts: Mapping[str, to
     ref = "base" if "base" in models else next(iter(models))
     lines = [f'model {name} = "<memory>"' for name in models]
     lines += [f"param {name} = 0" for name in params]
-    lines.append(f"merge from {ref} {{\n    \"*\" => {expr}\n}}")
+    names = ""
+    if outputs is not None:
+        import json
+
+        names = "[" + ", ".join(json.dumps(str(n)) for n in outputs) + "] "
+    lines.append(f"merge {names}from {ref} {{\n    \"*\" => {expr}\n}}")
     source = "\n".join(lines) + "\n"
     recipe = Recipe(compile_recipe(SourceFile("<merge>", source), Path.cwd(),
                                    {**models, **params}, {"dtype": dtype}))
