@@ -130,8 +130,15 @@ class Elaborator:
         return order
 
     def _split(self, value: Value, k: int, span: Span) -> list[int]:
-        """A named block with `k` outputs takes one tensor (written to each output) or a stack
-        of exactly `k` (one per output, in order); the unnamed block (`k` = 0) one tensor."""
+        """A named block with `k` outputs takes one tensor (written to each output), or a list or
+        stack of exactly `k` (one per output, in order); the unnamed block (`k` = 0) one tensor."""
+        if k and isinstance(value, ListV) and not value.scalars:
+            if len(value.items) != k:
+                raise self.error("E313", f"this rule gives a list of {len(value.items)} values for "
+                                 f"{k} output{'s' if k != 1 else ''}", span,
+                                 "a rule of a named block gives one tensor (written to every "
+                                 "output of the block), or one per output name (a list or a stack)")
+            return [self.result_node(v, span) for v in value.items]
         if k and not isinstance(value, (Const, ListV)):
             nid = self.to_node(value, span)
             models = self.graph.node(nid).type.models
@@ -140,7 +147,7 @@ class Elaborator:
                     raise self.error("E313", f"this rule gives a stack of {models} tensors for "
                                      f"{k} output{'s' if k != 1 else ''}", span,
                                      "a rule of a named block gives one tensor (written to every "
-                                     "output of the block) or a stack of one per output name")
+                                     "output of the block), or one per output name (a list or a stack)")
                 return [self.make(Op.INDEX, [nid], Attrs(i=i), span) for i in range(k)]
         nid = self.result_node(value, span)
         return [nid] * max(k, 1)

@@ -127,7 +127,6 @@ def _check_block(unit: Unit, item: ast.MergeBlock, diags: Diagnostics) -> bool:
                         unnamed.span, 'name every block\'s output, e.g. merge "main" from '
                         f"{unnamed.source} {{ ... }}; each is written to OUTDIR/NAME/"))
         return False
-    ok = True
     seen = {n: b for b in unit.blocks for n in b.outputs}
     mine: set[str] = set()
     for name in item.outputs:
@@ -135,15 +134,13 @@ def _check_block(unit: Unit, item: ast.MergeBlock, diags: Diagnostics) -> bool:
             diags.add(error("E312", f"invalid output name {name!r}", item.outputs_span,
                             "an output name becomes a folder name: letters, digits, `_`, `-` and "
                             "`.`, not starting with `.` (no `/`, `\\`, `..`)"))
-            ok = False
         elif name in seen or name in mine:
             prev = seen.get(name, item)
             diags.add(error("E310", f"output {name!r} is named twice", item.outputs_span,
                             "each output needs its own name (it is the folder OUTDIR/NAME/)",
                             (("first named here", prev.outputs_span),)))
-            ok = False
         mine.add(name)
-    return ok
+    return True  # kept even with bad names: the errors stop the compilation anyway
 
 
 def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnDef],
