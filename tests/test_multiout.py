@@ -335,3 +335,25 @@ def test_a_list_of_tensors_gives_one_per_output() -> None:
     torch.testing.assert_close(out["x"]["embed.weight"], 2 * a["embed.weight"])
     assert torch.equal(out["y"]["norm.weight"], base["norm.weight"])
     assert codes('merge ["x", "y"] from base { "*" => [a, base, a] }') == ["E313"]
+
+
+def test_single_output_resume_ignores_a_multi_output_work_folder(models: Path, tmp_path: Path) -> None:
+    """A work folder left by an interrupted multi-output run, then a single-output recipe with
+    --resume on the same OUTDIR: the old outputs' folders must not end up in OUTDIR."""
+    out = tmp_path / "out"
+    count = {"n": 0}
+
+    def progress(_: int) -> None:
+        count["n"] += 1
+        if count["n"] >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ml.compile(recipe_text(models)).run(out, device="cpu", progress=progress)
+    single = HEAD.replace('"x"', f'"{models}/base"', 1).replace('"x"', f'"{models}/a"', 1)
+    logs: list[str] = []
+    ml.compile(single + 'merge from base { "*" => base }').run(out, device="cpu", resume=True,
+                                                              log=logs.append)
+    assert any("no journal" in m for m in logs), logs
+    assert not any(p.is_dir() for p in out.iterdir())
+    assert (out / "model.safetensors.index.json").is_file()
