@@ -146,7 +146,10 @@ model b = "x"
 merge "first" from base { "*" => emr(base, [a, b])[0] }
 merge "second" from base { "*" => emr(base, [a, b])[1] }
 '''
-    out = ml.compile(src, base=base, a=a, b=b).evaluate()
+    r = ml.compile(src, base=base, a=a, b=b)
+    # the two blocks' statistics have equal inputs over the same tensors: computed once
+    assert len(r.compilation.plan.stats) == 2
+    out = r.evaluate()
     want = reference_emr(base, [a, b])
     _check(out["first"], want[0])
     _check(out["second"], want[1])

@@ -357,3 +357,30 @@ def test_single_output_resume_ignores_a_multi_output_work_folder(models: Path, t
     assert any("no journal" in m for m in logs), logs
     assert not any(p.is_dir() for p in out.iterdir())
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_equal_statistics_of_two_blocks_are_computed_once() -> None:
+    base, a = make_sd(0), make_sd(1)
+    same = HEAD + 'merge "x" from base { "*" => base * model_sum(a) }\nmerge "y" from base { "*" => a * model_sum(a) }'
+    r = ml.compile(same, base=base, a=a)
+    assert len(r.compilation.plan.stats) == 1
+    total = sum(float(v.double().sum()) for v in a.values())
+    out = r.evaluate()
+    for k in SHAPES:
+        torch.testing.assert_close(out["x"][k], base[k] * total, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["y"][k], a[k] * total, rtol=1e-5, atol=1e-5)
+    other = same.replace("a * model_sum(a)", "a * model_sum(a * 2)")
+    assert len(ml.compile(other, base=base, a=a).compilation.plan.stats) == 2
+
+
+def test_statistics_over_different_tensors_stay_apart() -> None:
+    """Two rules with the same expression route different tensors: two statistics, as before."""
+    base, a = make_sd(0), make_sd(1)
+    src = HEAD + 'merge from base {\n  "layers.*" => base * model_sum(a)\n  "*" => base * model_sum(a)\n}'
+    r = ml.compile(src, base=base, a=a)
+    assert len(r.compilation.plan.stats) == 2
+    out = r.evaluate()
+    layers = sum(float(a[k].double().sum()) for k in SHAPES if k.startswith("layers."))
+    rest = sum(float(a[k].double().sum()) for k in SHAPES if not k.startswith("layers."))
+    torch.testing.assert_close(out["layers.0.weight"], base["layers.0.weight"] * layers, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["norm.weight"], base["norm.weight"] * rest, rtol=1e-5, atol=1e-5)
