@@ -230,6 +230,8 @@ def test_cli_run_emit_plan_and_explain(models: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "\n# outputs: ta, tb, avg" in res.output
     assert "write 'tb/layers.0.weight'" in res.output
+    res = runner.invoke(main, ["check", str(recipe)])
+    assert res.exit_code == 0 and "15 output tensors in 3 outputs (ta, tb, avg)" in res.output, res.output
     res = runner.invoke(main, ["explain", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "3 outputs (ta, tb, avg" in res.output and "merge 'avg' from `a`:" in res.output
@@ -384,3 +386,32 @@ def test_statistics_over_different_tensors_stay_apart() -> None:
     rest = sum(float(a[k].double().sum()) for k in SHAPES if not k.startswith("layers."))
     torch.testing.assert_close(out["layers.0.weight"], base["layers.0.weight"] * layers, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["norm.weight"], base["norm.weight"] * rest, rtol=1e-5, atol=1e-5)
+
+
+def test_example_recipe_runs_on_the_tiny_models(tmp_path: Path) -> None:
+    """examples/emr.mrg on examples/make_tiny_models.py's checkpoints, checked against EMR in
+    plain torch (test_methods_emr's reference) for the non-norm tensors."""
+    import importlib.util
+    import shutil
+
+    from test_methods_emr import reference_emr
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_tiny_models", repo / "examples" / "make_tiny_models.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    maker.make_models(tmp_path / "models", seed=0)
+    shutil.copy(repo / "examples" / "emr.mrg", tmp_path / "emr.mrg")
+    out = ml.compile(tmp_path / "emr.mrg").run(tmp_path / "merged", device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["avg", "code", "math"]
+    sds = {m: read_output(tmp_path / "models" / m) for m in ("base", "math", "code")}
+    floats = [k for k, v in sds["base"].items() if v.is_floating_point() and "norm" not in k]
+    want = reference_emr({k: sds["base"][k].float() for k in floats},
+                         [{k: sds[m][k].float() for k in floats} for m in ("math", "code")])
+    for name, w in zip(("math", "code"), want):
+        got = read_output(out / name)
+        for k in floats:
+            torch.testing.assert_close(got[k].float(), w[k].to(got[k].dtype).float(), rtol=1e-2, atol=1e-3)
+        for k in sds["base"]:
+            if "norm" in k:
+                assert torch.equal(got[k], sds["base"][k])
