@@ -123,7 +123,8 @@ class Recipe:
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True) -> Path:
-        """Merge to an HF folder at `out_dir`. The tensors go to the work folder
+        """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
+        `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
         complete and verified. After a failure or a kill the work folder is kept, and
         `resume=True` continues from it (bit-identical result); without `resume` an old work
@@ -132,7 +133,6 @@ class Recipe:
         a size like "8GB") caps live + prefetched + pending bytes."""
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
-        layout = plan_shards(self.outputs, int(c.options.shard_size)) if not self.output_names else None
         mode = nan_check or c.options.nan_check
         if mode not in ("error", "warn", "off"):
             raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
@@ -141,20 +141,7 @@ class Recipe:
                        "inputs": inputs_fingerprint(c.models)}
         writer: CheckpointWriter | MultiWriter | None = None
         try:
-            if self.output_names:
-                layouts = {n: plan_shards(list(ts.values()), int(c.options.shard_size))
-                           for n, ts in self._split({t.name: t.renamed(t.name.partition("/")[2])
-                                                     for t in self.outputs}).items()}
-                files = {n: self._files(ref) for n, ref in self._references().items()}
-                writer = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint,
-                                     resume=resume)
-                sizes = {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
-                         for t, x in lay.tensors.items()}
-            else:
-                files = self._files(c.reference)
-                writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
-                                          resume=resume)
-                sizes = {t: x.nbytes for t, x in layout.tensors.items()}
+            writer, files, sizes = self._open_writer(out_dir, force, fingerprint, resume)
             with writer:
                 for msg in writer.messages:
                     say(msg)
@@ -173,6 +160,23 @@ class Recipe:
         except MergelangError as exc:
             diags = exc.diagnostics
             raise self._kept(writer, diags[0], diags[1:]) from None
+
+    def _open_writer(self, out_dir: str | Path, force: bool, fingerprint: dict[str, str],
+                     resume: bool) -> tuple[Any, Any, dict[str, int]]:
+        """The writer (one checkpoint, or one per named output), the arguments of its `finish`,
+        and the byte size of every output tensor by its name in the plan."""
+        shard_size = int(self._c.options.shard_size)
+        if not self.output_names:
+            layout = plan_shards(self.outputs, shard_size)
+            writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
+                                      resume=resume)
+            return writer, self._files(self._c.reference), {t: x.nbytes for t, x in layout.tensors.items()}
+        per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
+        layouts = {n: plan_shards(list(ts.values()), shard_size) for n, ts in per_output.items()}
+        files = {n: self._files(ref) for n, ref in self._references().items()}
+        multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume)
+        return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
+                              for t, x in lay.tensors.items()}
 
     def _files(self, reference: str) -> dict[str, Any]:
         """CheckpointWriter.finish's arguments for an output merged from model `reference`: its
