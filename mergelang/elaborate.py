@@ -117,8 +117,9 @@ class Elaborator:
         self.stack = []
         value = self.eval(expr, dict(captures))
         nids = self._split(value, len(outs) if block.outputs else 0, expr.span)
-        ty = self.graph.node(nids[0]).type
-        if ty.shape != info.shape:
+        for ty in {self.graph.node(n).type for n in nids}:
+            if ty.shape == info.shape:
+                continue
             raise CompileError(error(
                 "E207", f"the rule gives `{name}` shape {list(ty.shape)}, but `{block.source}` has "
                 f"{list(info.shape)}", expr.span,

@@ -415,3 +415,7 @@ def test_example_recipe_runs_on_the_tiny_models(tmp_path: Path) -> None:
         for k in sds["base"]:
             if "norm" in k:
                 assert torch.equal(got[k], sds["base"][k])
+
+
+def test_every_tensor_of_a_list_is_shape_checked() -> None:
+    assert set(codes('merge ["x", "y"] from base { "*" => [a, sum(a, over = "rows")] }')) == {"E207"}
