@@ -143,6 +143,13 @@ def merge_equal_stats(g: MergeGraph) -> int:
     by two named output blocks, whose call sites (and so keys) differ. The first key's nodes are
     kept and the others' users point at them (their now unused inputs are left to DCE); a
     statistic of statistics is compared after its inputs are merged. Returns the keys merged."""
+    shapes: dict[str, tuple[tuple, list[str]]] = {}  # cheap pre-check: a merge needs two keys
+    for _, n in g.items():                              # of one kind over the same tensors
+        if n.op is Op.MODEL_STAT:
+            kind = (n.attrs["kind"], n.attrs["fraction"], n.attrs.get("offset", 0))
+            shapes.setdefault(n.attrs["key"], (kind, []))[1].append(n.attrs["tensor"])
+    if len({(kind, tuple(sorted(ts))) for kind, ts in shapes.values()}) == len(shapes):
+        return 0
     merged = 0
     while True:
         table: dict[tuple, int] = {}
