@@ -20,9 +20,10 @@ from .parser import parse_program
 from .plan import format_plan
 from .types import parse_bytes
 
-if TYPE_CHECKING:  # torch, the executor and the writer are imported when a merge runs
+if TYPE_CHECKING:  # torch, the executor and the writers are imported when a merge runs
     import torch
 
+    from .multiwriter import MultiWriter
     from .writer import CheckpointWriter, OutputTensor
 
 RECIPE_FILENAME = "mergelang_recipe.mrg"
@@ -80,6 +81,24 @@ class Recipe:
                 for n in g.outputs()]
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        """The named outputs (`merge "NAME" from ...`), () for a recipe with one unnamed block.
+        With names, :attr:`outputs` lists their tensors as ``NAME/TENSOR``."""
+        return self._c.output_names
+
+    def _references(self) -> dict[str, str]:
+        """Output name -> the model its block merges from (its names, shapes, config.json)."""
+        return {n: b.source for b in self._c.unit.blocks for n in b.outputs}
+
+    def _split(self, items: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """`{"NAME/TENSOR": x}` -> `{NAME: {TENSOR: x}}` for every named output, in order."""
+        out: dict[str, dict[str, Any]] = {n: {} for n in self.output_names}
+        for key, value in items.items():
+            name, _, tensor = key.partition("/")
+            out[name][tensor] = value
+        return out
+
+    @property
     def compilation(self) -> Compilation:
         return self._c
 
@@ -94,26 +113,31 @@ class Recipe:
         if stage == "optimized":
             return format_graph(c.optimized)
         if stage == "plan":
+            head = (f"# outputs: {', '.join(self.output_names)} (each written to OUTDIR/NAME/; "
+                    "tensors named NAME/TENSOR below)\n" if self.output_names else "")
+            plan = c.plan
             if memory_budget is not None:
                 from .chunking import chunk_plan
 
-                return format_plan(chunk_plan(c.plan, parse_bytes(memory_budget)).plan)
-            return format_plan(c.plan)
+                plan = chunk_plan(plan, parse_bytes(memory_budget)).plan
+            return head + format_plan(plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
-    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, torch.Tensor]:
-        """Run the merge in memory and return the output tensors (for small models and tests)."""
+    def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
+        """Run the merge in memory and return the output tensors (for small models and tests):
+        a state dict, or with named outputs a dict {output name: state dict}."""
         from .execute import execute
 
         out: dict[str, torch.Tensor] = {}
         execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
-        return out
+        return self._split(out) if self.output_names else out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True) -> Path:
-        """Merge to an HF folder at `out_dir`. The tensors go to the work folder
+        """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
+        `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
         complete and verified. After a failure or a kill the work folder is kept, and
         `resume=True` continues from it (bit-identical result); without `resume` an old work
@@ -121,35 +145,32 @@ class Recipe:
         `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
         a size like "8GB") caps live + prefetched + pending bytes."""
         from .execute import execute
-        from .writer import CheckpointWriter, WriterError, plan_shards
+        from .multiwriter import MultiWriter
+        from .writer import WriterError
 
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
-        layout = plan_shards(self.outputs, int(c.options.shard_size))
-        ref = c.models[c.reference]
-        folder = getattr(ref, "folder", None) if c.options.copy_files else None
         mode = nan_check or c.options.nan_check
         if mode not in ("error", "warn", "off"):
             raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
         say = log or (lambda msg: None)
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}
-        writer: CheckpointWriter | None = None
+        writer: CheckpointWriter | MultiWriter | None = None
         try:
-            extra = self._config_override(ref, folder)
-            with CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
-                                  resume=resume) as writer:
+            writer, files, sizes = self._open_writer(out_dir, force, fingerprint, resume)
+            with writer:
                 for msg in writer.messages:
                     say(msg)
                 if writer.resumed and progress is not None:
-                    progress(sum(layout.tensors[n].nbytes for n in writer.resumed))
+                    progress(sum(sizes[n] for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
                 sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
                 execute(plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
-                return writer.finish(config_from=folder, dtype=self.config_dtype(),
-                                     recipe_text=c.source.text, recipe_filename=RECIPE_FILENAME,
-                                     extra_files=extra)
+                if isinstance(writer, MultiWriter):
+                    return writer.finish(files)
+                return writer.finish(**files)
         except WriterError as exc:
             raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
         except CheckpointError as exc:
@@ -158,8 +179,36 @@ class Recipe:
             diags = exc.diagnostics
             raise self._kept(writer, diags[0], diags[1:]) from None
 
+    def _open_writer(self, out_dir: str | Path, force: bool, fingerprint: dict[str, str],
+                     resume: bool) -> tuple[Any, Any, dict[str, int]]:
+        """The writer (one checkpoint, or one per named output), the arguments of its `finish`,
+        and the byte size of every output tensor by its name in the plan."""
+        from .multiwriter import MultiWriter
+        from .writer import CheckpointWriter, plan_shards
+
+        shard_size = int(self._c.options.shard_size)
+        if not self.output_names:
+            layout = plan_shards(self.outputs, shard_size)
+            writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
+                                      resume=resume)
+            return writer, self._files(self._c.reference), {t: x.nbytes for t, x in layout.tensors.items()}
+        per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
+        layouts = {n: plan_shards(list(ts.values()), shard_size) for n, ts in per_output.items()}
+        files = {n: self._files(ref) for n, ref in self._references().items()}
+        multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume)
+        return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
+                              for t, x in lay.tensors.items()}
+
+    def _files(self, reference: str) -> dict[str, Any]:
+        """CheckpointWriter.finish's arguments for an output merged from model `reference`: its
+        config.json and other small files, the dtype, the recipe."""
+        ref = self._c.models[reference]
+        folder = getattr(ref, "folder", None) if self._c.options.copy_files else None
+        return dict(config_from=folder, dtype=self.config_dtype(), recipe_text=self._c.source.text,
+                    recipe_filename=RECIPE_FILENAME, extra_files=self._config_override(ref, folder))
+
     @staticmethod
-    def _kept(writer: "CheckpointWriter | None", diag: Diagnostic,
+    def _kept(writer: "CheckpointWriter | MultiWriter | None", diag: Diagnostic,
               more: list[Diagnostic] | None = None) -> MergelangError:
         """The error, with a note when a work folder was kept for --resume."""
         if writer is not None and writer.resumable and writer.tmp_dir.is_dir():
@@ -284,11 +333,13 @@ def parse(recipe: str | Path):
         raise MergelangError(exc.diag) from None
 
 
-def merge(expr: str, *, dtype: str | None = None, **state_dicts: Mapping[str, torch.Tensor] | Any
-          ) -> dict[str, torch.Tensor]:
+def merge(expr: str, *, dtype: str | None = None, outputs: list[str] | tuple[str, ...] | None = None,
+          **state_dicts: Mapping[str, torch.Tensor] | Any) -> dict[str, Any]:
     """Merge in-memory state dicts with one recipe expression applied to every tensor, e.g.
     `merge("ties(base, [a, b], density = 0.5)", base=sd0, a=sd1, b=sd2)`. Non-tensor keyword
-    values are params. The output follows the names and dtypes of `base` (else the first dict)."""
+    values are params. The output follows the names and dtypes of `base` (else the first dict).
+    With `outputs` (names), the expression gives one tensor per name (a stack, e.g.
+    `emr(base, [a, b])`) and the result is {name: state dict}."""
     models = {k: v for k, v in state_dicts.items() if isinstance(v, Mapping)}
     params = {k: v for k, v in state_dicts.items() if not isinstance(v, Mapping)}
     if not models:
@@ -296,7 +347,12 @@ def merge(expr: str, *, dtype: str | None = None, **state_dicts: Mapping[str, to
     ref = "base" if "base" in models else next(iter(models))
     lines = [f'model {name} = "<memory>"' for name in models]
     lines += [f"param {name} = 0" for name in params]
-    lines.append(f"merge from {ref} {{\n    \"*\" => {expr}\n}}")
+    names = ""
+    if outputs is not None:
+        import json
+
+        names = "[" + ", ".join(json.dumps(str(n)) for n in outputs) + "] "
+    lines.append(f"merge {names}from {ref} {{\n    \"*\" => {expr}\n}}")
     source = "\n".join(lines) + "\n"
     recipe = Recipe(compile_recipe(SourceFile("<merge>", source), Path.cwd(),
                                    {**models, **params}, {"dtype": dtype}))

@@ -216,6 +216,9 @@ class MergeBlock(Node):
     source: str
     source_span: Span = field(repr=False, compare=False)
     rules: tuple[Rule, ...]
+    #: output names (`merge "a" from ...`, `merge ["a", "b"] from ...`); () for the unnamed block
+    outputs: tuple[str, ...] = ()
+    outputs_span: Span | None = field(default=None, repr=False, compare=False)
 
 
 Item = Union[ModelDecl, ParamDecl, OptionDecl, Import, FnDef, MergeBlock]
@@ -237,7 +240,7 @@ def dump(node: object, indent: int = 0) -> str:
         head = f"{pad}({type(node).__name__} @{node.span.line}:{node.span.col}"
         scalars, children = [], []
         for f in fields(node):
-            if f.name in ("span", "func_span", "name_span", "source_span", "regex"):
+            if f.name in ("span", "func_span", "name_span", "source_span", "regex", "outputs_span"):
                 continue
             value = getattr(node, f.name)
             if isinstance(value, Node) or (isinstance(value, tuple) and value and isinstance(value[0], Node)):

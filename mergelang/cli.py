@@ -180,7 +180,8 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
     r = _compile(recipe, sets, allow_pickle=allow_pickle)
     plan = r.compilation.plan
-    click.echo(f"ok: {len(r.outputs)} output tensors, reads {plan.read_bytes / 1e6:.1f} MB, "
+    outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
+    click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {plan.read_bytes / 1e6:.1f} MB, "
                f"writes {plan.write_bytes / 1e6:.1f} MB, {len(r.warnings)} warnings")
     r.close()
 

@@ -46,6 +46,12 @@ class Compilation:
     plan: ExecutionPlan
     warnings: list[Diagnostic] = field(default_factory=list)
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The named outputs (`merge "NAME" from ...`), each a folder OUTDIR/NAME; () for one
+        unnamed block. Their tensors are named `NAME/TENSOR` in the graph and plan."""
+        return self.unit.output_names
+
     def close(self) -> None:
         for m in self.models.values():
             if m is not None:
@@ -142,18 +148,19 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if block is None:
         diags.add(error("E305", "the recipe has no `merge from MODEL { ... }` block", None,
                         'add one, e.g. merge from base { "*" => linear([a, b]) }'))
-    elif block.source not in models:
-        diags.add(error("E101", f"unknown model `{block.source}`", block.source_span,
-                        did_you_mean(block.source, models) or "declare it with model NAME = \"PATH\""))
-    # Elaborate even after other errors (to report shape errors too), as long as the block, its
-    # reference model and every param are usable; broken models are skipped silently.
-    if block is None or models.get(block.source) is None or not params_ok:
+    for b in unit.blocks:
+        if b.source not in models:
+            diags.add(error("E101", f"unknown model `{b.source}`", b.source_span,
+                            did_you_mean(b.source, models) or "declare it with model NAME = \"PATH\""))
+    # Elaborate even after other errors (to report shape errors too), as long as the blocks, their
+    # reference models and every param are usable; broken models are skipped silently.
+    if block is None or any(models.get(b.source) is None for b in unit.blocks) or not params_ok:
         _fail(diags, models)
     if opts.resize_vocab:
         models = resize_models(models, block.source, diags)  # type: ignore[union-attr]
     el.models = models
     el.out_dtype = opts.dtype
-    graph = el.build(block)  # type: ignore[arg-type]
+    graph = el.build(*unit.blocks)
     if diags.has_errors:
         improve_diagnostics(diags, models, block.source)  # type: ignore[union-attr]
         _fail(diags, models)

@@ -297,6 +297,10 @@ CODES: dict[str, str] = {
     "E307": "checkpoint index names a missing shard",
     "E308": "checkpoint index names a file outside the model folder",
     "E309": "pickle checkpoint refused by torch.load(weights_only=True)",
+    "E310": "an output name is used twice",
+    "E311": "an unnamed merge block mixed with named ones",
+    "E312": "invalid output name",
+    "E313": "a rule gives a different number of tensors than its block has outputs",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

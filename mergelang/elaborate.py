@@ -66,34 +66,43 @@ class Elaborator:
         self.stack: list[Frame] = []
         self.tensor = ""  # the output tensor being elaborated
         self._loads: dict[tuple[str, str, bool], int] = {}
-        self.rule_hits: dict[int, int] = {}
+        self.rule_hits: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ outputs
-    def build(self, block: ast.MergeBlock) -> MergeGraph:
-        ref = self.models.get(block.source)
-        if ref is None:  # the reference model failed to open: already reported
+    def build(self, *blocks: ast.MergeBlock) -> MergeGraph:
+        """One OUTPUT per tensor of each block's reference model, in one graph. With named
+        blocks the outputs are named `OUT/TENSOR`, and the outputs of every block for the same
+        tensor name are adjacent (so an input tensor is read once for all of them)."""
+        refs = [self.models.get(b.source) for b in blocks]
+        if any(r is None for r in refs):  # a reference model failed to open: already reported
             return self.graph
+        tables = [r.tensors() for r in refs]  # type: ignore[union-attr]
         order = 0
-        for name, info in ref.tensors().items():
-            self.tensor = name
-            try:
-                self._output(block, name, info, order)
-                order += 1
-            except CompileError as exc:
-                self.diags.add(exc.diag, subject=name)
-            except Poisoned:
-                pass
-        for i, rule in enumerate(block.rules):
-            if not self.rule_hits.get(i):
-                self.diags.add(warning("W001", f"rule {rule.pattern.text!r} matches no tensor of "
-                                       f"`{block.source}`", rule.pattern.span,
-                                       "an earlier rule may match first, or the pattern has a typo"))
+        for name in dict.fromkeys(n for t in tables for n in t):
+            for bi, (block, table) in enumerate(zip(blocks, tables)):
+                if name not in table:
+                    continue
+                self.tensor = name
+                try:
+                    order = self._output(bi, block, name, table[name], order)
+                except CompileError as exc:
+                    self.diags.add(exc.diag, subject=name)
+                except Poisoned:
+                    pass
+        for bi, block in enumerate(blocks):
+            for i, rule in enumerate(block.rules):
+                if not self.rule_hits.get((bi, i)):
+                    self.diags.add(warning("W001", f"rule {rule.pattern.text!r} matches no tensor of "
+                                           f"`{block.source}`", rule.pattern.span,
+                                           "an earlier rule may match first, or the pattern has a typo"))
         return self.graph
 
-    def _output(self, block: ast.MergeBlock, name: str, info: TensorInfo, order: int) -> None:
+    def _output(self, bi: int, block: ast.MergeBlock, name: str, info: TensorInfo, order: int) -> int:
+        """Elaborate tensor `name` for `block`: its OUTPUT node(s); returns the next order."""
         rule, captures = self._match(block, name)
-        self.rule_hits[rule] = self.rule_hits.get(rule, 0) + 1
+        self.rule_hits[(bi, rule)] = self.rule_hits.get((bi, rule), 0) + 1
         expr = block.rules[rule].expr
+        outs = [f"{o}/{name}" for o in block.outputs] or [name]
         if not is_floating(info.dtype):
             if not (isinstance(expr, ast.Name) and expr.id == block.source):
                 self.diags.add(warning("W002", f"{info.dtype} tensor `{name}` is copied from "
@@ -101,19 +110,48 @@ class Elaborator:
                                        "merge rules apply to floating-point tensors only"),
                                subject=name)
             nid = self.load(block.source, name, block.source_span, raw=True)
-            self.graph.make(Op.OUTPUT, [nid], Attrs(name=name, order=order, dtype=info.dtype))
-            return
+            for out in outs:
+                self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=info.dtype))
+                order += 1
+            return order
         self.stack = []
         value = self.eval(expr, dict(captures))
-        nid = self.result_node(value, expr.span)
-        ty = self.graph.node(nid).type
-        if ty.shape != info.shape:
+        nids = self._split(value, len(outs) if block.outputs else 0, expr.span)
+        for ty in {self.graph.node(n).type for n in nids}:
+            if ty.shape == info.shape:
+                continue
             raise CompileError(error(
                 "E207", f"the rule gives `{name}` shape {list(ty.shape)}, but `{block.source}` has "
                 f"{list(info.shape)}", expr.span,
                 "the output follows the names and shapes of the `merge from` model"))
         dtype = self.out_dtype or info.dtype
-        self.graph.make(Op.OUTPUT, [nid], Attrs(name=name, order=order, dtype=dtype), expr.span)
+        for out, nid in zip(outs, nids):
+            self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
+            order += 1
+        return order
+
+    def _split(self, value: Value, k: int, span: Span) -> list[int]:
+        """A named block with `k` outputs takes one tensor (written to each output), or a list or
+        stack of exactly `k` (one per output, in order); the unnamed block (`k` = 0) one tensor."""
+        if k and isinstance(value, ListV) and not value.scalars:
+            if len(value.items) != k:
+                raise self.error("E313", f"this rule gives a list of {len(value.items)} values for "
+                                 f"{k} output{'s' if k != 1 else ''}", span,
+                                 "a rule of a named block gives one tensor (written to every "
+                                 "output of the block), or one per output name (a list or a stack)")
+            return [self.result_node(v, span) for v in value.items]
+        if k and not isinstance(value, (Const, ListV)):
+            nid = self.to_node(value, span)
+            models = self.graph.node(nid).type.models
+            if models:
+                if models != k:
+                    raise self.error("E313", f"this rule gives a stack of {models} tensors for "
+                                     f"{k} output{'s' if k != 1 else ''}", span,
+                                     "a rule of a named block gives one tensor (written to every "
+                                     "output of the block), or one per output name (a list or a stack)")
+                return [self.make(Op.INDEX, [nid], Attrs(i=i), span) for i in range(k)]
+        nid = self.result_node(value, span)
+        return [nid] * max(k, 1)
 
     def _match(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
         for i, rule in enumerate(block.rules):

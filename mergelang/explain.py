@@ -92,14 +92,15 @@ def _calls(e: Any) -> list[str]:
     return out
 
 
-def rule_assignment(c: Compilation) -> tuple[dict[int, list[str]], list[str]]:
-    """rule index -> output tensor names it produces; and the names copied raw (non-float)."""
+def rule_assignment(c: Compilation, block: Any = None) -> tuple[dict[int, list[str]], list[str]]:
+    """rule index -> output tensor names it produces; and the names copied raw (non-float);
+    for `block` (default: the first merge block)."""
     from .elaborate import Elaborator
 
-    block = c.unit.block
+    block = block or c.unit.block
     assert block is not None
     el = Elaborator(c.unit.fns, c.models, {}, c.params, Diagnostics())
-    ref = c.models[c.reference]
+    ref = c.models[block.source]
     assert ref is not None
     by_rule: dict[int, list[str]] = defaultdict(list)
     raw: list[str] = []
@@ -112,20 +113,11 @@ def rule_assignment(c: Compilation) -> tuple[dict[int, list[str]], list[str]]:
     return by_rule, raw
 
 
-def _one_line(text: str, width: int = 100) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def explain_text(c: Compilation) -> str:
-    block = c.unit.block
-    assert block is not None
-    plan, g = c.plan, c.optimized
-    by_rule, raw = rule_assignment(c)
-    lines = [f"recipe {c.source.path}: merge from `{c.reference}`, {len(plan.outputs)} output tensors"]
-    lines.append("")
-    lines.append("rules (first match wins):")
-    methods: dict[str, int] = {}
+def _rules_text(c: Compilation, block: Any, methods: dict[str, int]) -> list[str]:
+    """The rules of one merge block, the tensors each produces; counts methods' tensors."""
+    by_rule, raw = rule_assignment(c, block)
+    k = max(len(block.outputs), 1)
+    lines = ["rules (first match wins):"]
     for i, rule in enumerate(block.rules):
         names = by_rule.get(i, [])
         guard = f" if {_one_line(rule.guard.span.text)}" if rule.guard is not None else ""
@@ -134,7 +126,7 @@ def explain_text(c: Compilation) -> str:
         if calls:
             lines.append(f"      calls: {', '.join(calls)}")
         for fn in calls:
-            methods[fn] = methods.get(fn, 0) + len(names)
+            methods[fn] = methods.get(fn, 0) + len(names) * k
         if not names:
             lines.append("      matches no tensor")
             continue
@@ -142,6 +134,28 @@ def explain_text(c: Compilation) -> str:
         lines += [f"        {n}" for n in collapse(names)]
     if raw:
         lines.append(f"  copied unchanged (not floating point): {', '.join(collapse(raw))}")
+    return lines
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def explain_text(c: Compilation) -> str:
+    plan, g = c.plan, c.optimized
+    if c.output_names:
+        lines = [f"recipe {c.source.path}: {len(c.output_names)} outputs "
+                 f"({', '.join(c.output_names)}; each written to OUTDIR/NAME/), "
+                 f"{len(plan.outputs)} output tensors in all, computed in one graph"]
+    else:
+        lines = [f"recipe {c.source.path}: merge from `{c.reference}`, {len(plan.outputs)} output tensors"]
+    methods: dict[str, int] = {}
+    for block in c.unit.blocks:
+        lines.append("")
+        if block.outputs:
+            lines.append(f"merge {', '.join(map(repr, block.outputs))} from `{block.source}`:")
+        lines += _rules_text(c, block, methods)
     lines.append("")
     lines.append("methods: " + (", ".join(f"{m} ({n} tensors)" for m, n in methods.items()) or "none"))
     lines.append("")

@@ -238,6 +238,12 @@ def _per_model(el: Any, a: dict[str, Value], span: Span) -> Value:
     return w  # a tensor of weights (e.g. per-element); shapes are checked where it is used
 
 
+@intrinsic("model_index", "models",
+           doc="the positions of a list or stack of n models: the list [0, 1, ..., n - 1]")
+def _model_index(el: Any, a: dict[str, Value], span: Span) -> Value:
+    return ListV(tuple(Const(i) for i in range(_count(el, a["models"], span))))
+
+
 @intrinsic("numel", "x", doc="number of elements of the tensor being merged")
 def _numel(el: Any, a: dict[str, Value], span: Span) -> Value:
     x = a["x"]

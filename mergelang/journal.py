@@ -184,7 +184,8 @@ def prepare_work(work: Path, fingerprint: Mapping[str, str], resume: bool,
         elif (work / JOURNAL_NAME).is_file():
             header, entries = read_journal(work / JOURNAL_NAME)
             check_fingerprint(header["fingerprint"], fingerprint, work)
-        else:
+        else:  # e.g. left by a multi-output run: its files must not end up in this output
+            shutil.rmtree(work, ignore_errors=True)
             messages.append(f"the work folder {work} has no journal; starting over")
     elif resume:
         messages.append(f"nothing to resume (no work folder {work}); starting from the beginning")

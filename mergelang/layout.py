@@ -32,6 +32,9 @@ class OutputTensor:
         if any(d < 0 for d in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape} of {self.name!r}")
 
+    def renamed(self, name: str) -> "OutputTensor":
+        return OutputTensor(name, self.shape, self.dtype)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)

@@ -6,6 +6,7 @@ already merged (user functions shadow stdlib methods, with a W003 warning).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,17 @@ class Unit:
     models: list[ast.ModelDecl] = field(default_factory=list)
     params: list[ast.ParamDecl] = field(default_factory=list)
     options: list[ast.OptionDecl] = field(default_factory=list)
-    block: ast.MergeBlock | None = None
+    blocks: list[ast.MergeBlock] = field(default_factory=list)
+
+    @property
+    def block(self) -> ast.MergeBlock | None:
+        """The first `merge` block (the only one unless the recipe names its outputs)."""
+        return self.blocks[0] if self.blocks else None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The named outputs of every block in order; () for one unnamed block."""
+        return tuple(n for b in self.blocks for n in b.outputs)
 
 
 _STDLIB: dict[str, ast.FnDef] | None = None
@@ -93,12 +104,43 @@ def _collect(unit: Unit, program: ast.Program, base_dir: Path, fns: dict[str, as
         elif isinstance(item, ast.OptionDecl):
             unit.options.append(item)
         elif isinstance(item, ast.MergeBlock):
-            if unit.block is not None:
-                diags.add(error("E106", "a recipe has one `merge from` block", item.span,
-                                "put all rules in one block: the first matching rule wins",
-                                (("the first block is here", unit.block.span),)))
-                continue
-            unit.block = item
+            if _check_block(unit, item, diags):
+                unit.blocks.append(item)
+
+
+#: an output name: a plain folder name (no separators, not hidden, not `.` / `..`)
+OUTPUT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def _check_block(unit: Unit, item: ast.MergeBlock, diags: Diagnostics) -> bool:
+    """Either one unnamed `merge from` block, or named blocks with distinct, valid names."""
+    first = unit.block
+    if first is not None and not first.outputs and not item.outputs:
+        diags.add(error("E106", "a recipe has one unnamed `merge from` block", item.span,
+                        "put all rules in one block (the first matching rule wins), or name each "
+                        'block\'s output: merge "NAME" from MODEL { ... }',
+                        (("the first block is here", first.span),)))
+        return False
+    if first is not None and (not first.outputs or not item.outputs):
+        unnamed = item if not item.outputs else first
+        diags.add(error("E311", "an unnamed `merge from` block cannot be mixed with named ones",
+                        unnamed.span, 'name every block\'s output, e.g. merge "main" from '
+                        f"{unnamed.source} {{ ... }}; each is written to OUTDIR/NAME/"))
+        return False
+    seen = {n: b for b in unit.blocks for n in b.outputs}
+    mine: set[str] = set()
+    for name in item.outputs:
+        if not OUTPUT_NAME.fullmatch(name) or name in (".", ".."):
+            diags.add(error("E312", f"invalid output name {name!r}", item.outputs_span,
+                            "an output name becomes a folder name: letters, digits, `_`, `-` and "
+                            "`.`, not starting with `.` (no `/`, `\\`, `..`)"))
+        elif name in seen or name in mine:
+            prev = seen.get(name, item)
+            diags.add(error("E310", f"output {name!r} is named twice", item.outputs_span,
+                            "each output needs its own name (it is the folder OUTDIR/NAME/)",
+                            (("first named here", prev.outputs_span),)))
+        mine.add(name)
+    return True  # kept even with bad names: the errors stop the compilation anyway
 
 
 def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnDef],

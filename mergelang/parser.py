@@ -175,7 +175,17 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def merge_block(self, meta, c):
-        return ast.MergeBlock(self._span(meta), str(c[0]), _tok_span(self.src, c[0]), tuple(c[1:]))
+        names, span = c[0] if c[0] is not None else ((), None)
+        return ast.MergeBlock(self._span(meta), str(c[1]), _tok_span(self.src, c[1]), tuple(c[2:]),
+                              names, span)
+
+    @v_args(meta=True)
+    def out_name(self, meta, c):
+        return (_unquote(self.src, c[0]),), self._span(meta)
+
+    @v_args(meta=True)
+    def out_list(self, meta, c):
+        return tuple(_unquote(self.src, t) for t in c if t is not None), self._span(meta)
 
     @v_args(meta=True)
     def rule(self, meta, c):

@@ -41,8 +41,8 @@ def check_unit(unit: Unit, diags: Diagnostics, user_only: bool = True) -> None:
         _expr(fn.ret, scope, unit, diags, calls, fn.name)
     for decl in [*unit.params, *unit.options, *unit.models]:
         _expr(decl.value, set(globals_), unit, diags, calls, None)
-    if unit.block is not None:
-        for rule in unit.block.rules:
+    for block in unit.blocks:
+        for rule in block.rules:
             scope = set(globals_) | set(rule.pattern.captures)
             if rule.guard is not None:
                 _expr(rule.guard, scope, unit, diags, calls, None)

@@ -135,11 +135,56 @@ def _levels(g: MergeGraph) -> dict[int, int]:
     return level
 
 
+def merge_equal_stats(g: MergeGraph) -> int:
+    """Give one key to statistics that are equal by construction: the same kind and parameters of
+    structurally equal inputs (hash-consed), over the same tensors — e.g. the same method called
+    by two named output blocks, whose call sites (and so keys) differ. The first key's nodes are
+    kept and the others' users point at them (their now unused inputs are left to DCE); a
+    statistic of statistics is compared after its inputs are merged. Returns the keys merged."""
+    shapes: dict[str, tuple[tuple, list[str]]] = {}  # cheap pre-check: a merge needs two keys
+    for _, n in g.items():                              # of one kind over the same tensors
+        if n.op is Op.MODEL_STAT:
+            kind = (n.attrs["kind"], n.attrs["fraction"], n.attrs.get("offset", 0))
+            shapes.setdefault(n.attrs["key"], (kind, []))[1].append(n.attrs["tensor"])
+    if len({(kind, tuple(sorted(ts))) for kind, ts in shapes.values()}) == len(shapes):
+        return 0
+    merged = 0
+    while True:
+        table: dict[tuple, int] = {}
+        sig: dict[int, int] = {}
+        groups: dict[str, dict[str, int]] = {}
+        params: dict[str, tuple] = {}
+        for nid in g.topo_order():
+            n = g.node(nid)
+            attrs: Any = n.attrs
+            if n.op is Op.MODEL_STAT:
+                params[n.attrs["key"]] = (n.attrs["kind"], n.attrs["fraction"], n.attrs.get("offset", 0))
+                groups.setdefault(n.attrs["key"], {})[n.attrs["tensor"]] = sig[n.args[0]]
+                attrs = (n.attrs["key"],)
+            sig[nid] = table.setdefault((n.op, attrs, tuple(sig[a] for a in n.args)), len(table))
+        first: dict[tuple, str] = {}
+        rename: dict[str, str] = {}
+        for key, by_tensor in groups.items():
+            canon = first.setdefault((params[key], tuple(sorted(by_tensor.items()))), key)
+            if canon != key:
+                rename[key] = canon
+        if not rename:
+            return merged
+        merged += len(rename)
+        stat_nodes = [(nid, n) for nid, n in g.items() if n.op is Op.MODEL_STAT]
+        canon_node = {(n.attrs["key"], n.attrs["tensor"]): nid for nid, n in stat_nodes}
+        for nid, n in stat_nodes:  # one node per (statistic, tensor): each entry counted once
+            if n.attrs["key"] in rename:
+                g.replace_uses(nid, canon_node[(rename[n.attrs["key"]], n.attrs["tensor"])])
+                g.remove_node(nid)
+
+
 def split_stats(g: MergeGraph) -> tuple[list[MergeGraph], MergeGraph, tuple[StatSpec, ...]]:
     """(statistics pass graphs, apply graph, statistics) for an elaborated graph."""
-    stats = [(nid, n) for nid, n in g.items() if n.op is Op.MODEL_STAT]
-    if not stats:
+    if not any(n.op is Op.MODEL_STAT for _, n in g.items()):
         return [], g, ()
+    merge_equal_stats(g)
+    stats = [(nid, n) for nid, n in g.items() if n.op is Op.MODEL_STAT]
     level = _levels(g)
     specs: dict[str, StatSpec] = {}
     for nid, n in stats:
