@@ -22,7 +22,8 @@ row-local when:
 
 Anything else that touches the row axis is not: whole-tensor statistics (reduce/top-k over the
 tensor, norms), reductions over cols, linear algebra (svd, matmul, ...), concatenation, and
-values shared with another tensor's work.
+values shared with the work of a non-adjacent output (consecutive outputs that share values,
+e.g. one tensor of several named outputs, form one segment and are chunked together).
 Such a tensor runs whole, and `chunk_plan` reports why (the CLI warns). Values that do not have
 the row axis (constants, statistics, small per-tensor values) are computed once per segment.
 """
@@ -162,11 +163,13 @@ def _per_row_peak(g: MergeGraph, seg: list[int], rowed: set[int], rows: int) -> 
         peak = max(peak, live)
         live -= sum(g.node(a).type.nbytes / rows for a in frees.get(i, ()))
     loads = [g.node(x).type.nbytes / rows for x in seg if x in rowed and g.node(x).op is Op.LOAD]
-    out = g.node(seg[-1]).type.nbytes / rows
-    return peak + max(loads, default=0.0) + out
+    return peak + max(loads, default=0.0) + _outputs_bytes(g, seg) / rows
 
 
 def _segments(plan: ExecutionPlan) -> list[list[int]]:
+    """The steps split after each OUTPUT; a segment whose values the next one uses is joined
+    with it (named outputs: the same tensor of every output shares its loads and work), so
+    the joined work is chunked as one (every output in it has the same rows) or runs whole."""
     g, segs, cur = plan.graph, [], []
     for s in plan.steps:
         cur.append(s.nid)
@@ -175,7 +178,27 @@ def _segments(plan: ExecutionPlan) -> list[list[int]]:
             cur = []
     if cur:
         segs.append(cur)
-    return segs
+    joined: list[list[int]] = []
+    for seg in segs:
+        if joined:
+            inside = set(seg)
+            prev = joined[-1]
+            if any(_tensor_work(g.node(x)) and any(u in inside for u in g.successors(x))
+                   for x in prev):
+                prev.extend(seg)
+                continue
+        joined.append(list(seg))
+    return joined
+
+
+def _tensor_work(n: Node) -> bool:
+    """A value that may carry rows (not a constant, statistic, scalar or output)."""
+    return n.op not in (Op.OUTPUT, Op.CONST, Op.STAT_VALUE) and bool(n.type.shape)
+
+
+def _outputs_bytes(g: MergeGraph, seg: list[int]) -> int:
+    """Bytes of the segment's outputs (pending writes)."""
+    return sum(g.node(x).type.nbytes for x in seg if g.node(x).op is Op.OUTPUT)
 
 
 def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkReport:
@@ -234,7 +257,9 @@ def chunk_plan(plan: ExecutionPlan, budget: int, min_rows: int = 1) -> ChunkRepo
                     ids[x] = h.add(_chunk_node(n, args, a, b, rows))
                     new_order.append(ids[x])
         h.remove_nodes_from(rowed)
-        chunked[name] = len(chunks)
+        for x in seg:
+            if g.node(x).op is Op.OUTPUT:
+                chunked[g.node(x).attrs["name"]] = len(chunks)
         if step * per_row + fixed > budget:
             unchunked.append(Unchunked(name, int(fixed + per_row), "one row alone is above the budget",
                                        split=True))
@@ -251,7 +276,7 @@ def _segment_peak(g: MergeGraph, seg: list[int], before: int) -> int:
 
 def _headroom(g: MergeGraph, seg: list[int]) -> int:
     loads = [g.node(x).type.nbytes for x in seg if g.node(x).op is Op.LOAD]
-    return max(loads, default=0) + g.node(seg[-1]).type.nbytes
+    return max(loads, default=0) + _outputs_bytes(g, seg)
 
 
 # --------------------------------------------------------------------------- sinks

@@ -116,6 +116,27 @@ def test_run_to_disk_is_byte_identical(models, tmp_path):
     r.close()
 
 
+def test_named_outputs_run_in_chunks_byte_identical(models, tmp_path):
+    """Several outputs (named blocks, MultiWriter) take row chunks too."""
+    head = "".join(f'model {k} = "{v}"\n' for k, v in models.items())
+    text = (head + 'merge ["soup", "delta"] from m0 {\n "*" => [linear([' + ", ".join(NAMES) + "]), "
+            + ROW_LOCAL["task_arithmetic"][0] + "]\n}\n")
+    r = ml.compile(text)
+    assert "rows 0:" in r.emit("plan", memory_budget=BUDGET)
+    free = r.run(tmp_path / "free", device="cpu")
+    tight = r.run(tmp_path / "tight", device="cpu", memory_budget=BUDGET)
+    sds = _inputs(models)
+    for out, ref in (("soup", _linear_ref), ("delta", _task_arithmetic_ref)):
+        files = sorted(p.name for p in (free / out).iterdir())
+        assert files == sorted(p.name for p in (tight / out).iterdir())
+        for name in files:
+            assert (free / out / name).read_bytes() == (tight / out / name).read_bytes(), (out, name)
+        got = load_file(next((tight / out).glob("*.safetensors")))
+        for name in SHAPES:
+            assert torch.equal(got[name], ref(sds, name)), (out, name)
+    r.close()
+
+
 def test_interrupted_chunked_run_resumes_identically(models, tmp_path, monkeypatch):
     r = ml.compile(_recipe(models, ROW_LOCAL["linear"][0]))
     ref = r.run(tmp_path / "ref", device="cpu")
