@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import ModelSource
 from .diagnostics import MergelangError, error
+from .inplace import Buffers
 from .kernels import CheckFailed, run_node
 from .ops import Op
 from .plan import ExecutionPlan
@@ -106,25 +107,31 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
     `put(name, tensor, nbytes)` receives each output (on the CPU)."""
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
+    bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
             values[step.nid] = take(step.nid)
+            bufs.stored(step.nid, values[step.nid], False, [])
         else:
             args = [values[a] for a in node.args]
             try:
-                out = run_node(node, args)
+                out = bufs.run(node, step.nid, args, step.free)
+                if out is None:
+                    out = run_node(node, args)
             except CheckFailed as exc:
                 raise MergelangError(error(
                     "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
                     "the check depends on tensor values, so it could only run now")) from None
             if node.op is Op.OUTPUT:
+                bufs.pin(out)
                 put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes)
             else:
                 values[step.nid] = out
+                bufs.stored(step.nid, out, True, args)
             del args, out
         for nid in step.free:
-            values.pop(nid, None)
+            bufs.freed(nid, values.pop(nid, None))
 
 
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
