@@ -1,15 +1,17 @@
 """Buffer reuse for the compute loop (CPU): dead inputs become outputs, stacks that are only summed
 are never built. Both give bit-identical values to the plain kernels.
 
-- **In-place elementwise ops.** When an input of a float32 elementwise op dies at that step, was
-  made by a kernel here (never a LOAD: a source may hand out a caller's tensor), shares its
-  storage with no other live value or handed-out output, and has the result's shape, the op
-  writes its result into that input (`torch.add(a, b, out=a)`): the same arithmetic, no fresh
-  allocation (first-touch page faults dominated these memory-bound ops on the development VM).
+- **In-place elementwise ops** (arithmetic, unary float ops, `where`). When an input of a
+  float32 elementwise op dies at that step, was made by a kernel here (never a LOAD: a source
+  may hand out a caller's tensor), shares its storage with no other live value or handed-out
+  output, and has the result's shape, the op writes its result into that input
+  (`torch.add(a, b, out=a)`, or the bit select of `kernels_fast.where` in place): the same
+  arithmetic, no fresh allocation (first-touch page faults dominated these memory-bound ops on
+  the development VM).
 - **Sum of a stack.** `sum(stack(x0, .., xn-1), over = "models")` whose stack has no other use
   is computed as ((0 + x0) + x1) + ... into one fresh buffer instead of copying the n tensors
   into a stack first. torch reduces the model axis of a small stack in exactly that order
-  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/test_inplace.py), so the result is
+  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/test_fast_kernels.py), so the result is
   identical, signed zeros included.
 """
 
@@ -115,16 +117,20 @@ class Buffers:
         if node.op is Op.REDUCE and args and isinstance(args[0], LazyStack):
             return _sum_parts(args[0].parts)
         fn = _OUT.get(node.op)
-        if fn is None or node.type.dtype != "float32" or any(a.dtype != torch.float32 for a in args):
+        where = node.op is Op.WHERE
+        if ((fn is None and not where) or node.type.dtype != "float32"
+                or any(a.dtype != torch.float32 for a in (args[1:] if where else args))):
             return None
         shape = tuple(node.type.full_shape)
         for i, a in enumerate(node.args):
-            if a not in free or node.args.count(a) != 1:
+            if a not in free or node.args.count(a) != 1 or (where and i == 0):
                 continue
             t = args[i]
             key = self._owned.get(a)
             if key is None or self._refs.get(key) != 1 or tuple(t.shape) != shape:
                 continue
+            if where:
+                return kernels_fast.where(args[0], args[1], args[2], into=i)
             return fn(*args, out=t)
         return None
 

@@ -47,17 +47,27 @@ def _cpu(*ts: torch.Tensor) -> bool:
     return ENABLED and all(t.device.type == "cpu" for t in ts)
 
 
-def where(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`torch.where(c, x, y)`, bit for bit, as an integer bit select."""
+def where(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, into: int | None = None) -> torch.Tensor:
+    """`torch.where(c, x, y)`, bit for bit, as an integer bit select. `into` (1: x, 2: y) writes
+    the result into that operand, which must already have the result's shape."""
     shape = torch.broadcast_shapes(c.shape, x.shape, y.shape)
     numel = 1
     for d in shape:
         numel *= d
     if (numel < MIN_ELEMENTS or c.dtype != torch.bool or x.dtype != torch.float32
             or y.dtype != torch.float32 or not _cpu(c, x, y)):
-        return torch.where(c, x, y)
+        return torch.where(c, x, y)  # (not in place: the caller only loses the reuse)
     m = c.view(torch.int8).to(torch.int32).neg_()  # all ones where c, else zero
     xi, yi = x.view(torch.int32), y.view(torch.int32)
+    if into == 1:  # x = y ^ ((x ^ y) & m)
+        if not (y.dim() == 0 and int(yi) == 0):
+            xi.bitwise_xor_(yi).bitwise_and_(m).bitwise_xor_(yi)
+        else:
+            xi.bitwise_and_(m)
+        return x
+    if into == 2:  # y = x ^ ((y ^ x) & ~m)
+        yi.bitwise_xor_(xi).bitwise_and_(m.bitwise_not_()).bitwise_xor_(xi)
+        return y
     if y.dim() == 0 and int(yi) == 0:  # where(c, x, +0.0): the common trim/select case
         out = torch.bitwise_and(xi, m)
     else:

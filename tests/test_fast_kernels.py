@@ -52,6 +52,12 @@ def test_where_is_a_bit_exact_select(small_ok, data, shapes):
     got, want = kernels_fast.where(c, x, y), torch.where(c, x, y)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.equal(bits(got), bits(want))
+    for into, operand in ((1, x), (2, y)):  # in place into an operand of the result's shape
+        if operand.shape == want.shape:
+            copy = operand.clone()
+            args = [c, x.clone() if into == 2 else copy, y.clone() if into == 1 else copy]
+            got = kernels_fast.where(*args, into=into)
+            assert got is copy and torch.equal(bits(copy), bits(want))
 
 
 @settings(max_examples=80, deadline=None)
