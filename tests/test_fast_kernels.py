@@ -42,7 +42,7 @@ def _tensor(draw, shape, elements):
                         dtype=torch.float32).reshape(shape)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data(), shapes=st.sampled_from(SHAPES))
 def test_where_is_a_bit_exact_select(small_ok, data, shapes):
     cs, xs, ys = shapes
@@ -81,7 +81,7 @@ def reference_topk(row: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data(), models=st.integers(1, 3), n=st.integers(2, 60),
        levels=st.sampled_from([2, 3, 7, 1000]))
 def test_topk_mask_tensor_matches_stable_argsort(small_ok, data, models, n, levels):
