@@ -71,6 +71,7 @@ class Buffers:
                     self.lazy.add(step.nid)
         self._owned: dict[int, int] = {}  # value nid -> storage key, for kernel-made values
         self._refs: Counter[int] = Counter()  # storage key -> live values (or outputs) using it
+        self._donated: int | None = None  # storage the last step wrote into (stays exclusive)
 
     @staticmethod
     def _key(t: torch.Tensor) -> int:
@@ -87,7 +88,9 @@ class Buffers:
             return
         key = self._key(t)
         self._refs[key] += 1
-        fresh = made_here and all(isinstance(a, LazyStack) or self._key(a) != key for a in args)
+        donated, self._donated = self._donated, None
+        fresh = made_here and (key == donated or all(
+            isinstance(a, LazyStack) or self._key(a) != key for a in args))
         if fresh and t.device.type == "cpu" and t.is_contiguous():
             self._owned[nid] = key
 
@@ -130,8 +133,13 @@ class Buffers:
             if key is None or self._refs.get(key) != 1 or tuple(t.shape) != shape:
                 continue
             if where:
-                return kernels_fast.where(args[0], args[1], args[2], into=i)
-            return fn(*args, out=t)
+                kernels_fast.where(args[0], args[1], args[2], into=i)
+            else:
+                fn(*args, out=t)
+            self._donated = key
+            # a new tensor object on the same storage: caches keyed by object identity (the SVD
+            # of kernels_linalg) must not mistake the new value for the dead input
+            return t.detach()
         return None
 
 

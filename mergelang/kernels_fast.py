@@ -56,7 +56,8 @@ def where(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, into: int | None = 
         numel *= d
     if (numel < MIN_ELEMENTS or c.dtype != torch.bool or x.dtype != torch.float32
             or y.dtype != torch.float32 or not _cpu(c, x, y)):
-        return torch.where(c, x, y)  # (not in place: the caller only loses the reuse)
+        out = torch.where(c, x, y)
+        return (x, y)[into - 1].copy_(out) if into else out
     m = c.view(torch.int8).to(torch.int32).neg_()  # all ones where c, else zero
     xi, yi = x.view(torch.int32), y.view(torch.int32)
     if into == 1:  # x = y ^ ((x ^ y) & m)
