@@ -112,7 +112,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
         node = g.node(step.nid)
         if node.op is Op.LOAD:
             values[step.nid] = take(step.nid)
-            bufs.stored(step.nid, values[step.nid], False, [])
+            bufs.stored(step.nid, values[step.nid], None, [])
         else:
             args = [values[a] for a in node.args]
             try:
@@ -128,7 +128,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes)
             else:
                 values[step.nid] = out
-                bufs.stored(step.nid, out, True, args)
+                bufs.stored(step.nid, out, node.op, args)
             del args, out
         for nid in step.free:
             bufs.freed(nid, values.pop(nid, None))

@@ -2,17 +2,18 @@
 are never built. Both give bit-identical values to the plain kernels.
 
 - **In-place elementwise ops** (arithmetic, unary float ops, `where`). When an input of a
-  float32 elementwise op dies at that step, was made by a kernel here (never a LOAD: a source
-  may hand out a caller's tensor), shares its storage with no other live value or handed-out
-  output, and has the result's shape, the op writes its result into that input
-  (`torch.add(a, b, out=a)`, or the bit select of `kernels_fast.where` in place): the same
-  arithmetic, no fresh allocation (first-touch page faults dominated these memory-bound ops on
-  the development VM).
+  float32 elementwise op dies at that step, was made here by an elementwise op, a reduction or
+  a stack (never a LOAD: a source may hand out a caller's tensor; never a linear-algebra op: the
+  SVD kernel keeps its results for the other parts of one decomposition), shares its storage
+  with no other live value or handed-out output, and has the result's shape, the op writes its
+  result into that input (`torch.add(a, b, out=a)`, or the bit select of `kernels_fast.where`
+  in place): the same arithmetic, no fresh allocation (first-touch page faults dominated these
+  memory-bound ops on the development VM).
 - **Sum of a stack.** `sum(stack(x0, .., xn-1), over = "models")` whose stack has no other use
   is computed as ((0 + x0) + x1) + ... into one fresh buffer instead of copying the n tensors
   into a stack first. torch reduces the model axis of a small stack in exactly that order
-  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/test_fast_kernels.py), so the result is
-  identical, signed zeros included.
+  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/test_fast_kernels.py), so the
+  result is identical, signed zeros included.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ _OUT: dict[Op, Callable[..., torch.Tensor]] = {
     Op.SQRT: torch.sqrt, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SIN: torch.sin,
     Op.COS: torch.cos, Op.TANH: torch.tanh, Op.FLOOR: torch.floor, Op.SIGN: torch.sign,
 }
+
+
+#: ops whose kernels always return a new tensor (or, here, the donated one): only their values
+#: may be written into. Others may return views or tensors a kernel keeps (the SVD cache).
+_FRESH = frozenset(_OUT) | {Op.WHERE, Op.LERP, Op.CLAMP, Op.REDUCE, Op.DOT, Op.STACK}
 
 
 class LazyStack:
@@ -77,9 +83,10 @@ class Buffers:
     def _key(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
 
-    def stored(self, nid: int, t: torch.Tensor | LazyStack, made_here: bool,
+    def stored(self, nid: int, t: torch.Tensor | LazyStack, op: Op | None,
                args: list[torch.Tensor]) -> None:
-        """Record a new live value; `made_here`: computed by a kernel (not a LOAD)."""
+        """Record a new live value computed by `op` (None: read by a LOAD)."""
+        made_here = op is not None
         if not self.enabled:
             return
         if isinstance(t, LazyStack):
@@ -89,7 +96,7 @@ class Buffers:
         key = self._key(t)
         self._refs[key] += 1
         donated, self._donated = self._donated, None
-        fresh = made_here and (key == donated or all(
+        fresh = made_here and op in _FRESH and (key == donated or all(
             isinstance(a, LazyStack) or self._key(a) != key for a in args))
         if fresh and t.device.type == "cpu" and t.is_contiguous():
             self._owned[nid] = key

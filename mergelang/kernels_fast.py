@@ -33,16 +33,6 @@ ENABLED = os.environ.get("MERGELANG_FAST", "1") != "0"
 #: below this many elements the plain torch kernels are used (call overhead dominates)
 MIN_ELEMENTS = 1 << 16
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk")
-    return _POOL
-
-
 def _cpu(*ts: torch.Tensor) -> bool:
     return ENABLED and all(t.device.type == "cpu" for t in ts)
 
@@ -107,7 +97,9 @@ def topk_mask_tensor(x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
         return None
     xn = x.detach().numpy()
     if m_count > 1 and n >= MIN_ELEMENTS:
-        found = list(_pool().map(_kth_and_nan, list(xn), ks))
+        # threads per call (joined on exit): no pipeline thread outlives a run
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
+            found = list(pool.map(_kth_and_nan, list(xn), ks))
     else:
         found = [_kth_and_nan(xn[i], ks[i]) for i in range(m_count)]
     if any(nan for _, nan in found):
