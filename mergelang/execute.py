@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import ModelSource
 from .diagnostics import MergelangError, error
+from .inplace import Buffers, LazyStack
 from .kernels import KERNELS, CheckFailed, run_node
 from .ops import Op
 from .plan import ExecutionPlan
@@ -129,6 +130,13 @@ def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None]
             src.prepare(dev)
 
 
+def _nbytes(v: "torch.Tensor | LazyStack") -> int:
+    """Bytes a value holds (a lazy stack: the stack it stands for; its parts stay alive in it)."""
+    if isinstance(v, LazyStack):
+        return sum(p.numel() * p.element_size() for p in v.parts)
+    return v.numel() * v.element_size()
+
+
 def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
             put: Callable[..., None], dev: torch.device,
             meter: Callable[[int], None] | None = None) -> None:
@@ -139,35 +147,42 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
     live = 0
+    bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
             values[step.nid] = t = take(step.nid)
-            live += t.numel() * t.element_size()
+            bufs.stored(step.nid, t, None, [])
+            live += _nbytes(t)
             del t
         else:
             args = [values[a] for a in node.args]
             try:
-                out = run_node(node, args)
+                out = bufs.run(node, step.nid, args, step.free)
+                if out is None:
+                    out = run_node(node, args)
             except CheckFailed as exc:
                 raise MergelangError(error(
                     "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
                     "the check depends on tensor values, so it could only run now")) from None
             if node.op is Op.OUTPUT:
                 if meter is not None:
-                    meter(live + out.numel() * out.element_size())
+                    meter(live + _nbytes(out))
+                bufs.pin(out)
                 put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes,
                     node.attrs.get("rows"))
             else:
                 values[step.nid] = out
-                live += out.numel() * out.element_size()
+                bufs.stored(step.nid, out, node.op, args)
+                live += _nbytes(out)
             del args, out
         if meter is not None:
             meter(live)
         for nid in step.free:
             t = values.pop(nid, None)
             if t is not None:
-                live -= t.numel() * t.element_size()
+                live -= _nbytes(t)
+            bufs.freed(nid, t)
             del t
 
 

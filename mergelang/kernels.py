@@ -108,6 +108,13 @@ def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     stacked = node.type.models is not None
     models = x.unbind(0) if stacked else [x]
     dens = density if isinstance(density, tuple) else (density,) * len(models)
+    if over == "tensor":  # the fast exact path (CPU, float32, no NaN), else the plain one below
+        from .kernels_fast import topk_mask_tensor
+
+        flat = x.reshape(len(models), -1)
+        fast = topk_mask_tensor(flat, [int(d * flat.shape[-1]) for d in dens])
+        if fast is not None:
+            return fast.reshape(x.shape)
     out = []
     for xm, d in zip(models, dens):
         if over == "tensor":
@@ -259,3 +266,17 @@ KERNELS.update({Op.TOPK_COUNT_MASK: _topk_count_mask, Op.RANK: _rank, Op.BAND_MA
                 Op.BERNOULLI: _bernoulli})
 
 from . import kernels_linalg  # noqa: E402,F401  (registers the linear-algebra kernels)
+from . import kernels_fast  # noqa: E402
+
+
+def _compare(op: Op, fn: Callable[..., torch.Tensor]) -> Kernel:
+    def kernel(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+        fast = kernels_fast.compare(op, args[0], args[1])
+        return fast if fast is not None else fn(*args)
+    return kernel
+
+
+KERNELS.update({Op.WHERE: _simple(kernels_fast.where), Op.EQ: _compare(Op.EQ, torch.eq),
+                Op.NE: _compare(Op.NE, torch.ne), Op.LT: _compare(Op.LT, torch.lt),
+                Op.LE: _compare(Op.LE, torch.le), Op.GT: _compare(Op.GT, torch.gt),
+                Op.GE: _compare(Op.GE, torch.ge)})
