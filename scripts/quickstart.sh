@@ -34,4 +34,4 @@ with torch.no_grad():
     logits = model(torch.tensor([[1, 2, 3]])).logits
 print("merged model loads; logits shape:", tuple(logits.shape))
 PY
-echo "==> done. Run the tests with scripts/test.sh"
+echo "==> done. Run the tests with: .venv/bin/python -m pytest -n 2 -q"
