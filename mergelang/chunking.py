@@ -36,7 +36,7 @@ import torch
 
 from .graph import MergeGraph, Node
 from .ops import ELEMENTWISE, Op
-from .plan import ExecutionPlan, live_bytes, schedule
+from .plan import ExecutionPlan, frees_after, live_bytes, schedule
 from .types import TType
 
 #: ops whose result keeps the row axis of their (row) arguments, element for element
@@ -147,14 +147,7 @@ def _chunk_node(n: Node, args: tuple[int, ...], a: int, b: int, rows: int) -> No
 def _per_row_peak(g: MergeGraph, seg: list[int], rowed: set[int], rows: int) -> float:
     """Bytes per row at the segment's peak (row values only), plus the pipeline's headroom per
     row: the largest load prefetched ahead and one output waiting for the writer."""
-    last: dict[int, int] = {}
-    for i, nid in enumerate(seg):
-        for a in g.node(nid).args:
-            last[a] = i
-    frees: dict[int, list[int]] = {}
-    for a, i in last.items():
-        if a in rowed:
-            frees.setdefault(i, []).append(a)
+    frees = frees_after(g, seg, rowed.__contains__)
     live = peak = 0.0
     for i, nid in enumerate(seg):
         n = g.node(nid)

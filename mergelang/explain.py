@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from . import ast
 from .compiler import Compilation
 from .diagnostics import Diagnostics, MergelangError, error
-from .graph import MergeGraph
+from .graph import MergeGraph, postorder
 from .ops import Op
 from .plan import _size
 from .types import is_floating
@@ -210,21 +210,8 @@ def _node_label(n: Any, out_name: str) -> str:
 
 def _subgraph(g: MergeGraph, out: int) -> list[int]:
     """The output's ancestors, depth first in argument order (a canonical order per output)."""
-    seen: set[int] = set()
     order: list[int] = []
-    stack = [(out, False)]
-    while stack:
-        nid, done = stack.pop()
-        if done:
-            order.append(nid)
-            continue
-        if nid in seen:
-            continue
-        seen.add(nid)
-        stack.append((nid, True))
-        for a in reversed(g.node(nid).args):
-            if a not in seen:
-                stack.append((a, False))
+    postorder(g, out, set(), order.append)
     return order
 
 

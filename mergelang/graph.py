@@ -8,7 +8,7 @@ runs after every pass in tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 import networkx as nx
 
@@ -97,6 +97,18 @@ class MergeGraph(nx.DiGraph):
         """OUTPUT node ids in output order."""
         outs = [nid for nid, n in self.items() if n.op is Op.OUTPUT]
         return sorted(outs, key=lambda nid: self.node(nid).attrs["order"])
+
+    def needed(self, roots: Iterable[int]) -> set[int]:
+        """`roots` and every node they depend on (the argument closure)."""
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            stack.extend(self.node(nid).args)
+        return seen
 
     def topo_order(self) -> list[int]:
         """networkx's lexicographical topological order (smallest ready id first). Builders
@@ -217,6 +229,24 @@ def _attrs_text(n: Node) -> str:
     return " ".join(f"{k}={v!r}" for k, v in sorted(a.items()))
 
 
+def postorder(g: MergeGraph, root: int, seen: set[int], done: Callable[[int], None]) -> None:
+    """Depth-first over `root`'s arguments in argument order, skipping `seen` nodes (and adding
+    the visited ones to it); `done(nid)` after all of a node's arguments (post-order)."""
+    stack = [(root, False)]
+    while stack:
+        nid, finished = stack.pop()
+        if finished:
+            done(nid)
+            continue
+        if nid in seen:
+            continue
+        seen.add(nid)
+        stack.append((nid, True))
+        for a in reversed(g.node(nid).args):
+            if a not in seen:
+                stack.append((a, False))
+
+
 def _emit_order(g: MergeGraph, eager: bool = False) -> list[int]:
     """Depth-first from each output in output order: a value right before its first use.
 
@@ -246,23 +276,14 @@ def _emit_order(g: MergeGraph, eager: bool = False) -> list[int]:
                 for x in sorted(cone):
                     visit(x)
 
+    def done(nid: int) -> None:
+        order.append(nid)
+        computed.add(nid)
+        if eager:
+            flush(nid)
+
     def visit(root: int) -> None:
-        stack = [(root, False)]
-        while stack:
-            nid, done = stack.pop()
-            if done:
-                order.append(nid)
-                computed.add(nid)
-                if eager:
-                    flush(nid)
-                continue
-            if nid in seen:
-                continue
-            seen.add(nid)
-            stack.append((nid, True))
-            for a in reversed(g.node(nid).args):
-                if a not in seen:
-                    stack.append((a, False))
+        postorder(g, root, seen, done)
 
     outs = g.outputs()
     if eager:

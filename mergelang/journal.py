@@ -293,25 +293,11 @@ def restrict_plan(plan: Any, done: Iterable[str]) -> Any:
     if not done:
         return plan
     from .ops import Op
-    from .plan import Step
+    from .plan import schedule
 
     g = plan.graph
-    needed: set[int] = set()
-    stack = [nid for nid in g.outputs() if g.node(nid).attrs["name"] not in done]
-    while stack:
-        nid = stack.pop()
-        if nid in needed:
-            continue
-        needed.add(nid)
-        stack.extend(g.node(nid).args)
+    needed = g.needed(nid for nid in g.outputs() if g.node(nid).attrs["name"] not in done)
     order = [s.nid for s in plan.steps if s.nid in needed]
-    last: dict[int, int] = {}
-    for i, nid in enumerate(order):
-        for a in g.node(nid).args:
-            last[a] = i
-    frees: dict[int, list[int]] = {}
-    for nid, i in last.items():
-        frees.setdefault(i, []).append(nid)
-    steps = tuple(Step(nid, tuple(sorted(frees.get(i, ())))) for i, nid in enumerate(order))
+    steps = tuple(schedule(g, order)[0])  # the peak stays the full plan's (a bound for this one)
     write = sum(g.node(n).type.nbytes for n in order if g.node(n).op is Op.OUTPUT)
     return replace(plan, steps=steps, write_bytes=write)

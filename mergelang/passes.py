@@ -119,14 +119,7 @@ def _cse(g: MergeGraph) -> MergeGraph:
 
 def _dce(g: MergeGraph) -> MergeGraph:
     """Dead-code elimination: drop every node no output depends on."""
-    live: set[int] = set()
-    stack = list(g.outputs())
-    while stack:
-        nid = stack.pop()
-        if nid in live:
-            continue
-        live.add(nid)
-        stack.extend(g.node(nid).args)
+    live = g.needed(g.outputs())
     g.remove_nodes_from([nid for nid in list(g.nodes) if nid not in live])
     return g
 

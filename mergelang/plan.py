@@ -9,7 +9,7 @@ bytes, used by `--emit plan` and checked against `--memory-budget`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .graph import MergeGraph, attrs_text, emit_order
 from .ops import Op
@@ -54,16 +54,24 @@ def lower(g: MergeGraph, eager: bool = False) -> ExecutionPlan:
     return ExecutionPlan(g, tuple(steps), peak, read_bytes, write_bytes)
 
 
-def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
-    """Steps for running `order`: each value is freed after its last use; and the peak of live
-    bytes (float32 compute; outputs are handed off, constants are free)."""
+def frees_after(g: MergeGraph, order: list[int], keep: Callable[[int], bool] = lambda nid: True
+                ) -> dict[int, list[int]]:
+    """Position in `order` -> the values (those `keep` accepts) whose last use is there."""
     last: dict[int, int] = {}
     for i, nid in enumerate(order):
         for a in g.node(nid).args:
             last[a] = i
     frees: dict[int, list[int]] = {}
     for nid, i in last.items():
-        frees.setdefault(i, []).append(nid)
+        if keep(nid):
+            frees.setdefault(i, []).append(nid)
+    return frees
+
+
+def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
+    """Steps for running `order`: each value is freed after its last use; and the peak of live
+    bytes (float32 compute; outputs are handed off, constants are free)."""
+    frees = frees_after(g, order)
     steps = []
     live = peak = 0
     for i, nid in enumerate(order):
