@@ -16,6 +16,7 @@ run on the same values in the same order; only the reads and writes move to othe
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Mapping
 
 import torch
@@ -96,6 +97,7 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
         from .chunking import chunk_plan
 
         plan = chunk_plan(plan, memory_budget).plan
+    plan = fused_for(plan, dev)
     prepare_models(plan, models, dev)
     if not pipelined:
         _execute_sequential(plan, models, sink, dev, progress, meter)
@@ -117,6 +119,24 @@ class PeakMeter:
     def sample(self, live: int) -> None:
         if live > self.peak:
             self.peak = live
+
+
+def fused_for(plan: ExecutionPlan, dev: torch.device) -> ExecutionPlan:
+    """On the CPU, the plan with its elementwise chains fused into generated loops (fuse.py;
+    `MERGELANG_FUSE=0` or `MERGELANG_FAST=0` turns it off; without numba it is skipped)."""
+    from . import kernels_fast
+
+    if dev.type != "cpu" or not kernels_fast.ENABLED or os.environ.get("MERGELANG_FUSE", "1") == "0":
+        return plan
+    from .fuse import fuse_plan
+
+    fused = fuse_plan(plan)
+    if fused is not plan:
+        from .kernels_fused import available
+
+        if available():
+            return fused
+    return plan
 
 
 def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None],

@@ -280,3 +280,12 @@ KERNELS.update({Op.WHERE: _simple(kernels_fast.where), Op.EQ: _compare(Op.EQ, to
                 Op.NE: _compare(Op.NE, torch.ne), Op.LT: _compare(Op.LT, torch.lt),
                 Op.LE: _compare(Op.LE, torch.le), Op.GT: _compare(Op.GT, torch.gt),
                 Op.GE: _compare(Op.GE, torch.ge)})
+
+
+def _fused(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    from . import kernels_fused  # numba is imported only when a plan has fused steps
+
+    return kernels_fused.run(node, args)
+
+
+KERNELS[Op.FUSED] = _fused

@@ -83,6 +83,8 @@ class Op(enum.Enum):
     # call site; computed by a statistics pass before the apply pass
     MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value" | "quantile_value"), key, fraction, tensor
     STAT_VALUE = "stat_value"  # arity 0; attrs: key, type; filled with a CONST at run time
+    # execution only (fuse.py): a region of elementwise ops run as one generated CPU loop
+    FUSED = "fused"            # attrs: body, inputs, models; typed by its root, never by a rule
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"
@@ -115,7 +117,7 @@ ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
-              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0})
+              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.FUSED: None})
 STAT_KINDS = ("sum", "topk_value", "quantile_value")
 
 

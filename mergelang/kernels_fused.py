@@ -1,0 +1,248 @@
+"""Generated CPU kernels for FUSED steps (see `fuse.py`): one numba loop per fused program.
+
+A program (the FUSED node's attrs) lists its instructions in order; the generated function runs
+them per element `i` of the tensor shape, every value a float32 or bool scalar in registers (a
+value over models: one scalar per model), reads each input element once and writes the root.
+
+Exactness: each instruction is the IEEE operation torch's kernel performs, so results are the
+plain kernels' bits (tests/test_fused.py compares them bit for bit, special values included):
+add/sub/mul/div are correctly rounded in both (numba compiles without fast-math, so nothing
+is contracted into an FMA or reassociated); `neg`, `abs`, comparisons, `where` and the logical
+ops are exact; `sign` is torch's (x > 0) - (x < 0) (NaN and -0.0 give +0.0); a sum over models
+adds from +0.0 in model order, which is torch's order for up to 4 models (`fuse.MAX_SUM_MODELS`);
+`count` adds exact small integers. `minimum`/`maximum` fuse only against a nonzero constant, so
+the one case where torch's vectorised and scalar paths differ (+0 against -0) cannot occur. The
+one documented difference: a NaN produced by arithmetic may carry another payload or sign than
+torch's (NaN stays NaN). `sqrt` does not fuse: torch's CPU float32 sqrt is not always the
+correctly rounded one (found by the tests: one ulp off for some inputs). bfloat16 inputs are widened exactly (the 16 bits shifted up).
+
+Kernels are compiled on first use (about a second each) and cached: in memory per process and on
+disk (`MERGELANG_CACHE_DIR`, default `~/.cache/mergelang`) through numba's own cache, keyed by
+the generated source, which depends only on the program and the input dtypes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: elements per call above which the loop is split over threads
+PARALLEL_ELEMENTS = 1 << 20
+#: threads per call (default: torch's thread count)
+THREADS = int(os.environ.get("MERGELANG_FUSED_THREADS", "0")) or None
+
+_LOCK = threading.Lock()
+_KERNELS: dict[str, Any] = {}
+
+_BIN = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def available() -> bool:
+    """Whether numba can be imported (fusion is skipped without it)."""
+    try:
+        import numba  # noqa: F401
+    except Exception:  # pragma: no cover - numba is a dependency; broken installs fall back
+        return False
+    return True
+
+
+def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+           out_dtype: str = "") -> str:
+    """The generated module for one program with inputs of these dtypes (`out_dtype`
+    "bfloat16": the float32 root is rounded to bfloat16 as it is stored)."""
+    params, loads, prelude = [], [], []
+    names: list[list[str]] = []  # per input: one name, or one per model
+    for j, (kind, dt) in enumerate(zip(kinds, dtypes)):
+        if kind in ("elem", "stack"):
+            params.append(f"a{j}")
+            parts = range(models) if kind == "stack" else [None]
+            cur = []
+            for m in parts:
+                idx = "i" if m is None else (f"{m} * n + i" if m else "i")
+                nm = f"x{j}" if m is None else f"x{j}_{m}"
+                loads.append(f"{nm} = {_widen(dt, f'a{j}[{idx}]')}")
+                cur.append(nm)
+            names.append(cur)
+        else:  # scalar(s): a 1-D array of one value, or one per model
+            params.append(f"a{j}")
+            count = models if kind == "mscalar" else 1
+            cur = [f"s{j}_{m}" for m in range(count)]
+            prelude += [f"{nm} = {_widen(dt, f'a{j}[{m}]')}" for m, nm in enumerate(cur)]
+            names.append(cur)
+    values: list[list[str]] = []
+    ops = []
+
+    def arg(ref, m):
+        kind, k = ref
+        vs = names[k] if kind == "in" else values[k]
+        return vs[m] if len(vs) > 1 else vs[0]
+
+    for k, (code, refs, stacked, _dtype) in enumerate(body):
+        if code == "stack":
+            values.append([arg(r, 0) for r in refs])
+            continue
+        if code in ("sum", "count"):
+            terms = values[refs[0][1]] if refs[0][0] == "v" else names[refs[0][1]]
+            expr = "Z"
+            for t in terms:
+                add = t if code == "sum" else (f"sel({t}, ONE, Z)" if _is_bool(body, dtypes, kinds, refs[0])
+                                               else f"sel({t} != Z, ONE, Z)")
+                expr = f"({expr} + {add})"
+            values.append([f"v{k}"])
+            ops.append(f"v{k} = {expr}")
+            continue
+        outs = [f"v{k}_{m}" for m in range(models)] if stacked else [f"v{k}"]
+        for m, o in enumerate(outs):
+            a = [arg(r, m) for r in refs]
+            ops.append(f"{o} = {_expr(code, a)}")
+        values.append(outs)
+    root = values[-1]
+    if out_dtype == "bfloat16":
+        root = [f"narrow_bf16({v})" for v in root]
+    if len(root) > 1:
+        stores = [f"out[{m} * n + i] = {v}" if m else f"out[i] = {v}" for m, v in enumerate(root)]
+    else:
+        stores = [f"out[i] = {root[0]}"]
+    pre = "".join(f"    {line}\n" for line in prelude)
+    loop = "".join(f"        {line}\n" for line in loads + ops + stores)
+    return (
+        "import numpy as np\n"
+        "from numba import njit\n"
+        "from mergelang.kernels_fused_rt import narrow_bf16, sel, widen_bf16\n"
+        "Z = np.float32(0.0)\n"
+        "ONE = np.float32(1.0)\n"
+        "\n"
+        "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
+        f"def kernel(lo, hi, n, out, {', '.join(params)}):\n"
+        f"{pre}"
+        "    for i in range(lo, hi):\n"
+        f"{loop}"
+    )
+
+
+def _is_bool(body, dtypes, kinds, ref) -> bool:
+    kind, k = ref
+    return (body[k][3] if kind == "v" else dtypes[k]) == "bool"
+
+
+def _widen(dtype: str, expr: str) -> str:
+    return f"widen_bf16({expr})" if dtype == "bfloat16" else expr
+
+
+def _expr(code: str, a: list[str]) -> str:
+    if code in _BIN:
+        return f"{a[0]} {_BIN[code]} {a[1]}"
+    if code in _CMP:
+        return f"{a[0]} {_CMP[code]} {a[1]}"
+    if code == "neg":
+        return f"-{a[0]}"
+    if code == "abs":
+        return f"abs({a[0]})"
+    if code == "sign":
+        return f"sel({a[0]} > Z, ONE, Z) - sel({a[0]} < Z, ONE, Z)"
+    if code in ("minimum", "maximum"):  # NaN propagates; +0 never meets -0 here (fuse.py)
+        cmp = "<" if code == "minimum" else ">"
+        return (f"sel({a[0]} != {a[0]}, {a[0]}, sel({a[1]} != {a[1]}, {a[1]}, "
+                f"sel({a[0]} {cmp} {a[1]}, {a[0]}, {a[1]})))")
+    if code == "where":
+        return f"sel({a[0]}, {a[1]}, {a[2]})"
+    if code == "and":
+        return f"{a[0]} & {a[1]}"
+    if code == "or":
+        return f"{a[0]} | {a[1]}"
+    if code == "not":
+        return f"not {a[0]}"
+    raise ValueError(code)  # pragma: no cover
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MERGELANG_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelang")
+    path = Path(base) / "fused"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        path = Path(tempfile.mkdtemp(prefix="mergelang-fused-"))
+    return path
+
+
+def compiled(src: str):
+    """The kernel of generated module `src` (written to the cache dir and imported once)."""
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    with _LOCK:
+        fn = _KERNELS.get(digest)
+        if fn is not None:
+            return fn
+        folder = _cache_dir()
+        path = folder / f"fused_{digest}.py"
+        if not path.is_file() or path.read_text() != src:
+            tmp = folder / f".fused_{digest}.{os.getpid()}.tmp"
+            tmp.write_text(src)
+            os.replace(tmp, path)
+        name = f"mergelang_fused_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        with warnings.catch_warnings():  # an unwritable numba cache only costs a recompile
+            warnings.simplefilter("ignore")
+            spec.loader.exec_module(module)
+        _KERNELS[digest] = fn = module.kernel
+        return fn
+
+
+_NP_DTYPE = {"float32": np.float32, "bool": np.bool_, "bfloat16": np.uint16}
+
+
+def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A flat numpy view of `t` and its dtype name (float16 and the like: widened to float32)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16), "bfloat16"
+    if t.dtype == torch.bool:
+        return t.contiguous().reshape(-1).numpy(), "bool"
+    return t.to(torch.float32).contiguous().reshape(-1).numpy(), "float32"
+
+
+def run(node, args: list[torch.Tensor]) -> torch.Tensor:
+    """The FUSED node's value: its program's kernel over `args` (CPU tensors)."""
+    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
+    arrays, dtypes = [], []
+    for t, kind in zip(args, kinds):
+        a, dt = _array(t)
+        if kind in ("scalar", "mscalar") and dt == "bfloat16":
+            a, dt = _array(t.to(torch.float32))
+        arrays.append(a)
+        dtypes.append(dt)
+    ty = node.type
+    narrow = ty.dtype == "bfloat16"
+    fn = compiled(source(body, kinds, tuple(dtypes), models, ty.dtype if narrow else ""))
+    out = torch.empty(ty.full_shape, dtype={"bool": torch.bool, "bfloat16": torch.bfloat16}.get(
+        ty.dtype, torch.float32))
+    flat = out.reshape(-1).view(torch.int16).numpy().view(np.uint16) if narrow else out.reshape(-1).numpy()
+    n = 1
+    for d in ty.shape:
+        n *= d
+    threads = (THREADS or torch.get_num_threads()) if out.numel() >= PARALLEL_ELEMENTS else 1
+    if threads <= 1:
+        fn(0, n, n, flat, *arrays)
+        return out
+    cuts = [n * k // threads for k in range(threads + 1)]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelang-fused") as pool:
+        for f in [pool.submit(fn, lo, hi, n, flat, *arrays) for lo, hi in zip(cuts, cuts[1:])]:
+            f.result()
+    return out

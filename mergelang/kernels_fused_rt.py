@@ -1,0 +1,60 @@
+"""Helpers the generated kernels of `kernels_fused.py` import (compiled by numba)."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with the same bits."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True, cache=True)
+def widen_bf16(h):
+    """bfloat16 bits (a uint16) -> the float32 of the same value (exact: the bits shifted up)."""
+    return _bits_to_f32(np.uint32(h) << np.uint32(16))
+
+
+@intrinsic
+def sel(typingctx, cond, x, y):
+    """`x if cond else y` as one LLVM `select` (no branch: masks are random, branches mispredict)."""
+    if not isinstance(cond, types.Boolean) or x != y:
+        return None
+    sig = x(cond, x, y)
+
+    def codegen(context, builder, signature, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    """Reinterpret a float32 as the uint32 with the same bits."""
+    if x != types.float32:
+        return None
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True, cache=True)
+def narrow_bf16(x):
+    """float32 -> bfloat16 bits (a uint16) exactly as torch converts on the CPU: round to nearest,
+    ties to even; every NaN becomes 0xFFFF (what torch's conversion gives, scalar and vector)."""
+    bits = _f32_to_bits(x)
+    rounded = np.uint32((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(sel(x != x, np.uint32(0xFFFF), rounded))

@@ -1,0 +1,221 @@
+"""Elementwise fusion (fuse.py, kernels_fused.py): fused plans give the unfused plans' bits.
+
+The reference is the same recipe run with fusion off (`MERGELANG_FUSE=0`: torch's kernels, one op
+at a time), on inputs full of special values (signed zeros, infinities, NaN, subnormals, ties).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mergelang as ml
+from mergelang import api, fuse, kernels_fused
+from mergelang.chunking import chunk_plan
+from mergelang.execute import fused_for
+from mergelang.ops import Op
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 1e-3, -1e-3, 3e-39, -3e-39, 1e30, -1e30,
+           float("inf"), -float("inf"), float("nan"), 7.0, 7.0, -7.0]
+
+EXPRS = [
+    "ties(base, [a, b, c], weights = [1, 0.5, 2], density = 0.5)",
+    "ties(base, [a, b], density = 0.5, majority_sign_method = \"frequency\")",
+    "linear([base, a, b])",
+    "task_arithmetic(base, [a, b, c], lambda = 0.7)",
+    "where(a > b, a - b, sqrt(abs(b)) / a)",
+    "maximum(a * b, 1.5) + minimum(-a, -0.25) - sign(b - a)",
+    "where((a >= b) and not (b == c) or a != c, base, -c)",
+    "base + sum(where(sign([a, b, c] - base) == 1, [a, b, c] - base, 0), over = \"models\")"
+    " / maximum(count([a, b, c] - base, over = \"models\"), 1)",
+]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit for bit, except that a NaN may carry another payload (documented)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    nx, ny = torch.isnan(x), torch.isnan(y)
+    return torch.equal(nx, ny) and torch.equal(_bits(x)[~nx], _bits(y)[~ny])
+
+
+@pytest.fixture
+def fuse_small(monkeypatch):
+    """Fuse small tensors too, and count the fused steps that run."""
+    monkeypatch.setattr(fuse, "MIN_ELEMENTS", 1)
+    calls = {"n": 0}
+    real = kernels_fused.run
+
+    def counting(node, args):
+        calls["n"] += 1
+        return real(node, args)
+
+    monkeypatch.setattr(kernels_fused, "run", counting)
+    return calls
+
+
+def _models(draw, n: int, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for m in ("base", "a", "b", "c"):
+        vals = draw(st.lists(st.one_of(st.sampled_from(SPECIAL),
+                                       st.floats(width=32, allow_nan=True, allow_infinity=True)),
+                             min_size=n, max_size=n))
+        out[m] = {"w": torch.tensor(vals, dtype=torch.float32).reshape(4, n // 4).to(dtype)}
+    return out
+
+
+def _both(monkeypatch, expr, models, dtype=None):
+    used = {m: sd for m, sd in models.items() if m == "base" or re.search(rf"\b{m}\b", expr)}
+    fused = ml.merge(expr, dtype=dtype, **used)
+    monkeypatch.setenv("MERGELANG_FUSE", "0")
+    plain = ml.merge(expr, dtype=dtype, **used)
+    monkeypatch.delenv("MERGELANG_FUSE")
+    return fused, plain
+
+
+@pytest.mark.parametrize("expr", EXPRS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       out=st.sampled_from([None, "float32"]))
+def test_fused_equals_unfused(fuse_small, monkeypatch, expr, data, dtype, out):
+    models = _models(data.draw, 48, dtype)
+    before = fuse_small["n"]
+    fused, plain = _both(monkeypatch, expr, models, out)
+    assert fuse_small["n"] > before, "nothing was fused"
+    for k in plain:
+        assert _same(fused[k], plain[k]), _diff(fused[k], plain[k], models, k)
+
+
+def _diff(x, y, models, k):
+    bad = ((_bits(x) != _bits(y)) & ~(torch.isnan(x) & torch.isnan(y))) | (torch.isnan(x) != torch.isnan(y))
+    idx = bad.nonzero()[:4].tolist()
+    return [(i, float(x[tuple(i)]), float(y[tuple(i)]),
+             {m: float(sd[k][tuple(i)]) for m, sd in models.items()}) for i in idx]
+
+
+def test_real_sizes_fuse_by_default(monkeypatch):
+    """Without lowering the threshold: 300x260 tensors fuse, small ones take the plain kernels."""
+    gen = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 260, generator=gen), "n": torch.randn(8, generator=gen)}
+    sds = {m: {k: (v + torch.randn(v.shape, generator=gen) * 1e-2).to(torch.bfloat16)
+               for k, v in base.items()} for m in ("a", "b")}
+    models = {"base": {k: v.to(torch.bfloat16) for k, v in base.items()}, **sds}
+    seen = []
+    real = kernels_fused.run
+    monkeypatch.setattr(kernels_fused, "run", lambda node, args: seen.append(node.type) or real(node, args))
+    fused, plain = _both(monkeypatch, "ties(base, [a, b], density = 0.4)", models)
+    assert seen and all(t.shape == (300, 260) for t in seen)
+    for k in plain:
+        assert torch.equal(_bits(fused[k]), _bits(plain[k])), k
+
+
+def _plan(tmp_path, expr: str, n_models: int = 3, shape=(512, 256)):
+    from safetensors.torch import save_file
+
+    names = ["base", "a", "b", "c", "d", "e"][:n_models]
+    for m in names:
+        (tmp_path / m).mkdir()
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(len(m))).to(torch.bfloat16)
+        save_file({"w": w}, tmp_path / m / "model.safetensors")
+    lines = [f'model {m} = "{tmp_path / m}"' for m in names]
+    lines.append(f'merge from base {{\n    "*" => {expr}\n}}\n')
+    (tmp_path / "r.mrg").write_text("\n".join(lines))
+    plan = api.compile(str(tmp_path / "r.mrg")).compilation.plan
+    return plan, fused_for(plan, torch.device("cpu"))
+
+
+def _ops(plan):
+    return [plan.graph.node(s.nid) for s in plan.steps]
+
+
+def test_ties_plan_shape(tmp_path):
+    """ties: task vectors in one loop (bf16 read as stored), top-k stays a whole-tensor op, the
+    election and the disjoint mean in a second loop that stores bfloat16."""
+    plan, fused = _plan(tmp_path, "ties(base, [a, b], density = 0.5)")
+    nodes = _ops(fused)
+    kinds = [n.op for n in nodes]
+    assert kinds.count(Op.FUSED) == 2 and Op.TOPK_MASK in kinds
+    assert all(n.type.dtype == "bfloat16" for n in nodes if n.op is Op.LOAD)
+    assert [n.type.dtype for n in nodes if n.op is Op.FUSED] == ["float32", "bfloat16"]
+    assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK} & set(kinds)
+    assert fused.peak_bytes < plan.peak_bytes
+
+
+def test_linear_is_one_loop(tmp_path):
+    plan, fused = _plan(tmp_path, "linear([base, a, b])")
+    kinds = sorted(n.op.value for n in _ops(fused))
+    assert kinds == sorted(["load"] * 3 + ["const", "fused", "output"])
+
+
+def test_no_fusion_where_it_would_change_bits(tmp_path):
+    # a sum over 5 models: torch groups the rows differently, so it stays a torch reduction
+    plan, fused = _plan(tmp_path, "linear([base, a, b, c, d])", n_models=5)
+    assert any(n.op is Op.REDUCE for n in _ops(fused))
+    # minimum of two tensors (+0 against -0 differs between torch's own code paths): not fused
+    (tmp_path / "x").mkdir()
+    plan, fused = _plan(tmp_path / "x", "minimum(a, b) * 2 + 1")
+    assert any(n.op is Op.MINIMUM for n in _ops(fused))
+
+
+def test_small_tensors_and_switch_off(tmp_path, monkeypatch):
+    plan, fused = _plan(tmp_path, "linear([base, a, b])", shape=(64, 64))
+    assert fused is plan  # 4096 elements: below fuse.MIN_ELEMENTS
+    (tmp_path / "y").mkdir()
+    monkeypatch.setenv("MERGELANG_FUSE", "0")
+    plan, fused = _plan(tmp_path / "y", "linear([base, a, b])")
+    assert fused is plan
+
+
+def test_row_chunks_fuse_and_match(tmp_path, monkeypatch):
+    """A plan split into row chunks by a memory budget fuses chunk by chunk, same bytes out."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from mergelang.cli import main
+
+    plan, _ = _plan(tmp_path, "task_arithmetic(base, [a, b], lambda = 0.7)", shape=(8192, 256))
+    chunked = chunk_plan(plan, 12 << 20).plan
+    fused = fused_for(chunked, torch.device("cpu"))
+    assert sum(n.op is Op.FUSED for n in _ops(fused)) > 2
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MERGELANG_FUSE", flag)
+        res = CliRunner().invoke(main, ["run", str(tmp_path / "r.mrg"), "-o", str(tmp_path / f"o{flag}"),
+                                        "-q", "--memory-budget", "12MB"])
+        assert res.exit_code == 0, res.output
+        outs[flag] = load_file(tmp_path / f"o{flag}" / "model-00001-of-00001.safetensors")["w"]
+    assert torch.equal(_bits(outs["1"]), _bits(outs["0"]))
+
+
+def test_bf16_conversions_are_torchs():
+    """narrow_bf16 rounds like torch's float32 -> bfloat16 cast on every kind of bit pattern
+    (random, each exponent with a halfway and a just-below-halfway mantissa, NaN, inf, zeros),
+    and widen_bf16 inverts torch's bfloat16 -> float32 exactly."""
+    src = ("import numpy as np\nfrom numba import njit\n"
+           "from mergelang.kernels_fused_rt import narrow_bf16, widen_bf16\n"
+           "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
+           "def kernel(lo, hi, n, out, a0, a1, w):\n"
+           "    for i in range(lo, hi):\n"
+           "        out[i] = narrow_bf16(a0[i])\n"
+           "        w[i] = widen_bf16(a1[i])\n")
+    fn = kernels_fused.compiled(src)
+    gen = torch.Generator().manual_seed(0)
+    hi = torch.arange(1 << 16, dtype=torch.int32) << 16
+    bits = torch.cat([torch.randint(-2**31, 2**31 - 1, (1 << 18,), generator=gen, dtype=torch.int64)
+                      .to(torch.int32), hi | 0x8000, hi | 0x7FFF, hi | 0x18000 & 0xFFFF, hi])
+    x = bits.view(torch.float32)
+    out = np.empty(x.numel(), np.uint16)
+    h = x.to(torch.bfloat16)
+    widened = np.empty(x.numel(), np.float32)
+    fn(0, x.numel(), x.numel(), out, x.numpy(), h.view(torch.int16).numpy().view(np.uint16), widened)
+    assert np.array_equal(out, h.view(torch.int16).numpy().view(np.uint16))
+    assert torch.equal(torch.from_numpy(widened).view(torch.int32), h.to(torch.float32).view(torch.int32))
