@@ -145,6 +145,7 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
 
 def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     """The plan with its fusable elementwise regions as FUSED steps (unchanged if there are none)."""
+    plan = _fold_abs_into_topk(plan)
     regions = _regions(plan)
     if not regions:
         return plan
@@ -175,6 +176,33 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
             order.append(fused_at[s.nid])
         elif s.nid not in member_of:
             order.append(s.nid)
+    steps, peak = schedule(g2, order)
+    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+
+
+def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
+    """`topk_mask(abs(x), over = "tensor")` whose `abs` has no other use: the selection reads x
+    and ranks |x| itself (attr `abs`), so |x| is never materialised."""
+    g = plan.graph
+    uses: dict[int, int] = {}
+    for s in plan.steps:
+        for a in g.node(s.nid).args:
+            uses[a] = uses.get(a, 0) + 1
+    folds = {}
+    for s in plan.steps:
+        n = g.node(s.nid)
+        if n.op is Op.TOPK_MASK and n.attrs["over"] == "tensor" and not n.attrs.get("abs"):
+            src = g.node(n.args[0])
+            if src.op is Op.ABS and uses[n.args[0]] == 1 and src.type.dtype == "float32":
+                folds[s.nid] = n.args[0]
+    if not folds:
+        return plan
+    g2 = MergeGraph(g)
+    for nid, absid in folds.items():
+        n = g.node(nid)
+        g2.set_node(nid, replace(n, args=g.node(absid).args, attrs=Attrs(dict(n.attrs), abs=True)))
+        g2.remove_node(absid)
+    order = [s.nid for s in plan.steps if s.nid not in set(folds.values())]
     steps, peak = schedule(g2, order)
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
 

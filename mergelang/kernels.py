@@ -105,6 +105,7 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
 def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     density, over = node.attrs["density"], node.attrs["over"]
+    absolute = bool(node.attrs.get("abs"))  # |x| folded in by fuse.py (CPU plans)
     stacked = node.type.models is not None
     models = x.unbind(0) if stacked else [x]
     dens = density if isinstance(density, tuple) else (density,) * len(models)
@@ -112,9 +113,12 @@ def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
         from .kernels_fast import topk_mask_tensor
 
         flat = x.reshape(len(models), -1)
-        fast = topk_mask_tensor(flat, [int(d * flat.shape[-1]) for d in dens])
+        fast = topk_mask_tensor(flat, [int(d * flat.shape[-1]) for d in dens], absolute)
         if fast is not None:
             return fast.reshape(x.shape)
+    if absolute:
+        x = torch.abs(x)
+        models = x.unbind(0) if stacked else [x]
     out = []
     for xm, d in zip(models, dens):
         if over == "tensor":

@@ -88,14 +88,34 @@ def _kth_and_nan(flat: np.ndarray, k: int) -> tuple[float, bool]:
     return part[n - k], bool(np.isnan(part[n - k:].max()))
 
 
-def topk_mask_tensor(x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
+def _radix():
+    """The numba radix-select kernel (kernels_fused_rt.topk_row), or None without numba."""
+    try:
+        from .kernels_fused_rt import topk_row
+    except Exception:  # pragma: no cover - numba is a dependency; a broken install falls back
+        return None
+    return topk_row
+
+
+def topk_mask_tensor(x: torch.Tensor, ks: list[int], absolute: bool = False) -> torch.Tensor | None:
     """Per model (dim 0 of `x`, shape (M, n)), True for exactly the ks[m] largest entries of
-    x[m], ties at the threshold: lowest index first. None when a row holds NaN (or k is out of
-    the simple range): the caller runs the plain kernel."""
+    x[m] (of |x[m]| with `absolute`), ties at the threshold: lowest index first. None when a row
+    holds NaN (or k is out of the simple range): the caller runs the plain kernel."""
     m_count, n = x.shape
     if not _cpu(x) or x.dtype != torch.float32 or any(k <= 0 or k >= n for k in ks):
         return None
-    xn = x.detach().numpy()
+    xn = x.detach().contiguous().numpy()
+    radix = _radix() if n >= MIN_ELEMENTS else None
+    if radix is not None:  # radix selection: three streaming passes, no copy, no sort
+        out = np.empty((m_count, n), dtype=np.bool_)
+        if m_count > 1 and n >= MIN_ELEMENTS:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
+                ok = list(pool.map(radix, list(xn), ks, list(out), [absolute] * m_count))
+        else:
+            ok = [radix(xn[i], ks[i], out[i], absolute) for i in range(m_count)]
+        return torch.from_numpy(out) if all(ok) else None
+    if absolute:
+        xn = np.abs(xn)
     if m_count > 1 and n >= MIN_ELEMENTS:
         # threads per call (joined on exit): no pipeline thread outlives a run
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
@@ -81,19 +81,28 @@ def reference_topk(row: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("path", ["radix", "partition"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), models=st.integers(1, 3), n=st.integers(2, 60),
-       levels=st.sampled_from([2, 3, 7, 1000]))
-def test_topk_mask_tensor_matches_stable_argsort(small_ok, data, models, n, levels):
-    # few distinct levels: many ties at the threshold (as bf16 task vectors have)
-    x = torch.tensor(data.draw(st.lists(st.integers(0, levels), min_size=models * n,
+       levels=st.sampled_from([2, 3, 7, 1000]), absolute=st.booleans())
+def test_topk_mask_tensor_matches_stable_argsort(small_ok, monkeypatch, path, data, models, n, levels,
+                                                 absolute):
+    # few distinct levels: many ties at the threshold (as bf16 task vectors have); signed values
+    # with -0.0 (equal to +0.0), and infinities
+    x = torch.tensor(data.draw(st.lists(st.integers(-levels, levels), min_size=models * n,
                                         max_size=models * n)), dtype=torch.float32)
     x = (x / 7).reshape(models, n)
+    x[x == 0] = data.draw(st.sampled_from([0.0, -0.0]))
+    if data.draw(st.booleans()):
+        x[:, 0] = data.draw(st.sampled_from([float("inf"), -float("inf"), -0.0]))
     ks = data.draw(st.lists(st.integers(1, n - 1), min_size=models, max_size=models))
-    got = kernels_fast.topk_mask_tensor(x, ks)
+    if path == "partition":
+        monkeypatch.setattr(kernels_fast, "_radix", lambda: None)
+    got = kernels_fast.topk_mask_tensor(x, ks, absolute)
     assert got is not None
+    ref_x = x.abs() if absolute else x
     for m in range(models):
-        assert np.array_equal(got[m].numpy(), reference_topk(x[m].numpy(), ks[m]))
+        assert np.array_equal(got[m].numpy(), reference_topk(ref_x[m].numpy(), ks[m]))
 
 
 def test_topk_mask_tensor_large_with_ties_and_nan():

@@ -146,7 +146,8 @@ def test_ties_plan_shape(tmp_path):
     assert kinds.count(Op.FUSED) == 2 and Op.TOPK_MASK in kinds
     assert all(n.type.dtype == "bfloat16" for n in nodes if n.op is Op.LOAD)
     assert [n.type.dtype for n in nodes if n.op is Op.FUSED] == ["float32", "bfloat16"]
-    assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK} & set(kinds)
+    assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK, Op.ABS} & set(kinds)
+    assert [n.attrs.get("abs") for n in nodes if n.op is Op.TOPK_MASK] == [True]  # |tv| never built
     assert fused.peak_bytes < plan.peak_bytes
 
 
