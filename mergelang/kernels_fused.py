@@ -50,9 +50,9 @@ _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
 def available() -> bool:
-    """Whether numba can be imported (fusion is skipped without it)."""
-    try:
-        import numba  # noqa: F401
+    """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
+    try:  # the runtime helpers too: numba refuses to decorate when no cache dir is writable
+        from . import kernels_fused_rt  # noqa: F401
     except Exception:  # pragma: no cover - numba is a dependency; broken installs fall back
         return False
     return True
