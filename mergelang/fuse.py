@@ -52,6 +52,22 @@ class _Region:
         self.members = [root]
 
 
+def _users(plan: ExecutionPlan) -> dict[int, list[int]]:
+    """Value -> the steps that use it (once per use), in plan order."""
+    g = plan.graph
+    users: dict[int, list[int]] = {}
+    for s in plan.steps:
+        for a in g.node(s.nid).args:
+            users.setdefault(a, []).append(s.nid)
+    return users
+
+
+def _stack_depth(g: MergeGraph, node: Node) -> int | None:
+    """The model axis a node brings to its region: its own, else its first stacked argument's."""
+    return node.type.models or next(
+        (g.node(a).type.models for a in node.args if g.node(a).type.models), None)
+
+
 def _is_scalar(ty) -> bool:
     return math.prod(ty.shape) == 1
 
@@ -112,14 +128,10 @@ def _can_join(g: MergeGraph, r: _Region, nid: int) -> bool:
 
 def _regions(plan: ExecutionPlan) -> list[_Region]:
     g = plan.graph
-    order = [s.nid for s in plan.steps]
-    users: dict[int, set[int]] = {}
-    for nid in order:
-        for a in g.node(nid).args:
-            users.setdefault(a, set()).add(nid)
+    users = _users(plan)
     region_of: dict[int, _Region] = {}
     regions: list[_Region] = []
-    for nid in reversed(order):
+    for nid in reversed([s.nid for s in plan.steps]):
         node = g.node(nid)
         if not _op_ok(g, node):
             continue
@@ -130,13 +142,11 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
                 r.members.append(nid)
                 region_of[nid] = r
                 if r.models is None:
-                    r.models = node.type.models or next(
-                        (g.node(a).type.models for a in node.args if g.node(a).type.models), None)
+                    r.models = _stack_depth(g, node)
                 continue
         r = _Region(nid, node)
         if _can_join(g, r, nid):
-            r.models = node.type.models or next(
-                (g.node(a).type.models for a in node.args if g.node(a).type.models), None)
+            r.models = _stack_depth(g, node)
             region_of[nid] = r
             regions.append(r)
     return [r for r in regions
@@ -152,11 +162,8 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     g = plan.graph
     g2 = MergeGraph(g)
     member_of = {m: r for r in regions for m in r.members}
+    users = _users(plan)
     # LOADs of bfloat16 whose every user is fused: read as stored, widened in the kernel
-    users: dict[int, list[int]] = {}
-    for s in plan.steps:
-        for a in g.node(s.nid).args:
-            users.setdefault(a, []).append(s.nid)
     for s in plan.steps:
         n = g.node(s.nid)
         if (n.op is Op.LOAD and n.type.dtype == "float32" and n.attrs.get("src_dtype") == "bfloat16"
@@ -184,16 +191,13 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
     """`topk_mask(abs(x), over = "tensor")` whose `abs` has no other use: the selection reads x
     and ranks |x| itself (attr `abs`), so |x| is never materialised."""
     g = plan.graph
-    uses: dict[int, int] = {}
-    for s in plan.steps:
-        for a in g.node(s.nid).args:
-            uses[a] = uses.get(a, 0) + 1
+    users = _users(plan)
     folds = {}
     for s in plan.steps:
         n = g.node(s.nid)
         if n.op is Op.TOPK_MASK and n.attrs["over"] == "tensor" and not n.attrs.get("abs"):
             src = g.node(n.args[0])
-            if src.op is Op.ABS and uses[n.args[0]] == 1 and src.type.dtype == "float32":
+            if src.op is Op.ABS and len(users[n.args[0]]) == 1 and src.type.dtype == "float32":
                 folds[s.nid] = n.args[0]
     if not folds:
         return plan

@@ -88,6 +88,17 @@ def _kth_and_nan(flat: np.ndarray, k: int) -> tuple[float, bool]:
     return part[n - k], bool(np.isnan(part[n - k:].max()))
 
 
+def _per_model(fn, *columns: list) -> list:
+    """`fn` over the models' rows of `columns`: two threads for several large rows (numpy and the
+    numba kernels release the GIL; threads per call, joined on exit: no pipeline thread outlives
+    a run), else in this thread."""
+    rows = columns[0]
+    if len(rows) > 1 and rows[0].shape[0] >= MIN_ELEMENTS:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
+            return list(pool.map(fn, *columns))
+    return [fn(*row) for row in zip(*columns)]
+
+
 def _radix():
     """The numba radix-select kernel (kernels_fused_rt.topk_row), or None without numba."""
     try:
@@ -108,20 +119,11 @@ def topk_mask_tensor(x: torch.Tensor, ks: list[int], absolute: bool = False) -> 
     radix = _radix() if n >= MIN_ELEMENTS else None
     if radix is not None:  # radix selection: three streaming passes, no copy, no sort
         out = np.empty((m_count, n), dtype=np.bool_)
-        if m_count > 1 and n >= MIN_ELEMENTS:
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
-                ok = list(pool.map(radix, list(xn), ks, list(out), [absolute] * m_count))
-        else:
-            ok = [radix(xn[i], ks[i], out[i], absolute) for i in range(m_count)]
+        ok = _per_model(radix, list(xn), ks, list(out), [absolute] * m_count)
         return torch.from_numpy(out) if all(ok) else None
     if absolute:
         xn = np.abs(xn)
-    if m_count > 1 and n >= MIN_ELEMENTS:
-        # threads per call (joined on exit): no pipeline thread outlives a run
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
-            found = list(pool.map(_kth_and_nan, list(xn), ks))
-    else:
-        found = [_kth_and_nan(xn[i], ks[i]) for i in range(m_count)]
+    found = _per_model(_kth_and_nan, list(xn), ks)
     if any(nan for _, nan in found):
         return None
     out = np.empty((m_count, n), dtype=np.bool_)

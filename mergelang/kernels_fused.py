@@ -14,7 +14,8 @@ adds from +0.0 in model order, which is torch's order for up to 4 models (`fuse.
 the one case where torch's vectorised and scalar paths differ (+0 against -0) cannot occur. The
 one documented difference: a NaN produced by arithmetic may carry another payload or sign than
 torch's (NaN stays NaN). `sqrt` does not fuse: torch's CPU float32 sqrt is not always the
-correctly rounded one (found by the tests: one ulp off for some inputs). bfloat16 inputs are widened exactly (the 16 bits shifted up).
+correctly rounded one (found by the tests: one ulp off for some inputs). bfloat16 inputs are
+widened exactly (the 16 bits shifted up).
 
 Kernels are compiled on first use (about a second each) and cached: in memory per process and on
 disk (`MERGELANG_CACHE_DIR`, default `~/.cache/mergelang`) through numba's own cache, keyed by
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -44,10 +46,6 @@ THREADS = int(os.environ.get("MERGELANG_FUSED_THREADS", "0")) or None
 
 _LOCK = threading.Lock()
 _KERNELS: dict[str, Any] = {}
-
-_BIN = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-
 
 def available() -> bool:
     """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
@@ -70,9 +68,8 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
             parts = range(models) if kind == "stack" else [None]
             cur = []
             for m in parts:
-                idx = "i" if m is None else (f"{m} * n + i" if m else "i")
                 nm = f"x{j}" if m is None else f"x{j}_{m}"
-                loads.append(f"{nm} = {_widen(dt, f'a{j}[{idx}]')}")
+                loads.append(f"{nm} = {_widen(dt, f'a{j}[{_at(m)}]')}")
                 cur.append(nm)
             names.append(cur)
         else:  # scalar(s): a 1-D array of one value, or one per model
@@ -111,10 +108,7 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
     root = values[-1]
     if out_dtype == "bfloat16":
         root = [f"narrow_bf16({v})" for v in root]
-    if len(root) > 1:
-        stores = [f"out[{m} * n + i] = {v}" if m else f"out[i] = {v}" for m, v in enumerate(root)]
-    else:
-        stores = [f"out[i] = {root[0]}"]
+    stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
     pre = "".join(f"    {line}\n" for line in prelude)
     loop = "".join(f"        {line}\n" for line in loads + ops + stores)
     return (
@@ -132,6 +126,11 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
     )
 
 
+def _at(m: int | None) -> str:
+    """The flat index of element i of model m's slice (model 0 or a plain tensor: i)."""
+    return f"{m} * n + i" if m else "i"
+
+
 def _is_bool(body, dtypes, kinds, ref) -> bool:
     kind, k = ref
     return (body[k][3] if kind == "v" else dtypes[k]) == "bool"
@@ -141,30 +140,21 @@ def _widen(dtype: str, expr: str) -> str:
     return f"widen_bf16({expr})" if dtype == "bfloat16" else expr
 
 
+#: instruction -> its expression over the operands {0}, {1}, {2}
+_TEMPLATES = {
+    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+    "eq": "{0} == {1}", "ne": "{0} != {1}", "lt": "{0} < {1}", "le": "{0} <= {1}",
+    "gt": "{0} > {1}", "ge": "{0} >= {1}", "neg": "-{0}", "abs": "abs({0})",
+    "sign": "sel({0} > Z, ONE, Z) - sel({0} < Z, ONE, Z)",
+    # NaN propagates; +0 never meets -0 here (fuse.py)
+    "minimum": "sel({0} != {0}, {0}, sel({1} != {1}, {1}, sel({0} < {1}, {0}, {1})))",
+    "maximum": "sel({0} != {0}, {0}, sel({1} != {1}, {1}, sel({0} > {1}, {0}, {1})))",
+    "where": "sel({0}, {1}, {2})", "and": "{0} & {1}", "or": "{0} | {1}", "not": "not {0}",
+}
+
+
 def _expr(code: str, a: list[str]) -> str:
-    if code in _BIN:
-        return f"{a[0]} {_BIN[code]} {a[1]}"
-    if code in _CMP:
-        return f"{a[0]} {_CMP[code]} {a[1]}"
-    if code == "neg":
-        return f"-{a[0]}"
-    if code == "abs":
-        return f"abs({a[0]})"
-    if code == "sign":
-        return f"sel({a[0]} > Z, ONE, Z) - sel({a[0]} < Z, ONE, Z)"
-    if code in ("minimum", "maximum"):  # NaN propagates; +0 never meets -0 here (fuse.py)
-        cmp = "<" if code == "minimum" else ">"
-        return (f"sel({a[0]} != {a[0]}, {a[0]}, sel({a[1]} != {a[1]}, {a[1]}, "
-                f"sel({a[0]} {cmp} {a[1]}, {a[0]}, {a[1]})))")
-    if code == "where":
-        return f"sel({a[0]}, {a[1]}, {a[2]})"
-    if code == "and":
-        return f"{a[0]} & {a[1]}"
-    if code == "or":
-        return f"{a[0]} | {a[1]}"
-    if code == "not":
-        return f"not {a[0]}"
-    raise ValueError(code)  # pragma: no cover
+    return _TEMPLATES[code].format(*a)
 
 
 def _cache_dir() -> Path:
@@ -206,9 +196,6 @@ def compiled(src: str):
         return fn
 
 
-_NP_DTYPE = {"float32": np.float32, "bool": np.bool_, "bfloat16": np.uint16}
-
-
 def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
     """A flat numpy view of `t` and its dtype name (float16 and the like: widened to float32)."""
     if t.dtype == torch.bfloat16:
@@ -223,9 +210,8 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
     arrays, dtypes = [], []
     for t, kind in zip(args, kinds):
-        a, dt = _array(t)
-        if kind in ("scalar", "mscalar") and dt == "bfloat16":
-            a, dt = _array(t.to(torch.float32))
+        scalar = kind in ("scalar", "mscalar") and t.dtype == torch.bfloat16
+        a, dt = _array(t.to(torch.float32) if scalar else t)  # scalars: widened here, once
         arrays.append(a)
         dtypes.append(dt)
     ty = node.type
@@ -234,9 +220,7 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(ty.full_shape, dtype={"bool": torch.bool, "bfloat16": torch.bfloat16}.get(
         ty.dtype, torch.float32))
     flat = out.reshape(-1).view(torch.int16).numpy().view(np.uint16) if narrow else out.reshape(-1).numpy()
-    n = 1
-    for d in ty.shape:
-        n *= d
+    n = math.prod(ty.shape)
     threads = (THREADS or torch.get_num_threads()) if out.numel() >= PARALLEL_ELEMENTS else 1
     if threads <= 1:
         fn(0, n, n, flat, *arrays)

@@ -56,7 +56,8 @@ def narrow_bf16(x):
     """float32 -> bfloat16 bits (a uint16) exactly as torch converts on the CPU: round to nearest,
     ties to even; every NaN becomes 0xFFFF (what torch's conversion gives, scalar and vector)."""
     bits = _f32_to_bits(x)
-    rounded = np.uint32((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    bias = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    rounded = np.uint32((bits + bias) >> np.uint32(16))
     return np.uint16(sel(x != x, np.uint32(0xFFFF), rounded))
 
 
