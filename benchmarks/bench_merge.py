@@ -1,4 +1,4 @@
-"""Benchmark mergelang against the I/O floor (and mergekit, when `mergekit-yaml` is on PATH).
+"""Benchmark mergelang against the I/O floor (and mergekit, when `mergekit-yaml` is given or on PATH).
 
     python benchmarks/bench_merge.py --dir /tmp/mlbench --size 1B          # base + 2 fine-tunes, bf16
     python benchmarks/bench_merge.py --dir /tmp/mlbench --size 0.1B        # a quick run
@@ -7,7 +7,8 @@
 For each recipe (linear over the three models, ties of the two fine-tunes on the base) it reports
 mergelang's wall time and peak RSS (a child process; `ru_maxrss` of that child), the I/O floor
 (reading every input tensor once with safetensors and writing one output of the same size, also
-in a child), mergekit's time when `mergekit-yaml` is on PATH (never a dependency), and ratios.
+in a child), mergekit's time and peak RSS when `mergekit-yaml` is given with `--mergekit` or on
+PATH (never a dependency: install it in its own venv), and ratios.
 
 The compile benchmark builds 70B-shaped (Llama-2-70B: 80 layers) checkpoints whose headers are
 correct but whose data is sparse (the files are `ftruncate`d to their full size), and times
@@ -240,7 +241,8 @@ def drop_output(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_merge(root: Path, methods: list[str], budget: str | None, device: str, repeat: int) -> None:
+def bench_merge(root: Path, methods: list[str], budget: str | None, device: str, repeat: int,
+                mergekit: str | None) -> None:
     models = [root / m for m in ("base", "a", "b")]
     in_bytes = sum(f.stat().st_size for m in models for f in m.glob("*.safetensors"))
     print(f"inputs: 3 models, {in_bytes / 1e9:.2f} GB; cores: {os.cpu_count()}; device: {device}")
@@ -264,7 +266,7 @@ def bench_merge(root: Path, methods: list[str], budget: str | None, device: str,
     startup = min(timed_child([sys.executable, "-c", "import mergelang, torch, numba"], _env())[0]
                   for _ in range(repeat))
     print(f"  process start-up in every mergelang run (python, import torch and numba): {startup:.2f} s")
-    has_mk = shutil.which("mergekit-yaml") is not None
+    has_mk = mergekit is not None
     rows = []
     for method in methods:
         recipe = write_recipe(root, method)
@@ -285,18 +287,20 @@ def bench_merge(root: Path, methods: list[str], budget: str | None, device: str,
             cfg.write_text(textwrap.dedent(MERGEKIT[method]).format(root=root))
             mk_out = root / f"mk-{method}"
             drop_output(mk_out)
-            mk_argv = ["mergekit-yaml", str(cfg), str(mk_out)] + (["--cuda"] if device == "cuda" else [])
-            mk = timed_child(mk_argv)[0]
+            # the synthetic models have no tokenizer to copy
+            mk_argv = [mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer"]
+            mk_argv += ["--cuda"] if device == "cuda" else []
+            mk = timed_child(mk_argv)[:2]
             drop_output(mk_out)
         rows.append((method, dt, rss, mk))
     print(f"\n{'method':8} {'mergelang s':>12} {'peak RSS MiB':>13} {'x I/O floor':>12} "
-          f"{'x durable':>10} {'mergekit s':>11} {'x mergekit':>11}")
+          f"{'x durable':>10} {'mergekit s':>11} {'mk RSS MiB':>11} {'x mergekit':>11}")
     for method, dt, rss, mk in rows:
-        mk_s = f"{mk:11.2f}" if mk is not None else f"{'n/a':>11}"
-        ratio = f"{dt / mk:11.2f}" if mk is not None else f"{'n/a':>11}"
+        mk_s = f"{mk[0]:11.2f} {mk[1]:11.0f}" if mk is not None else f"{'n/a':>11} {'n/a':>11}"
+        ratio = f"{dt / mk[0]:11.2f}" if mk is not None else f"{'n/a':>11}"
         print(f"{method:8} {dt:12.2f} {rss:13.0f} {dt / floor:12.2f} {dt / min(durable):10.2f} {mk_s} {ratio}")
     if not has_mk:
-        print("(mergekit-yaml is not on PATH: no mergekit comparison)")
+        print("(no mergekit-yaml on PATH and no --mergekit: no mergekit comparison)")
 
 
 def bench_compile(root: Path, repeat: int) -> None:
@@ -321,6 +325,9 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), metavar="EXE",
+                    help="mergekit-yaml to compare with (default: the one on PATH); install it in its "
+                         "own venv, e.g. python -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit==0.1.5")
     ap.add_argument("--compile-only", action="store_true", help="only the 70B-shaped compile benchmark")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile benchmark")
     args = ap.parse_args()
@@ -334,7 +341,8 @@ def main() -> None:
             make_model(root_size / "a", args.size, 1, base=root_size / "base")
             make_model(root_size / "b", args.size, 2, base=root_size / "base")
             print(f"made 3 {args.size} checkpoints in {time.perf_counter() - t:.0f} s")
-        bench_merge(root_size, args.methods.split(","), args.memory_budget, args.device, args.repeat)
+        bench_merge(root_size, args.methods.split(","), args.memory_budget, args.device, args.repeat,
+                    args.mergekit)
     if not args.no_compile:
         bench_compile(root, args.repeat)
 

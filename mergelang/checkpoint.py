@@ -150,14 +150,18 @@ class ModelSource:
     def load(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def load_as(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor converted to `dtype` (None: as stored), in memory it owns."""
+    def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
+        """The tensor converted to `dtype` (None: as stored), in memory it owns. `view`: the
+        caller only reads the result, so a source may hand out a view of the file's bytes as
+        stored (no copy) instead; this default always copies."""
         t = self.load(name)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
-    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns.
-        This default reads the whole tensor; safetensors files read just those rows."""
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int, *,
+                  view: bool = False) -> torch.Tensor:
+        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns
+        (`view`: as in :meth:`load_as`). This default reads the whole tensor; safetensors files
+        read just those rows."""
         return self.load_as(name, dtype)[start:stop].clone()
 
     def close(self) -> None:
@@ -239,17 +243,20 @@ class SafetensorsSource(ModelSource):
             read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
-    def load_as(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
         """One tensor, converted to `dtype`, through a private mmap of just its bytes that is
         unmapped before returning: the conversion reads the page cache directly (one pass), and
         resident memory holds only the result (a long-lived mmap of the whole file, as
-        safetensors keeps, counts every page read so far in the process's RSS)."""
+        safetensors keeps, counts every page read so far in the process's RSS). With `view` and
+        no conversion, the tensor *is* the mapping (unmapped when the tensor is freed): no copy
+        at all, the kernel that uses it reads the page cache (read-ahead is requested now)."""
         if READER != "mmap":
             return super().load_as(name, dtype)
         info = self._table[name]
-        return self._map(name, info, dtype, info.begin, info.end, info.shape)
+        return self._map(name, info, dtype, info.begin, info.end, info.shape, view)
 
-    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int) -> torch.Tensor:
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int, *,
+                  view: bool = False) -> torch.Tensor:
         """Rows `start:stop` through a private mmap of just their bytes (a contiguous range of
         the stored tensor)."""
         if READER != "mmap":
@@ -258,10 +265,10 @@ class SafetensorsSource(ModelSource):
         row = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
         stop = min(stop, info.shape[0])
         return self._map(name, info, dtype, info.begin + start * row, info.begin + stop * row,
-                         (max(0, stop - start), *info.shape[1:]))
+                         (max(0, stop - start), *info.shape[1:]), view)
 
     def _map(self, name: str, info: TensorInfo, dtype: torch.dtype | None, begin: int, end: int,
-             shape: tuple[int, ...]) -> torch.Tensor:
+             shape: tuple[int, ...], view: bool = False) -> torch.Tensor:
         import torch
 
         stored = torch_dtype(info.dtype)
@@ -275,13 +282,22 @@ class SafetensorsSource(ModelSource):
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
                                   "the file was truncated or replaced after its header was read") from None
         try:
-            view = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
-                                    offset=begin - start).reshape(shape)
-            out = view.to(dtype) if dtype is not None and dtype != stored else view.clone()
-            del view
-        finally:
+            mapped = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
+                                      offset=begin - start).reshape(shape)
+        except BaseException:
             mm.close()
-        return out
+            raise
+        if view and (dtype is None or dtype == stored):
+            # a copy-on-write map: a stray write never reaches the file; the tensor holds the
+            # map (torch.frombuffer keeps a reference to it), which is unmapped with it
+            if hasattr(mmap, "MADV_WILLNEED"):
+                mm.madvise(mmap.MADV_WILLNEED)
+            return mapped
+        try:
+            return mapped.to(dtype) if dtype is not None and dtype != stored else mapped.clone()
+        finally:
+            del mapped
+            mm.close()
 
     def close(self) -> None:
         self._handles.clear()

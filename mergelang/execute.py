@@ -65,10 +65,11 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
     src = models[node.attrs["model"]]
     assert src is not None
     want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
     rows = node.attrs.get("rows")
     if rows is not None:  # a row chunk (chunking.py)
-        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1])
-    return src.load_as(node.attrs["tensor"], want)
+        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1], **kw)
+    return src.load_as(node.attrs["tensor"], want, **kw)
 
 
 def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ models, comparisons, `where`s, a division) cost DRAM traffic per op, not arithme
 applied to an `ExecutionPlan` just before it runs on the CPU, groups them into single-output
 regions, each run by one generated loop (`kernels_fused.py`) that reads every input once and
 writes one result. A LOAD of bfloat16 whose only users are fused steps is read as stored and
-widened inside the loop (no float32 copy of the input is ever made).
+widened inside the loop (no float32 copy of the input is ever made), and every LOAD read only by
+fused steps is a view of the checkpoint file's bytes (`ModelSource.load_as(view=True)`: a
+private mmap, no copy; the kernel reads the page cache).
 
 Regions are formed consumer first: a fusable node joins the region of its users when all of them
 are in one region (so each region has one output, its root, and no value leaves it half-way;
@@ -163,12 +165,14 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     g2 = MergeGraph(g)
     member_of = {m: r for r in regions for m in r.members}
     users = _users(plan)
-    # LOADs of bfloat16 whose every user is fused: read as stored, widened in the kernel
+    # LOADs whose every user is fused are only read by kernels: a view of the file's bytes
+    # (attr `view`, no copy); bfloat16 ones are read as stored and widened in the kernel
     for s in plan.steps:
         n = g.node(s.nid)
-        if (n.op is Op.LOAD and n.type.dtype == "float32" and n.attrs.get("src_dtype") == "bfloat16"
-                and users.get(s.nid) and all(u in member_of for u in users[s.nid])):
-            g2.set_node(s.nid, replace(n, type=n.type.with_(dtype="bfloat16")))
+        if (n.op is Op.LOAD and n.type.dtype == "float32" and users.get(s.nid)
+                and all(u in member_of for u in users[s.nid])):
+            ty = n.type.with_(dtype="bfloat16") if n.attrs.get("src_dtype") == "bfloat16" else n.type
+            g2.set_node(s.nid, replace(n, type=ty, attrs=Attrs(dict(n.attrs), view=True)))
     pos = {s.nid: i for i, s in enumerate(plan.steps)}
     fused_at: dict[int, int] = {}
     for r in regions:

@@ -5,7 +5,9 @@ A resumable :class:`~mergelang.writer.CheckpointWriter` writes into a work folde
 pure function of the output path (:func:`work_dir_for`), so a rerun finds it. The folder holds the
 preallocated shard files and ``mergelang-journal.jsonl``: a header line with the run's fingerprint,
 then one line per tensor, appended and fsynced only *after* the tensor's bytes were written and
-fsynced (in groups, see :class:`Journal`), recording its name and a CRC-32 of its bytes. On resume, journaled tensors whose bytes
+fsynced (in groups, see :class:`Journal`), recording its name and a CRC-32C of its bytes (the
+`crc32c` package: the CPU's CRC instruction, ~16 GB/s; zlib's CRC-32 managed ~3.5 GB/s and cost
+the writer thread over a second per 1B-parameter output). On resume, journaled tensors whose bytes
 still match their checksum are kept; everything else is computed again. A torn last line (a kill
 in the middle of an append) is ignored.
 """
@@ -18,13 +20,14 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from crc32c import crc32c
+
 JOURNAL_NAME = "mergelang-journal.jsonl"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: CRC-32C ("crc32c"); 1 had zlib's CRC-32
 
 
 def work_dir_for(out_dir: str | Path) -> Path:
@@ -34,13 +37,13 @@ def work_dir_for(out_dir: str | Path) -> Path:
 
 
 def checksum(data: Any) -> int:
-    """CRC-32 of a bytes-like object (fast; detects torn and stale writes)."""
-    return zlib.crc32(data) & 0xFFFFFFFF
+    """CRC-32C of a bytes-like object (fast; detects torn and stale writes; the GIL is released)."""
+    return crc32c(data) & 0xFFFFFFFF
 
 
 def checksum_more(data: Any, crc: int) -> int:
-    """The CRC-32 of the bytes checksummed so far (`crc`) followed by `data`."""
-    return zlib.crc32(data, crc) & 0xFFFFFFFF
+    """The CRC-32C of the bytes checksummed so far (`crc`) followed by `data`."""
+    return crc32c(data, crc) & 0xFFFFFFFF
 
 
 def digest(parts: Iterable[str | bytes]) -> str:
@@ -81,7 +84,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     for line in lines[1:]:
         try:
             e = json.loads(line)
-            name, crc = e["name"], e["crc32"]
+            name, crc = e["name"], e["crc32c"]
             if isinstance(name, str) and isinstance(crc, int):
                 entries[name] = crc
         except (ValueError, KeyError, TypeError):
@@ -116,7 +119,7 @@ class Journal:
         """Write a fresh journal (header + `entries`) atomically: temp file, fsync, rename."""
         lines = [json.dumps({"mergelang_journal": JOURNAL_VERSION, "fingerprint": dict(fingerprint)},
                             sort_keys=True)]
-        lines += [json.dumps({"name": n, "crc32": c}) for n, c in (entries or {}).items()]
+        lines += [json.dumps({"name": n, "crc32c": c}) for n, c in (entries or {}).items()]
         tmp = path.with_name(path.name + ".new")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
@@ -147,7 +150,7 @@ class Journal:
         if self._queue:
             for fd in self._dirty:
                 os.fdatasync(fd)
-            text = "".join(json.dumps({"name": n, "crc32": c}) + "\n" for n, c in self._queue)
+            text = "".join(json.dumps({"name": n, "crc32c": c}) + "\n" for n, c in self._queue)
             os.write(self._fd, text.encode("utf-8"))  # O_APPEND
             os.fsync(self._fd)
         self._queue, self._dirty, self._bytes = [], set(), 0
@@ -236,15 +239,15 @@ def reuse_shard(path: Path, size: int, header: bytes) -> int:
 
 
 def range_crc(fd: int, begin: int, end: int) -> int:
-    """CRC-32 of the bytes [begin, end) of a file (-1 if the file is shorter)."""
+    """CRC-32C of the bytes [begin, end) of a file (-1 if the file is shorter)."""
     crc, pos = 0, begin
     while pos < end:
         chunk = os.pread(fd, min(end - pos, 64 << 20), pos)
         if not chunk:
             return -1
-        crc = zlib.crc32(chunk, crc)
+        crc = checksum_more(chunk, crc)
         pos += len(chunk)
-    return crc & 0xFFFFFFFF
+    return crc
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -110,3 +110,13 @@ def topk_row(x, k, out, absolute):
         if eq:
             ties -= 1
     return True
+
+
+@njit(nogil=True, cache=True)
+def max_masked_u16(a, mask):
+    """max(a[i] & mask) over a uint16 array: with `mask` a 16-bit float's exponent bits, equal
+    to `mask` exactly when some element is NaN or infinite (one vectorised pass, no temporary)."""
+    m = np.uint16(0)
+    for i in range(a.shape[0]):
+        m = max(m, a[i] & mask)
+    return m

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import pytest
@@ -72,6 +71,26 @@ ROW_LOCAL = {
                         _task_arithmetic_ref),
     "dare_linear": ("dare_linear(m0, [" + ", ".join(NAMES[1:]) + "], density = 0.4, seed = 7)", None),
 }
+
+
+def crc32c_reference(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: independent of the
+    `crc32c` package the journal uses."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_reference_and_journal_checksum() -> None:
+    from mergelang.journal import checksum, checksum_more
+
+    assert crc32c_reference(b"123456789") == 0xE3069283  # the standard check value
+    data = bytes(range(256)) * 3
+    assert checksum(data) == crc32c_reference(data)
+    assert checksum_more(data[100:], checksum(data[:100])) == crc32c_reference(data)
 
 
 @pytest.mark.parametrize("method", sorted(ROW_LOCAL))
@@ -247,7 +266,7 @@ def test_row_assembler_and_writer_rows(tmp_path):
         w.write("y", torch.ones(3))
         w._journal.commit()
         _, entries = read_journal(w.tmp_dir / JOURNAL_NAME)
-        assert entries["x"] == zlib.crc32(t.numpy().tobytes()) & 0xFFFFFFFF
+        assert entries["x"] == crc32c_reference(t.numpy().tobytes())
         w.finish()
     assert torch.equal(load_file(out / "model-00001-of-00001.safetensors")["x"], t)
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["x"]

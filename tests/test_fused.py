@@ -144,7 +144,7 @@ def test_ties_plan_shape(tmp_path):
     nodes = _ops(fused)
     kinds = [n.op for n in nodes]
     assert kinds.count(Op.FUSED) == 2 and Op.TOPK_MASK in kinds
-    assert all(n.type.dtype == "bfloat16" for n in nodes if n.op is Op.LOAD)
+    assert all(n.type.dtype == "bfloat16" and n.attrs.get("view") for n in nodes if n.op is Op.LOAD)
     assert [n.type.dtype for n in nodes if n.op is Op.FUSED] == ["float32", "bfloat16"]
     assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK, Op.ABS} & set(kinds)
     assert [n.attrs.get("abs") for n in nodes if n.op is Op.TOPK_MASK] == [True]  # |tv| never built
@@ -155,6 +155,29 @@ def test_linear_is_one_loop(tmp_path):
     plan, fused = _plan(tmp_path, "linear([base, a, b])")
     kinds = sorted(n.op.value for n in _ops(fused))
     assert kinds == sorted(["load"] * 3 + ["const", "fused", "output"])
+    assert all(n.attrs.get("view") for n in _ops(fused) if n.op is Op.LOAD)  # read in place
+    assert not any(n.attrs.get("view") for n in _ops(plan) if n.op is Op.LOAD)
+
+
+def test_view_loads_are_copy_on_write_maps(tmp_path):
+    """`load_as(view=True)` hands out the file's bytes without a copy; a write to the view never
+    reaches the file; rows too; a conversion still copies; the view outlives the source."""
+    from safetensors.torch import load_file, save_file
+
+    from mergelang.checkpoint import open_model
+
+    w = torch.randn(300, 70, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    save_file({"pad": torch.zeros(3, dtype=torch.uint8), "w": w}, tmp_path / "model.safetensors")
+    src = open_model("m", tmp_path)
+    v = src.load_as("w", None, view=True)
+    rows = src.load_rows("w", None, 100, 130, view=True)
+    f = src.load_as("w", torch.float32, view=True)
+    src.close()
+    assert torch.equal(_bits(v), _bits(w)) and torch.equal(_bits(rows), _bits(w[100:130]))
+    assert f.dtype == torch.float32 and torch.equal(f, w.float())
+    v.fill_(1.0)
+    rows.fill_(2.0)
+    assert torch.equal(_bits(load_file(tmp_path / "model.safetensors")["w"]), _bits(w))
 
 
 def test_no_fusion_where_it_would_change_bits(tmp_path):

@@ -104,10 +104,10 @@ def test_reader_exception_propagates(tmp_path):
     src = c.models["b"]
     original = src.load_as
 
-    def load_as(name, dtype=None):
+    def load_as(name, dtype=None, **kw):
         if name == "layers.1.q.weight":
             raise Boom(name)
-        return original(name, dtype)
+        return original(name, dtype, **kw)
 
     src.load_as = load_as  # type: ignore[method-assign]
     seen: list[str] = []

@@ -397,3 +397,24 @@ def test_all_finite_matches_isfinite(dtype: torch.dtype) -> None:
         u[17, 5] = bad
         assert not all_finite(u) and not all_finite(u[:, 1::2])
     assert all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).tiny, -0.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_all_finite_numba_pass_on_large_16bit_tensors(dtype: torch.dtype) -> None:
+    """With the fused kernels' runtime loaded, 16-bit tensors of >= 65536 elements take the
+    numba pass: every bit pattern, judged against torch.isfinite."""
+    pytest.importorskip("numba")
+    import mergelang.kernels_fused_rt  # noqa: F401  (what a fused plan has loaded)
+    from mergelang.api import all_finite
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = every[torch.isfinite(every)]
+    assert not all_finite(every)
+    assert all_finite(torch.cat([finite, finite]))  # only finite patterns, >= 65536 of them
+    g = torch.Generator().manual_seed(1)
+    bad_ones = every[~torch.isfinite(every)]
+    for k in range(20):
+        u = torch.cat([finite, finite])
+        pos = int(torch.randint(0, u.numel(), (1,), generator=g)) if k else u.numel() - 1
+        u[pos] = bad_ones[int(torch.randint(0, bad_ones.numel(), (1,), generator=g))]
+        assert not all_finite(u)
