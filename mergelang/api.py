@@ -143,7 +143,7 @@ class Recipe:
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
-            memory_budget: int | str | None = None, pipelined: bool = True) -> Path:
+            memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -151,7 +151,9 @@ class Recipe:
         `resume=True` continues from it (bit-identical result); without `resume` an old work
         folder is replaced. `nan_check` ("error" | "warn" | "off") overrides the recipe's option;
         `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
-        a size like "8GB") caps live + prefetched + pending bytes."""
+        a size like "8GB") caps live + prefetched + pending bytes. `fsync=False` does not wait
+        for the disk (the output is complete when this returns, but a power loss soon after may
+        lose some of it; a resume still checks every kept tensor against its checksum)."""
         from .execute import execute
         from .multiwriter import MultiWriter
         from .writer import WriterError
@@ -166,7 +168,7 @@ class Recipe:
                        "inputs": inputs_fingerprint(c.models)}
         writer: CheckpointWriter | MultiWriter | None = None
         try:
-            writer, files, sizes = self._open_writer(out_dir, force, fingerprint, resume)
+            writer, files, sizes = self._open_writer(out_dir, force, fingerprint, resume, fsync)
             with writer:
                 for msg in writer.messages:
                     say(msg)
@@ -188,7 +190,7 @@ class Recipe:
             raise self._kept(writer, diags[0], diags[1:]) from None
 
     def _open_writer(self, out_dir: str | Path, force: bool, fingerprint: dict[str, str],
-                     resume: bool) -> tuple[Any, Any, dict[str, int]]:
+                     resume: bool, fsync: bool = True) -> tuple[Any, Any, dict[str, int]]:
         """The writer (one checkpoint, or one per named output), the arguments of its `finish`,
         and the byte size of every output tensor by its name in the plan."""
         from .multiwriter import MultiWriter
@@ -198,12 +200,13 @@ class Recipe:
         if not self.output_names:
             layout = plan_shards(self.outputs, shard_size)
             writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
-                                      resume=resume)
+                                      resume=resume, fsync=fsync)
             return writer, self._files(self._c.reference), {t: x.nbytes for t, x in layout.tensors.items()}
         per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
         layouts = {n: plan_shards(list(ts.values()), shard_size) for n, ts in per_output.items()}
         files = {n: self._files(ref) for n, ref in self._references().items()}
-        multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume)
+        multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume,
+                            fsync=fsync)
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
                               for t, x in lay.tensors.items()}
 

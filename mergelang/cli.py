@@ -111,6 +111,10 @@ def main() -> None:
               help="continue an interrupted run from its work folder (same recipe and inputs)")
 @click.option("--nan-check", type=click.Choice(["error", "warn", "off"]), default=None,
               help="NaN/Inf in an output tensor: fail (default), warn, or skip the check")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="wait until the output is on disk before moving it into place; --no-fsync is "
+                   "faster on slow disks but a power loss soon after may lose data (resume still "
+                   "checks every kept tensor)")
 @allow_pickle_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
@@ -118,7 +122,7 @@ def main() -> None:
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
-        allow_pickle: bool, quiet: bool, log_json: bool = False) -> None:
+        fsync: bool, allow_pickle: bool, quiet: bool, log_json: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle)
@@ -143,7 +147,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
 
         try:
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
-                         nan_check=nan_check, log=log, memory_budget=budget)
+                         nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync)
         except KeyboardInterrupt:
             from .journal import work_dir_for
 

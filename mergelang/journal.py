@@ -104,8 +104,12 @@ class Journal:
     sync_bytes = 256 << 20
     sync_seconds = 0.5
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, sync: bool = True):
+        """`sync=False` (`mergelang run --no-fsync`): lines are appended without any fsync; a
+        crash of the process loses nothing (the page cache outlives it), a power loss may lose
+        recent data, and resume's checksum test catches exactly those tensors."""
         self.path = path
+        self.sync = sync
         self._fd = fd
         self._lock = threading.Lock()
         self._queue: list[tuple[str, int]] = []
@@ -115,7 +119,7 @@ class Journal:
 
     @classmethod
     def create(cls, path: Path, fingerprint: Mapping[str, str],
-               entries: Mapping[str, int] | None = None) -> "Journal":
+               entries: Mapping[str, int] | None = None, sync: bool = True) -> "Journal":
         """Write a fresh journal (header + `entries`) atomically: temp file, fsync, rename."""
         lines = [json.dumps({"mergelang_journal": JOURNAL_VERSION, "fingerprint": dict(fingerprint)},
                             sort_keys=True)]
@@ -128,7 +132,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        return cls(path, os.open(path, os.O_WRONLY | os.O_APPEND))
+        return cls(path, os.open(path, os.O_WRONLY | os.O_APPEND), sync)
 
     def record(self, name: str, crc: int, fd: int, nbytes: int) -> None:
         """Queue `name` (its bytes were written through `fd`); commit when a group is full."""
@@ -148,11 +152,12 @@ class Journal:
         if self._fd < 0:
             return  # closed: nothing queued can be committed any more
         if self._queue:
-            for fd in self._dirty:
+            for fd in self._dirty if self.sync else ():
                 os.fdatasync(fd)
             text = "".join(json.dumps({"name": n, "crc32c": c}) + "\n" for n, c in self._queue)
             os.write(self._fd, text.encode("utf-8"))  # O_APPEND
-            os.fsync(self._fd)
+            if self.sync:
+                os.fsync(self._fd)
         self._queue, self._dirty, self._bytes = [], set(), 0
         self._last = time.monotonic()
 

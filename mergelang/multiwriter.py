@@ -31,7 +31,7 @@ class MultiWriter:
     as for :class:`CheckpointWriter`). Use as a context manager."""
 
     def __init__(self, out_dir: str | Path, layouts: Mapping[str, ShardLayout], *, force: bool = False,
-                 fingerprint: dict[str, str], resume: bool = False):
+                 fingerprint: dict[str, str], resume: bool = False, fsync: bool = True):
         self.out_dir = Path(os.path.abspath(out_dir))
         self.force = force
         self.resumable = True
@@ -46,7 +46,7 @@ class MultiWriter:
             self._prepare(work, set(layouts), resume)
             for name, layout in layouts.items():
                 w = self.writers[name] = CheckpointWriter(work / name, layout, fingerprint=fingerprint,
-                                                          resume=resume)
+                                                          resume=resume, fsync=fsync)
                 self.messages += [m for m in w.messages if not m.startswith("nothing to resume")]
                 self.resumed |= {f"{name}/{t}" for t in w.resumed}
         except JournalError as e:

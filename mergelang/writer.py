@@ -85,13 +85,17 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False,
-                 fingerprint: dict[str, str] | None = None, resume: bool = False):
+                 fingerprint: dict[str, str] | None = None, resume: bool = False,
+                 fsync: bool = True):
         """`fingerprint` (what is computed and read, see journal.py) makes the writer resumable:
         it works in the deterministic folder :func:`work_dir_for` with a journal, keeps that
         folder when the block fails, and with `resume` reuses the tensors already journaled
         (:attr:`resumed`). Without it, the temporary folder has a random name and is removed
-        on any failure."""
+        on any failure. `fsync=False` skips flushing the data to the disk (the journal's group
+        syncs and the shards' fsync before the rename: see `Journal`): faster where the disk is
+        slower than the merge, at the price of durability against a power loss."""
         self.out_dir = Path(os.path.abspath(out_dir))
+        self.fsync = fsync
         self.layout = layout
         self.force = force
         self.resumable = fingerprint is not None
@@ -171,7 +175,7 @@ class CheckpointWriter:
                         self.resumed.add(name)
             kept = {n: entries[n] for n in self.layout.tensors if n in self.resumed}
             path = jpath
-            self._journal = Journal.create(jpath, fingerprint, kept)
+            self._journal = Journal.create(jpath, fingerprint, kept, sync=self.fsync)
         except BaseException as e:
             self._close_files()
             if isinstance(e, OSError):
@@ -329,7 +333,7 @@ class CheckpointWriter:
                 raise WriterError("E502", f"internal: tensors not written: {', '.join(missing[:5])}{more}")
             self._closed = True  # no further writes; none are in flight (all are written)
             fds = dict(self._fds)
-        for shard in self.layout.shards:
+        for shard in self.layout.shards if self.fsync else ():
             try:
                 os.fsync(fds[shard.filename])
             except OSError as e:

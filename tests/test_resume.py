@@ -143,6 +143,48 @@ def test_sigkill_then_resume_is_bit_identical(work: Path, tmp_path: Path) -> Non
     assert not wdir.exists()
 
 
+def test_no_fsync_skips_data_syncs_and_still_resumes(work: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-fsync: no fsync/fdatasync of shard data or journal lines (folders are still synced);
+    the output is byte-identical, and a kill + resume still works (checksums, not syncs, decide
+    what is kept)."""
+    synced: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def spy(real, kind):
+        def call(fd):
+            target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
+            synced.append(f"{kind} {target}")
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fsync", spy(real_fsync, "fsync"))
+    monkeypatch.setattr(os, "fdatasync", spy(real_fdatasync, "fdatasync"))
+    r = ml.compile(work / "recipe.mrg")
+    r.run(tmp_path / "fast", device="cpu", fsync=False)
+    assert files_of(tmp_path / "fast") == files_of(work / "reference")
+    assert not [s for s in synced if s.endswith((".safetensors", ".jsonl"))], synced
+    r.run(tmp_path / "safe", device="cpu")  # the default syncs shards and the journal
+    assert any(s.endswith(".safetensors") for s in synced)
+    monkeypatch.undo()
+
+    out = tmp_path / "out"
+    wdir = work_dir_for(out)
+    proc = run_cli("run", work / "recipe.mrg", "-o", out, "-q", "--no-fsync",
+                   env_extra={"MERGELANG_TEST_DELAY": "0.1"})
+    deadline = time.monotonic() + 120
+    while journal_entries(wdir) < 5:
+        assert proc.poll() is None, f"the merge ended before the kill: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the journal did not grow"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    code, err = finish(run_cli("run", work / "recipe.mrg", "-o", out, "--resume", "--no-fsync"))
+    assert code == 0, err
+    assert "resuming:" in err
+    assert files_of(out) == files_of(work / "reference")
+
+
 def test_api_disk_full_keeps_work_folder_then_resume(work: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
