@@ -151,26 +151,27 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
             r.models = _stack_depth(g, node)
             region_of[nid] = r
             regions.append(r)
-    return [r for r in regions
-            if len(r.members) >= 2 and g.node(r.root).type.numel >= MIN_ELEMENTS]
+    return regions
 
 
 def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     """The plan with its fusable elementwise regions as FUSED steps (unchanged if there are none)."""
     plan = _fold_abs_into_topk(plan)
-    regions = _regions(plan)
-    if not regions:
-        return plan
-    g = plan.graph
-    g2 = MergeGraph(g)
-    member_of = {m: r for r in regions for m in r.members}
     users = _users(plan)
+    g = plan.graph
+    big = [r for r in _regions(plan) if g.node(r.root).type.numel >= MIN_ELEMENTS]
+    regions, selects = _rematerialise(plan, big, users)
+    regions = [r for r in regions if len(r.members) >= 2]
+    if not regions and not selects:
+        return plan
+    g2 = MergeGraph(g)
+    member_of = {m: r for r in [*regions, *selects.values()] for m in r.members}
     # LOADs whose every user is fused are only read by kernels: a view of the file's bytes
     # (attr `view`, no copy); bfloat16 ones are read as stored and widened in the kernel
     for s in plan.steps:
         n = g.node(s.nid)
         if (n.op is Op.LOAD and n.type.dtype == "float32" and users.get(s.nid)
-                and all(u in member_of for u in users[s.nid])):
+                and all(u in member_of or u in selects for u in users[s.nid])):
             ty = n.type.with_(dtype="bfloat16") if n.attrs.get("src_dtype") == "bfloat16" else n.type
             g2.set_node(s.nid, replace(n, type=ty, attrs=Attrs(dict(n.attrs), view=True)))
     pos = {s.nid: i for i, s in enumerate(plan.steps)}
@@ -180,7 +181,11 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
         narrow = (len(root_users) == 1 and g.node(root_users[0]).op is Op.OUTPUT
                   and g.node(root_users[0]).attrs["dtype"] == "bfloat16"
                   and g.node(r.root).type.dtype == "float32")
-        fused_at[r.root] = _build(g2, r, pos, narrow)
+        fused_at[r.root] = _build(g, g2, r, pos, narrow=narrow)
+    for topk, r in selects.items():  # its users (built above) are pointed at the new node
+        fused_at[topk] = _build(g, g2, r, pos, select=topk)
+    for r in selects.values():  # recomputed by every consumer: never a step of its own
+        g2.remove_nodes_from([m for m in r.members if m in g2])
     order = []
     for s in plan.steps:
         if s.nid in fused_at:
@@ -189,6 +194,36 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
             order.append(s.nid)
     steps, peak = schedule(g2, order)
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+
+
+def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int, list[int]]
+                   ) -> tuple[list[_Region], dict[int, _Region]]:
+    """Regions computed from checkpoint tensors alone (ties' task vectors `stack(a, b) - base`)
+    whose value feeds a whole-tensor top-k, and otherwise only other fused regions, are not
+    stored: every consumer recomputes them from the inputs (2 bytes per bfloat16 input read
+    instead of 4 per float32 element written and read again), and the top-k becomes a FUSED
+    selection over the region's program (attr `select`, `kernels_fused.run_select`).
+    Returns the regions left to build and {top-k node: the region it selects over}."""
+    g = plan.graph
+    member_of = {m: r for r in regions for m in r.members}
+    kept, selects = [], {}
+    for r in reversed(regions):  # producers first: a region extended here may be a candidate too
+        inner = set(r.members)
+        inputs = {a for m in r.members for a in g.node(m).args if a not in inner}
+        outs = users.get(r.root, [])
+        tops = [u for u in outs if g.node(u).op is Op.TOPK_MASK and g.node(u).attrs["over"] == "tensor"]
+        rest = {id(member_of.get(u)): member_of.get(u) for u in outs if u not in tops}
+        if (not tops or None in rest.values() or any(x is r for x in rest.values())
+                or not all(g.node(a).op in (Op.LOAD, Op.CONST) for a in inputs)
+                or g.node(r.root).type.dtype != "float32"):
+            kept.append(r)
+            continue
+        for other in rest.values():
+            assert other is not None
+            other.members.extend(m for m in r.members if m not in other.members)
+        for t in tops:
+            selects[t] = r
+    return kept[::-1], selects
 
 
 def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
@@ -215,10 +250,13 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
 
 
-def _build(g: MergeGraph, r: _Region, pos: dict[int, int], narrow: bool) -> int:
-    """Add the FUSED node for region `r` to `g`, point the root's users at it, drop the members.
-    `narrow`: the root's one user is a bfloat16 OUTPUT, so the loop stores bfloat16 (the same
-    rounding as the OUTPUT's cast, which then has nothing left to do)."""
+def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], narrow: bool = False,
+           select: int | None = None) -> int:
+    """Add the FUSED node for region `r` (read from the unfused graph `g`) to `g2`, point the
+    root's users at it, drop the members. `narrow`: the root's one user is a bfloat16 OUTPUT, so
+    the loop stores bfloat16 (the same rounding as the OUTPUT's cast, which then has nothing
+    left to do). `select`: a TOPK_MASK over the root, which the node computes instead (the
+    root's value is never stored; the members stay for the regions that recompute them)."""
     members = sorted(r.members, key=pos.__getitem__)  # plan order: arguments first, root last
     local = {m: i for i, m in enumerate(members)}
     inputs: list[int] = []
@@ -246,11 +284,19 @@ def _build(g: MergeGraph, r: _Region, pos: dict[int, int], narrow: bool) -> int:
             kinds.append("stack" if stacked else "elem")
         else:
             kinds.append("mscalar" if stacked else "scalar")
-    root = g.node(r.root)
     attrs = Attrs(body=tuple(body), inputs=tuple(kinds), models=r.models or 0)
+    if select is not None:
+        top = g.node(select)
+        attrs = attrs.replace(select=(top.attrs["density"], bool(top.attrs.get("abs"))))
+        fid = g2.add(Node(Op.FUSED, tuple(inputs), attrs, top.type, top.span))
+        g2.replace_uses(select, fid)
+        g2.remove_node(select)
+        return fid
+    root = g.node(r.root)
     ty = root.type.with_(dtype="bfloat16") if narrow else root.type
-    fid = g.add(Node(Op.FUSED, tuple(inputs), attrs, ty, root.span))
-    g.replace_uses(r.root, fid)
+    fid = g2.add(Node(Op.FUSED, tuple(inputs), attrs, ty, root.span))
+    g2.replace_uses(r.root, fid)
     for m in members:
-        g.remove_node(m)
+        if m in g2:
+            g2.remove_node(m)
     return fid

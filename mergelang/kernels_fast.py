@@ -99,13 +99,15 @@ def _per_model(fn, *columns: list) -> list:
     return [fn(*row) for row in zip(*columns)]
 
 
-def _radix():
-    """The numba radix-select kernel (kernels_fused_rt.topk_row), or None without numba."""
+def _radix(absolute: bool):
+    """The numba radix-select kernel over a float32 row (`kernels_fused.select_source` with the
+    row itself as the program), or None without numba."""
     try:
-        from .kernels_fused_rt import topk_row
+        from .kernels_fused import module, select_source
+
+        return module(select_source((), ("elem",), ("float32",), 0, absolute)).KERNELS[0]
     except Exception:  # pragma: no cover - numba is a dependency; a broken install falls back
         return None
-    return topk_row
 
 
 def topk_mask_tensor(x: torch.Tensor, ks: list[int], absolute: bool = False) -> torch.Tensor | None:
@@ -116,10 +118,10 @@ def topk_mask_tensor(x: torch.Tensor, ks: list[int], absolute: bool = False) -> 
     if not _cpu(x) or x.dtype != torch.float32 or any(k <= 0 or k >= n for k in ks):
         return None
     xn = x.detach().contiguous().numpy()
-    radix = _radix() if n >= MIN_ELEMENTS else None
+    radix = _radix(absolute) if n >= MIN_ELEMENTS else None
     if radix is not None:  # radix selection: three streaming passes, no copy, no sort
         out = np.empty((m_count, n), dtype=np.bool_)
-        ok = _per_model(radix, list(xn), ks, list(out), [absolute] * m_count)
+        ok = _per_model(lambda row, k, o: radix(k, o, n, row), list(xn), ks, list(out.view(np.uint8)))
         return torch.from_numpy(out) if all(ok) else None
     if absolute:
         xn = np.abs(xn)

@@ -28,12 +28,14 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,7 @@ PARALLEL_ELEMENTS = 1 << 20
 THREADS = int(os.environ.get("MERGELANG_FUSED_THREADS", "0")) or None
 
 _LOCK = threading.Lock()
-_KERNELS: dict[str, Any] = {}
+_MODULES: dict[str, Any] = {}
 
 def available() -> bool:
     """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
@@ -56,11 +58,11 @@ def available() -> bool:
     return True
 
 
-def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
-           out_dtype: str = "") -> str:
-    """The generated module for one program with inputs of these dtypes (`out_dtype`
-    "bfloat16": the float32 root is rounded to bfloat16 as it is stored)."""
-    params, loads, prelude = [], [], []
+def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int
+             ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """A program as straight-line code for element `i`: (parameters, prelude lines run once,
+    body lines per element, the root's value name per model, or one name)."""
+    params, loads, prelude = [], [], _offsets(models)
     names: list[list[str]] = []  # per input: one name, or one per model
     for j, (kind, dt) in enumerate(zip(kinds, dtypes)):
         if kind in ("elem", "stack"):
@@ -105,30 +107,127 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
             a = [arg(r, m) for r in refs]
             ops.append(f"{o} = {_expr(code, a)}")
         values.append(outs)
-    root = values[-1]
+    return params, prelude, loads + ops, values[-1]
+
+
+_HEADER = (
+    "import numpy as np\n"
+    "from numba import njit\n"
+    "from mergelang.kernels_fused_rt import narrow_bf16, order_key, sel, widen_bf16\n"
+    "Z = np.float32(0.0)\n"
+    "ONE = np.float32(1.0)\n"
+    "U0 = np.uint8(0)\n"
+    "U1 = np.uint8(1)\n"
+    "\n"
+)
+_JIT = "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
+
+
+def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+           out_dtype: str = "") -> str:
+    """The generated module for one program with inputs of these dtypes (`out_dtype`
+    "bfloat16": the float32 root is rounded to bfloat16 as it is stored; "bool": stored as
+    bytes 0/1): `kernel(lo, hi, n, out, *inputs)` computes elements lo..hi-1."""
+    params, prelude, lines, root = _program(body, kinds, dtypes, models)
     if out_dtype == "bfloat16":
         root = [f"narrow_bf16({v})" for v in root]
+    elif out_dtype == "bool":
+        root = [f"sel({v}, U1, U0)" for v in root]
     stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
-    pre = "".join(f"    {line}\n" for line in prelude)
-    loop = "".join(f"        {line}\n" for line in loads + ops + stores)
-    return (
-        "import numpy as np\n"
-        "from numba import njit\n"
-        "from mergelang.kernels_fused_rt import narrow_bf16, sel, widen_bf16\n"
-        "Z = np.float32(0.0)\n"
-        "ONE = np.float32(1.0)\n"
-        "\n"
-        "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
-        f"def kernel(lo, hi, n, out, {', '.join(params)}):\n"
-        f"{pre}"
-        "    for i in range(lo, hi):\n"
-        f"{loop}"
-    )
+    return (_HEADER + _JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n"
+            + _indent(prelude, 4) + "    for i in range(np.uint64(lo), np.uint64(hi)):\n"
+            + _indent(lines + stores, 8))
+
+
+#: radix selection of the k largest order keys of x (`order_key`: x, or |x|): a 16-bit histogram
+#: pass finds the threshold's high half, a second pass over that bucket its low half, a third
+#: writes the mask; ties at the threshold: lowest index first. False (out undefined) on a NaN.
+_SELECT = """{jit}def select{m}(k, out, n, {params}):
+{prelude}    hist = np.zeros(65536, np.int64)
+    nan = False
+    for i in range(un):
+{x}        key = order_key(x, {absolute})
+        hist[key >> np.uint32(16)] += 1
+        nan |= x != x
+    if nan:
+        return False
+    above = 0
+    hi = 65535
+    while above + hist[hi] < k:
+        above += hist[hi]
+        hi -= 1
+    hist[:] = 0
+    top = np.uint32(hi)
+    for i in range(un):
+{x}        key = order_key(x, {absolute})
+        if (key >> np.uint32(16)) == top:
+            hist[key & np.uint32(0xFFFF)] += 1
+    lo = 65535
+    while above + hist[lo] < k:
+        above += hist[lo]
+        lo -= 1
+    kth = (top << np.uint32(16)) | np.uint32(lo)
+    ties = k - above  # entries equal to the threshold that are kept, first ones first
+    for i in range(un):
+{x}        key = order_key(x, {absolute})
+        eq = key == kth
+        out[i] = sel((key > kth) | (eq & (ties > 0)), U1, U0)
+        if eq:
+            ties -= 1
+    return True
+
+
+"""
+
+
+def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+                  absolute: bool) -> str:
+    """The generated module selecting, per model m, the k largest values (|values| with
+    `absolute`) of a program's float32 root, computed on the fly in each pass (never stored):
+    `KERNELS[m](k, out, n, *inputs) -> bool` (`_SELECT`). An empty `body`: the root is input 0."""
+    if body:
+        params, prelude, lines, root = _program(body, kinds, dtypes, models)
+    else:
+        params, prelude = ["a0"], _offsets(models)
+        lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
+    funcs = []
+    for m in range(len(root)):
+        x = _indent(_needed(lines, root[m]) + [f"x = {root[m]}"], 8)
+        funcs.append(_SELECT.format(jit=_JIT, m=m, params=", ".join(params),
+                                    prelude=_indent(prelude, 4), x=x, absolute=bool(absolute)))
+    names = "".join(f"select{m}, " for m in range(len(root)))
+    return _HEADER + "".join(funcs) + f"KERNELS = ({names})\n"
+
+
+def _needed(lines: list[str], root: str) -> list[str]:
+    """The lines `root` depends on (a model's slice of a program over several models)."""
+    want, keep = set(_NAMES.findall(root)), []
+    for line in reversed(lines):
+        name, _, expr = line.partition(" = ")
+        if name in want:
+            keep.append(line)
+            want |= set(_NAMES.findall(expr))
+    return keep[::-1]
+
+
+_NAMES = re.compile(r"[A-Za-z_]\w*")
+
+
+def _indent(lines: list[str], width: int) -> str:
+    return "".join(" " * width + line + "\n" for line in lines)
 
 
 def _at(m: int | None) -> str:
     """The flat index of element i of model m's slice (model 0 or a plain tensor: i)."""
-    return f"{m} * n + i" if m else "i"
+    return f"o{m} + i" if m else "i"
+
+
+def _offsets(models: int) -> list[str]:
+    """Prelude: each model's offset `o{m}` in a stacked input, unsigned like the index `i`.
+    Unsigned indices matter: numba wraps a negative index around, and unless LLVM can prove an
+    index non-negative, that check per access stops the loop from being vectorised (measured:
+    a `range(lo, hi)` loop over signed indices ran ~20x slower than the same loop unsigned)."""
+    return ["un = np.uint64(n)"] + [f"o{m} = np.uint64({m}) * un" for m in range(1, models)]
 
 
 def _is_bool(body, dtypes, kinds, ref) -> bool:
@@ -137,7 +236,12 @@ def _is_bool(body, dtypes, kinds, ref) -> bool:
 
 
 def _widen(dtype: str, expr: str) -> str:
-    return f"widen_bf16({expr})" if dtype == "bfloat16" else expr
+    """A stored element as a value: bfloat16 bits widened to float32; a bool array is passed
+    as its bytes (numba's loads from bool arrays kept LLVM from vectorising loops that read two
+    of them: ~20x slower, measured), compared with 0 here."""
+    if dtype == "bfloat16":
+        return f"widen_bf16({expr})"
+    return f"({expr} != U0)" if dtype == "bool" else expr
 
 
 #: instruction -> its expression over the operands {0}, {1}, {2}
@@ -172,12 +276,17 @@ def _cache_dir() -> Path:
 
 
 def compiled(src: str):
-    """The kernel of generated module `src` (written to the cache dir and imported once)."""
+    """The `kernel` of generated module `src` (see :func:`module`)."""
+    return module(src).kernel
+
+
+def module(src: str):
+    """Generated module `src`, written to the cache dir and imported once per process."""
     digest = hashlib.sha256(src.encode()).hexdigest()[:20]
     with _LOCK:
-        fn = _KERNELS.get(digest)
-        if fn is not None:
-            return fn
+        mod = _MODULES.get(digest)
+        if mod is not None:
+            return mod
         folder = _cache_dir()
         path = folder / f"fused_{digest}.py"
         if not path.is_file() or path.read_text() != src:
@@ -187,13 +296,13 @@ def compiled(src: str):
         name = f"mergelang_fused_{digest}"
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
         with warnings.catch_warnings():  # an unwritable numba cache only costs a recompile
             warnings.simplefilter("ignore")
-            spec.loader.exec_module(module)
-        _KERNELS[digest] = fn = module.kernel
-        return fn
+            spec.loader.exec_module(mod)
+        _MODULES[digest] = mod
+        return mod
 
 
 def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -201,25 +310,37 @@ def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16), "bfloat16"
     if t.dtype == torch.bool:
-        return t.contiguous().reshape(-1).numpy(), "bool"
+        return t.contiguous().reshape(-1).numpy().view(np.uint8), "bool"
     return t.to(torch.float32).contiguous().reshape(-1).numpy(), "float32"
 
 
-def run(node, args: list[torch.Tensor]) -> torch.Tensor:
-    """The FUSED node's value: its program's kernel over `args` (CPU tensors)."""
-    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
+def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    """The kernel's input arrays and their dtype names."""
     arrays, dtypes = [], []
     for t, kind in zip(args, kinds):
         scalar = kind in ("scalar", "mscalar") and t.dtype == torch.bfloat16
         a, dt = _array(t.to(torch.float32) if scalar else t)  # scalars: widened here, once
         arrays.append(a)
         dtypes.append(dt)
+    return arrays, tuple(dtypes)
+
+
+def run(node, args: list[torch.Tensor]) -> torch.Tensor:
+    """The FUSED node's value: its program's kernel over `args` (CPU tensors); with attr
+    `select`, the top-k mask of the program's value (:func:`run_select`)."""
+    if node.attrs.get("select") is not None:
+        return run_select(node, args)
+    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
+    arrays, dtypes = _inputs(kinds, args)
     ty = node.type
-    narrow = ty.dtype == "bfloat16"
-    fn = compiled(source(body, kinds, tuple(dtypes), models, ty.dtype if narrow else ""))
+    fn = compiled(source(body, kinds, dtypes, models, ty.dtype if ty.dtype in ("bfloat16", "bool") else ""))
     out = torch.empty(ty.full_shape, dtype={"bool": torch.bool, "bfloat16": torch.bfloat16}.get(
         ty.dtype, torch.float32))
-    flat = out.reshape(-1).view(torch.int16).numpy().view(np.uint16) if narrow else out.reshape(-1).numpy()
+    if ty.dtype == "bfloat16":
+        flat = out.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    else:
+        flat = out.reshape(-1).numpy()
+        flat = flat.view(np.uint8) if ty.dtype == "bool" else flat
     n = math.prod(ty.shape)
     threads = (THREADS or torch.get_num_threads()) if out.numel() >= PARALLEL_ELEMENTS else 1
     if threads <= 1:
@@ -230,3 +351,30 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
         for f in [pool.submit(fn, lo, hi, n, flat, *arrays) for lo, hi in zip(cuts, cuts[1:])]:
             f.result()
     return out
+
+
+def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
+    """`topk_mask(value, density, over = "tensor")` of a program's value without storing the
+    value (fuse.py's rematerialisation): the selection computes it from the inputs in each of
+    its passes, one model per thread. A NaN, or a k of 0 or n, takes the plain path: the value
+    is computed once and handed to the TOPK_MASK kernel (same result as without fusion)."""
+    from .kernels import _topk_mask
+    from .kernels_fast import _per_model
+
+    density, absolute = node.attrs["select"]
+    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
+    ty = node.type
+    n, rows = math.prod(ty.shape), max(models, 1)
+    dens = density if isinstance(density, tuple) else (density,) * rows
+    ks = [int(d * n) for d in dens]
+    if all(0 < k < n for k in ks):
+        arrays, dtypes = _inputs(kinds, args)
+        kernels = module(select_source(body, kinds, dtypes, models, absolute)).KERNELS
+        out = np.empty((rows, n), dtype=np.bool_)
+        ok = _per_model(lambda o, k, kernel: kernel(k, o, n, *arrays), list(out.view(np.uint8)), ks,
+                        list(kernels))
+        if all(ok):
+            return torch.from_numpy(out).reshape(ty.full_shape)
+    plain = SimpleNamespace(attrs={**node.attrs, "select": None}, type=ty.with_(dtype="float32"))
+    topk = SimpleNamespace(attrs={"density": density, "over": "tensor", "abs": absolute}, type=ty)
+    return _topk_mask(topk, [run(plain, args)])

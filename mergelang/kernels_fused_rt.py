@@ -62,7 +62,7 @@ def narrow_bf16(x):
 
 
 @njit(inline="always")
-def _order_key(x, absolute):
+def order_key(x, absolute):
     """A uint32 whose unsigned order is the order of the float32 value x (or |x|); -0.0 and
     +0.0 share one key (equal values)."""
     b = _f32_to_bits(x)
@@ -70,46 +70,6 @@ def _order_key(x, absolute):
         return (b & np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
     b = sel(b == np.uint32(0x80000000), np.uint32(0), b)
     return sel((b >> np.uint32(31)) == np.uint32(1), ~b, b | np.uint32(0x80000000))
-
-
-@njit(nogil=True, cache=True)
-def topk_row(x, k, out, absolute):
-    """out[i] = whether x[i] (|x[i]| when `absolute`) is among the k largest of x, ties at the
-    threshold: lowest index first; 1 <= k < len(x). Radix selection on the order keys: a 16-bit
-    histogram pass finds the threshold's high half, a second pass over that bucket its low half,
-    a third writes the mask. Returns False (out undefined) when x holds a NaN."""
-    n = x.shape[0]
-    hist = np.zeros(65536, np.int64)
-    nan = False
-    for i in range(n):
-        hist[_order_key(x[i], absolute) >> np.uint32(16)] += 1
-        nan |= (_f32_to_bits(x[i]) & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan:
-        return False
-    above = 0
-    hi = 65535
-    while above + hist[hi] < k:
-        above += hist[hi]
-        hi -= 1
-    hist[:] = 0
-    top = np.uint32(hi)
-    for i in range(n):
-        key = _order_key(x[i], absolute)
-        if (key >> np.uint32(16)) == top:
-            hist[key & np.uint32(0xFFFF)] += 1
-    lo = 65535
-    while above + hist[lo] < k:
-        above += hist[lo]
-        lo -= 1
-    kth = (top << np.uint32(16)) | np.uint32(lo)
-    ties = k - above  # entries equal to the threshold that are kept, first ones first
-    for i in range(n):
-        key = _order_key(x[i], absolute)
-        eq = key == kth
-        out[i] = (key > kth) | (eq & (ties > 0))
-        if eq:
-            ties -= 1
-    return True
 
 
 @njit(nogil=True, cache=True)

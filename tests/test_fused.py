@@ -7,6 +7,7 @@ at a time), on inputs full of special values (signed zeros, infinities, NaN, sub
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,12 @@ SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 1e-3, -1e-3, 3e-39, -3e-39, 1e30, -1
 EXPRS = [
     "ties(base, [a, b, c], weights = [1, 0.5, 2], density = 0.5)",
     "ties(base, [a, b], density = 0.5, majority_sign_method = \"frequency\")",
+    "ties(base, [a, b], density = [0.3, 1.0])",  # one k = n: the selection's plain path
+    "base + where(topk_mask(abs(a - base), 0.3), a - base, 0)",  # one model, no stack
+    # a selection over a value that is recomputed by a region that feeds a second selection
+    "base + where(topk_mask(abs(where(topk_mask(abs(a - base), 0.5), a - base, 0) * 2), 0.3), a - base, 0)",
+    # a signed selection (no |x|), one k per model
+    "base + sum(where(topk_mask([a, b] - base, [0.25, 0.75]), [a, b] - base, 0), over = \"models\")",
     "linear([base, a, b])",
     "task_arithmetic(base, [a, b, c], lambda = 0.7)",
     "where(a > b, a - b, sqrt(abs(b)) / a)",
@@ -138,16 +145,20 @@ def _ops(plan):
 
 
 def test_ties_plan_shape(tmp_path):
-    """ties: task vectors in one loop (bf16 read as stored), top-k stays a whole-tensor op, the
-    election and the disjoint mean in a second loop that stores bfloat16."""
+    """ties: the task vectors are never stored. The top-k is a FUSED selection that recomputes
+    them from the bf16 inputs (read in place) in each pass; the election and the disjoint mean
+    are one loop that recomputes them too and stores bfloat16."""
     plan, fused = _plan(tmp_path, "ties(base, [a, b], density = 0.5)")
     nodes = _ops(fused)
     kinds = [n.op for n in nodes]
-    assert kinds.count(Op.FUSED) == 2 and Op.TOPK_MASK in kinds
+    assert kinds.count(Op.FUSED) == 2 and Op.TOPK_MASK not in kinds
     assert all(n.type.dtype == "bfloat16" and n.attrs.get("view") for n in nodes if n.op is Op.LOAD)
-    assert [n.type.dtype for n in nodes if n.op is Op.FUSED] == ["float32", "bfloat16"]
-    assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK, Op.ABS} & set(kinds)
-    assert [n.attrs.get("abs") for n in nodes if n.op is Op.TOPK_MASK] == [True]  # |tv| never built
+    select, merge = [n for n in nodes if n.op is Op.FUSED]
+    assert select.attrs["select"] == (0.5, True) and select.type.dtype == "bool"  # |tv| ranked
+    assert [c for c, *_ in select.attrs["body"]] == ["stack", "sub"]
+    assert merge.type.dtype == "bfloat16" and merge.attrs.get("select") is None
+    assert {c for c, *_ in merge.attrs["body"]} >= {"stack", "sub", "where", "sign", "sum", "div"}
+    assert not {Op.WHERE, Op.SIGN, Op.REDUCE, Op.STACK, Op.ABS, Op.SUB} & set(kinds)
     assert fused.peak_bytes < plan.peak_bytes
 
 
@@ -243,3 +254,38 @@ def test_bf16_conversions_are_torchs():
     fn(0, x.numel(), x.numel(), out, x.numpy(), h.view(torch.int16).numpy().view(np.uint16), widened)
     assert np.array_equal(out, h.view(torch.int16).numpy().view(np.uint16))
     assert torch.equal(torch.from_numpy(widened).view(torch.int32), h.to(torch.float32).view(torch.int32))
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.71])
+def test_selection_ties_at_the_threshold(monkeypatch, density):
+    """Task vectors with few distinct magnitudes (most entries tie at the threshold): the fused
+    selection keeps exactly the lowest-index ties, as the plain top-k does, and the result is
+    the reference int(density * n) entries per model."""
+    gen = torch.Generator().manual_seed(7)
+    small = lambda: torch.randint(-3, 4, (256, 300), generator=gen).float().to(torch.bfloat16)  # noqa: E731
+    models = {m: {"w": small()} for m in ("base", "a", "b")}
+    seen = []
+    real = kernels_fused.run_select
+    monkeypatch.setattr(kernels_fused, "run_select", lambda node, args: seen.append(1) or real(node, args))
+    expr = f"ties(base, [a, b], density = {density})"
+    fused, plain = _both(monkeypatch, expr, models)
+    assert seen, "the selection did not run fused"
+    assert torch.equal(_bits(fused["w"]), _bits(plain["w"]))
+    # independent reference of the selection itself: a stable sort by |tv|, descending
+    base = models["base"]["w"].float().reshape(-1)
+    for m in ("a", "b"):
+        tv = models[m]["w"].float().reshape(-1) - base
+        k = int(density * tv.numel())
+        order = sorted(range(tv.numel()), key=lambda i: (-abs(float(tv[i])), i))
+        want = torch.zeros(tv.numel(), dtype=torch.bool)
+        want[order[:k]] = True
+        node = SimpleNamespace(attrs={"body": (("stack", (("in", 0), ("in", 1)), True, "float32"),
+                                                ("sub", (("v", 0), ("in", 2)), True, "float32")),
+                                      "inputs": ("elem", "elem", "elem"), "models": 2,
+                                      "select": (density, True)},
+                               type=SimpleNamespace(shape=(tv.numel(),), full_shape=(2, tv.numel()),
+                                                    models=2, dtype="bool",
+                                                    with_=lambda **kw: None))
+        got = kernels_fused.run_select(node, [models["a"]["w"].reshape(-1), models["b"]["w"].reshape(-1),
+                                               models["base"]["w"].reshape(-1)])
+        assert torch.equal(got[0 if m == "a" else 1], want), m
