@@ -118,6 +118,8 @@ _HEADER = (
     "ONE = np.float32(1.0)\n"
     "U0 = np.uint8(0)\n"
     "U1 = np.uint8(1)\n"
+    "U64_0 = np.uint64(0)\n"
+    "BLOCK = np.uint64(2048)\n"
     "\n"
 )
 _JIT = "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
@@ -142,13 +144,21 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
 #: radix selection of the k largest order keys of x (`order_key`: x, or |x|): a 16-bit histogram
 #: pass finds the threshold's high half, a second pass over that bucket its low half, a third
 #: writes the mask; ties at the threshold: lowest index first. False (out undefined) on a NaN.
+#: Each pass works in blocks of BLOCK elements: the keys are computed into a small buffer by a
+#: loop LLVM vectorises, then histogrammed (scatter: scalar); the mask pass is vectorised except
+#: in blocks holding entries equal to the threshold.
 _SELECT = """{jit}def select{m}(k, out, n, {params}):
 {prelude}    hist = np.zeros(65536, np.int64)
+    keys = np.empty(BLOCK, np.uint32)
     nan = False
-    for i in range(un):
-{x}        key = order_key(x, {absolute})
-        hist[key >> np.uint32(16)] += 1
-        nan |= x != x
+    for b0 in range(U64_0, un, BLOCK):
+        nb = min(BLOCK, un - b0)
+        for j in range(nb):
+            i = b0 + j
+{x}            keys[j] = order_key(x, {absolute})
+            nan |= x != x
+        for j in range(nb):
+            hist[keys[j] >> np.uint32(16)] += 1
     if nan:
         return False
     above = 0
@@ -158,22 +168,35 @@ _SELECT = """{jit}def select{m}(k, out, n, {params}):
         hi -= 1
     hist[:] = 0
     top = np.uint32(hi)
-    for i in range(un):
-{x}        key = order_key(x, {absolute})
-        if (key >> np.uint32(16)) == top:
-            hist[key & np.uint32(0xFFFF)] += 1
+    for b0 in range(U64_0, un, BLOCK):
+        nb = min(BLOCK, un - b0)
+        for j in range(nb):
+            i = b0 + j
+{x}            keys[j] = order_key(x, {absolute})
+        for j in range(nb):
+            if (keys[j] >> np.uint32(16)) == top:
+                hist[keys[j] & np.uint32(0xFFFF)] += 1
     lo = 65535
     while above + hist[lo] < k:
         above += hist[lo]
         lo -= 1
     kth = (top << np.uint32(16)) | np.uint32(lo)
     ties = k - above  # entries equal to the threshold that are kept, first ones first
-    for i in range(un):
-{x}        key = order_key(x, {absolute})
-        eq = key == kth
-        out[i] = sel((key > kth) | (eq & (ties > 0)), U1, U0)
-        if eq:
-            ties -= 1
+    for b0 in range(U64_0, un, BLOCK):
+        nb = min(BLOCK, un - b0)
+        tied = 0
+        for j in range(nb):
+            i = b0 + j
+{x}            key = order_key(x, {absolute})
+            keys[j] = key
+            out[i] = sel(key > kth, U1, U0)
+            tied += sel(key == kth, 1, 0)
+        if tied == 0:
+            continue
+        for j in range(nb):  # the block's entries at the threshold, in index order
+            if keys[j] == kth:
+                out[b0 + j] = sel(ties > 0, U1, U0)
+                ties -= 1
     return True
 
 
@@ -192,7 +215,7 @@ def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], 
         lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
     funcs = []
     for m in range(len(root)):
-        x = _indent(_needed(lines, root[m]) + [f"x = {root[m]}"], 8)
+        x = _indent(_needed(lines, root[m]) + [f"x = {root[m]}"], 12)
         funcs.append(_SELECT.format(jit=_JIT, m=m, params=", ".join(params),
                                     prelude=_indent(prelude, 4), x=x, absolute=bool(absolute)))
     names = "".join(f"select{m}, " for m in range(len(root)))
