@@ -285,17 +285,9 @@ def _expr(code: str, a: list[str]) -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("MERGELANG_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelang")
-    path = Path(base) / "fused"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError:
-        path = Path(tempfile.mkdtemp(prefix="mergelang-fused-"))
-    return path
+    from .cachedir import cache_dir
+
+    return cache_dir("fused") or Path(tempfile.mkdtemp(prefix="mergelang-fused-"))
 
 
 def compiled(src: str):

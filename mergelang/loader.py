@@ -6,7 +6,11 @@ already merged (user functions shadow stdlib methods, with a W003 warning).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,18 +46,70 @@ _STDLIB: dict[str, ast.FnDef] | None = None
 
 
 def stdlib_functions() -> dict[str, ast.FnDef]:
-    """Every function defined in `stdlib/*.mrg` (parsed once per process)."""
+    """Every function defined in `stdlib/*.mrg` (parsed once per process, and the parsed
+    functions cached on disk: parsing the library is ~0.2 s of every command, loading ~0.01 s)."""
     global _STDLIB
     if _STDLIB is None:
-        fns: dict[str, ast.FnDef] = {}
-        for path in stdlib_files():
-            program = parse_program(SourceFile.read(path, library=True))
-            for fn in program.of(ast.FnDef):
-                if fn.name in fns:  # pragma: no cover - a stdlib bug, caught by the stdlib tests
-                    raise RuntimeError(f"stdlib defines {fn.name} twice")
-                fns[fn.name] = fn
-        _STDLIB = fns
+        files = [(path, SourceFile.read(path, library=True)) for path in stdlib_files()]
+        _STDLIB = _load_cached(files) or _parse_stdlib(files)
     return _STDLIB
+
+
+def _parse_stdlib(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef]:
+    fns: dict[str, ast.FnDef] = {}
+    for _, source in files:
+        program = parse_program(source)
+        for fn in program.of(ast.FnDef):
+            if fn.name in fns:  # pragma: no cover - a stdlib bug, caught by the stdlib tests
+                raise RuntimeError(f"stdlib defines {fn.name} twice")
+            fns[fn.name] = fn
+    _save_cached(files, fns)
+    return fns
+
+
+def _cache_path(files: list[tuple[Path, SourceFile]]) -> Path | None:
+    """The cache file for these library sources: named by a hash of their paths and texts, the
+    grammar, the code that builds the AST (ast.py, parser.py) and mergelang's version, so any
+    change makes a new entry."""
+    from . import __version__
+    from .cachedir import cache_dir
+    from .resources import grammar_path
+
+    folder = cache_dir("stdlib")
+    if folder is None:
+        return None
+    h = hashlib.sha256(f"{__version__}\0{sys.version}\0".encode())
+    h.update(grammar_path().read_bytes())
+    for module in (ast, sys.modules[parse_program.__module__]):
+        h.update(Path(module.__file__ or "").read_bytes())
+    for path, source in files:
+        h.update(f"\0{path}\0{source.text}".encode())
+    return folder / f"stdlib-{h.hexdigest()[:24]}.pickle"
+
+
+def _load_cached(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef] | None:
+    path = _cache_path(files)
+    try:
+        if path is not None and path.is_file():
+            with open(path, "rb") as f:
+                fns = pickle.load(f)
+            if isinstance(fns, dict) and all(isinstance(v, ast.FnDef) for v in fns.values()):
+                return fns
+    except Exception:  # noqa: BLE001 - a torn or stale cache file: parse again
+        pass
+    return None
+
+
+def _save_cached(files: list[tuple[Path, SourceFile]], fns: dict[str, ast.FnDef]) -> None:
+    path = _cache_path(files)
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(pickle.dumps(fns, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, path)
+    except (OSError, pickle.PicklingError):
+        tmp.unlink(missing_ok=True)
 
 
 def load(source: SourceFile, base_dir: Path, diags: Diagnostics) -> Unit | None:

@@ -225,3 +225,46 @@ def test_missing_return():
     d = syntax_error("fn f(x) { let y = x }\n")
     assert d.span.text == "}"
     assert "return" in d.help
+
+
+def test_parser_tables_are_cached_on_disk(tmp_path, monkeypatch):
+    """The LALR tables go to MERGELANG_CACHE_DIR/lark (and are read back); an unusable cache
+    folder only means no cache."""
+    from mergelang import parser
+    from mergelang.diagnostics import SourceFile
+
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "c"))
+    parser._parser.cache_clear()
+    try:
+        parser.parse_program(SourceFile("r.mrg", 'model a = "x"\n'))
+        files = list((tmp_path / "c" / "lark").glob("mrg-*.lark"))
+        assert len(files) == 1 and files[0].stat().st_size > 1000
+        parser._parser.cache_clear()
+        parser.parse_program(SourceFile("r.mrg", 'model a = "x"\n'))  # loads the tables from the file
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "file"))  # not a folder
+        parser._parser.cache_clear()
+        parser.parse_program(SourceFile("r.mrg", 'model a = "x"\n'))
+    finally:
+        parser._parser.cache_clear()
+
+
+def test_stdlib_functions_are_cached_on_disk(tmp_path, monkeypatch):
+    """The parsed standard library is pickled to MERGELANG_CACHE_DIR/stdlib and loaded from
+    there (equal functions); a torn cache file is parsed again and rewritten."""
+    from mergelang import loader
+
+    monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(loader, "_STDLIB", None)
+    fresh = loader.stdlib_functions()
+    (cached,) = (tmp_path / "stdlib").glob("stdlib-*.pickle")
+    monkeypatch.setattr(loader, "_STDLIB", None)
+    again = loader.stdlib_functions()
+    assert again is not fresh and again.keys() == fresh.keys()
+    assert all(again[k] == fresh[k] for k in fresh)  # frozen dataclasses: field equality
+    src = {id(fn.span.source) for fn in again.values() if fn.span.source.path.endswith("core.mrg")}
+    assert len(src) == 1  # one SourceFile object per library file, as when parsed
+    cached.write_bytes(cached.read_bytes()[:100])  # torn
+    monkeypatch.setattr(loader, "_STDLIB", None)
+    assert loader.stdlib_functions().keys() == fresh.keys()
+    assert cached.stat().st_size > 1000  # rewritten
