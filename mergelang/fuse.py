@@ -212,14 +212,13 @@ def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int,
         inputs = {a for m in r.members for a in g.node(m).args if a not in inner}
         outs = users.get(r.root, [])
         tops = [u for u in outs if g.node(u).op is Op.TOPK_MASK and g.node(u).attrs["over"] == "tensor"]
-        rest = {id(member_of.get(u)): member_of.get(u) for u in outs if u not in tops}
-        if (not tops or None in rest.values() or any(x is r for x in rest.values())
+        others = [u for u in outs if u not in tops]
+        if (not tops or not all(u in member_of for u in others)
                 or not all(g.node(a).op in (Op.LOAD, Op.CONST) for a in inputs)
                 or g.node(r.root).type.dtype != "float32"):
             kept.append(r)
             continue
-        for other in rest.values():
-            assert other is not None
+        for other in {id(member_of[u]): member_of[u] for u in others}.values():
             other.members.extend(m for m in r.members if m not in other.members)
         for t in tops:
             selects[t] = r

@@ -51,11 +51,12 @@ def stdlib_functions() -> dict[str, ast.FnDef]:
     global _STDLIB
     if _STDLIB is None:
         files = [(path, SourceFile.read(path, library=True)) for path in stdlib_files()]
-        _STDLIB = _load_cached(files) or _parse_stdlib(files)
+        cache = _cache_path(files)
+        _STDLIB = _load_cached(cache) or _parse_stdlib(files, cache)
     return _STDLIB
 
 
-def _parse_stdlib(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef]:
+def _parse_stdlib(files: list[tuple[Path, SourceFile]], cache: Path | None) -> dict[str, ast.FnDef]:
     fns: dict[str, ast.FnDef] = {}
     for _, source in files:
         program = parse_program(source)
@@ -63,7 +64,7 @@ def _parse_stdlib(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef]:
             if fn.name in fns:  # pragma: no cover - a stdlib bug, caught by the stdlib tests
                 raise RuntimeError(f"stdlib defines {fn.name} twice")
             fns[fn.name] = fn
-    _save_cached(files, fns)
+    _save_cached(cache, fns)
     return fns
 
 
@@ -87,8 +88,7 @@ def _cache_path(files: list[tuple[Path, SourceFile]]) -> Path | None:
     return folder / f"stdlib-{h.hexdigest()[:24]}.pickle"
 
 
-def _load_cached(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef] | None:
-    path = _cache_path(files)
+def _load_cached(path: Path | None) -> dict[str, ast.FnDef] | None:
     try:
         if path is not None and path.is_file():
             with open(path, "rb") as f:
@@ -100,8 +100,7 @@ def _load_cached(files: list[tuple[Path, SourceFile]]) -> dict[str, ast.FnDef] |
     return None
 
 
-def _save_cached(files: list[tuple[Path, SourceFile]], fns: dict[str, ast.FnDef]) -> None:
-    path = _cache_path(files)
+def _save_cached(path: Path | None, fns: dict[str, ast.FnDef]) -> None:
     if path is None:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

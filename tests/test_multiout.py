@@ -152,19 +152,24 @@ def test_failure_in_one_output_leaves_nothing(models: Path, tmp_path: Path) -> N
     assert work_dir_for(out).is_dir()  # kept for --resume
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(models: Path, tmp_path: Path) -> None:
-    text = recipe_text(models)
-    ml.compile(text).run(tmp_path / "reference", device="cpu")
-    out = tmp_path / "out"
+def interrupt_after(calls: int):
+    """A progress callback that raises KeyboardInterrupt on its `calls`-th call (a Ctrl-C)."""
     count = {"n": 0}
 
     def progress(_: int) -> None:
         count["n"] += 1
-        if count["n"] >= 7:
+        if count["n"] >= calls:
             raise KeyboardInterrupt
 
+    return progress
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(models: Path, tmp_path: Path) -> None:
+    text = recipe_text(models)
+    ml.compile(text).run(tmp_path / "reference", device="cpu")
+    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        ml.compile(text).run(out, device="cpu", progress=progress)
+        ml.compile(text).run(out, device="cpu", progress=interrupt_after(7))
     assert not out.exists()
     wdir = work_dir_for(out)
     assert {p.name for p in wdir.iterdir()} >= {".ta.mergelang-work", ".tb.mergelang-work"}
@@ -343,15 +348,8 @@ def test_single_output_resume_ignores_a_multi_output_work_folder(models: Path, t
     """A work folder left by an interrupted multi-output run, then a single-output recipe with
     --resume on the same OUTDIR: the old outputs' folders must not end up in OUTDIR."""
     out = tmp_path / "out"
-    count = {"n": 0}
-
-    def progress(_: int) -> None:
-        count["n"] += 1
-        if count["n"] >= 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        ml.compile(recipe_text(models)).run(out, device="cpu", progress=progress)
+        ml.compile(recipe_text(models)).run(out, device="cpu", progress=interrupt_after(5))
     single = HEAD.replace('"x"', f'"{models}/base"', 1).replace('"x"', f'"{models}/a"', 1)
     logs: list[str] = []
     ml.compile(single + 'merge from base { "*" => base }').run(out, device="cpu", resume=True,

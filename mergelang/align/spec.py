@@ -189,11 +189,17 @@ def _prefix(names: Sequence[str], leaf: str) -> str:
     return ""
 
 
+def _layout(names: Sequence[str], leaf: str, first_layer_leaf: str, layer: str) -> tuple[str, list[int]]:
+    """The tensors' name prefix (found by `leaf`, else by a first-layer tensor) and the layer
+    numbers of names matching prefix + `layer` (a regex with the number as group 1)."""
+    p = _prefix(names, leaf) or _prefix(names, first_layer_leaf)
+    return p, _layers(names, re.escape(p) + layer)
+
+
 def llama_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]]) -> AlignSpec:
     cfg = dict(config or {})
     names = list(shapes)
-    p = _prefix(names, "embed_tokens.weight") or _prefix(names, "layers.0.self_attn.q_proj.weight")
-    layers = _layers(names, re.escape(p) + r"layers\.(\d+)\.")
+    p, layers = _layout(names, "embed_tokens.weight", "layers.0.self_attn.q_proj.weight", r"layers\.(\d+)\.")
     b = _Builder(names)
     note = "query/key dims inside a head stay fixed (rotary embeddings pair them)"
     if "hidden_size" not in cfg:  # no config.json: sizes from shapes, heads unknown (left fixed)
@@ -243,8 +249,7 @@ def gpt2_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[in
     names = list(shapes)
     if "n_embd" not in cfg:
         raise SpecError("a GPT-2 model needs its config.json (n_embd, n_head) to be aligned")
-    p = _prefix(names, "wte.weight") or _prefix(names, "h.0.attn.c_attn.weight")
-    layers = _layers(names, re.escape(p) + r"h\.(\d+)\.")
+    p, layers = _layout(names, "wte.weight", "h.0.attn.c_attn.weight", r"h\.(\d+)\.")
     D, H = cfg["n_embd"], cfg["n_head"]
     d, I = D // H, cfg.get("n_inner") or 4 * cfg["n_embd"]
     b = _Builder(names)
@@ -278,8 +283,8 @@ def bert_spec(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[in
     names = list(shapes)
     if "hidden_size" not in cfg:
         raise SpecError("a BERT model needs its config.json (hidden_size, num_attention_heads) to be aligned")
-    p = _prefix(names, "embeddings.word_embeddings.weight") or _prefix(names, "encoder.layer.0.attention.self.query.weight")
-    layers = _layers(names, re.escape(p) + r"encoder\.layer\.(\d+)\.")
+    p, layers = _layout(names, "embeddings.word_embeddings.weight",
+                        "encoder.layer.0.attention.self.query.weight", r"encoder\.layer\.(\d+)\.")
     D, H, I = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("intermediate_size", 0)
     d = D // H
     b = _Builder(names)
