@@ -141,12 +141,15 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
             + _indent(lines + stores, 8))
 
 
-#: radix selection of the k largest order keys of x (`order_key`: x, or |x|): a 16-bit histogram
-#: pass finds the threshold's high half, a second pass over that bucket its low half, a third
-#: writes the mask; ties at the threshold: lowest index first. False (out undefined) on a NaN.
+#: radix selection of the k largest order keys of x (`order_key`: x, or |x|), ties at the
+#: threshold: lowest index first; False (out undefined) on a NaN, or if the inputs changed under
+#: the selection. Pass 1 histograms the keys' high 16 bits: the threshold's bucket `top`. Pass 2
+#: writes the mask of the keys above that bucket and lists the bucket's entries (index, low 16
+#: bits, histogrammed), and the threshold's low half is settled over that list alone. A bucket
+#: holding more than ~1/16 of the entries (the list's memory) takes three passes instead: one
+#: histogramming the bucket's low halves, one writing the mask.
 #: Each pass works in blocks of BLOCK elements: the keys are computed into a small buffer by a
-#: loop LLVM vectorises, then histogrammed (scatter: scalar); the mask pass is vectorised except
-#: in blocks holding entries equal to the threshold.
+#: loop LLVM vectorises, then histogrammed or listed (scatter: scalar, on the bucket's entries).
 _SELECT = """{jit}def select{m}(k, out, n, {params}):
 {prelude}    hist = np.zeros(65536, np.int64)
     keys = np.empty(BLOCK, np.uint32)
@@ -166,8 +169,41 @@ _SELECT = """{jit}def select{m}(k, out, n, {params}):
     while above + hist[hi] < k:
         above += hist[hi]
         hi -= 1
+    count = hist[hi]
     hist[:] = 0
     top = np.uint32(hi)
+    if count <= (n >> 4) + 4096:
+        cidx = np.empty(count, np.uint64)
+        clow = np.empty(count, np.uint16)
+        c = 0
+        for b0 in range(U64_0, un, BLOCK):
+            nb = min(BLOCK, un - b0)
+            for j in range(nb):
+                i = b0 + j
+{x4}                key = order_key(x, {absolute})
+                keys[j] = key
+                out[i] = sel((key >> np.uint32(16)) > top, U1, U0)
+            for j in range(nb):
+                key = keys[j]
+                if (key >> np.uint32(16)) == top and c < count:
+                    hist[key & np.uint32(0xFFFF)] += 1
+                    cidx[c] = b0 + j
+                    clow[c] = np.uint16(key & np.uint32(0xFFFF))
+                    c += 1
+        if c != count:
+            return False
+        lo = 65535
+        while above + hist[lo] < k:
+            above += hist[lo]
+            lo -= 1
+        low = np.uint16(lo)
+        ties = k - above  # entries equal to the threshold that are kept, first ones first
+        for j in range(count):
+            v = clow[j]
+            if v > low or (v == low and ties > 0):
+                out[cidx[j]] = U1
+                ties -= sel(v == low, 1, 0)
+        return True
     for b0 in range(U64_0, un, BLOCK):
         nb = min(BLOCK, un - b0)
         for j in range(nb):
@@ -184,14 +220,22 @@ _SELECT = """{jit}def select{m}(k, out, n, {params}):
     ties = k - above  # entries equal to the threshold that are kept, first ones first
     for b0 in range(U64_0, un, BLOCK):
         nb = min(BLOCK, un - b0)
-        tied = 0
+        # while a block's worth of ties remain to be kept, every tied entry of the block is kept
+        # (key > kth - 1; kth > 0: only a NaN has key 0): only the block where they run out is
+        # done entry by entry
+        cut = sel(ties >= nb, kth - np.uint32(1), kth)
         for j in range(nb):
             i = b0 + j
 {x}            key = order_key(x, {absolute})
             keys[j] = key
-            out[i] = sel(key > kth, U1, U0)
-            tied += sel(key == kth, 1, 0)
-        if tied == 0:
+            out[i] = sel(key > cut, U1, U0)
+        if ties == 0:
+            continue
+        tied = 0
+        for j in range(nb):
+            tied += sel(keys[j] == kth, 1, 0)
+        if cut != kth:
+            ties -= tied
             continue
         for j in range(nb):  # the block's entries at the threshold, in index order
             if keys[j] == kth:
@@ -215,9 +259,10 @@ def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], 
         lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
     funcs = []
     for m in range(len(root)):
-        x = _indent(_needed(lines, root[m]) + [f"x = {root[m]}"], 12)
+        x = _needed(lines, root[m]) + [f"x = {root[m]}"]
         funcs.append(_SELECT.format(jit=_JIT, m=m, params=", ".join(params),
-                                    prelude=_indent(prelude, 4), x=x, absolute=bool(absolute)))
+                                    prelude=_indent(prelude, 4), x=_indent(x, 12),
+                                    x4=_indent(x, 16), absolute=bool(absolute)))
     names = "".join(f"select{m}, " for m in range(len(root)))
     return _HEADER + "".join(funcs) + f"KERNELS = ({names})\n"
 
