@@ -195,6 +195,8 @@ def timed_child(argv: list[str], env: dict | None = None) -> tuple[float, float,
                "print(p.stdout)\n")
     p = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env)
     first, _, rest = p.stdout.partition("\n")
+    if len(first.split()) != 3:  # the wrapper itself failed (e.g. argv[0] cannot be run)
+        raise RuntimeError(f"{' '.join(argv)} could not be run:\n{p.stderr[-3000:]}")
     rc, dt, rss = first.split()
     if int(rc) != 0:
         raise RuntimeError(f"{' '.join(argv)} failed (exit {rc}):\n{p.stderr[-3000:]}")
@@ -339,6 +341,8 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="only the 70B-shaped compile benchmark")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile benchmark")
     args = ap.parse_args()
+    if args.mergekit is not None and shutil.which(args.mergekit) is None:
+        ap.error(f"--mergekit {args.mergekit}: not an executable (give the path of mergekit-yaml)")
     args.dir.mkdir(parents=True, exist_ok=True)
     root = args.dir.resolve()
     if not args.compile_only:

@@ -7,6 +7,7 @@ bug report (set MERGELANG_DEBUG=1 or pass --debug for the traceback).
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import time
@@ -95,6 +96,15 @@ set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
 @click.version_option(package_name="mergelang")
 def main() -> None:
     """mergelang: merge neural-network checkpoints with .mrg recipes."""
+    _tune_gc()
+
+
+def _tune_gc() -> None:
+    """Collect cycles 100x less often than CPython's default: a mergelang process builds one
+    graph and then streams tensors, and almost all its objects (torch's import alone leaves
+    hundreds of thousands) live until it exits, so frequent passes over them are wasted work
+    (measured: ~0.7 s of a 10 s 1B ties merge on 2 cores). Cyclic garbage is still collected."""
+    gc.set_threshold(70_000, 50, 100)
 
 
 @main.command()

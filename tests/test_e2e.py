@@ -347,3 +347,16 @@ def test_passthrough_is_bit_exact(work, models, tmp_path):
     for name, t in tensors.items():
         assert t.dtype == base[name].dtype and torch.equal(t, base[name]), name
     check_loads(out)
+
+
+def test_cli_collects_cycles_less_often(work):
+    """The CLI raises the collector's thresholds for its one-graph, long-lived-objects process
+    (a measured start-up and streaming cost); CPython's default gen-0 threshold is 700."""
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        cli("check", work / "ties.mrg")
+        assert gc.get_threshold()[0] >= 50_000
+    finally:
+        gc.set_threshold(*before)
