@@ -28,6 +28,7 @@ from .kernels import KERNELS, CheckFailed, run_node
 from .ops import Op
 from .plan import ExecutionPlan
 from .stats import unfilled
+from .workers import run_pool
 
 KERNELS.setdefault(Op.MODEL_STAT, unfilled)
 KERNELS.setdefault(Op.STAT_VALUE, unfilled)
@@ -100,15 +101,16 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
         plan = chunk_plan(plan, memory_budget).plan
     plan = fused_for(plan, dev)
     prepare_models(plan, models, dev)
-    if not pipelined:
-        _execute_sequential(plan, models, sink, dev, progress, meter)
-        return
-    from .pipeline import Pipeline
+    with run_pool(max(2, torch.get_num_threads())):  # the kernels' worker threads, for the run
+        if not pipelined:
+            _execute_sequential(plan, models, sink, dev, progress, meter)
+            return
+        from .pipeline import Pipeline
 
-    with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
-                  readers) as pipe:
-        sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
-        compute(plan, pipe.take, pipe.put, dev, sample)
+        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
+                      readers) as pipe:
+            sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
+            compute(plan, pipe.take, pipe.put, dev, sample)
 
 
 class PeakMeter:

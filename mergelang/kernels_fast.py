@@ -19,13 +19,13 @@ other case, or a small tensor, takes the plain kernel):
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .graph import Node
 from .ops import Op
+from .workers import parallel_map
 
 #: `MERGELANG_FAST=0` turns these kernels and the buffer reuse of `inplace.py` off (for checks)
 ENABLED = os.environ.get("MERGELANG_FAST", "1") != "0"
@@ -89,13 +89,11 @@ def _kth_and_nan(flat: np.ndarray, k: int) -> tuple[float, bool]:
 
 
 def _per_model(fn, *columns: list) -> list:
-    """`fn` over the models' rows of `columns`: two threads for several large rows (numpy and the
-    numba kernels release the GIL; threads per call, joined on exit: no pipeline thread outlives
-    a run), else in this thread."""
+    """`fn` over the models' rows of `columns`: in parallel for several large rows (numpy and the
+    numba kernels release the GIL; the run's worker threads, workers.py), else in this thread."""
     rows = columns[0]
     if len(rows) > 1 and rows[0].shape[0] >= MIN_ELEMENTS:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelang-topk") as pool:
-            return list(pool.map(fn, *columns))
+        return parallel_map(fn, *columns, threads=2)
     return [fn(*row) for row in zip(*columns)]
 
 

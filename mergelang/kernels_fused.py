@@ -33,13 +33,14 @@ import sys
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+
+from .workers import parallel_map
 
 #: elements per call above which the loop is split over threads
 PARALLEL_ELEMENTS = 1 << 20
@@ -407,9 +408,7 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
         fn(0, n, n, flat, *arrays)
         return out
     cuts = [n * k // threads for k in range(threads + 1)]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelang-fused") as pool:
-        for f in [pool.submit(fn, lo, hi, n, flat, *arrays) for lo, hi in zip(cuts, cuts[1:])]:
-            f.result()
+    parallel_map(lambda lo, hi: fn(lo, hi, n, flat, *arrays), cuts[:-1], cuts[1:], threads=threads)
     return out
 
 
