@@ -235,6 +235,9 @@ print(time.perf_counter() - t)
 
 def _env() -> dict:
     env = dict(os.environ)
+    # steady state, as after any install: modules' bytecode cached (some sandboxes set this, and
+    # an editable checkout would then recompile mergelang's ~50 modules in every run, ~0.15 s)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -101,7 +101,7 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
         plan = chunk_plan(plan, memory_budget).plan
     plan = fused_for(plan, dev)
     prepare_models(plan, models, dev)
-    with run_pool(max(2, torch.get_num_threads())):  # the kernels' worker threads, for the run
+    with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
         if not pipelined:
             _execute_sequential(plan, models, sink, dev, progress, meter)
             return

@@ -11,7 +11,7 @@ merge, so runs in different threads of one process never share (or shut down) ea
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -29,12 +29,13 @@ def _new_pool(threads: int) -> ThreadPoolExecutor:
 
 @contextmanager
 def run_pool(threads: int) -> Iterator[None]:
-    """Kernels called from this thread share one pool of `threads` workers until exit (a nested
-    run, e.g. a statistics pre-pass, reuses the outer one)."""
+    """Kernels called from this thread share one pool until exit: `threads` - 1 workers, as the
+    calling thread runs a share of each call itself (a nested run, e.g. a statistics pre-pass,
+    reuses the outer pool)."""
     if getattr(_local, "pool", None) is not None:
         yield
         return
-    pool = _local.pool = _new_pool(threads)
+    pool = _local.pool = _new_pool(threads - 1)
     try:
         yield
     finally:
@@ -51,6 +52,17 @@ def parallel_map(fn: Callable[..., Any], *columns: list, threads: int) -> list:
         return [fn(*row) for row in rows]
     pool = getattr(_local, "pool", None)
     if pool is None:
-        with _new_pool(min(threads, len(rows))) as tmp:
-            return list(tmp.map(fn, *columns))
-    return list(pool.map(fn, *columns))
+        with _new_pool(min(threads, len(rows)) - 1) as tmp:
+            return _run(tmp, fn, rows)
+    return _run(pool, fn, rows)
+
+
+def _run(pool: ThreadPoolExecutor, fn: Callable[..., Any], rows: list[tuple]) -> list:
+    """The first row in this thread while the others run on the pool: one hand-off fewer (on a
+    busy machine, waking a worker and waking this thread back can each wait for a time slice)."""
+    futures = [pool.submit(fn, *row) for row in rows[1:]]
+    try:
+        first = fn(*rows[0])
+    finally:
+        wait(futures)  # even when the first row raised: nothing is left running
+    return [first, *(f.result() for f in futures)]

@@ -19,24 +19,34 @@ def test_parallel_map_is_the_plain_map_in_order():
 def test_a_run_reuses_its_threads_and_joins_them_at_the_end():
     before = _kernel_threads()
     seen = set()
-    with workers.run_pool(2):
+    with workers.run_pool(3):  # the caller and 2 workers
         for _ in range(20):
-            workers.parallel_map(lambda _: seen.add(threading.current_thread().name), [0, 1], threads=2)
-        with workers.run_pool(2):  # a nested run (statistics pre-pass) shares the outer pool
-            workers.parallel_map(lambda _: seen.add(threading.current_thread().name), [0, 1], threads=2)
-    assert 1 <= len(seen) <= 2  # 42 calls, at most 2 threads ever started
-    assert all(name.startswith("mergelang-kernel") for name in seen)
+            workers.parallel_map(lambda _: seen.add(threading.current_thread().name), [0, 1, 2],
+                                 threads=3)
+        with workers.run_pool(3):  # a nested run (statistics pre-pass) shares the outer pool
+            workers.parallel_map(lambda _: seen.add(threading.current_thread().name), [0, 1, 2],
+                                 threads=3)
+    caller = threading.current_thread().name
+    assert caller in seen  # the caller runs the first row of each call itself
+    workers_seen = seen - {caller}
+    assert 1 <= len(workers_seen) <= 2  # 21 calls, at most 2 worker threads ever started
+    assert all(name.startswith("mergelang-kernel") for name in workers_seen)
     assert _kernel_threads() == before  # no thread outlives the run
 
 
 def test_a_kernel_inside_a_kernel_runs_inline_without_deadlock():
-    with workers.run_pool(1):  # one worker: waiting on the pool from inside it would hang
+    with workers.run_pool(2):  # one worker: waiting on the pool from inside it would hang
         out = workers.parallel_map(
-            lambda a: workers.parallel_map(lambda b: (a, b, threading.current_thread().name), [0, 1],
-                                           threads=2), [0, 1], threads=2)
-    for a, rows in enumerate(out):
-        assert [r[:2] for r in rows] == [(a, 0), (a, 1)]
-        assert len({r[2] for r in rows}) == 1  # the inner rows ran in the one calling worker
+            lambda a: (threading.current_thread().name,
+                       workers.parallel_map(lambda b: (a, b, threading.current_thread().name),
+                                            [0, 1, 2], threads=2)), [0, 1, 2], threads=2)
+    on_worker = 0
+    for a, (outer, rows) in enumerate(out):
+        assert [r[:2] for r in rows] == [(a, 0), (a, 1), (a, 2)]
+        if outer.startswith("mergelang-kernel"):  # a call made on a worker ran inline there
+            on_worker += 1
+            assert {r[2] for r in rows} == {outer}
+    assert on_worker == 2  # rows 1 and 2 of the outer call ran on the worker
 
 
 def test_runs_in_two_threads_have_their_own_pools():
@@ -55,3 +65,28 @@ def test_runs_in_two_threads_have_their_own_pools():
     for t in threads:
         t.join()
     assert len(pools) == 2 and pools[0] is not pools[1]
+
+
+def test_an_error_in_any_row_propagates_after_every_row_finished():
+    done = []
+
+    def fn(x):
+        if x == 0:
+            raise ValueError("row 0")
+        done.append(x)
+        return x
+
+    with workers.run_pool(2):
+        try:
+            workers.parallel_map(fn, [0, 1, 2], threads=2)
+        except ValueError as e:
+            assert str(e) == "row 0"
+        else:
+            raise AssertionError("the error was lost")
+        assert sorted(done) == [1, 2]  # nothing still running when the error surfaced
+        try:
+            workers.parallel_map(lambda x: 1 / x, [1, 0], threads=2)  # a worker's error
+        except ZeroDivisionError:
+            pass
+        else:
+            raise AssertionError("the worker's error was lost")
