@@ -26,6 +26,7 @@ import torch
 from . import kernels_fast
 from .graph import Node
 from .ops import Op
+from .types import broadcast_all
 from .plan import ExecutionPlan
 
 #: the most models a stack may have for the lazy sum: up to 4 rows torch sums the model axis
@@ -151,7 +152,7 @@ class Buffers:
 
 
 def _sum_parts(parts: list[torch.Tensor]) -> torch.Tensor:
-    shape = torch.broadcast_shapes(*(p.shape for p in parts))
+    shape = broadcast_all(*(p.shape for p in parts))
     acc = torch.add(parts[0].expand(shape), 0.0)  # 0 + x0: torch's sum starts from zero
     for p in parts[1:]:
         acc.add_(p)

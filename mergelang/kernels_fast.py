@@ -25,6 +25,7 @@ import torch
 
 from .graph import Node
 from .ops import Op
+from .types import broadcast_all
 from .workers import parallel_map
 
 #: `MERGELANG_FAST=0` turns these kernels and the buffer reuse of `inplace.py` off (for checks)
@@ -40,7 +41,7 @@ def _cpu(*ts: torch.Tensor) -> bool:
 def where(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, into: int | None = None) -> torch.Tensor:
     """`torch.where(c, x, y)`, bit for bit, as an integer bit select. `into` (1: x, 2: y) writes
     the result into that operand, which must already have the result's shape."""
-    shape = torch.broadcast_shapes(c.shape, x.shape, y.shape)
+    shape = broadcast_all(c.shape, x.shape, y.shape)
     numel = 1
     for d in shape:
         numel *= d

@@ -210,3 +210,17 @@ def test_where_in_place_on_small_tensors_takes_the_plain_kernel_in_place():
         target = (x, y)[into - 1]
         got = kernels_fast.where(c, x, y, into=into)
         assert got is target and torch.equal(bits(target), bits(want))
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 3), max_size=3).map(tuple), min_size=1, max_size=4))
+def test_broadcast_all_is_torch_broadcast_shapes(shapes):
+    from mergelang.types import broadcast_all
+
+    try:
+        want = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        with pytest.raises(ValueError, match="do not broadcast"):
+            broadcast_all(*shapes)
+    else:
+        assert broadcast_all(*shapes) == want
