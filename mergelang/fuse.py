@@ -202,7 +202,7 @@ def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int,
     whose value feeds a whole-tensor top-k, and otherwise only other fused regions, are not
     stored: every consumer recomputes them from the inputs (2 bytes per bfloat16 input read
     instead of 4 per float32 element written and read again), and the top-k becomes a FUSED
-    selection over the region's program (attr `select`, `kernels_fused.run_select`).
+    selection over the region's program (attr `select`, `kernels_select.run_select`).
     Returns the regions left to build and {top-k node: the region it selects over}."""
     g = plan.graph
     member_of = {m: r for r in regions for m in r.members}

@@ -99,10 +99,11 @@ def _per_model(fn, *columns: list) -> list:
 
 
 def _radix(absolute: bool):
-    """The numba radix-select kernel over a float32 row (`kernels_fused.select_source` with the
+    """The numba radix-select kernel over a float32 row (`kernels_select.select_source` with the
     row itself as the program), or None without numba."""
     try:
-        from .kernels_fused import module, select_source
+        from .kernels_fused import module
+        from .kernels_select import select_source
 
         return module(select_source((), ("elem",), ("float32",), 0, absolute)).KERNELS[0]
     except Exception:  # pragma: no cover - numba is a dependency; a broken install falls back

@@ -142,132 +142,6 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
             + _indent(lines + stores, 8))
 
 
-#: radix selection of the k largest order keys of x (`order_key`: x, or |x|), ties at the
-#: threshold: lowest index first; False (out undefined) on a NaN, or if the inputs changed under
-#: the selection. Pass 1 histograms the keys' high 16 bits: the threshold's bucket `top`. Pass 2
-#: writes the mask of the keys above that bucket and lists the bucket's entries (index, low 16
-#: bits, histogrammed), and the threshold's low half is settled over that list alone. A bucket
-#: holding more than ~1/16 of the entries (the list's memory) takes three passes instead: one
-#: histogramming the bucket's low halves, one writing the mask.
-#: Each pass works in blocks of BLOCK elements: the keys are computed into a small buffer by a
-#: loop LLVM vectorises, then histogrammed or listed (scatter: scalar, on the bucket's entries).
-_SELECT = """{jit}def select{m}(k, out, n, {params}):
-{prelude}    hist = np.zeros(65536, np.int64)
-    keys = np.empty(BLOCK, np.uint32)
-    nan = False
-    for b0 in range(U64_0, un, BLOCK):
-        nb = min(BLOCK, un - b0)
-        for j in range(nb):
-            i = b0 + j
-{x}            keys[j] = order_key(x, {absolute})
-            nan |= x != x
-        for j in range(nb):
-            hist[keys[j] >> np.uint32(16)] += 1
-    if nan:
-        return False
-    above = 0
-    hi = 65535
-    while above + hist[hi] < k:
-        above += hist[hi]
-        hi -= 1
-    count = hist[hi]
-    hist[:] = 0
-    top = np.uint32(hi)
-    if count <= (n >> 4) + 4096:
-        cidx = np.empty(count, np.uint64)
-        clow = np.empty(count, np.uint16)
-        c = 0
-        for b0 in range(U64_0, un, BLOCK):
-            nb = min(BLOCK, un - b0)
-            for j in range(nb):
-                i = b0 + j
-{x4}                key = order_key(x, {absolute})
-                keys[j] = key
-                out[i] = sel((key >> np.uint32(16)) > top, U1, U0)
-            for j in range(nb):
-                key = keys[j]
-                if (key >> np.uint32(16)) == top and c < count:
-                    hist[key & np.uint32(0xFFFF)] += 1
-                    cidx[c] = b0 + j
-                    clow[c] = np.uint16(key & np.uint32(0xFFFF))
-                    c += 1
-        if c != count:
-            return False
-        lo = 65535
-        while above + hist[lo] < k:
-            above += hist[lo]
-            lo -= 1
-        low = np.uint16(lo)
-        ties = k - above  # entries equal to the threshold that are kept, first ones first
-        for j in range(count):
-            v = clow[j]
-            if v > low or (v == low and ties > 0):
-                out[cidx[j]] = U1
-                ties -= sel(v == low, 1, 0)
-        return True
-    for b0 in range(U64_0, un, BLOCK):
-        nb = min(BLOCK, un - b0)
-        for j in range(nb):
-            i = b0 + j
-{x}            keys[j] = order_key(x, {absolute})
-        for j in range(nb):
-            if (keys[j] >> np.uint32(16)) == top:
-                hist[keys[j] & np.uint32(0xFFFF)] += 1
-    lo = 65535
-    while above + hist[lo] < k:
-        above += hist[lo]
-        lo -= 1
-    kth = (top << np.uint32(16)) | np.uint32(lo)
-    ties = k - above  # entries equal to the threshold that are kept, first ones first
-    for b0 in range(U64_0, un, BLOCK):
-        nb = min(BLOCK, un - b0)
-        # while a block's worth of ties remain to be kept, every tied entry of the block is kept
-        # (key > kth - 1; kth > 0: only a NaN has key 0): only the block where they run out is
-        # done entry by entry
-        cut = sel(ties >= nb, kth - np.uint32(1), kth)
-        for j in range(nb):
-            i = b0 + j
-{x}            key = order_key(x, {absolute})
-            keys[j] = key
-            out[i] = sel(key > cut, U1, U0)
-        if ties == 0:
-            continue
-        tied = 0
-        for j in range(nb):
-            tied += sel(keys[j] == kth, 1, 0)
-        if cut != kth:
-            ties -= tied
-            continue
-        for j in range(nb):  # the block's entries at the threshold, in index order
-            if keys[j] == kth:
-                out[b0 + j] = sel(ties > 0, U1, U0)
-                ties -= 1
-    return True
-
-
-"""
-
-
-def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
-                  absolute: bool) -> str:
-    """The generated module selecting, per model m, the k largest values (|values| with
-    `absolute`) of a program's float32 root, computed on the fly in each pass (never stored):
-    `KERNELS[m](k, out, n, *inputs) -> bool` (`_SELECT`). An empty `body`: the root is input 0."""
-    if body:
-        params, prelude, lines, root = _program(body, kinds, dtypes, models)
-    else:
-        params, prelude = ["a0"], _offsets(models)
-        lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
-    funcs = []
-    for m in range(len(root)):
-        x = _needed(lines, root[m]) + [f"x = {root[m]}"]
-        funcs.append(_SELECT.format(jit=_JIT, m=m, params=", ".join(params),
-                                    prelude=_indent(prelude, 4), x=_indent(x, 12),
-                                    x4=_indent(x, 16), absolute=bool(absolute)))
-    names = "".join(f"select{m}, " for m in range(len(root)))
-    return _HEADER + "".join(funcs) + f"KERNELS = ({names})\n"
-
-
 def _needed(lines: list[str], root: str) -> list[str]:
     """The lines `root` depends on (a model's slice of a program over several models)."""
     want, keep = set(_NAMES.findall(root)), []
@@ -388,8 +262,10 @@ def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.n
 
 def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     """The FUSED node's value: its program's kernel over `args` (CPU tensors); with attr
-    `select`, the top-k mask of the program's value (:func:`run_select`)."""
+    `select`, the top-k mask of the program's value (`kernels_select.run_select`)."""
     if node.attrs.get("select") is not None:
+        from .kernels_select import run_select
+
         return run_select(node, args)
     body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
     arrays, dtypes = _inputs(kinds, args)
@@ -410,30 +286,3 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     cuts = [n * k // threads for k in range(threads + 1)]
     parallel_map(lambda lo, hi: fn(lo, hi, n, flat, *arrays), cuts[:-1], cuts[1:], threads=threads)
     return out
-
-
-def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
-    """`topk_mask(value, density, over = "tensor")` of a program's value without storing the
-    value (fuse.py's rematerialisation): the selection computes it from the inputs in each of
-    its passes, one model per thread. A NaN, or a k of 0 or n, takes the plain path: the value
-    is computed once and handed to the TOPK_MASK kernel (same result as without fusion)."""
-    from .kernels import _topk_mask
-    from .kernels_fast import _per_model
-
-    density, absolute = node.attrs["select"]
-    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
-    ty = node.type
-    n, rows = math.prod(ty.shape), max(models, 1)
-    dens = density if isinstance(density, tuple) else (density,) * rows
-    ks = [int(d * n) for d in dens]
-    if all(0 < k < n for k in ks):
-        arrays, dtypes = _inputs(kinds, args)
-        kernels = module(select_source(body, kinds, dtypes, models, absolute)).KERNELS
-        out = np.empty((rows, n), dtype=np.bool_)
-        ok = _per_model(lambda o, k, kernel: kernel(k, o, n, *arrays), list(out.view(np.uint8)), ks,
-                        list(kernels))
-        if all(ok):
-            return torch.from_numpy(out).reshape(ty.full_shape)
-    plain = SimpleNamespace(attrs={**node.attrs, "select": None}, type=ty.with_(dtype="float32"))
-    topk = SimpleNamespace(attrs={"density": density, "over": "tensor", "abs": absolute}, type=ty)
-    return _topk_mask(topk, [run(plain, args)])

@@ -72,6 +72,19 @@ def order_key(x, absolute):
     return sel((b >> np.uint32(31)) == np.uint32(1), ~b, b | np.uint32(0x80000000))
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def settle(out, cidx, clow, count, low, ties):
+    """The split selection's last step (kernels_select.py): of the threshold bucket's listed
+    entries (in index order), keep those whose low half is above `low`, and the first `ties`
+    equal to it."""
+    for j in range(count):
+        v = clow[j]
+        if v > low or (v == low and ties > 0):
+            out[cidx[j]] = np.uint8(1)
+            if v == low:
+                ties -= 1
+
+
 @njit(nogil=True, cache=True)
 def max_masked_u16(a, mask):
     """max(a[i] & mask) over a uint16 array: with `mask` a 16-bit float's exponent bits, equal

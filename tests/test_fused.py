@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
-from mergelang import api, fuse, kernels_fused
+from mergelang import api, fuse, kernels_fused, kernels_select
 from mergelang.chunking import chunk_plan
 from mergelang.execute import fused_for
 from mergelang.ops import Op
@@ -265,8 +265,8 @@ def test_selection_ties_at_the_threshold(monkeypatch, density):
     small = lambda: torch.randint(-3, 4, (256, 300), generator=gen).float().to(torch.bfloat16)  # noqa: E731
     models = {m: {"w": small()} for m in ("base", "a", "b")}
     seen = []
-    real = kernels_fused.run_select
-    monkeypatch.setattr(kernels_fused, "run_select", lambda node, args: seen.append(1) or real(node, args))
+    real = kernels_select.run_select
+    monkeypatch.setattr(kernels_select, "run_select", lambda node, args: seen.append(1) or real(node, args))
     expr = f"ties(base, [a, b], density = {density})"
     fused, plain = _both(monkeypatch, expr, models)
     assert seen, "the selection did not run fused"
@@ -286,6 +286,75 @@ def test_selection_ties_at_the_threshold(monkeypatch, density):
                                type=SimpleNamespace(shape=(tv.numel(),), full_shape=(2, tv.numel()),
                                                     models=2, dtype="bool",
                                                     with_=lambda **kw: None))
-        got = kernels_fused.run_select(node, [models["a"]["w"].reshape(-1), models["b"]["w"].reshape(-1),
+        got = kernels_select.run_select(node, [models["a"]["w"].reshape(-1), models["b"]["w"].reshape(-1),
                                                models["base"]["w"].reshape(-1)])
         assert torch.equal(got[0 if m == "a" else 1], want), m
+
+
+def _select_node(n: int, density, absolute: bool = True) -> SimpleNamespace:
+    """The fused selection of ties' task vectors: topk_mask(stack([a, b]) - base)."""
+    return SimpleNamespace(attrs={"body": (("stack", (("in", 0), ("in", 1)), True, "float32"),
+                                           ("sub", (("v", 0), ("in", 2)), True, "float32")),
+                                  "inputs": ("elem", "elem", "elem"), "models": 2,
+                                  "select": (density, absolute)},
+                           type=SimpleNamespace(shape=(n,), full_shape=(2, n), models=2, dtype="bool",
+                                                with_=lambda **kw: SimpleNamespace(
+                                                    shape=(n,), full_shape=(2, n), models=2,
+                                                    dtype=kw.get("dtype", "bool"))))
+
+
+def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Independent reference: the k largest, ties by lowest index (a stable descending sort)."""
+    order = np.argsort(-x.double().numpy(), kind="stable")
+    want = torch.zeros(x.numel(), dtype=torch.bool)
+    want[torch.from_numpy(order[:k].copy())] = True
+    return want
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("spread", ["wide", "few", "mixed"])
+@pytest.mark.parametrize("density,absolute", [(0.3, True), ((0.5, 0.71), True), (0.2, False)])
+def test_split_selection_matches_a_stable_sort(monkeypatch, parts, spread, density, absolute):
+    """The fused selection against a stable sort: with 3 threads for 2 models the split form
+    (kernels_select.py) runs over 3 parts of the range, "wide" values listing each model's
+    threshold bucket, "few" distinct values (a third of the entries tie) making it too large to
+    list (the per-model form runs), "mixed" one of each; with 1 or 2 threads, the per-model
+    form for both."""
+    from mergelang import kernels_fused_rt
+
+    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels_fused, "THREADS", parts)
+    settled, real = [], kernels_fused_rt.settle
+    monkeypatch.setattr(kernels_fused_rt, "settle", lambda *args: settled.append(1) or real(*args))
+    gen = torch.Generator().manual_seed(11)
+    n = 40_000
+    wide = lambda: (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)  # noqa: E731
+    few = lambda: torch.randint(-1, 2, (n,), generator=gen).float().to(torch.bfloat16)  # noqa: E731
+    base, a, b = (wide(), wide(), wide()) if spread == "wide" else (few(), few(), few())
+    if spread == "mixed":
+        b = wide()
+    got = kernels_select.run_select(_select_node(n, density, absolute), [a, b, base])
+    dens = density if isinstance(density, tuple) else (density, density)
+    for m, x in enumerate((a, b)):
+        tv = x.float() - base.float()
+        assert torch.equal(got[m], _stable_topk(tv.abs() if absolute else tv, int(dens[m] * n))), m
+    listed = {"wide": 2, "few": 0, "mixed": 1}[spread] if parts > 2 else 0
+    assert len(settled) == listed  # the form each model took
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_selection_with_nan_takes_the_plain_path(monkeypatch, parts):
+    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels_fused, "THREADS", parts)
+    gen = torch.Generator().manual_seed(5)
+    n = 30_000
+    a, b, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(3))
+    b[n - 3] = float("nan")  # in the second part
+    got = kernels_select.run_select(_select_node(n, 0.4), [a, b, base])
+    from mergelang.kernels import _topk_mask
+    from mergelang.types import TType
+
+    plain = SimpleNamespace(attrs={"density": 0.4, "over": "tensor", "abs": True},
+                            type=TType((n,), "bool", 2))
+    assert torch.equal(got, _topk_mask(plain, [torch.stack([a, b]).float() - base.float()]))
+    assert got[1].sum() == int(0.4 * n)
