@@ -34,6 +34,7 @@ from . import kernels_fused
 from .kernels_fused import _HEADER, _JIT, _indent, _inputs, _needed, _program, module, run
 from .workers import parallel_map
 
+
 def _list_cap(n: int) -> int:
     """The most entries of a threshold bucket the split form lists (else: the per-model form)."""
     return (n >> 4) + 4096

@@ -358,3 +358,28 @@ def test_selection_with_nan_takes_the_plain_path(monkeypatch, parts):
                             type=TType((n,), "bool", 2))
     assert torch.equal(got, _topk_mask(plain, [torch.stack([a, b]).float() - base.float()]))
     assert got[1].sum() == int(0.4 * n)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_one_model_selection_uses_every_thread_and_matches_a_stable_sort(monkeypatch, parts):
+    """topk_mask(a - base) of one model (no model axis): with 2 or 4 threads the split form cuts
+    the range into parts (the per-model form would use one thread)."""
+    from mergelang import kernels_fused_rt
+
+    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels_fused, "THREADS", parts)
+    settled, real = [], kernels_fused_rt.settle
+    monkeypatch.setattr(kernels_fused_rt, "settle", lambda *args: settled.append(1) or real(*args))
+    gen = torch.Generator().manual_seed(2)
+    n = 50_001
+    a, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(2))
+    ty = SimpleNamespace(shape=(n,), full_shape=(n,), models=None, dtype="bool",
+                         with_=lambda **kw: SimpleNamespace(shape=(n,), full_shape=(n,), models=None,
+                                                            dtype=kw.get("dtype", "bool")))
+    node = SimpleNamespace(attrs={"body": (("sub", (("in", 0), ("in", 1)), False, "float32"),),
+                                  "inputs": ("elem", "elem"), "models": 0, "select": (0.35, True)},
+                           type=ty)
+    got = kernels_select.run_select(node, [a, base])
+    assert got.shape == (n,)
+    assert torch.equal(got, _stable_topk((a.float() - base.float()).abs(), int(0.35 * n)))
+    assert len(settled) == (1 if parts > 1 else 0)
