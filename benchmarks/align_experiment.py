@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr, hidden=args.hidden, task=args.task,
                 vocab=args.vocab or (256 if args.task == "bigram" else 32))
     torch.set_num_threads(1)
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # noqa: F401 - fail early without transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -23,7 +23,6 @@ import os
 import numpy as np
 import torch
 
-from .graph import Node
 from .ops import Op
 from .types import broadcast_all
 from .workers import parallel_map

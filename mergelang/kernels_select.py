@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from . import kernels_fused
-from .kernels_fused import _HEADER, _JIT, _indent, _inputs, _needed, _program, module, run
+from .kernels_fused import (_HEADER, _JIT, _at, _indent, _inputs, _needed, _offsets, _program,
+                            module, run)
 from .workers import parallel_map
 
 

@@ -38,7 +38,7 @@ from .diagnostics import Span
 from .graph import MergeGraph, Node
 from .intrinsics import intrinsic
 from .ops import Attrs, Op
-from .values import Const, TensorV, Value, is_number
+from .values import TensorV, Value, is_number
 
 
 #: largest entry buffer (bytes) kept for an exact model_topk_value; above it: radix select

@@ -24,7 +24,6 @@ from mergelang.chunking import RowAssembler, chunk_plan
 from mergelang.execute import PeakMeter, execute
 from mergelang.graph import verify
 from mergelang.journal import JOURNAL_NAME, read_journal, work_dir_for
-from mergelang.plan import format_plan
 from mergelang.writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
 
 SHAPES = {"embed.weight": (96, 24), "w.weight": (40, 24), "norm.weight": (24,)}

@@ -7,7 +7,6 @@ references are applied tensor by tensor on the same float32 inputs and must agre
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

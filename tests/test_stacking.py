@@ -42,7 +42,7 @@ def test_frankenmerge_folder_loads_with_new_layer_count(hf_models, tmp_path):
     got = load_folder(out)
     math, code = load_folder(hf_models["math"]), load_folder(hf_models["code"])
     for new, (src, old) in {0: (math, 0), 2: (math, 2), 3: (code, 1), 5: (code, 3)}.items():
-        name = f"model.layers.{{}}.mlp.up_proj.weight"
+        name = "model.layers.{}.mlp.up_proj.weight"
         assert torch.equal(got[name.format(new)], src[name.format(old)].to(torch.bfloat16))
     assert torch.equal(got["model.embed_tokens.weight"], math["model.embed_tokens.weight"].bfloat16())
     assert torch.equal(got["lm_head.weight"], code["lm_head.weight"].bfloat16())
