@@ -10,6 +10,7 @@ merge, so runs in different threads of one process never share (or shut down) ea
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -44,25 +45,40 @@ def run_pool(threads: int) -> Iterator[None]:
 
 
 def parallel_map(fn: Callable[..., Any], *columns: list, threads: int) -> list:
-    """[fn(*row) for row in zip(*columns)], the rows run in parallel on the run's pool (or, outside
-    a run, a pool of `threads` for this call). From a worker thread (a kernel inside a kernel),
-    the rows run in the caller: waiting on the pool there could deadlock it."""
+    """[fn(*row) for row in zip(*columns)], the rows run on up to `threads` threads: this one and
+    workers of the run's pool (or, outside a run, of a pool for this call). From a worker thread
+    (a kernel inside a kernel), the rows run in the caller: waiting on the pool there could
+    deadlock it."""
     rows = list(zip(*columns))
-    if len(rows) <= 1 or getattr(_local, "worker", False):
+    helpers = min(threads, len(rows)) - 1
+    if helpers <= 0 or getattr(_local, "worker", False):
         return [fn(*row) for row in rows]
     pool = getattr(_local, "pool", None)
     if pool is None:
-        with _new_pool(min(threads, len(rows)) - 1) as tmp:
-            return _run(tmp, fn, rows)
-    return _run(pool, fn, rows)
+        with _new_pool(helpers) as tmp:
+            return _run(tmp, fn, rows, helpers)
+    return _run(pool, fn, rows, helpers)
 
 
-def _run(pool: ThreadPoolExecutor, fn: Callable[..., Any], rows: list[tuple]) -> list:
-    """The first row in this thread while the others run on the pool: one hand-off fewer (on a
-    busy machine, waking a worker and waking this thread back can each wait for a time slice)."""
-    futures = [pool.submit(fn, *row) for row in rows[1:]]
+def _run(pool: ThreadPoolExecutor, fn: Callable[..., Any], rows: list[tuple], helpers: int) -> list:
+    """The rows taken in order, one at a time, by this thread and `helpers` pool tasks, until none
+    is left: the calling thread works too (one hand-off fewer: on a busy machine, waking a worker
+    and waking this thread back can each wait for a time slice), and a thread that finishes early
+    takes the next row (3 models on 2 cores: no core idles while one thread does two rows)."""
+    results: list[Any] = [None] * len(rows)
+    taken = itertools.count()  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        for i in taken:
+            if i >= len(rows):
+                return
+            results[i] = fn(*rows[i])
+
+    tasks = [pool.submit(drain) for _ in range(helpers)]
     try:
-        first = fn(*rows[0])
+        drain()
     finally:
-        wait(futures)  # even when the first row raised: nothing is left running
-    return [first, *(f.result() for f in futures)]
+        wait(tasks)  # even when a row raised here: nothing is left running
+    for t in tasks:
+        t.result()  # a helper's error
+    return results

@@ -26,9 +26,7 @@ def test_a_run_reuses_its_threads_and_joins_them_at_the_end():
         with workers.run_pool(3):  # a nested run (statistics pre-pass) shares the outer pool
             workers.parallel_map(lambda _: seen.add(threading.current_thread().name), [0, 1, 2],
                                  threads=3)
-    caller = threading.current_thread().name
-    assert caller in seen  # the caller runs the first row of each call itself
-    workers_seen = seen - {caller}
+    workers_seen = seen - {threading.current_thread().name}
     assert 1 <= len(workers_seen) <= 2  # 21 calls, at most 2 worker threads ever started
     assert all(name.startswith("mergelang-kernel") for name in workers_seen)
     assert _kernel_threads() == before  # no thread outlives the run
@@ -40,13 +38,24 @@ def test_a_kernel_inside_a_kernel_runs_inline_without_deadlock():
             lambda a: (threading.current_thread().name,
                        workers.parallel_map(lambda b: (a, b, threading.current_thread().name),
                                             [0, 1, 2], threads=2)), [0, 1, 2], threads=2)
-    on_worker = 0
     for a, (outer, rows) in enumerate(out):
         assert [r[:2] for r in rows] == [(a, 0), (a, 1), (a, 2)]
         if outer.startswith("mergelang-kernel"):  # a call made on a worker ran inline there
-            on_worker += 1
             assert {r[2] for r in rows} == {outer}
-    assert on_worker == 2  # rows 1 and 2 of the outer call ran on the worker
+
+
+def test_the_caller_takes_every_row_while_the_workers_are_busy():
+    """Rows are taken one at a time by whichever thread is free: with the pool's only worker
+    held by another task, the calling thread runs all of them."""
+    release = threading.Event()
+    with workers.run_pool(2):
+        blocker = workers._local.pool.submit(release.wait)
+        timer = threading.Timer(0.5, release.set)  # frees the worker after the rows are done
+        timer.start()
+        names = workers.parallel_map(lambda _: threading.current_thread().name, range(5), threads=2)
+        blocker.result()
+    timer.join()
+    assert names == [threading.current_thread().name] * 5
 
 
 def test_runs_in_two_threads_have_their_own_pools():
