@@ -6,6 +6,7 @@ bug report (set MERGELANG_DEBUG=1 or pass --debug for the traceback).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import os
@@ -97,6 +98,37 @@ set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
 def main() -> None:
     """mergelang: merge neural-network checkpoints with .mrg recipes."""
     _tune_gc()
+
+
+def entry() -> None:
+    """The `mergelang` command (and `python -m mergelang`): :func:`main`, then, after a command
+    that succeeded, a process exit that skips the interpreter's teardown. Tearing down torch,
+    numba and one graph's objects measured ~0.55 s of every run (a tenth of a 1B merge), work
+    whose only effect is freeing memory the OS reclaims anyway. Everything a command writes is
+    complete and closed when it returns (outputs are renamed into place, the journal is written
+    through its own file descriptor); stdio is flushed and the atexit handlers still run
+    (logging, thread pools, temporary files). A failing command exits the ordinary way."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    _exit_now()
+
+
+def _exit_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter shutdown would run first
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _tune_gc() -> None:

@@ -360,3 +360,22 @@ def test_cli_collects_cycles_less_often(work):
         assert gc.get_threshold()[0] >= 50_000
     finally:
         gc.set_threshold(*before)
+
+
+def test_fast_exit_flushes_and_runs_atexit_handlers(work, tmp_path):
+    """The console entry skips the interpreter's teardown after a successful command, but stdout
+    (a pipe here) is flushed, atexit handlers run, and failures still exit with their code."""
+    script = ("import atexit, sys\n"
+              "from mergelang.cli import entry\n"
+              "atexit.register(lambda: print('atexit handler ran'))\n"
+              "sys.argv = ['mergelang'] + sys.argv[1:]\n"
+              "entry()\n"
+              "print('not reached: entry() exits')\n")
+    ok = subprocess.run([sys.executable, "-c", script, "methods"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ties(base, models" in ok.stdout and ok.stdout.rstrip().endswith("atexit handler ran")
+    assert "not reached" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", script, "check", str(tmp_path / "missing.mrg")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "E002" in bad.stderr
+    assert "atexit handler ran" in bad.stdout  # the ordinary exit path
