@@ -117,18 +117,18 @@ def entry() -> None:
 
 
 def _exit_now() -> None:
+    _flush_stdio()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter shutdown would run first
+    _flush_stdio()  # what the handlers printed
+    os._exit(0)
+
+
+def _flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
             pass
-    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter shutdown would run first
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
 
 
 def _tune_gc() -> None:
