@@ -49,6 +49,12 @@ THREADS = int(os.environ.get("MERGELANG_FUSED_THREADS", "0")) or None
 _LOCK = threading.Lock()
 _MODULES: dict[str, Any] = {}
 
+
+def threads_for(elements: int) -> int:
+    """Threads a kernel call over this many elements is split over."""
+    return (THREADS or torch.get_num_threads()) if elements >= PARALLEL_ELEMENTS else 1
+
+
 def available() -> bool:
     """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
     try:  # the runtime helpers too: numba refuses to decorate when no cache dir is writable
@@ -278,7 +284,7 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
         flat = out.reshape(-1).numpy()
         flat = flat.view(np.uint8) if ty.dtype == "bool" else flat
     n = math.prod(ty.shape)
-    threads = (THREADS or torch.get_num_threads()) if out.numel() >= PARALLEL_ELEMENTS else 1
+    threads = threads_for(out.numel())
     if threads <= 1:
         fn(0, n, n, flat, *arrays)
         return out

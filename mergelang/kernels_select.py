@@ -292,8 +292,7 @@ def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
     if all(0 < k < n for k in ks):
         arrays, dtypes = _inputs(node.attrs["inputs"], args)
         out = np.empty((rows, n), dtype=np.bool_)
-        parts = ((kernels_fused.THREADS or torch.get_num_threads())
-                 if n >= kernels_fused.PARALLEL_ELEMENTS else 1)
+        parts = kernels_fused.threads_for(n)
         if (_split_select(node, arrays, dtypes, ks, n, out.view(np.uint8), parts) if parts > rows
                 else _per_model_select(node, arrays, dtypes, ks, n, out.view(np.uint8), list(range(rows)))):
             return torch.from_numpy(out).reshape(ty.full_shape)

@@ -279,28 +279,32 @@ def test_selection_ties_at_the_threshold(monkeypatch, density):
         order = sorted(range(tv.numel()), key=lambda i: (-abs(float(tv[i])), i))
         want = torch.zeros(tv.numel(), dtype=torch.bool)
         want[order[:k]] = True
-        node = SimpleNamespace(attrs={"body": (("stack", (("in", 0), ("in", 1)), True, "float32"),
-                                                ("sub", (("v", 0), ("in", 2)), True, "float32")),
-                                      "inputs": ("elem", "elem", "elem"), "models": 2,
-                                      "select": (density, True)},
-                               type=SimpleNamespace(shape=(tv.numel(),), full_shape=(2, tv.numel()),
-                                                    models=2, dtype="bool",
-                                                    with_=lambda **kw: None))
-        got = kernels_select.run_select(node, [models["a"]["w"].reshape(-1), models["b"]["w"].reshape(-1),
-                                               models["base"]["w"].reshape(-1)])
+        got = kernels_select.run_select(_select_node(tv.numel(), density),
+                                        [models[x]["w"].reshape(-1) for x in ("a", "b", "base")])
         assert torch.equal(got[0 if m == "a" else 1], want), m
 
 
 def _select_node(n: int, density, absolute: bool = True) -> SimpleNamespace:
     """The fused selection of ties' task vectors: topk_mask(stack([a, b]) - base)."""
+    from mergelang.types import TType
+
     return SimpleNamespace(attrs={"body": (("stack", (("in", 0), ("in", 1)), True, "float32"),
                                            ("sub", (("v", 0), ("in", 2)), True, "float32")),
                                   "inputs": ("elem", "elem", "elem"), "models": 2,
                                   "select": (density, absolute)},
-                           type=SimpleNamespace(shape=(n,), full_shape=(2, n), models=2, dtype="bool",
-                                                with_=lambda **kw: SimpleNamespace(
-                                                    shape=(n,), full_shape=(2, n), models=2,
-                                                    dtype=kw.get("dtype", "bool"))))
+                           type=TType((n,), "bool", 2))
+
+
+def _split_into(monkeypatch, parts: int) -> list:
+    """Kernels split over `parts` threads from 1000 elements on; returns the list that gets one
+    entry per model the split selection settles (`kernels_fused_rt.settle` spied on)."""
+    from mergelang import kernels_fused_rt
+
+    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels_fused, "THREADS", parts)
+    settled, real = [], kernels_fused_rt.settle
+    monkeypatch.setattr(kernels_fused_rt, "settle", lambda *args: settled.append(1) or real(*args))
+    return settled
 
 
 def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -320,12 +324,7 @@ def test_split_selection_matches_a_stable_sort(monkeypatch, parts, spread, densi
     threshold bucket, "few" distinct values (a third of the entries tie) making it too large to
     list (the per-model form runs), "mixed" one of each; with 1 or 2 threads, the per-model
     form for both."""
-    from mergelang import kernels_fused_rt
-
-    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
-    monkeypatch.setattr(kernels_fused, "THREADS", parts)
-    settled, real = [], kernels_fused_rt.settle
-    monkeypatch.setattr(kernels_fused_rt, "settle", lambda *args: settled.append(1) or real(*args))
+    settled = _split_into(monkeypatch, parts)
     gen = torch.Generator().manual_seed(11)
     n = 40_000
     wide = lambda: (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)  # noqa: E731
@@ -344,8 +343,7 @@ def test_split_selection_matches_a_stable_sort(monkeypatch, parts, spread, densi
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_selection_with_nan_takes_the_plain_path(monkeypatch, parts):
-    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
-    monkeypatch.setattr(kernels_fused, "THREADS", parts)
+    _split_into(monkeypatch, parts)
     gen = torch.Generator().manual_seed(5)
     n = 30_000
     a, b, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(3))
@@ -364,18 +362,13 @@ def test_selection_with_nan_takes_the_plain_path(monkeypatch, parts):
 def test_one_model_selection_uses_every_thread_and_matches_a_stable_sort(monkeypatch, parts):
     """topk_mask(a - base) of one model (no model axis): with 2 or 4 threads the split form cuts
     the range into parts (the per-model form would use one thread)."""
-    from mergelang import kernels_fused_rt
-
-    monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
-    monkeypatch.setattr(kernels_fused, "THREADS", parts)
-    settled, real = [], kernels_fused_rt.settle
-    monkeypatch.setattr(kernels_fused_rt, "settle", lambda *args: settled.append(1) or real(*args))
+    settled = _split_into(monkeypatch, parts)
     gen = torch.Generator().manual_seed(2)
     n = 50_001
     a, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(2))
-    ty = SimpleNamespace(shape=(n,), full_shape=(n,), models=None, dtype="bool",
-                         with_=lambda **kw: SimpleNamespace(shape=(n,), full_shape=(n,), models=None,
-                                                            dtype=kw.get("dtype", "bool")))
+    from mergelang.types import TType
+
+    ty = TType((n,), "bool")
     node = SimpleNamespace(attrs={"body": (("sub", (("in", 0), ("in", 1)), False, "float32"),),
                                   "inputs": ("elem", "elem"), "models": 0, "select": (0.35, True)},
                            type=ty)
