@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError
 from .compiler import STAGES, Compilation, compile_recipe
 from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from .graph import format_graph
+from .loader import read_recipe_file
 from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
 from .parser import parse_program
 from .plan import format_plan
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # torch, the executor and the writers are imported when a mer
     from .multiwriter import MultiWriter
     from .writer import CheckpointWriter, OutputTensor
 
-RECIPE_FILENAME = "mergelang_recipe.mrg"
+from .inputs import RECIPE_FILENAME
+from .provenance import recipe_copy, used_params
 
 
 def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
@@ -36,8 +38,10 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
                                     and (recipe.endswith(".mrg") or Path(recipe).is_file())):
         path = Path(recipe)
         try:
-            return SourceFile.read(path), path.resolve().parent
-        except (OSError, UnicodeDecodeError) as exc:
+            if "\0" in str(recipe):
+                raise ValueError("the path contains a NUL character")
+            return read_recipe_file(path), path.resolve().parent
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise MergelangError(error("E002", f"cannot read recipe {path}: {reason}")) from None
     return SourceFile("<recipe>", str(recipe)), Path.cwd()
@@ -176,6 +180,9 @@ class Recipe:
                     progress(sum(sizes[n] for n in writer.resumed))
                 plan = restrict_plan(c.plan, writer.resumed)
                 sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
+                for diag in self._config_warnings():
+                    self.run_warnings.append(diag)
+                    say(diag.render())
                 execute(plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
                 if isinstance(writer, MultiWriter):
@@ -200,13 +207,13 @@ class Recipe:
         if not self.output_names:
             layout = plan_shards(self.outputs, shard_size)
             writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
-                                      resume=resume, fsync=fsync)
+                                      resume=resume, fsync=fsync, protected=self._c.inputs)
             return writer, self._files(self._c.reference), {t: x.nbytes for t, x in layout.tensors.items()}
         per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
         layouts = {n: plan_shards(list(ts.values()), shard_size) for n, ts in per_output.items()}
         files = {n: self._files(ref) for n, ref in self._references().items()}
         multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume,
-                            fsync=fsync)
+                            fsync=fsync, protected=self._c.inputs)
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
                               for t, x in lay.tensors.items()}
 
@@ -214,9 +221,10 @@ class Recipe:
         """CheckpointWriter.finish's arguments for an output merged from model `reference`: its
         config.json and other small files, the dtype, the recipe."""
         ref = self._c.models[reference]
-        folder = getattr(ref, "folder", None) if self._c.options.copy_files else None
-        return dict(config_from=folder, dtype=self.config_dtype(), recipe_text=self._c.source.text,
-                    recipe_filename=RECIPE_FILENAME, extra_files=self._config_override(ref, folder))
+        copies = self._c.copies.get(reference) if self._c.options.copy_files else None
+        return dict(copies=copies or {}, dtype=self.config_dtype(), recipe_text=recipe_copy(self._c),
+                    recipe_filename=RECIPE_FILENAME, extra_files=self._config_override(ref, copies),
+                    manifest={"params": used_params(self._c)})
 
     @staticmethod
     def _kept(writer: "CheckpointWriter | MultiWriter | None", diag: Diagnostic,
@@ -236,14 +244,33 @@ class Recipe:
         self.run_warnings = []
         return _CheckedSink(sink, mode, say, spans, self.run_warnings, rows_sink)
 
-    def _config_override(self, ref: Any, folder: Path | None) -> dict[str, str] | None:
+    def _config_warnings(self) -> list[Diagnostic]:
+        """W004 for each output whose reference model has no config.json to copy (transformers
+        cannot load such a folder)."""
+        out = []
+        spans = {d.name: d.value.span for d in self._c.unit.models}
+        for ref in dict.fromkeys(self._references().values() if self.output_names else [self._c.reference]):
+            copies = self._c.copies.get(ref)
+            if copies is not None and "config.json" not in copies:
+                out.append(warning("W004", f"the output's reference model `{ref}` has no config.json, "
+                                   "so the output has none", spans.get(ref),
+                                   "transformers cannot load a folder without config.json: merge "
+                                   "from a model folder that has one, or add it to the output"))
+        return out
+
+    def _config_override(self, ref: Any, copies: dict[str, Path] | None) -> dict[str, str] | None:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
         patch = getattr(ref, "config_patch", None)
-        if folder is None or patch is None or not (Path(folder) / "config.json").is_file():
+        if not copies or patch is None or "config.json" not in copies:
             return None
         import json
 
-        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        from .inputs import check_json_object
+
+        try:
+            cfg = check_json_object(copies["config.json"])
+        except CheckpointError as e:
+            raise MergelangError(error(e.code, str(e), None, e.help)) from None
         cfg.update(patch())
         dtype = self.config_dtype()
         cfg["torch_dtype"] = dtype
@@ -326,13 +353,16 @@ class _CheckedSink:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            allow_pickle: bool = False, **overrides: Any) -> Recipe:
+            allow_pickle: bool = False, follow_symlinks: bool = False, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
-    `model`s (paths, or dicts of tensors); raises `MergelangError` carrying every diagnostic.
-    `allow_pickle` lets models be pickle checkpoints, read with torch.load(weights_only=True)."""
+    `model`s (paths, relative to the current directory, or dicts of tensors); raises
+    `MergelangError` carrying every diagnostic. `allow_pickle` lets models be pickle
+    checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
+    symbolic links leave their model folder (refused by default, E314)."""
     source, base = _source(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
-    return Recipe(compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle))
+    return Recipe(compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
+                                 follow_symlinks=follow_symlinks))
 
 
 def parse(recipe: str | Path):

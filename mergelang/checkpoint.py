@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .diagnostics import CompileError, Span, did_you_mean, error
+from .errors import CheckpointError
+from .inputs import confined, hf_snapshot, is_hf_id, model_root
 from .types import ITEMSIZE, ST_TO_NAME, dtype_name, itemsize, torch_dtype
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: checking reads headers only
@@ -48,15 +50,6 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n * itemsize(self.dtype)
-
-
-class CheckpointError(Exception):
-    """A problem with a checkpoint file; becomes an E303 diagnostic at the model's declaration."""
-
-    def __init__(self, message: str, help: str | None = None, code: str = "E303"):
-        super().__init__(message)
-        self.help = help
-        self.code = code
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
@@ -166,6 +159,15 @@ class ModelSource:
 
     def close(self) -> None:
         pass
+
+    def input_paths(self) -> list[Path]:
+        """The folders and files this model reads (an output may not overlap any of them): its
+        folder (and Hugging Face cache repository) and every file a tensor is read from."""
+        out: list[Path] = []
+        if self.folder is not None:
+            out += [Path(self.folder), model_root(Path(self.folder))]
+        out += [Path(f) for f in dict.fromkeys(i.file for i in self.tensors().values() if i.file)]
+        return out
 
     def prepare(self, device: object = None) -> None:
         """Model-level work before any tensor is streamed (e.g. solving an alignment)."""
@@ -408,8 +410,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _index_files(folder: Path, index: Path) -> list[Path]:
-    """The shard files an index names, each inside `folder` (E308) and present (E307)."""
+def _index_files(folder: Path, index: Path, root: Path, follow: bool = False) -> list[Path]:
+    """The shard files an index names, each inside `folder` (E308), present (E307) and, after
+    symbolic links, inside `root` (E314, see inputs.py), resolved."""
     try:
         data = json.loads(index.read_text())
         weight_map = data["weight_map"]
@@ -418,34 +421,39 @@ def _index_files(folder: Path, index: Path) -> list[Path]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
     files: list[Path] = []
-    root = folder.resolve()
     for fname in dict.fromkeys(weight_map.values()):
-        p = (folder / fname).resolve()
-        if root not in p.parents:
+        if "\0" in fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
             raise CheckpointError(f"{index}: refers to {fname!r}, outside the model folder",
                                   "index files may only name shards inside their folder", "E308")
+        p = folder / fname
         if not p.is_file():
             raise CheckpointError(f"{index}: shard {fname!r} is missing",
                                   "the download may be incomplete", "E307")
-        files.append(p)
+        files.append(confined(p, root, follow, "shard"))
     return files
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path, root: Path, follow: bool) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
-        return _index_files(folder, index)
+        return _index_files(folder, confined(index, root, follow, "index"), root, follow)
     single = folder / "model.safetensors"
     if single.is_file():
-        return [single]
-    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+        return [confined(single, root, follow, "shard")]
+    return [confined(p, root, follow, "shard") for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
 
 
-def open_model(label: str, path: str | Path, allow_pickle: bool = False) -> ModelSource:
-    """Open an HF folder or a `.safetensors` file (headers only); raises CheckpointError.
-    Pickle checkpoints are refused (E306) unless `allow_pickle`. Inputs are only ever opened
-    for reading; no code from a model folder is ever run (no trust_remote_code)."""
+def open_model(label: str, path: str | Path, allow_pickle: bool = False,
+               follow_symlinks: bool = False) -> ModelSource:
+    """Open an HF folder, a Hugging Face cache snapshot (a folder, or ``hf:ORG/NAME``: local
+    cache only) or a `.safetensors` file (headers only); raises CheckpointError. Pickle
+    checkpoints are refused (E306) unless `allow_pickle`; files whose symbolic links leave the
+    model folder (or its cache repository) are refused (E314) unless `follow_symlinks`. Inputs
+    are only ever opened for reading; no code from a model folder is ever run."""
+    if isinstance(path, str) and is_hf_id(path):
+        path = hf_snapshot(path)
     p = Path(path)
+    follow = follow_symlinks
     if p.is_file():
         folder = p.resolve().parent if (p.parent / "config.json").is_file() else None
         if p.suffix in PICKLE_SUFFIXES:
@@ -458,11 +466,13 @@ def open_model(label: str, path: str | Path, allow_pickle: bool = False) -> Mode
                                   "supported: safetensors (and, with --allow-pickle, .bin/.pt)")
         return SafetensorsSource(label, [p.resolve()], folder)
     if p.is_dir():
-        files = _weight_files(p)
+        root = model_root(p)
+        files = _weight_files(p, root, follow)
         if not files:
             index = p / PICKLE_INDEX_NAME
-            pickles = _index_files(p, index) if index.is_file() else sorted(
-                f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+            pickles = _index_files(p, index, root, follow) if index.is_file() else [
+                confined(f, root, follow, "checkpoint") for f in sorted(p.iterdir())
+                if f.suffix in PICKLE_SUFFIXES and f.is_file()]
             if pickles and not allow_pickle:
                 names = ", ".join(f.name for f in pickles[:3])
                 raise CheckpointError(f"{p} holds only pickle checkpoints ({names})", PICKLE_HELP, "E306")

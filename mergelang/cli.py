@@ -70,11 +70,13 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
-             shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False):
+             shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
+             follow_symlinks: bool = False):
     from .api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
-                            allow_pickle=allow_pickle, **_overrides(sets))
+                            allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
+                            **_overrides(sets))
     if recipe_obj.warnings and log_json:
         from .progress import diagnostic_event
 
@@ -88,6 +90,9 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
 allow_pickle_opt = click.option(
     "--allow-pickle", is_flag=True,
     help="read pickle checkpoints (.bin/.pt) with torch.load(weights_only=True); off by default")
+follow_opt = click.option(
+    "--follow-symlinks", is_flag=True,
+    help="read and copy model files whose symbolic links leave the model folder (refused by default)")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                        help="override a param (a value) or a model (a path); repeatable")
@@ -141,7 +146,7 @@ def _tune_gc() -> None:
 
 @main.command()
 @recipe_arg
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="output folder (written atomically)")
 @set_opt
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -158,16 +163,18 @@ def _tune_gc() -> None:
                    "faster on slow disks but a power loss soon after may lose data (resume still "
                    "checks every kept tensor)")
 @allow_pickle_opt
+@follow_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
-        fsync: bool, allow_pickle: bool, quiet: bool, log_json: bool = False) -> None:
+        fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
+        log_json: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle)
+    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
     plan = r.compilation.plan
     if budget is not None:  # tensors above the budget run in row chunks; name those that cannot
         from .chunking import chunk_plan
@@ -221,10 +228,11 @@ def _budget(text: str | None) -> int | None:
 @recipe_arg
 @set_opt
 @allow_pickle_opt
+@follow_opt
 @_guard
-def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool) -> None:
+def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
-    r = _compile(recipe, sets, allow_pickle=allow_pickle)
+    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
     plan = r.compilation.plan
     outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
     click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {plan.read_bytes / 1e6:.1f} MB, "

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ from .diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError,
                           did_you_mean, error)
 from .elaborate import Elaborator
 from .graph import MergeGraph
+from .inputs import RECIPE_FILENAME, is_hf_id, reference_files
 from .loader import Unit, load
 from .options import RecipeOptions, option_names, validation_message
 from .parser import parse_expr
@@ -45,6 +47,15 @@ class Compilation:
     optimized: MergeGraph
     plan: ExecutionPlan
     warnings: list[Diagnostic] = field(default_factory=list)
+    #: model name -> the small files (config.json, tokenizer, ...) an output merged from it
+    #: copies, checked at compile time (inside the model folder, JSON that parses)
+    copies: dict[str, dict[str, Path]] = field(default_factory=dict)
+    #: every input path (model folders and files, the recipe, imported recipes): an output
+    #: path must not be, contain or lie inside any of them
+    inputs: tuple[Path, ...] = ()
+    #: declarations overridden by --set / keyword arguments: name -> the value used (model
+    #: paths made absolute), for the recipe copy in the output (provenance.py)
+    overridden: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -90,8 +101,8 @@ def _to_value(v: Any) -> Value:
 
 
 def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None = None,
-                   options: Mapping[str, Any] | None = None, *, allow_pickle: bool = False
-                   ) -> Compilation:
+                   options: Mapping[str, Any] | None = None, *, allow_pickle: bool = False,
+                   follow_symlinks: bool = False) -> Compilation:
     """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
     `options` override the recipe's `option` lines (e.g. dtype, shard_size)."""
     # Compilation allocates ~10^5 small acyclic objects per 10^3 tensors; with torch imported,
@@ -100,14 +111,15 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _compile_recipe(source, base_dir, overrides, options, allow_pickle)
+        return _compile_recipe(source, base_dir, overrides, options, allow_pickle, follow_symlinks)
     finally:
         if enabled:
             gc.enable()
 
 
 def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None,
-                    options: Mapping[str, Any] | None, allow_pickle: bool) -> Compilation:
+                    options: Mapping[str, Any] | None, allow_pickle: bool,
+                    follow_symlinks: bool = False) -> Compilation:
     diags = Diagnostics()
     overrides = dict(overrides or {})
     unit = load(source, base_dir, diags)
@@ -142,8 +154,9 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                             f"{value.describe()}", decl.value.span))
             continue
         params[decl.name] = value
-    models = _open_models(unit, el, overrides, diags, allow_pickle)
+    models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     opts = _options(unit, el, options or {}, diags)
+    copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
     block = unit.block
     if block is None:
         diags.add(error("E305", "the recipe has no `merge from MODEL { ... }` block", None,
@@ -170,7 +183,8 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if prepasses:
         plan = replace(plan, prepasses=tuple(lower(optimize(p), eager=True) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
-                       optimized, plan, [d for d in diags.items if not d.is_error])
+                       optimized, plan, [d for d in diags.items if not d.is_error], copies,
+                       input_paths(source, unit, models), _overridden(overrides, unit))
 
 
 def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
@@ -180,8 +194,8 @@ def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
     raise MergelangError(diags.items)
 
 
-def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
-                 diags: Diagnostics, allow_pickle: bool = False) -> dict[str, ModelSource | None]:
+def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Diagnostics,
+                 allow_pickle: bool = False, follow: bool = False) -> dict[str, ModelSource | None]:
     models: dict[str, ModelSource | None] = {}
     adapters = []
     for decl in unit.models:
@@ -211,16 +225,82 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any],
             except CheckpointError as exc:
                 diags.add(error(exc.code, f"model `{decl.name}`: {exc}", decl.span, exc.help))
             continue
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = unit.base_dir / path
+        if not isinstance(value, (str, os.PathLike)):
+            diags.add(error("E201", f"model `{decl.name}` needs a path or a state dict, not "
+                            f"{type(value).__name__}", decl.value.span))
+            continue
+        where: str | Path = str(value)
         try:
-            models[decl.name] = open_model(decl.name, path, allow_pickle=allow_pickle)
-        except (OSError, CheckpointError) as exc:
-            diags.add(model_error(decl.name, str(path), exc, decl.value.span).diag)
+            if not is_hf_id(str(value)):
+                where = _model_path(value, unit.base_dir, decl.name in overrides)
+            models[decl.name] = open_model(decl.name, where, allow_pickle=allow_pickle,
+                                           follow_symlinks=follow)
+        except (OSError, ValueError, CheckpointError) as exc:
+            diags.add(model_error(decl.name, str(where), exc, decl.value.span).diag)
     for decl, spec in adapters:  # derived models, once the checkpoints they use are open
         spec.open_model(decl, models, unit.base_dir, diags, {d.name for d, _ in adapters})
     return models
+
+
+def _overridden(overrides: Mapping[str, Any], unit: Unit) -> dict[str, Any]:
+    models = {d.name for d in unit.models}
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name in models and isinstance(value, (str, os.PathLike)) and not is_hf_id(str(value)):
+            try:
+                value = str(_model_path(value, unit.base_dir, True).resolve())
+            except (OSError, ValueError):
+                pass
+        out[name] = value
+    return out
+
+
+def _model_path(value: str | os.PathLike, base_dir: Path, from_cli: bool) -> Path:
+    """A model path: relative paths written in the recipe resolve against the recipe's folder,
+    those given on the command line or in Python (`--set`, keyword overrides) against the
+    current directory."""
+    if "\0" in str(value):
+        raise ValueError("the path contains a NUL character")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (Path.cwd() if from_cli else base_dir) / path
+    return path
+
+
+def reference_copies(unit: Unit, models: Mapping[str, ModelSource | None], copy: bool, follow: bool,
+                     diags: Diagnostics) -> dict[str, dict[str, Path]]:
+    """For each block's reference model: the small files its output copies (checked now, at
+    compile time: E314 a link leaving the folder, E315 a JSON file that does not parse)."""
+    out: dict[str, dict[str, Path]] = {}
+    spans = {d.name: d.value.span for d in unit.models}
+    for name in dict.fromkeys(b.source for b in unit.blocks):
+        src = models.get(name)
+        if src is None or isinstance(src, DictSource):
+            continue
+        folder = src.folder
+        if not copy or folder is None:
+            continue
+        try:
+            out[name] = reference_files(Path(folder), RECIPE_FILENAME, follow)
+        except CheckpointError as exc:
+            diags.add(error(exc.code, f"model `{name}`: {exc}", spans.get(name), exc.help))
+        except OSError as exc:
+            diags.add(error("E303", f"model `{name}`: cannot read {folder}: {exc.strerror or exc}",
+                            spans.get(name)))
+    return out
+
+
+def input_paths(source: SourceFile, unit: Unit, models: Mapping[str, ModelSource | None]) -> tuple[Path, ...]:
+    """Every path the compilation reads from (see Compilation.inputs)."""
+    paths: dict[str, None] = {}
+    if source.path and not source.path.startswith("<"):
+        paths[source.path] = None
+    for p in unit.imports:
+        paths[str(p)] = None
+    for m in models.values():
+        for p in ([] if m is None else m.input_paths()):
+            paths[str(p)] = None
+    return tuple(Path(os.path.abspath(p)) for p in paths)
 
 
 def _options(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Diagnostics) -> RecipeOptions:

@@ -301,10 +301,13 @@ CODES: dict[str, str] = {
     "E311": "an unnamed merge block mixed with named ones",
     "E312": "invalid output name",
     "E313": "a rule gives a different number of tensors than its block has outputs",
+    "E314": "a model file is a symbolic link leaving its model folder",
+    "E315": "a copied model file (config.json, tokenizer) is not valid JSON",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",
     "E403": "output folder exists",
+    "E404": "output path overlaps an input",
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",
@@ -332,6 +335,7 @@ CODES: dict[str, str] = {
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
     "W003": "function shadows a standard library method",
+    "W004": "the output's reference model has no config.json",
     "W101": "mergekit key not translated",
     "W102": "mergekit parameter has no effect in mergelang",
     "W103": "mergekit model is not a local path",

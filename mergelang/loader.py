@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Unit:
     params: list[ast.ParamDecl] = field(default_factory=list)
     options: list[ast.OptionDecl] = field(default_factory=list)
     blocks: list[ast.MergeBlock] = field(default_factory=list)
+    imports: list[Path] = field(default_factory=list)  # imported recipe files, resolved
 
     @property
     def block(self) -> ast.MergeBlock | None:
@@ -200,6 +202,10 @@ def _check_block(unit: Unit, item: ast.MergeBlock, diags: Diagnostics) -> bool:
 
 def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnDef],
             diags: Diagnostics, stack: list[str]) -> None:
+    if "\0" in item.path:
+        diags.add(error("E002", "cannot read imported file: the path contains a NUL character",
+                        item.span))
+        return
     path = Path(item.path)
     if not path.is_absolute():
         path = base_dir / path
@@ -209,12 +215,13 @@ def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnD
         diags.add(error("E003", f"import cycle: {chain}", item.span, "remove one of the imports"))
         return
     try:
-        source = SourceFile.read(path)
-    except (OSError, UnicodeDecodeError) as exc:
+        source = read_recipe_file(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         diags.add(error("E002", f"cannot read imported file {item.path}: {reason}", item.span,
                         f"paths are relative to {base_dir}"))
         return
+    unit.imports.append(Path(key))
     try:
         program = parse_program(source)
     except CompileError as exc:
@@ -222,3 +229,28 @@ def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnD
         return
     _collect(unit, program, path.parent, fns, diags, stack + [key], top=False)
 
+
+#: the largest recipe or imported file read (a recipe is text written by a person or a tool)
+MAX_RECIPE_BYTES = 64 * 1024 * 1024
+
+
+def read_recipe_file(path: Path) -> SourceFile:
+    """A recipe file's text: a regular file (not a device, FIFO or folder: `/dev/zero` would
+    never end) of at most MAX_RECIPE_BYTES. Raises OSError / ValueError / UnicodeDecodeError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ValueError(f"it is {kind}")
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise ValueError(f"it is {st.st_size} bytes, more than the {MAX_RECIPE_BYTES >> 20} MiB "
+                             "a recipe may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ValueError(f"it is more than the {MAX_RECIPE_BYTES >> 20} MiB a recipe may have")
+    text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
+    return SourceFile(str(path), text)

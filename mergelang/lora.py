@@ -68,6 +68,9 @@ def _lora(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 class LoraSource(ModelSource):
+    def input_paths(self) -> list[Path]:
+        return [*self.base.input_paths(), Path(self.adapter_dir), Path(self.file)]
+
     def __init__(self, label: str, folder: Path, base: ModelSource, scale: float | None = None):
         self.label, self.base = label, base
         self.folder = base.folder  # config.json and tokenizer are the base model's
@@ -84,6 +87,11 @@ class LoraSource(ModelSource):
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"cannot read {cfg_path}: {exc}",
                                   "a PEFT adapter folder has adapter_config.json") from None
+        if folder.is_dir():  # the adapter's weights must lie inside its folder (inputs.py)
+            from .inputs import confined, model_root
+
+            file = confined(file, model_root(folder), False, "adapter file")
+            confined(cfg_path, model_root(folder), False, "adapter config")
         self.file = file
         self.extra = 1.0 if scale is None else scale
         header = read_header(file)

@@ -18,11 +18,12 @@ import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .journal import JournalError, lock_dir, work_dir_for
+from .outguard import MANIFEST_NAME, manifest_text
 from .writer import CheckpointWriter, ShardLayout, WriterError, _os_error
 
 
@@ -31,8 +32,10 @@ class MultiWriter:
     as for :class:`CheckpointWriter`). Use as a context manager."""
 
     def __init__(self, out_dir: str | Path, layouts: Mapping[str, ShardLayout], *, force: bool = False,
-                 fingerprint: dict[str, str], resume: bool = False, fsync: bool = True):
+                 fingerprint: dict[str, str], resume: bool = False, fsync: bool = True,
+                 protected: Sequence[Path] = ()):
         self.out_dir = Path(os.path.abspath(out_dir))
+        self.protected = tuple(protected)
         self.force = force
         self.resumable = True
         self.messages: list[str] = []
@@ -111,6 +114,11 @@ class MultiWriter:
         try:
             for name, w in self.writers.items():
                 w.finish(**files.get(name, {}))
+            try:
+                (self.tmp_dir / MANIFEST_NAME).write_text(manifest_text([], outputs=self.writers),
+                                                          encoding="utf-8")
+            except OSError as e:
+                raise _os_error(self.tmp_dir / MANIFEST_NAME, e) from e
             self._release()
             self._sync_dir(self.tmp_dir)
             self._move_into_place()

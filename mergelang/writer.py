@@ -23,11 +23,14 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
+from .errors import CheckpointError
+from .inputs import check_json_object, reference_files
 from .layout import OutputTensor, ShardFile, ShardLayout, build_header, plan_shards
+from .outguard import MANIFEST_NAME, OutputError, check_output, manifest_text
 from .verify import verify_output
 
 __all__ = ["CheckpointWriter", "WriterError", "OutputTensor", "ShardFile", "ShardLayout",
@@ -37,11 +40,6 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
-#: suffixes of weight files that are never copied from ``config_from``
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
-                   ".pkl", ".onnx")
-#: files bigger than this are never copied from ``config_from``
-MAX_COPY_SIZE = 64 * 1024 * 1024
 
 
 class WriterError(Exception):
@@ -86,15 +84,17 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, layout: ShardLayout, *, force: bool = False,
                  fingerprint: dict[str, str] | None = None, resume: bool = False,
-                 fsync: bool = True):
+                 fsync: bool = True, protected: Sequence[Path] = ()):
         """`fingerprint` (what is computed and read, see journal.py) makes the writer resumable:
         it works in the deterministic folder :func:`work_dir_for` with a journal, keeps that
         folder when the block fails, and with `resume` reuses the tensors already journaled
         (:attr:`resumed`). Without it, the temporary folder has a random name and is removed
         on any failure. `fsync=False` skips flushing the data to the disk (the journal's group
         syncs and the shards' fsync before the rename: see `Journal`): faster where the disk is
-        slower than the merge, at the price of durability against a power loss."""
+        slower than the merge, at the price of durability against a power loss. `protected`:
+        the inputs, which the output path may not be, contain or lie inside (outguard.py)."""
         self.out_dir = Path(os.path.abspath(out_dir))
+        self.protected = tuple(protected)
         self.fsync = fsync
         self.layout = layout
         self.force = force
@@ -188,13 +188,12 @@ class CheckpointWriter:
                                  f"tensors already written in {work}")
 
     def _check_target(self) -> None:
-        out = self.out_dir
-        if out.is_symlink() or (out.exists() and not out.is_dir()):
-            kind = "a symbolic link" if out.is_symlink() else "not a folder"
-            raise WriterError("E403", f"output path {out} exists and is {kind}", help="choose another -o")
-        if out.is_dir() and not self.force and any(out.iterdir()):
-            raise WriterError("E403", f"output folder {out} exists and is not empty",
-                              help="pass --force to replace it, or choose another -o")
+        """The output path may be written (outguard.py): not an input, and absent, empty, or
+        (with force) an earlier mergelang output."""
+        try:
+            check_output(self.out_dir, self.protected, self.force)
+        except OutputError as e:
+            raise WriterError(e.code, e.message, e.help) from None
 
     def _fresh_name(self, kind: str) -> Path:
         return self.out_dir.parent / f".{self.out_dir.name}.mergelang-{kind}-{secrets.token_hex(4)}"
@@ -308,24 +307,29 @@ class CheckpointWriter:
 
     def finish(self, *, config_from: Path | None = None, dtype: str | None = None,
                recipe_text: str | None = None, recipe_filename: str = "mergelang_recipe.mrg",
-               extra_files: dict[str, str] | None = None) -> Path:
+               extra_files: dict[str, str] | None = None, copies: dict[str, Path] | None = None,
+               manifest: dict[str, Any] | None = None) -> Path:
         """Complete the checkpoint and move it into place at `out_dir` (returned).
 
         Checks every tensor was written, syncs and size-checks the shards, writes the index,
         copies ``config.json`` (its dtype set to `dtype`) and other small non-weight files from
-        `config_from`, the recipe and `extra_files`. On any failure everything is removed.
-        The writer is closed afterwards either way.
+        `config_from` (or exactly the files `copies`, checked at compile time:
+        inputs.reference_files), the recipe, `extra_files`, and last the manifest that marks the
+        folder as a mergelang output (`manifest`: extra fields). On any failure everything is
+        removed. The writer is closed afterwards either way.
         """
         if self._closed:
             raise ValueError("internal: finish() on a closed writer")
         try:
-            return self._finish(config_from, dtype, recipe_text, recipe_filename, extra_files or {})
+            return self._finish(config_from, dtype, recipe_text, recipe_filename, extra_files or {},
+                                copies, manifest)
         except BaseException:
             self.suspend() if self.resumable else self.abort()
             raise
 
     def _finish(self, config_from: Path | None, dtype: str | None, recipe_text: str | None,
-                recipe_filename: str, extra_files: dict[str, str]) -> Path:
+                recipe_filename: str, extra_files: dict[str, str], copies: dict[str, Path] | None,
+                manifest: dict[str, Any] | None) -> Path:
         with self._lock:
             missing = [name for name in self.layout.tensors if name not in self._written]
             if missing:
@@ -342,8 +346,8 @@ class CheckpointWriter:
 
         index = json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n"
         files: dict[str, str | Path] = {INDEX_NAME: index}
-        if config_from is not None:
-            files.update(self._config_files(Path(config_from), dtype, recipe_filename))
+        if copies is not None or config_from is not None:
+            files.update(self._config_files(config_from, copies, dtype, recipe_filename))
         if recipe_text is not None:
             files[recipe_filename] = recipe_text
         files.update(extra_files)
@@ -357,33 +361,36 @@ class CheckpointWriter:
         if self.resumable:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp_dir / JOURNAL_NAME)
+        try:
+            names = [p.name for p in self.tmp_dir.iterdir()]
+        except OSError as e:
+            raise _os_error(self.tmp_dir, e) from e
+        self._put(MANIFEST_NAME, manifest_text(names, extra=manifest))
         self._sync_dir(self.tmp_dir)
         self._move_into_place()
         self._finished = True
         return self.out_dir
 
-    def _config_files(self, src: Path, dtype: str | None, recipe_filename: str) -> dict[str, str | Path]:
-        """``config.json`` (dtype updated) as text, and other copyable files of `src` as Paths."""
-        out: dict[str, str | Path] = {}
+    def _config_files(self, src: Path | None, copies: dict[str, Path] | None, dtype: str | None,
+                      recipe_filename: str) -> dict[str, str | Path]:
+        """``config.json`` (dtype updated) as text, and the other files to copy as Paths: the
+        checked `copies`, or those of folder `src` (inputs.reference_files)."""
         try:
-            entries = sorted(src.iterdir())
-            cfg_path = src / "config.json"
-            if cfg_path.is_file():
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-                if dtype is not None and isinstance(cfg, dict):
+            if copies is None:
+                assert src is not None
+                copies = reference_files(Path(src), recipe_filename)
+            out: dict[str, str | Path] = dict(copies)
+            if "config.json" in copies:
+                cfg = check_json_object(copies["config.json"])
+                if dtype is not None:
                     cfg["torch_dtype"] = dtype
                     if "dtype" in cfg:
                         cfg["dtype"] = dtype
                 out["config.json"] = json.dumps(cfg, indent=2) + "\n"
-            for p in entries:
-                skip = p.name in out or p.name == recipe_filename or p.name.endswith(WEIGHT_SUFFIXES)
-                if not skip and not p.name.endswith(".index.json") and p.is_file() \
-                        and p.stat().st_size <= MAX_COPY_SIZE:
-                    out[p.name] = p
         except OSError as e:
-            raise _os_error(src, e, "cannot read") from e
-        except ValueError as e:  # malformed config.json
-            raise WriterError("E502", f"cannot read {src / 'config.json'}: {e}") from e
+            raise _os_error(src or "the reference model", e, "cannot read") from e
+        except CheckpointError as e:  # changed since the compile-time check
+            raise WriterError(e.code, e.message, e.help) from None
         return out
 
     def _put(self, fname: str, content: str | Path) -> None:

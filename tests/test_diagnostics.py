@@ -109,6 +109,19 @@ def _setup_output_exists(root: Path) -> None:
     (root / "out" / "keep.txt").write_text("x")
 
 
+def _setup_link_out(root: Path) -> None:
+    """A model folder whose shard is a symbolic link to a file outside it."""
+    (root / "elsewhere").mkdir()
+    write_model(root / "elsewhere", tensors(5))
+    (root / "linked").mkdir()
+    (root / "linked" / "model.safetensors").symlink_to(root / "elsewhere" / "model.safetensors")
+
+
+def _setup_bad_config(root: Path) -> None:
+    write_model(root / "badcfg", tensors(6))
+    (root / "badcfg" / "config.json").write_text('{"model_type": "llama",')
+
+
 def _setup_unwritable(root: Path) -> None:
     (root / "blocker").write_text("a file where a folder is needed")
 
@@ -164,8 +177,14 @@ CASES: dict[str, Case] = {
                  None, help="did you mean `density`?", action="cli-set"),
     "E402": Case('option dtyp = "bf16"\nmerge from a { "*" => a }\n', 'option dtyp = "bf16"',
                  help="did you mean `dtype`?"),
-    "E403": Case('merge from a { "*" => linear([a, b]) }\n', None, help="--force",
+    "E403": Case('merge from a { "*" => linear([a, b]) }\n', None, help="remove the folder by hand",
                  setup=_setup_output_exists, action="run"),
+    "E404": Case('merge from a { "*" => linear([a, b]) }\n', None, help="never writes over its inputs",
+                 action="run-into-input"),
+    "E314": Case('model l = "linked"\nmerge from l { "*" => l }\n', '"linked"',
+                 help="--follow-symlinks", setup=_setup_link_out),
+    "E315": Case('model k = "badcfg"\nmerge from k { "*" => k }\n', '"badcfg"',
+                 help="copy_files = false", setup=_setup_bad_config),
     "E501": Case('merge from a { "*" => checked(a, a > 100, "too small") }\n',
                  'checked(a, a > 100, "too small")', message="too small", action="evaluate"),
     "E502": Case('merge from a { "*" => linear([a, b]) }\n', None, help="permissions",
@@ -212,6 +231,8 @@ def _run_case(case: Case, root: Path) -> tuple[list[Diagnostic], str]:
             recipe.evaluate()
         elif case.action == "run":
             recipe.run(root / "out", device="cpu")
+        elif case.action == "run-into-input":
+            recipe.run(root / "a", device="cpu", force=True)
         elif case.action == "run-unwritable":
             recipe.run(root / "blocker" / "out", device="cpu")
     return ei.value.diagnostics, ei.value.render()

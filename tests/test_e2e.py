@@ -302,7 +302,16 @@ def test_existing_output_needs_force(work, models, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
     assert not list(out.glob("*.safetensors"))
 
-    cli("run", work / "linear.mrg", "-o", out, "--force")
+    # --force replaces only an earlier mergelang output: this folder is not one
+    result = cli("run", work / "linear.mrg", "-o", out, "--force", expect=1)
+    assert "E403" in result.output and "by hand" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    cli("run", work / "linear.mrg", "-o", out)  # an empty folder is fine
+    check_folder(out, models["base"])
+    result = cli("run", work / "linear.mrg", "-o", out, expect=1)
+    assert "E403" in result.output and "--force" in result.output
+    cli("run", work / "linear.mrg", "-o", out, "--force")  # its own earlier output: replaced
     check_folder(out, models["base"])
 
 

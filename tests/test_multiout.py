@@ -123,7 +123,7 @@ def test_run_writes_one_folder_per_output(models: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = ml.compile(recipe_text(models))
     assert r.run(out, device="cpu") == out
-    assert sorted(p.name for p in out.iterdir()) == ["avg", "ta", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["avg", "mergelang_manifest.json", "ta", "tb"]
     want = expected(models)
     for name in ("ta", "tb", "avg"):
         folder = out / name
@@ -210,7 +210,7 @@ def test_resume_from_a_single_output_work_folder_starts_clean(models: Path, tmp_
     wdir.mkdir()
     (wdir / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     ml.compile(recipe_text(models)).run(out, device="cpu", resume=True)
-    assert sorted(p.name for p in out.iterdir()) == ["avg", "ta", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["avg", "mergelang_manifest.json", "ta", "tb"]
 
 
 def test_existing_output_needs_force(models: Path, tmp_path: Path) -> None:
@@ -220,8 +220,16 @@ def test_existing_output_needs_force(models: Path, tmp_path: Path) -> None:
     with pytest.raises(MergelangError) as ei:
         ml.compile(recipe_text(models)).run(out, device="cpu")
     assert ei.value.codes == ["E403"]
+    with pytest.raises(MergelangError) as ei:  # not a mergelang output: --force does not help
+        ml.compile(recipe_text(models)).run(out, device="cpu", force=True)
+    assert ei.value.codes == ["E403"] and (out / "old.txt").exists()
+    (out / "old.txt").unlink()
+    ml.compile(recipe_text(models)).run(out, device="cpu")
+    with pytest.raises(MergelangError) as ei:  # an earlier output: only with force
+        ml.compile(recipe_text(models)).run(out, device="cpu")
+    assert ei.value.codes == ["E403"]
     ml.compile(recipe_text(models)).run(out, device="cpu", force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["avg", "ta", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["avg", "mergelang_manifest.json", "ta", "tb"]
 
 
 def test_cli_run_emit_plan_and_explain(models: Path, tmp_path: Path) -> None:
@@ -230,7 +238,7 @@ def test_cli_run_emit_plan_and_explain(models: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "o"), "-q", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["avg", "ta", "tb"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["avg", "mergelang_manifest.json", "ta", "tb"]
     res = runner.invoke(main, ["compile", str(recipe), "--emit", "plan"])
     assert res.exit_code == 0, res.output
     assert "\n# outputs: ta, tb, avg" in res.output
@@ -401,7 +409,7 @@ def test_example_recipe_runs_on_the_tiny_models(tmp_path: Path) -> None:
     maker.make_models(tmp_path / "models", seed=0)
     shutil.copy(repo / "examples" / "emr.mrg", tmp_path / "emr.mrg")
     out = ml.compile(tmp_path / "emr.mrg").run(tmp_path / "merged", device="cpu")
-    assert sorted(p.name for p in out.iterdir()) == ["avg", "code", "math"]
+    assert sorted(p.name for p in out.iterdir()) == ["avg", "code", "math", "mergelang_manifest.json"]
     sds = {m: read_output(tmp_path / "models" / m) for m in ("base", "math", "code")}
     floats = [k for k, v in sds["base"].items() if v.is_floating_point() and "norm" not in k]
     want = reference_emr({k: sds["base"][k].float() for k in floats},

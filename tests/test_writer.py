@@ -123,7 +123,8 @@ def test_round_trip_exact(tmp_path: Path, shard_size: int) -> None:
     index = json.loads((out / INDEX_NAME).read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert index["weight_map"] == {n: layout.where(n)[0].filename for n in tensors}
-    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME, *(s.filename for s in layout.shards)])
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME, "mergelang_manifest.json",
+                                                            *(s.filename for s in layout.shards)])
     assert leftovers(tmp_path) == []
 
 
@@ -189,7 +190,10 @@ def test_existing_output(tmp_path: Path) -> None:
     (out / "old.txt").write_text("old")
     with pytest.raises(WriterError) as ei:
         CheckpointWriter(out, layout)
-    assert ei.value.code == "E403" and "--force" in (ei.value.help or "")
+    assert ei.value.code == "E403" and "by hand" in (ei.value.help or "")
+    with pytest.raises(WriterError) as ei:  # not a mergelang output: --force does not help
+        CheckpointWriter(out, layout, force=True)
+    assert ei.value.code == "E403" and "--force" not in (ei.value.help or "")
     assert (out / "old.txt").exists() and leftovers(tmp_path) == []
 
     afile = tmp_path / "file"
@@ -198,9 +202,14 @@ def test_existing_output(tmp_path: Path) -> None:
         CheckpointWriter(afile, layout, force=True)
     assert ei.value.code == "E403"
 
+    (out / "old.txt").unlink()
+    write_all(out, {"x": torch.arange(4.0) + 1}, 100)  # an empty folder is written into
+    with pytest.raises(WriterError) as ei:  # its own earlier output: only with force
+        CheckpointWriter(out, layout)
+    assert ei.value.code == "E403" and "--force" in (ei.value.help or "")
     with CheckpointWriter(out, layout, force=True) as w:
         w.write("x", tensors["x"])
-        assert (out / "old.txt").exists()  # untouched until finish
+        assert (out / "mergelang_manifest.json").exists()  # untouched until finish
         w.finish()
     assert not (out / "old.txt").exists()
     assert torch.equal(load_dir(out)["x"], tensors["x"])
@@ -295,8 +304,9 @@ def test_config_and_side_files(tmp_path: Path, with_dtype_key: bool) -> None:
         cfg["dtype"] = "float32"
     (src / "config.json").write_text(json.dumps(cfg))
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json", "tokenizer.model"]:
-        (src / name).write_text(f"content of {name}")
+                 "generation_config.json"]:
+        (src / name).write_text(json.dumps({"content of": name}))
+    (src / "tokenizer.model").write_text("content of tokenizer.model")
     for name in ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json", "model.onnx", "weights.gguf", "mergelang_recipe.mrg"]:
         (src / name).write_text("weights")
@@ -311,12 +321,14 @@ def test_config_and_side_files(tmp_path: Path, with_dtype_key: bool) -> None:
     if with_dtype_key:
         assert new_cfg["dtype"] == "bfloat16"
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json", "tokenizer.model"]:
-        assert (out / name).read_text() == f"content of {name}"
+                 "generation_config.json"]:
+        assert json.loads((out / name).read_text()) == {"content of": name}
+    assert (out / "tokenizer.model").read_text() == "content of tokenizer.model"
     names = {p.name for p in out.iterdir()}
     assert names == {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "generation_config.json", "tokenizer.model", "mergelang_recipe.mrg", "README.md",
-                     INDEX_NAME, "model-00001-of-00001.safetensors"}
+                     INDEX_NAME, "model-00001-of-00001.safetensors", "mergelang_manifest.json"}
+    assert json.loads((out / "mergelang_manifest.json").read_text())["files"] == sorted(names)
     assert (out / "mergelang_recipe.mrg").read_text() == "merge base\n"
     assert (out / "README.md").read_text() == "# merged\n"
     assert json.loads((out / INDEX_NAME).read_text())["weight_map"] == {"x": "model-00001-of-00001.safetensors"}
