@@ -104,25 +104,67 @@ class Pattern(Node):
     captures: tuple[str, ...]
 
     def match(self, name: str) -> dict[str, int | str] | None:
-        m = _compiled(self.regex).fullmatch(name)
+        m = compile_pattern(self.regex, self.kind).fullmatch(name)
         if m is None:
             return None
         out: dict[str, int | str] = {}
         for key, value in m.groupdict().items():
             if value is None:
                 continue
-            out[key] = int(value) if value.isdigit() else value
+            v: int | str = int(value) if value.isdigit() else value
+            base, dup, _ = key.partition(REPEAT)
+            if dup:  # a capture named twice in a glob: both places must hold the same number
+                if out.get(base, v) != v:
+                    return None
+                continue
+            out[key] = v
         return out
 
 
-_REGEX_CACHE: dict[str, re.Pattern] = {}
+#: a glob capture used twice, `{i}.x.{i}`, becomes groups `i` and `i__again_2` compared after
+#: matching (the linear-time engine has no backreferences)
+REPEAT = "__again_"
+#: a glob with at most this many wildcards runs on Python's `re` (its generated regex has no
+#: nested quantifiers, and a handful of `.*` stays fast); user regexes and wilder globs run on
+#: RE2, whose matching time is linear in the name's length whatever the pattern
+FAST_GLOB_WILDCARDS = 4
+_REGEX_CACHE: dict[tuple[str, str], object] = {}
 
 
-def _compiled(regex: str) -> re.Pattern:
-    pat = _REGEX_CACHE.get(regex)
+class PatternError(ValueError):
+    """A regex the linear-time engine cannot compile (syntax, lookaround, backreference)."""
+
+
+def compile_pattern(regex: str, kind: str = "regex"):
+    """The compiled matcher of a pattern's regex (cached): RE2 for user regexes and globs with
+    many wildcards, Python's `re` for simple globs. Raises PatternError."""
+    key = (regex, kind)
+    pat = _REGEX_CACHE.get(key)
     if pat is None:
-        pat = _REGEX_CACHE[regex] = re.compile(regex)
+        if kind == "glob" and regex.count(".*") + regex.count("\\d+") <= FAST_GLOB_WILDCARDS:
+            pat = re.compile(regex)
+        else:
+            pat = _re2(regex)
+        _REGEX_CACHE[key] = pat
     return pat
+
+
+def _re2(regex: str):
+    import re2
+
+    opts = re2.Options()
+    opts.log_errors = False
+    try:
+        return re2.compile(regex, opts)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        try:
+            re.compile(regex)
+        except re.error:
+            raise PatternError(f"invalid regular expression: {reason}") from None
+        raise PatternError(f"this regular expression needs a feature mergelang does not run "
+                           f"({reason}): patterns are matched in linear time (RE2 syntax), "
+                           "without lookarounds or backreferences") from None
 
 
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -137,7 +179,8 @@ def glob_to_regex(text: str) -> tuple[str, tuple[str, ...]]:
         out.append(_glob_chunk(text[pos : m.start()]))
         name = m.group(1)
         if name in captures:
-            out.append(f"(?P={name})")
+            repeats = sum(1 for c in out if f"(?P<{name}{REPEAT}" in c) + 2
+            out.append(f"(?P<{name}{REPEAT}{repeats}>\\d+)")
         else:
             captures.append(name)
             out.append(f"(?P<{name}>\\d+)")

@@ -70,6 +70,8 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -94,6 +96,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                                   f"supported: {', '.join(sorted(ST_TO_NAME))}", "E206")
         if any(d < 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension")
+        if not _shape_fits(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, too large for "
+                                  "any tensor library (sizes and strides must fit in 63 bits)",
+                                  "the file is corrupt or hostile")
         dtype = ST_TO_NAME[st_dtype]
         info = TensorInfo(name, shape, dtype, path, base + begin, base + end)
         if begin < 0 or end < begin or end > data_len:
@@ -118,6 +124,18 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor are not "
                               "covered by the header", "the file is corrupt or has trailing data")
     return out
+
+
+def _shape_fits(shape: tuple[int, ...]) -> bool:
+    """Every dimension, and the product of the non-zero ones (the largest stride), below 2**62."""
+    total = 1
+    for d in shape:
+        if d >= 1 << 62:
+            return False
+        total *= max(d, 1)
+        if total >= 1 << 62:
+            return False
+    return len(shape) <= 64
 
 
 def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int]:
@@ -176,7 +194,7 @@ class ModelSource:
         if self.folder is not None and (self.folder / "config.json").is_file():
             try:
                 return json.loads((self.folder / "config.json").read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, RecursionError):
                 return None
         return None
 
@@ -340,8 +358,20 @@ class DictSource(ModelSource):
         import torch
 
         for name, t in self._tensors.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"tensor names must be strings, got the {type(name).__name__} "
+                                      f"key {name!r}", "use a state dict: {name: tensor}")
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
+            if t.layout != torch.strided:
+                raise CheckpointError(f"tensor {name!r} is {str(t.layout).removeprefix('torch.')}",
+                                      "pass dense tensors (tensor.to_dense())")
+            if t.device.type == "meta":
+                raise CheckpointError(f"tensor {name!r} is on the meta device and has no data",
+                                      "load the weights first (e.g. without device_map='meta')")
+            if dtype_name(t.dtype) not in ITEMSIZE:
+                raise CheckpointError(f"tensor {name!r} has unsupported dtype {t.dtype}",
+                                      "floating-point, integer and bool tensors are supported", "E206")
             self._table[name] = TensorInfo(name, tuple(t.shape), dtype_name(t.dtype))
 
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -418,7 +448,7 @@ def _index_files(folder: Path, index: Path, root: Path, follow: bool = False) ->
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
     files: list[Path] = []
     for fname in dict.fromkeys(weight_map.values()):

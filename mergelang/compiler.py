@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,6 +95,23 @@ def _literal(node: ast.Expr) -> Any:
     raise ValueError("not a literal")
 
 
+def _bad_param_value(v: Any, depth: int = 0) -> str | None:
+    """None when `v` can be a param's value, else what it is (for the diagnostic)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return None
+    if isinstance(v, float):
+        return None if math.isfinite(v) else f"the non-finite number {v}"
+    if isinstance(v, (list, tuple)) and depth < 16:
+        for item in v:
+            bad = _bad_param_value(item, depth + 1)
+            if bad is not None:
+                return f"a list holding {bad}"
+        return None
+    kind = type(v).__name__
+    return f"{'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}" + (
+        " (a state dict is a model, not a param)" if isinstance(v, Mapping) else "")
+
+
 def _to_value(v: Any) -> Value:
     if isinstance(v, (list, tuple)):
         return ListV(tuple(_to_value(i) for i in v))
@@ -112,6 +130,11 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     gc.disable()
     try:
         return _compile_recipe(source, base_dir, overrides, options, allow_pickle, follow_symlinks)
+    except RecursionError:  # the parser bounds expression nesting; this is the last safety net
+        raise MergelangError(error(
+            "E110", "the recipe nests too deeply to compile (functions calling functions with "
+            "deeply nested expressions)", None, "flatten it: fewer nested calls, `let` for "
+            "intermediate values")) from None
     finally:
         if enabled:
             gc.enable()
@@ -130,8 +153,9 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     declared = {d.name for d in [*unit.models, *unit.params]}
     for name in overrides:
         if name not in declared:
-            diags.add(error("E401", f"--set {name}: the recipe declares no param or model `{name}`",
-                            None, did_you_mean(name, declared) or
+            diags.add(error("E401", f"cannot set `{name}` (--set or keyword argument): the recipe "
+                            f"declares no param or model `{name}`", None,
+                            did_you_mean(name, declared) or
                             f"declared: {', '.join(sorted(declared)) or 'nothing'}"))
     el = Elaborator(unit.fns, {}, {}, {}, diags)
     el.models = {m.name: None for m in unit.models}  # names resolve while params are evaluated
@@ -140,6 +164,12 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     params_ok = True
     for decl in unit.params:
         if decl.name in overrides:
+            bad = _bad_param_value(overrides[decl.name])
+            if bad is not None:
+                params_ok = False
+                diags.add(error("E401", f"param `{decl.name}` cannot be set to {bad}", decl.value.span,
+                                "a param is a number, bool, string, none or a list of them"))
+                continue
             params[decl.name] = _to_value(overrides[decl.name])
             continue
         try:

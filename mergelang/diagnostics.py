@@ -275,6 +275,7 @@ CODES: dict[str, str] = {
     "E107": "argument given twice",
     "E108": "recursive function",
     "E109": "invalid pattern",
+    "E110": "recipe nested too deeply",
     # types and values
     "E201": "type mismatch",
     "E202": "shape mismatch",

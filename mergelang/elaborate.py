@@ -10,6 +10,7 @@ in the library it happened.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -23,6 +24,9 @@ from .types import TType, is_floating
 from .values import REQUIRED, Const, ListV, ModelV, Param, Signature, TensorV, Value, is_number
 
 MAX_DEPTH = 64
+#: compile-time integers stay below 2**MAX_INT_BITS (a bound on work: `10 ** 10 ** 10` would
+#: take hours to compute and gigabytes to hold)
+MAX_INT_BITS = 256
 
 BINOPS: dict[str, Op] = {
     "add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "div": Op.DIV, "pow": Op.POW, "eq": Op.EQ,
@@ -422,6 +426,10 @@ class Elaborator:
             if not (isinstance(x, bool) and isinstance(y, bool)):
                 raise self.error("E201", f"`{op}` needs bools", span)
             return (x and y) if op == "and" else (x or y)
+        if op == "pow" and isinstance(x, int) and isinstance(y, int) and y > 0 and abs(x) > 1 \
+                and y * (abs(x).bit_length() - 1) > MAX_INT_BITS:  # decided before computing it
+            raise self.error("E203", f"{x} ** {y} is out of range (compile-time integers stay "
+                             f"below 2**{MAX_INT_BITS})", span)
         try:
             out = PYOPS[op](x, y)
         except ZeroDivisionError:
@@ -430,6 +438,12 @@ class Elaborator:
             raise self.error("E203", f"invalid arithmetic: {exc}", span) from None
         if isinstance(out, complex):
             raise self.error("E203", "this power has no real value", span)
+        if isinstance(out, int) and not isinstance(out, bool) and out.bit_length() > MAX_INT_BITS:
+            raise self.error("E203", f"the result is out of range (compile-time integers stay "
+                             f"below 2**{MAX_INT_BITS})", span)
+        if isinstance(out, float) and not math.isfinite(out):
+            raise self.error("E203", f"the result {out} is not a finite number", span,
+                             "compile-time arithmetic stays within 64-bit floats")
         return out
 
     def logical_not(self, v: Value, span: Span) -> Value:
@@ -444,9 +458,12 @@ class Elaborator:
         """Apply a unary elementwise op: in Python for compile-time numbers, else a node."""
         if py is not None and is_number(v):
             try:
-                return Const(py(float(v.value)))  # type: ignore[union-attr]
+                out = py(float(v.value))  # type: ignore[union-attr]
             except (ValueError, OverflowError, ZeroDivisionError):
                 raise self.error("E203", f"{op.value}({v.value}) is undefined", span) from None  # type: ignore[union-attr]
+            if isinstance(out, float) and not math.isfinite(out):
+                raise self.error("E203", f"{op.value}({v.value}) is not a finite number", span)  # type: ignore[union-attr]
+            return Const(out)
         if isinstance(v, ListV) and v.scalars and py is not None:
             return ListV(tuple(self.unary(op, i, span, py, **attrs) for i in v.items))
         return TensorV(self.make(op, [self.to_node(v, span)], Attrs(attrs), span))

@@ -77,7 +77,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         if not isinstance(header, dict) or header.get("mergelang_journal") != JOURNAL_VERSION \
                 or not isinstance(header.get("fingerprint"), dict):
             raise ValueError
-    except ValueError:
+    except (ValueError, RecursionError):
         raise JournalError("E505", f"{path} is not a mergelang journal (or is from another version)",
                            "run without --resume to start over") from None
     entries: dict[str, int] = {}
@@ -87,7 +87,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
             name, crc = e["name"], e["crc32c"]
             if isinstance(name, str) and isinstance(crc, int):
                 entries[name] = crc
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue  # a torn or empty line
     return header, entries
 

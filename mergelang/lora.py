@@ -84,7 +84,9 @@ class LoraSource(ModelSource):
             raise CheckpointError(f"no {ADAPTER_FILES[0]} in {folder}", code="E301")
         try:
             self.cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            if not isinstance(self.cfg, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"cannot read {cfg_path}: {exc}",
                                   "a PEFT adapter folder has adapter_config.json") from None
         if folder.is_dir():  # the adapter's weights must lie inside its folder (inputs.py)

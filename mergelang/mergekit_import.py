@@ -202,9 +202,12 @@ class Translator(ConfigReader):
             return f'"{self.layer_prefix}.{{i}}.*' + (f"{required[0]}*" if required else "") + '"'
         if not layer and len(required) <= 1 and not special:
             return f'"*{required[0]}*"' if required else '"*"'
-        look = "".join(f"(?=.*{re.escape(f)})" for f in required)
+        # "contains every filter", in any order, without lookaheads (patterns run on RE2): one
+        # alternative per order (filters are few: mergekit configs name one to three)
+        orders = itertools.permutations([re.escape(f) for f in required])
+        body = "|".join(".*" + ".*".join(o) + ".*" for o in orders)
         prefix = re.escape(self.layer_prefix) + r"\.(?P<i>\d+)\." if layer else ""
-        return f're"{prefix}{look}.*"'
+        return f're"{prefix}(?:{body})"'
 
     # ------------------------------------------------------------ driver
     def translate(self) -> Result:
@@ -259,7 +262,7 @@ class Translator(ConfigReader):
         path = self.local_paths.get(refs[0]) if refs else None
         if path is None:
             return lines
-        from .ast import glob_to_regex
+        from .ast import compile_pattern, glob_to_regex
         from .checkpoint import CheckpointError, open_model
 
         try:
@@ -276,7 +279,8 @@ class Translator(ConfigReader):
             head = line.split(" => ", 1)[0]
             pat = head.split(" if ", 1)[0].strip()
             regex = pat[3:-1] if pat.startswith('re"') else glob_to_regex(pat[1:-1])[0]
-            compiled.append((re.compile(regex), " if " in head))
+            compiled.append((compile_pattern(regex, "regex" if pat.startswith('re"') else "glob"),
+                             " if " in head))
         used: set[int] = set()
         for n in names:  # first match wins; a guarded rule may let the tensor fall through
             for k, (rx, guarded) in enumerate(compiled):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast as pyast
 import hashlib
+import math
 import re
 from functools import lru_cache
 
@@ -100,6 +101,10 @@ def _syntax_error(src: SourceFile, exc: lark.exceptions.LarkError) -> CompileErr
         return CompileError(error("E001", "unexpected end of file", span,
                                   f"expected {_expected(set(exc.expected))}"))
     return CompileError(error("E001", f"syntax error: {exc}", None))
+
+
+#: the longest integer literal (digits): compile-time integers stay below 2**256
+MAX_INT_DIGITS = 77
 
 
 def _unquote(src: SourceFile, tok: Token) -> str:
@@ -209,9 +214,10 @@ class _Builder(Transformer):
         text = str(c[0])[3:-1]
         span = self._span(meta)
         try:
-            compiled = re.compile(text)
-        except re.error as exc:
-            raise CompileError(error("E109", f"invalid regular expression: {exc}", span))
+            compiled = ast.compile_pattern(text, "regex")
+        except ast.PatternError as exc:
+            raise CompileError(error("E109", str(exc), span,
+                                     "e.g. re\"model\\.layers\\.(?P<i>\\d+)\\..*\"")) from None
         return ast.Pattern(span, "regex", text, text, tuple(compiled.groupindex))
 
     # ---- expressions
@@ -258,8 +264,18 @@ class _Builder(Transformer):
     @v_args(meta=True)
     def number(self, meta, c):
         text = str(c[0])
-        value: int | float = int(text) if re.fullmatch(r"\d+", text) else float(text)
-        return ast.Number(self._span(meta), value)
+        span = self._span(meta)
+        digits = text.lstrip("0") or "0"
+        if re.fullmatch(r"\d+", text):
+            if len(digits) > MAX_INT_DIGITS:  # before int(): Python refuses > 4300 digits anyway
+                raise CompileError(error("E203", f"integer literal with {len(digits)} digits is out "
+                                         f"of range (at most {MAX_INT_DIGITS} digits)", span))
+            return ast.Number(span, int(text))
+        value = float(text)
+        if not math.isfinite(value):
+            raise CompileError(error("E203", f"number literal {text[:40]} is out of range of a "
+                                     "64-bit float", span))
+        return ast.Number(span, value)
 
     @v_args(meta=True)
     def string(self, meta, c):
@@ -303,12 +319,35 @@ def _parse(src: SourceFile, start: str):
         tree = _parser().parse(src.text, start=start)
     except lark.exceptions.LarkError as exc:
         raise _syntax_error(src, exc) from None
+    _check_depth(src, tree)
     try:
         return _Builder(src).transform(tree)
     except lark.exceptions.VisitError as exc:
         if isinstance(exc.orig_exc, CompileError):
             raise exc.orig_exc from None
         raise
+
+
+#: the deepest nesting of expressions (parentheses, lists, calls, operator chains) a recipe may
+#: have: every later stage walks expressions recursively, and real recipes stay below 20
+MAX_NESTING = 100
+
+
+def _check_depth(src: SourceFile, tree: lark.Tree) -> None:
+    """E001 when the parse tree nests deeper than MAX_NESTING (an explicit stack: no recursion)."""
+    stack: list[tuple[object, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, lark.Tree):
+            continue
+        if depth > MAX_NESTING:
+            meta = node.meta
+            start = getattr(meta, "start_pos", None)
+            span = Span(src, start, getattr(meta, "end_pos", start)) if start is not None else None
+            raise CompileError(error(
+                "E001", f"expression nested more than {MAX_NESTING} levels deep", span,
+                "split it with `let` in a function, or write a long sum as sum([...]) or a loop"))
+        stack.extend((c, depth + 1) for c in node.children)
 
 
 def parse_program(src: SourceFile) -> ast.Program:

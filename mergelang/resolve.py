@@ -39,11 +39,12 @@ def check_unit(unit: Unit, diags: Diagnostics, user_only: bool = True) -> None:
             seen[let.name] = let
             scope.add(let.name)
         _expr(fn.ret, scope, unit, diags, calls, fn.name)
+    top = set(globals_)  # shared, never changed: one copy per declaration made this quadratic
     for decl in [*unit.params, *unit.options, *unit.models]:
-        _expr(decl.value, set(globals_), unit, diags, calls, None)
+        _expr(decl.value, top, unit, diags, calls, None)
     for block in unit.blocks:
         for rule in block.rules:
-            scope = set(globals_) | set(rule.pattern.captures)
+            scope = top | set(rule.pattern.captures) if rule.pattern.captures else top
             if rule.guard is not None:
                 _expr(rule.guard, scope, unit, diags, calls, None)
             _expr(rule.expr, scope, unit, diags, calls, None)

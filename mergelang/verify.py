@@ -45,7 +45,7 @@ def verify_output(folder: Path, layout: Any) -> str | None:
         index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         total = index["metadata"]["total_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         return f"the index {INDEX_NAME} is unreadable ({e})"
     if not isinstance(weight_map, dict) or set(weight_map) != set(layout.tensors):
         return f"the index {INDEX_NAME} does not name exactly the planned tensors"
