@@ -37,6 +37,7 @@ import torch
 from .graph import MergeGraph, Node
 from .ops import ELEMENTWISE, Op
 from .plan import ExecutionPlan, frees_after, live_bytes, schedule
+from .types import format_bytes
 from .types import TType
 
 #: ops whose result keeps the row axis of their (row) arguments, element for element
@@ -58,11 +59,28 @@ class Unchunked:
     def message(self, budget: int) -> str:
         if self.split:
             return (f"tensor `{self.name}` runs in single-row chunks, but one row needs "
-                    f"{self.peak_bytes / 1e9:.2f} GB of live tensors, above the memory budget "
-                    f"({budget / 1e9:.2f} GB); it may exceed the budget")
-        return (f"tensor `{self.name}` needs {self.peak_bytes / 1e9:.2f} GB of live tensors, above "
-                f"the memory budget ({budget / 1e9:.2f} GB), and cannot be split into row chunks: "
+                    f"{format_bytes(self.peak_bytes)} of live tensors, above the memory budget "
+                    f"({format_bytes(budget)}); it may exceed the budget")
+        return (f"tensor `{self.name}` needs {format_bytes(self.peak_bytes)} of live tensors, above "
+                f"the memory budget ({format_bytes(budget)}), and cannot be split into row chunks: "
                 f"{self.reason}; it runs whole and may exceed the budget")
+
+
+def over_budget_summary(items: list[Unchunked], budget: int) -> list[str]:
+    """The warnings for tensors above the memory budget: one line each for up to three, else one
+    summary line (the largest named, the reasons counted) instead of one line per tensor."""
+    if len(items) <= 3:
+        return [u.message(budget) for u in items]
+    top = max(items, key=lambda u: u.peak_bytes)
+    reasons: dict[str, int] = {}
+    for u in items:
+        key = "one row alone is above the budget" if u.split else u.reason
+        reasons[key] = reasons.get(key, 0) + 1
+    why = "; ".join(f"{n} because {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return [f"{len(items)} tensors need more live memory than the memory budget "
+            f"({format_bytes(budget)}) and cannot be split into row chunks small enough ({why}); "
+            f"the largest is `{top.name}` ({format_bytes(top.peak_bytes)}). They run whole and "
+            "may exceed the budget"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from .diagnostics import Diagnostic, MergelangError, error
-from .types import parse_bytes
+from .types import format_bytes, parse_bytes, plural
 
 
 def _echo_diags(diags: list[Diagnostic]) -> None:
@@ -62,9 +62,9 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in sets:
         name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise MergelangError(error("E401", f"--set {item!r}: expected NAME=VALUE", None,
-                                       "e.g. --set density=0.3 or --set base=./other-model"))
+        if not eq or not name.strip():  # a usage error (exit 2), like any malformed option
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. --set density=0.3 or "
+                                     "--set base=./other-model", param_hint="--set")
         out[name.strip()] = parse_override(value.strip())
     return out
 
@@ -179,8 +179,10 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     if budget is not None:  # tensors above the budget run in row chunks; name those that cannot
         from .chunking import chunk_plan
 
-        for u in chunk_plan(plan, budget).unchunked:
-            click.echo(f"warning: {u.message(budget)}", err=True)
+        from .chunking import over_budget_summary
+
+        for line in over_budget_summary(chunk_plan(plan, budget).unchunked, budget):
+            click.echo(f"warning: {line}", err=True)
     from .execute import resolve_device
 
     try:
@@ -210,7 +212,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r.close()
     if not quiet and not log_json:
         secs = time.perf_counter() - start
-        click.echo(f"merged {len(r.outputs)} tensors ({plan.write_bytes / 1e6:.1f} MB) into {path} "
+        click.echo(f"merged {len(r.outputs)} tensors ({format_bytes(plan.write_bytes)}) into {path} "
                    f"in {secs:.1f}s", err=True)
 
 
@@ -235,8 +237,8 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
     plan = r.compilation.plan
     outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
-    click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {plan.read_bytes / 1e6:.1f} MB, "
-               f"writes {plan.write_bytes / 1e6:.1f} MB, {len(r.warnings)} warnings")
+    click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {format_bytes(plan.read_bytes)}, "
+               f"writes {format_bytes(plan.write_bytes)}, {plural(len(r.warnings), 'warning')}")
     r.close()
 
 
@@ -297,10 +299,21 @@ def methods(show_all: bool) -> None:
 BLOCK_FILES = ("core.mrg", "sparsify.mrg")
 
 
+#: abbreviations after which a period does not end a sentence
+_ABBREVIATIONS = ("et al.", "e.g.", "i.e.", "vs.", "cf.", "approx.", "Fig.", "Eq.", "resp.")
+
+
 def _first_sentence(doc: str) -> str:
     text = " ".join(doc.split())
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+    start = 0
+    while True:
+        end = text.find(". ", start)
+        if end < 0:
+            return text
+        if any(text[: end + 1].endswith(a) for a in _ABBREVIATIONS):
+            start = end + 2
+            continue
+        return text[: end + 1]
 
 
 @main.command(name="import-mergekit")
@@ -319,8 +332,13 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
         raise MergelangError(result.diagnostics)
     _echo_diags(result.diagnostics)
     if out:
-        Path(out).write_text(result.text)
-        click.echo(f"wrote {out} ({len(result.diagnostics)} warnings)", err=True)
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(result.text)
+        except OSError as e:
+            raise MergelangError(error("E502", f"cannot write {out}: {e.strerror or e}", None,
+                                       "check the folder exists and is writable")) from None
+        click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)
 
@@ -332,10 +350,13 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
               show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE (needed for png)")
+@click.option("--ops", is_flag=True,
+              help="draw the op-level graph (one cluster per group of same-shaped tensors) instead "
+                   "of models -> rules -> outputs")
 @_guard
-def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None) -> None:
-    """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw its graph."""
-    from .explain import explain_dot, explain_text, render
+def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False) -> None:
+    """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw it."""
+    from .explain import explain_dot, explain_rules_dot, explain_text, render
 
     r = _compile(recipe, sets)
     try:
@@ -343,7 +364,7 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None) -> No
         if fmt == "text":
             data: str | bytes = explain_text(c)
         else:
-            dot = explain_dot(c)
+            dot = explain_dot(c) if ops else explain_rules_dot(c)
             data = dot if fmt == "dot" else render(dot, fmt)
     finally:
         r.close()

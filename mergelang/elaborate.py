@@ -20,7 +20,7 @@ from .checkpoint import ModelSource, TensorInfo
 from .diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean, error, warning
 from .graph import MergeGraph
 from .ops import ELEMENTWISE, Attrs, Op, TypeRuleError
-from .types import TType, is_floating
+from .types import TType, format_shape, is_floating
 from .values import REQUIRED, Const, ListV, ModelV, Param, Signature, TensorV, Value, is_number
 
 MAX_DEPTH = 64
@@ -390,9 +390,39 @@ class Elaborator:
         try:
             return self.graph.make(op, args, attrs, span)
         except TypeRuleError as exc:
+            loads = self._loads_of(args) if exc.code == "E202" else []
+            shapes = {m: sh for m, _, sh in loads}
+            if len(shapes) >= 2 and len(set(shapes.values())) >= 2:
+                # name the models and their shapes, not the internal op the error surfaced in
+                tensors = sorted({t for _, t, _ in loads})
+                listed = ", ".join(f"`{m}` is {format_shape(sh)}" for m, sh in shapes.items())
+                msg = (f"the models' tensors have different shapes: {listed} (tensor "
+                       f"{', '.join(f'`{t}`' for t in tensors[:3])})")
+                raise self.error("E202", msg, span, exc.help or "merged models need the same "
+                                 "architecture: check the model paths, or route this tensor with its "
+                                 "own rule (e.g. `=> base`)") from None
             types = ", ".join(str(self.graph.node(a).type) for a in args)
             msg = f"{exc} (in `{op.value}` of {types})" if args else str(exc)
             raise self.error(exc.code, msg, span, exc.help) from None
+
+    def _loads_of(self, args: list[int], limit: int = 256) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The (model, tensor, shape) of the loads the operands come from (a bounded walk)."""
+        g = self.graph
+        out: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        stack, seen = list(args), set()
+        while stack and len(seen) < limit:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            node = g.node(nid)
+            if node.op == Op.LOAD:
+                model = node.attrs.get("model")
+                if isinstance(model, str) and model not in out:
+                    out[model] = (model, str(node.attrs.get("tensor")), tuple(node.type.shape))
+                continue
+            stack.extend(node.args)
+        return sorted(out.values())
 
     def binop(self, op: str, a: Value, b: Value, span: Span) -> Value:
         if op in ("eq", "ne") and (_is_none(a) or _is_none(b)):

@@ -3,7 +3,9 @@
 - `explain_text`: which rule each group of tensors matched (layer numbers collapsed, e.g.
   `model.layers.{0..31}.mlp.up_proj.weight`), the methods each rule calls, bytes read per model and
   written, the plan's estimated peak of live tensor memory and an I/O time estimate.
-- `explain_dot`: the optimized graph as DOT; outputs whose subgraphs have the same structure
+- `explain_rules_dot`: the user's view as DOT: models -> rules (methods, tensor groups, bytes,
+  time estimates) -> outputs; what `--format dot|svg|png` draws.
+- `explain_dot`: the optimized graph as DOT (`--ops`); outputs whose subgraphs have the same structure
   (typically the same tensor in every layer) are drawn once, as one cluster labelled with the
   collapsed names and a count.
 - `render`: DOT -> svg/png with Graphviz's `dot` program when it is installed.
@@ -233,6 +235,65 @@ def _const_label(values: list[Any]) -> str:
     if all(isinstance(v, (int, float)) for v in distinct):
         return f"{min(distinct):.4g} .. {max(distinct):.4g}\\n({len(distinct)} values)"
     return f"{len(distinct)} values"
+
+
+def _names(e: Any) -> set[str]:
+    """The names an expression mentions (models among them)."""
+    out: set[str] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, ast.Name):
+            out.add(x.id)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                if f.name != "span":
+                    walk(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for i in x:
+                walk(i)
+
+    walk(e)
+    return out
+
+
+def explain_rules_dot(c: Compilation) -> str:
+    """The user's view as DOT: models -> rules (pattern, methods, the tensor groups they produce,
+    bytes written, an I/O time estimate) -> outputs. `explain_dot` draws the op-level graph."""
+    g = c.optimized
+    written = {g.node(o).attrs["name"]: g.node(o).type.nbytes for o in g.outputs()}
+    lines = ["digraph mergelang {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];',
+             '  graph [fontname="Helvetica", fontsize=11];']
+    for name, src in c.models.items():
+        size = sum(i.nbytes for i in src.tensors().values()) if src is not None else 0
+        lines.append(f'  m_{name} [label="{_esc(name)}\\n{_size(size)}", shape=ellipse];')
+    for b, block in enumerate(c.unit.blocks):
+        by_rule, _ = rule_assignment(c, block)
+        outs = block.outputs or ("OUTDIR",)
+        for o in outs:
+            lines.append(f'  o_{b}_{re.sub(r"[^A-Za-z0-9_]", "_", o)} [label="{_esc(o)}", '
+                         'style=filled, fillcolor="#e8f0fe"];')
+        for i, rule in enumerate(block.rules):
+            names = by_rule.get(i, [])
+            nbytes = sum(written.get(n, 0) for n in names) if not block.outputs else \
+                sum(written.get(f"{o}/{n}", 0) for o in block.outputs for n in names)
+            groups = collapse(names)
+            shown = "\\n".join(_esc(x) for x in groups[:4]) + (f"\\n... {len(groups) - 4} more groups"
+                                                                if len(groups) > 4 else "")
+            calls = ", ".join(_calls(rule.expr)) or "copy"
+            secs = nbytes / ASSUMED_IO_BYTES_PER_S
+            label = (f"[{i + 1}] {_esc(_one_line(rule.pattern.span.text, 60))}\\n{_esc(calls)}\\n"
+                     f"{len(names)} tensors, {_size(nbytes)} written, "
+                     f"{'<0.01' if secs < 0.01 else f'~{secs:.2f}'} s of I/O at 1 GB/s"
+                     + (f"\\n{shown}" if names else "\\nmatches no tensor"))
+            rid = f"r_{b}_{i}"
+            lines.append(f'  {rid} [label="{label}"{", style=dashed" if not names else ""}];')
+            for m in sorted(_names(rule.expr) & set(c.models)):
+                lines.append(f"  m_{m} -> {rid};")
+            if names:
+                for o in outs:
+                    lines.append(f'  {rid} -> o_{b}_{re.sub(r"[^A-Za-z0-9_]", "_", o)};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def explain_dot(c: Compilation) -> str:

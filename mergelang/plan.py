@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .graph import MergeGraph, attrs_text, emit_order
 from .ops import Op
+from .types import format_bytes
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,4 @@ def _rows(n) -> str:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
+    return format_bytes(n)

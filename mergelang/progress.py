@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import IO, Callable, Iterator
@@ -84,6 +85,23 @@ def reporter(plan: ExecutionPlan, quiet: bool, log_json: bool
         return
     from tqdm import tqdm
 
+    # leave=True: the finished bar stays on screen (100%, the time taken). A ticker redraws the
+    # bar twice a second, so a long first step (a whole-tensor selection, a statistics pass)
+    # shows the elapsed time moving instead of a frozen 0%.
     with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-              desc="merging", disable=quiet or None, file=sys.stderr, leave=False) as bar:
-        yield bar.update, lambda _path: None
+              desc="merging", disable=quiet or None, file=sys.stderr, leave=True) as bar:
+        stop = threading.Event()
+        ticker = None
+        if not bar.disable:
+            def tick() -> None:
+                while not stop.wait(0.5):
+                    bar.refresh()
+
+            ticker = threading.Thread(target=tick, name="mergelang-progress", daemon=True)
+            ticker.start()
+        try:
+            yield bar.update, lambda _path: None
+        finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()

@@ -141,3 +141,17 @@ def parse_bytes(text: str | int) -> int:
     from pydantic import ByteSize, TypeAdapter
 
     return int(TypeAdapter(ByteSize).validate_python(text))
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count in binary units, the one convention of every message: `512 B`, `1.5 MiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def plural(n: int, word: str) -> str:
+    """`1 warning`, `2 warnings`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

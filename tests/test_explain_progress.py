@@ -75,8 +75,20 @@ def test_explain_text(recipe):
     assert "estimated time:" in out and "graph:" in out
 
 
-def test_explain_dot_collapses_layers(recipe, tmp_path):
+def test_explain_dot_draws_models_rules_and_outputs(recipe, tmp_path):
     dot = _invoke("explain", str(recipe), "--format", "dot").stdout
+    assert dot.startswith("digraph mergelang {") and dot.rstrip().endswith("}")
+    assert "subgraph" not in dot  # the user's view, not the op graph
+    rules = re.findall(r'(r_\d+_\d+) \[label="([^"]*)"', dot.replace('\\"', "'"))
+    assert len(rules) >= 2
+    assert all(re.search(r"\d+ tensors, [\d.]+ (B|KiB|MiB|GiB) written", label) for _, label in rules)
+    for rid, label in rules:  # every rule is fed by a model and (if it matches) feeds the output
+        assert re.search(rf"m_\w+ -> {rid};", dot)
+        assert bool(re.search(rf"{rid} -> o_0_OUTDIR;", dot)) == ("matches no tensor" not in label)
+
+
+def test_explain_dot_ops_collapses_layers(recipe, tmp_path):
+    dot = _invoke("explain", str(recipe), "--format", "dot", "--ops").stdout
     assert dot.startswith("digraph mergelang {") and dot.rstrip().endswith("}")
     clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="([^"]*)";', dot)
     # norms (copies), slerp layers (one structure, t varies), ties (one structure): few clusters
@@ -94,7 +106,7 @@ def test_explain_dot_collapses_layers(recipe, tmp_path):
         assert a in nodes and b in nodes and a.split("_")[0] == b.split("_")[0]
     assert dot.count("write float32") == len(clusters)
     out = tmp_path / "g.dot"
-    _invoke("explain", str(recipe), "--format", "dot", "-o", str(out))
+    _invoke("explain", str(recipe), "--format", "dot", "--ops", "-o", str(out))
     assert out.read_text() == dot
 
 

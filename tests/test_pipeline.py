@@ -216,8 +216,9 @@ def test_cli_memory_budget(tmp_path):
     tight = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "tight"), "--quiet",
                                  "--device", "cpu", "--memory-budget", "1KB"])
     assert tight.exit_code == 0, tight.output
-    assert "above the memory budget" in tight.output and "cannot be split into row chunks" in tight.output
+    assert "than the memory budget (1000 B)" in tight.output and "cannot be split into row chunks" in tight.output
     assert "`embed.weight`" in tight.output and "topk_mask over tensor" in tight.output
+    assert tight.output.count("warning:") == 1  # one summary line, not one per tensor
     roomy = runner.invoke(main, ["run", str(recipe), "-o", str(tmp_path / "roomy"), "--quiet",
                                  "--device", "cpu", "--memory-budget", "1GB"])
     assert roomy.exit_code == 0 and "warning" not in roomy.output.replace("warning[W004]", "")
