@@ -317,6 +317,22 @@ def test_resume_refuses_a_different_recipe_or_inputs(work: Path, tmp_path: Path)
     finally:
         os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
 
+    # same size, modification time restored, one tensor's bytes changed: the content sample
+    # (the file's head holds these small models whole) refuses it as well
+    original = b.read_bytes()
+    try:
+        changed = bytearray(original)
+        changed[-3] ^= 0x5A
+        b.write_bytes(bytes(changed))
+        os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert b.stat().st_size == st.st_size and b.stat().st_mtime_ns == st.st_mtime_ns
+        with pytest.raises(ml.MergelangError) as ei:
+            ml.compile(work / "recipe.mrg").run(out, device="cpu", resume=True)
+        assert ei.value.codes == ["E504"] and "input checkpoints" in str(ei.value)
+    finally:
+        b.write_bytes(original)
+        os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+
     # without --resume the old work folder is replaced, and says so
     code, err = cli("run", work / "recipe.mrg", "-o", out, "--set", "t=0.5")
     assert code == 0, err
@@ -460,3 +476,21 @@ def test_all_finite_numba_pass_on_large_16bit_tensors(dtype: torch.dtype) -> Non
         pos = int(torch.randint(0, u.numel(), (1,), generator=g)) if k else u.numel() - 1
         u[pos] = bad_ones[int(torch.randint(0, bad_ones.numel(), (1,), generator=g))]
         assert not all_finite(u)
+
+
+def test_content_sample_sees_a_change_far_into_a_large_file(tmp_path: Path) -> None:
+    """Past the 1 MiB head, the sampled blocks cover the file's end and evenly spaced offsets."""
+    from mergelang.journal import SAMPLE_BLOCK, SAMPLE_HEAD, content_sample
+
+    f = tmp_path / "big.bin"
+    data = bytearray(os.urandom(SAMPLE_HEAD + 64 * 8192))
+    f.write_bytes(bytes(data))
+    before = content_sample(str(f), len(data))
+    for off in (len(data) - 1, SAMPLE_HEAD + 5):  # in the last block; in the first sampled block
+        changed = bytearray(data)
+        changed[off] ^= 1
+        f.write_bytes(bytes(changed))
+        assert content_sample(str(f), len(data)) != before
+    f.write_bytes(bytes(data))
+    assert content_sample(str(f), len(data)) == before
+    assert SAMPLE_BLOCK <= 8192
