@@ -76,6 +76,21 @@ intrinsic("diagonal", "x", doc="a square matrix with its off-diagonal entries se
     _matrix_op(Op.DIAGONAL, "x"))
 
 
+@intrinsic("wudi_adam", "tv", ("steps", 300), ("lr", 1e-5),
+           doc="WUDI's loss sum_i ||(X - tv_i) tv_i^T||^2 / ||tv_i||^2 minimised by `steps` Adam "
+               "steps (learning rate `lr`) from X = sum_i tv_i, as the reference implementations "
+               "do (a stack of 2-D task vectors -> one 2-D tensor; zero task vectors take no part)")
+def _wudi_adam(el: Any, a: dict[str, Value], span: Span) -> Value:
+    steps, lr = a["steps"], a["lr"]
+    if not (is_number(steps) and float(steps.value) == int(steps.value) and 0 <= int(steps.value) <= 100_000):  # type: ignore[union-attr]
+        raise el.error("E203", f"wudi_adam's steps must be a whole number in [0, 100000], got "
+                       f"{steps.describe()}", span)
+    if not (is_number(lr) and float(lr.value) > 0):  # type: ignore[union-attr]
+        raise el.error("E203", f"wudi_adam's lr must be a positive number, got {lr.describe()}", span)
+    return TensorV(el.make(Op.WUDI_ADAM, [el.to_node(a["tv"], span)],
+                           Attrs(steps=int(steps.value), lr=float(lr.value)), span))  # type: ignore[union-attr]
+
+
 @intrinsic("has", "model", doc="true when the model (or every model of a list) has a tensor of "
                                "the name being merged (for sidecar checkpoints)")
 def _has(el: Any, a: dict[str, Value], span: Span) -> Value:

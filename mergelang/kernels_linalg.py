@@ -61,7 +61,27 @@ def _diagonal(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return torch.diag_embed(torch.diagonal(x, dim1=-2, dim2=-1))
 
 
-KERNELS.update({Op.SOLVE: _solve, Op.TRANSPOSE: lambda node, args: args[0].transpose(-2, -1),
+def _wudi_adam(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """Adam on WUDI's loss from X = sum of the task vectors, as FusionBench's `wudi_merging`
+    (torch.optim.Adam, weight decay 0). Zero task vectors get weight 0 (the reference divides by
+    their zero norm and produces NaN)."""
+    tvs = args[0].to(torch.float32)
+    n2 = tvs.reshape(tvs.shape[0], -1).square().sum(-1)
+    w = torch.where(n2 > 0, 1.0 / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(n2))
+    x = torch.nn.Parameter(tvs.sum(0).clone())
+    opt = torch.optim.Adam([x], lr=node.attrs["lr"], weight_decay=0)
+    tvs_t = tvs.transpose(1, 2)
+    with torch.enable_grad():
+        for _ in range(node.attrs["steps"]):
+            product = torch.matmul(x.unsqueeze(0) - tvs, tvs_t)
+            loss = (product.square().sum((1, 2)) * w).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return x.detach()
+
+
+KERNELS.update({Op.SOLVE: _solve, Op.WUDI_ADAM: _wudi_adam, Op.TRANSPOSE: lambda node, args: args[0].transpose(-2, -1),
                 Op.CAT: lambda node, args: torch.cat(args, dim=node.attrs["axis"]),
                 Op.DIAGONAL: _diagonal, Op.PINV: lambda node, args: torch.linalg.pinv(args[0]),
 Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],

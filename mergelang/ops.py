@@ -72,6 +72,7 @@ class Op(enum.Enum):
     SOLVE = "solve"            # A X = B for square A (float32; singular A fails at run time)
     TRANSPOSE = "transpose"
     PINV = "pinv"              # Moore-Penrose pseudo-inverse (float32 SVD)
+    WUDI_ADAM = "wudi_adam"    # WUDI's loss minimised by Adam, as the reference (stack -> 2-D)
     DIAGONAL = "diagonal"      # a square matrix with its off-diagonal entries zeroed
     CAT = "cat"                # plain tensors concatenated along `axis`
     CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
@@ -101,7 +102,7 @@ TERNARY = frozenset({Op.WHERE, Op.LERP})
 ELEMENTWISE = UNARY | BINARY | TERNARY
 REDUCTIONS = frozenset({Op.REDUCE, Op.DOT})
 LINALG_OPS = frozenset({Op.SVD, Op.POLAR, Op.MATMUL, Op.CONCAT_MODELS, Op.SOLVE, Op.TRANSPOSE,
-                        Op.PINV, Op.DIAGONAL, Op.CAT})
+                        Op.PINV, Op.DIAGONAL, Op.CAT, Op.WUDI_ADAM})
 ORDER_OPS = frozenset({Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK, Op.ARGMAX_MASK, Op.BERNOULLI})
 VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 #: ops that are cheap enough to evaluate at compile time when all inputs are constants
@@ -114,6 +115,7 @@ ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
+              Op.WUDI_ADAM: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
@@ -399,6 +401,11 @@ def _infer_linalg(op: Op, attrs: Attrs, args: list[TType]) -> TType:
             raise TypeRuleError(f"solve needs a square matrix and a right-hand side with as many "
                                 f"rows, got {m}x{k} and {k2}x{n}", "E202")
         return TType((k, n), "float32", _models(args))
+    if op is Op.WUDI_ADAM:
+        if x.models is None:
+            raise TypeRuleError("wudi_adam needs a stack of task vectors (one per model)")
+        m, n = _matrix(TType(x.shape, x.dtype, None), "wudi_adam")
+        return TType((m, n), "float32", None)
     if op in (Op.TRANSPOSE, Op.PINV):
         m, n = _matrix(x, op.value)
         return TType((n, m), "float32", x.models)

@@ -157,3 +157,53 @@ def test_iso_cts(n, frac):
     out = ml.merge(expr, base=base, **ms)
     close(out, {k: iso_cts_ref(base[k], [m[k] for m in ms.values()], frac, 0.9) for k in base},
           rtol=2e-4, atol=2e-4)
+
+
+def wudi_adam_ref(base, models, steps=300, lr=1e-5):
+    """FusionBench's `wudi_merging` loop, written out: Adam on sum_i ||(X - tau_i) tau_i^T||^2 /
+    ||tau_i||^2 from X = sum_i tau_i; other tensors: the mean task vector."""
+    taus = torch.stack([m.float() - base.float() for m in models])
+    if taus[0].dim() != 2:
+        return base + taus.mean(0)
+    x = torch.nn.Parameter(taus.sum(0).clone())
+    opt = torch.optim.Adam([x], lr=lr, weight_decay=0)
+    norms = torch.square(torch.norm(taus.reshape(len(taus), -1), p=2, dim=-1))
+    for _ in range(steps):
+        product = torch.matmul(x.unsqueeze(0) - taus, taus.transpose(1, 2))
+        loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return base + x.detach()
+
+
+@pytest.mark.parametrize("steps,lr", [(300, 1e-5), (40, 1e-2)])
+def test_wudi_adam_matches_the_reference_loop(steps, lr):
+    shapes = {"tall": (12, 5), "wide": (3, 10), "b": (9,)}
+    base = sd(0, shapes)
+    ms = {f"m{i}": sd(1 + i, shapes) for i in range(3)}
+    out = ml.merge(f'wudi(base, [{", ".join(ms)}], solver = "adam", steps = {steps}, lr = {lr})',
+                   base=base, **ms)
+    close(out, {k: wudi_adam_ref(base[k], [m[k] for m in ms.values()], steps, lr) for k in base},
+          rtol=1e-5, atol=1e-5)
+
+
+def test_wudi_solvers_differ_on_a_rank_deficient_down_proj():
+    """Two fine-tunes of a wide (rows < cols / 2) matrix: the Adam solver stays far from the
+    minimum-norm minimiser (docs/methods.md, wudi)."""
+    shapes = {"down_proj": (8, 32)}
+    base, a, b = sd(0, shapes), sd(1, shapes), sd(2, shapes)
+    closed = ml.merge("wudi(base, [a, b])", base=base, a=a, b=b)["down_proj"] - base["down_proj"]
+    adam = ml.merge('wudi(base, [a, b], solver = "adam")', base=base, a=a, b=b)["down_proj"] - base["down_proj"]
+    rel = float((adam - closed).norm() / closed.norm())
+    assert rel > 0.1, rel
+
+
+def test_wudi_bad_solver_and_steps():
+    x = sd(0, {"w": (3, 3)})
+    for expr, code in [('wudi(b, [b, b], solver = "sgd")', "E203"),
+                       ('wudi(b, [b, b], solver = "adam", steps = -1)', "E203"),
+                       ('wudi(b, [b, b], solver = "adam", lr = 0)', "E203")]:
+        with pytest.raises(ml.MergelangError) as info:
+            ml.merge(expr, b=x)
+        assert code in info.value.codes, (expr, info.value.codes)
