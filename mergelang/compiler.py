@@ -19,7 +19,7 @@ from . import ast
 from .checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
 from .diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
                           did_you_mean, error)
-from .elaborate import Elaborator
+from .elaborate import Elaborator, Poisoned
 from .graph import MergeGraph
 from .inputs import RECIPE_FILENAME, is_hf_id, reference_files
 from .loader import Unit, load
@@ -93,6 +93,13 @@ def _literal(node: ast.Expr) -> Any:
     if isinstance(node, ast.ListExpr):
         return [_literal(i) for i in node.items]
     raise ValueError("not a literal")
+
+
+def _not_a_value(kind: str, decl: Any) -> Diagnostic:
+    return error("E201", f"{kind} `{decl.name}` uses a model's tensors; a {kind} is a value known "
+                 "at compile time", decl.value.span,
+                 "compute with tensors inside a rule or a function; a param may hold numbers, "
+                 "strings and lists")
 
 
 def _bad_param_value(v: Any, depth: int = 0) -> str | None:
@@ -178,6 +185,10 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             diags.add(exc.diag)
             params_ok = False
             continue
+        except Poisoned:  # a tensor of a model: params are values known at compile time
+            diags.add(_not_a_value("param", decl))
+            params_ok = False
+            continue
         if not isinstance(value, (Const, ListV)):
             params_ok = False
             diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
@@ -237,6 +248,9 @@ def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags
                 v = el.eval(decl.value, {})
             except CompileError as exc:
                 diags.add(exc.diag)
+                continue
+            except Poisoned:
+                diags.add(_not_a_value("model", decl))
                 continue
             if isinstance(v, Const) and hasattr(v.value, "open_model"):  # lora(), stack_layers()
                 adapters.append((decl, v.value))
@@ -346,6 +360,9 @@ def _options(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Di
             v = el.eval(decl.value, {})
         except CompileError as exc:
             diags.add(exc.diag)
+            continue
+        except Poisoned:
+            diags.add(_not_a_value("option", decl))
             continue
         values[decl.name] = v.value if isinstance(v, Const) else v
         spans[decl.name] = decl.value.span

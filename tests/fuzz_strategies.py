@@ -175,3 +175,82 @@ def check_header(data: bytes, path: Path) -> None:
         for name, info in table.items():
             t = f.get_tensor(name)
             assert tuple(t.shape) == info.shape
+
+
+# ---------------------------------------------------------------------- past the parser: runs
+
+def check_run(text: str, root: Path) -> None:
+    """Compile `text` and, when it compiles, run it in memory on the tiny models: a
+    MergelangError (diagnostics) or success only, never another exception."""
+    from mergelang.api import Recipe
+
+    try:
+        c = compile_recipe(SourceFile("<fuzz>", text), root)
+    except MergelangError as exc:
+        for d in exc.diagnostics:
+            assert d.code and d.render()
+        return
+    try:
+        Recipe(c).evaluate()
+    except MergelangError as exc:
+        for d in exc.diagnostics:
+            assert d.code and d.render()
+    finally:
+        c.close()
+
+
+WRAPPERS = {
+    "neg": lambda e: f"-{e}", "not": lambda e: f"not {e}", "paren": lambda e: f"({e})",
+    "list": lambda e: f"[{e}]", "call": lambda e: f"abs({e})", "sum": lambda e: f"{e} + 1",
+    "pow": lambda e: f"2 ** {e}", "index": lambda e: f"[{e}, 1][0]",
+    "if": lambda e: f"if true then {e} else 0",
+}
+ATOMS = ["1", "0.5", "a", "b", "-0.0", "1e308", "1e-320", "true", "none", '"s"', "i"]
+
+
+@st.composite
+def hostile_recipe(draw) -> str:
+    """Deep nesting (past the parser's bound too), long literals, huge arithmetic, placed in a
+    param, a rule or a function body."""
+    depth = draw(st.integers(0, 260))
+    wrap = [draw(st.sampled_from(sorted(WRAPPERS))) for _ in range(min(depth, 8))]
+    atom = draw(st.one_of(st.sampled_from(ATOMS),
+                          st.integers(1, 6000).map(lambda n: "9" * n),
+                          st.integers(1, 400).map(lambda n: "1" + "0" * n + ".5")))
+    expr = atom
+    for k in range(depth):
+        expr = WRAPPERS[wrap[k % len(wrap)]](expr) if wrap else expr
+    place = draw(st.sampled_from(["param", "rule", "fn", "guard"]))
+    head = 'model a = "models/a"\nmodel b = "models/b"\n'
+    if place == "param":
+        return head + f"param p = {expr}\n" + 'merge from a { "*" => a * p }\n'
+    if place == "rule":
+        return head + f'merge from a {{ "*" => {expr} }}\n'
+    if place == "fn":
+        return head + f"fn f(x) {{ return {expr} }}\n" + 'merge from a { "*" => f(a) }\n'
+    return head + f'merge from a {{ "layers.{{i}}.*" if {expr} => b\n "*" => a }}\n'
+
+
+ODD_DIMS = [0, 1, 3, 2 ** 31, 2 ** 32 + 1, 2 ** 40, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 2 ** 64, -1]
+
+
+@st.composite
+def odd_shape_model(draw) -> bytes:
+    """A safetensors file whose one tensor has an odd (often absurd) shape, with offsets that
+    match the shape's byte size when that size is small (so the header is otherwise valid)."""
+    shape = draw(st.lists(st.sampled_from(ODD_DIMS), min_size=0, max_size=4))
+    n = 1
+    for d in shape:
+        n *= d
+    size = n * 4 if 0 <= n * 4 <= 4096 else draw(st.integers(0, 64)) * 4
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + b"\0" * size
+
+
+def check_odd_model(data: bytes, root: Path) -> None:
+    """A model folder holding `data`: check and run a recipe over it; diagnostics only."""
+    folder = root / "models" / "odd"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(data)
+    check_run('model o = "models/odd"\nmerge from o { "*" => o * 2 + 1 }\n', root)

@@ -54,3 +54,23 @@ def test_mutated_recipes(root: Path, text: str) -> None:
 @given(data=fz.mutated_header_file())
 def test_header_reader(root: Path, data: bytes) -> None:
     fz.check_header(data, root / "fuzz.safetensors")
+
+
+@FUZZ
+@given(text=fz.mutated_recipe())
+def test_mutated_recipes_run(root: Path, text: str) -> None:
+    """Past the parser: mutated recipes that compile also run on the tiny models."""
+    fz.check_run(text, root)
+
+
+@FUZZ
+@given(text=fz.hostile_recipe())
+def test_hostile_recipes(root: Path, text: str) -> None:
+    """Deep nesting, long literals and huge arithmetic: diagnostics, never RecursionError."""
+    fz.check_run(text, root)
+
+
+@FUZZ
+@given(data=fz.odd_shape_model())
+def test_odd_shapes_check_and_run(root: Path, data: bytes) -> None:
+    fz.check_odd_model(data, root)

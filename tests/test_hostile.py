@@ -239,3 +239,11 @@ def test_density_out_of_range_is_refused_consistently(method: str, density: str)
     with pytest.raises(MergelangError) as ei:
         ml.merge(f"{method}(a, [b, c], density = {density})", a=W, b=W, c=W)
     assert ei.value.codes == ["E203"] and "between 0 and 1" in ei.value.diagnostics[0].message
+
+
+@pytest.mark.parametrize("decl", ["param p = abs(base)", "param p = base", 'option dtype = base * 2'])
+def test_declaration_using_a_models_tensors_is_a_diagnostic(root: Path, decl: str) -> None:
+    """Found by the fuzzer: a param computed from a model's tensors escaped as an internal
+    exception (Poisoned)."""
+    codes = codes_of(root, HEAD + decl + "\n" + BLOCK)
+    assert codes and set(codes) <= {"E201"}
