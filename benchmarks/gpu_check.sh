@@ -14,6 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RESULTS="${RESULTS:-gpu_check_results.txt}"
 PY="${PYTHON:-python3}"
 SIZE="${SIZE:-1B}"
+REPEAT="${REPEAT:-2}"
 exec > >(tee "$RESULTS") 2>&1
 if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,8 +34,10 @@ echo "== 4. merge benchmark ($SIZE), GPU"
 MK=()
 [ -n "${MERGEKIT:-}" ] && MK=(--mergekit "$MERGEKIT")
 "$PY" benchmarks/bench_merge.py --dir /tmp/mergelang-gpu-bench --size "$SIZE" --device cuda \
-    --no-compile --repeat 2 "${MK[@]}"
-echo "== 4b. the same on this machine's CPU"
-"$PY" benchmarks/bench_merge.py --dir /tmp/mergelang-gpu-bench --size "$SIZE" --device cpu \
-    --no-compile --repeat 1
+    --no-compile --repeat "$REPEAT" "${MK[@]}"
+if [ -z "${SKIP_CPU:-}" ]; then
+    echo "== 4b. the same on this machine's CPU"
+    "$PY" benchmarks/bench_merge.py --dir /tmp/mergelang-gpu-bench --size "$SIZE" --device cpu \
+        --no-compile --repeat 1
+fi
 echo "== done in $(( $(date +%s) - start )) s; results in $RESULTS"

@@ -171,6 +171,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
     values: dict[int, torch.Tensor] = {}
     live = 0
     bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
+    on_device = dev.type != "cpu"
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
@@ -184,6 +185,8 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 out = bufs.run(node, step.nid, args, step.free)
                 if out is None:
                     out = run_node(node, args)
+                if on_device and out.device != dev:  # constants, statistics: made on the CPU
+                    out = out.to(dev)
             except CheckFailed as exc:
                 raise MergelangError(error(
                     "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,

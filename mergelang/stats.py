@@ -290,7 +290,8 @@ class StatCollector:
             if spec.numel == 0:  # no entries routed: no tensor uses the threshold
                 self.done[key] = _as_value(torch.zeros(h.shape[0]), spec)
             elif key not in self.bucket:
-                kk = torch.full((h.shape[0],), _kth_index(spec.numel, spec), dtype=torch.int64)
+                kk = torch.full((h.shape[0],), _kth_index(spec.numel, spec), dtype=torch.int64,
+                                device=h.device)
                 high, left = _pick(h, kk)
                 self.bucket[key] = (high, left)
                 again = True
@@ -317,7 +318,7 @@ def _bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
     import torch
 
     rows = idx.shape[0]
-    offs = torch.arange(rows, dtype=torch.int64).unsqueeze(1) * bins
+    offs = torch.arange(rows, dtype=torch.int64, device=idx.device).unsqueeze(1) * bins
     return torch.bincount((idx + offs).reshape(-1), minlength=rows * bins).reshape(rows, bins)
 
 
