@@ -113,8 +113,8 @@ def ablation(a, b, test: torch.Tensor) -> dict:
     """Weight matching without the residual group, and with it alone (Python API)."""
     from transformers import LlamaForCausalLM
 
-    from mergelang.align import apply_permutations, spec_for, weight_matching
-    from mergelang.align.spec import AlignSpec
+    from mergelang.sources.align import apply_permutations, spec_for, weight_matching
+    from mergelang.sources.align.spec import AlignSpec
 
     sa, sb = a.state_dict(), b.state_dict()
     spec = spec_for(a.config.to_dict(), {k: tuple(v.shape) for k, v in sa.items()})
@@ -129,7 +129,7 @@ def ablation(a, b, test: torch.Tensor) -> dict:
 
 
 def permute_saved(model, folder: Path, seed: int = 7) -> None:
-    from mergelang.align import apply_permutations, random_permutations, spec_for
+    from mergelang.sources.align import apply_permutations, random_permutations, spec_for
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     spec = spec_for(model.config.to_dict(), {k: tuple(v.shape) for k, v in state.items()})

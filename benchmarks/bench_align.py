@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mergelang.align import apply_permutations, random_permutations, spec_for, weight_matching  # noqa: E402
+from mergelang.sources.align import apply_permutations, random_permutations, spec_for, weight_matching  # noqa: E402
 
 PRESETS = {  # Llama-3.2-1B's shape, and smaller ones with the same layout (GQA 4:1)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -48,8 +48,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import mergelang as ml
-    from mergelang.chunking import chunk_plan
-    from mergelang.types import parse_bytes
+    from mergelang.passes.chunking import chunk_plan
+    from mergelang.ir.types import parse_bytes
 
     budget = parse_bytes(args.memory_budget)
     r = ml.compile(recipe)

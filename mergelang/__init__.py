@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 # slower on the development VM (measured: a 92 MB torch.sub 100 ms -> 36 ms).
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .diagnostics import Diagnostic, MergelangError
+from mergelang.diagnostics import Diagnostic, MergelangError
 
 if TYPE_CHECKING:
-    from .api import Recipe, compile, merge, parse
+    from mergelang.api import Recipe, compile, merge, parse
 
 __all__ = ["compile", "merge", "parse", "Recipe", "MergelangError", "Diagnostic"]
 __version__ = "0.1.0"
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
     # the API is imported on first use, so `import mergelang` (and `mergelang check`) does not
     # import torch up front (tests/test_imports.py)
     if name in ("Recipe", "compile", "merge", "parse"):
-        from . import api
+        from mergelang import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'mergelang' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import entry
+from mergelang.cli import entry
 
 entry()

@@ -11,25 +11,25 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .ast import dump
-from .checkpoint import CheckpointError
-from .compiler import STAGES, Compilation, compile_recipe
-from .diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
-from .graph import format_graph
-from .loader import read_recipe_file
-from .journal import inputs_fingerprint, plan_fingerprint, restrict_plan
-from .parser import parse_program
-from .plan import format_plan
-from .types import parse_bytes
+from mergelang.lang.ast import dump
+from mergelang.io.checkpoint import CheckpointError
+from mergelang.compiler import STAGES, Compilation, compile_recipe
+from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
+from mergelang.ir.graph import format_graph
+from mergelang.lang.loader import read_recipe_file
+from mergelang.io.journal import inputs_fingerprint, plan_fingerprint, restrict_plan
+from mergelang.lang.parser import parse_program
+from mergelang.passes.plan import format_plan
+from mergelang.ir.types import parse_bytes
 
 if TYPE_CHECKING:  # torch, the executor and the writers are imported when a merge runs
     import torch
 
-    from .multiwriter import MultiWriter
-    from .writer import CheckpointWriter, OutputTensor
+    from mergelang.io.multiwriter import MultiWriter
+    from mergelang.io.writer import CheckpointWriter, OutputTensor
 
-from .inputs import RECIPE_FILENAME
-from .provenance import recipe_copy, used_params
+from mergelang.io.inputs import RECIPE_FILENAME
+from mergelang.lang.provenance import recipe_copy, used_params
 
 
 def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
@@ -63,7 +63,7 @@ def all_finite(t: torch.Tensor) -> bool:
         if math.isfinite(float(t.sum())):
             return True
     elif mask is not None:
-        rt = sys.modules.get("mergelang.kernels_fused_rt")  # loaded when the plan fused (numba)
+        rt = sys.modules.get("mergelang.runtime.kernels.numba_runtime")  # loaded when the plan fused (numba)
         if rt is not None and t.device.type == "cpu" and t.numel() >= 1 << 16:
             import numpy as np
 
@@ -86,7 +86,7 @@ class Recipe:
 
     @property
     def outputs(self) -> list[OutputTensor]:
-        from .writer import OutputTensor
+        from mergelang.io.writer import OutputTensor
 
         g = self._c.optimized
         return [OutputTensor(g.node(n).attrs["name"], g.node(n).type.shape, g.node(n).attrs["dtype"])
@@ -129,7 +129,7 @@ class Recipe:
                     "tensors named NAME/TENSOR below)\n" if self.output_names else "")
             plan = c.plan
             if memory_budget is not None:
-                from .chunking import chunk_plan
+                from mergelang.passes.chunking import chunk_plan
 
                 plan = chunk_plan(plan, parse_bytes(memory_budget)).plan
             return head + format_plan(plan)
@@ -138,7 +138,7 @@ class Recipe:
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
         """Run the merge in memory and return the output tensors (for small models and tests):
         a state dict, or with named outputs a dict {output name: state dict}."""
-        from .execute import execute
+        from mergelang.runtime.executor import execute
 
         out: dict[str, torch.Tensor] = {}
         execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
@@ -158,9 +158,9 @@ class Recipe:
         a size like "8GB") caps live + prefetched + pending bytes. `fsync=False` does not wait
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum)."""
-        from .execute import execute
-        from .multiwriter import MultiWriter
-        from .writer import WriterError
+        from mergelang.runtime.executor import execute
+        from mergelang.io.multiwriter import MultiWriter
+        from mergelang.io.writer import WriterError
 
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
@@ -200,8 +200,8 @@ class Recipe:
                      resume: bool, fsync: bool = True) -> tuple[Any, Any, dict[str, int]]:
         """The writer (one checkpoint, or one per named output), the arguments of its `finish`,
         and the byte size of every output tensor by its name in the plan."""
-        from .multiwriter import MultiWriter
-        from .writer import CheckpointWriter, plan_shards
+        from mergelang.io.multiwriter import MultiWriter
+        from mergelang.io.writer import CheckpointWriter, plan_shards
 
         shard_size = int(self._c.options.shard_size)
         if not self.output_names:
@@ -265,7 +265,7 @@ class Recipe:
             return None
         import json
 
-        from .inputs import check_json_object
+        from mergelang.io.inputs import check_json_object
 
         try:
             cfg = check_json_object(copies["config.json"])

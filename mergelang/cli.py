@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import click
 
-from .diagnostics import Diagnostic, MergelangError, error
-from .types import format_bytes, parse_bytes, plural
+from mergelang.diagnostics import Diagnostic, MergelangError, error
+from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 def _echo_diags(diags: list[Diagnostic]) -> None:
@@ -57,7 +57,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
-    from .compiler import parse_override
+    from mergelang.compiler import parse_override
 
     out: dict[str, Any] = {}
     for item in sets:
@@ -72,13 +72,13 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
              shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
              follow_symlinks: bool = False):
-    from .api import compile as ml_compile
+    from mergelang.api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
                             allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
                             **_overrides(sets))
     if recipe_obj.warnings and log_json:
-        from .progress import diagnostic_event
+        from mergelang.progress import diagnostic_event
 
         for d in recipe_obj.warnings:
             click.echo(diagnostic_event(d), err=True)
@@ -177,20 +177,20 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
     plan = r.compilation.plan
     if budget is not None:  # tensors above the budget run in row chunks; name those that cannot
-        from .chunking import chunk_plan
+        from mergelang.passes.chunking import chunk_plan
 
-        from .chunking import over_budget_summary
+        from mergelang.passes.chunking import over_budget_summary
 
         for line in over_budget_summary(chunk_plan(plan, budget).unchunked, budget):
             click.echo(f"warning: {line}", err=True)
-    from .execute import resolve_device
+    from mergelang.runtime.executor import resolve_device
 
     try:
         resolve_device(device)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.perf_counter()
-    from .progress import reporter
+    from mergelang.progress import reporter
 
     with reporter(plan, quiet, log_json) as (update, finish):
         def log(msg: str) -> None:
@@ -200,7 +200,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync)
         except KeyboardInterrupt:
-            from .journal import work_dir_for
+            from mergelang.io.journal import work_dir_for
 
             kept = work_dir_for(out)
             more = (f"; finished tensors are kept in {kept}: rerun with --resume to continue"
@@ -257,8 +257,8 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
                 allow_pickle: bool, memory_budget: str | None = None) -> None:
     """Compile RECIPE and print a stage (stable text)."""
     if emit == "ast":
-        from .api import parse
-        from .ast import dump
+        from mergelang.api import parse
+        from mergelang.lang.ast import dump
 
         text = dump(parse(Path(recipe))) + "\n"
     else:
@@ -276,9 +276,9 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
 @click.option("--all", "show_all", is_flag=True, help="also list the built-in primitives")
 def methods(show_all: bool) -> None:
     """List the standard library's merge methods (from stdlib/*.mrg)."""
-    from .elaborate import signature_of
-    from .intrinsics import INTRINSICS
-    from .loader import stdlib_functions
+    from mergelang.lang.elaborate import signature_of
+    from mergelang.lang.intrinsics.core import INTRINSICS
+    from mergelang.lang.loader import stdlib_functions
 
     public = {n: f for n, f in sorted(stdlib_functions().items()) if not n.startswith("_")}
     blocks = {n: f for n, f in public.items() if Path(f.span.source.path).name in BLOCK_FILES}
@@ -325,7 +325,7 @@ def _first_sentence(doc: str) -> str:
 @_guard
 def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
-    from .mergekit_import import import_file
+    from mergelang.interop.mergekit_import import import_file
 
     result = import_file(config, out, layer_prefix)
     if result.errors:
@@ -356,7 +356,7 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
 @_guard
 def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False) -> None:
     """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw it."""
-    from .explain import explain_dot, explain_rules_dot, explain_text, render
+    from mergelang.explain import explain_dot, explain_rules_dot, explain_text, render
 
     r = _compile(recipe, sets)
     try:

@@ -15,22 +15,22 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from . import ast
-from .checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
-from .diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
+from mergelang.lang import ast
+from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
+from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
                           did_you_mean, error)
-from .elaborate import Elaborator, Poisoned
-from .graph import MergeGraph
-from .inputs import RECIPE_FILENAME, is_hf_id, reference_files
-from .loader import Unit, load
-from .options import RecipeOptions, option_names, validation_message
-from .parser import parse_expr
-from .passes import optimize
-from .plan import ExecutionPlan, lower
-from .resolve import check_unit
-from .stats import split_stats
-from .values import Const, ListV, Value
-from .vocab import improve_diagnostics, resize_models
+from mergelang.lang.elaborate import Elaborator, Poisoned
+from mergelang.ir.graph import MergeGraph
+from mergelang.io.inputs import RECIPE_FILENAME, is_hf_id, reference_files
+from mergelang.lang.loader import Unit, load
+from mergelang.options import RecipeOptions, option_names, validation_message
+from mergelang.lang.parser import parse_expr
+from mergelang.passes.optimize import optimize
+from mergelang.passes.plan import ExecutionPlan, lower
+from mergelang.lang.resolve import check_unit
+from mergelang.passes.stats import split_stats
+from mergelang.lang.values import Const, ListV, Value
+from mergelang.sources.vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
 

@@ -20,13 +20,13 @@ import subprocess
 from collections import defaultdict
 from typing import Any, Iterable
 
-from . import ast
-from .compiler import Compilation
-from .diagnostics import Diagnostics, MergelangError, error
-from .graph import MergeGraph, postorder
-from .ops import Op
-from .plan import _size
-from .types import is_floating
+from mergelang.lang import ast
+from mergelang.compiler import Compilation
+from mergelang.diagnostics import Diagnostics, MergelangError, error
+from mergelang.ir.graph import MergeGraph, postorder
+from mergelang.ir.ops import Op
+from mergelang.passes.plan import _size
+from mergelang.ir.types import is_floating
 
 ASSUMED_IO_BYTES_PER_S = 1e9  # for the time estimate: about one SSD's sequential throughput
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
@@ -97,7 +97,7 @@ def _calls(e: Any) -> list[str]:
 def rule_assignment(c: Compilation, block: Any = None) -> tuple[dict[int, list[str]], list[str]]:
     """rule index -> output tensor names it produces; and the names copied raw (non-float);
     for `block` (default: the first merge block)."""
-    from .elaborate import Elaborator
+    from mergelang.lang.elaborate import Elaborator
 
     block = block or c.unit.block
     assert block is not None

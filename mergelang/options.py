@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError, field_validator
 
-from .types import ALIASES, OUTPUT_DTYPES
+from mergelang.ir.types import ALIASES, OUTPUT_DTYPES
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # 5 GB, as transformers' save_pretrained
 

@@ -23,9 +23,9 @@ import time
 from contextlib import contextmanager
 from typing import IO, Callable, Iterator
 
-from .diagnostics import Diagnostic
-from .ops import Op
-from .plan import ExecutionPlan
+from mergelang.diagnostics import Diagnostic
+from mergelang.ir.ops import Op
+from mergelang.passes.plan import ExecutionPlan
 
 
 def diagnostic_event(d: Diagnostic) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mergelang.align import apply_permutations, random_permutations, spec_for
+from mergelang.sources.align import apply_permutations, random_permutations, spec_for
 
 VOCAB = 64
 

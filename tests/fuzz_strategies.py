@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from mergelang.checkpoint import CheckpointError, read_header
+from mergelang.io.checkpoint import CheckpointError, read_header
 from mergelang.compiler import compile_recipe
 from mergelang.diagnostics import MergelangError, SourceFile
 

@@ -15,9 +15,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mergelang as ml  # noqa: E402
-from mergelang.align import apply_permutations, spec_for, weight_matching  # noqa: E402
-from mergelang.align.source import AlignedSource  # noqa: E402
-from mergelang.align.spec import Member, member_index, units_view  # noqa: E402
+from mergelang.sources.align import apply_permutations, spec_for, weight_matching  # noqa: E402
+from mergelang.sources.align.source import AlignedSource  # noqa: E402
+from mergelang.sources.align.spec import Member, member_index, units_view  # noqa: E402
 
 import align_helpers as ah  # noqa: E402
 
@@ -252,7 +252,7 @@ def test_example_recipe_runs(tmp_path):
 
 def test_merge_on_state_dicts_uses_the_shape_only_spec():
     """ml.merge has no config.json: residual and MLP groups only (heads fixed), still exact."""
-    from mergelang.align import random_permutations
+    from mergelang.sources.align import random_permutations
 
     model = ah.tiny_model(ah.llama_config())
     state = ah.state_of(model)
@@ -283,7 +283,7 @@ KV_GROUP = ("kv: model.layers.{i}.self_attn.q_proj.weight@0x16, model.layers.{i}
 
 def test_custom_groups_in_a_recipe():
     """groups = [...] replaces the built-in spec: per-layer groups from {i}, blocks with @AXISxB."""
-    from mergelang.align.spec import custom_spec
+    from mergelang.sources.align.spec import custom_spec
 
     model = ah.tiny_model(ah.llama_config())
     state = ah.state_of(model)

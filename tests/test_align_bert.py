@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mergelang as ml  # noqa: E402
-from mergelang.align import apply_permutations, weight_matching  # noqa: E402
+from mergelang.sources.align import apply_permutations, weight_matching  # noqa: E402
 
 import align_helpers as ah  # noqa: E402
 

@@ -17,8 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mergelang as ml  # noqa: E402
-from mergelang.align import apply_permutations, weight_matching  # noqa: E402
-from mergelang.align.soft import sinkhorn_map  # noqa: E402
+from mergelang.sources.align import apply_permutations, weight_matching  # noqa: E402
+from mergelang.sources.align.soft import sinkhorn_map  # noqa: E402
 
 import align_helpers as ah  # noqa: E402
 
@@ -121,6 +121,6 @@ def test_reg_needs_ot():
 
 
 def ah_spec():
-    from mergelang.align.spec import AlignSpec
+    from mergelang.sources.align.spec import AlignSpec
 
     return AlignSpec("none", ())

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mergelang as ml  # noqa: E402
-from mergelang.checkpoint import CheckpointError, read_header  # noqa: E402
+from mergelang.io.checkpoint import CheckpointError, read_header  # noqa: E402
 
 
 def st_bytes(header: dict | bytes, data: bytes = b"", n: int | None = None) -> bytes:

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelang as ml
-from mergelang.chunking import RowAssembler, chunk_plan
-from mergelang.execute import PeakMeter, execute
-from mergelang.graph import verify
-from mergelang.journal import JOURNAL_NAME, read_journal, work_dir_for
-from mergelang.writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
+from mergelang.passes.chunking import RowAssembler, chunk_plan
+from mergelang.runtime.executor import PeakMeter, execute
+from mergelang.ir.graph import verify
+from mergelang.io.journal import JOURNAL_NAME, read_journal, work_dir_for
+from mergelang.io.writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
 
 SHAPES = {"embed.weight": (96, 24), "w.weight": (40, 24), "norm.weight": (24,)}
 N = 8
@@ -84,7 +84,7 @@ def crc32c_reference(data: bytes) -> int:
 
 
 def test_crc32c_reference_and_journal_checksum() -> None:
-    from mergelang.journal import checksum, checksum_more
+    from mergelang.io.journal import checksum, checksum_more
 
     assert crc32c_reference(b"123456789") == 0xE3069283  # the standard check value
     data = bytes(range(256)) * 3
@@ -273,8 +273,8 @@ def test_row_assembler_and_writer_rows(tmp_path):
 
 @pytest.mark.parametrize("reader", ["mmap", "pread"])
 def test_load_rows_reads_the_same_rows(tmp_path, monkeypatch, reader):
-    from mergelang import checkpoint
-    from mergelang.checkpoint import open_model
+    from mergelang.io import checkpoint
+    from mergelang.io.checkpoint import open_model
 
     gen = torch.Generator().manual_seed(0)
     sd = {"bf": torch.randn(37, 5, generator=gen).to(torch.bfloat16),

@@ -17,9 +17,9 @@ if str(REPO) not in sys.path:
 
 import mergelang as ml  # noqa: E402
 from mergelang.diagnostics import Diagnostics, SourceFile  # noqa: E402
-from mergelang.intrinsics import INTRINSICS  # noqa: E402
-from mergelang.loader import load, stdlib_functions  # noqa: E402
-from mergelang.resolve import check_unit  # noqa: E402
+from mergelang.lang.intrinsics.core import INTRINSICS  # noqa: E402
+from mergelang.lang.loader import load, stdlib_functions  # noqa: E402
+from mergelang.lang.resolve import check_unit  # noqa: E402
 from test_mergekit_import import _tensors  # noqa: E402
 
 BLOCK = re.compile(r"^```mrg[ \t]*\n(.*?)^```", re.S | re.M)

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
-from mergelang import inplace, kernels_fast
-from mergelang.ops import Op
+from mergelang.runtime import buffers as inplace
+from mergelang.runtime.kernels import cpu_exact as kernels_fast
+from mergelang.ir.ops import Op
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,7 @@ def test_where_in_place_on_small_tensors_takes_the_plain_kernel_in_place():
 @settings(max_examples=200, deadline=None)
 @given(shapes=st.lists(st.lists(st.integers(1, 3), max_size=3).map(tuple), min_size=1, max_size=4))
 def test_broadcast_all_is_torch_broadcast_shapes(shapes):
-    from mergelang.types import broadcast_all
+    from mergelang.ir.types import broadcast_all
 
     try:
         want = tuple(torch.broadcast_shapes(*shapes))

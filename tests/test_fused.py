@@ -16,10 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
-from mergelang import api, fuse, kernels_fused, kernels_select
-from mergelang.chunking import chunk_plan
-from mergelang.execute import fused_for
-from mergelang.ops import Op
+from mergelang import api
+from mergelang.passes import fuse
+from mergelang.runtime.kernels import numba_codegen as kernels_fused
+from mergelang.runtime.kernels import numba_topk as kernels_select
+from mergelang.passes.chunking import chunk_plan
+from mergelang.runtime.executor import fused_for
+from mergelang.ir.ops import Op
 
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 1e-3, -1e-3, 3e-39, -3e-39, 1e30, -1e30,
            float("inf"), -float("inf"), float("nan"), 7.0, 7.0, -7.0]
@@ -175,7 +178,7 @@ def test_view_loads_are_copy_on_write_maps(tmp_path):
     reaches the file; rows too; a conversion still copies; the view outlives the source."""
     from safetensors.torch import load_file, save_file
 
-    from mergelang.checkpoint import open_model
+    from mergelang.io.checkpoint import open_model
 
     w = torch.randn(300, 70, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     save_file({"pad": torch.zeros(3, dtype=torch.uint8), "w": w}, tmp_path / "model.safetensors")
@@ -236,7 +239,7 @@ def test_bf16_conversions_are_torchs():
     (random, each exponent with a halfway and a just-below-halfway mantissa, NaN, inf, zeros),
     and widen_bf16 inverts torch's bfloat16 -> float32 exactly."""
     src = ("import numpy as np\nfrom numba import njit\n"
-           "from mergelang.kernels_fused_rt import narrow_bf16, widen_bf16\n"
+           "from mergelang.runtime.kernels.numba_runtime import narrow_bf16, widen_bf16\n"
            "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
            "def kernel(lo, hi, n, out, a0, a1, w):\n"
            "    for i in range(lo, hi):\n"
@@ -286,7 +289,7 @@ def test_selection_ties_at_the_threshold(monkeypatch, density):
 
 def _select_node(n: int, density, absolute: bool = True) -> SimpleNamespace:
     """The fused selection of ties' task vectors: topk_mask(stack([a, b]) - base)."""
-    from mergelang.types import TType
+    from mergelang.ir.types import TType
 
     return SimpleNamespace(attrs={"body": (("stack", (("in", 0), ("in", 1)), True, "float32"),
                                            ("sub", (("v", 0), ("in", 2)), True, "float32")),
@@ -298,7 +301,7 @@ def _select_node(n: int, density, absolute: bool = True) -> SimpleNamespace:
 def _split_into(monkeypatch, parts: int) -> list:
     """Kernels split over `parts` threads from 1000 elements on; returns the list that gets one
     entry per model the split selection settles (`kernels_fused_rt.settle` spied on)."""
-    from mergelang import kernels_fused_rt
+    from mergelang.runtime.kernels import numba_runtime as kernels_fused_rt
 
     monkeypatch.setattr(kernels_fused, "PARALLEL_ELEMENTS", 1000)
     monkeypatch.setattr(kernels_fused, "THREADS", parts)
@@ -349,8 +352,8 @@ def test_selection_with_nan_takes_the_plain_path(monkeypatch, parts):
     a, b, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(3))
     b[n - 3] = float("nan")  # in the second part
     got = kernels_select.run_select(_select_node(n, 0.4), [a, b, base])
-    from mergelang.kernels import _topk_mask
-    from mergelang.types import TType
+    from mergelang.runtime.kernels.table import _topk_mask
+    from mergelang.ir.types import TType
 
     plain = SimpleNamespace(attrs={"density": 0.4, "over": "tensor", "abs": True},
                             type=TType((n,), "bool", 2))
@@ -366,7 +369,7 @@ def test_one_model_selection_uses_every_thread_and_matches_a_stable_sort(monkeyp
     gen = torch.Generator().manual_seed(2)
     n = 50_001
     a, base = ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(2))
-    from mergelang.types import TType
+    from mergelang.ir.types import TType
 
     ty = TType((n,), "bool")
     node = SimpleNamespace(attrs={"body": (("sub", (("in", 0), ("in", 1)), False, "float32"),),

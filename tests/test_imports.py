@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelang.graph import MergeGraph
-from mergelang.kernels import KERNELS, as_python, run_node
-from mergelang.ops import Attrs, Op
-from mergelang.passes import _fold_structural
-from mergelang.types import TType
+from mergelang.ir.graph import MergeGraph
+from mergelang.runtime.kernels.table import KERNELS, as_python, run_node
+from mergelang.ir.ops import Attrs, Op
+from mergelang.passes.optimize import _fold_structural
+from mergelang.ir.types import TType
 
 REPO = Path(__file__).resolve().parents[1]
 

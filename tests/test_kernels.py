@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
-from mergelang.kernels import reduce, topk_mask_rows
+from mergelang.runtime.kernels.table import reduce, topk_mask_rows
 
 # small integers produce many ties in magnitude; floats in between exercise the general case
 VALUES = st.one_of(st.integers(-3, 3).map(float),

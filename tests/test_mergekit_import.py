@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 import mergelang as ml  # noqa: E402
 from mergelang.cli import main  # noqa: E402
-from mergelang.mergekit_import import translate  # noqa: E402
+from mergelang.interop.mergekit_import import translate  # noqa: E402
 
 LAYERS = 4
 
@@ -250,7 +250,7 @@ def test_gta_family_methods_are_emitted(models):
            "parameters": {"rescale": True}}
     text = _translate(cfg)
     assert '"*" => dare_ties(base, [a, b], weights = [0.5, 0.5], density = 0.7, rescale = true)' in text
-    from mergelang.loader import stdlib_functions
+    from mergelang.lang.loader import stdlib_functions
 
     if "dare_ties" in stdlib_functions():  # the stdlib method lives on another branch
         ml.compile(text).close()

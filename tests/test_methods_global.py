@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import mergelang as ml
 from mergelang.cli import main
-from mergelang import stats
+from mergelang.passes import stats
 from mergelang.diagnostics import MergelangError
 
 SHAPES = {"embed.weight": (8, 6), "layers.0.mlp.weight": (5, 4, 3), "layers.0.bias": (7,),
@@ -243,7 +243,7 @@ def test_model_topk_value_radix_select_is_exact(monkeypatch):
 
 
 def test_memory_budget_switches_to_radix_select(monkeypatch):
-    from mergelang.execute import execute
+    from mergelang.runtime.executor import execute
 
     base, a, b = make_sd(0), make_sd(1), make_sd(2)
     r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
@@ -286,9 +286,9 @@ def test_empty_tensors_only(monkeypatch, limit):
 
 
 def test_every_pass_graph_verifies_after_every_optimization():
-    from mergelang.graph import verify
-    from mergelang.passes import optimize
-    from mergelang.stats import split_stats
+    from mergelang.ir.graph import verify
+    from mergelang.passes.optimize import optimize
+    from mergelang.passes.stats import split_stats
 
     base, a, b = make_sd(0), make_sd(1), make_sd(2)
     r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'

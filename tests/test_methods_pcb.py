@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mergelang as ml
-from mergelang import stats
+from mergelang.passes import stats
 from mergelang.diagnostics import MergelangError
 
 SHAPES = {"embed.weight": (40, 30), "layers.0.mlp.weight": (5, 4, 3), "layers.0.bias": (7,),

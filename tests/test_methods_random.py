@@ -13,7 +13,7 @@ import torch
 
 import mergelang as ml
 import reference_more as ref
-from mergelang.rng import philox4x32, random_u32
+from mergelang.runtime.rng import philox4x32, random_u32
 
 
 def sd(seed, shapes):
@@ -247,5 +247,5 @@ def test_della_density_edges():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_random_methods_identical_on_gpu():
-    from mergelang.rng import random_u32 as r
+    from mergelang.runtime.rng import random_u32 as r
     assert torch.equal(r(10_000, "k", device="cuda").cpu(), r(10_000, "k"))

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 import mergelang as ml
 from mergelang.cli import main
 from mergelang.diagnostics import MergelangError
-from mergelang.journal import work_dir_for
-from mergelang.multiwriter import MultiWriter
-from mergelang.writer import WriterError
-from mergelang.ops import Op
+from mergelang.io.journal import work_dir_for
+from mergelang.io.multiwriter import MultiWriter
+from mergelang.io.writer import WriterError
+from mergelang.ir.ops import Op
 
 SHAPES = {"embed.weight": (6, 4), "layers.0.weight": (4, 4), "layers.1.weight": (4, 4),
           "norm.weight": (4,)}
@@ -299,7 +299,7 @@ def test_unknown_model_in_a_second_block() -> None:
 
 def test_parse_named_blocks_ast() -> None:
     prog = ml.parse('merge ["x", "y",] from base { "*" => a }\nmerge "z" from a { "*" => a }')
-    from mergelang import ast
+    from mergelang.lang import ast
 
     blocks = prog.of(ast.MergeBlock)
     assert [b.outputs for b in blocks] == [("x", "y"), ("z",)]

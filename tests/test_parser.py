@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mergelang import ast
+from mergelang.lang import ast
 from mergelang.diagnostics import CompileError, SourceFile
-from mergelang.parser import parse_expr, parse_program
+from mergelang.lang.parser import parse_expr, parse_program
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "parser"
 UPDATE = bool(os.environ.get("MERGELANG_UPDATE_GOLDEN"))
@@ -230,7 +230,7 @@ def test_missing_return():
 def test_parser_tables_are_cached_on_disk(tmp_path, monkeypatch):
     """The LALR tables go to MERGELANG_CACHE_DIR/lark (and are read back); an unusable cache
     folder only means no cache."""
-    from mergelang import parser
+    from mergelang.lang import parser
     from mergelang.diagnostics import SourceFile
 
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path / "c"))
@@ -252,7 +252,7 @@ def test_parser_tables_are_cached_on_disk(tmp_path, monkeypatch):
 def test_stdlib_functions_are_cached_on_disk(tmp_path, monkeypatch):
     """The parsed standard library is pickled to MERGELANG_CACHE_DIR/stdlib and loaded from
     there (equal functions); a torn cache file is parsed again and rewritten."""
-    from mergelang import loader
+    from mergelang.lang import loader
 
     monkeypatch.setenv("MERGELANG_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(loader, "_STDLIB", None)

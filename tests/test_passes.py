@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergelang as ml
-from mergelang.execute import execute
-from mergelang.graph import MergeGraph, verify
-from mergelang.ops import Op
-from mergelang.passes import PIPELINE, cse, dce, fold_constants, optimize, simplify
-from mergelang.plan import lower
+from mergelang.runtime.executor import execute
+from mergelang.ir.graph import MergeGraph, verify
+from mergelang.ir.ops import Op
+from mergelang.passes.optimize import PIPELINE, cse, dce, fold_constants, optimize, simplify
+from mergelang.passes.plan import lower
 
 SHAPES = {"w": (4, 6), "b": (6,), "n": (5, 3)}
 

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 import mergelang as ml
-from mergelang import checkpoint
-from mergelang.checkpoint import CheckpointError, open_model
-from mergelang.execute import compute, execute, resolve_device
-from mergelang.pipeline import Pipeline
+from mergelang.io import checkpoint
+from mergelang.io.checkpoint import CheckpointError, open_model
+from mergelang.runtime.executor import compute, execute, resolve_device
+from mergelang.runtime.pipeline import Pipeline
 
 SHAPES = {"embed.weight": (64, 16), "layers.0.q.weight": (16, 16), "layers.0.norm.weight": (16,),
           "layers.1.q.weight": (16, 16), "layers.1.mlp.weight": (48, 16), "scale": (),

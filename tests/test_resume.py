@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import mergelang as ml  # noqa: E402
-from mergelang.journal import JOURNAL_NAME, read_journal, work_dir_for  # noqa: E402
+from mergelang.io.journal import JOURNAL_NAME, read_journal, work_dir_for  # noqa: E402
 
 N_TENSORS = 40
 
@@ -279,7 +279,7 @@ def test_resume_recomputes_corrupted_and_torn_entries(work: Path, tmp_path: Path
     index = ml.compile(work / "recipe.mrg")
     # corrupt the bytes of one journaled tensor, and tear the journal's last line
     victim = next(iter(entries))
-    from mergelang.writer import plan_shards
+    from mergelang.io.writer import plan_shards
 
     layout = plan_shards(index.outputs, int(index.compilation.options.shard_size))
     shard, begin, end = layout.where(victim)
@@ -462,7 +462,7 @@ def test_all_finite_numba_pass_on_large_16bit_tensors(dtype: torch.dtype) -> Non
     """With the fused kernels' runtime loaded, 16-bit tensors of >= 65536 elements take the
     numba pass: every bit pattern, judged against torch.isfinite."""
     pytest.importorskip("numba")
-    import mergelang.kernels_fused_rt  # noqa: F401  (what a fused plan has loaded)
+    import mergelang.runtime.kernels.numba_runtime  # noqa: F401  (what a fused plan has loaded)
     from mergelang.api import all_finite
 
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -480,7 +480,7 @@ def test_all_finite_numba_pass_on_large_16bit_tensors(dtype: torch.dtype) -> Non
 
 def test_content_sample_sees_a_change_far_into_a_large_file(tmp_path: Path) -> None:
     """Past the 1 MiB head, the sampled blocks cover the file's end and evenly spaced offsets."""
-    from mergelang.journal import SAMPLE_BLOCK, SAMPLE_HEAD, content_sample
+    from mergelang.io.journal import SAMPLE_BLOCK, SAMPLE_HEAD, content_sample
 
     f = tmp_path / "big.bin"
     data = bytearray(os.urandom(SAMPLE_HEAD + 64 * 8192))

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import mergelang as ml
 from mergelang.cli import main
-from mergelang.elaborate import signature_of
-from mergelang.intrinsics import INTRINSICS
-from mergelang.loader import stdlib_functions
+from mergelang.lang.elaborate import signature_of
+from mergelang.lang.intrinsics.core import INTRINSICS
+from mergelang.lang.loader import stdlib_functions
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods.md"
 PUBLIC = sorted(n for n in stdlib_functions() if not n.startswith("_"))

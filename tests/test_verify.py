@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelang.writer import CheckpointWriter, OutputTensor, ShardLayout, WriterError, plan_shards
-from mergelang.verify import verify_output
+from mergelang.io.writer import CheckpointWriter, OutputTensor, ShardLayout, WriterError, plan_shards
+from mergelang.io.verify import verify_output
 
 
 def tensors() -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from mergelang import workers
+from mergelang.runtime import workers
 
 
 def _kernel_threads() -> set[str]:

@@ -1,4 +1,4 @@
-"""Tests for mergelang.writer: shard planning and streaming checkpoint output."""
+"""Tests for mergelang.io.writer: shard planning and streaming checkpoint output."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergelang.writer import (
+from mergelang.io.writer import (
     INDEX_NAME, CheckpointWriter, OutputTensor, ShardLayout, WriterError, plan_shards,
 )
 

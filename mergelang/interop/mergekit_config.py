@@ -1,0 +1,297 @@
+"""Reading mergekit configs for the importer: method tables, models, slices and layer layout.
+
+`ConfigReader` turns the YAML's models / slices into `Slice`s of `Source`s with recipe model
+names, reports unknown keys (W101) and non-local model ids (W103), and checks (or, for passthrough
+frankenmerges, stacks) the layer layout. `mergekit_import.Translator` builds the rules on top.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergelang.diagnostics import Diagnostic, error, warning
+
+# method -> (calling convention, per-model params it reads, required per-model params)
+GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+       "della", "della_linear", "sce")
+METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required)
+    "linear": ("models", True),
+    "nuslerp": ("models", True),
+    "multislerp": ("models", True),
+    "karcher": ("models", False),
+    "slerp": ("pair", False),
+    "nearswap": ("pair", False),
+    "model_stock": ("base_models", False),
+    "passthrough": ("single", False),
+    **{m: ("base_models", m != "sce") for m in GTA},
+}
+TAKES_BASE_KW = ("nuslerp", "multislerp")
+PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
+# per-model parameters mergekit accepts but a method ignores (task_arithmetic does not sparsify)
+UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karcher": {"density"},
+                    "nuslerp": {"density"}, "multislerp": {"density"}}
+IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
+TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
+MAX_FILTERS = 8
+# module names found only inside transformer blocks: filters made of them get no rules for the
+# tensors outside the layers (embeddings, final norm, lm_head), which they cannot match
+LAYER_ONLY = ("self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+              "down_proj", "input_layernorm", "post_attention_layernorm", "experts", "attn")
+
+
+def _layer_only(f: str) -> bool:
+    return any(w in f for w in LAYER_ONLY)
+
+
+@dataclass
+class Source:
+    model: str  # recipe model name
+    layer_range: tuple[int, int] | None  # None: all layers (a `models:` config)
+    params: dict[str, Any]
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    params: dict[str, Any]
+
+
+@dataclass
+class Result:
+    text: str
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.is_error]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(i) for i in v) + "]"
+    if v is None:
+        return "none"
+    raise TypeError(v)
+
+
+def _ident(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "m"
+    return s if not s[0].isdigit() else "m_" + s
+
+
+def _conds(setting: Any) -> list[tuple[str | None, Any]]:
+    """A mergekit ParameterSetting as [(filter or None, value)]."""
+    if isinstance(setting, dict):
+        return [(_filter(setting.get("filter")), setting.get("value"))]
+    if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting):
+        return [(_filter(c.get("filter")), c.get("value")) for c in setting]
+    return [(None, setting)]
+
+
+def _filter(f: Any) -> str | None:
+    return None if f in (None, "*") else str(f)
+
+
+def _evaluate(setting: Any, matched: frozenset[str]) -> Any:
+    for f, value in _conds(setting):
+        if f is None or f in matched:
+            return value
+    return None
+
+
+def _is_gradient(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+
+class ConfigReader:
+    def __init__(self, config: dict[str, Any], config_path: Path | None, out_dir: Path | None,
+                 layer_prefix: str = "model.layers"):
+        self.cfg = config
+        self.config_path = config_path
+        self.out_dir = out_dir
+        self.layer_prefix = layer_prefix
+        self.diags: list[Diagnostic] = []
+        self.models: dict[str, str] = {}  # mergekit reference -> recipe name
+        self.model_lines: list[str] = []
+        self.hoisted: dict[tuple, str] = {}  # (name, tuple(values)) -> param name
+        self.param_lines: list[str] = []
+        self.notes: list[str] = []
+        self.local_paths: dict[str, Path] = {}  # mergekit reference -> local checkpoint
+
+    # ------------------------------------------------------------ diagnostics
+    def warn(self, code: str, msg: str, help: str | None = None) -> None:
+        if any(d.code == code and d.message == msg for d in self.diags):
+            return  # e.g. found again for another group of tensors
+        self.diags.append(warning(code, msg, None, help))
+        self.notes.append(f"# NOTE ({code}): {msg}")
+
+    def err(self, code: str, msg: str, help: str | None = None) -> None:
+        if any(d.code == code and d.message == msg for d in self.diags):
+            return
+        self.diags.append(error(code, msg, None, help))
+
+    # ------------------------------------------------------------ models
+    def model(self, ref: Any, where: str, base: bool = False) -> str | None:
+        if isinstance(ref, dict):  # mergekit's {model: {path: ...}} form
+            ref = ref.get("path", ref.get("model"))
+        if not isinstance(ref, str) or not ref:
+            self.err("E702", f"{where}: expected a model path or Hugging Face id, got {ref!r}")
+            return None
+        if ref in self.models:
+            return self.models[ref]
+        if "+" in ref:
+            self.err("E706", f"{where}: `{ref}` applies a LoRA adapter (model+adapter); adapters are "
+                     "not supported by the importer", "merge the adapter into the model first "
+                     "(e.g. with peft's merge_and_unload) and use the merged folder")
+            return None
+        stem = re.sub(r"\.safetensors$", "", ref.rstrip("/").rsplit("/", 1)[-1])
+        name = "base" if base else _ident(stem)
+        taken = set(self.models.values())
+        if name in taken or name in ("base",) and not base:
+            k = 2
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+        self.models[ref] = name
+        path, comment = self._path(ref)
+        self.model_lines.append(f"model {name} = {_fmt(path)}{comment}")
+        return name
+
+    def _path(self, ref: str) -> tuple[str, str]:
+        candidates = [Path(ref).expanduser()]
+        if self.config_path is not None and not Path(ref).is_absolute():
+            candidates.append(self.config_path.parent / ref)
+        for c in candidates:
+            if c.exists():
+                self.local_paths[ref] = c
+                if self.out_dir is not None and not c.is_absolute():
+                    return os.path.relpath(c.resolve(), self.out_dir.resolve()), ""
+                return str(c), ""
+        self.warn("W103", f"model `{ref}` is not a local path",
+                  f"download it (e.g. `huggingface-cli download {ref} --local-dir DIR`) and "
+                  "edit the path, or override it: --set NAME=DIR")
+        return ref, "  # a Hugging Face id: download it and put the local folder here"
+
+    # ------------------------------------------------------------ structure
+    def slices(self) -> list[Slice]:
+        cfg = self.cfg
+        has_models, has_slices = bool(cfg.get("models")), bool(cfg.get("slices"))
+        if cfg.get("modules"):
+            self.err("E704", "`modules` (multi-module configs) are not supported",
+                     "translate each module separately")
+            return []
+        if has_models == has_slices:
+            self.err("E702", "the config needs exactly one of `models` or `slices`")
+            return []
+        if has_models:
+            sources = []
+            for k, m in enumerate(cfg["models"]):
+                if not isinstance(m, dict):
+                    m = {"model": m}
+                self._unknown(m, {"model", "parameters"}, f"models[{k}]")
+                name = self.model(m.get("model"), f"models[{k}]", base=self._is_base(m.get("model")))
+                if name is not None:
+                    sources.append(Source(name, None, dict(m.get("parameters") or {})))
+            return [Slice(sources, {})]
+        out = []
+        for k, s in enumerate(cfg["slices"]):
+            if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
+                self.err("E702", f"slices[{k}]: expected a mapping with a `sources` list")
+                continue
+            self._unknown(s, {"sources", "parameters", "base_model", "residual_weight"}, f"slices[{k}]")
+            if s.get("base_model") not in (None, cfg.get("base_model")):
+                self.err("E704", f"slices[{k}]: a per-slice `base_model` is not supported")
+            if s.get("residual_weight") is not None:
+                self.err("E704", f"slices[{k}]: `residual_weight` is not supported")
+            sources = []
+            for j, src in enumerate(s["sources"]):
+                where = f"slices[{k}].sources[{j}]"
+                self._unknown(src, {"model", "layer_range", "parameters"}, where)
+                lr = src.get("layer_range")
+                if not (isinstance(lr, (list, tuple)) and len(lr) == 2
+                        and all(isinstance(x, int) for x in lr) and 0 <= lr[0] < lr[1]):
+                    self.err("E702", f"{where}: `layer_range` must be [start, end) with start < end")
+                    continue
+                name = self.model(src.get("model"), where, base=self._is_base(src.get("model")))
+                if name is not None:
+                    sources.append(Source(name, (lr[0], lr[1]), dict(src.get("parameters") or {})))
+            out.append(Slice(sources, dict(s.get("parameters") or {})))
+        return out
+
+    def _is_base(self, ref: Any) -> bool:
+        return ref is not None and ref == self.cfg.get("base_model")
+
+    def _unknown(self, d: Any, known: set[str], where: str) -> None:
+        if isinstance(d, dict):
+            for key in d:
+                if key not in known:
+                    self.warn("W101", f"{where}.{key} is not translated (unknown key)")
+
+    @staticmethod
+    def _in_order(slices: list[Slice]) -> bool:
+        offset = 0
+        for s in slices:
+            for src in s.sources:
+                if src.layer_range is not None and src.layer_range[0] != offset:
+                    return False
+            if s.sources and s.sources[0].layer_range is not None:
+                offset = s.sources[0].layer_range[1]
+        return True
+
+    def stack(self, slices: list[Slice]) -> list[Slice]:
+        """A passthrough frankenmerge: a `stack_layers` model, then rules over its new layers."""
+        name = "stacked"
+        while name in self.models.values():
+            name += "_"
+        ranges = ", ".join(f"layer_range({s.sources[0].model}, {s.sources[0].layer_range[0]}, "  # type: ignore[index]
+                           f"{s.sources[0].layer_range[1]})" for s in slices)  # type: ignore[index]
+        self.model_lines.append("# the layer ranges stacked in order and renumbered (a frankenmerge)")
+        self.model_lines.append(f"model {name} = stack_layers([{ranges}])")
+        self.models["<stacked>"] = name
+        out, offset = [], 0
+        for s in slices:
+            src = s.sources[0]
+            a, b = src.layer_range  # type: ignore[misc]
+            out.append(Slice([Source(name, (offset, offset + b - a), src.params)], s.params))
+            offset += b - a
+        return out
+
+    def check_layout(self, slices: list[Slice], method: str) -> None:
+        """mergelang's output follows the reference model's tensor names: every output layer k
+        must come from layer k of its inputs (no stacking or renumbering)."""
+        offset = 0
+        for k, s in enumerate(slices):
+            ranges = {src.layer_range for src in s.sources}
+            if None in ranges:
+                continue
+            if len(ranges) > 1:
+                self.err("E704", f"slices[{k}]: the sources have different layer ranges "
+                         f"({', '.join(str(list(r)) for r in sorted(ranges))})",  # type: ignore[arg-type]
+                         "mergelang merges layer i of every model into layer i of the output")
+                return
+            (a, b), = ranges
+            if a != offset:
+                self.err("E704", f"slices[{k}]: layers {a}..{b - 1} would become output layers "
+                         f"{offset}..{offset + b - a - 1}: the importer moves layers for "
+                         "passthrough slices of one model only",
+                         "write the recipe by hand: stack each source's ranges with "
+                         "`model x = stack_layers([layer_range(m, a, b), ...])`, then merge the "
+                         "stacked models")
+                return
+            offset = b
+

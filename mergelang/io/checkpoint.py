@@ -1,0 +1,538 @@
+"""Input checkpoints: HF folders (sharded or single-file safetensors), single `.safetensors` files
+and in-memory state dicts, behind one `ModelSource` interface.
+
+Headers are parsed here (8-byte little-endian length + JSON), because the checker needs shapes,
+dtypes *and* byte offsets (for read ordering and memory planning) without touching tensor data,
+and safetensors' Python API does not expose offsets. Tensor data is read with `safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from mergelang.diagnostics import CompileError, Span, did_you_mean, error
+from mergelang.errors import CheckpointError
+from mergelang.io.inputs import confined, hf_snapshot, is_hf_id, model_root
+from mergelang.ir.types import ITEMSIZE, ST_TO_NAME, dtype_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: checking reads headers only
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_HELP = ("pickle files can run code when loaded: convert them to safetensors, or pass "
+               "--allow-pickle (ml.compile(..., allow_pickle=True)) to read them with "
+               "torch.load(weights_only=True)")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    file: str = ""  # shard path ("" for in-memory)
+    begin: int = 0  # absolute byte offset of the data in the file
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * itemsize(self.dtype)
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header; never reads tensor data."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file too short to be safetensors ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: bad header length {n} (file is {size} bytes)",
+                                      "the file is truncated or not a safetensors file")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    base = 8 + n
+    data_len = size - base
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+            continue
+        try:
+            st_dtype, shape, begin, end = _entry(entry)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}",
+                                  "each tensor needs dtype (a string), shape (a list of integers) "
+                                  "and data_offsets (two integers)") from None
+        if st_dtype not in ST_TO_NAME:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}",
+                                  f"supported: {', '.join(sorted(ST_TO_NAME))}", "E206")
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension")
+        if not _shape_fits(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, too large for "
+                                  "any tensor library (sizes and strides must fit in 63 bits)",
+                                  "the file is corrupt or hostile")
+        dtype = ST_TO_NAME[st_dtype]
+        info = TensorInfo(name, shape, dtype, path, base + begin, base + end)
+        if begin < 0 or end < begin or end > data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} has offsets {begin}..{end} outside the "
+                                  f"data ({data_len} bytes)", "the file is truncated or corrupt")
+        if end - begin != info.nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} occupies {end - begin} bytes, but "
+                                  f"{st_dtype}{list(shape)} needs {info.nbytes}")
+        spans.append((begin, end, name))
+        out[name] = info
+    # as safetensors itself requires: tensors back to back from 0, covering all the data
+    spans.sort()
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b < pos:
+            raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+        if b > pos:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at {b}, not at {pos} (the data "
+                                  "has a gap)", "the file is corrupt")
+        pos, prev = e, name
+    if pos != data_len:
+        raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor are not "
+                              "covered by the header", "the file is corrupt or has trailing data")
+    return out
+
+
+def _shape_fits(shape: tuple[int, ...]) -> bool:
+    """Every dimension, and the product of the non-zero ones (the largest stride), below 2**62."""
+    total = 1
+    for d in shape:
+        if d >= 1 << 62:
+            return False
+        total *= max(d, 1)
+        if total >= 1 << 62:
+            return False
+    return len(shape) <= 64
+
+
+def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and data offsets of one header entry; TypeError/ValueError if malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry["dtype"], str):
+        raise TypeError
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    ints = (shape if isinstance(shape, list) else [None]) + (offsets if isinstance(offsets, list) else [None])
+    if len(offsets) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+        raise TypeError
+    return entry["dtype"], tuple(shape), offsets[0], offsets[1]
+
+
+class ModelSource:
+    """A checkpoint: an ordered table of tensors (headers only) and a way to load one tensor."""
+
+    label: str = ""
+    folder: Path | None = None  # the HF folder (config.json, tokenizer) when there is one
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
+        """The tensor converted to `dtype` (None: as stored), in memory it owns. `view`: the
+        caller only reads the result, so a source may hand out a view of the file's bytes as
+        stored (no copy) instead; this default always copies."""
+        t = self.load(name)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int, *,
+                  view: bool = False) -> torch.Tensor:
+        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns
+        (`view`: as in :meth:`load_as`). This default reads the whole tensor; safetensors files
+        read just those rows."""
+        return self.load_as(name, dtype)[start:stop].clone()
+
+    def close(self) -> None:
+        pass
+
+    def input_paths(self) -> list[Path]:
+        """The folders and files this model reads (an output may not overlap any of them): its
+        folder (and Hugging Face cache repository) and every file a tensor is read from."""
+        out: list[Path] = []
+        if self.folder is not None:
+            out += [Path(self.folder), model_root(Path(self.folder))]
+        out += [Path(f) for f in dict.fromkeys(i.file for i in self.tensors().values() if i.file)]
+        return out
+
+    def prepare(self, device: object = None) -> None:
+        """Model-level work before any tensor is streamed (e.g. solving an alignment)."""
+
+    def config(self) -> dict | None:
+        if self.folder is not None and (self.folder / "config.json").is_file():
+            try:
+                return json.loads((self.folder / "config.json").read_text())
+            except (OSError, ValueError, RecursionError):
+                return None
+        return None
+
+
+class SafetensorsSource(ModelSource):
+    """One or more safetensors files (an HF folder's shards, or a single file)."""
+
+    def __init__(self, label: str, files: list[Path], folder: Path | None):
+        self.label = label
+        self.folder = folder
+        self.files = files
+        table: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in read_header(f).items():
+                if name in table:
+                    raise CheckpointError(f"tensor {name!r} appears in both {table[name].file} and {f}")
+                table[name] = info
+        # read order: file order, then offset within a file (sequential reads)
+        rank = {str(f): i for i, f in enumerate(files)}
+        self._table = dict(sorted(table.items(), key=lambda kv: (rank[kv[1].file], kv[1].begin)))
+        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._table
+
+    def _handle(self, file: str):
+        h = self._handles.get(file)
+        if h is None:
+            with self._lock:
+                h = self._handles.get(file)
+                if h is None:
+                    from safetensors import safe_open
+
+                    h = self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        return h
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, thread-safe. Default: safetensors' `get_tensor`, a view of the mmapped
+        file, so the float32 upcast that follows reads the page cache directly (one pass over
+        the bytes). `READER = "pread"` reads into a fresh buffer with positional reads instead:
+        measured slower here (1B bf16 base, warm cache, load + upcast: pread 11-15 s,
+        safetensors 8-10 s on the shared 2-core machine), kept for cold-cache / network disks."""
+        info = self._table[name]
+        if READER != "pread":
+            try:
+                return self._handle(info.file).get_tensor(name)
+            except Exception as exc:  # the file changed or broke since its header was read
+                raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}",
+                                      "was the file modified or truncated during the merge?") from None
+        import torch
+
+        n = info.end - info.begin
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
+        """One tensor, converted to `dtype`, through a private mmap of just its bytes that is
+        unmapped before returning: the conversion reads the page cache directly (one pass), and
+        resident memory holds only the result (a long-lived mmap of the whole file, as
+        safetensors keeps, counts every page read so far in the process's RSS). With `view` and
+        no conversion, the tensor *is* the mapping (unmapped when the tensor is freed): no copy
+        at all, the kernel that uses it reads the page cache (read-ahead is requested now)."""
+        if READER != "mmap":
+            return super().load_as(name, dtype)
+        info = self._table[name]
+        return self._map(name, info, dtype, info.begin, info.end, info.shape, view)
+
+    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int, *,
+                  view: bool = False) -> torch.Tensor:
+        """Rows `start:stop` through a private mmap of just their bytes (a contiguous range of
+        the stored tensor)."""
+        if READER != "mmap":
+            return super().load_rows(name, dtype, start, stop)
+        info = self._table[name]
+        row = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
+        stop = min(stop, info.shape[0])
+        return self._map(name, info, dtype, info.begin + start * row, info.begin + stop * row,
+                         (max(0, stop - start), *info.shape[1:]), view)
+
+    def _map(self, name: str, info: TensorInfo, dtype: torch.dtype | None, begin: int, end: int,
+             shape: tuple[int, ...], view: bool = False) -> torch.Tensor:
+        import torch
+
+        stored = torch_dtype(info.dtype)
+        n = end - begin
+        if n == 0:
+            return torch.empty(shape, dtype=dtype or stored)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
+                                  "the file was truncated or replaced after its header was read") from None
+        try:
+            mapped = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
+                                      offset=begin - start).reshape(shape)
+        except BaseException:
+            mm.close()
+            raise
+        if view and (dtype is None or dtype == stored):
+            # a copy-on-write map: a stray write never reaches the file; the tensor holds the
+            # map (torch.frombuffer keeps a reference to it), which is unmapped with it
+            if hasattr(mmap, "MADV_WILLNEED"):
+                mm.madvise(mmap.MADV_WILLNEED)
+            return mapped
+        try:
+            return mapped.to(dtype) if dtype is not None and dtype != stored else mapped.clone()
+        finally:
+            del mapped
+            mm.close()
+
+    def close(self) -> None:
+        self._handles.clear()
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+#: how `SafetensorsSource` reads tensor data: "mmap" (default; per-tensor maps, `load_as`),
+#: "safetensors" (`get_tensor`) or "pread" (positional reads into a fresh buffer)
+READER = os.environ.get("MERGELANG_READER", "mmap")
+
+
+def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill `view` from `fd` at `offset` (os.preadv where available; a file lock-free loop)."""
+    done, n = 0, len(view)
+    while done < n:
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, n - done, offset + done)
+            view[done:done + len(data)] = data
+            k = len(data)
+        if k <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}",
+                                  "the file was truncated after its header was read")
+        done += k
+
+
+class DictSource(ModelSource):
+    """An in-memory state dict (`ml.merge`, `ml.compile(..., base=state_dict)`)."""
+
+    def __init__(self, label: str, tensors: Mapping[str, torch.Tensor]):
+        self.label = label
+        self._tensors = dict(tensors)
+        self._table = {}
+        import torch
+
+        for name, t in self._tensors.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"tensor names must be strings, got the {type(name).__name__} "
+                                      f"key {name!r}", "use a state dict: {name: tensor}")
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
+            if t.layout != torch.strided:
+                raise CheckpointError(f"tensor {name!r} is {str(t.layout).removeprefix('torch.')}",
+                                      "pass dense tensors (tensor.to_dense())")
+            if t.device.type == "meta":
+                raise CheckpointError(f"tensor {name!r} is on the meta device and has no data",
+                                      "load the weights first (e.g. without device_map='meta')")
+            if dtype_name(t.dtype) not in ITEMSIZE:
+                raise CheckpointError(f"tensor {name!r} has unsupported dtype {t.dtype}",
+                                      "floating-point, integer and bool tensors are supported", "E206")
+            self._table[name] = TensorInfo(name, tuple(t.shape), dtype_name(t.dtype))
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._table
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class PickleSource(ModelSource):
+    """Pickle checkpoints (``.bin``/``.pt``), read only on request (``--allow-pickle``) and only
+    with ``torch.load(weights_only=True)``, which refuses to build anything but tensors and plain
+    containers (no code runs). Each file is loaded (memory-mapped when possible) when opened,
+    because pickles have no header to read shapes from."""
+
+    def __init__(self, label: str, files: list[Path], folder: Path | None):
+        self.label = label
+        self.folder = folder
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._table: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, t in _torch_load(f).items():
+                if name in self._tensors:
+                    raise CheckpointError(f"tensor {name!r} appears twice (in {f} and another file)")
+                if dtype_name(t.dtype) not in ITEMSIZE:
+                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}",
+                                          f"supported: {', '.join(sorted(ST_TO_NAME))}", "E206")
+                self._tensors[name] = t
+                self._table[name] = TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), str(f))
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._table
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    import torch
+
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(True)
+        except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            obj = load(False)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the pickle: {first}",
+                              "the file holds more than tensors; only plain state dicts are "
+                              "read, and no code is ever run", "E309") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the pickle checkpoint: {exc}") from None
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _index_files(folder: Path, index: Path, root: Path, follow: bool = False) -> list[Path]:
+    """The shard files an index names, each inside `folder` (E308), present (E307) and, after
+    symbolic links, inside `root` (E314, see inputs.py), resolved."""
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
+    files: list[Path] = []
+    for fname in dict.fromkeys(weight_map.values()):
+        if "\0" in fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise CheckpointError(f"{index}: refers to {fname!r}, outside the model folder",
+                                  "index files may only name shards inside their folder", "E308")
+        p = folder / fname
+        if not p.is_file():
+            raise CheckpointError(f"{index}: shard {fname!r} is missing",
+                                  "the download may be incomplete", "E307")
+        files.append(confined(p, root, follow, "shard"))
+    return files
+
+
+def _weight_files(folder: Path, root: Path, follow: bool) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return _index_files(folder, confined(index, root, follow, "index"), root, follow)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [confined(single, root, follow, "shard")]
+    return [confined(p, root, follow, "shard") for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
+
+
+def open_model(label: str, path: str | Path, allow_pickle: bool = False,
+               follow_symlinks: bool = False) -> ModelSource:
+    """Open an HF folder, a Hugging Face cache snapshot (a folder, or ``hf:ORG/NAME``: local
+    cache only) or a `.safetensors` file (headers only); raises CheckpointError. Pickle
+    checkpoints are refused (E306) unless `allow_pickle`; files whose symbolic links leave the
+    model folder (or its cache repository) are refused (E314) unless `follow_symlinks`. Inputs
+    are only ever opened for reading; no code from a model folder is ever run."""
+    if isinstance(path, str) and is_hf_id(path):
+        path = hf_snapshot(path)
+    p = Path(path)
+    follow = follow_symlinks
+    if p.is_file():
+        folder = p.resolve().parent if (p.parent / "config.json").is_file() else None
+        if p.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise CheckpointError(f"{p} is a pickle-based checkpoint; mergelang reads safetensors",
+                                      PICKLE_HELP, "E306")
+            return PickleSource(label, [p.resolve()], folder)
+        if p.suffix != ".safetensors":
+            raise CheckpointError(f"{p} is not a .safetensors file or a model folder",
+                                  "supported: safetensors (and, with --allow-pickle, .bin/.pt)")
+        return SafetensorsSource(label, [p.resolve()], folder)
+    if p.is_dir():
+        root = model_root(p)
+        files = _weight_files(p, root, follow)
+        if not files:
+            index = p / PICKLE_INDEX_NAME
+            pickles = _index_files(p, index, root, follow) if index.is_file() else [
+                confined(f, root, follow, "checkpoint") for f in sorted(p.iterdir())
+                if f.suffix in PICKLE_SUFFIXES and f.is_file()]
+            if pickles and not allow_pickle:
+                names = ", ".join(f.name for f in pickles[:3])
+                raise CheckpointError(f"{p} holds only pickle checkpoints ({names})", PICKLE_HELP, "E306")
+            if pickles:
+                return PickleSource(label, pickles, p.resolve())
+            raise CheckpointError(f"{p} has no .safetensors weights")
+        return SafetensorsSource(label, files, p.resolve())
+    raise FileNotFoundError(str(p))
+
+
+def missing_path_help(path: Path) -> str | None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.is_dir():
+        names = [c.name for c in parent.iterdir()]
+        hint = did_you_mean(path.name, names)
+        if hint:
+            return hint
+    if not parent.exists():
+        return f"the folder {parent} does not exist either"
+    return None
+
+
+def model_error(label: str, path: str, exc: Exception, span: Span | None) -> CompileError:
+    if isinstance(exc, FileNotFoundError):
+        return CompileError(error("E301", f"model `{label}`: path {path} does not exist", span,
+                                  missing_path_help(Path(path))))
+    if isinstance(exc, CheckpointError):
+        return CompileError(error(exc.code, f"model `{label}`: {exc}", span, exc.help))
+    return CompileError(error("E303", f"model `{label}`: cannot open {path}: {exc}", span))
+
+
+def names_like(name: str, names: Iterable[str]) -> str | None:
+    return did_you_mean(name, names)

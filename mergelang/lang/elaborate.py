@@ -1,0 +1,521 @@
+"""Elaboration: evaluate the recipe for every tensor of the reference model into one graph.
+
+This is an abstract interpreter. Scalars and lists of scalars are computed in Python at compile
+time; models stand for "this tensor of that checkpoint" and become shared LOAD nodes; every
+tensor operation becomes a typed graph node (types come from safetensors headers, so all shape
+errors surface here, before any tensor data is read). Functions are inlined at their call site;
+an error inside a standard-library function points at the user's call, with a note saying where
+in the library it happened.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from mergelang.lang import ast
+from mergelang.io.checkpoint import ModelSource, TensorInfo
+from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean, error, warning
+from mergelang.ir.graph import MergeGraph
+from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
+from mergelang.ir.types import TType, format_shape, is_floating
+from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, Param, Signature, TensorV, Value, is_number
+
+MAX_DEPTH = 64
+#: compile-time integers stay below 2**MAX_INT_BITS (a bound on work: `10 ** 10 ** 10` would
+#: take hours to compute and gigabytes to hold)
+MAX_INT_BITS = 256
+
+BINOPS: dict[str, Op] = {
+    "add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "div": Op.DIV, "pow": Op.POW, "eq": Op.EQ,
+    "ne": Op.NE, "lt": Op.LT, "le": Op.LE, "gt": Op.GT, "ge": Op.GE, "and": Op.AND, "or": Op.OR,
+}
+PYOPS: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "eq": operator.eq,
+    "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+}
+
+
+class Poisoned(Exception):
+    """Evaluation touched a model that failed to open (already reported): skip silently."""
+
+
+@dataclass
+class Frame:
+    fn: str
+    call_span: Span
+    env: dict[str, Value]
+    tag: str = ""  # `iterate`'s round ("#3"): tells model-wide statistics of each round apart
+
+
+class Elaborator:
+    """Builds the merge graph. One instance per compilation; `build` fills `self.graph`."""
+
+    def __init__(self, fns: Mapping[str, ast.FnDef], models: Mapping[str, ModelSource | None],
+                 model_spans: Mapping[str, Span], params: Mapping[str, Value], diags: Diagnostics,
+                 out_dtype: str | None = None):
+        from mergelang.lang.intrinsics.core import INTRINSICS
+
+        self.fns = fns
+        self.intrinsics = INTRINSICS
+        self.models = models
+        self.model_spans = model_spans
+        self.params = params
+        self.diags = diags
+        self.out_dtype = out_dtype
+        self.graph = MergeGraph()
+        self.stack: list[Frame] = []
+        self.tensor = ""  # the output tensor being elaborated
+        self._loads: dict[tuple[str, str, bool], int] = {}
+        self.rule_hits: dict[tuple[int, int], int] = {}
+
+    # ------------------------------------------------------------------ outputs
+    def build(self, *blocks: ast.MergeBlock) -> MergeGraph:
+        """One OUTPUT per tensor of each block's reference model, in one graph. With named
+        blocks the outputs are named `OUT/TENSOR`, and the outputs of every block for the same
+        tensor name are adjacent (so an input tensor is read once for all of them)."""
+        refs = [self.models.get(b.source) for b in blocks]
+        if any(r is None for r in refs):  # a reference model failed to open: already reported
+            return self.graph
+        tables = [r.tensors() for r in refs]  # type: ignore[union-attr]
+        order = 0
+        for name in dict.fromkeys(n for t in tables for n in t):
+            for bi, (block, table) in enumerate(zip(blocks, tables)):
+                if name not in table:
+                    continue
+                self.tensor = name
+                try:
+                    order = self._output(bi, block, name, table[name], order)
+                except CompileError as exc:
+                    self.diags.add(exc.diag, subject=name)
+                except Poisoned:
+                    pass
+        for bi, block in enumerate(blocks):
+            for i, rule in enumerate(block.rules):
+                if not self.rule_hits.get((bi, i)):
+                    self.diags.add(warning("W001", f"rule {rule.pattern.text!r} matches no tensor of "
+                                           f"`{block.source}`", rule.pattern.span,
+                                           "an earlier rule may match first, or the pattern has a typo"))
+        return self.graph
+
+    def _output(self, bi: int, block: ast.MergeBlock, name: str, info: TensorInfo, order: int) -> int:
+        """Elaborate tensor `name` for `block`: its OUTPUT node(s); returns the next order."""
+        rule, captures = self._match(block, name)
+        self.rule_hits[(bi, rule)] = self.rule_hits.get((bi, rule), 0) + 1
+        expr = block.rules[rule].expr
+        outs = [f"{o}/{name}" for o in block.outputs] or [name]
+        if not is_floating(info.dtype):
+            if not (isinstance(expr, ast.Name) and expr.id == block.source):
+                self.diags.add(warning("W002", f"{info.dtype} tensor `{name}` is copied from "
+                                       f"`{block.source}` unchanged", expr.span,
+                                       "merge rules apply to floating-point tensors only"),
+                               subject=name)
+            nid = self.load(block.source, name, block.source_span, raw=True)
+            for out in outs:
+                self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=info.dtype))
+                order += 1
+            return order
+        self.stack = []
+        value = self.eval(expr, dict(captures))
+        nids = self._split(value, len(outs) if block.outputs else 0, expr.span)
+        for ty in {self.graph.node(n).type for n in nids}:
+            if ty.shape == info.shape:
+                continue
+            raise CompileError(error(
+                "E207", f"the rule gives `{name}` shape {list(ty.shape)}, but `{block.source}` has "
+                f"{list(info.shape)}", expr.span,
+                "the output follows the names and shapes of the `merge from` model"))
+        dtype = self.out_dtype or info.dtype
+        for out, nid in zip(outs, nids):
+            self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
+            order += 1
+        return order
+
+    def _split(self, value: Value, k: int, span: Span) -> list[int]:
+        """A named block with `k` outputs takes one tensor (written to each output), or a list or
+        stack of exactly `k` (one per output, in order); the unnamed block (`k` = 0) one tensor."""
+        if k and isinstance(value, ListV) and not value.scalars:
+            if len(value.items) != k:
+                raise self.error("E313", f"this rule gives a list of {len(value.items)} values for "
+                                 f"{k} output{'s' if k != 1 else ''}", span,
+                                 "a rule of a named block gives one tensor (written to every "
+                                 "output of the block), or one per output name (a list or a stack)")
+            return [self.result_node(v, span) for v in value.items]
+        if k and not isinstance(value, (Const, ListV)):
+            nid = self.to_node(value, span)
+            models = self.graph.node(nid).type.models
+            if models:
+                if models != k:
+                    raise self.error("E313", f"this rule gives a stack of {models} tensors for "
+                                     f"{k} output{'s' if k != 1 else ''}", span,
+                                     "a rule of a named block gives one tensor (written to every "
+                                     "output of the block), or one per output name (a list or a stack)")
+                return [self.make(Op.INDEX, [nid], Attrs(i=i), span) for i in range(k)]
+        nid = self.result_node(value, span)
+        return [nid] * max(k, 1)
+
+    def _match(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
+        for i, rule in enumerate(block.rules):
+            caps = rule.pattern.match(name)
+            if caps is None:
+                continue
+            env: dict[str, Value] = {k: Const(v) for k, v in caps.items()}
+            if rule.guard is not None:
+                cond = self.eval(rule.guard, env)
+                if not (isinstance(cond, Const) and isinstance(cond.value, bool)):
+                    raise self.error("E201", f"a rule's `if` guard must be a bool known at compile "
+                                     f"time, got {cond.describe()}", rule.guard.span)
+                if not cond.value:
+                    continue
+            return i, env
+        raise CompileError(error("E304", f"no rule matches tensor `{name}`", block.source_span,
+                                 'add a catch-all rule at the end, e.g. "*" => ' + block.source))
+
+    def result_node(self, value: Value, span: Span) -> int:
+        if isinstance(value, Const):
+            raise self.error("E201", f"this rule gives {value.describe()}, not a tensor", span,
+                             "a rule must produce a tensor, e.g. `base * 0.5`")
+        if isinstance(value, ListV):
+            raise self.error("E201", f"this rule gives {value.describe()} values, not one tensor",
+                             span, "combine them, e.g. linear([a, b])")
+        nid = self.to_node(value, span)
+        ty = self.graph.node(nid).type
+        if ty.stacked:
+            raise self.error("E201", f"this rule gives a stack of {ty.models} tensors, not one",
+                             span, 'reduce the model axis, e.g. sum(x, over = "models")')
+        return nid
+
+    # ------------------------------------------------------------------ errors
+    def error(self, code: str, message: str, span: Span, help: str | None = None) -> CompileError:
+        return CompileError(self.diagnostic(code, message, span, help))
+
+    def diagnostic(self, code: str, message: str, span: Span, help: str | None = None) -> Diagnostic:
+        """Point library-internal errors at the innermost call in the user's own files."""
+        notes: tuple = ()
+        if span.source.library:
+            for frame in reversed(self.stack):
+                if not frame.call_span.source.library:
+                    notes = ((f"inside `{self.stack[-1].fn}` at {span.location()}", None),)
+                    span = frame.call_span
+                    break
+        if self.tensor:
+            notes += ((f"while merging tensor `{self.tensor}`", None),)
+        return error(code, message, span, help, notes)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval(self, e: ast.Expr, env: dict[str, Value]) -> Value:
+        if isinstance(e, (ast.Number, ast.String, ast.Bool)):
+            return Const(e.value)
+        if isinstance(e, ast.NoneLit):
+            return Const(None)
+        if isinstance(e, ast.Name):
+            return self.lookup(e, env)
+        if isinstance(e, ast.ListExpr):
+            return ListV(tuple(self.eval(i, env) for i in e.items))
+        if isinstance(e, ast.Unary):
+            v = self.eval(e.operand, env)
+            if e.op == "pos":
+                return v
+            if e.op == "neg":
+                return self.binop("mul", Const(-1), v, e.span) if not isinstance(v, Const) \
+                    else self.binop("sub", Const(0), v, e.span)
+            return self.logical_not(v, e.span)
+        if isinstance(e, ast.Binary):
+            left = self.eval(e.left, env)
+            if e.op in ("and", "or") and isinstance(left, Const) and isinstance(left.value, bool):
+                if left.value == (e.op == "or"):
+                    return left  # short circuit at compile time
+                return self.eval(e.right, env)
+            return self.binop(e.op, left, self.eval(e.right, env), e.span)
+        if isinstance(e, ast.IfExpr):
+            cond = self.eval(e.cond, env)
+            if not (isinstance(cond, Const) and isinstance(cond.value, bool)):
+                raise self.error("E201", f"`if` needs a bool known at compile time, got "
+                                 f"{cond.describe()}", e.cond.span,
+                                 "for an elementwise choice use where(cond, a, b)")
+            return self.eval(e.then if cond.value else e.else_, env)
+        if isinstance(e, ast.Call):
+            return self.call(e, env)
+        if isinstance(e, ast.Index):
+            return self.index(self.eval(e.target, env), self.eval(e.index, env), e)
+        raise TypeError(f"unknown expression {e!r}")  # pragma: no cover
+
+    def lookup(self, e: ast.Name, env: dict[str, Value]) -> Value:
+        if e.id in env:
+            return env[e.id]
+        if e.id in self.params:
+            return self.params[e.id]
+        if e.id in self.models:
+            return ModelV(e.id, e.span)
+        names = list(env) + list(self.params) + list(self.models)
+        raise self.error("E101", f"unknown name `{e.id}`", e.span, did_you_mean(e.id, names))
+
+    def index(self, target: Value, idx: Value, e: ast.Index) -> Value:
+        if not (isinstance(idx, Const) and isinstance(idx.value, int) and not isinstance(idx.value, bool)):
+            raise self.error("E201", f"an index must be an integer, got {idx.describe()}", e.index.span)
+        if isinstance(target, ListV):
+            n = len(target.items)
+            if not -n <= idx.value < n:
+                raise self.error("E203", f"index {idx.value} is out of range for a list of {n}",
+                                 e.index.span)
+            return target.items[idx.value]
+        if isinstance(target, TensorV):
+            return TensorV(self.make(Op.INDEX, [target.nid], Attrs(i=idx.value), e.span))
+        raise self.error("E201", f"cannot index {target.describe()}", e.target.span)
+
+    # ------------------------------------------------------------------ calls
+    def call(self, e: ast.Call, env: dict[str, Value]) -> Value:
+        fn = self.fns.get(e.func)
+        sig = signature_of(fn) if fn is not None else None
+        intrinsic = None
+        if sig is None:
+            intrinsic = self.intrinsics.get(e.func)
+            if intrinsic is None:
+                raise self.error("E102", f"unknown function `{e.func}`", e.func_span,
+                                 did_you_mean(e.func, list(self.fns) + list(self.intrinsics)))
+            sig = intrinsic.sig
+        given = self.bind(sig, e, env)
+        if intrinsic is not None:
+            return intrinsic.impl(self, given, e.span)
+        assert fn is not None
+        return self.apply(fn, given, e.span)
+
+    def apply(self, fn: ast.FnDef, given: dict[str, Value], span: Span, tag: str = "") -> Value:
+        """Inline a recipe function with bound arguments (defaults fill the rest)."""
+        if len(self.stack) >= MAX_DEPTH:
+            raise self.error("E108", f"calls nest deeper than {MAX_DEPTH} (recursion in `{fn.name}`?)",
+                             span)
+        local: dict[str, Value] = {}
+        for p in fn.params:
+            local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
+        self.stack.append(Frame(fn.name, span, local, tag))
+        try:
+            for let in fn.lets:
+                local[let.name] = self.eval(let.value, local)
+            return self.eval(fn.ret, local)
+        finally:
+            self.stack.pop()
+
+    def bind(self, sig: Signature, e: ast.Call, env: dict[str, Value]) -> dict[str, Value]:
+        """Match a call's arguments to parameters (static checks already ran; re-check anyway)."""
+        names = sig.names
+        if len(e.args) > len(names):
+            raise self.error("E105", f"`{sig.name}` takes {len(names)} arguments, got {len(e.args)}",
+                             e.args[len(names)].span, f"signature: {sig.render()}")
+        given: dict[str, Value] = {}
+        for p, a in zip(sig.params, e.args):
+            given[p.name] = self.eval(a, env)
+        for kw in e.kwargs:
+            if kw.name not in names:
+                raise self.error("E103", f"unknown keyword argument `{kw.name}` for `{sig.name}`",
+                                 kw.span, did_you_mean(kw.name, names) or f"signature: {sig.render()}")
+            if kw.name in given:
+                raise self.error("E107", f"argument `{kw.name}` given twice", kw.span)
+            given[kw.name] = self.eval(kw.value, env)
+        for p in sig.params:
+            if p.name not in given:
+                if p.required:
+                    raise self.error("E104", f"`{sig.name}` needs argument `{p.name}`", e.span,
+                                     f"signature: {sig.render()}")
+                if not hasattr(p.default, "span"):  # intrinsic default: a Python value
+                    given[p.name] = Const(p.default)
+        return given
+
+    # ------------------------------------------------------------------ tensors
+    def load(self, model: str, tensor: str, span: Span, raw: bool = False) -> int:
+        key = (model, tensor, raw)
+        if key in self._loads:
+            return self._loads[key]
+        source = self.models.get(model)
+        if source is None:
+            raise Poisoned()
+        info = source.tensors().get(tensor)
+        if info is None:
+            raise self.error("E302", f"tensor `{tensor}` is missing in model `{model}`", span,
+                             did_you_mean(tensor, source.tensors()) or
+                             f"`{model}` has {len(source.tensors())} tensors; use a rule that "
+                             "does not read it for this tensor")
+        if not raw and not is_floating(info.dtype):
+            raise self.error("E201", f"tensor `{tensor}` of `{model}` is {info.dtype}; only "
+                             "floating-point tensors can be computed with", span)
+        ty = TType(info.shape, info.dtype if raw else "float32")
+        nid = self.graph.make(Op.LOAD, [], Attrs(model=model, tensor=tensor, type=ty,
+                                                 src_dtype=info.dtype), span)
+        self._loads[key] = nid
+        return nid
+
+    def to_node(self, v: Value, span: Span) -> int:
+        if isinstance(v, TensorV):
+            return v.nid
+        if isinstance(v, ModelV):
+            return self.load(v.name, self.tensor, v.span)
+        if isinstance(v, Const):
+            if isinstance(v.value, bool):
+                return self.const(v.value, TType((), "bool"))
+            if is_number(v):
+                return self.const(float(v.value), TType(()))
+            raise self.error("E201", f"expected a tensor or a number, got {v.describe()}", span)
+        if v.scalars:
+            vals = tuple(float(i.value) for i in v.items)  # type: ignore[union-attr]
+            if not vals:
+                raise self.error("E203", "empty list", span)
+            return self.const(vals, TType((), "float32", len(vals)))
+        items = [self.to_node(i, span) for i in v.items]
+        if not items:
+            raise self.error("E203", "cannot use an empty list as a stack of tensors", span)
+        return self.make(Op.STACK, items, Attrs(), span)
+
+    def const(self, value: Any, ty: TType) -> int:
+        return self.graph.make(Op.CONST, [], Attrs(value=value, type=ty))
+
+    def make(self, op: Op, args: list[int], attrs: Attrs, span: Span) -> int:
+        """Add a typed node; stacked operands of elementwise ops are reshaped to the full rank."""
+        g = self.graph
+        if op in ELEMENTWISE:
+            rank = max(len(g.node(a).type.shape) for a in args)
+            fixed = []
+            for a in args:
+                t = g.node(a).type
+                if t.stacked and len(t.shape) < rank:
+                    shape = (1,) * (rank - len(t.shape)) + t.shape
+                    a = self._make(Op.RESHAPE, [a], Attrs(shape=shape), span)
+                fixed.append(a)
+            args = fixed
+        return self._make(op, args, attrs, span)
+
+    def _make(self, op: Op, args: list[int], attrs: Attrs, span: Span) -> int:
+        try:
+            return self.graph.make(op, args, attrs, span)
+        except TypeRuleError as exc:
+            loads = self._loads_of(args) if exc.code == "E202" else []
+            shapes = {m: sh for m, _, sh in loads}
+            if len(shapes) >= 2 and len(set(shapes.values())) >= 2:
+                # name the models and their shapes, not the internal op the error surfaced in
+                tensors = sorted({t for _, t, _ in loads})
+                listed = ", ".join(f"`{m}` is {format_shape(sh)}" for m, sh in shapes.items())
+                msg = (f"the models' tensors have different shapes: {listed} (tensor "
+                       f"{', '.join(f'`{t}`' for t in tensors[:3])})")
+                raise self.error("E202", msg, span, exc.help or "merged models need the same "
+                                 "architecture: check the model paths, or route this tensor with its "
+                                 "own rule (e.g. `=> base`)") from None
+            types = ", ".join(str(self.graph.node(a).type) for a in args)
+            msg = f"{exc} (in `{op.value}` of {types})" if args else str(exc)
+            raise self.error(exc.code, msg, span, exc.help) from None
+
+    def _loads_of(self, args: list[int], limit: int = 256) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The (model, tensor, shape) of the loads the operands come from (a bounded walk)."""
+        g = self.graph
+        out: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        stack, seen = list(args), set()
+        while stack and len(seen) < limit:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            node = g.node(nid)
+            if node.op == Op.LOAD:
+                model = node.attrs.get("model")
+                if isinstance(model, str) and model not in out:
+                    out[model] = (model, str(node.attrs.get("tensor")), tuple(node.type.shape))
+                continue
+            stack.extend(node.args)
+        return sorted(out.values())
+
+    def binop(self, op: str, a: Value, b: Value, span: Span) -> Value:
+        if op in ("eq", "ne") and (_is_none(a) or _is_none(b)):
+            same = _is_none(a) and _is_none(b)
+            return Const(same if op == "eq" else not same)
+        if isinstance(a, Const) and isinstance(b, Const):
+            return Const(self.py(op, a.value, b.value, span))
+        if _scalarish(a) and _scalarish(b) and (isinstance(a, ListV) or isinstance(b, ListV)):
+            la = a.items if isinstance(a, ListV) else None
+            lb = b.items if isinstance(b, ListV) else None
+            if la is not None and lb is not None and len(la) != len(lb):
+                raise self.error("E202", f"lists of different lengths ({len(la)} and {len(lb)})", span)
+            n = len(la if la is not None else lb)  # type: ignore[arg-type]
+            return ListV(tuple(self.binop(op, la[i] if la else a, lb[i] if lb else b, span)
+                               for i in range(n)))
+        if op in ("floordiv", "mod"):
+            raise self.error("E201", f"`{ast.BINARY_SYMBOLS[op]}` works on numbers known at compile "
+                             "time only", span)
+        return TensorV(self.make(BINOPS[op], [self.to_node(a, span), self.to_node(b, span)],
+                                 Attrs(), span))
+
+    def py(self, op: str, x: Any, y: Any, span: Span) -> Any:
+        if isinstance(x, str) or isinstance(y, str) or x is None or y is None:
+            if op in ("eq", "ne"):
+                return PYOPS[op](x, y)
+            if op == "add" and isinstance(x, str) and isinstance(y, str):
+                return x + y
+            raise self.error("E201", f"cannot apply `{ast.BINARY_SYMBOLS[op]}` to "
+                             f"{Const(x).describe()} and {Const(y).describe()}", span)
+        if op in ("and", "or"):
+            if not (isinstance(x, bool) and isinstance(y, bool)):
+                raise self.error("E201", f"`{op}` needs bools", span)
+            return (x and y) if op == "and" else (x or y)
+        if op == "pow" and isinstance(x, int) and isinstance(y, int) and y > 0 and abs(x) > 1 \
+                and y * (abs(x).bit_length() - 1) > MAX_INT_BITS:  # decided before computing it
+            raise self.error("E203", f"{x} ** {y} is out of range (compile-time integers stay "
+                             f"below 2**{MAX_INT_BITS})", span)
+        try:
+            out = PYOPS[op](x, y)
+        except ZeroDivisionError:
+            raise self.error("E205", "division by zero", span) from None
+        except (OverflowError, ValueError) as exc:
+            raise self.error("E203", f"invalid arithmetic: {exc}", span) from None
+        if isinstance(out, complex):
+            raise self.error("E203", "this power has no real value", span)
+        if isinstance(out, int) and not isinstance(out, bool) and out.bit_length() > MAX_INT_BITS:
+            raise self.error("E203", f"the result is out of range (compile-time integers stay "
+                             f"below 2**{MAX_INT_BITS})", span)
+        if isinstance(out, float) and not math.isfinite(out):
+            raise self.error("E203", f"the result {out} is not a finite number", span,
+                             "compile-time arithmetic stays within 64-bit floats")
+        return out
+
+    def logical_not(self, v: Value, span: Span) -> Value:
+        if isinstance(v, Const):
+            if not isinstance(v.value, bool):
+                raise self.error("E201", f"`not` needs a bool, got {v.describe()}", span)
+            return Const(not v.value)
+        return TensorV(self.make(Op.NOT, [self.to_node(v, span)], Attrs(), span))
+
+    def unary(self, op: Op, v: Value, span: Span, py: Callable[[float], float] | None = None,
+              **attrs: Any) -> Value:
+        """Apply a unary elementwise op: in Python for compile-time numbers, else a node."""
+        if py is not None and is_number(v):
+            try:
+                out = py(float(v.value))  # type: ignore[union-attr]
+            except (ValueError, OverflowError, ZeroDivisionError):
+                raise self.error("E203", f"{op.value}({v.value}) is undefined", span) from None  # type: ignore[union-attr]
+            if isinstance(out, float) and not math.isfinite(out):
+                raise self.error("E203", f"{op.value}({v.value}) is not a finite number", span)  # type: ignore[union-attr]
+            return Const(out)
+        if isinstance(v, ListV) and v.scalars and py is not None:
+            return ListV(tuple(self.unary(op, i, span, py, **attrs) for i in v.items))
+        return TensorV(self.make(op, [self.to_node(v, span)], Attrs(attrs), span))
+
+
+def _is_none(v: Value) -> bool:
+    return isinstance(v, Const) and v.value is None
+
+
+def _scalarish(v: Value) -> bool:
+    return (isinstance(v, Const) and not isinstance(v.value, str) and v.value is not None) or \
+        (isinstance(v, ListV) and v.scalars)
+
+
+_SIG_CACHE: dict[int, Signature] = {}
+
+
+def signature_of(fn: ast.FnDef) -> Signature:
+    sig = _SIG_CACHE.get(id(fn))
+    if sig is None:
+        sig = Signature(fn.name, tuple(Param(p.name, p.default if p.default is not None else REQUIRED)
+                                       for p in fn.params), fn.doc)
+        _SIG_CACHE[id(fn)] = sig
+    return sig
+

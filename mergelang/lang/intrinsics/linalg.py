@@ -1,0 +1,153 @@
+"""Linear-algebra intrinsics: svd, polar, matmul, concat_models (2-D tensors, float32)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergelang.diagnostics import Span
+from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.ir.ops import Attrs, Op
+from mergelang.lang.values import Const, TensorV, Value, is_number
+
+
+@intrinsic("svd", "x", "part", ("k", None),
+           doc="thin float32 SVD of a 2-D tensor (per model of a stack): part \"U\", \"S\" or "
+               "\"Vh\", keeping the k leading singular triplets (default: all)")
+def _svd(el: Any, a: dict[str, Value], span: Span) -> Value:
+    part, k = a["part"], a["k"]
+    if not (isinstance(part, Const) and part.value in ("U", "S", "Vh")):
+        raise el.error("E203", "svd's part must be \"U\", \"S\" or \"Vh\"", span)
+    x = el.to_node(a["x"], span)
+    shape = el.graph.node(x).type.shape
+    if isinstance(k, Const) and k.value is None:
+        kk = min(shape) if len(shape) == 2 else 1
+    elif is_number(k) and float(k.value) == int(k.value):  # type: ignore[union-attr]
+        kk = int(k.value)  # type: ignore[union-attr]
+    else:
+        raise el.error("E201", f"svd's k must be a whole number known at compile time, got "
+                       f"{k.describe()}", span)
+    return TensorV(el.make(Op.SVD, [x], Attrs(part=part.value, k=kk), span))
+
+
+@intrinsic("polar", "x", doc="orthogonal polar factor U Vh of a 2-D tensor (float32 SVD)")
+def _polar(el: Any, a: dict[str, Value], span: Span) -> Value:
+    return TensorV(el.make(Op.POLAR, [el.to_node(a["x"], span)], Attrs(), span))
+
+
+@intrinsic("matmul", "a", "b", doc="matrix product of 2-D tensors")
+def _matmul(el: Any, a: dict[str, Value], span: Span) -> Value:
+    return TensorV(el.make(Op.MATMUL, [el.to_node(a["a"], span), el.to_node(a["b"], span)],
+                           Attrs(), span))
+
+
+@intrinsic("concat_models", "x", ("axis", 0),
+           doc="one tensor from a stack: the models' tensors concatenated along `axis`")
+def _concat_models(el: Any, a: dict[str, Value], span: Span) -> Value:
+    axis = a["axis"]
+    if not (is_number(axis) and float(axis.value) == int(axis.value)):  # type: ignore[union-attr]
+        raise el.error("E201", "concat_models' axis must be a whole number", span)
+    return TensorV(el.make(Op.CONCAT_MODELS, [el.to_node(a["x"], span)],
+                           Attrs(axis=int(axis.value)), span))  # type: ignore[union-attr]
+
+
+@intrinsic("shape", "x", doc="the shape of the tensor being merged, as a list of numbers")
+def _shape(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.values import ListV, ModelV
+
+    x = a["x"]
+    if not isinstance(x, (ModelV, TensorV)):
+        raise el.error("E201", f"shape needs a tensor, got {x.describe()}", span)
+    return ListV(tuple(Const(d) for d in el.graph.node(el.to_node(x, span)).type.shape))
+
+
+def _matrix_op(op: Op, *names: str) -> Any:
+    def impl(el: Any, a: dict[str, Value], span: Span) -> Value:
+        return TensorV(el.make(op, [el.to_node(a[n], span) for n in names], Attrs(), span))
+    return impl
+
+
+intrinsic("solve", "a", "b", doc="X with a X = b (a square; float32; a singular a stops the merge "
+                                  "with E501)")(_matrix_op(Op.SOLVE, "a", "b"))
+intrinsic("pinv", "x", doc="Moore-Penrose pseudo-inverse of a 2-D tensor (float32 SVD; singular "
+                           "values below max(m, n) * eps * the largest count as zero)")(
+    _matrix_op(Op.PINV, "x"))
+intrinsic("transpose", "x", doc="the transpose of a 2-D tensor")(_matrix_op(Op.TRANSPOSE, "x"))
+intrinsic("diagonal", "x", doc="a square matrix with its off-diagonal entries set to 0")(
+    _matrix_op(Op.DIAGONAL, "x"))
+
+
+@intrinsic("wudi_adam", "tv", ("steps", 300), ("lr", 1e-5),
+           doc="WUDI's loss sum_i ||(X - tv_i) tv_i^T||^2 / ||tv_i||^2 minimised by `steps` Adam "
+               "steps (learning rate `lr`) from X = sum_i tv_i, as the reference implementations "
+               "do (a stack of 2-D task vectors -> one 2-D tensor; zero task vectors take no part)")
+def _wudi_adam(el: Any, a: dict[str, Value], span: Span) -> Value:
+    steps, lr = a["steps"], a["lr"]
+    if not (is_number(steps) and float(steps.value) == int(steps.value) and 0 <= int(steps.value) <= 100_000):  # type: ignore[union-attr]
+        raise el.error("E203", f"wudi_adam's steps must be a whole number in [0, 100000], got "
+                       f"{steps.describe()}", span)
+    if not (is_number(lr) and float(lr.value) > 0):  # type: ignore[union-attr]
+        raise el.error("E203", f"wudi_adam's lr must be a positive number, got {lr.describe()}", span)
+    return TensorV(el.make(Op.WUDI_ADAM, [el.to_node(a["tv"], span)],
+                           Attrs(steps=int(steps.value), lr=float(lr.value)), span))  # type: ignore[union-attr]
+
+
+@intrinsic("has", "model", doc="true when the model (or every model of a list) has a tensor of "
+                               "the name being merged (for sidecar checkpoints)")
+def _has(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.elaborate import Poisoned
+    from mergelang.lang.values import ListV, ModelV
+
+    m = a["model"]
+    items = m.items if isinstance(m, ListV) else (m,)
+    for item in items:
+        if not isinstance(item, ModelV):
+            raise el.error("E201", f"has needs a model or a list of models, got {item.describe()}",
+                           span)
+        source = el.models.get(item.name)
+        if source is None:
+            raise Poisoned()
+        if el.tensor not in source.tensors():
+            return Const(False)
+    return Const(True)
+
+
+@intrinsic("same_shape", "x", "like", ("what", "sidecar"),
+           doc="x, after checking at compile time that it has the shape of `like` (one per model "
+               "for lists): error E210 otherwise")
+def _same_shape(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.values import ListV
+
+    x, like = a["x"], a["like"]
+    what = a["what"].value if isinstance(a["what"], Const) else "sidecar"
+    pairs = list(zip(x.items, like.items)) if isinstance(x, ListV) and isinstance(like, ListV) \
+        and len(x.items) == len(like.items) else [(x, like)]
+    for item, ref in pairs:  # item by item, before the list is stacked
+        tx = el.graph.node(el.to_node(item, span)).type
+        tl = el.graph.node(el.to_node(ref, span)).type
+        if tx.shape != tl.shape or tx.models != tl.models:
+            name = f" of `{item.name}`" if hasattr(item, "name") else ""
+            raise el.error("E210", f"{what} tensor `{el.tensor}`{name} is {tx}, expected {tl}",
+                           span, "a sidecar checkpoint needs a tensor of the same name and shape")
+    return x
+
+
+@intrinsic("layer_index", doc="the first whole-number component of the tensor's name "
+                              "(`model.layers.12.mlp.up_proj.weight` -> 12), none when there is none")
+def _layer_index(el: Any, a: dict[str, Value], span: Span) -> Value:
+    for part in el.tensor.split("."):
+        if part.isdigit():
+            return Const(int(part))
+    return Const(None)
+
+
+@intrinsic("cat", "xs", ("axis", 0), doc="a list of tensors concatenated along `axis`")
+def _cat(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.values import ListV
+
+    xs, axis = a["xs"], a["axis"]
+    if not isinstance(xs, ListV) or not xs.items:
+        raise el.error("E201", f"cat needs a non-empty list of tensors, got {xs.describe()}", span)
+    if not (is_number(axis) and float(axis.value) == int(axis.value)):  # type: ignore[union-attr]
+        raise el.error("E201", "cat's axis must be a whole number", span)
+    nodes = [el.to_node(x, span) for x in xs.items]
+    return TensorV(el.make(Op.CAT, nodes, Attrs(axis=int(axis.value)), span))  # type: ignore[union-attr]

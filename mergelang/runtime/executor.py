@@ -1,0 +1,247 @@
+"""Execution: interpret an `ExecutionPlan`, streaming tensors from the input checkpoints to a sink.
+
+Each LOAD reads one tensor (upcast to float32 unless it passes through raw); values are freed
+after their last use; each OUTPUT is cast once to its dtype and handed to the sink (the
+checkpoint writer, or a dict for in-memory merges).
+
+By default the work is overlapped in three stages (see `pipeline.py`): reader thread(s) prefetch
+the plan's LOADs in plan order while the calling thread computes, and a writer thread hands
+finished outputs to the sink in output order. The prefetched-but-unconsumed loads plus the
+outputs waiting for the writer are capped by a byte budget ("lookahead"): with a
+`memory_budget`, it is what the budget leaves above the plan's sequential peak of live bytes, so
+live + prefetched + pending bytes stay within the budget whenever the plan's peak does. The
+results are bit-identical to the sequential interpreter (`pipelined=False`): the same kernels
+run on the same values in the same order; only the reads and writes move to other threads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping
+
+import torch
+
+from mergelang.io.checkpoint import ModelSource
+from mergelang.diagnostics import MergelangError, error
+from mergelang.runtime.buffers import Buffers, LazyStack
+from mergelang.runtime.kernels.table import KERNELS, CheckFailed, run_node
+from mergelang.ir.ops import Op
+from mergelang.passes.plan import ExecutionPlan
+from mergelang.passes.stats import unfilled
+from mergelang.runtime.workers import run_pool
+
+KERNELS.setdefault(Op.MODEL_STAT, unfilled)
+KERNELS.setdefault(Op.STAT_VALUE, unfilled)
+
+Sink = Callable[[str, torch.Tensor], None]
+
+#: lookahead (prefetched + not yet written bytes) when no memory budget is given
+DEFAULT_LOOKAHEAD = 1 << 30
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` without a GPU is an error (ValueError)."""
+    text = str(name)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(text)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    return dev
+
+
+def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
+    """Bytes the pipeline may hold beyond the plan's live values: the budget's headroom above
+    the sequential peak (0: no overlap, reads and writes still run one tensor at a time)."""
+    if memory_budget is None:
+        return DEFAULT_LOOKAHEAD
+    return max(0, memory_budget - plan.peak_bytes)
+
+
+def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int,
+               upcast: bool = True) -> torch.Tensor:
+    """Read one LOAD node's tensor on the CPU: float32 (unless it passes through raw: ints,
+    bools), or as stored with `upcast=False` (CUDA copies the narrow dtype, upcasts there)."""
+    node = plan.graph.node(nid)
+    src = models[node.attrs["model"]]
+    assert src is not None
+    want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
+    rows = node.attrs.get("rows")
+    if rows is not None:  # a row chunk (chunking.py)
+        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1], **kw)
+    return src.load_as(node.attrs["tensor"], want, **kw)
+
+
+def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
+    """A LOAD's value: float32, unless the tensor passes through raw (ints, bools)."""
+    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(torch.float32)
+
+
+def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
+            memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
+            meter: "PeakMeter | None" = None) -> None:
+    """Run `plan`, calling `sink(name, tensor)` once per output, in output order.
+
+    With a `memory_budget`, outputs whose work does not fit are split into row chunks
+    (chunking.py); a sink with a `write_rows(name, tensor, start, total)` method receives the
+    chunks, any other sink whole tensors. `meter` records the peak of live tensor bytes
+    (computed values + prefetched loads + outputs waiting for the sink)."""
+    dev = resolve_device(device)
+    if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
+        from mergelang.passes.stats import run_stat_passes
+
+        plan = run_stat_passes(plan, lambda pp, sink: execute(
+            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers,
+            meter=meter), memory_budget)
+    if memory_budget is not None and plan.budget != memory_budget:
+        from mergelang.passes.chunking import chunk_plan
+
+        plan = chunk_plan(plan, memory_budget).plan
+    plan = fused_for(plan, dev)
+    prepare_models(plan, models, dev)
+    with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
+        if not pipelined:
+            _execute_sequential(plan, models, sink, dev, progress, meter)
+            return
+        from mergelang.runtime.pipeline import Pipeline
+
+        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
+                      readers) as pipe:
+            sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
+            compute(plan, pipe.take, pipe.put, dev, sample)
+
+
+class PeakMeter:
+    """The peak of live tensor bytes seen by the compute loop (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def sample(self, live: int) -> None:
+        if live > self.peak:
+            self.peak = live
+
+
+def fused_for(plan: ExecutionPlan, dev: torch.device) -> ExecutionPlan:
+    """On the CPU, the plan with its elementwise chains fused into generated loops (fuse.py;
+    `MERGELANG_FUSE=0` or `MERGELANG_FAST=0` turns it off; without numba it is skipped)."""
+    from mergelang.runtime.kernels import cpu_exact as kernels_fast
+
+    if dev.type != "cpu" or not kernels_fast.ENABLED or os.environ.get("MERGELANG_FUSE", "1") == "0":
+        return plan
+    from mergelang.passes.fuse import fuse_plan
+
+    fused = fuse_plan(plan)
+    if fused is not plan:
+        from mergelang.runtime.kernels.numba_codegen import available
+
+        if available():
+            return fused
+    return plan
+
+
+def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
+                   dev: torch.device) -> None:
+    """The model-level stage: derived models (align) solve their permutations before streaming."""
+    g = plan.graph
+    for name in dict.fromkeys(g.node(s.nid).attrs["model"] for s in plan.steps
+                              if g.node(s.nid).op is Op.LOAD):
+        src = models[name]
+        if src is not None:
+            src.prepare(dev)
+
+
+def _nbytes(v: "torch.Tensor | LazyStack") -> int:
+    """Bytes a value holds (a lazy stack: the stack it stands for; its parts stay alive in it)."""
+    if isinstance(v, LazyStack):
+        return sum(p.numel() * p.element_size() for p in v.parts)
+    return v.numel() * v.element_size()
+
+
+def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
+            put: Callable[..., None], dev: torch.device,
+            meter: Callable[[int], None] | None = None) -> None:
+    """The compute loop shared by both executors: `take(nid)` gives a LOAD's value on `dev`,
+    `put(name, tensor, nbytes, rows)` receives each output (on the CPU; `rows` is
+    `(start, stop, total)` for a row chunk, else None). `meter(live_bytes)` is called after
+    each step with the bytes of the values held."""
+    g = plan.graph
+    values: dict[int, torch.Tensor] = {}
+    live = 0
+    bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
+    on_device = dev.type != "cpu"
+    for step in plan.steps:
+        node = g.node(step.nid)
+        if node.op is Op.LOAD:
+            values[step.nid] = t = take(step.nid)
+            bufs.stored(step.nid, t, None, [])
+            live += _nbytes(t)
+            del t
+        else:
+            args = [values[a] for a in node.args]
+            try:
+                out = bufs.run(node, step.nid, args, step.free)
+                if out is None:
+                    out = run_node(node, args)
+                if on_device and out.device != dev:  # constants, statistics: made on the CPU
+                    out = out.to(dev)
+            except CheckFailed as exc:
+                raise MergelangError(error(
+                    "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
+                    "the check depends on tensor values, so it could only run now")) from None
+            if node.op is Op.OUTPUT:
+                if meter is not None:
+                    meter(live + _nbytes(out))
+                bufs.pin(out)
+                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes,
+                    node.attrs.get("rows"))
+            else:
+                values[step.nid] = out
+                bufs.stored(step.nid, out, node.op, args)
+                live += _nbytes(out)
+            del args, out
+        if meter is not None:
+            meter(live)
+        for nid in step.free:
+            t = values.pop(nid, None)
+            if t is not None:
+                live -= _nbytes(t)
+            bufs.freed(nid, t)
+            del t
+
+
+def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+                        dev: torch.device, progress: Callable[[int], None] | None,
+                        meter: PeakMeter | None = None) -> None:
+    from mergelang.passes.chunking import RowAssembler, tensor_done
+
+    emit = RowAssembler(sink)
+
+    def take(nid: int) -> torch.Tensor:
+        if dev.type == "cpu":
+            return read_value(plan, models, nid)
+        return upcast(plan, nid, read_value(plan, models, nid, upcast=False).to(dev))
+
+    def put(name: str, t: torch.Tensor, nbytes: int, rows: tuple[int, int, int] | None = None) -> None:
+        emit(name, t, rows)
+        done = tensor_done(nbytes, rows)
+        if progress is not None and done:
+            progress(done)
+
+    compute(plan, take, put, dev, None if meter is None else meter.sample)
+
+
+def _output_name(plan: ExecutionPlan, nid: int) -> str:
+    g = plan.graph
+    for out in g.outputs():
+        if out == nid or nid in _ancestors(g, out):
+            return g.node(out).attrs["name"]
+    return "?"
+
+
+def _ancestors(g, nid: int) -> set[int]:
+    import networkx as nx
+
+    return nx.ancestors(g, nid)

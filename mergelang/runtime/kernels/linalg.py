@@ -1,0 +1,88 @@
+"""Torch kernels of the linear-algebra ops (2-D, batched over a stack's model axis).
+
+SVDs run in float32 (`torch.linalg.svd`, thin); the polar factor is U Vh of the thin SVD.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from mergelang.ir.graph import Node
+from mergelang.runtime.kernels.table import KERNELS
+from mergelang.ir.ops import Op
+
+
+#: the last SVD computed: (weak reference to its input, (U, S, Vh)). The U, S and Vh parts of one
+#: input are separate graph nodes, which the scheduler runs while that input is alive; this lets
+#: them share one decomposition instead of computing it three times.
+_LAST_SVD: list[tuple[weakref.ref, tuple[torch.Tensor, ...]]] = []
+
+
+def _full_svd(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if _LAST_SVD and _LAST_SVD[0][0]() is x:
+        return _LAST_SVD[0][1]
+    result = tuple(torch.linalg.svd(x, full_matrices=False))
+    _LAST_SVD[:] = [(weakref.ref(x), result)]
+    return result
+
+
+def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    k, part = node.attrs["k"], node.attrs["part"]
+    u, s, vh = _full_svd(x)
+    if part == "S":
+        return s[..., :k].contiguous()
+    return u[..., :, :k].contiguous() if part == "U" else vh[..., :k, :].contiguous()
+
+
+def _polar(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(args[0], full_matrices=False)
+    return u @ vh
+
+
+def _concat_models(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    (x,) = args
+    return torch.cat(x.unbind(0), dim=node.attrs["axis"])
+
+
+def _solve(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    from mergelang.runtime.kernels.table import CheckFailed
+
+    out, info = torch.linalg.solve_ex(args[0], args[1])
+    if bool((info != 0).any()):
+        raise CheckFailed("solve: the matrix is singular")
+    return out
+
+
+def _diagonal(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    x = args[0]
+    return torch.diag_embed(torch.diagonal(x, dim1=-2, dim2=-1))
+
+
+def _wudi_adam(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """Adam on WUDI's loss from X = sum of the task vectors, as FusionBench's `wudi_merging`
+    (torch.optim.Adam, weight decay 0). Zero task vectors get weight 0 (the reference divides by
+    their zero norm and produces NaN)."""
+    tvs = args[0].to(torch.float32)
+    n2 = tvs.reshape(tvs.shape[0], -1).square().sum(-1)
+    w = torch.where(n2 > 0, 1.0 / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(n2))
+    x = torch.nn.Parameter(tvs.sum(0).clone())
+    opt = torch.optim.Adam([x], lr=node.attrs["lr"], weight_decay=0)
+    tvs_t = tvs.transpose(1, 2)
+    with torch.enable_grad():
+        for _ in range(node.attrs["steps"]):
+            product = torch.matmul(x.unsqueeze(0) - tvs, tvs_t)
+            loss = (product.square().sum((1, 2)) * w).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return x.detach()
+
+
+KERNELS.update({Op.SOLVE: _solve, Op.WUDI_ADAM: _wudi_adam, Op.TRANSPOSE: lambda node, args: args[0].transpose(-2, -1),
+                Op.CAT: lambda node, args: torch.cat(args, dim=node.attrs["axis"]),
+                Op.DIAGONAL: _diagonal, Op.PINV: lambda node, args: torch.linalg.pinv(args[0]),
+Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
+                Op.CONCAT_MODELS: _concat_models})

@@ -1,0 +1,293 @@
+"""Generated CPU kernels for FUSED steps (see `fuse.py`): one numba loop per fused program.
+
+A program (the FUSED node's attrs) lists its instructions in order; the generated function runs
+them per element `i` of the tensor shape, every value a float32 or bool scalar in registers (a
+value over models: one scalar per model), reads each input element once and writes the root.
+
+Exactness: each instruction is the IEEE operation torch's kernel performs, so results are the
+plain kernels' bits (tests/test_fused.py compares them bit for bit, special values included):
+add/sub/mul/div are correctly rounded in both (numba compiles without fast-math, so nothing
+is contracted into an FMA or reassociated); `neg`, `abs`, comparisons, `where` and the logical
+ops are exact; `sign` is torch's (x > 0) - (x < 0) (NaN and -0.0 give +0.0); a sum over models
+adds from +0.0 in model order, which is torch's order for up to 4 models (`fuse.MAX_SUM_MODELS`);
+`count` adds exact small integers. `minimum`/`maximum` fuse only against a nonzero constant, so
+the one case where torch's vectorised and scalar paths differ (+0 against -0) cannot occur. The
+one documented difference: a NaN produced by arithmetic may carry another payload or sign than
+torch's (NaN stays NaN). `sqrt` does not fuse: torch's CPU float32 sqrt is not always the
+correctly rounded one (found by the tests: one ulp off for some inputs). bfloat16 inputs are
+widened exactly (the 16 bits shifted up).
+
+Kernels are compiled on first use (about a second each) and cached: in memory per process and on
+disk (`MERGELANG_CACHE_DIR`, default `~/.cache/mergelang`) through numba's own cache, keyed by
+the generated source, which depends only on the program and the input dtypes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergelang.runtime.workers import parallel_map
+
+#: elements per call above which the loop is split over threads
+PARALLEL_ELEMENTS = 1 << 20
+#: threads per call (default: torch's thread count)
+THREADS = int(os.environ.get("MERGELANG_FUSED_THREADS", "0")) or None
+
+_LOCK = threading.Lock()
+_MODULES: dict[str, Any] = {}
+
+
+def threads_for(elements: int) -> int:
+    """Threads a kernel call over this many elements is split over."""
+    return (THREADS or torch.get_num_threads()) if elements >= PARALLEL_ELEMENTS else 1
+
+
+def available() -> bool:
+    """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
+    try:  # the runtime helpers too: numba refuses to decorate when no cache dir is writable
+        from mergelang.runtime.kernels import numba_runtime as kernels_fused_rt  # noqa: F401
+    except Exception:  # pragma: no cover - numba is a dependency; broken installs fall back
+        return False
+    return True
+
+
+def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int
+             ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """A program as straight-line code for element `i`: (parameters, prelude lines run once,
+    body lines per element, the root's value name per model, or one name)."""
+    params, loads, prelude = [], [], _offsets(models)
+    names: list[list[str]] = []  # per input: one name, or one per model
+    for j, (kind, dt) in enumerate(zip(kinds, dtypes)):
+        if kind in ("elem", "stack"):
+            params.append(f"a{j}")
+            parts = range(models) if kind == "stack" else [None]
+            cur = []
+            for m in parts:
+                nm = f"x{j}" if m is None else f"x{j}_{m}"
+                loads.append(f"{nm} = {_widen(dt, f'a{j}[{_at(m)}]')}")
+                cur.append(nm)
+            names.append(cur)
+        else:  # scalar(s): a 1-D array of one value, or one per model
+            params.append(f"a{j}")
+            count = models if kind == "mscalar" else 1
+            cur = [f"s{j}_{m}" for m in range(count)]
+            prelude += [f"{nm} = {_widen(dt, f'a{j}[{m}]')}" for m, nm in enumerate(cur)]
+            names.append(cur)
+    values: list[list[str]] = []
+    ops = []
+
+    def arg(ref, m):
+        kind, k = ref
+        vs = names[k] if kind == "in" else values[k]
+        return vs[m] if len(vs) > 1 else vs[0]
+
+    for k, (code, refs, stacked, _dtype) in enumerate(body):
+        if code == "stack":
+            values.append([arg(r, 0) for r in refs])
+            continue
+        if code in ("sum", "count"):
+            terms = values[refs[0][1]] if refs[0][0] == "v" else names[refs[0][1]]
+            expr = "Z"
+            for t in terms:
+                add = t if code == "sum" else (f"sel({t}, ONE, Z)" if _is_bool(body, dtypes, kinds, refs[0])
+                                               else f"sel({t} != Z, ONE, Z)")
+                expr = f"({expr} + {add})"
+            values.append([f"v{k}"])
+            ops.append(f"v{k} = {expr}")
+            continue
+        outs = [f"v{k}_{m}" for m in range(models)] if stacked else [f"v{k}"]
+        for m, o in enumerate(outs):
+            a = [arg(r, m) for r in refs]
+            ops.append(f"{o} = {_expr(code, a)}")
+        values.append(outs)
+    return params, prelude, loads + ops, values[-1]
+
+
+_HEADER = (
+    "import numpy as np\n"
+    "from numba import njit\n"
+    "from mergelang.runtime.kernels.numba_runtime import narrow_bf16, order_key, sel, widen_bf16\n"
+    "Z = np.float32(0.0)\n"
+    "ONE = np.float32(1.0)\n"
+    "U0 = np.uint8(0)\n"
+    "U1 = np.uint8(1)\n"
+    "U64_0 = np.uint64(0)\n"
+    "BLOCK = np.uint64(2048)\n"
+    "\n"
+)
+_JIT = "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
+
+
+def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+           out_dtype: str = "") -> str:
+    """The generated module for one program with inputs of these dtypes (`out_dtype`
+    "bfloat16": the float32 root is rounded to bfloat16 as it is stored; "bool": stored as
+    bytes 0/1): `kernel(lo, hi, n, out, *inputs)` computes elements lo..hi-1."""
+    params, prelude, lines, root = _program(body, kinds, dtypes, models)
+    if out_dtype == "bfloat16":
+        root = [f"narrow_bf16({v})" for v in root]
+    elif out_dtype == "bool":
+        root = [f"sel({v}, U1, U0)" for v in root]
+    stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
+    return (_HEADER + _JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n"
+            + _indent(prelude, 4) + "    for i in range(np.uint64(lo), np.uint64(hi)):\n"
+            + _indent(lines + stores, 8))
+
+
+def _needed(lines: list[str], root: str) -> list[str]:
+    """The lines `root` depends on (a model's slice of a program over several models)."""
+    want, keep = set(_NAMES.findall(root)), []
+    for line in reversed(lines):
+        name, _, expr = line.partition(" = ")
+        if name in want:
+            keep.append(line)
+            want |= set(_NAMES.findall(expr))
+    return keep[::-1]
+
+
+_NAMES = re.compile(r"[A-Za-z_]\w*")
+
+
+def _indent(lines: list[str], width: int) -> str:
+    return "".join(" " * width + line + "\n" for line in lines)
+
+
+def _at(m: int | None) -> str:
+    """The flat index of element i of model m's slice (model 0 or a plain tensor: i)."""
+    return f"o{m} + i" if m else "i"
+
+
+def _offsets(models: int) -> list[str]:
+    """Prelude: each model's offset `o{m}` in a stacked input, unsigned like the index `i`.
+    Unsigned indices matter: numba wraps a negative index around, and unless LLVM can prove an
+    index non-negative, that check per access stops the loop from being vectorised (measured:
+    a `range(lo, hi)` loop over signed indices ran ~20x slower than the same loop unsigned)."""
+    return ["un = np.uint64(n)"] + [f"o{m} = np.uint64({m}) * un" for m in range(1, models)]
+
+
+def _is_bool(body, dtypes, kinds, ref) -> bool:
+    kind, k = ref
+    return (body[k][3] if kind == "v" else dtypes[k]) == "bool"
+
+
+def _widen(dtype: str, expr: str) -> str:
+    """A stored element as a value: bfloat16 bits widened to float32; a bool array is passed
+    as its bytes (numba's loads from bool arrays kept LLVM from vectorising loops that read two
+    of them: ~20x slower, measured), compared with 0 here."""
+    if dtype == "bfloat16":
+        return f"widen_bf16({expr})"
+    return f"({expr} != U0)" if dtype == "bool" else expr
+
+
+#: instruction -> its expression over the operands {0}, {1}, {2}
+_TEMPLATES = {
+    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+    "eq": "{0} == {1}", "ne": "{0} != {1}", "lt": "{0} < {1}", "le": "{0} <= {1}",
+    "gt": "{0} > {1}", "ge": "{0} >= {1}", "neg": "-{0}", "abs": "abs({0})",
+    "sign": "sel({0} > Z, ONE, Z) - sel({0} < Z, ONE, Z)",
+    # NaN propagates; +0 never meets -0 here (fuse.py)
+    "minimum": "sel({0} != {0}, {0}, sel({1} != {1}, {1}, sel({0} < {1}, {0}, {1})))",
+    "maximum": "sel({0} != {0}, {0}, sel({1} != {1}, {1}, sel({0} > {1}, {0}, {1})))",
+    "where": "sel({0}, {1}, {2})", "and": "{0} & {1}", "or": "{0} | {1}", "not": "not {0}",
+}
+
+
+def _expr(code: str, a: list[str]) -> str:
+    return _TEMPLATES[code].format(*a)
+
+
+def _cache_dir() -> Path:
+    from mergelang.cachedir import cache_dir
+
+    return cache_dir("fused") or Path(tempfile.mkdtemp(prefix="mergelang-fused-"))
+
+
+def compiled(src: str):
+    """The `kernel` of generated module `src` (see :func:`module`)."""
+    return module(src).kernel
+
+
+def module(src: str):
+    """Generated module `src`, written to the cache dir and imported once per process."""
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    with _LOCK:
+        mod = _MODULES.get(digest)
+        if mod is not None:
+            return mod
+        folder = _cache_dir()
+        path = folder / f"fused_{digest}.py"
+        if not path.is_file() or path.read_text() != src:
+            tmp = folder / f".fused_{digest}.{os.getpid()}.tmp"
+            tmp.write_text(src)
+            os.replace(tmp, path)
+        name = f"mergelang_fused_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        with warnings.catch_warnings():  # an unwritable numba cache only costs a recompile
+            warnings.simplefilter("ignore")
+            spec.loader.exec_module(mod)
+        _MODULES[digest] = mod
+        return mod
+
+
+def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A flat numpy view of `t` and its dtype name (float16 and the like: widened to float32)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16), "bfloat16"
+    if t.dtype == torch.bool:
+        return t.contiguous().reshape(-1).numpy().view(np.uint8), "bool"
+    return t.to(torch.float32).contiguous().reshape(-1).numpy(), "float32"
+
+
+def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    """The kernel's input arrays and their dtype names."""
+    arrays, dtypes = [], []
+    for t, kind in zip(args, kinds):
+        scalar = kind in ("scalar", "mscalar") and t.dtype == torch.bfloat16
+        a, dt = _array(t.to(torch.float32) if scalar else t)  # scalars: widened here, once
+        arrays.append(a)
+        dtypes.append(dt)
+    return arrays, tuple(dtypes)
+
+
+def run(node, args: list[torch.Tensor]) -> torch.Tensor:
+    """The FUSED node's value: its program's kernel over `args` (CPU tensors); with attr
+    `select`, the top-k mask of the program's value (`kernels_select.run_select`)."""
+    if node.attrs.get("select") is not None:
+        from mergelang.runtime.kernels.numba_topk import run_select
+
+        return run_select(node, args)
+    body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
+    arrays, dtypes = _inputs(kinds, args)
+    ty = node.type
+    fn = compiled(source(body, kinds, dtypes, models, ty.dtype if ty.dtype in ("bfloat16", "bool") else ""))
+    out = torch.empty(ty.full_shape, dtype={"bool": torch.bool, "bfloat16": torch.bfloat16}.get(
+        ty.dtype, torch.float32))
+    if ty.dtype == "bfloat16":
+        flat = out.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    else:
+        flat = out.reshape(-1).numpy()
+        flat = flat.view(np.uint8) if ty.dtype == "bool" else flat
+    n = math.prod(ty.shape)
+    threads = threads_for(out.numel())
+    if threads <= 1:
+        fn(0, n, n, flat, *arrays)
+        return out
+    cuts = [n * k // threads for k in range(threads + 1)]
+    parallel_map(lambda lo, hi: fn(lo, hi, n, flat, *arrays), cuts[:-1], cuts[1:], threads=threads)
+    return out

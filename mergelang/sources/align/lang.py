@@ -1,0 +1,121 @@
+"""The `align(model, to = ref, method = "weight_matching", seed = 0)` intrinsic.
+
+Evaluating `align(...)` registers a derived model, named after the call (e.g.
+`align(other, to=base)`), in the compilation's model table: an `AlignedSource` that reads `other`
+and permutes each tensor on load. The result is a `ModelV` for that name, so an aligned model is
+usable wherever a model is (in lists, functions, as the input of another `align`). Everything
+checked here comes from config.json and safetensors headers; the permutations themselves are
+solved in the model-level stage before streaming (`AlignedSource.prepare`, called by `execute`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from mergelang.diagnostics import CompileError, Span
+from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.values import Const, ListV, ModelV, Value
+from mergelang.sources.align.solve import METHODS
+from mergelang.sources.align.source import AlignedSource
+from mergelang.sources.align.spec import SpecError, custom_spec, spec_for
+
+DOC = ("the model permuted (hidden units, heads) to match `to`, for merging: "
+       "method = \"weight_matching\" | \"ot\"; permutations are applied on load; "
+       "method = \"ot\" with reg > 0: soft transport maps (OT fusion) instead of permutations")
+
+
+def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str, ...] = (),
+                 reg: float = 0.0) -> str:
+    extra = "" if method == "weight_matching" else f", method={method}"
+    extra += "" if seed == 0 else f", seed={seed}"
+    extra += "" if reg == 0 else f", reg={reg:g}"
+    if groups:
+        digest = hashlib.sha1("\n".join(groups).encode()).hexdigest()[:8]
+        extra += f", groups={len(groups)}#{digest}"
+    return f"align({model}, to={to}{extra})"
+
+
+@intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), ("reg", 0),
+           doc=DOC)
+def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.elaborate import Poisoned
+
+    model, to, method, seed = a["model"], a["to"], a["method"], a["seed"]
+    for what, v in (("model", model), ("to", to)):
+        if not isinstance(v, ModelV):
+            raise el.error("E601", f"align's `{what}` must be a model, got {v.describe()}", span,
+                           "align works on whole checkpoints, e.g. align(other, to = base)")
+    if not (isinstance(method, Const) and method.value in METHODS):
+        got = method.value if isinstance(method, Const) else method.describe()
+        raise el.error("E602", f"unknown alignment method {got!r}", span,
+                       "method = " + " | ".join(f'"{m}"' for m in METHODS))
+    if not (isinstance(seed, Const) and isinstance(seed.value, int) and not isinstance(seed.value, bool)):
+        raise el.error("E201", f"align's `seed` must be an integer, got {seed.describe()}", span)
+    reg = _reg(el, a["reg"], method.value, span)
+    groups = _groups(el, a["groups"], span)
+    name = derived_name(model.name, to.name, method.value, seed.value, groups, reg)  # type: ignore[union-attr]
+    if name in el.models:
+        return ModelV(name, span)
+    if not el.tensor:
+        raise el.error("E601", "align(...) makes a model, so it can only be used in merge rules "
+                       "and functions, not in a param", span)
+    src, ref = el.models.get(model.name), el.models.get(to.name)  # type: ignore[union-attr]
+    if src is None or ref is None:
+        raise Poisoned()  # a model failed to open: already reported
+    try:
+        el.models[name] = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span, reg)  # type: ignore[union-attr]
+    except CompileError:
+        el.models[name] = None  # reported once (here); later uses of this model are skipped
+        raise
+    return ModelV(name, span)
+
+
+def _derive(el: Any, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, method: str, seed: int,
+            groups: tuple[str, ...], span: Span, reg: float = 0.0) -> AlignedSource:
+    shapes = {k: v.shape for k, v in src.tensors().items()}
+    ref_shapes = {k: v.shape for k, v in ref.tensors().items()}
+    try:
+        spec = custom_spec(groups, shapes) if groups else spec_for(src.config() or ref.config(), shapes)
+    except SpecError as exc:
+        if groups:
+            raise el.error("E605", f"invalid permutation group: {exc}", span,
+                           'e.g. groups = ["mlp: model.layers.{i}.mlp.up_proj.weight@0 '
+                           'model.layers.{i}.mlp.down_proj.weight@1"]') from None
+        raise el.error("E603", f"cannot align `{model.name}`: {exc}", span,  # type: ignore[union-attr]
+                       "built-in specs: Llama, Mistral, Qwen2/3 and GPT-2 (from config.json)") from None
+    problems = spec.check(shapes)
+    if problems:
+        raise el.error("E603", f"cannot align `{model.name}`: the {spec.arch} spec does not fit its "
+                       f"tensors: {problems[0]}", span, "is config.json the model's own?")
+    for t in spec.tensors():
+        if ref_shapes.get(t) != shapes[t]:
+            got = "missing" if t not in ref_shapes else f"shape {list(ref_shapes[t])}"
+            raise el.error("E604", f"cannot align `{model.name}` to `{to.name}`: tensor `{t}` has shape "  # type: ignore[union-attr]
+                           f"{list(shapes[t])} in `{model.name}` but is {got} in `{to.name}`", span,  # type: ignore[union-attr]
+                           "alignment needs two models of the same architecture and size")
+    return AlignedSource(name, src, ref, spec, method, seed, reg)
+
+
+def _reg(el: Any, v: Value, method: str, span: Span) -> float:
+    """`reg`: the entropic regularisation of soft OT (0 = hard permutations)."""
+    ok = isinstance(v, Const) and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
+    if not ok or not (v.value >= 0 and v.value < float("inf")):  # type: ignore[union-attr]
+        got = v.value if isinstance(v, Const) else v.describe()
+        raise el.error("E606", f"align's `reg` must be a finite number >= 0, got {got!r}", span,
+                       "reg = 0 gives hard permutations; e.g. reg = 0.05 for a soft OT alignment")
+    if v.value > 0 and method != "ot":  # type: ignore[union-attr]
+        raise el.error("E606", f"`reg = {v.value}` (soft alignment) needs method = \"ot\", not {method!r}", span,  # type: ignore[union-attr]
+                       'align(model, to = ref, method = "ot", reg = 0.05)')
+    return float(v.value)  # type: ignore[union-attr]
+
+
+def _groups(el: Any, v: Value, span: Span) -> tuple[str, ...]:
+    """`groups = none` (the built-in spec), one group string, or a list of them."""
+    if isinstance(v, Const) and v.value is None:
+        return ()
+    items = v.items if isinstance(v, ListV) else (v,)
+    if not items or not all(isinstance(i, Const) and isinstance(i.value, str) for i in items):
+        raise el.error("E605", f"`groups` must be a string or a list of strings, got {v.describe()}", span,
+                       'e.g. groups = ["mlp: model.layers.{i}.mlp.up_proj.weight@0 ..."]')
+    return tuple(i.value for i in items)  # type: ignore[union-attr]
