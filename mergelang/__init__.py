@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
 
 __all__ = ["compile", "merge", "parse", "Recipe", "MergelangError", "Diagnostic"]
-__version__ = "0.1.0"
+from mergelang._version import __version__ as __version__  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

@@ -277,7 +277,8 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
 def methods(show_all: bool) -> None:
     """List the standard library's merge methods (from stdlib/*.mrg)."""
     from mergelang.lang.elaborate import signature_of
-    from mergelang.lang.intrinsics.core import INTRINSICS
+    import mergelang.sources  # noqa: F401  (their intrinsics are listed too)
+    from mergelang.lang.intrinsics import INTRINSICS
     from mergelang.lang.loader import stdlib_functions
 
     public = {n: f for n, f in sorted(stdlib_functions().items()) if not n.startswith("_")}

@@ -19,7 +19,9 @@ from mergelang.lang import ast
 from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
 from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
                           did_you_mean, error)
-from mergelang.lang.elaborate import Elaborator, Poisoned
+import mergelang.sources  # noqa: F401  (registers lora, stack_layers, layer_range, align)
+from mergelang.lang.elaborate import Elaborator
+from mergelang.lang.values import Poisoned
 from mergelang.ir.graph import MergeGraph
 from mergelang.io.inputs import RECIPE_FILENAME, is_hf_id, reference_files
 from mergelang.lang.loader import Unit, load

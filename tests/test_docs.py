@@ -17,7 +17,8 @@ if str(REPO) not in sys.path:
 
 import mergelang as ml  # noqa: E402
 from mergelang.diagnostics import Diagnostics, SourceFile  # noqa: E402
-from mergelang.lang.intrinsics.core import INTRINSICS  # noqa: E402
+import mergelang.sources  # noqa: E402,F401  (registers lora, stack_layers, align)
+from mergelang.lang.intrinsics import INTRINSICS  # noqa: E402
 from mergelang.lang.loader import load, stdlib_functions  # noqa: E402
 from mergelang.lang.resolve import check_unit  # noqa: E402
 from test_mergekit_import import _tensors  # noqa: E402

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import mergelang as ml
 from mergelang.cli import main
 from mergelang.lang.elaborate import signature_of
-from mergelang.lang.intrinsics.core import INTRINSICS
+import mergelang.sources  # noqa: E402,F401  (registers lora, stack_layers, align)
+from mergelang.lang.intrinsics import INTRINSICS
 from mergelang.lang.loader import stdlib_functions
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods.md"

@@ -114,7 +114,7 @@ def check_output(out: Path, inputs: Iterable[Path], force: bool) -> None:
 def manifest_text(files: Iterable[str], outputs: Iterable[str] = (), extra: dict[str, Any] | None = None) -> str:
     """The manifest of an output folder holding `files` (and, for several outputs, the
     sub-folders `outputs`)."""
-    from mergelang import __version__
+    from mergelang._version import __version__
 
     data: dict[str, Any] = {"format": MANIFEST_FORMAT, "mergelang": __version__}
     data.update(extra or {})

@@ -21,7 +21,8 @@ from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, d
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
 from mergelang.ir.types import TType, format_shape, is_floating
-from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, Param, Signature, TensorV, Value, is_number
+from mergelang.lang.values import (REQUIRED, Const, ListV, ModelV, Param, Poisoned, Signature, TensorV, Value,
+                                   is_number)
 
 MAX_DEPTH = 64
 #: compile-time integers stay below 2**MAX_INT_BITS (a bound on work: `10 ** 10 ** 10` would
@@ -39,10 +40,6 @@ PYOPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-class Poisoned(Exception):
-    """Evaluation touched a model that failed to open (already reported): skip silently."""
-
-
 @dataclass
 class Frame:
     fn: str
@@ -57,7 +54,7 @@ class Elaborator:
     def __init__(self, fns: Mapping[str, ast.FnDef], models: Mapping[str, ModelSource | None],
                  model_spans: Mapping[str, Span], params: Mapping[str, Value], diags: Diagnostics,
                  out_dtype: str | None = None):
-        from mergelang.lang.intrinsics.core import INTRINSICS
+        from mergelang.lang.intrinsics import INTRINSICS
 
         self.fns = fns
         self.intrinsics = INTRINSICS

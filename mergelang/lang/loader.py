@@ -74,7 +74,7 @@ def _cache_path(files: list[tuple[Path, SourceFile]]) -> Path | None:
     """The cache file for these library sources: named by a hash of their paths and texts, the
     grammar, the code that builds the AST (ast.py, parser.py) and mergelang's version, so any
     change makes a new entry."""
-    from mergelang import __version__
+    from mergelang._version import __version__
     from mergelang.cachedir import cache_dir
     from mergelang.resources import grammar_path
 

@@ -11,7 +11,7 @@ import networkx as nx
 from mergelang.lang import ast
 from mergelang.diagnostics import Diagnostics, did_you_mean, error
 from mergelang.lang.elaborate import signature_of
-from mergelang.lang.intrinsics.core import INTRINSICS
+from mergelang.lang.intrinsics import INTRINSICS
 from mergelang.lang.loader import Unit
 from mergelang.lang.values import Signature
 

@@ -114,3 +114,7 @@ def _py(v: Any) -> str:
     if isinstance(v, str):
         return f'"{v}"'
     return repr(v)
+
+
+class Poisoned(Exception):
+    """Evaluation touched a model that failed to open (already reported): skip silently."""

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 from mergelang.io.checkpoint import CheckpointError, ModelSource, TensorInfo, read_header
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.intrinsics.registry import intrinsic
 from mergelang.lang.values import Const, ModelV, Value
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 from mergelang.io.checkpoint import ModelSource, TensorInfo
 from mergelang.diagnostics import Span, error
-from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.intrinsics.registry import intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value, is_number
 
 LAYER = re.compile(r"(^|\.)(layers|layer|h|blocks)\.(\d+)\.")

@@ -7,31 +7,13 @@ either computes at compile time (numbers, lists of numbers) or adds graph nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from mergelang.diagnostics import Span
 from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op
-from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, Param, Signature, TensorV, Value, is_number
+from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, TensorV, Value, is_number
 
-Impl = Callable[[Any, dict[str, Value], Span], Value]
-
-
-@dataclass(frozen=True)
-class Intrinsic:
-    sig: Signature
-    impl: Impl
-
-
-INTRINSICS: dict[str, Intrinsic] = {}
-
-
-def intrinsic(name: str, *params: str | tuple[str, Any], doc: str = "") -> Callable[[Impl], Impl]:
-    def deco(fn: Impl) -> Impl:
-        ps = tuple(Param(p) if isinstance(p, str) else Param(p[0], p[1]) for p in params)
-        INTRINSICS[name] = Intrinsic(Signature(name, ps, doc), fn)
-        return fn
-    return deco
+from mergelang.lang.intrinsics.registry import INTRINSICS, Impl, Intrinsic, intrinsic  # noqa: F401
 
 
 # ---------------------------------------------------------------- elementwise math
@@ -414,5 +396,3 @@ def _none(v: Value) -> bool:
 assert all(p.default is REQUIRED or not hasattr(p.default, "span")
            for i in INTRINSICS.values() for p in i.sig.params)
 
-from mergelang.lang.intrinsics import layers as intrinsics_layers; from mergelang.lang.intrinsics import linalg as intrinsics_linalg; from mergelang.sources import lora; from mergelang.sources import stacking; from mergelang.passes import stats  # noqa: E402,F401  (register more intrinsics)
-from mergelang.sources.align import lang as _align_lang  # noqa: E402,F401  (registers `align`)

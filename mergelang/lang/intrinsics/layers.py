@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.intrinsics.registry import intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value, is_number
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -57,7 +57,7 @@ def _num_layers(el: Any, a: dict[str, Value], span: Span) -> Value:
         raise el.error("E201", f"num_layers needs a model, got {m.describe()}", span)
     source = el.models.get(m.name)
     if source is None:
-        from mergelang.lang.elaborate import Poisoned
+        from mergelang.lang.values import Poisoned
 
         if not el.tensor:
             raise el.error("E201", "num_layers(model) can be used in merge rules only (models "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.intrinsics.registry import intrinsic
 from mergelang.ir.ops import Attrs, Op
 from mergelang.lang.values import Const, TensorV, Value, is_number
 
@@ -94,7 +94,7 @@ def _wudi_adam(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("has", "model", doc="true when the model (or every model of a list) has a tensor of "
                                "the name being merged (for sidecar checkpoints)")
 def _has(el: Any, a: dict[str, Value], span: Span) -> Value:
-    from mergelang.lang.elaborate import Poisoned
+    from mergelang.lang.values import Poisoned
     from mergelang.lang.values import ListV, ModelV
 
     m = a["model"]

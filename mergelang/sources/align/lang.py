@@ -14,7 +14,7 @@ import hashlib
 from typing import Any
 
 from mergelang.diagnostics import CompileError, Span
-from mergelang.lang.intrinsics.core import intrinsic
+from mergelang.lang.intrinsics.registry import intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value
 from mergelang.sources.align.solve import METHODS
 from mergelang.sources.align.source import AlignedSource
@@ -39,7 +39,7 @@ def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str,
 @intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), ("reg", 0),
            doc=DOC)
 def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
-    from mergelang.lang.elaborate import Poisoned
+    from mergelang.lang.values import Poisoned
 
     model, to, method, seed = a["model"], a["to"], a["method"], a["seed"]
     for what, v in (("model", model), ("to", to)):
