@@ -17,7 +17,8 @@ from mergelang.compiler import STAGES, Compilation, compile_recipe
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
 from mergelang.lang.loader import read_recipe_file
-from mergelang.io.journal import inputs_fingerprint, plan_fingerprint, restrict_plan
+from mergelang.io.journal import inputs_fingerprint, plan_fingerprint
+from mergelang.passes.restrict import restrict_plan
 from mergelang.lang.parser import parse_program
 from mergelang.passes.plan import format_plan
 from mergelang.ir.types import parse_bytes

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from mergelang.lang import ast
-from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource, model_error, open_model
+from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource
+from mergelang.io.locate import model_error, open_model
 from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
                           did_you_mean, error)
 import mergelang.sources  # noqa: F401  (registers lora, stack_layers, layer_range, align)

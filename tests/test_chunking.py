@@ -274,7 +274,7 @@ def test_row_assembler_and_writer_rows(tmp_path):
 @pytest.mark.parametrize("reader", ["mmap", "pread"])
 def test_load_rows_reads_the_same_rows(tmp_path, monkeypatch, reader):
     from mergelang.io import checkpoint
-    from mergelang.io.checkpoint import open_model
+    from mergelang.io.locate import open_model
 
     gen = torch.Generator().manual_seed(0)
     sd = {"bf": torch.randn(37, 5, generator=gen).to(torch.bfloat16),

@@ -178,7 +178,7 @@ def test_view_loads_are_copy_on_write_maps(tmp_path):
     reaches the file; rows too; a conversion still copies; the view outlives the source."""
     from safetensors.torch import load_file, save_file
 
-    from mergelang.io.checkpoint import open_model
+    from mergelang.io.locate import open_model
 
     w = torch.randn(300, 70, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     save_file({"pad": torch.zeros(3, dtype=torch.uint8), "w": w}, tmp_path / "model.safetensors")

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from mergelang.ir.graph import MergeGraph
-from mergelang.runtime.kernels.table import KERNELS, as_python, run_node
+from mergelang.passes.optimize import as_python
+from mergelang.runtime.kernels import KERNELS, run_node
 from mergelang.ir.ops import Attrs, Op
 from mergelang.passes.optimize import _fold_structural
 from mergelang.ir.types import TType

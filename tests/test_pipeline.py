@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 import mergelang as ml
 from mergelang.io import checkpoint
-from mergelang.io.checkpoint import CheckpointError, open_model
+from mergelang.io.checkpoint import CheckpointError
+from mergelang.io.locate import open_model
 from mergelang.runtime.executor import compute, execute, resolve_device
 from mergelang.runtime.pipeline import Pipeline
 

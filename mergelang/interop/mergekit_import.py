@@ -263,7 +263,8 @@ class Translator(ConfigReader):
         if path is None:
             return lines
         from mergelang.lang.ast import compile_pattern, glob_to_regex
-        from mergelang.io.checkpoint import CheckpointError, open_model
+        from mergelang.io.checkpoint import CheckpointError
+        from mergelang.io.locate import open_model
 
         try:
             src = open_model(ref, path)

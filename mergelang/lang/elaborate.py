@@ -11,11 +11,11 @@ in the library it happened.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from mergelang.lang import ast
+from mergelang.lang.arith import MAX_INT_BITS, PYOPS, compile_time_op  # noqa: F401
 from mergelang.io.checkpoint import ModelSource, TensorInfo
 from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean, error, warning
 from mergelang.ir.graph import MergeGraph
@@ -25,18 +25,10 @@ from mergelang.lang.values import (REQUIRED, Const, ListV, ModelV, Param, Poison
                                    is_number)
 
 MAX_DEPTH = 64
-#: compile-time integers stay below 2**MAX_INT_BITS (a bound on work: `10 ** 10 ** 10` would
-#: take hours to compute and gigabytes to hold)
-MAX_INT_BITS = 256
 
 BINOPS: dict[str, Op] = {
     "add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "div": Op.DIV, "pow": Op.POW, "eq": Op.EQ,
     "ne": Op.NE, "lt": Op.LT, "le": Op.LE, "gt": Op.GT, "ge": Op.GE, "and": Op.AND, "or": Op.OR,
-}
-PYOPS: dict[str, Callable[[Any, Any], Any]] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "eq": operator.eq,
-    "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
 }
 
 
@@ -442,36 +434,8 @@ class Elaborator:
                                  Attrs(), span))
 
     def py(self, op: str, x: Any, y: Any, span: Span) -> Any:
-        if isinstance(x, str) or isinstance(y, str) or x is None or y is None:
-            if op in ("eq", "ne"):
-                return PYOPS[op](x, y)
-            if op == "add" and isinstance(x, str) and isinstance(y, str):
-                return x + y
-            raise self.error("E201", f"cannot apply `{ast.BINARY_SYMBOLS[op]}` to "
-                             f"{Const(x).describe()} and {Const(y).describe()}", span)
-        if op in ("and", "or"):
-            if not (isinstance(x, bool) and isinstance(y, bool)):
-                raise self.error("E201", f"`{op}` needs bools", span)
-            return (x and y) if op == "and" else (x or y)
-        if op == "pow" and isinstance(x, int) and isinstance(y, int) and y > 0 and abs(x) > 1 \
-                and y * (abs(x).bit_length() - 1) > MAX_INT_BITS:  # decided before computing it
-            raise self.error("E203", f"{x} ** {y} is out of range (compile-time integers stay "
-                             f"below 2**{MAX_INT_BITS})", span)
-        try:
-            out = PYOPS[op](x, y)
-        except ZeroDivisionError:
-            raise self.error("E205", "division by zero", span) from None
-        except (OverflowError, ValueError) as exc:
-            raise self.error("E203", f"invalid arithmetic: {exc}", span) from None
-        if isinstance(out, complex):
-            raise self.error("E203", "this power has no real value", span)
-        if isinstance(out, int) and not isinstance(out, bool) and out.bit_length() > MAX_INT_BITS:
-            raise self.error("E203", f"the result is out of range (compile-time integers stay "
-                             f"below 2**{MAX_INT_BITS})", span)
-        if isinstance(out, float) and not math.isfinite(out):
-            raise self.error("E203", f"the result {out} is not a finite number", span,
-                             "compile-time arithmetic stays within 64-bit floats")
-        return out
+        """Compile-time arithmetic on numbers, strings and bools (arith.py)."""
+        return compile_time_op(op, x, y, span, self.error)
 
     def logical_not(self, v: Value, span: Span) -> Value:
         if isinstance(v, Const):

@@ -30,7 +30,7 @@ def _fold_constants(g: MergeGraph) -> MergeGraph:
             continue
         value = _fold_structural(n, args)
         if value is None:  # arithmetic: run the kernel (imports torch, only when something folds)
-            from mergelang.runtime.kernels.table import KERNELS, as_python, run_node
+            from mergelang.runtime.kernels import KERNELS, run_node
 
             value = as_python(run_node(n, [KERNELS[Op.CONST](a, []) for a in args]))
         g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
@@ -152,3 +152,11 @@ def optimize(g: MergeGraph, check: Callable[[MergeGraph], None] | None = None) -
             check(g)
     return g
 
+
+def as_python(t: Any) -> Any:
+    """A small constant tensor as a hashable attr value (float, bool or tuple)."""
+    import torch
+
+    if t.dim() == 0:
+        return bool(t) if t.dtype == torch.bool else float(t)
+    return tuple(bool(v) if t.dtype == torch.bool else float(v) for v in t.reshape(-1).tolist())

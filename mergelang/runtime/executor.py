@@ -24,7 +24,8 @@ import torch
 from mergelang.io.checkpoint import ModelSource
 from mergelang.diagnostics import MergelangError, error
 from mergelang.runtime.buffers import Buffers, LazyStack
-from mergelang.runtime.kernels.table import KERNELS, CheckFailed, run_node
+from mergelang.runtime.loads import read_value, upcast  # noqa: F401  (re-exported)
+from mergelang.runtime.kernels import KERNELS, CheckFailed, run_node
 from mergelang.ir.ops import Op
 from mergelang.passes.plan import ExecutionPlan
 from mergelang.passes.stats import unfilled
@@ -56,26 +57,6 @@ def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
     if memory_budget is None:
         return DEFAULT_LOOKAHEAD
     return max(0, memory_budget - plan.peak_bytes)
-
-
-def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int,
-               upcast: bool = True) -> torch.Tensor:
-    """Read one LOAD node's tensor on the CPU: float32 (unless it passes through raw: ints,
-    bools), or as stored with `upcast=False` (CUDA copies the narrow dtype, upcasts there)."""
-    node = plan.graph.node(nid)
-    src = models[node.attrs["model"]]
-    assert src is not None
-    want = torch.float32 if upcast and node.type.dtype == "float32" else None
-    kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
-    rows = node.attrs.get("rows")
-    if rows is not None:  # a row chunk (chunking.py)
-        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1], **kw)
-    return src.load_as(node.attrs["tensor"], want, **kw)
-
-
-def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
-    """A LOAD's value: float32, unless the tensor passes through raw (ints, bools)."""
-    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(torch.float32)
 
 
 def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,

@@ -86,7 +86,7 @@ class Pipeline:
     def __init__(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
                  sink: Callable[[str, torch.Tensor], None], dev: torch.device,
                  progress: Callable[[int], None] | None, lookahead: int, readers: int = 1):
-        from mergelang.runtime.executor import read_value, upcast
+        from mergelang.runtime.loads import read_value, upcast
 
         self._read_value, self._upcast = read_value, upcast
         self.plan, self.models, self.sink, self.dev, self.progress = plan, models, sink, dev, progress

@@ -169,7 +169,7 @@ class LoraSource(ModelSource):
 def open_adapter(decl: Any, spec: LoraSpec, models: dict[str, ModelSource | None], base_dir: Path,
                  diags: Any, adapters: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Open `model NAME = lora(...)` once the other models are open (errors go to `diags`)."""
-    from mergelang.io.checkpoint import model_error
+    from mergelang.io.locate import model_error
     from mergelang.diagnostics import error
 
     base = models.get(spec.base)

@@ -1,1 +1,10 @@
-"""."""
+"""Kernels: the registry (`KERNELS`, op -> torch implementation) and its members.
+
+Importing the package fills the registry explicitly: `table` (elementwise ops, reductions,
+order statistics, randomness, fused regions) and `linalg` (SVD, polar, solve, ...).
+"""
+
+from mergelang.runtime.kernels.registry import KERNELS, CheckFailed, Kernel, run_node
+from mergelang.runtime.kernels import linalg, table  # noqa: F401  (the members)
+
+__all__ = ["KERNELS", "CheckFailed", "Kernel", "run_node"]

@@ -10,7 +10,7 @@ import weakref
 import torch
 
 from mergelang.ir.graph import Node
-from mergelang.runtime.kernels.table import KERNELS
+from mergelang.runtime.kernels.registry import KERNELS
 from mergelang.ir.ops import Op
 
 
@@ -48,7 +48,7 @@ def _concat_models(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _solve(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    from mergelang.runtime.kernels.table import CheckFailed
+    from mergelang.runtime.kernels.registry import CheckFailed
 
     out, info = torch.linalg.solve_ex(args[0], args[1])
     if bool((info != 0).any()):

@@ -267,11 +267,7 @@ def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.n
 
 def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     """The FUSED node's value: its program's kernel over `args` (CPU tensors); with attr
-    `select`, the top-k mask of the program's value (`kernels_select.run_select`)."""
-    if node.attrs.get("select") is not None:
-        from mergelang.runtime.kernels.numba_topk import run_select
-
-        return run_select(node, args)
+    `select`, see `numba_topk.run_select` (the table's FUSED kernel dispatches)."""
     body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
     arrays, dtypes = _inputs(kinds, args)
     ty = node.type

@@ -282,7 +282,7 @@ def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
     (module docstring), else the per-model form, a thread per model. A NaN, or a k of 0 or n,
     takes the plain path: the value is computed once and handed to the TOPK_MASK kernel (same
     result as without fusion)."""
-    from mergelang.runtime.kernels.table import _topk_mask
+    from mergelang.runtime.kernels.order import topk_mask_plain
 
     density, absolute = node.attrs["select"]
     ty = node.type
@@ -297,5 +297,4 @@ def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
                 else _per_model_select(node, arrays, dtypes, ks, n, out.view(np.uint8), list(range(rows)))):
             return torch.from_numpy(out).reshape(ty.full_shape)
     plain = SimpleNamespace(attrs={**node.attrs, "select": None}, type=ty.with_(dtype="float32"))
-    topk = SimpleNamespace(attrs={"density": density, "over": "tensor", "abs": absolute}, type=ty)
-    return _topk_mask(topk, [run(plain, args)])
+    return topk_mask_plain(run(plain, args), dens, "tensor", bool(absolute), ty.models is not None)

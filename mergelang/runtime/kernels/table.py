@@ -15,11 +15,9 @@ from mergelang.ir.graph import Node
 from mergelang.ir.ops import Op
 from mergelang.ir.types import torch_dtype
 
-Kernel = Callable[[Node, list[torch.Tensor]], torch.Tensor]
-
-
-class CheckFailed(Exception):
-    """A runtime `checked(...)` condition was false (becomes an E501 diagnostic)."""
+from mergelang.runtime.kernels import cpu_exact as kernels_fast
+from mergelang.runtime.kernels.order import kth_largest, topk_mask_plain, topk_mask_rows  # noqa: F401
+from mergelang.runtime.kernels.registry import KERNELS, CheckFailed, Kernel, run_node  # noqa: F401
 
 
 def _dims(t: torch.Tensor, over: str, stacked: bool) -> tuple[int, ...]:
@@ -67,41 +65,6 @@ def _dot(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return reduce(a * b, "sum", over, _stacked_input(node, over))
 
 
-def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """True for exactly the k largest entries of every row (last dim); ties: lowest index first."""
-    n = x.shape[-1]
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    kth = kth_largest(x, k)
-    mask = x >= kth
-    if bool((mask.sum(dim=-1) == k).all()):  # no surplus ties at the threshold (the usual case)
-        return mask
-    above = x > kth
-    need = k - above.sum(dim=-1, keepdim=True)
-    at = x == kth
-    if x.dim() == 2 and x.shape[0] == 1:  # one row (a whole tensor): index the first ties
-        first = torch.nonzero(at.reshape(-1)).reshape(-1)[: int(need)]
-        above.reshape(-1)[first] = True
-        return above
-    return above | (at & (torch.cumsum(at, dim=-1) <= need))
-
-
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of each row (keepdim), 1 <= k <= n: a selection, not a sort.
-    On the CPU numpy's introselect (`np.partition`) is ~10x faster than `torch.kthvalue`
-    (measured: 16M float32, 0.10 s vs 1.03 s); both pick the same element, so the value is
-    identical. Elsewhere (CUDA) `torch.kthvalue`. NaN rows take the torch path."""
-    n = x.shape[-1]
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not bool(torch.isnan(x).any()):
-        import numpy as np
-
-        part = np.partition(x.detach().numpy(), n - k, axis=-1)[..., n - k:n - k + 1]
-        return torch.from_numpy(np.ascontiguousarray(part))
-    return torch.kthvalue(x, n - k + 1, dim=-1, keepdim=True).values
-
-
 def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     density, over = node.attrs["density"], node.attrs["over"]
@@ -110,23 +73,11 @@ def _topk_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     models = x.unbind(0) if stacked else [x]
     dens = density if isinstance(density, tuple) else (density,) * len(models)
     if over == "tensor":  # the fast exact path (CPU, float32, no NaN), else the plain one below
-        from mergelang.runtime.kernels.cpu_exact import topk_mask_tensor
-
         flat = x.reshape(len(models), -1)
-        fast = topk_mask_tensor(flat, [int(d * flat.shape[-1]) for d in dens], absolute)
+        fast = kernels_fast.topk_mask_tensor(flat, [int(d * flat.shape[-1]) for d in dens], absolute)
         if fast is not None:
             return fast.reshape(x.shape)
-    if absolute:
-        x = torch.abs(x)
-        models = x.unbind(0) if stacked else [x]
-    out = []
-    for xm, d in zip(models, dens):
-        if over == "tensor":
-            flat = xm.reshape(1, -1)
-            out.append(topk_mask_rows(flat, int(d * flat.shape[-1])).reshape(xm.shape))
-        else:
-            out.append(topk_mask_rows(xm, int(d * xm.shape[-1])))
-    return torch.stack(out) if stacked else out[0]
+    return topk_mask_plain(x, dens, over, absolute, stacked)
 
 
 def _const(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
@@ -153,7 +104,7 @@ def _simple(fn: Callable[..., torch.Tensor]) -> Kernel:
     return lambda node, args: fn(*args)
 
 
-KERNELS: dict[Op, Kernel] = {
+KERNELS.update({
     Op.CONST: _const,
     Op.STACK: lambda node, args: torch.stack(args),
     Op.INDEX: lambda node, args: args[0][node.attrs["i"]],
@@ -172,19 +123,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.WHERE: _simple(torch.where), Op.LERP: lambda node, args: args[0] + args[2] * (args[1] - args[0]),
     Op.REDUCE: _reduce, Op.DOT: _dot, Op.TOPK_MASK: _topk_mask, Op.ASSERT: _assert,
     Op.OUTPUT: lambda node, args: args[0].to(torch_dtype(node.attrs["dtype"])),
-}
-
-
-def run_node(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    """Evaluate one non-LOAD node."""
-    return KERNELS[node.op](node, args)
-
-
-def as_python(t: torch.Tensor) -> Any:
-    """A small constant tensor as a hashable attr value (float, bool or tuple)."""
-    if t.dim() == 0:
-        return bool(t) if t.dtype == torch.bool else float(t)
-    return tuple(bool(v) if t.dtype == torch.bool else float(v) for v in t.reshape(-1).tolist())
+})
 
 
 # ---------------------------------------------------------------- order statistics and randomness
@@ -269,8 +208,6 @@ def _topk_count_mask(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 KERNELS.update({Op.TOPK_COUNT_MASK: _topk_count_mask, Op.RANK: _rank, Op.BAND_MASK: _band_mask, Op.ARGMAX_MASK: _argmax_mask,
                 Op.BERNOULLI: _bernoulli})
 
-from mergelang.runtime.kernels import linalg as kernels_linalg  # noqa: E402,F401  (registers the linear-algebra kernels)
-from mergelang.runtime.kernels import cpu_exact as kernels_fast  # noqa: E402
 
 
 def _compare(op: Op, fn: Callable[..., torch.Tensor]) -> Kernel:
@@ -287,9 +224,15 @@ KERNELS.update({Op.WHERE: _simple(kernels_fast.where), Op.EQ: _compare(Op.EQ, to
 
 
 def _fused(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    from mergelang.runtime.kernels import numba_codegen as kernels_fused  # numba is imported only when a plan has fused steps
+    """A FUSED node: its generated loop, or (attr `select`) the top-k mask of its program's
+    value, selected without storing the value. numba is imported only when a plan fuses."""
+    if node.attrs.get("select") is not None:
+        from mergelang.runtime.kernels.numba_topk import run_select
 
-    return kernels_fused.run(node, args)
+        return run_select(node, args)
+    from mergelang.runtime.kernels.numba_codegen import run
+
+    return run(node, args)
 
 
 KERNELS[Op.FUSED] = _fused

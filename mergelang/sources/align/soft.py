@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from mergelang.sources.align.spec import Group, Member
+from mergelang.sources.align.groups import Group, Member
 
 
 def is_soft_capable(g: Group) -> bool:
@@ -60,7 +60,7 @@ def mix_member(t: torch.Tensor, m: Member, n: int, T: torch.Tensor) -> torch.Ten
 def transform_tensor(t: torch.Tensor, members: Sequence[tuple[Group, Member]],
                      perms: Mapping[str, torch.Tensor], maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Permute `t` by the hard groups and mix it by the soft ones (they act on commuting layouts)."""
-    from mergelang.sources.align.spec import permute_tensor
+    from mergelang.sources.align.groups import permute_tensor
 
     hard = [(g, m) for g, m in members if g.name not in maps]
     t = permute_tensor(t, hard, perms)

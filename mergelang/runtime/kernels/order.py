@@ -1,0 +1,57 @@
+"""Order statistics in plain torch (any device): the top-k mask of rows (ties: lowest index
+first), the k-th largest value, and the whole TOPK_MASK computation without the CPU fast paths.
+The table's TOPK_MASK kernel and the numba selection's fallback both end here."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """True for exactly the k largest entries of every row (last dim); ties: lowest index first."""
+    n = x.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    kth = kth_largest(x, k)
+    mask = x >= kth
+    if bool((mask.sum(dim=-1) == k).all()):  # no surplus ties at the threshold (the usual case)
+        return mask
+    above = x > kth
+    need = k - above.sum(dim=-1, keepdim=True)
+    at = x == kth
+    if x.dim() == 2 and x.shape[0] == 1:  # one row (a whole tensor): index the first ties
+        first = torch.nonzero(at.reshape(-1)).reshape(-1)[: int(need)]
+        above.reshape(-1)[first] = True
+        return above
+    return above | (at & (torch.cumsum(at, dim=-1) <= need))
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row (keepdim), 1 <= k <= n: a selection, not a sort.
+    On the CPU numpy's introselect (`np.partition`) is ~10x faster than `torch.kthvalue`
+    (measured: 16M float32, 0.10 s vs 1.03 s); both pick the same element, so the value is
+    identical. Elsewhere (CUDA) `torch.kthvalue`. NaN rows take the torch path."""
+    n = x.shape[-1]
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not bool(torch.isnan(x).any()):
+        import numpy as np
+
+        part = np.partition(x.detach().numpy(), n - k, axis=-1)[..., n - k:n - k + 1]
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return torch.kthvalue(x, n - k + 1, dim=-1, keepdim=True).values
+
+
+def topk_mask_plain(x: torch.Tensor, dens, over: str, absolute: bool, stacked: bool) -> torch.Tensor:
+    """TOPK_MASK of `x` (a stack when `stacked`), density per model, over "tensor" or "rows"."""
+    if absolute:
+        x = torch.abs(x)
+    models = x.unbind(0) if stacked else [x]
+    out = []
+    for xm, d in zip(models, dens):
+        if over == "tensor":
+            flat = xm.reshape(1, -1)
+            out.append(topk_mask_rows(flat, int(d * flat.shape[-1])).reshape(xm.shape))
+        else:
+            out.append(topk_mask_rows(xm, int(d * xm.shape[-1])))
+    return torch.stack(out) if stacked else out[0]

@@ -1,0 +1,31 @@
+"""Loads: one LOAD node's tensor read from its model source (whole or a row chunk), and the
+upcast to float32 the compute loop works in. Used by both executors (sequential, overlapped)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from mergelang.io.checkpoint import ModelSource
+from mergelang.passes.plan import ExecutionPlan
+
+
+def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], nid: int,
+               upcast: bool = True) -> torch.Tensor:
+    """Read one LOAD node's tensor on the CPU: float32 (unless it passes through raw: ints,
+    bools), or as stored with `upcast=False` (CUDA copies the narrow dtype, upcasts there)."""
+    node = plan.graph.node(nid)
+    src = models[node.attrs["model"]]
+    assert src is not None
+    want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
+    rows = node.attrs.get("rows")
+    if rows is not None:  # a row chunk (chunking.py)
+        return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1], **kw)
+    return src.load_as(node.attrs["tensor"], want, **kw)
+
+
+def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
+    """A LOAD's value: float32, unless the tensor passes through raw (ints, bools)."""
+    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(torch.float32)
