@@ -18,7 +18,6 @@ from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, Sour
 from mergelang.ir.graph import format_graph
 from mergelang.lang.loader import read_recipe_file
 from mergelang.io.journal import inputs_fingerprint, plan_fingerprint
-from mergelang.passes.restrict import restrict_plan
 from mergelang.lang.parser import parse_program
 from mergelang.passes.plan import format_plan
 from mergelang.ir.types import parse_bytes
@@ -128,21 +127,21 @@ class Recipe:
         if stage == "plan":
             head = (f"# outputs: {', '.join(self.output_names)} (each written to OUTDIR/NAME/; "
                     "tensors named NAME/TENSOR below)\n" if self.output_names else "")
-            plan = c.plan
-            if memory_budget is not None:
-                from mergelang.passes.chunking import chunk_plan
+            from mergelang.passes.pipeline import Target, plan_for
 
-                plan = chunk_plan(plan, parse_bytes(memory_budget)).plan
-            return head + format_plan(plan)
+            budget = parse_bytes(memory_budget) if memory_budget is not None else None
+            return head + format_plan(plan_for(c.plan, Target.cpu(budget)).plan)
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
         """Run the merge in memory and return the output tensors (for small models and tests):
         a state dict, or with named outputs a dict {output name: state dict}."""
-        from mergelang.runtime.executor import execute
+        from mergelang.passes.pipeline import plan_for
+        from mergelang.runtime.executor import execute, target_for
 
         out: dict[str, torch.Tensor] = {}
-        execute(self._c.plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
+        plan = plan_for(self._c.plan, target_for(device)).plan
+        execute(plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return self._split(out) if self.output_names else out
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
@@ -159,9 +158,11 @@ class Recipe:
         a size like "8GB") caps live + prefetched + pending bytes. `fsync=False` does not wait
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum)."""
-        from mergelang.runtime.executor import execute
         from mergelang.io.multiwriter import MultiWriter
         from mergelang.io.writer import WriterError
+        from mergelang.passes.chunking import over_budget_summary
+        from mergelang.passes.pipeline import plan_for
+        from mergelang.runtime.executor import execute, target_for
 
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
@@ -179,12 +180,14 @@ class Recipe:
                     say(msg)
                 if writer.resumed and progress is not None:
                     progress(sum(sizes[n] for n in writer.resumed))
-                plan = restrict_plan(c.plan, writer.resumed)
+                planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
+                for line in over_budget_summary(list(planned.unchunked), budget or 0):
+                    say(f"warning: {line}")
                 sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
-                execute(plan, c.models, sink, device, progress, memory_budget=budget,
+                execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
                 if isinstance(writer, MultiWriter):
                     return writer.finish(files)

@@ -176,13 +176,6 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
     plan = r.compilation.plan
-    if budget is not None:  # tensors above the budget run in row chunks; name those that cannot
-        from mergelang.passes.chunking import chunk_plan
-
-        from mergelang.passes.chunking import over_budget_summary
-
-        for line in over_budget_summary(chunk_plan(plan, budget).unchunked, budget):
-            click.echo(f"warning: {line}", err=True)
     from mergelang.runtime.executor import resolve_device
 
     try:
@@ -193,8 +186,8 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     from mergelang.progress import reporter
 
     with reporter(plan, quiet, log_json) as (update, finish):
-        def log(msg: str) -> None:
-            click.echo(msg if msg.startswith("warning[") else f"mergelang: {msg}", err=True)
+        def log(msg: str) -> None:  # warnings (tensors above the budget, W004, E503) as they are
+            click.echo(msg if msg.startswith("warning") else f"mergelang: {msg}", err=True)
 
         try:
             path = r.run(out, device=device, force=force, progress=update, resume=resume,

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelang as ml
-from mergelang.passes.chunking import RowAssembler, chunk_plan
-from mergelang.runtime.executor import PeakMeter, execute
+from mergelang.passes.chunking import chunk_plan
+from mergelang.runtime.rows import RowAssembler
+from mergelang.runtime.executor import PeakMeter, execute, run_plan
 from mergelang.ir.graph import verify
 from mergelang.io.journal import JOURNAL_NAME, read_journal, work_dir_for
 from mergelang.io.writer import CheckpointWriter, OutputTensor, WriterError, plan_shards
@@ -110,7 +111,7 @@ def test_chunked_matches_unchunked_within_budget(models, method):
     for pipelined in (False, True):
         got: dict[str, torch.Tensor] = {}
         meter = PeakMeter()
-        execute(c.plan, c.models, got.__setitem__, memory_budget=BUDGET, pipelined=pipelined,
+        run_plan(c.plan, c.models, got.__setitem__, memory_budget=BUDGET, pipelined=pipelined,
                 meter=meter)
         assert meter.peak <= BUDGET, (pipelined, meter.peak)
         assert list(got) == list(whole)
@@ -199,7 +200,7 @@ def test_not_row_local_runs_whole_and_says_why(models, expr, reason):
     whole: dict[str, torch.Tensor] = {}
     execute(c.plan, c.models, whole.__setitem__)
     got: dict[str, torch.Tensor] = {}
-    execute(c.plan, c.models, got.__setitem__, memory_budget=6000)
+    run_plan(c.plan, c.models, got.__setitem__, memory_budget=6000)
     assert all(torch.equal(got[k], whole[k]) for k in whole)
     r.close()
 
@@ -218,7 +219,7 @@ def test_per_row_ops_chunk_and_1d_rows_do_not(models):
     whole: dict[str, torch.Tensor] = {}
     execute(c.plan, c.models, whole.__setitem__)
     got: dict[str, torch.Tensor] = {}
-    execute(c.plan, c.models, got.__setitem__, memory_budget=2000)
+    run_plan(c.plan, c.models, got.__setitem__, memory_budget=2000)
     assert all(torch.equal(got[k], whole[k]) for k in whole)
     sds = _inputs(models)
     x = (sds[2]["w.weight"].float() - sds[0]["w.weight"].float()).abs()
@@ -301,7 +302,7 @@ def test_one_row_above_the_budget_is_reported(models):
     rows = [u for u in report.unchunked if u.name == "embed.weight"]
     assert len(rows) == 1 and rows[0].split and "single-row chunks" in rows[0].message(500)
     got: dict[str, torch.Tensor] = {}
-    execute(c.plan, c.models, got.__setitem__, memory_budget=500)
+    run_plan(c.plan, c.models, got.__setitem__, memory_budget=500)
     whole: dict[str, torch.Tensor] = {}
     execute(c.plan, c.models, whole.__setitem__)
     assert all(torch.equal(got[k], whole[k]) for k in whole)

@@ -243,7 +243,7 @@ def test_model_topk_value_radix_select_is_exact(monkeypatch):
 
 
 def test_memory_budget_switches_to_radix_select(monkeypatch):
-    from mergelang.runtime.executor import execute
+    from mergelang.runtime.executor import run_plan
 
     base, a, b = make_sd(0), make_sd(1), make_sd(2)
     r = ml.compile('model base = "<memory>"\nmodel a = "<memory>"\nmodel b = "<memory>"\n'
@@ -261,7 +261,7 @@ def test_memory_budget_switches_to_radix_select(monkeypatch):
     for budget, passes in ((None, 2), (plan.prepasses[0].peak_bytes + 10, 3)):
         calls.clear()
         out: dict = {}
-        execute(plan, models, out.__setitem__, memory_budget=budget)
+        run_plan(plan, models, out.__setitem__, memory_budget=budget)
         assert len(calls) == passes  # the radix select streams the threshold pass twice
         _check(out, want)
 

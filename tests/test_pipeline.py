@@ -22,7 +22,7 @@ import mergelang as ml
 from mergelang.io import checkpoint
 from mergelang.io.checkpoint import CheckpointError
 from mergelang.io.locate import open_model
-from mergelang.runtime.executor import compute, execute, resolve_device
+from mergelang.runtime.executor import compute, execute, resolve_device, run_plan
 from mergelang.runtime.pipeline import Pipeline
 
 SHAPES = {"embed.weight": (64, 16), "layers.0.q.weight": (16, 16), "layers.0.norm.weight": (16,),
@@ -72,7 +72,7 @@ def test_bit_identical_to_sequential(tmp_path, method, lookahead, readers):
     execute(c.plan, c.models, expected.__setitem__, pipelined=False)
     got: dict[str, torch.Tensor] = {}
     budget = None if lookahead is None else c.plan.peak_bytes + lookahead
-    execute(c.plan, c.models, got.__setitem__, memory_budget=budget, readers=readers)
+    run_plan(c.plan, c.models, got.__setitem__, memory_budget=budget, readers=readers)
     assert list(got) == list(expected)  # the sink sees outputs in output order
     for name in expected:
         assert got[name].dtype == expected[name].dtype

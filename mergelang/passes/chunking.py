@@ -32,8 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import ELEMENTWISE, Op
 from mergelang.passes.plan import ExecutionPlan, frees_after, live_bytes, schedule
@@ -288,44 +286,3 @@ def _segment_peak(g: MergeGraph, seg: list[int], before: int) -> int:
 def _headroom(g: MergeGraph, seg: list[int]) -> int:
     loads = [g.node(x).type.nbytes for x in seg if g.node(x).op is Op.LOAD]
     return max(loads, default=0) + _outputs_bytes(g, seg)
-
-
-# --------------------------------------------------------------------------- sinks
-
-class RowAssembler:
-    """Turns row chunks back into whole tensors for a plain `sink(name, tensor)` (in-memory
-    results, statistics collectors): chunks are copied into one buffer per output, handed to the
-    sink when its last row arrived. Sinks with a `write_rows(name, tensor, start, total)` method
-    (the checkpoint writer) receive the chunks themselves."""
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.rows_sink = getattr(sink, "write_rows", None)
-        self.parts: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def __call__(self, name: str, t: torch.Tensor, rows: tuple[int, int, int] | None = None) -> None:
-        if rows is None:
-            self.sink(name, t)
-            return
-        a, b, total = rows
-        if self.rows_sink is not None:
-            self.rows_sink(name, t, a, total)
-            return
-        buf, done = self.parts.get(name) or (torch.empty((total, *t.shape[1:]), dtype=t.dtype), 0)
-        buf[a:b].copy_(t)
-        done += b - a
-        if done < total:
-            self.parts[name] = (buf, done)
-            return
-        self.parts.pop(name, None)
-        self.sink(name, buf)
-
-
-def tensor_done(nbytes: int, rows: tuple[int, int, int] | None) -> int:
-    """The bytes of a whole output once its last row chunk is written (progress counts whole
-    tensors); 0 for an earlier chunk."""
-    if rows is None:
-        return nbytes
-    a, b, total = rows
-    return nbytes // (b - a) * total if b == total else 0
-

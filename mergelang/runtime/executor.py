@@ -16,7 +16,6 @@ run on the same values in the same order; only the reads and writes move to othe
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping
 
 import torch
@@ -27,6 +26,7 @@ from mergelang.runtime.buffers import Buffers, LazyStack
 from mergelang.runtime.loads import read_value, upcast  # noqa: F401  (re-exported)
 from mergelang.runtime.kernels import KERNELS, CheckFailed, run_node
 from mergelang.ir.ops import Op
+from mergelang.passes.pipeline import Target, fusion_enabled, plan_for
 from mergelang.passes.plan import ExecutionPlan
 from mergelang.passes.stats import unfilled
 from mergelang.runtime.workers import run_pool
@@ -63,12 +63,13 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
             memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
             meter: "PeakMeter | None" = None) -> None:
-    """Run `plan`, calling `sink(name, tensor)` once per output, in output order.
+    """Run `plan` — a final plan from `passes.pipeline.plan_for`, which this never rewrites —
+    calling `sink(name, tensor)` once per output, in output order.
 
-    With a `memory_budget`, outputs whose work does not fit are split into row chunks
-    (chunking.py); a sink with a `write_rows(name, tensor, start, total)` method receives the
-    chunks, any other sink whole tensors. `meter` records the peak of live tensor bytes
-    (computed values + prefetched loads + outputs waiting for the sink)."""
+    Its statistics passes run first (their values are filled into the plan). Row chunks go to a
+    sink's `write_rows(name, tensor, start, total)` when it has one, else they are assembled.
+    `memory_budget` bounds the prefetched and pending bytes; `meter` records the peak of live
+    tensor bytes (computed values + prefetched loads + outputs waiting for the sink)."""
     dev = resolve_device(device)
     if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
         from mergelang.passes.stats import run_stat_passes
@@ -76,11 +77,6 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
         plan = run_stat_passes(plan, lambda pp, sink: execute(
             pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers,
             meter=meter), memory_budget)
-    if memory_budget is not None and plan.budget != memory_budget:
-        from mergelang.passes.chunking import chunk_plan
-
-        plan = chunk_plan(plan, memory_budget).plan
-    plan = fused_for(plan, dev)
     prepare_models(plan, models, dev)
     with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
         if not pipelined:
@@ -92,6 +88,31 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
                       readers) as pipe:
             sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
             compute(plan, pipe.take, pipe.put, dev, sample)
+
+
+def target_for(device: torch.device | str = "cpu", memory_budget: int | None = None) -> Target:
+    """The target a plan is made for on this machine: the device (`auto` resolved), the budget,
+    and fusion for CPU targets (off with `MERGELANG_FUSE=0` / `MERGELANG_FAST=0`, or when numba
+    cannot set up its runtime helpers: checked only if a plan has something to fuse)."""
+    from mergelang.runtime.kernels import cpu_exact as kernels_fast
+
+    dev = resolve_device(device)
+    fuse = dev.type == "cpu" and kernels_fast.ENABLED and fusion_enabled()
+    return Target(str(dev), memory_budget, fuse, _numba_available)
+
+
+def _numba_available() -> bool:
+    from mergelang.runtime.kernels.numba_codegen import available
+
+    return available()
+
+
+def run_plan(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+             device: torch.device | str = "cpu", **kw) -> None:
+    """`execute` of `plan` made final for this machine (`plan_for(plan, target_for(...))`):
+    the one-call form for tests and scripts."""
+    execute(plan_for(plan, target_for(device, kw.get("memory_budget"))).plan, models, sink,
+            device, **kw)
 
 
 class PeakMeter:
@@ -106,21 +127,10 @@ class PeakMeter:
 
 
 def fused_for(plan: ExecutionPlan, dev: torch.device) -> ExecutionPlan:
-    """On the CPU, the plan with its elementwise chains fused into generated loops (fuse.py;
-    `MERGELANG_FUSE=0` or `MERGELANG_FAST=0` turns it off; without numba it is skipped)."""
-    from mergelang.runtime.kernels import cpu_exact as kernels_fast
+    """`plan` through the pipeline's fuse pass for device `dev` (tests compare both forms)."""
+    from mergelang.passes.pipeline import PassState, fuse
 
-    if dev.type != "cpu" or not kernels_fast.ENABLED or os.environ.get("MERGELANG_FUSE", "1") == "0":
-        return plan
-    from mergelang.passes.fuse import fuse_plan
-
-    fused = fuse_plan(plan)
-    if fused is not plan:
-        from mergelang.runtime.kernels.numba_codegen import available
-
-        if available():
-            return fused
-    return plan
+    return fuse(plan, target_for(dev), PassState())
 
 
 def prepare_models(plan: ExecutionPlan, models: Mapping[str, ModelSource | None],
@@ -196,7 +206,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
                         dev: torch.device, progress: Callable[[int], None] | None,
                         meter: PeakMeter | None = None) -> None:
-    from mergelang.passes.chunking import RowAssembler, tensor_done
+    from mergelang.runtime.rows import RowAssembler, tensor_done
 
     emit = RowAssembler(sink)
 

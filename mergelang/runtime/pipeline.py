@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from mergelang.io.checkpoint import ModelSource
-from mergelang.passes.chunking import RowAssembler, tensor_done
+from mergelang.runtime.rows import RowAssembler, tensor_done
 from mergelang.ir.ops import Op
 from mergelang.passes.plan import ExecutionPlan
 
