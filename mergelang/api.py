@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.lang.ast import dump
-from mergelang.io.checkpoint import CheckpointError
+from mergelang.errors import CheckpointError, CodedError, to_diagnostic
 from mergelang.compiler import STAGES, Compilation, compile_recipe
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
@@ -159,7 +159,6 @@ class Recipe:
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum)."""
         from mergelang.io.multiwriter import MultiWriter
-        from mergelang.io.writer import WriterError
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -192,10 +191,8 @@ class Recipe:
                 if isinstance(writer, MultiWriter):
                     return writer.finish(files)
                 return writer.finish(**files)
-        except WriterError as exc:
-            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
-        except CheckpointError as exc:
-            raise self._kept(writer, error(exc.code, str(exc), None, exc.help)) from None
+        except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
+            raise self._kept(writer, to_diagnostic(exc)) from None
         except MergelangError as exc:
             diags = exc.diagnostics
             raise self._kept(writer, diags[0], diags[1:]) from None

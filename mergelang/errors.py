@@ -19,3 +19,18 @@ class CodedError(Exception):
 
 class CheckpointError(CodedError):
     """A problem with a checkpoint file; becomes an E303 diagnostic at the model's declaration."""
+
+
+class CodedIOError(CodedError):
+    """An output or work-folder problem raised as `(code, message, help)`: the writer's E403 /
+    E502 / E506 and the journal's E504 / E505 / E507."""
+
+    def __init__(self, code: str, message: str, help: str | None = None):
+        super().__init__(message, help, code)
+
+
+def to_diagnostic(exc: CodedError, span=None):
+    """The one conversion of a coded error into a diagnostic (the API and the CLI use it)."""
+    from mergelang.diagnostics import error
+
+    return error(exc.code, str(exc), span, exc.help)

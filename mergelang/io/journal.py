@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping
 
 from crc32c import crc32c
 
+from mergelang.errors import CodedIOError
+
 JOURNAL_NAME = "mergelang-journal.jsonl"
 JOURNAL_VERSION = 2  # 2: CRC-32C ("crc32c"); 1 had zlib's CRC-32
 
@@ -54,13 +56,8 @@ def digest(parts: Iterable[str | bytes]) -> str:
     return h.hexdigest()[:32]
 
 
-class JournalError(Exception):
+class JournalError(CodedIOError):
     """The work folder cannot be resumed from (E504 different run, E505 unreadable)."""
-
-    def __init__(self, code: str, message: str, help: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.help = help
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

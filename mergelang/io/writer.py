@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from mergelang.io.journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
-from mergelang.errors import CheckpointError
+from mergelang.errors import CheckpointError, CodedIOError
 from mergelang.io.inputs import check_json_object, reference_files
 from mergelang.io.layout import OutputTensor, ShardFile, ShardLayout, build_header, plan_shards
 from mergelang.io.outguard import MANIFEST_NAME, OutputError, check_output, manifest_text
@@ -42,14 +42,8 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class WriterError(Exception):
+class WriterError(CodedIOError):
     """A user-facing output problem: E403 (output exists) or E502 (cannot write)."""
-
-    def __init__(self, code: str, message: str, help: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.help = help
 
 
 def _os_error(path: Path | str, e: OSError, what: str = "cannot write") -> WriterError:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from mergelang.errors import CodedError
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,8 +64,10 @@ class AlignSpec:
         return problems
 
 
-class SpecError(Exception):
-    """No built-in spec fits this model (becomes E602 at the `align` call)."""
+class SpecError(CodedError):
+    """No built-in spec fits this model (E603 at the `align` call; E605 for custom groups)."""
+
+    default_code = "E603"
 
 
 # ------------------------------------------------------------------ index maps
