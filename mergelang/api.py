@@ -158,7 +158,6 @@ class Recipe:
         a size like "8GB") caps live + prefetched + pending bytes. `fsync=False` does not wait
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum)."""
-        from mergelang.io.multiwriter import MultiWriter
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -188,9 +187,7 @@ class Recipe:
                     say(diag.render())
                 execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
-                if isinstance(writer, MultiWriter):
-                    return writer.finish(files)
-                return writer.finish(**files)
+                return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
         except MergelangError as exc:

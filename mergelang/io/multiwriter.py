@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
@@ -24,10 +23,11 @@ import torch
 
 from mergelang.io.journal import JournalError, lock_dir, work_dir_for
 from mergelang.io.outguard import MANIFEST_NAME, manifest_text
+from mergelang.io.workfolder import WorkFolder
 from mergelang.io.writer import CheckpointWriter, ShardLayout, WriterError, _os_error
 
 
-class MultiWriter:
+class MultiWriter(WorkFolder):
     """Writes named checkpoints into sub-folders of `out_dir` (always resumable: `fingerprint`
     as for :class:`CheckpointWriter`). Use as a context manager."""
 
@@ -61,13 +61,6 @@ class MultiWriter:
         except BaseException:
             self.suspend()
             raise
-
-    _check_target = CheckpointWriter._check_target
-    _move_into_place = CheckpointWriter._move_into_place
-    _sync_dir = staticmethod(CheckpointWriter._sync_dir)
-
-    def _fresh_name(self, kind: str) -> Path:
-        return self.out_dir.parent / f".{self.out_dir.name}.mergelang-{kind}-{secrets.token_hex(4)}"
 
     def _prepare(self, work: Path, names: set[str], resume: bool) -> None:
         """Create (or, resuming, reuse) the work folder; keep only the outputs' own work folders."""
@@ -133,6 +126,10 @@ class MultiWriter:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def complete(self, files: Mapping[str, Any]) -> Path:
+        """`finish(files)` (the Sink protocol's form: files per output name)."""
+        return self.finish(files)
 
     def suspend(self) -> None:
         """Close every output's files and keep the work folder for a later resume."""

@@ -17,20 +17,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from mergelang.io.journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
-from mergelang.errors import CheckpointError, CodedIOError
+from mergelang.errors import CheckpointError
 from mergelang.io.inputs import check_json_object, reference_files
 from mergelang.io.layout import OutputTensor, ShardFile, ShardLayout, build_header, plan_shards
-from mergelang.io.outguard import MANIFEST_NAME, OutputError, check_output, manifest_text
+from mergelang.io.outguard import MANIFEST_NAME, manifest_text
+from mergelang.io.workfolder import WorkFolder, WriterError, os_error as _os_error
 from mergelang.io.verify import verify_output
 
 __all__ = ["CheckpointWriter", "WriterError", "OutputTensor", "ShardFile", "ShardLayout",
@@ -40,16 +40,6 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-class WriterError(CodedIOError):
-    """A user-facing output problem: E403 (output exists) or E502 (cannot write)."""
-
-
-def _os_error(path: Path | str, e: OSError, what: str = "cannot write") -> WriterError:
-    reason = e.strerror or str(e)
-    return WriterError("E502", f"{what} {path}: {reason}",
-                       help="check free disk space and permissions of the output location")
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -69,7 +59,7 @@ def _bytes_of(tensor: torch.Tensor) -> Any:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-class CheckpointWriter:
+class CheckpointWriter(WorkFolder):
     """Writes the tensors of a planned :class:`ShardLayout` into a fresh HF checkpoint folder.
 
     Use as a context manager: an exception inside the block, or leaving it without calling
@@ -180,17 +170,6 @@ class CheckpointWriter:
         if resume and entries:
             self.messages.append(f"resuming: {len(self.resumed)} of {len(self.layout.tensors)} "
                                  f"tensors already written in {work}")
-
-    def _check_target(self) -> None:
-        """The output path may be written (outguard.py): not an input, and absent, empty, or
-        (with force) an earlier mergelang output."""
-        try:
-            check_output(self.out_dir, self.protected, self.force)
-        except OutputError as e:
-            raise WriterError(e.code, e.message, e.help) from None
-
-    def _fresh_name(self, kind: str) -> Path:
-        return self.out_dir.parent / f".{self.out_dir.name}.mergelang-{kind}-{secrets.token_hex(4)}"
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor at its planned offset. Thread-safe; any order; each name once."""
@@ -400,34 +379,9 @@ class CheckpointWriter:
         except OSError as e:
             raise _os_error(path, e) from e
 
-    @staticmethod
-    def _sync_dir(path: Path) -> None:
-        """Best-effort fsync of a folder, so that new entries and renames survive a crash."""
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _move_into_place(self) -> None:
-        out = self.out_dir
-        try:
-            self._check_target()  # it may have appeared or filled up since __init__
-            if out.exists():
-                aside = self._fresh_name("old")
-                os.rename(out, aside)
-                try:
-                    os.replace(self.tmp_dir, out)
-                except OSError:
-                    os.rename(aside, out)
-                    raise
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(self.tmp_dir, out)
-        except OSError as e:
-            raise _os_error(out, e, "cannot move the finished checkpoint to") from e
-        self._sync_dir(out.parent)
+    def complete(self, files: Mapping[str, Any]) -> Path:
+        """`finish(**files)` (the Sink protocol's form)."""
+        return self.finish(**files)
 
     def suspend(self) -> None:
         """Close the files and keep the work folder (with its journal) for a later resume."""

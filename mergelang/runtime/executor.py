@@ -16,7 +16,8 @@ run on the same values in the same order; only the reads and writes move to othe
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
 
 import torch
 
@@ -31,7 +32,7 @@ from mergelang.passes.plan import ExecutionPlan
 from mergelang.passes.stats import unfilled
 from mergelang.runtime.workers import run_pool
 
-KERNELS.setdefault(Op.MODEL_STAT, unfilled)
+KERNELS.setdefault(Op.MODEL_STAT, unfilled)  # placeholders: an error if ever run
 KERNELS.setdefault(Op.STAT_VALUE, unfilled)
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -78,14 +79,48 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
             pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers,
             meter=meter), memory_budget)
     prepare_models(plan, models, dev)
+    runner: Executor = (OverlappedExecutor(memory_budget, readers, meter) if pipelined
+                        else SequentialExecutor(meter))
     with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
-        if not pipelined:
-            _execute_sequential(plan, models, sink, dev, progress, meter)
-            return
+        runner.run(plan, models, sink, dev, progress)
+
+
+class Executor(Protocol):
+    """Runs one final plan (statistics already filled) on `dev`, handing each output to `sink`
+    (a sink with `write_rows` receives row chunks). The local executors below share `compute`;
+    a distributed executor implements the same call."""
+
+    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+            dev: torch.device, progress: Callable[[int], None] | None) -> None: ...
+
+
+@dataclass
+class SequentialExecutor:
+    """One tensor at a time on the calling thread: read, compute, write (the interpreter)."""
+
+    meter: "PeakMeter | None" = None
+
+    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+            dev: torch.device, progress: Callable[[int], None] | None) -> None:
+        _execute_sequential(plan, models, sink, dev, progress, self.meter)
+
+
+@dataclass
+class OverlappedExecutor:
+    """Reads (reader threads), compute (this thread) and writes (a writer thread) overlap within
+    the memory budget's headroom (runtime/pipeline.py)."""
+
+    memory_budget: int | None = None
+    readers: int = 1
+    meter: "PeakMeter | None" = None
+
+    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+            dev: torch.device, progress: Callable[[int], None] | None) -> None:
         from mergelang.runtime.pipeline import Pipeline
 
-        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
-                      readers) as pipe:
+        meter = self.meter
+        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, self.memory_budget),
+                      self.readers) as pipe:
             sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
             compute(plan, pipe.take, pipe.put, dev, sample)
 
@@ -175,7 +210,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
             try:
                 out = bufs.run(node, step.nid, args, step.free)
                 if out is None:
-                    out = run_node(node, args)
+                    out = run_node(node, args, dev.type)
                 if on_device and out.device != dev:  # constants, statistics: made on the CPU
                     out = out.to(dev)
             except CheckFailed as exc:

@@ -4,7 +4,8 @@ Importing the package fills the registry explicitly: `table` (elementwise ops, r
 order statistics, randomness, fused regions) and `linalg` (SVD, polar, solve, ...).
 """
 
-from mergelang.runtime.kernels.registry import KERNELS, CheckFailed, Kernel, run_node
+from mergelang.runtime.kernels.registry import (DEVICE_KERNELS, KERNELS, CheckFailed, Kernel,
+                                                 kernel_for, run_node)
 from mergelang.runtime.kernels import linalg, table  # noqa: F401  (the members)
 
-__all__ = ["KERNELS", "CheckFailed", "Kernel", "run_node"]
+__all__ = ["DEVICE_KERNELS", "KERNELS", "CheckFailed", "Kernel", "kernel_for", "run_node"]

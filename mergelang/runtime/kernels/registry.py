@@ -17,13 +17,22 @@ from mergelang.ir.ops import Op
 
 Kernel = Callable[[Node, list[torch.Tensor]], torch.Tensor]
 
+#: op -> its torch kernel, for any device (the fallback of every lookup)
 KERNELS: dict[Op, Kernel] = {}
+#: (op, device type) -> a kernel for that device, layered over the torch kernel (e.g. the
+#: CPU-exact bit-select `where`, the generated numba loops of FUSED nodes on "cpu")
+DEVICE_KERNELS: dict[tuple[Op, str], Kernel] = {}
 
 
 class CheckFailed(Exception):
     """A runtime `checked(...)` condition was false (becomes an E501 diagnostic)."""
 
 
-def run_node(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    """Evaluate one non-LOAD node."""
-    return KERNELS[node.op](node, args)
+def kernel_for(op: Op, device: str = "cpu") -> Kernel:
+    """The kernel of `op` on a device type: the device's own, else the torch kernel."""
+    return DEVICE_KERNELS.get((op, device)) or KERNELS[op]
+
+
+def run_node(node: Node, args: list[torch.Tensor], device: str = "cpu") -> torch.Tensor:
+    """Evaluate one non-LOAD node on a device type ("cpu", "cuda")."""
+    return kernel_for(node.op, device)(node, args)

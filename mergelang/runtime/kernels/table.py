@@ -17,7 +17,7 @@ from mergelang.ir.types import torch_dtype
 
 from mergelang.runtime.kernels import cpu_exact as kernels_fast
 from mergelang.runtime.kernels.order import kth_largest, topk_mask_plain, topk_mask_rows  # noqa: F401
-from mergelang.runtime.kernels.registry import KERNELS, CheckFailed, Kernel, run_node  # noqa: F401
+from mergelang.runtime.kernels.registry import DEVICE_KERNELS, KERNELS, CheckFailed, Kernel, run_node  # noqa: F401
 
 
 def _dims(t: torch.Tensor, over: str, stacked: bool) -> tuple[int, ...]:
@@ -217,10 +217,12 @@ def _compare(op: Op, fn: Callable[..., torch.Tensor]) -> Kernel:
     return kernel
 
 
-KERNELS.update({Op.WHERE: _simple(kernels_fast.where), Op.EQ: _compare(Op.EQ, torch.eq),
-                Op.NE: _compare(Op.NE, torch.ne), Op.LT: _compare(Op.LT, torch.lt),
-                Op.LE: _compare(Op.LE, torch.le), Op.GT: _compare(Op.GT, torch.gt),
-                Op.GE: _compare(Op.GE, torch.ge)})
+_COMPARE = {Op.EQ: torch.eq, Op.NE: torch.ne, Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt,
+            Op.GE: torch.ge}
+KERNELS.update({Op.WHERE: _simple(torch.where), **{op: _simple(fn) for op, fn in _COMPARE.items()}})
+# the CPU-exact forms (same bits as torch, fewer passes; they fall back to torch themselves)
+DEVICE_KERNELS.update({(Op.WHERE, "cpu"): _simple(kernels_fast.where),
+                       **{(op, "cpu"): _compare(op, fn) for op, fn in _COMPARE.items()}})
 
 
 def _fused(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
@@ -235,4 +237,4 @@ def _fused(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return run(node, args)
 
 
-KERNELS[Op.FUSED] = _fused
+DEVICE_KERNELS[(Op.FUSED, "cpu")] = _fused  # fused regions exist in CPU plans only
