@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Long fuzz runs outside CI: the targets of tests/test_fuzz.py (random and mutated recipes
+"""Long fuzz runs outside CI: the targets of tests/lang/test_fuzz.py (random and mutated recipes
 through parse + check; random and mutated files through the safetensors header reader) with many
 more examples and random seeds. A failure prints hypothesis' minimal falsifying example.
 
@@ -27,7 +27,7 @@ def main() -> int:
     args = ap.parse_args()
     env = {**os.environ, "MERGELANG_FUZZ_EXAMPLES": str(args.examples),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_fuzz.py"), "-q",
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "lang" / "test_fuzz.py"), "-q",
            "-p", "no:cacheprovider", "-x", "--hypothesis-show-statistics"]
     if args.k:
         cmd += ["-k", args.k]

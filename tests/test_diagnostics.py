@@ -202,7 +202,7 @@ CASES: dict[str, Case] = {
 def test_every_code_has_a_case():
     """Every code has a case here, or (codes owned by a feature) a test in that feature's file."""
     assert set(CASES) <= set(CODES)
-    others = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py")
+    others = "\n".join(p.read_text() for p in Path(__file__).parent.rglob("test_*.py")
                        if p.name != Path(__file__).name)
     untested = [c for c in CODES if c not in CASES and f'"{c}"' not in others]
     assert not untested, f"diagnostic codes without a test: {untested}"

@@ -12,7 +12,7 @@ are never built. Both give bit-identical values to the plain kernels.
 - **Sum of a stack.** `sum(stack(x0, .., xn-1), over = "models")` whose stack has no other use
   is computed as ((0 + x0) + x1) + ... into one fresh buffer instead of copying the n tensors
   into a stack first. torch reduces the model axis of a small stack in exactly that order
-  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/test_fast_kernels.py), so the
+  (checked bit for bit for 1..MAX_LAZY_STACK models by tests/runtime/test_fast_kernels.py), so the
   result is identical, signed zeros included.
 """
 

@@ -5,7 +5,7 @@ them per element `i` of the tensor shape, every value a float32 or bool scalar i
 value over models: one scalar per model), reads each input element once and writes the root.
 
 Exactness: each instruction is the IEEE operation torch's kernel performs, so results are the
-plain kernels' bits (tests/test_fused.py compares them bit for bit, special values included):
+plain kernels' bits (tests/passes/test_fused.py compares them bit for bit, special values included):
 add/sub/mul/div are correctly rounded in both (numba compiles without fast-math, so nothing
 is contracted into an FMA or reassociated); `neg`, `abs`, comparisons, `where` and the logical
 ops are exact; `sign` is torch's (x > 0) - (x < 0) (NaN and -0.0 give +0.0); a sum over models

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import helpers
 import mergelang as ml
 from mergelang.cli import main
 from mergelang.passes import stats
@@ -23,8 +24,7 @@ SHAPES = {"embed.weight": (8, 6), "layers.0.mlp.weight": (5, 4, 3), "layers.0.bi
 
 
 def make_sd(seed: int, shapes=SHAPES) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return helpers.make_sd(seed, shapes)
 
 
 def reference_ties(base, models, names, k=0.2, lam=1.0, merge="mean"):

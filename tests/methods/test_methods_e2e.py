@@ -70,7 +70,7 @@ def test_example_recipe_runs(tmp_path):
     import shutil
     from pathlib import Path
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     spec = importlib.util.spec_from_file_location("mk", examples / "make_tiny_models.py")
     mk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mk)

@@ -16,7 +16,7 @@ from mergelang.lang import ast
 from mergelang.diagnostics import CompileError, SourceFile
 from mergelang.lang.parser import parse_expr, parse_program
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "parser"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parser"
 UPDATE = bool(os.environ.get("MERGELANG_UPDATE_GOLDEN"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 import mergelang as ml
 from mergelang.passes import stats
 from mergelang.diagnostics import MergelangError
@@ -18,8 +19,7 @@ SHAPES = {"embed.weight": (40, 30), "layers.0.mlp.weight": (5, 4, 3), "layers.0.
 
 
 def make_sd(seed: int, shapes=SHAPES) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return helpers.make_sd(seed, shapes)
 
 
 def _normalize(x):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 import mergelang as ml
 from mergelang.diagnostics import MergelangError
 
@@ -19,8 +20,7 @@ SHAPES = {"embed.weight": (8, 6), "layers.0.mlp.weight": (5, 4, 3), "layers.0.bi
 
 
 def make_sd(seed: int, shapes=SHAPES, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * scale for k, s in shapes.items()}
+    return helpers.make_sd(seed, shapes, scale)
 
 
 def reference_emr(base, models):

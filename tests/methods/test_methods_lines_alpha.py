@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 import mergelang as ml
 from mergelang.diagnostics import MergelangError
 
@@ -18,8 +19,7 @@ NUM_BLOCKS = 4
 
 
 def make_sd(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * scale for k, s in SHAPES.items()}
+    return helpers.make_sd(seed, SHAPES, scale)
 
 
 def flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:

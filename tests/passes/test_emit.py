@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import mergelang as ml
 from mergelang.cli import main as cli_main
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "emit"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "emit"
 UPDATE = bool(os.environ.get("MERGELANG_UPDATE_GOLDEN"))
 STAGES = ("ast", "graph", "optimized", "plan")
 RECIPES = ("ties", "linear", "slerp_layers")

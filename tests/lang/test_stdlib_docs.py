@@ -18,7 +18,7 @@ import mergelang.sources  # noqa: E402,F401  (registers lora, stack_layers, alig
 from mergelang.lang.intrinsics import INTRINSICS
 from mergelang.lang.loader import stdlib_functions
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods.md"
+DOCS = Path(__file__).resolve().parents[1].parent / "docs" / "methods.md"
 PUBLIC = sorted(n for n in stdlib_functions() if not n.startswith("_"))
 BUILDING_BLOCKS = {"trim", "elect", "disjoint_mean", "unit", "random_drop", "band", "della_prune",
                    "rescale_kept"}

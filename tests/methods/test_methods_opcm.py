@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 import mergelang as ml
 
 SHAPES = {"embed.weight": (9, 5), "layers.0.proj.weight": (4, 7), "layers.0.sq.weight": (6, 6),
@@ -19,8 +20,7 @@ SHAPES = {"embed.weight": (9, 5), "layers.0.proj.weight": (4, 7), "layers.0.sq.w
 
 
 def make_sd(seed: int, shapes=SHAPES) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return helpers.make_sd(seed, shapes)
 
 
 def _norm(sd, base):

@@ -1,0 +1,28 @@
+"""Small helpers shared by tests in every sub-folder (tests/conftest.py puts this folder on
+sys.path): random state dicts and tiny safetensors checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+
+def make_sd(seed: int, shapes: Mapping[str, tuple[int, ...]], scale: float = 1.0,
+            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A state dict of standard-normal tensors (times `scale`) from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g) * scale).to(dtype) for k, s in shapes.items()}
+
+
+def write_model(folder: Path, sd: Mapping[str, torch.Tensor], config: dict | None = None) -> Path:
+    """`folder/model.safetensors` holding `sd` (and `config.json` when given)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
