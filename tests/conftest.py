@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-for p in (TESTS, TESTS.parent):
+# the helper modules, the repository (benchmarks, examples), and every sub-folder: a few tests
+# reuse another test module's builders (e.g. `from test_mergekit_import import _tensors`);
+# test file names are unique across the sub-folders, so each module has one name
+for p in (TESTS, TESTS.parent, *sorted(d for d in TESTS.iterdir() if d.is_dir() and d.name != "golden")):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
