@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 from mergelang.io.checkpoint import CheckpointError, ModelSource, TensorInfo, read_header
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.lang.values import Const, ModelV, Value
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
@@ -49,7 +49,7 @@ class LoraSpec:
 @intrinsic("lora", "path", "base", ("scale", None),
            doc="a model declared as a LoRA/PEFT adapter applied to `base`: W + scale·(alpha/r)·B·A "
                "(use in `model NAME = lora(\"adapter_dir\", base = base)`)")
-def _lora(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _lora(el: Elab, a: dict[str, Value], span: Span) -> Value:
     path, base, scale = a["path"], a["base"], a["scale"]
     if el.tensor:
         raise el.error("E201", "lora(...) declares a model: use it as `model NAME = lora(...)`", span)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 from mergelang.io.checkpoint import ModelSource, TensorInfo
 from mergelang.diagnostics import Span, error
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value, is_number
 
 LAYER = re.compile(r"(^|\.)(layers|layer|h|blocks)\.(\d+)\.")
@@ -61,7 +61,7 @@ class StackSpec:
             diags.add(error("E203", f"model `{decl.name}`: {exc}", decl.value.span))
 
 
-def _int(el: Any, v: Value, what: str, span: Span) -> int:
+def _int(el: Elab, v: Value, what: str, span: Span) -> int:
     if not (is_number(v) and float(v.value) == int(v.value)):  # type: ignore[union-attr]
         raise el.error("E201", f"layer_range's `{what}` must be an integer, got {v.describe()}", span)
     return int(v.value)  # type: ignore[union-attr]
@@ -69,7 +69,7 @@ def _int(el: Any, v: Value, what: str, span: Span) -> int:
 
 @intrinsic("layer_range", "model", "start", "end",
            doc="layers start..end-1 of a model, for stack_layers (half-open, like mergekit)")
-def _layer_range(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _layer_range(el: Elab, a: dict[str, Value], span: Span) -> Value:
     m = a["model"]
     if not isinstance(m, ModelV):
         raise el.error("E201", f"layer_range needs a model, got {m.describe()}", span)
@@ -83,7 +83,7 @@ def _layer_range(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("stack_layers", "ranges",
            doc="a model made of layer ranges of other models, renumbered in order (frankenmerge); "
                "use in `model NAME = stack_layers([layer_range(a, 0, 24), ...])`")
-def _stack_layers(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _stack_layers(el: Elab, a: dict[str, Value], span: Span) -> Value:
     if el.tensor:
         raise el.error("E201", "stack_layers(...) declares a model: use it as "
                        "`model NAME = stack_layers(...)`", span)

@@ -7,13 +7,13 @@ either computes at compile time (numbers, lists of numbers) or adds graph nodes.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 from mergelang.diagnostics import Span
 from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op
 from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, TensorV, Value, is_number
 
-from mergelang.lang.intrinsics.registry import INTRINSICS, Impl, Intrinsic, intrinsic  # noqa: F401
+from mergelang.lang.intrinsics.registry import INTRINSICS, Elab, Impl, Intrinsic, intrinsic  # noqa: F401
 
 
 # ---------------------------------------------------------------- elementwise math
@@ -44,7 +44,7 @@ for _name, (_op, _py, _doc) in _UNARY.items():
     intrinsic(_name, "x", doc=f"elementwise {_doc}")(_unary_impl(_op, _py))
 
 
-def _bounds(el: Any, v: Value, what: str, span: Span) -> float | None:
+def _bounds(el: Elab, v: Value, what: str, span: Span) -> float | None:
     if isinstance(v, Const) and v.value is None:
         return None
     if not is_number(v):
@@ -54,7 +54,7 @@ def _bounds(el: Any, v: Value, what: str, span: Span) -> float | None:
 
 
 @intrinsic("clamp", "x", ("min", None), ("max", None), doc="limit x to [min, max]")
-def _clamp(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _clamp(el: Elab, a: dict[str, Value], span: Span) -> Value:
     lo, hi = _bounds(el, a["min"], "min", span), _bounds(el, a["max"], "max", span)
     def py(x: float) -> float:
         return min(max(x, lo if lo is not None else x), hi if hi is not None else x)
@@ -62,7 +62,7 @@ def _clamp(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 def _binary(op: Op, py: Callable[[float, float], float]) -> Impl:
-    def impl(el: Any, a: dict[str, Value], span: Span) -> Value:
+    def impl(el: Elab, a: dict[str, Value], span: Span) -> Value:
         x, y = a["a"], a["b"]
         if is_number(x) and is_number(y):
             return Const(py(x.value, y.value))  # type: ignore[union-attr]
@@ -84,7 +84,7 @@ intrinsic("maximum", "a", "b", doc="elementwise maximum")(_binary(Op.MAXIMUM, ma
 
 
 @intrinsic("where", "cond", "a", "b", doc="elementwise choice: a where cond is true, else b")
-def _where(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _where(el: Elab, a: dict[str, Value], span: Span) -> Value:
     cond = a["cond"]
     if isinstance(cond, Const):
         if not isinstance(cond.value, bool):
@@ -95,14 +95,14 @@ def _where(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("lerp", "a", "b", "t", doc="linear interpolation a + t (b - a)")
-def _lerp(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _lerp(el: Elab, a: dict[str, Value], span: Span) -> Value:
     args = [el.to_node(a[k], span) for k in ("a", "b", "t")]
     return TensorV(el.make(Op.LERP, args, Attrs(), span))
 
 
 @intrinsic("div", "a", "b", ("on_zero", None),
            doc="a / b; where b == 0 the result is on_zero (when given)")
-def _div(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _div(el: Elab, a: dict[str, Value], span: Span) -> Value:
     x, y, z = a["a"], a["b"], a["on_zero"]
     if isinstance(z, Const) and z.value is None:
         return el.binop("div", x, y, span)
@@ -114,7 +114,7 @@ def _div(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 # ---------------------------------------------------------------- reductions
-def _is_stacked(el: Any, v: Value) -> bool:
+def _is_stacked(el: Elab, v: Value) -> bool:
     if isinstance(v, ListV):
         return True
     if isinstance(v, TensorV):
@@ -122,7 +122,7 @@ def _is_stacked(el: Any, v: Value) -> bool:
     return False
 
 
-def _scope(el: Any, v: Value, over: Value, span: Span, allowed: tuple[str, ...] = SCOPES) -> str:
+def _scope(el: Elab, v: Value, over: Value, span: Span, allowed: tuple[str, ...] = SCOPES) -> str:
     if isinstance(over, Const) and over.value is None:
         return "models" if _is_stacked(el, v) else "tensor"
     if not (isinstance(over, Const) and over.value in allowed):
@@ -139,7 +139,7 @@ _PY_REDUCE: dict[str, Callable[[list[float]], float]] = {
 
 
 def _reduce_impl(kind: str) -> Impl:
-    def impl(el: Any, a: dict[str, Value], span: Span) -> Value:
+    def impl(el: Elab, a: dict[str, Value], span: Span) -> Value:
         x = a["x"]
         over = _scope(el, x, a["over"], span)
         if isinstance(x, ListV) and x.scalars and over in ("models", "tensor") and x.items:
@@ -161,7 +161,7 @@ intrinsic("norm", "x", ("over", None), doc="L2 norm over a scope (same as l2)")(
 
 
 @intrinsic("dot", "a", "b", ("over", "tensor"), doc="inner product over a scope")
-def _dot(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _dot(el: Elab, a: dict[str, Value], span: Span) -> Value:
     over = _scope(el, a["a"], a["over"], span)
     args = [el.to_node(a[k], span) for k in ("a", "b")]
     return TensorV(el.make(Op.DOT, args, Attrs(over=over), span))
@@ -170,7 +170,7 @@ def _dot(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("topk_mask", "x", "density", ("over", "tensor"),
            doc="true for exactly int(density * n) largest entries per tensor or row "
                "(ties: lowest index first)")
-def _topk_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _topk_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     d = a["density"]
     if is_number(d):
         density: float | tuple[float, ...] = float(d.value)  # type: ignore[union-attr]
@@ -190,7 +190,7 @@ def _topk_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 # ---------------------------------------------------------------- lists and models
-def _count(el: Any, v: Value, span: Span) -> int:
+def _count(el: Elab, v: Value, span: Span) -> int:
     if isinstance(v, ListV):
         return len(v.items)
     if isinstance(v, TensorV) and el.graph.node(v.nid).type.stacked:
@@ -199,13 +199,13 @@ def _count(el: Any, v: Value, span: Span) -> int:
 
 
 @intrinsic("len", "x", doc="number of items in a list (or models in a stack)")
-def _len(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _len(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return Const(_count(el, a["x"], span))
 
 
 @intrinsic("per_model", "weights", "models",
            doc="one weight per model: none -> all 1, a number -> repeated, a list -> checked")
-def _per_model(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _per_model(el: Elab, a: dict[str, Value], span: Span) -> Value:
     n = _count(el, a["models"], span)
     w = a["weights"]
     if isinstance(w, Const) and w.value is None:
@@ -222,12 +222,12 @@ def _per_model(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("model_index", "models",
            doc="the positions of a list or stack of n models: the list [0, 1, ..., n - 1]")
-def _model_index(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _model_index(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return ListV(tuple(Const(i) for i in range(_count(el, a["models"], span))))
 
 
 @intrinsic("numel", "x", doc="number of elements of the tensor being merged")
-def _numel(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _numel(el: Elab, a: dict[str, Value], span: Span) -> Value:
     x = a["x"]
     if isinstance(x, ModelV) or isinstance(x, TensorV):
         ty = el.graph.node(el.to_node(x, span)).type
@@ -240,7 +240,7 @@ def _numel(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("checked", "value", "cond", ("message", "check failed"),
            doc="value, after checking cond (at compile time when it is known, else at run time)")
-def _checked(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _checked(el: Elab, a: dict[str, Value], span: Span) -> Value:
     cond, msg = a["cond"], a["message"]
     text = msg.value if isinstance(msg, Const) and isinstance(msg.value, str) else "check failed"
     if isinstance(cond, Const):
@@ -253,13 +253,13 @@ def _checked(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("fail", "message", doc="stop with an error (use in a compile-time `if`)")
-def _fail(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _fail(el: Elab, a: dict[str, Value], span: Span) -> Value:
     msg = a["message"]
     raise el.error("E203", msg.value if isinstance(msg, Const) else "failed", span)
 
 
 # ---------------------------------------------------------------- order statistics, randomness
-def _bool_const(el: Any, v: Value, what: str, span: Span) -> bool:
+def _bool_const(el: Elab, v: Value, what: str, span: Span) -> bool:
     if not (isinstance(v, Const) and isinstance(v.value, bool)):
         raise el.error("E201", f"`{what}` must be true or false, got {v.describe()}", span)
     return v.value
@@ -268,14 +268,14 @@ def _bool_const(el: Any, v: Value, what: str, span: Span) -> bool:
 @intrinsic("rank", "x", ("over", "tensor"), ("descending", False), ("normalized", False),
            doc="0-based rank of each entry within its tensor (per model) or row; ties: lowest "
                "index first; normalized: rank / (n - 1) in [0, 1] (0 when n = 1)")
-def _rank(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
     over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
     attrs = Attrs(over=over, descending=_bool_const(el, a["descending"], "descending", span),
                   normalized=_bool_const(el, a["normalized"], "normalized", span))
     return TensorV(el.make(Op.RANK, [el.to_node(a["x"], span)], attrs, span))
 
 
-def _count_attr(el: Any, v: Value, what: str, span: Span) -> int | tuple[int, ...]:
+def _count_attr(el: Elab, v: Value, what: str, span: Span) -> int | tuple[int, ...]:
     if is_number(v) and float(v.value) == int(v.value):  # type: ignore[union-attr]
         return int(v.value)  # type: ignore[union-attr]
     if isinstance(v, ListV) and v.scalars and all(float(i.value) == int(i.value)  # type: ignore[union-attr]
@@ -288,7 +288,7 @@ def _count_attr(el: Any, v: Value, what: str, span: Span) -> int | tuple[int, ..
 @intrinsic("band_mask", "x", "lo", "hi", ("over", "tensor"),
            doc="true for the entries whose descending rank r (ties: lowest index first) has "
                "lo <= r < hi; lo and hi are counts, one per model or shared")
-def _band_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _band_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
     attrs = Attrs(lo=_count_attr(el, a["lo"], "lo", span), hi=_count_attr(el, a["hi"], "hi", span),
                   over=over)
@@ -298,7 +298,7 @@ def _band_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("argmax_mask", "x", ("ties", "last"),
            doc="over the models of a stack: true at the one model with the largest entry "
                "(ties = \"last\": the later model wins, \"first\": the earlier)")
-def _argmax_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _argmax_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     ties = a["ties"]
     if not (isinstance(ties, Const) and ties.value in ("last", "first")):
         raise el.error("E203", f"ties must be \"last\" or \"first\", got {getattr(ties, 'value', ties)!r}",
@@ -311,7 +311,7 @@ def _argmax_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
            doc="a random mask shaped like x, true with probability p (a number, one per model, or "
                "a tensor); counter-based (Philox4x32-10) stream keyed by (seed, tensor name, "
                "model index, stream, element index): identical on any device, run after run")
-def _bernoulli(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _bernoulli(el: Elab, a: dict[str, Value], span: Span) -> Value:
     seed, stream = a["seed"], a["stream"]
     if not (isinstance(seed, Const) and isinstance(seed.value, int) and not isinstance(seed.value, bool)):
         raise el.error("E201", f"seed must be an integer known at compile time, got {seed.describe()}",
@@ -330,7 +330,7 @@ def _bernoulli(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("pairs", "x", doc="all pairs i < j of a stack's models, as a list of two stacks "
                              "[x[i] for each pair, x[j] for each pair]")
-def _pairs(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _pairs(el: Elab, a: dict[str, Value], span: Span) -> Value:
     n = _count(el, a["x"], span)
     if n < 2:
         raise el.error("E203", f"pairs needs at least 2 models, got {n}", span)
@@ -341,7 +341,7 @@ def _pairs(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("ndim", "x", doc="number of dimensions of the tensor being merged")
-def _ndim(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _ndim(el: Elab, a: dict[str, Value], span: Span) -> Value:
     x = a["x"]
     if isinstance(x, (ModelV, TensorV)):
         return Const(len(el.graph.node(el.to_node(x, span)).type.shape))
@@ -352,7 +352,7 @@ def _ndim(el: Any, a: dict[str, Value], span: Span) -> Value:
            doc="true for the floor(k * fraction) largest entries per tensor (per model) or row; k "
                "may be computed at run time (e.g. a count), the product is taken in float64 "
                "(ties: lowest index first)")
-def _topk_count_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _topk_count_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
     frac = a["fraction"]
     if not is_number(frac):
@@ -366,7 +366,7 @@ def _topk_count_mask(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("iterate", "fn", "init", "times", ("args", None),
            doc="bounded iteration: x = init, then x = fn(x, args...) `times` times (fn: the name "
                "of a recipe or stdlib function, times: a number known at compile time)")
-def _iterate(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _iterate(el: Elab, a: dict[str, Value], span: Span) -> Value:
     name, times, extra = a["fn"], a["times"], a["args"]
     if not (isinstance(name, Const) and isinstance(name.value, str)):
         raise el.error("E201", f"iterate's `fn` must be a function name (a string), got "

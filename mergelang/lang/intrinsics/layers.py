@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value, is_number
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -31,7 +30,7 @@ def gradient_value(values: list[float], t: float) -> float:
 @intrinsic("gradient", "values", "t",
            doc="mergekit gradient: the list `values` spread evenly over t in [0, 1], linearly "
                "interpolated (a number is returned as is)")
-def _gradient(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _gradient(el: Elab, a: dict[str, Value], span: Span) -> Value:
     values, t = a["values"], a["t"]
     if not is_number(t):
         raise el.error("E201", f"gradient's `t` must be a number known at compile time, got "
@@ -51,7 +50,7 @@ def _gradient(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("num_layers", "model",
            doc="number of transformer blocks of a model, from its tensor names (headers only)")
-def _num_layers(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _num_layers(el: Elab, a: dict[str, Value], span: Span) -> Value:
     m = a["model"]
     if not isinstance(m, ModelV):
         raise el.error("E201", f"num_layers needs a model, got {m.describe()}", span)

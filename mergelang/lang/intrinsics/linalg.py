@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergelang.diagnostics import Span
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.ir.ops import Attrs, Op
 from mergelang.lang.values import Const, TensorV, Value, is_number
 
@@ -13,7 +13,7 @@ from mergelang.lang.values import Const, TensorV, Value, is_number
 @intrinsic("svd", "x", "part", ("k", None),
            doc="thin float32 SVD of a 2-D tensor (per model of a stack): part \"U\", \"S\" or "
                "\"Vh\", keeping the k leading singular triplets (default: all)")
-def _svd(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _svd(el: Elab, a: dict[str, Value], span: Span) -> Value:
     part, k = a["part"], a["k"]
     if not (isinstance(part, Const) and part.value in ("U", "S", "Vh")):
         raise el.error("E203", "svd's part must be \"U\", \"S\" or \"Vh\"", span)
@@ -30,19 +30,19 @@ def _svd(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("polar", "x", doc="orthogonal polar factor U Vh of a 2-D tensor (float32 SVD)")
-def _polar(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _polar(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.POLAR, [el.to_node(a["x"], span)], Attrs(), span))
 
 
 @intrinsic("matmul", "a", "b", doc="matrix product of 2-D tensors")
-def _matmul(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _matmul(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.MATMUL, [el.to_node(a["a"], span), el.to_node(a["b"], span)],
                            Attrs(), span))
 
 
 @intrinsic("concat_models", "x", ("axis", 0),
            doc="one tensor from a stack: the models' tensors concatenated along `axis`")
-def _concat_models(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _concat_models(el: Elab, a: dict[str, Value], span: Span) -> Value:
     axis = a["axis"]
     if not (is_number(axis) and float(axis.value) == int(axis.value)):  # type: ignore[union-attr]
         raise el.error("E201", "concat_models' axis must be a whole number", span)
@@ -51,7 +51,7 @@ def _concat_models(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("shape", "x", doc="the shape of the tensor being merged, as a list of numbers")
-def _shape(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _shape(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import ListV, ModelV
 
     x = a["x"]
@@ -61,7 +61,7 @@ def _shape(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 def _matrix_op(op: Op, *names: str) -> Any:
-    def impl(el: Any, a: dict[str, Value], span: Span) -> Value:
+    def impl(el: Elab, a: dict[str, Value], span: Span) -> Value:
         return TensorV(el.make(op, [el.to_node(a[n], span) for n in names], Attrs(), span))
     return impl
 
@@ -80,7 +80,7 @@ intrinsic("diagonal", "x", doc="a square matrix with its off-diagonal entries se
            doc="WUDI's loss sum_i ||(X - tv_i) tv_i^T||^2 / ||tv_i||^2 minimised by `steps` Adam "
                "steps (learning rate `lr`) from X = sum_i tv_i, as the reference implementations "
                "do (a stack of 2-D task vectors -> one 2-D tensor; zero task vectors take no part)")
-def _wudi_adam(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _wudi_adam(el: Elab, a: dict[str, Value], span: Span) -> Value:
     steps, lr = a["steps"], a["lr"]
     if not (is_number(steps) and float(steps.value) == int(steps.value) and 0 <= int(steps.value) <= 100_000):  # type: ignore[union-attr]
         raise el.error("E203", f"wudi_adam's steps must be a whole number in [0, 100000], got "
@@ -93,7 +93,7 @@ def _wudi_adam(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("has", "model", doc="true when the model (or every model of a list) has a tensor of "
                                "the name being merged (for sidecar checkpoints)")
-def _has(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _has(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import Poisoned
     from mergelang.lang.values import ListV, ModelV
 
@@ -114,7 +114,7 @@ def _has(el: Any, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("same_shape", "x", "like", ("what", "sidecar"),
            doc="x, after checking at compile time that it has the shape of `like` (one per model "
                "for lists): error E210 otherwise")
-def _same_shape(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _same_shape(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import ListV
 
     x, like = a["x"], a["like"]
@@ -133,7 +133,7 @@ def _same_shape(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 @intrinsic("layer_index", doc="the first whole-number component of the tensor's name "
                               "(`model.layers.12.mlp.up_proj.weight` -> 12), none when there is none")
-def _layer_index(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _layer_index(el: Elab, a: dict[str, Value], span: Span) -> Value:
     for part in el.tensor.split("."):
         if part.isdigit():
             return Const(int(part))
@@ -141,7 +141,7 @@ def _layer_index(el: Any, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("cat", "xs", ("axis", 0), doc="a list of tensors concatenated along `axis`")
-def _cat(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _cat(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import ListV
 
     xs, axis = a["xs"], a["axis"]

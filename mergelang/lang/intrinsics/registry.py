@@ -8,12 +8,43 @@ their package imports them; the packages' `__init__` files list their members ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from mergelang.diagnostics import Span
+from mergelang.diagnostics import CompileError, Span
 from mergelang.lang.values import Param, Signature, Value
 
-Impl = Callable[[Any, dict[str, Value], Span], Value]
+if TYPE_CHECKING:
+    from mergelang.io.checkpoint import ModelSource
+    from mergelang.ir.graph import MergeGraph
+    from mergelang.ir.ops import Attrs, Op
+
+
+class Elab(Protocol):
+    """What an intrinsic may use of the elaborator (`lang/elaborate.Elaborator` implements it):
+    the graph being built, the models, the output tensor being elaborated, the call stack, node
+    construction and diagnostics. Intrinsics take it as their first argument."""
+
+    graph: "MergeGraph"
+    models: "Mapping[str, ModelSource | None]"
+    fns: Mapping[str, Any]
+    tensor: str
+    stack: Sequence[Any]
+
+    def error(self, code: str, message: str, span: Span, help: str | None = None) -> CompileError: ...
+
+    def to_node(self, v: Value, span: Span) -> int: ...
+
+    def make(self, op: "Op", args: list[int], attrs: "Attrs", span: Span) -> int: ...
+
+    def binop(self, op: str, a: Value, b: Value, span: Span) -> Value: ...
+
+    def unary(self, op: "Op", v: Value, span: Span, py: Callable[[float], float] | None = None,
+              **attrs: Any) -> Value: ...
+
+    def apply(self, fn: Any, given: dict[str, Value], span: Span, tag: str = "") -> Value: ...
+
+
+Impl = Callable[[Elab, dict[str, Value], Span], Value]
 
 
 @dataclass(frozen=True)

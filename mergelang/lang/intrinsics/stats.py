@@ -3,16 +3,15 @@ elaborate into MODEL_STAT nodes; `mergelang.passes.stats` plans the passes that 
 
 from __future__ import annotations
 
-from typing import Any
 
 from mergelang.diagnostics import Span
 from mergelang.ir.ops import Attrs, Op
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.lang.values import TensorV, Value, is_number
 
 
 # ---------------------------------------------------------------- the intrinsics
-def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span, offset: int = 0) -> Value:
+def _stat(el: Elab, kind: str, x: Value, fraction: float, span: Span, offset: int = 0) -> Value:
     nid = el.to_node(x, span)
     chain = [f.call_span.location() + f.tag for f in el.stack] + [span.location()]
     where = " > ".join(chain)
@@ -29,7 +28,7 @@ def _stat(el: Any, kind: str, x: Value, fraction: float, span: Span, offset: int
 @intrinsic("model_sum", "x",
            doc="sum of x over every entry of every tensor routed to this call site: one number "
                "per model for a stack (the statistic is computed by a pass before the merge)")
-def _model_sum(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _model_sum(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return _stat(el, "sum", a["x"], 0.0, span)
 
 
@@ -37,7 +36,7 @@ def _model_sum(el: Any, a: dict[str, Value], span: Span) -> Value:
            doc="per model, the threshold t such that x >= t keeps the top `fraction` of the "
                "entries of every tensor routed to this call site: the (N - int(N * fraction))-th "
                "smallest of the N entries (the smallest one when that is 0), as original TIES")
-def _model_topk_value(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _model_topk_value(el: Elab, a: dict[str, Value], span: Span) -> Value:
     f = a["fraction"]
     if not (is_number(f) and 0.0 <= float(f.value) <= 1.0):  # type: ignore[union-attr]
         raise el.error("E220", f"model_topk_value's fraction must be a number in [0, 1] known at "
@@ -49,7 +48,7 @@ def _model_topk_value(el: Any, a: dict[str, Value], span: Span) -> Value:
            doc="per model, the entry at 0-based position int(N * fraction) + offset (clamped to "
                "0..N-1) of the ascending sort of the N entries of every tensor routed to this "
                "call site (torch.sort(x)[int(d * fraction) + offset], as PCB-merging's clamp)")
-def _model_quantile_value(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _model_quantile_value(el: Elab, a: dict[str, Value], span: Span) -> Value:
     f, off = a["fraction"], a["offset"]
     if not (is_number(f) and 0.0 <= float(f.value) <= 1.0):  # type: ignore[union-attr]
         raise el.error("E220", f"model_quantile_value's fraction must be a number in [0, 1] known "

@@ -14,7 +14,7 @@ import hashlib
 from typing import Any
 
 from mergelang.diagnostics import CompileError, Span
-from mergelang.lang.intrinsics.registry import intrinsic
+from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.lang.values import Const, ListV, ModelV, Value
 from mergelang.sources.align.solve import METHODS
 from mergelang.sources.align.source import AlignedSource
@@ -38,7 +38,7 @@ def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str,
 
 @intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), ("reg", 0),
            doc=DOC)
-def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
+def _align(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import Poisoned
 
     model, to, method, seed = a["model"], a["to"], a["method"], a["seed"]
@@ -71,7 +71,7 @@ def _align(el: Any, a: dict[str, Value], span: Span) -> Value:
     return ModelV(name, span)
 
 
-def _derive(el: Any, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, method: str, seed: int,
+def _derive(el: Elab, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, method: str, seed: int,
             groups: tuple[str, ...], span: Span, reg: float = 0.0) -> AlignedSource:
     shapes = {k: v.shape for k, v in src.tensors().items()}
     ref_shapes = {k: v.shape for k, v in ref.tensors().items()}
@@ -97,7 +97,7 @@ def _derive(el: Any, name: str, src: Any, ref: Any, model: ModelV, to: ModelV, m
     return AlignedSource(name, src, ref, spec, method, seed, reg)
 
 
-def _reg(el: Any, v: Value, method: str, span: Span) -> float:
+def _reg(el: Elab, v: Value, method: str, span: Span) -> float:
     """`reg`: the entropic regularisation of soft OT (0 = hard permutations)."""
     ok = isinstance(v, Const) and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
     if not ok or not (v.value >= 0 and v.value < float("inf")):  # type: ignore[union-attr]
@@ -110,7 +110,7 @@ def _reg(el: Any, v: Value, method: str, span: Span) -> float:
     return float(v.value)  # type: ignore[union-attr]
 
 
-def _groups(el: Any, v: Value, span: Span) -> tuple[str, ...]:
+def _groups(el: Elab, v: Value, span: Span) -> tuple[str, ...]:
     """`groups = none` (the built-in spec), one group string, or a list of them."""
     if isinstance(v, Const) and v.value is None:
         return ()
