@@ -34,6 +34,13 @@ PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
 # per-model parameters mergekit accepts but a method ignores (task_arithmetic does not sparsify)
 UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karcher": {"density"},
                     "nuslerp": {"density"}, "multislerp": {"density"}}
+# parameters mergekit accepts for every method but these methods never read: dropped with W102
+UNUSED_GLOBALS = {"sce": {"normalize", "rescale", "lambda"},
+                  "model_stock": {"normalize", "rescale", "lambda"},
+                  "karcher": {"normalize"}}
+# methods whose mergekit implementation ignores `weight` (karcher: mergelang's own karcher
+# honours weights, but an imported config reproduces mergekit, which averages uniformly)
+IMPORT_IGNORES_WEIGHTS = ("model_stock", "sce", "karcher")
 IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
@@ -110,6 +117,20 @@ def _evaluate(setting: Any, matched: frozenset[str]) -> Any:
         if f is None or f in matched:
             return value
     return None
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numeric(v: Any) -> Any:
+    """A parameter value with numeric-looking strings as numbers: YAML 1.1 reads `1e-10` (no
+    dot) as a string, which mergekit's pydantic models coerce to a float; lists likewise."""
+    if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+        f = float(v)
+        return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+    if isinstance(v, list):
+        return [_numeric(x) for x in v]
+    return v
 
 
 def _is_gradient(v: Any) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import MergelangError, error
-from mergelang.interop.mergekit_config import (UNUSED_BY_METHOD, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
+from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
                               _ident, _is_gradient, _layer_only)
 
@@ -47,6 +47,7 @@ class Translator(ConfigReader):
         return None
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
+        v = _numeric(v)
         if _is_gradient(v):
             if len(v) == 1:
                 return _fmt(v[0])
@@ -105,14 +106,20 @@ class Translator(ConfigReader):
             return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
                 "".join(", " + k for k in kwargs) + ")"
         members = [s for s in sl.sources if not (conv == "base_models" and s.model == base)]
+        if method == "karcher" and base is not None and base not in [s.model for s in members]:
+            # mergekit's karcher averages every input, base_model included
+            members = members + [Source(base, sl.sources[0].layer_range, {})]
         if conv == "base_models" and base is None:
             self.err("E705", f"{method} needs `base_model`")
             return "none"
         if not members:
             self.err("E702", f"{method}: no models to merge")
             return "none"
+        if method in IMPORT_IGNORES_WEIGHTS and "weight" in per_model_names:
+            self.warn("W102", f"per-model `weight` has no effect with {method} (mergekit ignores it; "
+                      "the recipe leaves it out)")
         for p in per_model_names:
-            if p in IGNORED_PARAMS:
+            if p in IGNORED_PARAMS or (p == "weight" and method in IMPORT_IGNORES_WEIGHTS):
                 continue
             if p in UNUSED_BY_METHOD.get(method, ()):
                 self.warn("W102", f"per-model `{p}` has no effect with {method} (mergekit ignores "
@@ -150,6 +157,10 @@ class Translator(ConfigReader):
             names += [n for n in d if n not in names]
         for n in names:
             if n in skip or n in IGNORED_PARAMS:
+                continue
+            if n in UNUSED_GLOBALS.get(method, ()) or (n == "weight" and method in IMPORT_IGNORES_WEIGHTS):
+                self.warn("W102", f"`{n}` has no effect with {method} (mergekit ignores it; the recipe "
+                          "leaves it out)")
                 continue
             v = self.lookup(n, None, sl, matched)
             if v is None:
@@ -309,15 +320,19 @@ class Translator(ConfigReader):
                     f"i == {a}" if n == 1 else f"i >= {a} and i < {b}")
             layer_blocks.append((guard, self.region_rules(method, sl, filters, t_expr)))
         outer = [f for f in filters if not _layer_only(f)]
+        # mergekit plans the tensors outside the layer stack (embeddings, final norm, lm_head)
+        # with t = 0: their gradients take their first value
         pre = self.region_rules(method, slices[0], outer, "0")
-        post = self.region_rules(method, slices[-1], outer, "1")
+        post = self.region_rules(method, slices[-1], outer, "0")
         lines: list[str] = []
         if pre == post:
-            nonlayer = [("# embeddings, final norm and lm_head", None, post)]
-        else:
-            nonlayer = [("# tensors before the layers (embeddings): gradients at t = 0", "embed", pre),
-                        ("# tensors after the layers (final norm, lm_head): gradients at t = 1", None,
+            nonlayer = [("# embeddings, final norm and lm_head: gradients at t = 0 (as mergekit)", None,
                          post)]
+        else:
+            nonlayer = [("# tensors before the layers (embeddings), first slice: gradients at t = 0",
+                         "embed", pre),
+                        ("# tensors after the layers (final norm, lm_head), last slice: gradients at "
+                         "t = 0 (as mergekit)", None, post)]
         if pre == post and all(rules == post for _, rules in layer_blocks):
             return [self._rule(s, e, None, False, None) for s, e in post]
         for k, (guard, rules) in enumerate(layer_blocks):

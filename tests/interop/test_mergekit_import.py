@@ -116,11 +116,11 @@ def test_slerp_models_config_counts_layers(models):
            "base_model": models["base"], "parameters": {"t": [0, 1]}}
     text = _translate(cfg)
     assert "num_layers(base)" in text
-    # embeddings take t = 0 (the first value), final norm and lm_head t = 1 (the last)
+    # tensors outside the layers (embeddings, final norm, lm_head) take t = 0, the first value,
+    # as mergekit's module planner reads them (issue 16: the importer used t = 1 after the layers)
     hand = _header(models, "base", "a") + """merge from base {
     "model.layers.{i}.*" => slerp(base, a, t = i / 3)
-    "*embed*"            => base
-    "*"                  => slerp(base, a, t = 1)
+    "*"                  => base
 }
 """
     _assert_same(_merge(text), _merge(hand))
@@ -145,12 +145,11 @@ parameters: {{normalize: true, int8_mask: true}}
 """)
     res = translate(cfg)
     assert [d.code for d in res.diagnostics] == ["W102"]  # int8_mask, reported, not dropped
-    # density of b: [1, 0.4] over 4 layers -> 1, 0.8, 0.6, 0.4; embeddings 1; norm/lm_head 0.4
+    # density of b: [1, 0.4] over 4 layers -> 1, 0.8, 0.6, 0.4; outside the layers t = 0: 1
     hand = _header(models, "base", "a", "b") + """merge from base {
     "model.layers.{i}.mlp.*" => ties(base, [a, b], weights = [0.5, 0.5], density = [0.5, [1, 0.8, 0.6, 0.4][i]])
     "model.layers.{i}.*"     => ties(base, [a, b], weights = [0.5, 0.3], density = [0.5, [1, 0.8, 0.6, 0.4][i]])
-    "*embed*"                => ties(base, [a, b], weights = [0.5, 0.3], density = [0.5, 1])
-    "*"                      => ties(base, [a, b], weights = [0.5, 0.3], density = [0.5, 0.4])
+    "*"                      => ties(base, [a, b], weights = [0.5, 0.3], density = [0.5, 1])
 }
 """
     _assert_same(_merge(res.text), _merge(hand))
@@ -174,8 +173,7 @@ def test_task_arithmetic_global_lambda_and_weight_gradient(models):
     text = _translate(cfg)
     hand = _header(models, "base", "a", "b") + """merge from base {
     "model.layers.{i}.*" => base + 0.9 * ([0.2, 0.4, 0.6, 0.8][i] * (a - base) + 0.5 * (b - base))
-    "*embed*"            => base + 0.9 * (0.2 * (a - base) + 0.5 * (b - base))
-    "*"                  => base + 0.9 * (0.8 * (a - base) + 0.5 * (b - base))
+    "*"                  => base + 0.9 * (0.2 * (a - base) + 0.5 * (b - base))
 }
 """
     _assert_same(_merge(text), _merge(hand))
@@ -352,3 +350,47 @@ def test_cli_import_then_check(models, tmp_path):
     bad.write_text("merge_method: magic\nmodels: [a]\n")
     res = runner.invoke(main, ["import-mergekit", str(bad)])
     assert res.exit_code == 1 and "E703" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: configs published on model cards that failed to import or reproduce
+
+
+def test_model_stock_and_sce_ignore_weights_like_mergekit(models):
+    for method, extra in (("model_stock", {}), ("sce", {"normalize": True, "rescale": True, "lambda": 2})):
+        cfg = {"models": [{"model": models[n], "parameters": {"weight": 0.7}} for n in ("a", "b")],
+               "merge_method": method, "base_model": models["base"], "parameters": extra}
+        res = translate(cfg)
+        assert not res.errors, [d.render() for d in res.errors]
+        assert "weights" not in res.text and "W102" in [d.code for d in res.diagnostics]
+        for k in extra:
+            assert f"{k} =" not in res.text
+        plain = _header(models, "base", "a", "b") + f'merge from base {{ "*" => {method}(base, [a, b]) }}\n'
+        _assert_same(_merge(res.text, no_warnings=False), _merge(plain))
+
+
+def test_yaml_numeric_strings_are_numbers(models):
+    cfg = yaml.safe_load(f"""
+models:
+  - model: {models['a']}
+  - model: {models['b']}
+merge_method: karcher
+parameters:
+  tol: 1e-10
+  max_iter: 5
+""")
+    assert cfg["parameters"]["tol"] == "1e-10"  # YAML 1.1: a string
+    res = translate(cfg)
+    assert not res.errors, [d.render() for d in res.errors]
+    assert "tol = 1e-10" in res.text and '"1e-10"' not in res.text
+
+
+def test_karcher_import_averages_the_base_too_and_ignores_weights(models):
+    cfg = {"models": [{"model": models["a"], "parameters": {"weight": 0.9}},
+                      {"model": models["b"], "parameters": {"weight": 0.1}}],
+           "merge_method": "karcher", "base_model": models["base"]}
+    res = translate(cfg)
+    assert not res.errors and "W102" in [d.code for d in res.diagnostics]
+    assert "karcher([a, b, base]" in res.text and "weights" not in res.text
+    uniform = _header(models, "base", "a", "b") + 'merge from base { "*" => karcher([a, b, base]) }\n'
+    _assert_same(_merge(res.text, no_warnings=False), _merge(uniform))
