@@ -394,3 +394,14 @@ def test_karcher_import_averages_the_base_too_and_ignores_weights(models):
     assert "karcher([a, b, base]" in res.text and "weights" not in res.text
     uniform = _header(models, "base", "a", "b") + 'merge from base { "*" => karcher([a, b, base]) }\n'
     _assert_same(_merge(res.text, no_warnings=False), _merge(uniform))
+
+
+def test_della_with_per_model_epsilon_imports_and_runs(models):
+    cfg = {"models": [{"model": models["a"], "parameters": {"weight": 1, "density": 0.5, "epsilon": 0.1}},
+                      {"model": models["b"], "parameters": {"weight": 1, "density": 0.5, "epsilon": 0.3}}],
+           "merge_method": "della", "base_model": models["base"], "parameters": {"lambda": 1.0}}
+    text = _translate(cfg)
+    assert "epsilon = [0.1, 0.3]" in text
+    hand = _header(models, "base", "a", "b") + \
+        'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1) }\n'
+    _assert_same(_merge(text), _merge(hand), exact=True)

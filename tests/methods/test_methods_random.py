@@ -249,3 +249,23 @@ def test_della_density_edges():
 def test_random_methods_identical_on_gpu():
     from mergelang.runtime.rng import random_u32 as r
     assert torch.equal(r(10_000, "k", device="cuda").cpu(), r(10_000, "k"))
+
+
+def test_della_per_model_epsilon_matches_reference():
+    """Issue 16: mergekit takes `epsilon` per model; each model prunes with its own epsilon."""
+    base, m0, m1 = sd(0, SMALL), sd(1, SMALL), sd(2, SMALL)
+    out = ml.merge("della(base, [m0, m1], weights = [1, 0.6], density = [0.5, 0.4], "
+                   "epsilon = [0.1, 0.3], seed = 3)", base=base, m0=m0, m1=m1)
+    dens, eps = (0.5, 0.4), (0.1, 0.3)
+    for name in base:
+        taus = ref.task_vectors(base[name], [m0[name], m1[name]])
+        pruned = []
+        for i, t in enumerate(taus):
+            mask = _mask(f"della_prune([m0, m1] - base, [0.5, 0.4], epsilon = [0.1, 0.3], seed = 3)[{i}] != 0",
+                         base=base, m0=m0, m1=m1)[name]
+            pruned.append(ref.rescale(t, mask, ref.della_probs(t, dens[i], eps[i]), True))
+        want = ref.gta_mix(base[name], pruned, [1, 0.6], True, True, 1.0)
+        torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ml.MergelangError) as info:  # one model's epsilon out of range
+        ml.merge("della(base, [m0, m1], density = 0.5, epsilon = [0.1, 0.5])", base=base, m0=m0, m1=m1)
+    assert "E203" in info.value.codes
