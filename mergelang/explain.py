@@ -76,21 +76,22 @@ def collapse(names: Iterable[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the text summary
+def _walk(e: Any, visit: Any) -> None:
+    """Call `visit(node)` on every AST node under `e` (spans excluded)."""
+    visit(e)
+    if dataclasses.is_dataclass(e) and not isinstance(e, type):
+        for f in dataclasses.fields(e):
+            if f.name != "span":
+                _walk(getattr(e, f.name), visit)
+    elif isinstance(e, (list, tuple)):
+        for i in e:
+            _walk(i, visit)
+
+
 def _calls(e: Any) -> list[str]:
+    """The functions an expression calls, in first-seen order."""
     out: list[str] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, ast.Call) and x.func not in out:
-            out.append(x.func)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            for f in dataclasses.fields(x):
-                if f.name != "span":
-                    walk(getattr(x, f.name))
-        elif isinstance(x, (list, tuple)):
-            for i in x:
-                walk(i)
-
-    walk(e)
+    _walk(e, lambda x: out.append(x.func) if isinstance(x, ast.Call) and x.func not in out else None)
     return out
 
 
@@ -240,19 +241,7 @@ def _const_label(values: list[Any]) -> str:
 def _names(e: Any) -> set[str]:
     """The names an expression mentions (models among them)."""
     out: set[str] = set()
-
-    def walk(x: Any) -> None:
-        if isinstance(x, ast.Name):
-            out.add(x.id)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            for f in dataclasses.fields(x):
-                if f.name != "span":
-                    walk(getattr(x, f.name))
-        elif isinstance(x, (list, tuple)):
-            for i in x:
-                walk(i)
-
-    walk(e)
+    _walk(e, lambda x: out.add(x.id) if isinstance(x, ast.Name) else None)
     return out
 
 
