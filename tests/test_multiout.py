@@ -208,6 +208,7 @@ def test_resume_from_a_single_output_work_folder_starts_clean(models: Path, tmp_
     out = tmp_path / "out"
     wdir = work_dir_for(out)
     wdir.mkdir()
+    (wdir / ".mergelang-work").touch()  # as every work folder mergelang makes
     (wdir / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     ml.compile(recipe_text(models)).run(out, device="cpu", resume=True)
     assert sorted(p.name for p in out.iterdir()) == ["avg", "mergelang_manifest.json", "ta", "tb"]
@@ -425,3 +426,13 @@ def test_example_recipe_runs_on_the_tiny_models(tmp_path: Path) -> None:
 
 def test_every_tensor_of_a_list_is_shape_checked() -> None:
     assert set(codes('merge ["x", "y"] from base { "*" => [a, sum(a, over = "rows")] }')) == {"E207"}
+
+
+def test_a_folder_named_like_the_work_folder_is_never_emptied(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    theirs = work_dir_for(out)
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("x")
+    with pytest.raises(MergelangError) as ei:
+        ml.compile(recipe_text(models)).run(out, device="cpu")
+    assert ei.value.codes == ["E505"] and (theirs / "keep.txt").read_text() == "x"

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mergelang.io.journal import JournalError, lock_dir, work_dir_for
+from mergelang.io.journal import WORK_MARKER, JournalError, check_ours, lock_dir, mark_ours, work_dir_for
 from mergelang.io.outguard import MANIFEST_NAME, manifest_text
 from mergelang.io.workfolder import WorkFolder
 from mergelang.io.writer import CheckpointWriter, ShardLayout, WriterError, _os_error
@@ -66,8 +66,9 @@ class MultiWriter(WorkFolder):
         """Create (or, resuming, reuse) the work folder; keep only the outputs' own work folders."""
         if work.is_symlink() or (work.exists() and not work.is_dir()):
             raise JournalError("E505", f"the work folder {work} is not a folder", "remove it and run again")
-        keep = {f".{n}.mergelang-work" for n in names} if resume else set()
+        keep = {f".{n}.mergelang-work" for n in names} | {WORK_MARKER} if resume else {WORK_MARKER}
         if work.is_dir():
+            check_ours(work)  # only a folder mergelang made is emptied
             os.close(lock_dir(work))  # refuse early if another run holds it
             stale = [p for p in work.iterdir() if p.name not in keep]
             if stale and not resume:
@@ -83,6 +84,7 @@ class MultiWriter(WorkFolder):
             self.messages.append(f"nothing to resume (no work folder {work}); starting from the beginning")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         work.mkdir(exist_ok=True)
+        mark_ours(work)
         self._lock_fd = lock_dir(work)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -108,6 +110,7 @@ class MultiWriter(WorkFolder):
             for name, w in self.writers.items():
                 w.finish(**files.get(name, {}))
             try:
+                (self.tmp_dir / WORK_MARKER).unlink(missing_ok=True)
                 (self.tmp_dir / MANIFEST_NAME).write_text(manifest_text([], outputs=self.writers),
                                                           encoding="utf-8")
             except OSError as e:

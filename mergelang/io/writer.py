@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from mergelang.io.journal import (JOURNAL_NAME, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
+from mergelang.io.journal import (JOURNAL_NAME, WORK_MARKER, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
 from mergelang.errors import CheckpointError
 from mergelang.io.inputs import check_json_object, reference_files
@@ -332,8 +332,9 @@ class CheckpointWriter(WorkFolder):
                               help="nothing was moved to the output folder; this is likely a bug "
                                    "or a failing disk")
         if self.resumable:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp_dir / JOURNAL_NAME)
+            for name in (JOURNAL_NAME, WORK_MARKER):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp_dir / name)
         try:
             names = [p.name for p in self.tmp_dir.iterdir()]
         except OSError as e:

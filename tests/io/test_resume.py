@@ -318,7 +318,7 @@ def test_resume_refuses_a_different_recipe_or_inputs(work: Path, tmp_path: Path)
         os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     # same size, modification time restored, one tensor's bytes changed: the content sample
-    # (the file's head holds these small models whole) refuses it as well
+    # (head and blocks cover these small files whole) refuses it as well
     original = b.read_bytes()
     try:
         changed = bytearray(original)
@@ -494,3 +494,16 @@ def test_content_sample_sees_a_change_far_into_a_large_file(tmp_path: Path) -> N
     f.write_bytes(bytes(data))
     assert content_sample(str(f), len(data)) == before
     assert SAMPLE_BLOCK <= 8192
+
+
+def test_a_folder_named_like_a_work_folder_is_never_removed(work: Path, tmp_path: Path) -> None:
+    """`.OUT.mergelang-work` that mergelang did not make (no marker) is refused, not deleted."""
+    out = tmp_path / "out"
+    theirs = work_dir_for(out)
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("the user's")
+    for resume in (False, True):
+        with pytest.raises(ml.MergelangError) as ei:
+            ml.compile(work / "recipe.mrg").run(out, device="cpu", resume=resume)
+        assert ei.value.codes == ["E505"] and "by hand" in str(ei.value)
+    assert (theirs / "notes.txt").read_text() == "the user's" and not out.exists()
