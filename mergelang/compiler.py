@@ -54,12 +54,16 @@ class Compilation:
     #: model name -> the small files (config.json, tokenizer, ...) an output merged from it
     #: copies, checked at compile time (inside the model folder, JSON that parses)
     copies: dict[str, dict[str, Path]] = field(default_factory=dict)
-    #: every input path (model folders and files, the recipe, imported recipes): an output
-    #: path must not be, contain or lie inside any of them
-    inputs: tuple[Path, ...] = ()
     #: declarations overridden by --set / keyword arguments: name -> the value used (model
     #: paths made absolute), for the recipe copy in the output (provenance.py)
     overridden: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Every input path (model folders and files, the recipe, imported recipes): an output
+        path must not be, contain or lie inside any of them. Computed when a run needs it (it
+        walks every tensor's file), not on the `check` path."""
+        return input_paths(self.source, self.unit, self.models)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -228,7 +232,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         plan = replace(plan, prepasses=tuple(lower(optimize(p), eager=True) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
-                       input_paths(source, unit, models), _overridden(overrides, unit))
+                       _overridden(overrides, unit))
 
 
 def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:

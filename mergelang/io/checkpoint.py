@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: checking reads he
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_HELP = ("pickle files can run code when loaded: convert them to safetensors, or pass "

@@ -117,8 +117,10 @@ def reference_files(src: Path, recipe_filename: str, follow: bool = False) -> di
         if name == recipe_filename or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") \
                 or name.startswith(".") or name.startswith("mergelang_"):
             continue
+        if not p.is_file():  # folders (and broken links) are never copied, wherever they point
+            continue
         real = confined(p, root, follow, "file")
-        if not real.is_file() or real.stat().st_size > MAX_COPY_SIZE:
+        if real.stat().st_size > MAX_COPY_SIZE:
             continue
         if name.endswith(".json"):
             check_json(real, p, obj=name in JSON_OBJECTS)

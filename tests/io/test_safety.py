@@ -299,3 +299,11 @@ def test_python_errors_keep_the_inputs(proj: Path) -> None:
         ml.compile(proj / "recipe.mrg").run(proj, force=True)
     assert ei.value.codes == ["E404"]
     assert snapshot(proj) == before
+
+
+def test_a_folder_linked_from_outside_is_not_read_or_refused(proj: Path, tmp_path: Path) -> None:
+    """Only files are copied: a sub-folder link leaving the model folder is simply not used."""
+    (tmp_path / "elsewhere").mkdir()
+    (proj / "a" / "original").symlink_to(tmp_path / "elsewhere")
+    cli("run", proj / "recipe.mrg", "-o", tmp_path / "out")
+    assert not (tmp_path / "out" / "original").exists()

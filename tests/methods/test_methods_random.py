@@ -216,14 +216,21 @@ def test_della_matches_reference(method, consensus, normalize):
     base, m0, m1 = sd(0, SMALL), sd(1, SMALL), sd(2, SMALL)
     out = ml.merge(f"{method}(base, [m0, m1], weights = [1, 0.6], density = 0.5, epsilon = 0.1, "
                    "lambda = 1.1, seed = 3)", base=base, m0=m0, m1=m1)
+    _check_della(out, base, m0, m1, (0.5, 0.5), (0.1, 0.1), consensus, normalize, 1.1)
+
+
+def _check_della(out, base, m0, m1, dens, eps, consensus, normalize, lam):
+    """`out` against the reference DELLA: each model pruned with its own density and epsilon
+    (the random keep mask taken from della_prune's counter-based stream), then mixed."""
     for name in base:
         taus = ref.task_vectors(base[name], [m0[name], m1[name]])
         pruned = []
         for i, t in enumerate(taus):
-            mask = _mask(f"della_prune([m0, m1] - base, 0.5, epsilon = 0.1, seed = 3)[{i}] != 0",
+            mask = _mask(f"della_prune([m0, m1] - base, [{dens[0]}, {dens[1]}], "
+                         f"epsilon = [{eps[0]}, {eps[1]}], seed = 3)[{i}] != 0",
                          base=base, m0=m0, m1=m1)[name]
-            pruned.append(ref.rescale(t, mask, ref.della_probs(t, 0.5, 0.1), True))
-        want = ref.gta_mix(base[name], pruned, [1, 0.6], consensus, normalize, 1.1)
+            pruned.append(ref.rescale(t, mask, ref.della_probs(t, dens[i], eps[i]), True))
+        want = ref.gta_mix(base[name], pruned, [1, 0.6], consensus, normalize, lam)
         torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-5)
 
 
@@ -256,16 +263,7 @@ def test_della_per_model_epsilon_matches_reference():
     base, m0, m1 = sd(0, SMALL), sd(1, SMALL), sd(2, SMALL)
     out = ml.merge("della(base, [m0, m1], weights = [1, 0.6], density = [0.5, 0.4], "
                    "epsilon = [0.1, 0.3], seed = 3)", base=base, m0=m0, m1=m1)
-    dens, eps = (0.5, 0.4), (0.1, 0.3)
-    for name in base:
-        taus = ref.task_vectors(base[name], [m0[name], m1[name]])
-        pruned = []
-        for i, t in enumerate(taus):
-            mask = _mask(f"della_prune([m0, m1] - base, [0.5, 0.4], epsilon = [0.1, 0.3], seed = 3)[{i}] != 0",
-                         base=base, m0=m0, m1=m1)[name]
-            pruned.append(ref.rescale(t, mask, ref.della_probs(t, dens[i], eps[i]), True))
-        want = ref.gta_mix(base[name], pruned, [1, 0.6], True, True, 1.0)
-        torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-5)
+    _check_della(out, base, m0, m1, (0.5, 0.4), (0.1, 0.3), True, True, 1.0)
     with pytest.raises(ml.MergelangError) as info:  # one model's epsilon out of range
         ml.merge("della(base, [m0, m1], density = 0.5, epsilon = [0.1, 0.5])", base=base, m0=m0, m1=m1)
     assert "E203" in info.value.codes
