@@ -27,6 +27,9 @@ METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required
     "nearswap": ("pair", False),
     "model_stock": ("base_models", False),
     "passthrough": ("single", False),
+    "ram": ("base_models", False),
+    "ramplus_tl": ("base_models", False),
+    "arcee_fusion": ("base_models", False),
     **{m: ("base_models", m != "sce") for m in GTA},
 }
 TAKES_BASE_KW = ("nuslerp", "multislerp")
@@ -37,10 +40,12 @@ UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karc
 # parameters mergekit accepts for every method but these methods never read: dropped with W102
 UNUSED_GLOBALS = {"sce": {"normalize", "rescale", "lambda"},
                   "model_stock": {"normalize", "rescale", "lambda"},
-                  "karcher": {"normalize"}}
+                  "karcher": {"normalize"},
+                  **{m: {"normalize", "rescale", "lambda"} for m in ("ram", "ramplus_tl",
+                                                                    "arcee_fusion")}}
 # methods whose mergekit implementation ignores `weight` (karcher: mergelang's own karcher
 # honours weights, but an imported config reproduces mergekit, which averages uniformly)
-IMPORT_IGNORES_WEIGHTS = ("model_stock", "sce", "karcher")
+IMPORT_IGNORES_WEIGHTS = ("model_stock", "sce", "karcher", "ram", "ramplus_tl", "arcee_fusion")
 IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}

@@ -109,6 +109,8 @@ VIEWS = frozenset({Op.RESHAPE, Op.INDEX})
 FOLDABLE = ELEMENTWISE | REDUCTIONS | {Op.STACK, Op.INDEX, Op.RESHAPE, Op.CAST}
 
 REDUCE_KINDS = ("sum", "mean", "max", "min", "count", "l1", "l2")
+#: reductions that select one entry (attr q: the fraction; numpy's quantile method "lower")
+SELECT_KINDS = ("quantile",)
 SCOPES = ("models", "tensor", "rows", "cols")
 
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
@@ -246,7 +248,7 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
             _require(t, "float32", op.value)
         return out.with_(dtype="bool") if op in COMPARE else out
     if op is Op.REDUCE:
-        if attrs["kind"] not in REDUCE_KINDS:
+        if attrs["kind"] not in REDUCE_KINDS + SELECT_KINDS:
             raise TypeRuleError(f"unknown reduction {attrs['kind']!r}")
         if attrs["kind"] != "count":
             _require(args[0], "float32", attrs["kind"])

@@ -405,3 +405,19 @@ def test_della_with_per_model_epsilon_imports_and_runs(models):
     hand = _header(models, "base", "a", "b") + \
         'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1) }\n'
     _assert_same(_merge(text), _merge(hand), exact=True)
+
+
+@pytest.mark.parametrize("method,params,call", [
+    ("ram", {"epsilon": 1e-4}, "ram(base, [a, b], epsilon = 0.0001)"),
+    ("ramplus_tl", {"r": 0.3, "alpha": 0.5}, "ramplus_tl(base, [a, b], r = 0.3, alpha = 0.5)"),
+    ("arcee_fusion", {}, "arcee_fusion(base, [a])"),
+])
+def test_ram_ramplus_and_arcee_fusion_import(models, method, params, call):
+    names = ["a"] if method == "arcee_fusion" else ["a", "b"]
+    cfg = {"models": [{"model": models[n], "parameters": {"weight": 0.5}} for n in names],
+           "merge_method": method, "base_model": models["base"], "parameters": params}
+    res = translate(cfg)
+    assert not res.errors, [d.render() for d in res.errors]
+    assert "W102" in [d.code for d in res.diagnostics] and "weights" not in res.text
+    hand = _header(models, "base", *names) + f'merge from base {{ "*" => {call} }}\n'
+    _assert_same(_merge(res.text, no_warnings=False), _merge(hand), exact=True)

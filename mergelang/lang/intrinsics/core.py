@@ -167,6 +167,20 @@ def _dot(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.DOT, args, Attrs(over=over), span))
 
 
+@intrinsic("quantile", "x", "q", ("over", None),
+           doc="the q-quantile over a scope without interpolation: the entry at position "
+               "floor(q (n - 1)) of the n values sorted ascending (numpy's method \"lower\"); "
+               "q in [0, 1] known at compile time")
+def _quantile(el: Elab, a: dict[str, Value], span: Span) -> Value:
+    q = a["q"]
+    if not (is_number(q) and 0 <= q.value <= 1):  # type: ignore[union-attr]
+        raise el.error("E203", f"quantile's q must be a number in [0, 1] known at compile time, "
+                       f"got {getattr(q, 'value', q.describe())}", span)
+    over = _scope(el, a["x"], a["over"], span)
+    return TensorV(el.make(Op.REDUCE, [el.to_node(a["x"], span)],
+                           Attrs(kind="quantile", q=float(q.value), over=over), span))  # type: ignore[union-attr]
+
+
 @intrinsic("topk_mask", "x", "density", ("over", "tensor"),
            doc="true for exactly int(density * n) largest entries per tensor or row "
                "(ties: lowest index first)")

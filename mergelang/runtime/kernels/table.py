@@ -30,7 +30,24 @@ def _dims(t: torch.Tensor, over: str, stacked: bool) -> tuple[int, ...]:
 
 def _reduce(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     over = node.attrs["over"]
+    if node.attrs["kind"] == "quantile":
+        return quantile(args[0], node.attrs["q"], over, _stacked_input(node, over))
     return reduce(args[0], node.attrs["kind"], over, _stacked_input(node, over))
+
+
+def quantile(x: torch.Tensor, q: float, over: str, stacked: bool) -> torch.Tensor:
+    """The entry at 0-based position floor(q (n - 1)) of the scope sorted ascending (numpy's
+    quantile method "lower"; index product in float64)."""
+    keep = over in ("rows", "cols")
+    if over == "tensor":
+        if x.dim() == (1 if stacked else 0):
+            return x.clone()
+        y, dim = (x.reshape(x.shape[0], -1), 1) if stacked else (x.reshape(-1), 0)
+    else:
+        y, dim = x, {"models": 0, "rows": -1, "cols": -2}[over]
+    n = y.shape[dim]
+    k = int(math.floor(q * (n - 1))) + 1
+    return torch.kthvalue(y, k, dim=dim, keepdim=keep).values
 
 
 def _stacked_input(node: Node, over: str) -> bool:
