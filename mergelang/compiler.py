@@ -33,6 +33,7 @@ from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
+from mergelang.sources.outputs import link_outputs
 from mergelang.sources.vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
@@ -203,6 +204,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             continue
         params[decl.name] = value
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
+    link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
     copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
     block = unit.block

@@ -304,6 +304,8 @@ CODES: dict[str, str] = {
     "E313": "a rule gives a different number of tensors than its block has outputs",
     "E314": "a model file is a symbolic link leaving its model folder",
     "E315": "a copied model file (config.json, tokenizer) is not valid JSON",
+    "E316": "output(NAME) names no merge block's output",
+    "E317": "merge blocks' outputs depend on each other in a cycle",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

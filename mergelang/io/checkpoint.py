@@ -152,6 +152,9 @@ class ModelSource:
 
     label: str = ""
     folder: Path | None = None  # the HF folder (config.json, tokenizer) when there is one
+    #: (block index, output index) when this "model" is a merge block's output (`output(...)`):
+    #: the elaborator substitutes that block's rules instead of loading tensors
+    block_output: tuple[int, int] | None = None
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         raise NotImplementedError

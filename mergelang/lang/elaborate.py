@@ -60,12 +60,16 @@ class Elaborator:
         self.tensor = ""  # the output tensor being elaborated
         self._loads: dict[tuple[str, str, bool], int] = {}
         self.rule_hits: dict[tuple[int, int], int] = {}
+        self.blocks: tuple[ast.MergeBlock, ...] = ()
+        self._block_nodes: dict[tuple[int, str], list[int]] = {}  # (block, tensor) -> its nodes
+        self._in_progress: set[tuple[int, str]] = set()
 
     # ------------------------------------------------------------------ outputs
     def build(self, *blocks: ast.MergeBlock) -> MergeGraph:
         """One OUTPUT per tensor of each block's reference model, in one graph. With named
         blocks the outputs are named `OUT/TENSOR`, and the outputs of every block for the same
         tensor name are adjacent (so an input tensor is read once for all of them)."""
+        self.blocks = blocks
         refs = [self.models.get(b.source) for b in blocks]
         if any(r is None for r in refs):  # a reference model failed to open: already reported
             return self.graph
@@ -107,9 +111,7 @@ class Elaborator:
                 self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=info.dtype))
                 order += 1
             return order
-        self.stack = []
-        value = self.eval(expr, dict(captures))
-        nids = self._split(value, len(outs) if block.outputs else 0, expr.span)
+        nids = self._rule_nodes(bi, name)
         for ty in {self.graph.node(n).type for n in nids}:
             if ty.shape == info.shape:
                 continue
@@ -122,6 +124,40 @@ class Elaborator:
             self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
             order += 1
         return order
+
+    def _rule_nodes(self, bi: int, name: str) -> list[int]:
+        """The nodes block `bi`'s rule gives for tensor `name`, one per output (built once: a block
+        whose output another block uses as a model shares them)."""
+        key = (bi, name)
+        if key not in self._block_nodes:
+            block = self.blocks[bi]
+            rule, captures = self._match(block, name)
+            expr = block.rules[rule].expr
+            saved = self.stack, self.tensor
+            self.stack, self.tensor = [], name
+            self._in_progress.add(key)
+            try:
+                value = self.eval(expr, dict(captures))
+                self._block_nodes[key] = self._split(value, len(block.outputs), expr.span)
+            finally:
+                self.stack, self.tensor = saved
+                self._in_progress.discard(key)
+        return self._block_nodes[key]
+
+    def _block_value(self, model: str, source: ModelSource, tensor: str, span: Span, raw: bool) -> int:
+        """Tensor `tensor` of a block's output used as a model (`model s = output("NAME")`)."""
+        bi, oi = source.block_output  # type: ignore[misc]
+        info = source.tensors().get(tensor)
+        if info is None:
+            raise self.error("E302", f"tensor `{tensor}` is missing in model `{model}` (the output "
+                             f"of the block merging from `{self.blocks[bi].source}`)", span)
+        if not is_floating(info.dtype):  # the block copies these from its reference model
+            return self.load(self.blocks[bi].source, tensor, span, raw=True)
+        if (bi, tensor) in self._in_progress:
+            raise self.error("E317", f"model `{model}` is the output of a block whose rule for "
+                             f"`{tensor}` uses `{model}` itself", span,
+                             "an output can only use the outputs of other blocks")
+        return self._rule_nodes(bi, tensor)[oi]
 
     def _split(self, value: Value, k: int, span: Span) -> list[int]:
         """A named block with `k` outputs takes one tensor (written to each output), or a list or
@@ -321,6 +357,8 @@ class Elaborator:
         source = self.models.get(model)
         if source is None:
             raise Poisoned()
+        if source.block_output is not None:
+            return self._block_value(model, source, tensor, span, raw)
         info = source.tensors().get(tensor)
         if info is None:
             raise self.error("E302", f"tensor `{tensor}` is missing in model `{model}`", span,

@@ -1,0 +1,30 @@
+"""Runs mergekit configs with mergekit's own Python API; executed by the side-by-side tests
+with the python of a separate mergekit venv (never imported by mergelang's tests).
+
+Usage: python mergekit_driver.py JOBS.json  -- JOBS: [[config.yml, out_dir], ...]; prints one
+line per job: "ok OUT" or "error OUT: message".
+"""
+
+import json
+import sys
+
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+
+def main() -> None:
+    for cfg_path, out in json.load(open(sys.argv[1])):
+        try:
+            with open(cfg_path) as f:
+                cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
+            run_merge(cfg, out, MergeOptions(copy_tokenizer=True, write_model_card=False,
+                                             quiet=True, random_seed=0))
+            print("ok", out, flush=True)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            print("error", out + ":", repr(e).replace("\n", " "), flush=True)
+
+
+if __name__ == "__main__":
+    main()

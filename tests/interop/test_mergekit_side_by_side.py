@@ -1,0 +1,311 @@
+"""mergelang against mergekit itself, side by side on the same float32 Llama-shaped folders.
+
+Each config below is imported with `import-mergekit`'s translator and evaluated by mergelang, and
+run by mergekit 0.1.5 through its Python API in a separate venv (tests/interop/mergekit_driver.py).
+The mergekit venv is found from $MERGEKIT_PYTHON (its python) or $MERGEKIT (its mergekit-yaml);
+without one every test here is skipped. The always-running counterparts of these cases (hand
+recipes and independent formulas) are in test_mergekit_import.py and tests/methods/.
+
+Make one with:  python -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import mergelang as ml
+from mergelang.interop.mergekit_import import translate
+
+LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV = 4, 64, 96, 48, 4, 2
+DRIVER = Path(__file__).with_name("mergekit_driver.py")
+
+
+def mergekit_python() -> str | None:
+    py = os.environ.get("MERGEKIT_PYTHON")
+    if not py and os.environ.get("MERGEKIT"):
+        py = str(Path(os.environ["MERGEKIT"]).with_name("python"))
+    return py if py and Path(py).exists() else None
+
+
+pytestmark = pytest.mark.skipif(mergekit_python() is None,
+                                reason="no mergekit venv ($MERGEKIT_PYTHON or $MERGEKIT)")
+
+
+def llama_tensors(seed: int, base: dict | None = None, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hd = HIDDEN // HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV * hd, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV * hd, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,)})
+    out = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        out[name] = noise if base is None else base[name] + scale * noise
+    return out
+
+
+def write_llama(folder: Path, tensors: dict[str, torch.Tensor], vocab: int = VOCAB) -> str:
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+           "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+           "num_key_value_heads": KV, "vocab_size": vocab, "tie_word_embeddings": False,
+           "rms_norm_eps": 1e-5, "torch_dtype": "float32", "max_position_embeddings": 128}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("side")
+    base = llama_tensors(0)
+    out = {"base": write_llama(root / "base", base)}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        out[name] = write_llama(root / name, llama_tensors(seed, base))
+    return out
+
+
+# name -> (config with {base}/{a}/{b}/{c} placeholders, rtol/atol, kind): "exact" compares
+# every tensor; "random" (DARE, DELLA: mergekit draws from torch's global RNG) compares the
+# kept fraction and the L1 norm of each tensor's change within a few percent
+CASES: dict[str, tuple[str, float, str]] = {
+    "slerp_gradient_slices": ("""
+slices:
+  - sources:
+      - {{model: "{base}", layer_range: [0, 4]}}
+      - {{model: "{a}", layer_range: [0, 4]}}
+merge_method: slerp
+base_model: "{base}"
+parameters:
+  t:
+    - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}
+    - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}
+    - value: 0.5
+dtype: float32
+""", 1e-5, "exact"),
+    "ties_gradients": ("""
+models:
+  - model: "{a}"
+    parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}
+  - model: "{b}"
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: "{base}"
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float32
+""", 1e-5, "exact"),
+    "breadcrumbs_ties_gradient": ("""
+models:
+  - model: "{a}"
+    parameters: {{density: 0.6, gamma: 0.05, weight: [0.2, 0.8]}}
+  - model: "{b}"
+    parameters: {{density: 0.8, gamma: 0.01, weight: 0.5}}
+merge_method: breadcrumbs_ties
+base_model: "{base}"
+dtype: float32
+""", 1e-5, "exact"),
+    "task_arithmetic_lambda": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: 0.7}}}}
+  - {{model: "{b}", parameters: {{weight: [0.1, 0.9]}}}}
+merge_method: task_arithmetic
+base_model: "{base}"
+parameters: {{lambda: 0.8}}
+dtype: float32
+""", 1e-5, "exact"),
+    "linear_soup": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: 1.0}}}}
+  - {{model: "{b}", parameters: {{weight: 2.0}}}}
+  - {{model: "{c}", parameters: {{weight: 0.5}}}}
+merge_method: linear
+dtype: float32
+""", 1e-6, "exact"),
+    "passthrough_frankenmerge": ("""
+slices:
+  - sources: [{{model: "{a}", layer_range: [0, 3]}}]
+  - sources: [{{model: "{b}", layer_range: [1, 4]}}]
+merge_method: passthrough
+dtype: float32
+""", 0.0, "exact"),
+    "model_stock_slices": ("""
+slices:
+  - sources:
+      - {{model: "{a}", layer_range: [0, 4], parameters: {{weight: 0.3}}}}
+      - {{model: "{b}", layer_range: [0, 4], parameters: {{weight: 0.7}}}}
+      - {{model: "{c}", layer_range: [0, 4]}}
+      - {{model: "{base}", layer_range: [0, 4]}}
+merge_method: model_stock
+base_model: "{base}"
+dtype: float32
+""", 1e-5, "exact"),
+    "sce_weights_ignored": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: 0.3}}}}
+  - {{model: "{b}", parameters: {{weight: 0.7}}}}
+  - {{model: "{c}"}}
+merge_method: sce
+base_model: "{base}"
+parameters: {{select_topk: 0.5, normalize: true}}
+dtype: float32
+""", 1e-5, "exact"),
+    "karcher_base_included": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: 0.9}}}}
+  - {{model: "{b}", parameters: {{weight: 0.1}}}}
+merge_method: karcher
+base_model: "{base}"
+parameters:
+  max_iter: 50
+  tol: 1e-10
+dtype: float32
+""", 1e-4, "exact"),
+    "nuslerp_gradient": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: [0.2, 0.8]}}}}
+  - {{model: "{b}", parameters: {{weight: 0.5}}}}
+merge_method: nuslerp
+base_model: "{base}"
+parameters: {{nuslerp_flatten: false}}
+dtype: float32
+""", 1e-4, "exact"),
+    "multislerp": ("""
+models:
+  - {{model: "{a}", parameters: {{weight: 1.0}}}}
+  - {{model: "{b}", parameters: {{weight: 0.5}}}}
+  - {{model: "{c}", parameters: {{weight: 0.25}}}}
+merge_method: multislerp
+base_model: "{base}"
+dtype: float32
+""", 1e-4, "exact"),
+    "nearswap": ("""
+models:
+  - {{model: "{base}"}}
+  - {{model: "{a}"}}
+merge_method: nearswap
+base_model: "{base}"
+parameters: {{t: 0.2}}
+dtype: float32
+""", 1e-5, "exact"),
+    "ram": ("""
+models:
+  - {{model: "{a}"}}
+  - {{model: "{b}"}}
+merge_method: ram
+base_model: "{base}"
+parameters: {{epsilon: 0.2}}
+dtype: float32
+""", 1e-6, "exact"),
+    "ramplus_tl": ("""
+models:
+  - {{model: "{a}"}}
+  - {{model: "{b}"}}
+  - {{model: "{c}"}}
+merge_method: ramplus_tl
+base_model: "{base}"
+parameters: {{epsilon: 0.3, r: 0.4, alpha: 0.5}}
+dtype: float32
+""", 1e-5, "exact"),
+    "arcee_fusion": ("""
+models:
+  - {{model: "{a}"}}
+merge_method: arcee_fusion
+base_model: "{base}"
+dtype: float32
+""", 1e-5, "exact"),
+    "dare_ties_per_model_density": ("""
+models:
+  - {{model: "{a}", parameters: {{density: 0.3, weight: 1.0}}}}
+  - {{model: "{b}", parameters: {{density: 0.8, weight: 0.5}}}}
+merge_method: dare_linear
+base_model: "{base}"
+dtype: float32
+""", 0.0, "random"),
+    "della_per_model_epsilon": ("""
+models:
+  - {{model: "{a}", parameters: {{density: 0.5, epsilon: 0.1, weight: 1.0}}}}
+  - {{model: "{b}", parameters: {{density: 0.5, epsilon: 0.3, weight: 1.0}}}}
+merge_method: della_linear
+base_model: "{base}"
+parameters: {{lambda: 1.0}}
+dtype: float32
+""", 0.0, "random"),
+}
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(folders, tmp_path_factory) -> dict[str, Path | str]:
+    """Every case run by mergekit in one process (its import costs seconds)."""
+    root = tmp_path_factory.mktemp("mk_out")
+    jobs = []
+    for name, (text, _, _) in CASES.items():
+        cfg = root / f"{name}.yml"
+        cfg.write_text(text.format(**folders))
+        jobs.append([str(cfg), str(root / name)])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([mergekit_python(), str(DRIVER), str(root / "jobs.json")],
+                          capture_output=True, text=True, timeout=900)
+    results: dict[str, Path | str] = {}
+    for line in proc.stdout.splitlines():
+        status, rest = line.split(" ", 1)
+        out = rest.split(":", 1)[0] if status == "error" else rest
+        results[Path(out).name] = Path(out) if status == "ok" else rest
+    for name in CASES:
+        results.setdefault(name, f"mergekit did not report: {proc.stderr[-2000:]}")
+    return results
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def mergelang_side(text: str, folders: dict[str, str]) -> dict[str, torch.Tensor]:
+    res = translate(yaml.safe_load(text.format(**folders)))
+    assert not res.errors, [d.render() for d in res.errors]
+    r = ml.compile(res.text)
+    try:
+        return r.evaluate()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_side_by_side(name, folders, mergekit_outputs):
+    text, tol, kind = CASES[name]
+    mk = mergekit_outputs[name]
+    assert isinstance(mk, Path), f"mergekit failed: {mk}"
+    theirs = read_folder(mk)
+    ours = mergelang_side(text, folders)
+    assert ours.keys() == theirs.keys() and len(theirs) >= 3 + 9 * LAYERS
+    base = load_file(str(Path(folders["base"]) / "model.safetensors"))
+    for k in theirs:
+        o, t = ours[k], theirs[k].to(torch.float32)
+        assert o.shape == t.shape, k
+        if kind == "exact":
+            torch.testing.assert_close(o, t, rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
+        elif o.numel() >= 1024:  # statistics of the random drop, on tensors big enough to say
+            do, dt = o - base[k], t - base[k]
+            kept_o, kept_t = (do != 0).float().mean(), (dt != 0).float().mean()
+            assert abs(kept_o - kept_t) < 0.05, (k, kept_o, kept_t)
+            assert abs(do.abs().sum() / dt.abs().sum() - 1) < 0.1, k
+
