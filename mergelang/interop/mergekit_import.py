@@ -34,6 +34,9 @@ from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY
 class Translator(ConfigReader):
     """Parameters, expressions and rules on top of the config structure."""
 
+    output_name: str | None = None  # a named block (one document of a mergekit-multi file)
+    block_lines: list[str] = []
+
     # ------------------------------------------------------------ parameters
     def lookup(self, name: str, src: Source | None, sl: Slice, matched: frozenset[str]) -> Any:
         chain = [sl.params, self.cfg.get("parameters") or {}]
@@ -253,7 +256,8 @@ class Translator(ConfigReader):
         ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
         if method == "passthrough" and not self._in_order(slices) and \
                 all(len(s.sources) == 1 for s in slices):
-            slices, ref = self.stack(slices), "stacked"
+            slices = self.stack(slices)
+            ref = self.models["<stacked>"]
         self.check_layout(slices, method)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
@@ -372,7 +376,12 @@ class Translator(ConfigReader):
             out.append("")
             out += sorted(set(self.notes), key=self.notes.index)
         out.append("")
-        out.append(f"merge from {ref} {{")
+        self.block_lines = self.render_block(rules, ref)
+        return "\n".join(out + self.block_lines) + "\n"
+
+    def render_block(self, rules: list[str], ref: str) -> list[str]:
+        name = f"{_fmt(self.output_name)} " if self.output_name else ""
+        out = [f"merge {name}from {ref} {{"]
         width = max((len(r.split(" => ")[0]) for r in rules if not r.startswith("#")), default=0)
         for r in rules:
             if r.startswith("#"):
@@ -381,7 +390,7 @@ class Translator(ConfigReader):
                 head, expr = r.split(" => ", 1)
                 out.append(f"    {head.ljust(width)} => {expr}")
         out.append("}")
-        return "\n".join(out) + "\n"
+        return out
 
 
 def translate(config: dict[str, Any] | str, config_path: str | Path | None = None,
@@ -389,6 +398,11 @@ def translate(config: dict[str, Any] | str, config_path: str | Path | None = Non
     """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics."""
     if isinstance(config, str):
         config = _load_yaml(config, str(config_path or "<config>"))
+    if isinstance(config, list):
+        from mergelang.interop.mergekit_multi import translate_multi
+
+        return translate_multi(config, Path(config_path) if config_path else None,
+                               Path(out_dir) if out_dir else None, layer_prefix)
     if not isinstance(config, dict):
         return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
     t = Translator(config, Path(config_path) if config_path else None,
@@ -397,12 +411,14 @@ def translate(config: dict[str, Any] | str, config_path: str | Path | None = Non
 
 
 def _load_yaml(text: str, where: str) -> Any:
+    """The config; a list of configs for a multi-document (mergekit-multi) file."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise MergelangError(error("E701", f"cannot parse {where}: {exc}")) from None
+    return docs[0] if len(docs) == 1 else docs
 
 
 def import_file(path: str | Path, out: str | Path | None = None,
@@ -413,4 +429,4 @@ def import_file(path: str | Path, out: str | Path | None = None,
     except (OSError, UnicodeDecodeError) as exc:
         raise MergelangError(error("E701", f"cannot read {path}: {exc}")) from None
     out_dir = Path(out).parent if out else Path.cwd()
-    return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)
+    return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]

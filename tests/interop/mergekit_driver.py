@@ -1,8 +1,9 @@
 """Runs mergekit configs with mergekit's own Python API; executed by the side-by-side tests
 with the python of a separate mergekit venv (never imported by mergelang's tests).
 
-Usage: python mergekit_driver.py JOBS.json  -- JOBS: [[config.yml, out_dir], ...]; prints one
-line per job: "ok OUT" or "error OUT: message".
+Usage: python mergekit_driver.py JOBS.json  -- JOBS: [[config.yml, out_dir, kind], ...] with kind
+"yaml" (mergekit-yaml) or "multi" (mergekit-multi: the final merge in OUT, intermediates in
+OUT_int/NAME); prints one line per job: "ok OUT" or "error OUT: message".
 """
 
 import json
@@ -15,8 +16,15 @@ from mergekit.options import MergeOptions
 
 
 def main() -> None:
-    for cfg_path, out in json.load(open(sys.argv[1])):
+    for cfg_path, out, kind in json.load(open(sys.argv[1])):
         try:
+            if kind == "multi":
+                from mergekit.scripts.multimerge import main as multi
+
+                multi.main([cfg_path, "--out-path", out, "-I", out + "_int", "--no-lazy",
+                            "--random-seed", "0", "--quiet"], standalone_mode=False)
+                print("ok", out, flush=True)
+                continue
             with open(cfg_path) as f:
                 cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
             run_merge(cfg, out, MergeOptions(copy_tokenizer=True, write_model_card=False,

@@ -230,6 +230,31 @@ merge_method: arcee_fusion
 base_model: "{base}"
 dtype: float32
 """, 1e-5, "exact"),
+    "multi_staged": ("""
+name: stage-1
+models:
+  - {{model: "{a}", parameters: {{weight: 1.0, density: 0.5}}}}
+  - {{model: "{b}", parameters: {{weight: 1.0, density: [0.3, 0.7]}}}}
+merge_method: ties
+base_model: "{base}"
+dtype: float32
+---
+name: stage-2
+models:
+  - {{model: "{c}", parameters: {{weight: 0.5}}}}
+  - {{model: "{base}", parameters: {{weight: 0.5}}}}
+merge_method: linear
+dtype: float32
+---
+models:
+  - model: stage-1
+  - model: stage-2
+merge_method: slerp
+base_model: stage-1
+parameters:
+  t: [0.1, 0.9]
+dtype: float32
+""", 1e-5, "multi"),
     "dare_ties_per_model_density": ("""
 models:
   - {{model: "{a}", parameters: {{density: 0.3, weight: 1.0}}}}
@@ -258,7 +283,7 @@ def mergekit_outputs(folders, tmp_path_factory) -> dict[str, Path | str]:
     for name, (text, _, _) in CASES.items():
         cfg = root / f"{name}.yml"
         cfg.write_text(text.format(**folders))
-        jobs.append([str(cfg), str(root / name)])
+        jobs.append([str(cfg), str(root / name), "multi" if "\n---\n" in text else "yaml"])
     (root / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([mergekit_python(), str(DRIVER), str(root / "jobs.json")],
                           capture_output=True, text=True, timeout=900)
@@ -280,7 +305,8 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def mergelang_side(text: str, folders: dict[str, str]) -> dict[str, torch.Tensor]:
-    res = translate(yaml.safe_load(text.format(**folders)))
+    docs = [d for d in yaml.safe_load_all(text.format(**folders)) if d]
+    res = translate(docs[0] if len(docs) == 1 else docs)
     assert not res.errors, [d.render() for d in res.errors]
     r = ml.compile(res.text)
     try:
@@ -296,8 +322,18 @@ def test_side_by_side(name, folders, mergekit_outputs):
     assert isinstance(mk, Path), f"mergekit failed: {mk}"
     theirs = read_folder(mk)
     ours = mergelang_side(text, folders)
-    assert ours.keys() == theirs.keys() and len(theirs) >= 3 + 9 * LAYERS
+    if kind == "multi":  # the final merge, then each intermediate against mergekit's
+        assert set(ours) == {"stage-1", "stage-2", "final"}
+        for out in ours:
+            want = theirs if out == "final" else read_folder(Path(f"{mk}_int") / out)
+            compare(ours[out], want, tol, "exact", {})
+        return
     base = load_file(str(Path(folders["base"]) / "model.safetensors"))
+    compare(ours, theirs, tol, kind, base)
+
+
+def compare(ours: dict, theirs: dict, tol: float, kind: str, base: dict) -> None:
+    assert ours.keys() == theirs.keys() and len(theirs) >= 3 + 9 * LAYERS
     for k in theirs:
         o, t = ours[k], theirs[k].to(torch.float32)
         assert o.shape == t.shape, k
