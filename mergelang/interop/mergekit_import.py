@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
                               _ident, _is_gradient, _layer_only)
@@ -399,10 +400,8 @@ def translate(config: dict[str, Any] | str, config_path: str | Path | None = Non
     if isinstance(config, str):
         config = _load_yaml(config, str(config_path or "<config>"))
     if isinstance(config, list):
-        from mergelang.interop.mergekit_multi import translate_multi
-
         return translate_multi(config, Path(config_path) if config_path else None,
-                               Path(out_dir) if out_dir else None, layer_prefix)
+                               Path(out_dir) if out_dir else None, layer_prefix, Translator)
     if not isinstance(config, dict):
         return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
     t = Translator(config, Path(config_path) if config_path else None,

@@ -57,9 +57,8 @@ def _order(names: list[str], deps: dict[str, set[str]]) -> list[str] | None:
 
 
 def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | None,
-                    layer_prefix: str) -> Result:
-    from mergelang.interop.mergekit_import import Translator
-
+                    layer_prefix: str, Translator: Any) -> Result:
+    """`Translator`: mergekit_import.Translator (passed in: that module imports this one)."""
     if not docs or not all(isinstance(d, dict) for d in docs):
         return Result("", [error("E702", "every document of a mergekit-multi file must be a "
                                  "config (a YAML mapping)")])
@@ -89,7 +88,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
     used = sorted(set().union(*deps.values()), key=names.index)
 
     diags: list[Diagnostic] = []
-    shared: Translator | None = None
+    shared: Any = None
     blocks: list[list[str]] = []
     dtypes: dict[str, Any] = {}
     for n in order:

@@ -80,6 +80,11 @@ class Op(enum.Enum):
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
     ASSERT = "assert"
+    # bounded iteration (`iterate`): args [init, invariants...]; attrs: body (a tuple of Nodes
+    # whose args index the tuple; ARG nodes stand for the loop's inputs), times, type. Runs the
+    # body up to `times` rounds, stopping early at a fixed point (the state no longer changes)
+    LOOP = "loop"
+    ARG = "arg"                # a loop body's input; attrs: index, type
     # model-wide statistics (see stats.py): a per-model scalar over every tensor routed to one
     # call site; computed by a statistics pass before the apply pass
     MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value" | "quantile_value"), key, fraction, tensor
@@ -121,7 +126,8 @@ ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
-              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.FUSED: None})
+              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.FUSED: None, Op.LOOP: None,
+              Op.ARG: 0})
 STAT_KINDS = ("sum", "topk_value", "quantile_value")
 
 
@@ -305,7 +311,11 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         return TType(shape, t.dtype, t.models)
     if op is Op.CAST:
         return args[0].with_(dtype=attrs["dtype"])
-    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE):
+    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.ARG):
+        return attrs["type"]
+    if op is Op.LOOP:
+        if args[0] != attrs["type"]:
+            raise TypeRuleError(f"internal: a loop's state {args[0]} is not its type {attrs['type']}")
         return attrs["type"]
     if op is Op.MODEL_STAT:
         if attrs["kind"] not in STAT_KINDS:

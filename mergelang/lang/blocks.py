@@ -1,0 +1,171 @@
+"""Elaborating merge blocks: one OUTPUT per tensor of each block's reference model, the rule
+that applies to each tensor, and a block's output used as a model by other blocks
+(`model s = output("NAME")`, see sources/outputs.py). A mixin of `Elaborator`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergelang.diagnostics import CompileError, error, warning
+from mergelang.io.checkpoint import ModelSource, TensorInfo
+from mergelang.ir.graph import MergeGraph
+from mergelang.ir.ops import Attrs, Op
+from mergelang.ir.types import is_floating
+from mergelang.lang import ast
+from mergelang.lang.values import Const, ListV, Poisoned, Value
+
+if TYPE_CHECKING:
+    from mergelang.diagnostics import Span
+
+
+class BlockElaboration:
+    """Block-level elaboration (uses the `Elaborator`'s eval, load, make and diagnostics)."""
+
+    # ------------------------------------------------------------------ outputs
+    def build(self, *blocks: ast.MergeBlock) -> MergeGraph:
+        """One OUTPUT per tensor of each block's reference model, in one graph. With named
+        blocks the outputs are named `OUT/TENSOR`, and the outputs of every block for the same
+        tensor name are adjacent (so an input tensor is read once for all of them)."""
+        self.blocks = blocks
+        refs = [self.models.get(b.source) for b in blocks]
+        if any(r is None for r in refs):  # a reference model failed to open: already reported
+            return self.graph
+        tables = [r.tensors() for r in refs]  # type: ignore[union-attr]
+        order = 0
+        for name in dict.fromkeys(n for t in tables for n in t):
+            for bi, (block, table) in enumerate(zip(blocks, tables)):
+                if name not in table:
+                    continue
+                self.tensor = name
+                try:
+                    order = self._output(bi, block, name, table[name], order)
+                except CompileError as exc:
+                    self.diags.add(exc.diag, subject=name)
+                except Poisoned:
+                    pass
+        for bi, block in enumerate(blocks):
+            for i, rule in enumerate(block.rules):
+                if not self.rule_hits.get((bi, i)):
+                    self.diags.add(warning("W001", f"rule {rule.pattern.text!r} matches no tensor of "
+                                           f"`{block.source}`", rule.pattern.span,
+                                           "an earlier rule may match first, or the pattern has a typo"))
+        return self.graph
+
+    def _output(self, bi: int, block: ast.MergeBlock, name: str, info: TensorInfo, order: int) -> int:
+        """Elaborate tensor `name` for `block`: its OUTPUT node(s); returns the next order."""
+        rule, captures = self._match(block, name)
+        self.rule_hits[(bi, rule)] = self.rule_hits.get((bi, rule), 0) + 1
+        expr = block.rules[rule].expr
+        outs = [f"{o}/{name}" for o in block.outputs] or [name]
+        if not is_floating(info.dtype):
+            if not (isinstance(expr, ast.Name) and expr.id == block.source):
+                self.diags.add(warning("W002", f"{info.dtype} tensor `{name}` is copied from "
+                                       f"`{block.source}` unchanged", expr.span,
+                                       "merge rules apply to floating-point tensors only"),
+                               subject=name)
+            nid = self.load(block.source, name, block.source_span, raw=True)
+            for out in outs:
+                self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=info.dtype))
+                order += 1
+            return order
+        nids = self._rule_nodes(bi, name)
+        for ty in {self.graph.node(n).type for n in nids}:
+            if ty.shape == info.shape:
+                continue
+            raise CompileError(error(
+                "E207", f"the rule gives `{name}` shape {list(ty.shape)}, but `{block.source}` has "
+                f"{list(info.shape)}", expr.span,
+                "the output follows the names and shapes of the `merge from` model"))
+        dtype = self.out_dtype or info.dtype
+        for out, nid in zip(outs, nids):
+            self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
+            order += 1
+        return order
+
+    def _rule_nodes(self, bi: int, name: str) -> list[int]:
+        """The nodes block `bi`'s rule gives for tensor `name`, one per output (built once: a block
+        whose output another block uses as a model shares them)."""
+        key = (bi, name)
+        if key not in self._block_nodes:
+            block = self.blocks[bi]
+            rule, captures = self._match(block, name)
+            expr = block.rules[rule].expr
+            saved = self.stack, self.tensor
+            self.stack, self.tensor = [], name
+            self._in_progress.add(key)
+            try:
+                value = self.eval(expr, dict(captures))
+                self._block_nodes[key] = self._split(value, len(block.outputs), expr.span)
+            finally:
+                self.stack, self.tensor = saved
+                self._in_progress.discard(key)
+        return self._block_nodes[key]
+
+    def _block_value(self, model: str, source: ModelSource, tensor: str, span: Span, raw: bool) -> int:
+        """Tensor `tensor` of a block's output used as a model (`model s = output("NAME")`)."""
+        bi, oi = source.block_output  # type: ignore[misc]
+        info = source.tensors().get(tensor)
+        if info is None:
+            raise self.error("E302", f"tensor `{tensor}` is missing in model `{model}` (the output "
+                             f"of the block merging from `{self.blocks[bi].source}`)", span)
+        if not is_floating(info.dtype):  # the block copies these from its reference model
+            return self.load(self.blocks[bi].source, tensor, span, raw=True)
+        if (bi, tensor) in self._in_progress:
+            raise self.error("E317", f"model `{model}` is the output of a block whose rule for "
+                             f"`{tensor}` uses `{model}` itself", span,
+                             "an output can only use the outputs of other blocks")
+        return self._rule_nodes(bi, tensor)[oi]
+
+    def _split(self, value: Value, k: int, span: Span) -> list[int]:
+        """A named block with `k` outputs takes one tensor (written to each output), or a list or
+        stack of exactly `k` (one per output, in order); the unnamed block (`k` = 0) one tensor."""
+        if k and isinstance(value, ListV) and not value.scalars:
+            if len(value.items) != k:
+                raise self.error("E313", f"this rule gives a list of {len(value.items)} values for "
+                                 f"{k} output{'s' if k != 1 else ''}", span,
+                                 "a rule of a named block gives one tensor (written to every "
+                                 "output of the block), or one per output name (a list or a stack)")
+            return [self.result_node(v, span) for v in value.items]
+        if k and not isinstance(value, (Const, ListV)):
+            nid = self.to_node(value, span)
+            models = self.graph.node(nid).type.models
+            if models:
+                if models != k:
+                    raise self.error("E313", f"this rule gives a stack of {models} tensors for "
+                                     f"{k} output{'s' if k != 1 else ''}", span,
+                                     "a rule of a named block gives one tensor (written to every "
+                                     "output of the block), or one per output name (a list or a stack)")
+                return [self.make(Op.INDEX, [nid], Attrs(i=i), span) for i in range(k)]
+        nid = self.result_node(value, span)
+        return [nid] * max(k, 1)
+
+    def _match(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
+        for i, rule in enumerate(block.rules):
+            caps = rule.pattern.match(name)
+            if caps is None:
+                continue
+            env: dict[str, Value] = {k: Const(v) for k, v in caps.items()}
+            if rule.guard is not None:
+                cond = self.eval(rule.guard, env)
+                if not (isinstance(cond, Const) and isinstance(cond.value, bool)):
+                    raise self.error("E201", f"a rule's `if` guard must be a bool known at compile "
+                                     f"time, got {cond.describe()}", rule.guard.span)
+                if not cond.value:
+                    continue
+            return i, env
+        raise CompileError(error("E304", f"no rule matches tensor `{name}`", block.source_span,
+                                 'add a catch-all rule at the end, e.g. "*" => ' + block.source))
+
+    def result_node(self, value: Value, span: Span) -> int:
+        if isinstance(value, Const):
+            raise self.error("E201", f"this rule gives {value.describe()}, not a tensor", span,
+                             "a rule must produce a tensor, e.g. `base * 0.5`")
+        if isinstance(value, ListV):
+            raise self.error("E201", f"this rule gives {value.describe()} values, not one tensor",
+                             span, "combine them, e.g. linear([a, b])")
+        nid = self.to_node(value, span)
+        ty = self.graph.node(nid).type
+        if ty.stacked:
+            raise self.error("E201", f"this rule gives a stack of {ty.models} tensors, not one",
+                             span, 'reduce the model axis, e.g. sum(x, over = "models")')
+        return nid
