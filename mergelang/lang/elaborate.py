@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from mergelang.lang import ast
 from mergelang.lang.blocks import BlockElaboration
+from mergelang.lang.loops import NotLoopable
 from mergelang.lang.arith import MAX_INT_BITS, PYOPS, compile_time_op  # noqa: F401
 from mergelang.io.checkpoint import ModelSource
 from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean, error
@@ -61,6 +62,7 @@ class Elaborator(BlockElaboration):
         self.tensor = ""  # the output tensor being elaborated
         self._loads: dict[tuple[str, str, bool], int] = {}
         self.rule_hits: dict[tuple[int, int], int] = {}
+        self.in_loop_body = False  # elaborating an `iterate` body into a LOOP node (loops.py)
         self.blocks: tuple[ast.MergeBlock, ...] = ()
         self._block_nodes: dict[tuple[int, str], list[int]] = {}  # (block, tensor) -> its nodes
         self._in_progress: set[tuple[int, str]] = set()
@@ -203,6 +205,8 @@ class Elaborator(BlockElaboration):
 
     # ------------------------------------------------------------------ tensors
     def load(self, model: str, tensor: str, span: Span, raw: bool = False) -> int:
+        if self.in_loop_body:
+            raise NotLoopable()  # a model read inside a loop body: `iterate` unrolls instead
         key = (model, tensor, raw)
         if key in self._loads:
             return self._loads[key]

@@ -44,6 +44,8 @@ def live_bytes(g: MergeGraph, nid: int) -> int:
     n = g.node(nid)
     if n.op is Op.CONST:
         return 0
+    if n.op is Op.LOOP:  # its result, plus what one round of its body holds at once
+        return n.type.nbytes + n.attrs["peak"]
     return n.type.nbytes
 
 

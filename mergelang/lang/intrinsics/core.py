@@ -11,6 +11,7 @@ from typing import Callable
 
 from mergelang.diagnostics import Span
 from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op
+from mergelang.lang.loops import MAX_UNROLL
 from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, TensorV, Value, is_number
 
 from mergelang.lang.intrinsics.registry import INTRINSICS, Elab, Impl, Intrinsic, intrinsic  # noqa: F401
@@ -378,8 +379,9 @@ def _topk_count_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
 
 
 @intrinsic("iterate", "fn", "init", "times", ("args", None),
-           doc="bounded iteration: x = init, then x = fn(x, args...) `times` times (fn: the name "
-               "of a recipe or stdlib function, times: a number known at compile time)")
+           doc="bounded iteration: x = init, then x = fn(x, args...) up to `times` times (fn: the "
+               "name of a recipe or stdlib function, times: a number known at compile time); runs "
+               "as one loop node that stops early once a round leaves x unchanged")
 def _iterate(el: Elab, a: dict[str, Value], span: Span) -> Value:
     name, times, extra = a["fn"], a["times"], a["args"]
     if not (isinstance(name, Const) and isinstance(name.value, str)):
@@ -397,8 +399,20 @@ def _iterate(el: Elab, a: dict[str, Value], span: Span) -> Value:
     if len(args) + 1 > len(params):
         raise el.error("E105", f"`{fn.name}` takes {len(params)} arguments, iterate passes "
                        f"{len(args) + 1}", span)
+    n = int(times.value)  # type: ignore[union-attr]
+    if n >= 2:  # one LOOP node (compile time and memory independent of n), when the body allows
+        from mergelang.lang.loops import build_loop
+
+        looped = build_loop(el, fn, params, a["init"], args, n, span)
+        if looped is not None:
+            return looped
+    if n > MAX_UNROLL:
+        raise el.error("E203", f"iterate's body cannot run as a loop (it reads a model by name, "
+                       f"computes model-wide statistics or changes the state's type), and "
+                       f"{n} rounds is more than the {MAX_UNROLL} it unrolls", span,
+                       "pass the models the body needs as arguments (args = [...])")
     x = a["init"]
-    for i in range(int(times.value)):  # type: ignore[union-attr]
+    for i in range(n):
         x = el.apply(fn, dict(zip(params, [x, *args])), span, tag=f"#{i + 1}")
     return x
 
