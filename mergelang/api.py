@@ -220,8 +220,15 @@ class Recipe:
         config.json and other small files, the dtype, the recipe."""
         ref = self._c.models[reference]
         copies = self._c.copies.get(reference) if self._c.options.copy_files else None
+        extra = self._config_override(ref, copies)
+        tok = getattr(ref, "tokenizer_files", lambda: None)()
+        if tok is not None and copies is not None:  # tokenizer_source: the chosen tokenizer's files
+            from mergelang.sources.tokenizer import TOKENIZER_FILES
+
+            copies = {k: v for k, v in copies.items() if k not in TOKENIZER_FILES}
+            extra = {**(extra or {}), **tok}  # type: ignore[dict-item]
         return dict(copies=copies or {}, dtype=self.config_dtype(), recipe_text=recipe_copy(self._c),
-                    recipe_filename=RECIPE_FILENAME, extra_files=self._config_override(ref, copies),
+                    recipe_filename=RECIPE_FILENAME, extra_files=extra,
                     manifest={"params": used_params(self._c)})
 
     @staticmethod

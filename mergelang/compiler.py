@@ -34,6 +34,7 @@ from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
 from mergelang.sources.outputs import link_outputs
+from mergelang.sources.tokenizer import retokenize_models
 from mergelang.sources.vocab import improve_diagnostics, resize_models
 
 STAGES = ("ast", "graph", "optimized", "plan")
@@ -219,7 +220,13 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     # reference models and every param are usable; broken models are skipped silently.
     if block is None or any(models.get(b.source) is None for b in unit.blocks) or not params_ok:
         _fail(diags, models)
-    if opts.resize_vocab:
+    if opts.tokenizer_source is not None:
+        models = retokenize_models(models, block.source, opts.tokenizer_source,  # type: ignore[union-attr]
+                                   opts.pad_to_multiple_of, opts.chat_template, diags,
+                                   _option_span(unit, "tokenizer_source"))
+        if diags.has_errors:
+            _fail(diags, models)
+    elif opts.resize_vocab:
         models = resize_models(models, block.source, diags)  # type: ignore[union-attr]
     el.models = models
     el.out_dtype = opts.dtype
@@ -235,6 +242,10 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
                        _overridden(overrides, unit))
+
+
+def _option_span(unit: Unit, name: str) -> Any:
+    return next((d.value.span for d in unit.options if d.name == name), None)
 
 
 def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:

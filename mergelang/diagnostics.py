@@ -306,6 +306,7 @@ CODES: dict[str, str] = {
     "E315": "a copied model file (config.json, tokenizer) is not valid JSON",
     "E316": "output(NAME) names no merge block's output",
     "E317": "merge blocks' outputs depend on each other in a cycle",
+    "E318": "the output tokenizer (tokenizer_source) cannot be built",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",
@@ -343,4 +344,5 @@ CODES: dict[str, str] = {
     "W102": "mergekit parameter has no effect in mergelang",
     "W103": "mergekit model is not a local path",
     "W104": "vocabulary tensors resized (option resize_vocab)",
+    "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
 }

@@ -21,6 +21,19 @@ class RecipeOptions(BaseModel):
     copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
     resize_vocab: bool = False  # truncate/pad other models' embeddings to the reference's vocab
     nan_check: Literal["error", "warn", "off"] = "error"  # NaN/Inf in an output tensor (E503)
+    # the output's tokenizer, as mergekit's tokenizer_source: "base" (the `merge from` model's),
+    # "union" (every model's tokens) or a model's name; every model's embedding and lm_head rows
+    # are then mapped by token to it (sources/tokenizer.py). None: rows are merged as stored
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None  # pad the output vocabulary (rows: the mean embedding)
+    chat_template: str | None = None  # a Jinja template, or "auto" (the models' most common)
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("pad_to_multiple_of must be a positive integer")
+        return v
 
     @field_validator("dtype")
     @classmethod

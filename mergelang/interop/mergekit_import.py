@@ -37,6 +37,40 @@ class Translator(ConfigReader):
 
     output_name: str | None = None  # a named block (one document of a mergekit-multi file)
     block_lines: list[str] = []
+    option_lines: list[str] = []
+
+    def tokenizer_options(self) -> list[str]:
+        """`tokenizer_source`, `tokenizer:` and `chat_template` as recipe options."""
+        cfg, out = self.cfg, []
+        tok = cfg.get("tokenizer")
+        source = cfg.get("tokenizer_source")
+        if isinstance(tok, dict):
+            if source is not None:
+                self.err("E702", "give `tokenizer` or `tokenizer_source`, not both (as mergekit)")
+                return []
+            source = tok.get("source", "union")  # mergekit's TokenizerConfig default
+            for k in tok:
+                if k not in ("source", "tokens", "pad_to_multiple_of"):
+                    self.warn("W101", f"`tokenizer.{k}` is not translated (unknown key)")
+            if tok.get("tokens"):
+                self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
+                          "translated: tokens a model lacks take mergekit's default sources")
+            pad = _numeric(tok.get("pad_to_multiple_of"))
+            if pad is not None:
+                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
+        elif tok is not None:
+            self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
+        if source is not None:
+            name = source if source in ("base", "union") else self.model(source, "tokenizer source")
+            if name is not None:
+                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
+        template = cfg.get("chat_template")
+        if isinstance(template, str) and (template == "auto" or "{" in template):
+            out.append(f"option chat_template = {_fmt(template)}")
+        elif template is not None:
+            self.warn("W101", f"chat_template {template!r}: mergekit's bundled templates are not "
+                      "translated; put the template's Jinja text in `option chat_template`")
+        return out
 
     # ------------------------------------------------------------ parameters
     def lookup(self, name: str, src: Source | None, sl: Slice, matched: frozenset[str]) -> Any:
@@ -239,14 +273,7 @@ class Translator(ConfigReader):
         if base_ref is not None:
             self.model(base_ref, "base_model", base=True)
         slices = self.slices()
-        for key in ("tokenizer", "chat_template"):
-            if cfg.get(key) is not None:
-                self.warn("W101", f"`{key}` is not translated: the output copies the tokenizer "
-                          "files of the `merge from` model")
-        ts = cfg.get("tokenizer_source")
-        if ts is not None and not (ts == "base" or ts == base_ref):
-            self.warn("W101", f"`tokenizer_source: {ts}` is not translated: the output copies the "
-                      "tokenizer of the `merge from` model; the vocabularies must match")
+        self.option_lines = self.tokenizer_options()
         for scope, params in [("parameters", cfg.get("parameters") or {})] + \
                 [(f"slices[{k}].parameters", s.params) for k, s in enumerate(slices)]:
             for n in params:
@@ -366,6 +393,9 @@ class Translator(ConfigReader):
         if self.param_lines:
             out.append("")
             out += self.param_lines
+        if self.option_lines:
+            out.append("")
+            out += self.option_lines
         dtype = self.cfg.get("out_dtype") or self.cfg.get("dtype")
         if dtype:
             out.append("")

@@ -91,6 +91,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
     shared: Any = None
     blocks: list[list[str]] = []
     dtypes: dict[str, Any] = {}
+    options: dict[str, list[str]] = {}
     for n in order:
         t = Translator(by_name[n], config_path, out_dir, layer_prefix)
         t.output_name = n
@@ -111,6 +112,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         if res.errors:
             return Result("", diags)
         dtypes[n] = by_name[n].get("out_dtype") or by_name[n].get("dtype")
+        options[n] = t.option_lines
         blocks.append(t.block_lines)
     assert shared is not None
     final = names[-1] if unnamed == 0 else names[[d.get("name") for d in docs].index(None)]
@@ -128,6 +130,11 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         out += [""] + shared.param_lines
     if dtype:
         out += ["", f"option dtype = {_fmt(str(dtype))}"]
+    out += options.get(final, [])
+    for n, lines in options.items():
+        if lines and n != final:
+            diags.append(warning("W101", f"the tokenizer settings of `{n}` are not translated: "
+                                 "the recipe's tokenizer options follow the final merge's"))
     if shared.notes:
         out += [""] + sorted(set(shared.notes), key=shared.notes.index)
     for b in blocks:

@@ -316,7 +316,8 @@ def test_errors_and_warnings(models):
     res = translate(cfg)
     assert not res.errors
     codes = [d.code for d in res.diagnostics]
-    assert codes.count("W101") == 4 and "W103" in codes
+    assert codes.count("W101") == 3 and "W103" in codes  # extra, chatml, surprise
+    assert "option tokenizer_source = \"union\"" in res.text
     assert "# NOTE (W101): `surprise` is not translated" in res.text  # also visible in the recipe
 
 
@@ -421,3 +422,21 @@ def test_ram_ramplus_and_arcee_fusion_import(models, method, params, call):
     assert "W102" in [d.code for d in res.diagnostics] and "weights" not in res.text
     hand = _header(models, "base", *names) + f'merge from base {{ "*" => {call} }}\n'
     _assert_same(_merge(res.text, no_warnings=False), _merge(hand), exact=True)
+
+
+def test_tokenizer_settings_become_options(models):
+    base = {"models": [{"model": models["a"], "parameters": {"weight": 1}},
+                       {"model": models["b"], "parameters": {"weight": 1}}],
+            "merge_method": "linear"}
+    text = _translate({**base, "tokenizer_source": "union", "chat_template": "auto"})
+    assert 'option tokenizer_source = "union"' in text and 'option chat_template = "auto"' in text
+    text = _translate({**base, "tokenizer_source": models["b"]})
+    assert 'option tokenizer_source = "b"' in text
+    res = translate({**base, "tokenizer": {"pad_to_multiple_of": 64, "tokens": {"<x>": {"source": "a"}}}})
+    assert 'option tokenizer_source = "union"' in res.text  # mergekit's default source
+    assert "option pad_to_multiple_of = 64" in res.text
+    assert any(d.code == "W101" and "tokenizer.tokens" in d.message for d in res.diagnostics)
+    res = translate({**base, "tokenizer": {"source": "base"}, "tokenizer_source": "base"})
+    assert [d.code for d in res.errors] == ["E702"]
+    res = translate({**base, "chat_template": "chatml"})
+    assert any(d.code == "W101" and "chatml" in d.message for d in res.diagnostics)

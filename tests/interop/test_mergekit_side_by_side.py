@@ -345,3 +345,77 @@ def compare(ours: dict, theirs: dict, tol: float, kind: str, base: dict) -> None
             assert abs(kept_o - kept_t) < 0.05, (k, kept_o, kept_t)
             assert abs(do.abs().sum() / dt.abs().sum() - 1) < 0.1, k
 
+
+
+# ---- tokenizer settings: models whose vocabularies differ (tests/sources/tokenizer_models.py)
+
+TOKENIZER_CASES = {
+    "base": "tokenizer_source: base",
+    "model": 'tokenizer_source: "{a}"',
+    "union_padded": "tokenizer: {{source: union, pad_to_multiple_of: 8}}\nchat_template: auto",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_runs(tmp_path_factory):
+    from tokenizer_models import make_models
+
+    root = tmp_path_factory.mktemp("tok_side")
+    m = make_models(root / "models")
+    jobs = []
+    for name, setting in TOKENIZER_CASES.items():
+        text = (f'models:\n  - {{model: "{m["base"]}", parameters: {{weight: 1.0}}}}\n'
+                f'  - {{model: "{m["a"]}", parameters: {{weight: 1.0}}}}\n'
+                f'  - {{model: "{m["b"]}", parameters: {{weight: 1.0}}}}\n'
+                f'merge_method: linear\nbase_model: "{m["base"]}"\ndtype: float32\n'
+                + setting.format(**m) + "\n")
+        (root / f"{name}.yml").write_text(text)
+        jobs.append([str(root / f"{name}.yml"), str(root / f"mk_{name}"), "yaml"])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([mergekit_python(), str(DRIVER), str(root / "jobs.json")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.stdout.count("ok ") == len(jobs), proc.stdout + proc.stderr[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(TOKENIZER_CASES))
+def test_tokenizer_side_by_side(name, tokenizer_runs, tmp_path):
+    from tokenizers import Tokenizer
+
+    root = tokenizer_runs
+    res = translate(yaml.safe_load((root / f"{name}.yml").read_text()))
+    assert not res.errors, [d.render() for d in res.errors]
+    r = ml.compile(res.text)
+    try:
+        r.run(tmp_path / "out")
+    finally:
+        r.close()
+    mk, ours = root / f"mk_{name}", tmp_path / "out"
+    vm = Tokenizer.from_file(str(mk / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    vo = Tokenizer.from_file(str(ours / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    # mergekit's union appends new tokens in the order of a hash map (it changes from run to
+    # run): the same tokens, compared row by row by token
+    assert set(vm) == set(vo)
+    if not name.startswith("union"):
+        assert vm == vo
+    theirs, got = read_folder(mk), read_folder(ours)
+    assert theirs.keys() == got.keys()
+    for k in theirs:
+        t, o = theirs[k], got[k]
+        assert t.shape == o.shape, k
+        if t.shape[0] in (len(vm), -(-len(vm) // 8) * 8) and "layers" not in k and t.dim() == 2:
+            for tok in vm:
+                torch.testing.assert_close(o[vo[tok]], t[vm[tok]], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(o[len(vm):], t[len(vm):], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(o, t, rtol=1e-6, atol=1e-6)
+    assert json.loads((mk / "config.json").read_text())["vocab_size"] == \
+        json.loads((ours / "config.json").read_text())["vocab_size"]
+    assert chat_template(mk) == chat_template(ours)
+
+
+def chat_template(folder: Path) -> str | None:
+    """The template transformers loads: chat_template.jinja, else tokenizer_config.json's."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    return json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
