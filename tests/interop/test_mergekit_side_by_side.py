@@ -259,7 +259,7 @@ dtype: float32
 models:
   - {{model: "{a}", parameters: {{density: 0.3, weight: 1.0}}}}
   - {{model: "{b}", parameters: {{density: 0.8, weight: 0.5}}}}
-merge_method: dare_linear
+merge_method: dare_ties
 base_model: "{base}"
 dtype: float32
 """, 0.0, "random"),
@@ -267,7 +267,7 @@ dtype: float32
 models:
   - {{model: "{a}", parameters: {{density: 0.5, epsilon: 0.1, weight: 1.0}}}}
   - {{model: "{b}", parameters: {{density: 0.5, epsilon: 0.3, weight: 1.0}}}}
-merge_method: della_linear
+merge_method: della
 base_model: "{base}"
 parameters: {{lambda: 1.0}}
 dtype: float32
