@@ -3,7 +3,8 @@
 # root. It prints, and writes to RESULTS (default gpu_check_results.txt):
 #   1. the GPU (nvidia-smi), torch's CUDA build;
 #   2. the `gpu`-marked tests;
-#   3. CUDA vs CPU equality per method (benchmarks/gpu_equality.py);
+#   3. CUDA vs CPU equality per method (benchmarks/gpu_equality.py), and a profile of ties on the
+#      GPU (benchmarks/gpu_profile.py: k-th largest selection, torch.profiler tables);
 #   4. the 1B merge benchmark on the GPU (and on the CPU of that machine) against the I/O floor.
 # Python packages: with WHEELS=DIR, the wheels in DIR are installed into a private folder first
 # (for a machine without network); otherwise the current python3 must have torch (a CUDA build)
@@ -30,6 +31,8 @@ echo "== 2. gpu tests"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15
 echo "== 3. CUDA vs CPU per method"
 "$PY" benchmarks/gpu_equality.py
+echo "== 3b. where ties spends its time on the GPU"
+"$PY" benchmarks/gpu_profile.py 2>&1 | tail -60
 echo "== 4. merge benchmark ($SIZE), GPU"
 MK=()
 [ -n "${MERGEKIT:-}" ] && MK=(--mergekit "$MERGEKIT")

@@ -35,6 +35,10 @@ CASES = [
     ("iso_c(base, [a, b, c])", False),
     ("wudi(base, [a, b, c])", False),
     ("karcher([a, b, c])", False),
+    ("karcher([a, b, c], max_iter = 1200, tol = 1e-10)", False),
+    ("ram(base, [a, b, c])", True),
+    ("ramplus_tl(base, [a, b, c])", True),
+    ("arcee_fusion(base, [a])", False),
 ]
 
 
