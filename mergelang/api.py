@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
+
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -14,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from mergelang.lang.ast import dump
 from mergelang.errors import CheckpointError, CodedError, to_diagnostic
 from mergelang.compiler import STAGES, Compilation, compile_recipe
+from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa: F401  (all_finite: public here too)
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
 from mergelang.lang.loader import read_recipe_file
@@ -47,38 +46,16 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
     return SourceFile("<recipe>", str(recipe)), Path.cwd()
 
 
-_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in floating `t`, checked without allocating a tensor-sized mask in the
-    common case (isfinite().all() costs 10-40x more): a finite float32/64 sum proves every
-    element finite (an overflowing sum falls through to the exact check); 16-bit floats compare
-    their exponent bits (in one numba pass when the fused kernels' runtime is already loaded:
-    the torch form allocates a temporary and took ~1 s per 1B-parameter bf16 output)."""
-    import torch
-
-    mask = _EXPONENT.get(str(t.dtype).removeprefix("torch."))
-    if t.dtype in (torch.float32, torch.float64):
-        if math.isfinite(float(t.sum())):
-            return True
-    elif mask is not None:
-        rt = sys.modules.get("mergelang.runtime.kernels.numba_runtime")  # loaded when the plan fused (numba)
-        if rt is not None and t.device.type == "cpu" and t.numel() >= 1 << 16:
-            import numpy as np
-
-            bits = t.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
-            return int(rt.max_masked_u16(bits, np.uint16(mask))) != mask
-        return int((t.contiguous().view(torch.int16) & mask).max()) != mask
-    return bool(torch.isfinite(t).all())
 
 
 class Recipe:
     """A compiled recipe. Compile once (all checks run from headers), run many times."""
 
-    def __init__(self, compilation: Compilation):
+    def __init__(self, compilation: Compilation, spec: Any = None):
         self._c = compilation
         self.run_warnings: list[Diagnostic] = []  # runtime warnings of the last run (E503 warn)
+        #: how the recipe was compiled (text, overrides, options): a Ray worker compiles it again
+        self._spec = spec
 
     @property
     def warnings(self) -> list[Diagnostic]:
@@ -147,7 +124,8 @@ class Recipe:
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
-            memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True) -> Path:
+            memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True,
+            executor: str = "local", ray_address: str | None = None) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -157,7 +135,9 @@ class Recipe:
         `log` receives one-line messages (resume state, NaN warnings). `memory_budget` (bytes, or
         a size like "8GB") caps live + prefetched + pending bytes. `fsync=False` does not wait
         for the disk (the output is complete when this returns, but a power loss soon after may
-        lose some of it; a resume still checks every kept tensor against its checksum)."""
+        lose some of it; a resume still checks every kept tensor against its checksum).
+        `executor="ray"` runs the tensors on a Ray cluster (`ray_address`, else a local Ray
+        instance) whose workers share the filesystem: distributed/ray_driver.py."""
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -171,6 +151,10 @@ class Recipe:
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}
         writer: CheckpointWriter | MultiWriter | None = None
+        if executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
+        session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
+            if executor == "ray" else None
         try:
             writer, files, sizes = self._open_writer(out_dir, force, fingerprint, resume, fsync)
             with writer:
@@ -178,6 +162,12 @@ class Recipe:
                     say(msg)
                 if writer.resumed and progress is not None:
                     progress(sum(sizes[n] for n in writer.resumed))
+                if session is not None:
+                    for diag in self._config_warnings():
+                        self.run_warnings.append(diag)
+                        say(diag.render())
+                    self.run_warnings += session.run(c.plan, writer, progress, mode, fsync, say)
+                    return writer.complete(files)
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
                     say(f"warning: {line}")
@@ -193,6 +183,22 @@ class Recipe:
         except MergelangError as exc:
             diags = exc.diagnostics
             raise self._kept(writer, diags[0], diags[1:]) from None
+        finally:
+            if session is not None:
+                session.close()
+
+    def _ray_session(self, device: str, budget: int | None, digest: str,
+                     address: str | None) -> Any:
+        """Connected to Ray with every worker ready (distributed/ray_driver.py), before any
+        output folder is made."""
+        from mergelang.distributed.ray_driver import RaySession
+        from mergelang.runtime.executor import resolve_device
+
+        if self._spec is None:
+            raise MergelangError(error("E802", "this recipe cannot run on Ray: its models are held "
+                                       "in memory (state dicts), which workers cannot read", None,
+                                       "give the models as paths on a filesystem the workers share"))
+        return RaySession(self._spec, resolve_device(device).type, budget, digest, address)
 
     def _open_writer(self, out_dir: str | Path, force: bool, fingerprint: dict[str, str],
                      resume: bool, fsync: bool = True) -> tuple[Any, Any, dict[str, int]]:
@@ -297,66 +303,6 @@ class Recipe:
         self._c.close()
 
 
-class _CheckedSink:
-    """A sink that checks each floating output for NaN/Inf first. Row chunks (the writer's
-    `write_rows`) are counted per tensor and judged once its last row is checked."""
-
-    def __init__(self, sink: Callable[[str, torch.Tensor], None], mode: str,
-                 say: Callable[[str], None], spans: dict[str, Any], warnings: list[Diagnostic],
-                 rows_sink: Callable[..., None] | None = None):
-        self.sink, self.mode, self.say, self.spans, self.warnings = sink, mode, say, spans, warnings
-        self.rows_sink = rows_sink
-        self.delay = float(os.environ.get("MERGELANG_TEST_DELAY") or 0)  # tests: kills land mid-run
-        self.partial: dict[str, list[int]] = {}  # name -> [rows seen, nan, inf, numel]
-        if rows_sink is not None:
-            self.write_rows = self._write_rows  # e.g. the checkpoint writer takes row chunks
-
-    @staticmethod
-    def _count(t: torch.Tensor) -> tuple[int, int]:
-        import torch
-
-        return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-
-    def _bad(self, t: torch.Tensor) -> bool:
-        return self.mode != "off" and t.is_floating_point() and bool(t.numel()) and not all_finite(t)
-
-    def _report(self, name: str, nan: int, inf: int, numel: int) -> None:
-        diag = (error if self.mode == "error" else warning)(
-            "E503", f"output tensor `{name}` has {nan} NaN and {inf} infinite values "
-            f"(of {numel})", self.spans.get(name),
-            "check the method's inputs and parameters (e.g. division by ~0, overflow "
-            "when casting to the output dtype); option nan_check = \"warn\" or "
-            "--nan-check warn writes it anyway")
-        if self.mode == "error":
-            raise MergelangError(diag)
-        self.warnings.append(diag)
-        self.say(diag.render())
-
-    def __call__(self, name: str, t: torch.Tensor) -> None:
-        if self._bad(t):
-            self._report(name, *self._count(t), t.numel())
-        if self.delay:
-            time.sleep(self.delay)
-        self.sink(name, t)
-
-    def _write_rows(self, name: str, t: torch.Tensor, start: int, total: int) -> None:
-        acc = self.partial.setdefault(name, [0, 0, 0, 0])
-        acc[0] += t.shape[0]
-        acc[3] += t.numel()
-        if self._bad(t):
-            nan, inf = self._count(t)
-            acc[1] += nan
-            acc[2] += inf
-        if acc[0] >= total:
-            del self.partial[name]
-            if acc[1] or acc[2]:
-                self._report(name, acc[1], acc[2], acc[3])
-        if self.delay:
-            time.sleep(self.delay)
-        assert self.rows_sink is not None
-        self.rows_sink(name, t, start, total)
-
-
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
             allow_pickle: bool = False, follow_symlinks: bool = False, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
@@ -366,8 +312,18 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
     symbolic links leave their model folder (refused by default, E314)."""
     source, base = _source(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
-    return Recipe(compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
-                                 follow_symlinks=follow_symlinks))
+    compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
+                              follow_symlinks=follow_symlinks)
+    spec = None
+    if all(isinstance(v, (str, int, float, bool, list, tuple, type(None), os.PathLike))
+           for v in overrides.values()):  # values a worker can be given (not state dicts)
+        from mergelang.distributed.ray_worker import RecipeSpec
+
+        used = compiled.overridden  # model paths made absolute: workers run in other folders
+        spec = RecipeSpec(source, Path(os.path.abspath(base)),
+                          {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
+                           for k, v in overrides.items()}, options, allow_pickle, follow_symlinks)
+    return Recipe(compiled, spec)
 
 
 def parse(recipe: str | Path):

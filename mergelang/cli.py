@@ -164,6 +164,10 @@ def _tune_gc() -> None:
                    "checks every kept tensor)")
 @allow_pickle_opt
 @follow_opt
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="run here, or on a Ray cluster whose workers share the filesystem (mergelang[ray])")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="the Ray cluster to use with --executor ray (default: start a local Ray instance)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
@@ -171,7 +175,7 @@ def _tune_gc() -> None:
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
-        log_json: bool = False) -> None:
+        log_json: bool = False, executor: str = "local", ray_address: str | None = None) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
@@ -190,8 +194,11 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
             click.echo(msg if msg.startswith("warning") else f"mergelang: {msg}", err=True)
 
         try:
+            if ray_address and executor != "ray":
+                raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
-                         nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync)
+                         nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
+                         executor=executor, ray_address=ray_address)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 

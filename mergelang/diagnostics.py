@@ -335,6 +335,11 @@ CODES: dict[str, str] = {
     "E604": "models to align differ in shape",
     "E605": "invalid custom permutation group",
     "E606": "invalid soft-alignment `reg` (negative, not a number, or without method = \"ot\")",
+    "E801": "--executor ray without Ray installed",
+    "E802": "a Ray worker cannot run the recipe (inputs it cannot read, a different plan)",
+    "E803": "--device cuda on a Ray cluster without GPUs",
+    "E804": "cannot connect to the Ray cluster",
+    "E805": "the Ray run failed after retries",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

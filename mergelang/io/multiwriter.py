@@ -95,6 +95,14 @@ class MultiWriter(WorkFolder):
             raise ValueError(f"internal: {name!r} names no output")
         writer.write(tensor_name, tensor)
 
+    def target(self, name: str) -> tuple[str, int, int]:
+        out, _, tensor_name = name.partition("/")
+        return self.writers[out].target(tensor_name)
+
+    def record_written(self, name: str, crc: int, nbytes: int) -> None:
+        out, _, tensor_name = name.partition("/")
+        self.writers[out].record_written(tensor_name, crc, nbytes)
+
     def write_rows(self, name: str, tensor: torch.Tensor, start: int, total: int) -> None:
         """Write a row chunk of tensor `NAME/TENSOR` (see CheckpointWriter.write_rows)."""
         out, _, tensor_name = name.partition("/")

@@ -205,6 +205,29 @@ class CheckpointWriter(WorkFolder):
                 self._inflight -= 1
                 self._lock.notify_all()
 
+    def target(self, name: str) -> tuple[str, int, int]:
+        """Where tensor `name`'s bytes go: (shard file path, begin, end) — for a writer in another
+        process (the Ray executor's workers), which then reports them with `record_written`."""
+        shard, begin, end = self.layout.where(name)
+        return str(self.tmp_dir / shard.filename), begin, end
+
+    def record_written(self, name: str, crc: int, nbytes: int) -> None:
+        """Journal tensor `name` as written by another process (its bytes are at `target(name)`,
+        with checksum `crc`): the driver's side of a distributed run."""
+        shard, begin, end = self.layout.where(name)
+        if nbytes != end - begin:
+            raise ValueError(f"internal: {name!r} reported {nbytes} bytes, planned {end - begin}")
+        with self._lock:
+            if self._closed or name in self._claimed:
+                raise ValueError(f"internal: {name!r} written twice or after the end")
+            self._claimed.add(name)
+            fd = self._fds[shard.filename]
+        if self._journal is not None:
+            self._journal.record(name, crc, fd, nbytes)
+        with self._lock:
+            self._written.add(name)
+            self._lock.notify_all()
+
     def write_rows(self, name: str, tensor: torch.Tensor, start: int, total: int) -> None:
         """Write rows `start:start+len(tensor)` of `name` (a row chunk, chunking.py) at their
         byte offset. Thread-safe; each row once. The tensor counts as written, and is journaled,
