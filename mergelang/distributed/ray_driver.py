@@ -195,15 +195,15 @@ class RaySession:
                 for got in pool.map_unordered(
                         lambda a, u: a.stats_unit.remote(i, u, values, col.bucket, limit),
                         units(feeds, sizes, len(actors))):
-                    parts.update(got)
+                    parts.update(got["feeds"])
+                    for k, v in got["hist"].items():
+                        col.hist[k] = v if k not in col.hist else col.hist[k] + v
                 for name in feeds:  # in plan order: the sums add up as a local run's do
-                    sums, kept, hist = parts[name]
+                    sums, kept = parts[name]
                     for k, v in sums.items():
                         col.sums[k] = v if k not in col.sums else col.sums[k] + v
                     for k, v in kept.items():
                         col.parts.setdefault(k, []).extend(v)
-                    for k, v in hist.items():
-                        col.hist[k] = v if k not in col.hist else col.hist[k] + v
                 if not col.finish():
                     break
             values.update(col.values)

@@ -75,7 +75,9 @@ class MergeWorker:
 
     def stats_unit(self, index: int, feeds: list[str], values: dict[str, Any],
                    bucket: dict[str, Any], limit: int | None) -> dict[str, Any]:
-        """Per-feed partials of statistics pass `index` for the feeds of this unit."""
+        """Partials of statistics pass `index` over the feeds of this unit: per feed, the float
+        sums and kept entries (the driver adds them in plan order, as a local run does), and
+        the radix-select histograms already added up (exact integers)."""
         from mergelang.passes.pipeline import plan_for
         from mergelang.passes.restrict import restrict_plan
         from mergelang.passes.stats import StatCollector, fill
@@ -86,15 +88,18 @@ class MergeWorker:
         unit = restrict_plan(fill(raw, values), names - set(feeds))
         final = plan_for(unit, self._target()).plan
         partials: dict[str, Any] = {}
+        hist: dict[str, Any] = {}
 
         def sink(name: str, t: Any) -> None:
             col = StatCollector(self.c.plan.stats, limit)
             col.bucket = bucket
             col(name, t)
-            partials[name] = (col.sums, col.parts, col.hist)
+            partials[name] = (col.sums, col.parts)
+            for k, h in col.hist.items():  # integer counts: reduced here, in any order
+                hist[k] = h if k not in hist else hist[k] + h
 
         execute(final, self.c.models, sink, self.device, memory_budget=self.budget)
-        return partials
+        return {"feeds": partials, "hist": hist}
 
     def apply_unit(self, names: list[str], values: dict[str, Any],
                    targets: dict[str, tuple[str, int, int]], nan_mode: str, fsync: bool

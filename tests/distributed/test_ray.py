@@ -217,3 +217,11 @@ def test_cli_executor_flags(cluster, models, tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "l"), "-q"])
     assert files(tmp_path / "o") == files(tmp_path / "l")
+
+
+def test_statistics_by_radix_select_under_a_budget(cluster, models, tmp_path):
+    """A small budget makes ties_global's threshold a two-round radix select (histograms added
+    up on the workers, then on the driver) instead of kept entries."""
+    path = recipe(models, tmp_path, BODIES["ties_global"])
+    local, remote = run_both(path, tmp_path, cluster.address, memory_budget="60KB")
+    assert local == remote
