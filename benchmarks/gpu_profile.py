@@ -26,15 +26,21 @@ def timed(fn, repeat: int = 5) -> float:
 
 
 def main() -> None:
-    print("== k-th largest of one row (ms): kthvalue | sort | topk")
-    for n in (1 << 20, 1 << 24, 1 << 26):
-        x = torch.randn(1, n, device="cuda")
+    from mergelang.runtime.kernels.order import kth_largest_radix
+
+    print("== k-th largest (ms): kthvalue | sort | topk | radix select (2 histograms)")
+    for rows, n in ((1, 1 << 20), (1, 1 << 24), (1, 1 << 26), (64, 1 << 18)):
+        x = torch.randn(rows, n, device="cuda")
         k = n // 5
         a = timed(lambda: torch.kthvalue(x, n - k + 1, dim=-1).values)
         b = timed(lambda: torch.sort(x, dim=-1).values[..., n - k])
         c = timed(lambda: torch.topk(x, k, dim=-1).values[..., -1])
-        same = torch.kthvalue(x, n - k + 1, dim=-1).values.item() == torch.sort(x, dim=-1).values[0, n - k].item()
-        print(f"n={n:>9}  {a * 1e3:9.2f} {b * 1e3:9.2f} {c * 1e3:9.2f}  same value: {same}")
+        d = timed(lambda: kth_largest_radix(x, k))
+        want = torch.kthvalue(x, n - k + 1, dim=-1, keepdim=True).values
+        same = bool(torch.equal(torch.sort(x, dim=-1).values[..., n - k:n - k + 1], want)) and \
+            bool(torch.equal(kth_largest_radix(x, k), want))
+        print(f"{rows:>3} x {n:>9}  {a * 1e3:9.2f} {b * 1e3:9.2f} {c * 1e3:9.2f} {d * 1e3:9.2f}"
+              f"  same value: {same}")
     print("== ties on 3 x 8 tensors of 4096 x 4096 (float32, in memory)")
     g = torch.Generator().manual_seed(0)
     shapes = {f"w{i}": (4096, 4096) for i in range(8)}
