@@ -317,6 +317,36 @@ def _first_sentence(doc: str) -> str:
         return text[: end + 1]
 
 
+@main.command(name="extract-lora")
+@click.argument("base", type=click.Path())
+@click.argument("finetuned", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="the LoRA rank (max per module)")
+@click.option("--include", multiple=True, metavar="RE", help="decompose only modules matching RE")
+@click.option("--exclude", multiple=True, metavar="RE", help="do not decompose modules matching RE")
+@click.option("--embed-lora", is_flag=True, help="decompose embeddings too (else modules_to_save)")
+@click.option("--save-module", "save_modules", multiple=True, metavar="NAME",
+              help="save module NAME (or every module whose last name part is NAME) at full rank")
+@click.option("--skip-undecomposable", is_flag=True, help="leave out weights that are not 2-D")
+@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+              help="split sqrt(S) between A and B (else A = S Vh, B = U)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
+@_guard
+def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tuple[str, ...],
+                     exclude: tuple[str, ...], embed_lora: bool, save_modules: tuple[str, ...],
+                     skip_undecomposable: bool, distribute_scale: bool, device: str, force: bool) -> None:
+    """A PEFT LoRA adapter approximating FINETUNED - BASE (as mergekit-extract-lora)."""
+    from mergelang.tools.extract_lora import extract_lora
+
+    path = extract_lora(base, finetuned, out, rank, include=include, exclude=exclude,
+                        embed_lora=embed_lora, save_modules=save_modules,
+                        skip_undecomposable=skip_undecomposable, distribute_scale=distribute_scale,
+                        device=device, force=force, log=lambda m: click.echo(f"mergelang: {m}", err=True))
+    click.echo(f"wrote the adapter {path}", err=True)
+
+
 @main.command(name="import-mergekit")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,

@@ -60,6 +60,8 @@ class ShardLayout:
     """The planned output: every shard file, in order."""
 
     shards: tuple[ShardFile, ...]
+    #: write (and verify) model.safetensors.index.json; False for one named file (an adapter)
+    indexed: bool = True
 
     @cached_property
     def _where(self) -> dict[str, tuple[ShardFile, int, int]]:
@@ -95,6 +97,17 @@ def build_header(tensors: tuple[OutputTensor, ...]) -> tuple[bytes, dict[str, tu
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors pads it
     header = struct.pack("<Q", len(text)) + text
     return header, {t.name: (len(header) + b, len(header) + e) for t, (b, e) in zip(tensors, spans)}
+
+
+def single_file(tensors: list[OutputTensor], filename: str) -> ShardLayout:
+    """Every tensor in one file named `filename`, without an index (a PEFT adapter's
+    adapter_model.safetensors)."""
+    if len({t.name for t in tensors}) != len(tensors):
+        raise ValueError("duplicate output tensor names")
+    members = tuple(tensors)
+    header, offsets = build_header(members)
+    size = len(header) + sum(t.nbytes for t in members)
+    return ShardLayout((ShardFile(filename, members, header, offsets, size),), indexed=False)
 
 
 def plan_shards(tensors: list[OutputTensor], shard_size: int) -> ShardLayout:

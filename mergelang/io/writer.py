@@ -341,7 +341,7 @@ class CheckpointWriter(WorkFolder):
         self._close_files(commit=True)  # a failure from here on keeps every tensor for resume
 
         index = json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n"
-        files: dict[str, str | Path] = {INDEX_NAME: index}
+        files: dict[str, str | Path] = {INDEX_NAME: index} if self.layout.indexed else {}
         if copies is not None or config_from is not None:
             files.update(self._config_files(config_from, copies, dtype, recipe_filename))
         if recipe_text is not None:

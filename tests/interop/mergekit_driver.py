@@ -2,8 +2,8 @@
 with the python of a separate mergekit venv (never imported by mergelang's tests).
 
 Usage: python mergekit_driver.py JOBS.json  -- JOBS: [[config.yml, out_dir, kind], ...] with kind
-"yaml" (mergekit-yaml) or "multi" (mergekit-multi: the final merge in OUT, intermediates in
-OUT_int/NAME); prints one line per job: "ok OUT" or "error OUT: message".
+"yaml" (mergekit-yaml), "multi" (mergekit-multi: the final merge in OUT, intermediates in
+OUT_int/NAME) or "extract_lora" (config.yml: a JSON list of mergekit-extract-lora arguments); prints one line per job: "ok OUT" or "error OUT: message".
 """
 
 import json
@@ -18,6 +18,12 @@ from mergekit.options import MergeOptions
 def main() -> None:
     for cfg_path, out, kind in json.load(open(sys.argv[1])):
         try:
+            if kind == "extract_lora":  # cfg_path: a JSON list of mergekit-extract-lora's arguments
+                from mergekit.scripts.extract_lora import main as extract
+
+                extract.main(json.load(open(cfg_path)) + ["--out-path", out], standalone_mode=False)
+                print("ok", out, flush=True)
+                continue
             if kind == "multi":
                 from mergekit.scripts.multimerge import main as multi
 

@@ -1,0 +1,1 @@
+"""Stand-alone tools on checkpoints that are not recipes (`mergelang extract-lora`)."""

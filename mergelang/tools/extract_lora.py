@@ -1,0 +1,204 @@
+"""`mergelang extract-lora BASE FINETUNED -o OUT --rank R`: a PEFT LoRA adapter that
+approximates FINETUNED - BASE, as mergekit-extract-lora makes it.
+
+Which modules (mergekit's rules, decided from tensor names and shapes, without instantiating
+the model): every 2-D `.weight` is a linear layer, decomposed to rank min(R, rows, cols) by a
+float32 SVD of the delta (best rank-R approximation): lora_A = sqrt(S) Vh, lora_B = U sqrt(S)
+(`--no-distribute-scale`: lora_A = S Vh, lora_B = U), `r` = `lora_alpha` = the largest rank
+used, smaller ranks in `rank_pattern`/`alpha_pattern`, so scale * B @ A is the approximation
+itself. A bias becomes `lora_B.bias` (its delta). Embeddings (`embed_tokens`, `wte`, ...) and
+output embeddings (`lm_head`, `embed_out`) go to `modules_to_save` at full rank unless
+`--embed-lora` (then embeddings are decomposed transposed, as lora_embedding_A/B; not when the
+vocabularies differ); other weights (norms: 1-D) cannot be decomposed and are saved at full rank
+(`--skip-undecomposable` drops them). `--include`/`--exclude` (regular expressions, searched in
+the module name) choose the decomposed modules, as mergekit's.
+
+The output folder is written like every mergelang output: planned up front, in a work folder,
+verified, renamed into place (refused where it would touch an input).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from mergelang.diagnostics import MergelangError, error
+from mergelang.errors import CodedError, to_diagnostic
+from mergelang.io.checkpoint import ModelSource
+
+EMBED = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
+                   r"embed_in|embed_positions|tok_embeddings|shared)$")
+OUTPUT_EMBED = re.compile(r"(lm_head|embed_out)$")
+
+
+@dataclass
+class LoraModule:
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    rank: int
+    transpose: bool  # an embedding: decomposed transposed (lora_embedding_A/B)
+    bias: bool
+
+
+@dataclass
+class ExtractionPlan:
+    lora: list[LoraModule] = field(default_factory=list)
+    full: list[str] = field(default_factory=list)  # tensors saved at full rank
+    modules_to_save: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _search(patterns: Iterable[str], name: str) -> bool:
+    from mergelang.lang.ast import compile_pattern
+
+    return any(compile_pattern(".*(?:" + p + ").*", "regex").fullmatch(name) for p in patterns)
+
+
+def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = (), embed_lora: bool = False,
+                    save_modules: tuple[str, ...] = (), skip_undecomposable: bool = False
+                    ) -> ExtractionPlan:
+    plan = ExtractionPlan(modules_to_save=list(save_modules))
+    tensors, btensors = ft.tensors(), base.tensors()
+    rows = {n: i.shape[0] for n, i in tensors.items() if EMBED.search(n.removesuffix(".weight"))
+            and len(i.shape) == 2}
+    brows = {n: i.shape[0] for n, i in btensors.items() if n in rows}
+    if embed_lora and rows != brows:
+        plan.notes.append(f"the vocabularies differ ({rows} against {brows}): embeddings go to "
+                          "modules_to_save (--embed-lora is ignored), as mergekit")
+        embed_lora = False
+    warned: set[str] = set()
+    for name, info in tensors.items():
+        if not name.endswith(".weight"):
+            continue
+        module = name.removesuffix(".weight")
+        key = module.rsplit(".", 1)[-1]
+        bias = module + ".bias" in tensors
+        is_embed = bool(EMBED.search(module)) and len(info.shape) == 2
+        is_out = bool(OUTPUT_EMBED.search(module)) and len(info.shape) == 2
+        if not embed_lora and (is_embed or is_out) and not _search(exclude, module):
+            if key not in plan.modules_to_save:
+                plan.modules_to_save.append(key)
+        if module in plan.modules_to_save or key in plan.modules_to_save:
+            plan.full += [name] + ([module + ".bias"] if bias else [])
+        elif (not include or _search(include, module)) and not _search(exclude, module):
+            if len(info.shape) == 2:
+                if name not in btensors or btensors[name].shape != info.shape:
+                    raise MergelangError(error(
+                        "E302", f"tensor `{name}` is missing in the base model or has another "
+                        f"shape there ({list(btensors[name].shape) if name in btensors else 'missing'}"
+                        f" against {list(info.shape)})", None,
+                        "exclude the module (--exclude) or save it at full rank (--save-module)"))
+                plan.lora.append(LoraModule(module, min(rank, *info.shape), is_embed, bias))
+            elif not skip_undecomposable:
+                if key not in plan.modules_to_save:
+                    plan.modules_to_save.append(key)
+                plan.full += [name] + ([module + ".bias"] if bias else [])
+                if key not in warned:
+                    plan.notes.append(f"{key}: a {len(info.shape)}-D weight cannot be decomposed; "
+                                      "saved at full rank (modules_to_save)")
+                    warned.add(key)
+    if not plan.lora:
+        raise MergelangError(error("E203", "no module to decompose (check --include / --exclude)",
+                                   None))
+    return plan
+
+
+def adapter_config(plan: ExtractionPlan, base_path: str) -> dict:
+    ranks = {m.module: m.rank for m in plan.lora}
+    top = max(ranks.values())
+    other = {k: v for k, v in ranks.items() if v != top}
+    return {"base_model_name_or_path": base_path, "peft_type": "LORA", "use_rslora": False,
+            "target_modules": sorted({m.module.rsplit(".", 1)[-1] for m in plan.lora}),
+            "modules_to_save": plan.modules_to_save, "task_type": "CAUSAL_LM", "r": top,
+            "lora_alpha": top, "rank_pattern": other, "alpha_pattern": other,
+            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
+
+
+def decompose(delta, rank: int, distribute: bool):
+    """(A, B) with B @ A the best rank-`rank` approximation of `delta` (float32 SVD)."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    r = min(rank, s.shape[0])
+    if distribute:
+        root = torch.sqrt(s[:r])
+        return root.unsqueeze(1) * vh[:r], u[:, :r] * root
+    return s[:r].unsqueeze(1) * vh[:r], u[:, :r].clone()
+
+
+def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, rank: int, *,
+                 include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                 embed_lora: bool = False, save_modules: tuple[str, ...] = (),
+                 skip_undecomposable: bool = False, distribute_scale: bool = True,
+                 device: str = "auto", force: bool = False,
+                 log: Callable[[str], None] = lambda m: None) -> Path:
+    import torch
+
+    from mergelang.io.layout import OutputTensor, single_file
+    from mergelang.io.locate import model_error, open_model
+    from mergelang.io.writer import CheckpointWriter
+    from mergelang.runtime.executor import resolve_device
+
+    if rank < 1:
+        raise MergelangError(error("E203", f"--rank must be at least 1, got {rank}", None))
+    srcs = []
+    for label, path in (("base", base), ("finetuned", finetuned)):
+        try:
+            srcs.append(open_model(label, str(path)))
+        except Exception as exc:  # noqa: BLE001 - CheckpointError, OSError: one diagnostic
+            for s in srcs:
+                s.close()
+            raise MergelangError(model_error(label, str(path), exc, None).diag) from None
+    b, f = srcs
+    try:
+        plan = plan_extraction(b, f, rank, include, exclude, embed_lora, save_modules,
+                               skip_undecomposable)
+        for note in plan.notes:
+            log(f"note: {note}")
+        dev = resolve_device(device)
+        tinfo = f.tensors()
+        outs: list[OutputTensor] = []
+        for m in plan.lora:
+            w = tinfo[m.module + ".weight"]
+            rows, cols = (w.shape[1], w.shape[0]) if m.transpose else w.shape
+            kind, suf = ("lora_embedding", "") if m.transpose else ("lora", ".weight")
+            pre = f"base_model.model.{m.module}."
+            outs += [OutputTensor(f"{pre}{kind}_A{suf}", (m.rank, cols), w.dtype),
+                     OutputTensor(f"{pre}{kind}_B{suf}", (rows, m.rank), w.dtype)]
+            if m.bias:
+                outs.append(OutputTensor(f"{pre}lora_B.bias", tinfo[m.module + ".bias"].shape,
+                                         tinfo[m.module + ".bias"].dtype))
+        outs += [OutputTensor(f"base_model.model.{n}", tinfo[n].shape, tinfo[n].dtype) for n in plan.full]
+        layout = single_file(outs, "adapter_model.safetensors")
+        inputs = [p for s in srcs for p in s.input_paths()]
+        with CheckpointWriter(out, layout, force=force, protected=inputs) as writer:
+            for m in plan.lora:
+                w = m.module + ".weight"
+                delta = (f.load_as(w, torch.float32).to(dev) - b.load_as(w, torch.float32).to(dev))
+                a_, b_ = decompose(delta.T if m.transpose else delta, m.rank, distribute_scale)
+                dt = layout.tensors[f"base_model.model.{m.module}." + ("lora_embedding_A" if m.transpose
+                                                                       else "lora_A.weight")].torch_dtype
+                kind, suf = ("lora_embedding", "") if m.transpose else ("lora", ".weight")
+                writer.write(f"base_model.model.{m.module}.{kind}_A{suf}", a_.to(dt).cpu().contiguous())
+                writer.write(f"base_model.model.{m.module}.{kind}_B{suf}", b_.to(dt).cpu().contiguous())
+                if m.bias:
+                    bn = m.module + ".bias"
+                    d = f.load_as(bn, torch.float32) - b.load_as(bn, torch.float32)
+                    writer.write(f"base_model.model.{bn[:-5]}.lora_B.bias",
+                                 d.to(layout.tensors[f"base_model.model.{bn[:-5]}.lora_B.bias"].torch_dtype))
+            for n in plan.full:
+                writer.write(f"base_model.model.{n}", f.load_as(n).contiguous())
+            cfg = adapter_config(plan, str(base))
+            readme = (f"# LoRA adapter extracted by mergelang\n\nBase: `{base}`\nFine-tuned: "
+                      f"`{finetuned}`\nRank: {cfg['r']} ({len(plan.lora)} modules; modules saved at "
+                      f"full rank: {', '.join(plan.modules_to_save) or 'none'})\n")
+            return writer.finish(extra_files={"adapter_config.json": json.dumps(cfg, indent=4) + "\n",
+                                              "README.md": readme})
+    except CodedError as exc:  # the writer's: output refused (E403/E404), disk errors
+        raise MergelangError(to_diagnostic(exc)) from None
+    finally:
+        for s in srcs:
+            s.close()
