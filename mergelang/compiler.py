@@ -33,6 +33,7 @@ from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
+from mergelang.lang.ranges import ParamRange, param_range
 from mergelang.sources.outputs import link_outputs
 from mergelang.sources.tokenizer import retokenize_models
 from mergelang.sources.vocab import improve_diagnostics, resize_models
@@ -59,6 +60,8 @@ class Compilation:
     #: declarations overridden by --set / keyword arguments: name -> the value used (model
     #: paths made absolute), for the recipe copy in the output (provenance.py)
     overridden: dict[str, Any] = field(default_factory=dict)
+    #: params declared with a range (`param x = v in [lo, hi]`): name -> its range
+    ranges: dict[str, ParamRange] = field(default_factory=dict)
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -176,6 +179,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     el = Elaborator(unit.fns, {}, {}, {}, diags)
     el.models = {m.name: None for m in unit.models}  # names resolve while params are evaluated
     params: dict[str, Value] = {}
+    ranges: dict[str, ParamRange | None] = {}  # `param x = v in [lo, hi]` (lang/ranges.py)
     el.params = params
     params_ok = True
     for decl in unit.params:
@@ -187,6 +191,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                                 "a param is a number, bool, string, none or a list of them"))
                 continue
             params[decl.name] = _to_value(overrides[decl.name])
+            ranges[decl.name] = param_range(decl, params[decl.name], lambda e: el.eval(e, {}), diags, True)
             continue
         try:
             value = el.eval(decl.value, {})
@@ -204,6 +209,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                             f"{value.describe()}", decl.value.span))
             continue
         params[decl.name] = value
+        ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
@@ -241,7 +247,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         plan = replace(plan, prepasses=tuple(lower(optimize(p), eager=True) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
-                       _overridden(overrides, unit))
+                       _overridden(overrides, unit), {k: v for k, v in ranges.items() if v})
 
 
 def _option_span(unit: Unit, name: str) -> Any:

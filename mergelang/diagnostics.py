@@ -312,6 +312,8 @@ CODES: dict[str, str] = {
     "E402": "invalid option",
     "E403": "output folder exists",
     "E404": "output path overlaps an input",
+    "E405": "a param's value lies outside its declared range",
+    "E406": "invalid param range",
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",

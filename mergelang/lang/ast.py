@@ -234,6 +234,10 @@ class ModelDecl(Node):
 class ParamDecl(Node):
     name: str
     value: Expr
+    #: `param x = 0.3 in [LO, HI]` (`log`: log-uniform for `tune`); None without a range
+    lo: Expr | None = None
+    hi: Expr | None = None
+    log: bool = False
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
-        return ast.ParamDecl(self._span(meta), str(c[0]), c[1])
+        lo, hi, log = (c[2], c[3], c[4]) if len(c) > 2 else (None, None, None)
+        return ast.ParamDecl(self._span(meta), str(c[0]), c[1], lo, hi, log is not None)
 
     @v_args(meta=True)
     def option_decl(self, meta, c):
