@@ -207,19 +207,45 @@ class Recipe:
         from mergelang.io.multiwriter import MultiWriter
         from mergelang.io.writer import CheckpointWriter, plan_shards
 
+        from mergelang.io.adapter import adapter_layout
+
         shard_size = int(self._c.options.shard_size)
+        adapters = self._adapters()
         if not self.output_names:
-            layout = plan_shards(self.outputs, shard_size)
+            ref = self._c.reference
+            layout = adapter_layout(self.outputs) if "" in adapters else plan_shards(self.outputs, shard_size)
             writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
                                       resume=resume, fsync=fsync, protected=self._c.inputs)
-            return writer, self._files(self._c.reference), {t: x.nbytes for t, x in layout.tensors.items()}
+            files = self._adapter_files(self.outputs, ref) if "" in adapters else self._files(ref)
+            return writer, files, {t: x.nbytes for t, x in layout.tensors.items()}
         per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
-        layouts = {n: plan_shards(list(ts.values()), shard_size) for n, ts in per_output.items()}
-        files = {n: self._files(ref) for n, ref in self._references().items()}
+        layouts = {n: adapter_layout(ts.values()) if n in adapters else plan_shards(list(ts.values()), shard_size)
+                   for n, ts in per_output.items()}
+        files = {n: self._adapter_files(per_output[n].values(), ref) if n in adapters else self._files(ref)
+                 for n, ref in self._references().items()}
         multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume,
                             fsync=fsync, protected=self._c.inputs)
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
                               for t, x in lay.tensors.items()}
+
+    def _adapters(self) -> set[str]:
+        """The outputs that are LoRA adapters (`merge adapter`); "" for an unnamed one."""
+        return {n for b in self._c.unit.blocks if b.adapter for n in (b.outputs or ("",))}
+
+    def _adapter_files(self, outputs: Any, reference: str) -> dict[str, Any]:
+        """CheckpointWriter.finish's arguments for an adapter: adapter_config.json (no config.json
+        or tokenizer: the adapter applies to `reference`), the recipe, the manifest."""
+        import json
+
+        from mergelang.io.adapter import adapter_config
+
+        ref = self._c.models[reference]
+        base = str(ref.folder) if ref is not None and ref.folder is not None else reference
+        cfg = adapter_config(outputs, base)
+        return dict(copies={}, dtype=None, recipe_text=recipe_copy(self._c),
+                    recipe_filename=RECIPE_FILENAME,
+                    extra_files={"adapter_config.json": json.dumps(cfg, indent=4) + "\n"},
+                    manifest={"params": used_params(self._c)})
 
     def _files(self, reference: str) -> dict[str, Any]:
         """CheckpointWriter.finish's arguments for an output merged from model `reference`: its
@@ -260,7 +286,10 @@ class Recipe:
         cannot load such a folder)."""
         out = []
         spans = {d.name: d.value.span for d in self._c.unit.models}
-        for ref in dict.fromkeys(self._references().values() if self.output_names else [self._c.reference]):
+        adapters = self._adapters()
+        refs = [r for n, r in self._references().items() if n not in adapters] if self.output_names \
+            else ([] if "" in adapters else [self._c.reference])
+        for ref in dict.fromkeys(refs):
             copies = self._c.copies.get(ref)
             if copies is not None and "config.json" not in copies:
                 out.append(warning("W004", f"the output's reference model `{ref}` has no config.json, "

@@ -266,6 +266,8 @@ class MergeBlock(Node):
     #: output names (`merge "a" from ...`, `merge ["a", "b"] from ...`); () for the unnamed block
     outputs: tuple[str, ...] = ()
     outputs_span: Span | None = field(default=None, repr=False, compare=False)
+    #: `merge adapter ["NAME"] from M { ... }`: writes a PEFT LoRA adapter (sources/adapters.py)
+    adapter: bool = False
 
 
 Item = Union[ModelDecl, ParamDecl, OptionDecl, Import, FnDef, MergeBlock]

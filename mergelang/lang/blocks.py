@@ -56,6 +56,8 @@ class BlockElaboration:
         rule, captures = self._match(block, name)
         self.rule_hits[(bi, rule)] = self.rule_hits.get((bi, rule), 0) + 1
         expr = block.rules[rule].expr
+        if block.adapter:
+            return self._adapter_output(block, name, info, expr, captures, order)
         outs = [f"{o}/{name}" for o in block.outputs] or [name]
         if not is_floating(info.dtype):
             if not (isinstance(expr, ast.Name) and expr.id == block.source):
@@ -81,6 +83,43 @@ class BlockElaboration:
             self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
             order += 1
         return order
+
+    def _adapter_output(self, block: ast.MergeBlock, name: str, info: TensorInfo, expr: ast.Expr,
+                        captures: dict[str, Value], order: int) -> int:
+        """A `merge adapter` block's outputs for tensor `name`: the LoRA pair of a `low_rank(...)`
+        rule (`base_model.model.MODULE.lora_A.weight` / `lora_B.weight`), a full-rank tensor
+        (`base_model.model.NAME`, a module to save), or nothing for `none` and non-float tensors."""
+        from mergelang.lang.values import LowRank
+
+        if not is_floating(info.dtype):
+            return order
+        self.stack = []
+        value = self.eval(expr, dict(captures))
+        if isinstance(value, Const) and value.value is None:
+            return order
+        prefix = f"{block.outputs[0]}/" if block.outputs else ""
+        dtype = self.out_dtype or info.dtype
+        if isinstance(value, Const) and isinstance(value.value, LowRank):
+            lr = value.value
+            if not name.endswith(".weight"):
+                raise self.error("E319", f"low_rank(...) gives a module's LoRA factors; `{name}` is "
+                                 "not a module weight (`.weight`)", expr.span)
+            kind, suf = ("lora_embedding", "") if lr.embedding else ("lora", ".weight")
+            module = name[: -len(".weight")]
+            for part, nid in (("A", lr.a), ("B", lr.b)):
+                self.graph.make(Op.OUTPUT, [nid], Attrs(
+                    name=f"{prefix}base_model.model.{module}.{kind}_{part}{suf}", order=order,
+                    dtype=dtype), expr.span)
+                order += 1
+            return order
+        nid = self.result_node(value, expr.span)
+        if self.graph.node(nid).type.shape != info.shape:
+            raise self.error("E319", f"in an adapter, a rule gives low_rank(...), none, or the "
+                             f"whole tensor `{name}` {list(info.shape)} (a module saved at full "
+                             f"rank), not {list(self.graph.node(nid).type.shape)}", expr.span)
+        self.graph.make(Op.OUTPUT, [nid], Attrs(name=f"{prefix}base_model.model.{name}", order=order,
+                                               dtype=dtype), expr.span)
+        return order + 1
 
     def _rule_nodes(self, bi: int, name: str) -> list[int]:
         """The nodes block `bi`'s rule gives for tensor `name`, one per output (built once: a block
@@ -157,6 +196,11 @@ class BlockElaboration:
                                  'add a catch-all rule at the end, e.g. "*" => ' + block.source))
 
     def result_node(self, value: Value, span: Span) -> int:
+        if isinstance(value, Const) and type(value.value).__name__ == "LowRank":
+            raise self.error("E319", "low_rank(...) gives LoRA factors, which only a `merge "
+                             "adapter` block writes", span,
+                             'e.g. merge adapter "a_lora" from base { "*proj.weight" => '
+                             'low_rank(a - base, rank = 16)  "*" => none }')
         if isinstance(value, Const):
             raise self.error("E201", f"this rule gives {value.describe()}, not a tensor", span,
                              "a rule must produce a tensor, e.g. `base * 0.5`")

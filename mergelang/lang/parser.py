@@ -188,9 +188,10 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def merge_block(self, meta, c):
+        adapter, c = c[0] is not None, c[1:]
         names, span = c[0] if c[0] is not None else ((), None)
         return ast.MergeBlock(self._span(meta), str(c[1]), _tok_span(self.src, c[1]), tuple(c[2:]),
-                              names, span)
+                              names, span, adapter)
 
     @v_args(meta=True)
     def out_name(self, meta, c):

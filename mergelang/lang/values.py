@@ -118,3 +118,14 @@ def _py(v: Any) -> str:
 
 class Poisoned(Exception):
     """Evaluation touched a model that failed to open (already reported): skip silently."""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """`low_rank(delta, rank)`: the nodes of a LoRA pair (A: r x in, B: out x r, B @ A the best
+    rank-r approximation of delta); `embedding`: decomposed transposed (lora_embedding_A/B)."""
+
+    a: int
+    b: int
+    rank: int
+    embedding: bool = False

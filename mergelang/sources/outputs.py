@@ -100,6 +100,11 @@ def link_outputs(unit: Unit, models: dict[str, ModelSource | None], diags: Diagn
                             'name a block: merge "NAME" from MODEL { ... }'))
             models[key] = None
             continue
+        if unit.blocks[found[0]].adapter:
+            diags.add(error("E319", f"model `{key}`: {src.output!r} is a LoRA adapter, not a model "
+                            "another block can merge", src.span))
+            models[key] = None
+            continue
         src.block_output = found
         src.reference = models.get(unit.blocks[found[0]].source)
     for key, src in outs.items():  # merge "a" from b_out, merge "b" from a_out: no reference

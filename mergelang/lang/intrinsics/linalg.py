@@ -151,3 +151,35 @@ def _cat(el: Elab, a: dict[str, Value], span: Span) -> Value:
         raise el.error("E201", "cat's axis must be a whole number", span)
     nodes = [el.to_node(x, span) for x in xs.items]
     return TensorV(el.make(Op.CAT, nodes, Attrs(axis=int(axis.value)), span))  # type: ignore[union-attr]
+
+
+@intrinsic("low_rank", "x", "rank", ("embedding", False),
+           doc="a LoRA pair for a `merge adapter` block: lora_A = sqrt(S) Vh, lora_B = U sqrt(S) "
+               "from the float32 SVD of the 2-D delta x, rank min(rank, rows, cols) (B @ A is the "
+               "best rank-r approximation); embedding = true decomposes x transposed "
+               "(lora_embedding_A / lora_embedding_B, for embedding layers)")
+def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
+    from mergelang.lang.values import LowRank
+
+    rank, emb = a["rank"], a["embedding"]
+    if not (is_number(rank) and float(rank.value) == int(rank.value) and rank.value >= 1):  # type: ignore[union-attr]
+        raise el.error("E201", f"low_rank's rank must be a whole number >= 1 known at compile "
+                       f"time, got {getattr(rank, 'value', rank.describe())}", span)
+    if not (isinstance(emb, Const) and isinstance(emb.value, bool)):
+        raise el.error("E201", "low_rank's embedding must be true or false", span)
+    x = el.to_node(a["x"], span)
+    if emb.value:
+        x = el.make(Op.TRANSPOSE, [x], Attrs(), span)
+    ty = el.graph.node(x).type
+    if len(ty.shape) != 2 or ty.models is not None:
+        raise el.error("E201", f"low_rank needs one 2-D tensor (a delta), got {ty}", span,
+                       "use it in a rule for 2-D weights (e.g. \"*proj.weight\")")
+    r = min(int(rank.value), *ty.shape)  # type: ignore[union-attr]
+    u = el.make(Op.SVD, [x], Attrs(part="U", k=r), span)
+    s = el.make(Op.SVD, [x], Attrs(part="S", k=r), span)
+    vh = el.make(Op.SVD, [x], Attrs(part="Vh", k=r), span)
+    root = el.make(Op.SQRT, [s], Attrs(), span)
+    col = el.make(Op.RESHAPE, [root], Attrs(shape=(r, 1)), span)
+    a_ = el.make(Op.MUL, [col, vh], Attrs(), span)
+    b_ = el.make(Op.MUL, [u, root], Attrs(), span)
+    return Const(LowRank(a_, b_, r, bool(emb.value)))
