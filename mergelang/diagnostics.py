@@ -307,7 +307,7 @@ CODES: dict[str, str] = {
     "E316": "output(NAME) names no merge block's output",
     "E317": "merge blocks' outputs depend on each other in a cycle",
     "E318": "the output tokenizer (tokenizer_source) cannot be built",
-    "E319": "a `merge adapter` block misused (several names, low_rank elsewhere, a rule giving another shape, used as a model)",
+    "E319": "a `merge adapter` block misused (low_rank elsewhere, a rule giving another shape, used as a model)",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

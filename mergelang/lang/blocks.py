@@ -86,18 +86,30 @@ class BlockElaboration:
 
     def _adapter_output(self, block: ast.MergeBlock, name: str, info: TensorInfo, expr: ast.Expr,
                         captures: dict[str, Value], order: int) -> int:
-        """A `merge adapter` block's outputs for tensor `name`: the LoRA pair of a `low_rank(...)`
-        rule (`base_model.model.MODULE.lora_A.weight` / `lora_B.weight`), a full-rank tensor
+        """A `merge adapter` block's outputs for tensor `name`, per adapter name (a list gives one
+        value per name): the LoRA pair of a `low_rank(...)` rule
+        (`base_model.model.MODULE.lora_A.weight` / `lora_B.weight`), a full-rank tensor
         (`base_model.model.NAME`, a module to save), or nothing for `none` and non-float tensors."""
-        from mergelang.lang.values import LowRank
-
         if not is_floating(info.dtype):
             return order
         self.stack = []
         value = self.eval(expr, dict(captures))
+        names = block.outputs or ("",)
+        items = value.items if isinstance(value, ListV) and not value.scalars else None
+        if items is not None and len(items) != len(names):
+            raise self.error("E313", f"this rule gives a list of {len(items)} values for "
+                             f"{len(names)} adapter{'s' if len(names) != 1 else ''}", expr.span)
+        for out, item in zip(names, items if items is not None else [value] * len(names)):
+            order = self._adapter_item(out, name, info, item, expr, order)
+        return order
+
+    def _adapter_item(self, out: str, name: str, info: TensorInfo, value: Value, expr: ast.Expr,
+                      order: int) -> int:
+        from mergelang.lang.values import LowRank
+
         if isinstance(value, Const) and value.value is None:
             return order
-        prefix = f"{block.outputs[0]}/" if block.outputs else ""
+        prefix = f"{out}/" if out else ""
         dtype = self.out_dtype or info.dtype
         if isinstance(value, Const) and isinstance(value.value, LowRank):
             lr = value.value

@@ -184,9 +184,6 @@ def _check_block(unit: Unit, item: ast.MergeBlock, diags: Diagnostics) -> bool:
                         unnamed.span, 'name every block\'s output, e.g. merge "main" from '
                         f"{unnamed.source} {{ ... }}; each is written to OUTDIR/NAME/"))
         return False
-    if item.adapter and len(item.outputs) > 1:
-        diags.add(error("E319", "a `merge adapter` block writes one adapter", item.outputs_span,
-                        'give it one name (merge adapter "NAME" from ...), one block per adapter'))
     seen = {n: b for b in unit.blocks for n in b.outputs}
     mine: set[str] = set()
     for name in item.outputs:

@@ -96,7 +96,6 @@ merge adapter "b_excl" from base { "*proj.weight" => low_rank(b - shared, rank =
 
 
 @pytest.mark.parametrize("body,part", [
-    ('merge adapter ["x", "y"] from base { "*" => none }', "one adapter"),
     ('merge from base { "*proj.weight" => low_rank(a - base, rank = 2)  "*" => base }', "only a `merge adapter`"),
     ('merge adapter from base { "*proj.weight" => sum(a - base, over = "rows")  "*" => none }', "whole tensor"),
     ('model x = output("ad")\nmerge adapter "ad" from base { "*" => none }\n'
@@ -107,3 +106,10 @@ def test_E319(folders, body, part):
         ml.compile(header(folders, "base", "a") + body)
     errs = [d for d in info.value.diagnostics if d.is_error]
     assert errs[0].code == "E319" and part in errs[0].message + (errs[0].help or "")
+
+
+def test_a_list_for_a_multi_name_adapter_block_must_fit(folders):
+    with pytest.raises(ml.MergelangError) as info:
+        ml.compile(header(folders, "base", "a") + 'merge adapter ["x", "y"] from base {\n'
+                   '  "*proj.weight" => low_rank([a, a, a] - base, rank = 2)\n  "*" => none\n}')
+    assert [d.code for d in info.value.diagnostics if d.is_error][0] == "E313"

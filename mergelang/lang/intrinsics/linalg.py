@@ -157,10 +157,9 @@ def _cat(el: Elab, a: dict[str, Value], span: Span) -> Value:
            doc="a LoRA pair for a `merge adapter` block: lora_A = sqrt(S) Vh, lora_B = U sqrt(S) "
                "from the float32 SVD of the 2-D delta x, rank min(rank, rows, cols) (B @ A is the "
                "best rank-r approximation); embedding = true decomposes x transposed "
-               "(lora_embedding_A / lora_embedding_B, for embedding layers)")
+               "(lora_embedding_A / lora_embedding_B, for embedding layers); a stack of deltas "
+               "gives a list of pairs, one per model (a multi-name adapter block)")
 def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
-    from mergelang.lang.values import LowRank
-
     rank, emb = a["rank"], a["embedding"]
     if not (is_number(rank) and float(rank.value) == int(rank.value) and rank.value >= 1):  # type: ignore[union-attr]
         raise el.error("E201", f"low_rank's rank must be a whole number >= 1 known at compile "
@@ -168,13 +167,25 @@ def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
     if not (isinstance(emb, Const) and isinstance(emb.value, bool)):
         raise el.error("E201", "low_rank's embedding must be true or false", span)
     x = el.to_node(a["x"], span)
-    if emb.value:
+    models = el.graph.node(x).type.models
+    if models is not None:  # a stack: one pair per model (a multi-name adapter block)
+        from mergelang.lang.values import ListV
+
+        return ListV(tuple(_pair(el, el.make(Op.INDEX, [x], Attrs(i=i), span), int(rank.value),  # type: ignore[union-attr]
+                                 bool(emb.value), span) for i in range(models)))
+    return _pair(el, x, int(rank.value), bool(emb.value), span)  # type: ignore[union-attr]
+
+
+def _pair(el: Elab, x: int, rank: int, embedding: bool, span: Span) -> Value:
+    from mergelang.lang.values import LowRank
+
+    if embedding:
         x = el.make(Op.TRANSPOSE, [x], Attrs(), span)
     ty = el.graph.node(x).type
-    if len(ty.shape) != 2 or ty.models is not None:
-        raise el.error("E201", f"low_rank needs one 2-D tensor (a delta), got {ty}", span,
+    if len(ty.shape) != 2:
+        raise el.error("E201", f"low_rank needs a 2-D tensor (a delta), got {ty}", span,
                        "use it in a rule for 2-D weights (e.g. \"*proj.weight\")")
-    r = min(int(rank.value), *ty.shape)  # type: ignore[union-attr]
+    r = min(rank, *ty.shape)
     u = el.make(Op.SVD, [x], Attrs(part="U", k=r), span)
     s = el.make(Op.SVD, [x], Attrs(part="S", k=r), span)
     vh = el.make(Op.SVD, [x], Attrs(part="Vh", k=r), span)
@@ -182,4 +193,4 @@ def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
     col = el.make(Op.RESHAPE, [root], Attrs(shape=(r, 1)), span)
     a_ = el.make(Op.MUL, [col, vh], Attrs(), span)
     b_ = el.make(Op.MUL, [u, root], Attrs(), span)
-    return Const(LowRank(a_, b_, r, bool(emb.value)))
+    return Const(LowRank(a_, b_, r, embedding))
