@@ -156,6 +156,9 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
 
 def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     """The plan with its fusable elementwise regions as FUSED steps (unchanged if there are none)."""
+    g0 = plan.graph
+    if not any(g0.node(s.nid).type.numel >= MIN_ELEMENTS for s in plan.steps):
+        return plan  # nothing big enough to fuse: skip the whole-plan analysis (many tiny tensors)
     plan = _fold_abs_into_topk(plan)
     users = _users(plan)
     g = plan.graph
