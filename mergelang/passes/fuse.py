@@ -156,10 +156,10 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
 
 def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     """The plan with its fusable elementwise regions as FUSED steps (unchanged if there are none)."""
+    plan = _fold_abs_into_topk(plan)
     g0 = plan.graph
     if not any(g0.node(s.nid).type.numel >= MIN_ELEMENTS for s in plan.steps):
         return plan  # nothing big enough to fuse: skip the whole-plan analysis (many tiny tensors)
-    plan = _fold_abs_into_topk(plan)
     users = _users(plan)
     g = plan.graph
     big = [r for r in _regions(plan) if g.node(r.root).type.numel >= MIN_ELEMENTS]
