@@ -50,10 +50,12 @@ class ExtractionPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _search(patterns: Iterable[str], name: str) -> bool:
+def _searcher(patterns: Iterable[str]):
+    """`name -> bool`: does any of the regular expressions occur in the name (compiled once)."""
     from mergelang.lang.ast import compile_pattern
 
-    return any(compile_pattern(".*(?:" + p + ").*", "regex").fullmatch(name) for p in patterns)
+    compiled = [compile_pattern(".*(?:" + p + ").*", "regex") for p in patterns]
+    return lambda name: any(c.fullmatch(name) for c in compiled)
 
 
 def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tuple[str, ...] = (),
@@ -61,6 +63,7 @@ def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tupl
                     save_modules: tuple[str, ...] = (), skip_undecomposable: bool = False
                     ) -> ExtractionPlan:
     plan = ExtractionPlan(modules_to_save=list(save_modules))
+    included, excluded = _searcher(include), _searcher(exclude)
     tensors, btensors = ft.tensors(), base.tensors()
     rows = {n: i.shape[0] for n, i in tensors.items() if EMBED.search(n.removesuffix(".weight"))
             and len(i.shape) == 2}
@@ -78,12 +81,12 @@ def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tupl
         bias = module + ".bias" in tensors
         is_embed = bool(EMBED.search(module)) and len(info.shape) == 2
         is_out = bool(OUTPUT_EMBED.search(module)) and len(info.shape) == 2
-        if not embed_lora and (is_embed or is_out) and not _search(exclude, module):
+        if not embed_lora and (is_embed or is_out) and not excluded(module):
             if key not in plan.modules_to_save:
                 plan.modules_to_save.append(key)
         if module in plan.modules_to_save or key in plan.modules_to_save:
             plan.full += [name] + ([module + ".bias"] if bias else [])
-        elif (not include or _search(include, module)) and not _search(exclude, module):
+        elif (not include or included(module)) and not excluded(module):
             if len(info.shape) == 2:
                 if name not in btensors or btensors[name].shape != info.shape:
                     raise MergelangError(error(
@@ -101,20 +104,15 @@ def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tupl
                                       "saved at full rank (modules_to_save)")
                     warned.add(key)
     if not plan.lora:
-        raise MergelangError(error("E203", "no module to decompose (check --include / --exclude)",
-                                   None))
+        raise MergelangError(error("E203", "no module to decompose: no 2-D `.weight` tensor is "
+                                   "selected (check --include / --exclude)", None))
     return plan
 
 
-def adapter_config(plan: ExtractionPlan, base_path: str) -> dict:
-    ranks = {m.module: m.rank for m in plan.lora}
-    top = max(ranks.values())
-    other = {k: v for k, v in ranks.items() if v != top}
-    return {"base_model_name_or_path": base_path, "peft_type": "LORA", "use_rslora": False,
-            "target_modules": sorted({m.module.rsplit(".", 1)[-1] for m in plan.lora}),
-            "modules_to_save": plan.modules_to_save, "task_type": "CAUSAL_LM", "r": top,
-            "lora_alpha": top, "rank_pattern": other, "alpha_pattern": other,
-            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
+def lora_names(m: LoraModule) -> tuple[str, str]:
+    """The adapter's names of module `m`'s A and B factors (PEFT's)."""
+    kind, suf = ("lora_embedding", "") if m.transpose else ("lora", ".weight")
+    return (f"base_model.model.{m.module}.{kind}_A{suf}", f"base_model.model.{m.module}.{kind}_B{suf}")
 
 
 def decompose(delta, rank: int, distribute: bool):
@@ -137,7 +135,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, rank:
                  log: Callable[[str], None] = lambda m: None) -> Path:
     import torch
 
-    from mergelang.io.layout import OutputTensor, single_file
+    from mergelang.io.adapter import adapter_config, adapter_layout
+    from mergelang.io.layout import OutputTensor
     from mergelang.io.locate import model_error, open_model
     from mergelang.io.writer import CheckpointWriter
     from mergelang.runtime.executor import resolve_device
@@ -164,34 +163,28 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, rank:
         for m in plan.lora:
             w = tinfo[m.module + ".weight"]
             rows, cols = (w.shape[1], w.shape[0]) if m.transpose else w.shape
-            kind, suf = ("lora_embedding", "") if m.transpose else ("lora", ".weight")
-            pre = f"base_model.model.{m.module}."
-            outs += [OutputTensor(f"{pre}{kind}_A{suf}", (m.rank, cols), w.dtype),
-                     OutputTensor(f"{pre}{kind}_B{suf}", (rows, m.rank), w.dtype)]
+            a_name, b_name = lora_names(m)
+            outs += [OutputTensor(a_name, (m.rank, cols), w.dtype), OutputTensor(b_name, (rows, m.rank), w.dtype)]
             if m.bias:
-                outs.append(OutputTensor(f"{pre}lora_B.bias", tinfo[m.module + ".bias"].shape,
-                                         tinfo[m.module + ".bias"].dtype))
+                outs.append(OutputTensor(f"base_model.model.{m.module}.lora_B.bias",
+                                         tinfo[m.module + ".bias"].shape, tinfo[m.module + ".bias"].dtype))
         outs += [OutputTensor(f"base_model.model.{n}", tinfo[n].shape, tinfo[n].dtype) for n in plan.full]
-        layout = single_file(outs, "adapter_model.safetensors")
+        layout = adapter_layout(outs)
         inputs = [p for s in srcs for p in s.input_paths()]
         with CheckpointWriter(out, layout, force=force, protected=inputs) as writer:
             for m in plan.lora:
                 w = m.module + ".weight"
                 delta = (f.load_as(w, torch.float32).to(dev) - b.load_as(w, torch.float32).to(dev))
-                a_, b_ = decompose(delta.T if m.transpose else delta, m.rank, distribute_scale)
-                dt = layout.tensors[f"base_model.model.{m.module}." + ("lora_embedding_A" if m.transpose
-                                                                       else "lora_A.weight")].torch_dtype
-                kind, suf = ("lora_embedding", "") if m.transpose else ("lora", ".weight")
-                writer.write(f"base_model.model.{m.module}.{kind}_A{suf}", a_.to(dt).cpu().contiguous())
-                writer.write(f"base_model.model.{m.module}.{kind}_B{suf}", b_.to(dt).cpu().contiguous())
+                for name, t in zip(lora_names(m), decompose(delta.T if m.transpose else delta, m.rank,
+                                                             distribute_scale)):
+                    writer.write(name, t.to(layout.tensors[name].torch_dtype).cpu().contiguous())
                 if m.bias:
-                    bn = m.module + ".bias"
+                    bn, name = m.module + ".bias", f"base_model.model.{m.module}.lora_B.bias"
                     d = f.load_as(bn, torch.float32) - b.load_as(bn, torch.float32)
-                    writer.write(f"base_model.model.{bn[:-5]}.lora_B.bias",
-                                 d.to(layout.tensors[f"base_model.model.{bn[:-5]}.lora_B.bias"].torch_dtype))
+                    writer.write(name, d.to(layout.tensors[name].torch_dtype))
             for n in plan.full:
                 writer.write(f"base_model.model.{n}", f.load_as(n).contiguous())
-            cfg = adapter_config(plan, str(base))
+            cfg = adapter_config(outs, str(base))
             readme = (f"# LoRA adapter extracted by mergelang\n\nBase: `{base}`\nFine-tuned: "
                       f"`{finetuned}`\nRank: {cfg['r']} ({len(plan.lora)} modules; modules saved at "
                       f"full rank: {', '.join(plan.modules_to_save) or 'none'})\n")

@@ -284,6 +284,12 @@ def mergekit_outputs(folders, tmp_path_factory) -> dict[str, Path | str]:
         cfg = root / f"{name}.yml"
         cfg.write_text(text.format(**folders))
         jobs.append([str(cfg), str(root / name), "multi" if "\n---\n" in text else "yaml"])
+    return run_driver(jobs, root)
+
+
+def run_driver(jobs: list[list[str]], root: Path) -> dict[str, Path | str]:
+    """Run mergekit_driver.py on `jobs` ([config, out_dir, kind] each) in the mergekit venv, in
+    one process: output folder name -> its Path, or the error mergekit reported."""
     (root / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([mergekit_python(), str(DRIVER), str(root / "jobs.json")],
                           capture_output=True, text=True, timeout=900)
@@ -292,8 +298,8 @@ def mergekit_outputs(folders, tmp_path_factory) -> dict[str, Path | str]:
         status, rest = line.split(" ", 1)
         out = rest.split(":", 1)[0] if status == "error" else rest
         results[Path(out).name] = Path(out) if status == "ok" else rest
-    for name in CASES:
-        results.setdefault(name, f"mergekit did not report: {proc.stderr[-2000:]}")
+    for _, out, _ in jobs:
+        results.setdefault(Path(out).name, f"mergekit did not report: {proc.stderr[-2000:]}")
     return results
 
 
@@ -371,10 +377,8 @@ def tokenizer_runs(tmp_path_factory):
                 + setting.format(**m) + "\n")
         (root / f"{name}.yml").write_text(text)
         jobs.append([str(root / f"{name}.yml"), str(root / f"mk_{name}"), "yaml"])
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([mergekit_python(), str(DRIVER), str(root / "jobs.json")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.stdout.count("ok ") == len(jobs), proc.stdout + proc.stderr[-2000:]
+    results = run_driver(jobs, root)
+    assert all(isinstance(r, Path) for r in results.values()), results
     return root
 
 

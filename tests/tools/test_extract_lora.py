@@ -6,7 +6,6 @@ its venv is there ($MERGEKIT_PYTHON, as tests/interop/test_mergekit_side_by_side
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergelang.cli import main
-from test_mergekit_side_by_side import DRIVER, llama_tensors, mergekit_python, write_llama
+from test_mergekit_side_by_side import llama_tensors, mergekit_python, run_driver, write_llama
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +92,8 @@ def test_side_by_side_with_mergekit_extract_lora(pair, tmp_path, args):
     mk_args = ["--base-model", pair[0], "--model", pair[1], "--max-rank", args[1],
                *(["--embed-lora"] if "--embed-lora" in args else [])]
     (tmp_path / "args.json").write_text(json.dumps(mk_args))
-    (tmp_path / "jobs.json").write_text(json.dumps([[str(tmp_path / "args.json"), str(tmp_path / "mk"),
-                                                     "extract_lora"]]))
-    proc = subprocess.run([mergekit_python(), str(DRIVER), str(tmp_path / "jobs.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.stdout.startswith("ok"), proc.stdout + proc.stderr[-2000:]
+    result = run_driver([[str(tmp_path / "args.json"), str(tmp_path / "mk"), "extract_lora"]], tmp_path)
+    assert isinstance(result["mk"], Path), result
     ours, cfg = extract(pair, tmp_path / "ours", *args)
     theirs = load_file(str(tmp_path / "mk" / "adapter_model.safetensors"))
     mk_cfg = json.loads((tmp_path / "mk" / "adapter_config.json").read_text())
