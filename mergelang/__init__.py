@@ -28,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from mergelang import api
 
         return getattr(api, name)
+    if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
+        import importlib
+
+        return importlib.import_module("mergelang.search.objectives")
     raise AttributeError(f"module 'mergelang' has no attribute {name!r}")

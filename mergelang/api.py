@@ -51,11 +51,14 @@ def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
 class Recipe:
     """A compiled recipe. Compile once (all checks run from headers), run many times."""
 
-    def __init__(self, compilation: Compilation, spec: Any = None):
+    def __init__(self, compilation: Compilation, spec: Any = None,
+                 recompile: Callable[..., Compilation] | None = None):
         self._c = compilation
         self.run_warnings: list[Diagnostic] = []  # runtime warnings of the last run (E503 warn)
         #: how the recipe was compiled (text, overrides, options): a Ray worker compiles it again
         self._spec = spec
+        #: recompile(runtime, overrides): the same recipe with run-time params / other values
+        self._recompile = recompile
 
     @property
     def warnings(self) -> list[Diagnostic]:
@@ -120,6 +123,46 @@ class Recipe:
         plan = plan_for(self._c.plan, target_for(device)).plan
         execute(plan, self._c.models, out.__setitem__, device, pipelined=pipelined)
         return self._split(out) if self.output_names else out
+
+    def _compile_fn(self) -> Callable[..., Compilation]:
+        if self._recompile is None:
+            raise ValueError("this recipe was not made by mergelang.compile (tune and learn "
+                             "compile it again with run-time params)")
+        return self._recompile
+
+    def with_params(self, **values: Any) -> "Recipe":
+        """The same recipe compiled with other param values (the models are opened again)."""
+        import dataclasses
+
+        fn = self._compile_fn()
+        spec = None if self._spec is None else \
+            dataclasses.replace(self._spec, overrides={**self._spec.overrides, **values})
+        return Recipe(fn((), values), spec, lambda rt=(), more=None: fn(rt, {**values, **(more or {})}))
+
+    def tune(self, objective: Callable[..., Any], trials: int = 50, **kw: Any) -> Any:
+        """Search the params declared with a range (`param x = v in [lo, hi]`) with an optuna
+        study: each trial runs the merge in memory (compiled once) and calls
+        `objective(state) -> float | tuple`. Keywords: sampler ("tpe" | "cmaes" | "random" |
+        "nsga2"), seed, storage ("sqlite:///study.db": a second call continues the study),
+        directions ("maximize" | "minimize", or one per objective), study_name, params (a
+        subset), device, executor ("local" | "ray"), ray_address, progress, timeout. Returns a
+        TuneResult (.best_params, .best_value, .trials, .pareto, .run(out_dir)):
+        search/study.py."""
+        from mergelang.search.session import tune_recipe
+
+        fn = self._compile_fn()
+        return tune_recipe(self._c, fn, lambda params, out, **rk: self.with_params(**params).run(out, **rk),
+                           objective, trials, **kw)
+
+    def learn(self, loss: Callable[..., Any], batches: Any, **kw: Any) -> Any:
+        """Fit the params declared `learn` by gradient descent through the merge:
+        `loss(state, batch) -> scalar tensor`, differentiable w.r.t. the merged tensors. Keywords:
+        steps (default: one pass over `batches`), lr, optimizer ("adam" | "sgd"), device, log.
+        Returns a Learned result (.values {name: nested list}, .losses, .run(out_dir)):
+        search/learn.py."""
+        from mergelang.search.learn import learn_recipe
+
+        return learn_recipe(self._c, self._compile_fn(), self.with_params, loss, batches, **kw)
 
     def run(self, out_dir: str | Path, device: str = "auto", force: bool = False,
             progress: Callable[[int], None] | None = None, resume: bool = False,
@@ -343,6 +386,11 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
     options = {"dtype": dtype, "shard_size": shard_size}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
                               follow_symlinks=follow_symlinks)
+    def recompile(runtime: tuple[str, ...] = (), values: Mapping[str, Any] | None = None) -> Compilation:
+        return compile_recipe(source, base, {**overrides, **(values or {})}, options,
+                              allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
+                              runtime=runtime)
+
     spec = None
     if all(isinstance(v, (str, int, float, bool, list, tuple, type(None), os.PathLike))
            for v in overrides.values()):  # values a worker can be given (not state dicts)
@@ -352,7 +400,7 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
         spec = RecipeSpec(source, Path(os.path.abspath(base)),
                           {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
                            for k, v in overrides.items()}, options, allow_pickle, follow_symlinks)
-    return Recipe(compiled, spec)
+    return Recipe(compiled, spec, recompile)
 
 
 def parse(recipe: str | Path):

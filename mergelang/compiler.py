@@ -33,7 +33,7 @@ from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
-from mergelang.lang.ranges import ParamRange, param_range
+from mergelang.lang.ranges import ParamRange, param_range, runtime_params
 from mergelang.sources.outputs import link_outputs
 from mergelang.sources.tokenizer import retokenize_models
 from mergelang.sources.vocab import improve_diagnostics, resize_models
@@ -62,6 +62,13 @@ class Compilation:
     overridden: dict[str, Any] = field(default_factory=dict)
     #: params declared with a range (`param x = v in [lo, hi]`): name -> its range
     ranges: dict[str, ParamRange] = field(default_factory=dict)
+    #: params compiled as run-time inputs (PARAM nodes, passes/params.py): given per run
+    runtime: tuple[str, ...] = ()
+
+    @property
+    def learnable(self) -> tuple[str, ...]:
+        """The params declared `learn`."""
+        return tuple(d.name for d in self.unit.params if d.learn)
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -139,16 +146,19 @@ def _to_value(v: Any) -> Value:
 
 def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None = None,
                    options: Mapping[str, Any] | None = None, *, allow_pickle: bool = False,
-                   follow_symlinks: bool = False) -> Compilation:
+                   follow_symlinks: bool = False, runtime: tuple[str, ...] = ()) -> Compilation:
     """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
-    `options` override the recipe's `option` lines (e.g. dtype, shard_size)."""
+    `options` override the recipe's `option` lines (e.g. dtype, shard_size). The params named
+    in `runtime` become run-time inputs (their values are given per run: passes/params.py);
+    their current values only type the graph."""
     # Compilation allocates ~10^5 small acyclic objects per 10^3 tensors; with torch imported,
     # the cyclic GC's full collections were half of the compile time of a 70B-shaped model.
     # Everything here is freed by reference counting, so the cycle collector pauses meanwhile.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _compile_recipe(source, base_dir, overrides, options, allow_pickle, follow_symlinks)
+        return _compile_recipe(source, base_dir, overrides, options, allow_pickle, follow_symlinks,
+                               tuple(runtime))
     except RecursionError:  # the parser bounds expression nesting; this is the last safety net
         raise MergelangError(error(
             "E110", "the recipe nests too deeply to compile (functions calling functions with "
@@ -161,7 +171,7 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
 
 def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None,
                     options: Mapping[str, Any] | None, allow_pickle: bool,
-                    follow_symlinks: bool = False) -> Compilation:
+                    follow_symlinks: bool = False, runtime: tuple[str, ...] = ()) -> Compilation:
     diags = Diagnostics()
     overrides = dict(overrides or {})
     unit = load(source, base_dir, diags)
@@ -210,6 +220,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             continue
         params[decl.name] = value
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
+    el.runtime = runtime_params(unit, params, runtime, diags)
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
@@ -247,7 +258,8 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         plan = replace(plan, prepasses=tuple(lower(optimize(p), eager=True) for p in prepasses), stats=stats)
     return Compilation(source, base_dir, unit, models, params, opts, block.source, graph,  # type: ignore[union-attr]
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
-                       _overridden(overrides, unit), {k: v for k, v in ranges.items() if v})
+                       _overridden(overrides, unit), {k: v for k, v in ranges.items() if v},
+                       runtime)
 
 
 def _option_span(unit: Unit, name: str) -> Any:

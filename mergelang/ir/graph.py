@@ -222,7 +222,7 @@ def _short_path(span: Span) -> str:
 
 def _attrs_text(n: Node) -> str:
     a = dict(n.attrs)
-    if n.op in (Op.LOAD, Op.CONST, Op.STAT_VALUE):
+    if n.op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.PARAM):
         a.pop("type", None)
     if n.op is Op.LOAD:
         return f"{a['model']}[{a['tensor']!r}] from {a['src_dtype']}"

@@ -7,6 +7,8 @@ Type rules are the single source of truth for result types: the graph builder ca
 from __future__ import annotations
 
 import enum
+
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from mergelang.ir.types import TType, broadcast_shapes, format_shape
@@ -89,6 +91,10 @@ class Op(enum.Enum):
     # call site; computed by a statistics pass before the apply pass
     MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value" | "quantile_value"), key, fraction, tensor
     STAT_VALUE = "stat_value"  # arity 0; attrs: key, type; filled with a CONST at run time
+    # a run-time param (tune / learn: compile once, run with many values): arity 0; attrs: name,
+    # path (the element of a list param, () for a number), type; filled with a CONST before a
+    # run (passes/params.py). Attrs may also hold ParamRef where an op needs the number itself
+    PARAM = "param"
     # execution only (fuse.py): a region of elementwise ops run as one generated CPU loop
     FUSED = "fused"            # attrs: body, inputs, models; typed by its root, never by a rule
 
@@ -126,9 +132,21 @@ ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
-              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.FUSED: None, Op.LOOP: None,
+              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.PARAM: 0, Op.FUSED: None, Op.LOOP: None,
               Op.ARG: 0})
 STAT_KINDS = ("sum", "topk_value", "quantile_value")
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A run-time param's number inside an op's attrs (e.g. a top-k density): replaced by the
+    value before a run (passes/params.py), never seen by a kernel."""
+
+    name: str
+    path: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return self.name + "".join(f"[{i}]" for i in self.path)
 
 
 class Attrs(Mapping[str, Any]):
@@ -311,7 +329,7 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         return TType(shape, t.dtype, t.models)
     if op is Op.CAST:
         return args[0].with_(dtype=attrs["dtype"])
-    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.ARG):
+    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.ARG, Op.PARAM):
         return attrs["type"]
     if op is Op.LOOP:
         if args[0] != attrs["type"]:

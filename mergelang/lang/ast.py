@@ -238,6 +238,8 @@ class ParamDecl(Node):
     lo: Expr | None = None
     hi: Expr | None = None
     log: bool = False
+    #: `param x = v learn`: a coefficient `learn` fits by gradient descent
+    learn: bool = False
 
 
 @dataclass(frozen=True)

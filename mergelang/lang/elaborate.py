@@ -55,6 +55,8 @@ class Elaborator(BlockElaboration):
         self.models = models
         self.model_spans = model_spans
         self.params = params
+        #: run-time params (tune / learn): name -> its compile-time value, for types only
+        self.runtime: dict[str, Value] = {}
         self.diags = diags
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
@@ -125,6 +127,8 @@ class Elaborator(BlockElaboration):
     def lookup(self, e: ast.Name, env: dict[str, Value]) -> Value:
         if e.id in env:
             return env[e.id]
+        if e.id in self.runtime:
+            return self.runtime_value(e.id, self.runtime[e.id], ())
         if e.id in self.params:
             return self.params[e.id]
         if e.id in self.models:
@@ -250,6 +254,12 @@ class Elaborator(BlockElaboration):
         if not items:
             raise self.error("E203", "cannot use an empty list as a stack of tensors", span)
         return self.make(Op.STACK, items, Attrs(), span)
+
+    def runtime_value(self, name: str, v: Value, path: tuple[int, ...]) -> Value:
+        """A run-time param's value: a PARAM node per number (passes/params.py)."""
+        if isinstance(v, ListV):
+            return ListV(tuple(self.runtime_value(name, x, path + (i,)) for i, x in enumerate(v.items)))
+        return TensorV(self.graph.make(Op.PARAM, [], Attrs(name=name, path=path, type=TType(()))))
 
     def const(self, value: Any, ty: TType) -> int:
         return self.graph.make(Op.CONST, [], Attrs(value=value, type=ty))

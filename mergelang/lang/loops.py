@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 #: rounds `iterate` unrolls when its body cannot be a loop node
 MAX_UNROLL = 256
 #: ops a loop body may not contain (reads, outputs, model-wide statistics)
-_NOT_IN_BODY = frozenset({Op.LOAD, Op.OUTPUT, Op.MODEL_STAT, Op.STAT_VALUE})
+_NOT_IN_BODY = frozenset({Op.LOAD, Op.OUTPUT, Op.MODEL_STAT, Op.STAT_VALUE, Op.PARAM})
 
 
 class NotLoopable(Exception):

@@ -158,8 +158,11 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
-        lo, hi, log = (c[2], c[3], c[4]) if len(c) > 2 else (None, None, None)
-        return ast.ParamDecl(self._span(meta), str(c[0]), c[1], lo, hi, log is not None)
+        learn = bool(c) and isinstance(c[-1], Token) and c[-1].type == "LEARN"
+        c = [x for x in c if not (isinstance(x, Token) and x.type == "LEARN")]
+        c = c[:2] + [x for x in c[2:] if x is not None]
+        lo, hi, log = (c[2], c[3], c[4] if len(c) > 4 else None) if len(c) > 2 else (None, None, None)
+        return ast.ParamDecl(self._span(meta), str(c[0]), c[1], lo, hi, log is not None, learn)
 
     @v_args(meta=True)
     def option_decl(self, meta, c):

@@ -100,3 +100,28 @@ def param_range(decl: ast.ParamDecl, value: Value, evaluate: Any, diags: Diagnos
     return check_range(decl, value, bounds, diags, overridden)
 
 
+
+
+def runtime_params(unit: Any, params: dict[str, Value], names: tuple[str, ...],
+                   diags: Diagnostics) -> dict[str, Value]:
+    """The params `names` (to be compiled as run-time inputs) with their values, which type the
+    graph. Each must be a declared param holding numbers (E901); a `learn` declaration must too."""
+    decls = {d.name: d for d in unit.params}
+    for d in unit.params:
+        if d.learn and d.name in params and _numbers(params[d.name]) is None:
+            diags.add(error("E901", f"param `{d.name}` is declared `learn` but holds "
+                            f"{params[d.name].describe()}, not numbers", d.value.span,
+                            "only numbers (or lists of numbers) can be learned"))
+    out: dict[str, Value] = {}
+    for name in names:
+        if name not in decls:
+            diags.add(error("E901", f"cannot tune or learn `{name}`: the recipe declares no param "
+                            f"`{name}`", None, f"params: {', '.join(decls) or 'none'}"))
+        elif name in params:
+            if _numbers(params[name]) is None:
+                diags.add(error("E901", f"param `{name}` holds {params[name].describe()}: only "
+                                "numbers (or lists of numbers) can be tuned or learned",
+                                decls[name].value.span))
+            else:
+                out[name] = params[name]
+    return out

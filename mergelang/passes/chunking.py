@@ -108,7 +108,7 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
             if n.type.shape and n.type.shape[0] == rows and n.type.models is None:
                 rowed.add(nid)
             continue
-        if n.op in (Op.CONST, Op.STAT_VALUE):
+        if n.op in (Op.CONST, Op.STAT_VALUE, Op.PARAM):
             continue
         ra = [a for a in n.args if a in rowed]
         if not ra:
@@ -202,7 +202,7 @@ def _segments(plan: ExecutionPlan) -> list[list[int]]:
 
 def _tensor_work(n: Node) -> bool:
     """A value that may carry rows (not a constant, statistic, scalar or output)."""
-    return n.op not in (Op.OUTPUT, Op.CONST, Op.STAT_VALUE) and bool(n.type.shape)
+    return n.op not in (Op.OUTPUT, Op.CONST, Op.STAT_VALUE, Op.PARAM) and bool(n.type.shape)
 
 
 def _outputs_bytes(g: MergeGraph, seg: list[int]) -> int:

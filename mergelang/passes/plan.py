@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mergelang.ir.graph import MergeGraph, attrs_text, emit_order
-from mergelang.ir.ops import Op
+from mergelang.ir.ops import Op, ParamRef
 from mergelang.ir.types import format_bytes
 
 
@@ -128,6 +128,8 @@ def _format_steps(plan: ExecutionPlan) -> str:
             what = f"write {n.attrs['name']!r}{_rows(n)} as {n.attrs['dtype']} <- {args}"
         elif n.op is Op.STAT_VALUE:
             what = f"stat {n.attrs['key']!r}"
+        elif n.op is Op.PARAM:
+            what = f"param {ParamRef(n.attrs['name'], n.attrs['path'])!r}"
         elif n.op is Op.CONST:
             what = f"const {n.attrs['value']!r}"
         else:

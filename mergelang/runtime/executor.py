@@ -29,11 +29,13 @@ from mergelang.runtime.kernels import KERNELS, CheckFailed, run_node
 from mergelang.ir.ops import Op
 from mergelang.passes.pipeline import Target, fusion_enabled, plan_for
 from mergelang.passes.plan import ExecutionPlan
+from mergelang.passes.params import unset
 from mergelang.passes.stats import unfilled
 from mergelang.runtime.workers import run_pool
 
 KERNELS.setdefault(Op.MODEL_STAT, unfilled)  # placeholders: an error if ever run
 KERNELS.setdefault(Op.STAT_VALUE, unfilled)
+KERNELS.setdefault(Op.PARAM, unset)
 
 Sink = Callable[[str, torch.Tensor], None]
 

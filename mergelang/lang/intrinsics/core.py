@@ -7,10 +7,10 @@ either computes at compile time (numbers, lists of numbers) or adds graph nodes.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 from mergelang.diagnostics import Span
-from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op
+from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op, ParamRef
 from mergelang.lang.loops import MAX_UNROLL
 from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, TensorV, Value, is_number
 
@@ -188,20 +188,42 @@ def _quantile(el: Elab, a: dict[str, Value], span: Span) -> Value:
 def _topk_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     d = a["density"]
     if is_number(d):
-        density: float | tuple[float, ...] = float(d.value)  # type: ignore[union-attr]
+        density: Any = float(d.value)  # type: ignore[union-attr]
         values = [density]
     elif isinstance(d, ListV) and d.scalars:
         density = tuple(float(i.value) for i in d.items)  # type: ignore[union-attr]
         values = list(density)
+    elif _param_refs(el, d) is not None:  # a run-time param (tune): its number, filled per run
+        density, values = _param_refs(el, d), []
     else:
         raise el.error("E201", f"density must be a number (or one per model) known at compile time, "
-                       f"got {d.describe()}", span)
+                       f"or a run-time param itself, got {d.describe()}", span)
     for v in values:
         if not 0.0 <= v <= 1.0:
             raise el.error("E203", f"density must be between 0 and 1, got {v}", span)
     over = _scope(el, a["x"], a["over"], span, ("tensor", "rows"))
     return TensorV(el.make(Op.TOPK_MASK, [el.to_node(a["x"], span)],
                            Attrs(density=density, over=over), span))
+
+
+def _param_refs(el: Elab, v: Value) -> Any:
+    """A run-time param's number(s) as ParamRef attrs (passes/params.py), else None."""
+    if isinstance(v, ListV):
+        refs = [_param_refs(el, i) for i in v.items]
+        return tuple(refs) if refs and all(isinstance(r, ParamRef) for r in refs) else None
+    if isinstance(v, TensorV):
+        n = el.graph.node(v.nid)
+        if n.op is Op.PARAM:
+            return ParamRef(n.attrs["name"], n.attrs["path"])
+    return None
+
+
+@intrinsic("known", "x", doc="true when x is known at compile time (a number, string, bool, none "
+           "or list of them), false for a tensor or a run-time param (tune, learn)")
+def _known(el: Elab, a: dict[str, Value], span: Span) -> Value:
+    def known(v: Value) -> bool:
+        return isinstance(v, Const) or (isinstance(v, ListV) and all(known(i) for i in v.items))
+    return Const(known(a["x"]))
 
 
 # ---------------------------------------------------------------- lists and models

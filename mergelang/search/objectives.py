@@ -1,0 +1,71 @@
+"""Helpers for objectives and losses (`ml.objectives`), and loading `FILE.py:FUNC` from the CLI.
+
+* `entropy(logits)`: AdaMerging's objective, the mean Shannon entropy of the softmax
+  predictions (minimise it on unlabeled data).
+* `forward(module, state, *args, **kwargs)`: run a torch / transformers model skeleton with the
+  merged tensors as its weights (`torch.func.functional_call`: no copy into the module, and
+  differentiable w.r.t. the tensors, which `learn` needs).
+* `accuracy(logits, labels)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mergelang.diagnostics import MergelangError, error
+
+
+def entropy(logits: Any) -> Any:
+    """Mean over the batch of H(softmax(logits)) over the last axis (nats)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def accuracy(logits: Any, labels: Any) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def forward(module: Any, state: Mapping[str, Any], *args: Any, strict: bool = False,
+            **kwargs: Any) -> Any:
+    """`module(*args, **kwargs)` computed with `state`'s tensors in place of its parameters and
+    buffers (those `state` lacks keep the module's own). Tied weights stay tied."""
+    from torch.func import functional_call
+
+    return functional_call(module, dict(state), args, kwargs, strict=strict, tie_weights=True)
+
+
+def load_function(spec: str, what: str = "objective") -> Callable[..., Any]:
+    """`FILE.py:FUNC` -> the function (E905 when the file or the function is missing, or the
+    file fails to import)."""
+    path_text, sep, name = spec.rpartition(":")
+    if not sep or not path_text or not name:
+        raise MergelangError(error("E905", f"--{what} {spec!r} is not FILE.py:FUNC", None,
+                                   f"e.g. --{what} eval.py:score"))
+    path = Path(path_text)
+    if not path.is_file():
+        raise MergelangError(error("E905", f"--{what}: no file {path}", None,
+                                   f"give the Python file that defines `{name}`"))
+    mod_name = f"_mergelang_{what}_{abs(hash(str(path.resolve())))}"
+    spec_ = importlib.util.spec_from_file_location(mod_name, path)
+    assert spec_ is not None and spec_.loader is not None
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec_.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        raise MergelangError(error("E905", f"--{what}: importing {path} failed: "
+                                   f"{type(exc).__name__}: {exc}", None,
+                                   "run the file with python to see the full error")) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                 and getattr(v, "__module__", None) == mod_name]
+        raise MergelangError(error("E905", f"--{what}: {path} defines no function `{name}`", None,
+                                   f"functions there: {', '.join(names) or 'none'}"))
+    return fn

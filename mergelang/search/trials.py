@@ -1,0 +1,176 @@
+"""Compile once, run many: a recipe compiled with some params as run-time inputs, run in memory
+with a new value for each (tune's trials, the last step of learn).
+
+`TrialRunner` compiles the recipe once with the searched params as `PARAM` nodes
+(passes/params.py), plans it once for the device, and keeps the input tensors it reads in memory
+after the first trial (`HeldSource`), so a trial is: fill the params (a few node updates) and
+execute the plan. Params the compiler must know (a breadcrumbs density sets a count, a param in a
+guard or an `if`) cannot be run-time inputs: they are found once at start-up (compiling with each
+param alone) and those trials compile again, cached by those params' values — `static` names them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from mergelang.diagnostics import MergelangError, error
+from mergelang.io.checkpoint import ModelSource, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergelang.compiler import Compilation
+    from mergelang.lang.ranges import ParamRange
+
+Compile = Callable[[tuple[str, ...], Mapping[str, Any]], "Compilation"]
+
+
+class HeldSource(ModelSource):
+    """A model whose float32 tensors are read once and then kept in memory."""
+
+    def __init__(self, inner: ModelSource):
+        self.inner = inner
+        self.label = inner.label
+        self.folder = inner.folder
+        self._held: dict[tuple[str, Any], torch.Tensor] = {}
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.inner.tensors()
+
+    def load(self, name: str) -> "torch.Tensor":
+        return self.load_as(name, None)
+
+    def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
+        key = (name, dtype)
+        t = self._held.get(key)
+        if t is None:
+            t = self._held[key] = self.inner.load_as(name, dtype)
+        return t if view else t.clone()
+
+    def prepare(self, device: object = None) -> None:
+        self.inner.prepare(device)
+
+    def config(self) -> dict | None:
+        return self.inner.config()
+
+    def close(self) -> None:
+        self._held.clear()
+        self.inner.close()
+
+
+def check_values(values: Mapping[str, Any], ranges: Mapping[str, "ParamRange"]) -> None:
+    """E405 for a value outside its param's declared range (each element of a list)."""
+    for name, v in values.items():
+        rng = ranges.get(name)
+        if rng is None:
+            continue
+        for x in _flat(v):
+            if not rng.lo <= x <= rng.hi:
+                raise MergelangError(error("E405", f"param `{name}` is given {x:g}, outside its "
+                                           f"range {rng.render()}"))
+
+
+def _flat(v: Any) -> list[float]:
+    if isinstance(v, (list, tuple)):
+        return [x for i in v for x in _flat(i)]
+    return [float(v)]
+
+
+def split_runtime(compile_: Compile, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(params that can be run-time inputs, params the compiler must know) among `names`."""
+    if not names:
+        return (), ()
+    try:
+        compile_(names, {}).close()
+        return names, ()
+    except MergelangError:
+        pass
+    ok = []
+    for n in names:
+        try:
+            compile_((n,), {}).close()
+            ok.append(n)
+        except MergelangError:
+            pass
+    runtime = tuple(ok)
+    if runtime:
+        compile_(runtime, {}).close()  # together too (each alone compiled)
+    return runtime, tuple(n for n in names if n not in ok)
+
+
+class TrialRunner:
+    """Runs a recipe in memory with given param values; compiled once per distinct value of
+    the `static` params (none when every searched param is a run-time input)."""
+
+    def __init__(self, compile_: Compile, names: tuple[str, ...], device: str = "cpu",
+                 runtime: tuple[str, ...] | None = None):
+        self._compile = compile_
+        self.names = names
+        self.device = device
+        if runtime is None:
+            runtime, static = split_runtime(compile_, names)
+        else:
+            static = tuple(n for n in names if n not in runtime)
+        self.runtime, self.static = runtime, static
+        self._cache: dict[str, tuple[Any, Any, dict[str, ModelSource | None]]] = {}
+        self._held: dict[str, HeldSource] = {}
+        self._closing: list[Any] = []  # evicted compilations (their files close at the end)
+        self.compiles = 0
+
+    def _prepared(self, values: Mapping[str, Any]) -> tuple[Any, Any, dict[str, ModelSource | None]]:
+        from mergelang.passes.params import ParamFiller
+        from mergelang.passes.pipeline import plan_for
+        from mergelang.runtime.executor import target_for
+
+        fixed = {n: values[n] for n in self.static}
+        key = repr(sorted(fixed.items()))
+        got = self._cache.get(key)
+        if got is None:
+            if len(self._cache) >= 8:  # static params: keep a few compilations, not all
+                self._closing.append(self._cache.pop(next(iter(self._cache)))[0])
+            c = self._compile(self.runtime, fixed)
+            self.compiles += 1
+            plan = plan_for(c.plan, target_for(self.device)).plan
+            models = {k: self._hold(k, m) for k, m in c.models.items()}
+            got = self._cache[key] = (c, ParamFiller(plan), models)
+        return got
+
+    def _hold(self, name: str, m: ModelSource | None) -> ModelSource | None:
+        """One HeldSource per model name across compilations (inputs read once in all)."""
+        if m is None or m.block_output is not None:
+            return m
+        held = self._held.get(name)
+        if held is None:
+            held = self._held[name] = HeldSource(m)
+        else:  # a recompilation opened the model again: keep the tensors already read
+            held.inner = m
+        return held
+
+    def compilation(self, values: Mapping[str, Any]) -> "Compilation":
+        return self._prepared(values)[0]
+
+    def run(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The merged tensors for `values` ({param: number or nested list}): a state dict, or
+        {output name: state dict} for a recipe with named outputs."""
+        from mergelang.runtime.executor import execute
+
+        c, filler, models = self._prepared(values)
+        check_values({n: values[n] for n in self.runtime}, c.ranges)
+        out: dict[str, torch.Tensor] = {}
+        execute(filler.fill({n: values[n] for n in self.runtime}), models, out.__setitem__,
+                self.device, pipelined=False)
+        if not c.output_names:
+            return out
+        split: dict[str, dict[str, Any]] = {n: {} for n in c.output_names}
+        for key, value in out.items():
+            name, _, tensor = key.partition("/")
+            split[name][tensor] = value
+        return split
+
+    def close(self) -> None:
+        for c in [*self._closing, *(c for c, _, _ in self._cache.values())]:
+            c.close()
+        self._closing.clear()
+        self._cache.clear()
+        for h in self._held.values():
+            h._held.clear()
