@@ -7,95 +7,20 @@ bug report (set MERGELANG_DEBUG=1 or pass --debug for the traceback).
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
-from mergelang.diagnostics import Diagnostic, MergelangError, error
+from mergelang.diagnostics import MergelangError, error
 from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
-def _echo_diags(diags: list[Diagnostic]) -> None:
-    color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-    for d in diags:
-        click.echo(d.render(color=color) + "\n", err=True)
-
-
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MergelangError into rendered diagnostics + exit 1; anything unexpected into exit 3."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = kwargs.pop("debug", False) or bool(os.environ.get("MERGELANG_DEBUG"))
-        try:
-            return fn(*args, **kwargs)
-        except MergelangError as exc:
-            _echo_diags(exc.diagnostics)
-            n = sum(1 for d in exc.diagnostics if d.is_error)
-            click.echo(f"mergelang: {n} error{'s' if n != 1 else ''}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("mergelang: interrupted; nothing was written to the output folder", err=True)
-            sys.exit(130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
-            if debug:
-                traceback.print_exc()
-            click.echo(f"mergelang: internal error: {type(exc).__name__}: {exc}\n"
-                       "  this is a bug in mergelang; rerun with --debug for the traceback "
-                       "and report it", err=True)
-            sys.exit(3)
-    wrapper = click.option("--debug", is_flag=True, hidden=True, help="show tracebacks")(wrapper)
-    return wrapper
-
-
-def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
-    from mergelang.compiler import parse_override
-
-    out: dict[str, Any] = {}
-    for item in sets:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():  # a usage error (exit 2), like any malformed option
-            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. --set density=0.3 or "
-                                     "--set base=./other-model", param_hint="--set")
-        out[name.strip()] = parse_override(value.strip())
-    return out
-
-
-def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
-             shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
-             follow_symlinks: bool = False):
-    from mergelang.api import compile as ml_compile
-
-    recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
-                            allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                            **_overrides(sets))
-    if recipe_obj.warnings and log_json:
-        from mergelang.progress import diagnostic_event
-
-        for d in recipe_obj.warnings:
-            click.echo(diagnostic_event(d), err=True)
-    elif recipe_obj.warnings:
-        _echo_diags(recipe_obj.warnings)
-    return recipe_obj
-
-
-allow_pickle_opt = click.option(
-    "--allow-pickle", is_flag=True,
-    help="read pickle checkpoints (.bin/.pt) with torch.load(weights_only=True); off by default")
-follow_opt = click.option(
-    "--follow-symlinks", is_flag=True,
-    help="read and copy model files whose symbolic links leave the model folder (refused by default)")
-recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
-set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
-                       help="override a param (a value) or a model (a path); repeatable")
+from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
+    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, recipe_arg, set_opt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -406,3 +331,8 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
         raise click.UsageError("--format png needs -o FILE")
     else:
         click.echo(data if isinstance(data, str) else data.decode(), nl=False)
+
+
+from mergelang.commands.search import tune_cmd  # noqa: E402  (after `main`: commands/ imports no cli)
+
+main.add_command(tune_cmd)

@@ -38,7 +38,10 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
                 params: Sequence[str] | None = None, device: str = "cpu",
                 executor: str = "local", ray_address: str | None = None,
                 progress: bool = False, timeout: float | None = None,
-                objective_spec: str | None = None) -> TuneResult:
+                objective_spec: str | None = None, interruptible: bool = False) -> TuneResult:
+    """`Recipe.tune`. With `interruptible`, Ctrl-C ends the search and returns what was found
+    (result.interrupted is True); otherwise KeyboardInterrupt propagates. Either way the
+    interrupted trial is marked failed and a stored study stays usable."""
     dirs = (directions,) if isinstance(directions, str) else tuple(directions)
     names = tuned_names(c, params)
     shapes = {n: _shape(c.params[n]) for n in names}
@@ -46,19 +49,31 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
     if executor not in ("local", "ray"):
         raise MergelangError(error("E902", f"executor must be local or ray, not {executor!r}"))
     study = open_study(dirs, sampler, seed, storage, study_name or _default_name(c))
-    if executor == "ray":
-        from mergelang.search.ray_trials import tune_on_ray
+    interrupted = False
+    runtime: tuple[str, ...] = ()
+    static: tuple[str, ...] = ()
+    compiles = 0
+    try:
+        if executor == "ray":
+            from mergelang.search.ray_trials import tune_on_ray
 
-        runtime, static, compiles = tune_on_ray(c, names, shapes, ranges, objective, objective_spec,
-                                                trials, study, device, ray_address, progress)
-    else:
-        runner = TrialRunner(compile_, names, device)
-        try:
-            tune(runner, objective, shapes, ranges, trials, study, progress, timeout)
-        finally:
-            runner.close()
-        runtime, static, compiles = runner.runtime, runner.static, runner.compiles
-    return TuneResult(study, dirs, names, records(study, shapes), runtime, static, compiles, write)
+            runtime, static, compiles = tune_on_ray(c, names, shapes, ranges, objective,
+                                                    objective_spec, trials, study, device,
+                                                    ray_address, progress)
+        else:
+            runner = TrialRunner(compile_, names, device)
+            runtime, static = runner.runtime, runner.static
+            try:
+                tune(runner, objective, shapes, ranges, trials, study, progress, timeout)
+            finally:
+                runner.close()
+                compiles = runner.compiles
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        interrupted = True
+    return TuneResult(study, dirs, names, records(study, shapes), runtime, static, compiles,
+                      interrupted, write)
 
 
 def _default_name(c: "Compilation") -> str:

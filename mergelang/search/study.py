@@ -35,7 +35,8 @@ def need_optuna() -> Any:
     except ImportError:
         raise MergelangError(error("E904", "tune needs optuna, which is not installed", None,
                                    "pip install 'mergelang[tune]'")) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials: a progress bar, a summary
+    # trials: a progress bar and a summary table (failed trials: TrialRecord.error), not a log
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -69,6 +70,7 @@ class TuneResult:
     runtime: tuple[str, ...] = ()      # params fed at run time (one compilation)
     static: tuple[str, ...] = ()       # params the compiler needs (trials recompile)
     compiles: int = 0
+    interrupted: bool = False          # Ctrl-C ended the search (interruptible calls only)
     _write: Callable[[dict[str, Any], Any], Any] | None = field(default=None, repr=False)
 
     @property
