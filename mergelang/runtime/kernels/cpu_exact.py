@@ -34,7 +34,9 @@ ENABLED = os.environ.get("MERGELANG_FAST", "1") != "0"
 MIN_ELEMENTS = 1 << 16
 
 def _cpu(*ts: torch.Tensor) -> bool:
-    return ENABLED and all(t.device.type == "cpu" for t in ts)
+    """The fast paths apply: CPU tensors that autograd does not track (`learn` differentiates
+    through the plain torch kernels)."""
+    return ENABLED and all(t.device.type == "cpu" and not t.requires_grad for t in ts)
 
 
 def where(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, into: int | None = None) -> torch.Tensor:

@@ -1,0 +1,255 @@
+"""`learn`: fit the params declared `learn` by gradient descent through the merge graph.
+
+The recipe is compiled once with its learnable params as run-time inputs (PARAM nodes). The
+plan (unfused: the generated numba loops are not differentiable) is split once into
+*constant* nodes — no learnable param above them — and *dynamic* ones. Constant values are
+computed once without gradients, and only those a dynamic node reads (the "frontier", e.g. the
+task vectors `a - base`) or that are outputs are kept; each step evaluates only the dynamic
+nodes with torch autograd, from the frontier and the current param tensors, and hands the loss
+`{tensor name: float32 tensor}`. Statistics passes (model-wide statistics) run once first; one
+that depends on a learnable param is refused (E906), as are params the compiler must know
+(a guard, an `if`, a shape: E906). A param whose gradient stays zero gets W106.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from mergelang.diagnostics import Diagnostic, MergelangError, error, warning
+from mergelang.ir.ops import Op
+from mergelang.lang.values import ListV, Value
+from mergelang.search.trials import Compile, split_runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergelang.compiler import Compilation
+
+
+@dataclass
+class Learned:
+    """Learned values ({param: number or nested list}), the loss per step, and how to write the
+    merge with them."""
+
+    values: dict[str, Any]
+    losses: list[float]
+    warnings: list[Diagnostic] = field(default_factory=list)
+    _recipe: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def recipe(self) -> Any:
+        """The recipe compiled with the learned values (a Recipe)."""
+        assert self._recipe is not None
+        return self._recipe(**self.values)
+
+    def run(self, out_dir: Any, **kw: Any) -> Any:
+        """Write the merge with the learned values (Recipe.run's keywords)."""
+        r = self.recipe()
+        try:
+            return r.run(out_dir, **kw)
+        finally:
+            r.close()
+
+    def evaluate(self) -> dict[str, Any]:
+        r = self.recipe()
+        try:
+            return r.evaluate()
+        finally:
+            r.close()
+
+
+def _as_tensor(v: Value) -> "torch.Tensor":
+    import torch
+
+    def py(x: Value) -> Any:
+        return [py(i) for i in x.items] if isinstance(x, ListV) else float(x.value)  # type: ignore[union-attr]
+    return torch.tensor(py(v), dtype=torch.float32)
+
+
+def _refuse(compile_: Compile, name: str) -> MergelangError:
+    """E906 for a learnable param the compiler must know, with the reason it gave."""
+    try:
+        compile_((name,), {}).close()
+        why = None
+    except MergelangError as exc:
+        why = exc.diagnostics[0]
+    diag = error("E906", f"param `{name}` is declared `learn` but the compiler needs its value (a "
+                 "guard, an `if`, a count or a shape reads it), so it cannot be learned",
+                 why.span if why is not None else None,
+                 "learn coefficients that only scale or mix tensors; tune the others (tune)")
+    if why is not None:
+        diag = diag.with_note(f"where: {why.message}")
+    return MergelangError(diag)
+
+
+class GraphProgram:
+    """The plan as constant work (done once) and dynamic work (done per step)."""
+
+    def __init__(self, plan: Any, models: Mapping[str, Any], device: str):
+        import torch
+
+        from mergelang.runtime.executor import prepare_models
+        from mergelang.runtime.loads import read_value
+
+        g = plan.graph
+        self.graph = g
+        order = [s.nid for s in plan.steps]
+        dynamic: set[int] = set()
+        from mergelang.passes.params import param_nodes
+
+        refs = set(param_nodes(g)[1])
+        self.refs = refs
+        for nid in order:
+            n = g.node(nid)
+            if n.op is Op.PARAM or nid in refs or any(a in dynamic for a in n.args):
+                dynamic.add(nid)
+        self.dynamic = [nid for nid in order if nid in dynamic]
+        needed = {a for nid in self.dynamic for a in g.node(nid).args if a not in dynamic}
+        users: dict[int, int] = {}
+        for nid in order:
+            if nid not in dynamic:
+                for a in g.node(nid).args:
+                    users[a] = users.get(a, 0) + 1
+        prepare_models(plan, models, torch.device(device))
+        vals: dict[int, torch.Tensor] = {}
+        self.frontier: dict[int, torch.Tensor] = {}
+        self.const_out: dict[str, torch.Tensor] = {}
+        self.outputs: list[tuple[int, str]] = []
+        from mergelang.runtime.kernels import KERNELS
+
+        with torch.no_grad():
+            for nid in order:
+                n = g.node(nid)
+                if n.op is Op.OUTPUT:
+                    self.outputs.append((nid, n.attrs["name"]))
+                if nid in dynamic:
+                    continue
+                if n.op is Op.LOAD:
+                    v = read_value(plan, models, nid).to(device)
+                elif n.op is Op.OUTPUT:
+                    v = vals[n.args[0]].detach()
+                    self.const_out[n.attrs["name"]] = v
+                else:
+                    v = KERNELS[n.op](n, [vals[a] for a in n.args])
+                vals[nid] = v
+                if nid in needed:
+                    self.frontier[nid] = v
+                for a in set(n.args):
+                    users[a] -= 1
+                    if users[a] == 0 and a not in needed:
+                        vals.pop(a, None)
+
+    def state(self, params: Mapping[str, "torch.Tensor"], values: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
+        """The merged tensors (float32) for the current param tensors; `values` (plain
+        numbers) fill ParamRef attrs, which are not differentiable."""
+        from mergelang.ir.graph import Node
+        from mergelang.passes.params import _sub_attrs
+        from mergelang.runtime.kernels import KERNELS
+
+        g = self.graph
+        vals: dict[int, torch.Tensor] = dict(self.frontier)
+        out: dict[str, torch.Tensor] = {}
+        for nid in self.dynamic:
+            n = g.node(nid)
+            if n.op is Op.PARAM:
+                t = params[n.attrs["name"]]
+                for i in n.attrs["path"]:
+                    t = t[i]
+                vals[nid] = t
+                continue
+            if nid in self.refs:
+                n = Node(n.op, n.args, _sub_attrs(n.attrs, values), n.type, n.span)
+            args = [vals[a] for a in n.args]
+            if n.op is Op.OUTPUT:
+                out[n.attrs["name"]] = args[0]
+                continue
+            vals[nid] = KERNELS[n.op](n, args)
+        return {name: out[name] if name in out else self.const_out[name] for _, name in self.outputs}
+
+
+def _batches(batches: Any, steps: int | None) -> Iterable[Any]:
+    data = batches() if callable(batches) else batches
+    if steps is None:
+        return data
+    if hasattr(data, "__len__") and not hasattr(data, "__next__"):
+        return itertools.islice(itertools.cycle(data), steps)
+    return itertools.islice(data, steps)
+
+
+def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[..., Any],
+                 loss: Callable[..., Any], batches: Any, *, steps: int | None = None,
+                 lr: float = 1e-2, optimizer: str = "adam", device: str = "cpu",
+                 log: Callable[[str], None] | None = None) -> Learned:
+    import torch
+
+    names = c.learnable
+    if not names:
+        raise MergelangError(error("E901", "nothing to learn: no param is declared `learn`", None,
+                                   "declare one, e.g. param lam = [0.3, 0.3] learn"))
+    if optimizer not in ("adam", "sgd"):
+        raise MergelangError(error("E902", f"optimizer must be adam or sgd, not {optimizer!r}"))
+    runtime, static = split_runtime(compile_, names)
+    if static:
+        raise _refuse(compile_, static[0])
+    cc = compile_(runtime, {})
+    try:
+        from mergelang.passes.params import runtime_names
+
+        plan = cc.plan
+        if any(runtime_names(pp.graph) for pp in plan.prepasses):
+            raise MergelangError(error("E906", "a model-wide statistic depends on a learnable param, "
+                                       "so it cannot be learned (statistics are not differentiable)"))
+        if plan.prepasses:
+            from mergelang.passes.stats import run_stat_passes
+            from mergelang.runtime.executor import execute
+
+            plan = run_stat_passes(plan, lambda pp, sink: execute(pp, cc.models, sink, device,
+                                                                  pipelined=False))
+        program = GraphProgram(plan, cc.models, device)
+        params = {n: _as_tensor(c.params[n]).to(device).requires_grad_(True) for n in names}
+        ranges = {n: c.ranges[n] for n in names if n in c.ranges}
+        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=lr)
+        losses: list[float] = []
+        warns: list[Diagnostic] = []
+        moved: dict[str, bool] = {n: False for n in names}
+        for step, batch in enumerate(_batches(batches, steps)):
+            opt.zero_grad()
+            values = {n: p.detach().tolist() for n, p in params.items()}
+            state = program.state(params, values)
+            if cc.output_names:
+                split: dict[str, dict[str, Any]] = {n: {} for n in cc.output_names}
+                for k, v in state.items():
+                    o, _, t = k.partition("/")
+                    split[o][t] = v
+                state = split  # type: ignore[assignment]
+            value = loss(state, batch)
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise MergelangError(error("E903", f"the loss returned {type(value).__name__}; it must "
+                                           "return a scalar tensor", None,
+                                           "return e.g. ml.objectives.entropy(logits)"))
+            if value.requires_grad:
+                value.reshape(()).backward()
+            for n, p in params.items():
+                if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                    moved[n] = True
+            opt.step()
+            with torch.no_grad():
+                for n, rng in ranges.items():  # projected: stay in the declared range
+                    params[n].clamp_(rng.lo, rng.hi)
+            losses.append(float(value.detach()))
+            if log is not None:
+                log(f"step {step + 1}: loss {losses[-1]:.6g}")
+        if not losses:
+            raise MergelangError(error("E903", "no batch to learn from: `batches` is empty"))
+        spans = {d.name: d.value.span for d in c.unit.params}
+        for n, ok in moved.items():
+            if not ok:
+                warns.append(warning("W106", f"the loss does not depend on learnable param `{n}` "
+                                     "(its gradient was zero at every step), so it kept its value",
+                                     spans.get(n), "check that the loss uses the tensors this param "
+                                     "scales, and that a top-k density is not what it sets"))
+        values = {n: p.detach().cpu().tolist() for n, p in params.items()}
+        return Learned(values, losses, warns, with_params)
+    finally:
+        cc.close()
