@@ -333,6 +333,7 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
         click.echo(data if isinstance(data, str) else data.decode(), nl=False)
 
 
-from mergelang.commands.search import tune_cmd  # noqa: E402  (after `main`: commands/ imports no cli)
+from mergelang.commands.search import learn_cmd, tune_cmd  # noqa: E402  (commands/ imports no cli)
 
 main.add_command(tune_cmd)
+main.add_command(learn_cmd)

@@ -174,3 +174,50 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
             path = res.run(out, member=pick, force=force, device=device)
             click.echo(f"wrote the {'best' if pick is None else f'Pareto member {pick}'} merge to {path}",
                        err=True)
+
+
+@click.command(name="learn")
+@recipe_arg
+@click.option("--loss", required=True, metavar="FILE.py:FUNC",
+              help="FUNC(state: dict[str, Tensor], batch) -> scalar tensor, differentiable")
+@click.option("--data", required=True, metavar="FILE.py:BATCHES",
+              help="an iterable of batches, or a function returning one")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="write the merge with the learned values")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="optimizer steps [default: one pass over the batches]")
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="replace an earlier mergelang output at --output")
+@click.option("-q", "--quiet", is_flag=True, help="no per-step log")
+@set_opt
+@allow_pickle_opt
+@follow_opt
+@_guard
+def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr: float,
+              optimizer: str, device: str, force: bool, quiet: bool, sets: tuple[str, ...],
+              allow_pickle: bool, follow_symlinks: bool) -> None:
+    """Learn RECIPE's `learn` params by gradient descent on a loss, then write the merge."""
+    from mergelang.search.objectives import load_function, load_value
+
+    loss_fn = load_function(loss, "loss")
+    batches = load_value(data, "data")
+    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    say = None if quiet else (lambda msg: click.echo(msg, err=True))
+    try:
+        res = r.learn(loss_fn, batches, steps=steps, lr=lr, optimizer=optimizer, device=device, log=say)
+    finally:
+        r.close()
+    from mergelang.commands.common import _echo_diags
+
+    _echo_diags(res.warnings)
+    for name, v in res.values.items():
+        click.echo(f"{name} = {json.dumps(_rounded(v))}")
+    path = res.run(out, force=force, device=device)
+    click.echo(f"wrote the learned merge to {path} (loss {res.losses[0]:.6g} -> {res.losses[-1]:.6g} "
+               f"in {len(res.losses)} steps)", err=True)
+
+
+def _rounded(v: Any) -> Any:
+    return [_rounded(x) for x in v] if isinstance(v, list) else round(v, 6)

@@ -42,6 +42,15 @@ def forward(module: Any, state: Mapping[str, Any], *args: Any, strict: bool = Fa
 def load_function(spec: str, what: str = "objective") -> Callable[..., Any]:
     """`FILE.py:FUNC` -> the function (E905 when the file or the function is missing, or the
     file fails to import)."""
+    fn = load_value(spec, what)
+    if not callable(fn):
+        raise MergelangError(error("E905", f"--{what} {spec}: `{spec.rpartition(':')[2]}` is "
+                                   f"a {type(fn).__name__}, not a function"))
+    return fn
+
+
+def load_value(spec: str, what: str = "data") -> Any:
+    """`FILE.py:NAME` -> the module attribute NAME (E905 when missing)."""
     path_text, sep, name = spec.rpartition(":")
     if not sep or not path_text or not name:
         raise MergelangError(error("E905", f"--{what} {spec!r} is not FILE.py:FUNC", None,
@@ -55,6 +64,9 @@ def load_function(spec: str, what: str = "objective") -> Callable[..., Any]:
     assert spec_ is not None and spec_.loader is not None
     module = importlib.util.module_from_spec(spec_)
     sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # the file may import its neighbours, as `python FILE.py` would
+        sys.path.append(folder)
     try:
         spec_.loader.exec_module(module)
     except Exception as exc:
@@ -62,10 +74,9 @@ def load_function(spec: str, what: str = "objective") -> Callable[..., Any]:
         raise MergelangError(error("E905", f"--{what}: importing {path} failed: "
                                    f"{type(exc).__name__}: {exc}", None,
                                    "run the file with python to see the full error")) from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+    if not hasattr(module, name):
+        names = [n for n, v in vars(module).items() if not n.startswith("_")
                  and getattr(v, "__module__", None) == mod_name]
-        raise MergelangError(error("E905", f"--{what}: {path} defines no function `{name}`", None,
+        raise MergelangError(error("E905", f"--{what}: {path} defines no `{name}`", None,
                                    f"functions there: {', '.join(names) or 'none'}"))
-    return fn
+    return getattr(module, name)
