@@ -219,7 +219,8 @@ def _param_refs(el: Elab, v: Value) -> Any:
 
 
 @intrinsic("known", "x", doc="true when x is known at compile time (a number, string, bool, none "
-           "or list of them), false for a tensor or a run-time param (tune, learn)")
+           "or list of them), false for a tensor or a run-time param (tune, learn); use it only "
+           "to pick between equal computations (a shortcut), or a tuned merge differs from a run")
 def _known(el: Elab, a: dict[str, Value], span: Span) -> Value:
     def known(v: Value) -> bool:
         return isinstance(v, Const) or (isinstance(v, ListV) and all(known(i) for i in v.items))
