@@ -31,5 +31,5 @@ def __getattr__(name: str) -> Any:
     if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
         import importlib
 
-        return importlib.import_module("mergelang.search.objectives")
+        return importlib.import_module("mergelang.objectives")
     raise AttributeError(f"module 'mergelang' has no attribute {name!r}")
