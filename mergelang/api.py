@@ -152,7 +152,7 @@ class Recipe:
 
         fn = self._compile_fn()
         return tune_recipe(self._c, fn, lambda params, out, **rk: self.with_params(**params).run(out, **rk),
-                           objective, trials, **kw)
+                           objective, trials, spec=self._spec, **kw)
 
     def learn(self, loss: Callable[..., Any], batches: Any, **kw: Any) -> Any:
         """Fit the params declared `learn` by gradient descent through the merge:

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -59,24 +59,38 @@ def load_value(spec: str, what: str = "data") -> Any:
     if not path.is_file():
         raise MergelangError(error("E905", f"--{what}: no file {path}", None,
                                    f"give the Python file that defines `{name}`"))
-    mod_name = f"_mergelang_{what}_{abs(hash(str(path.resolve())))}"
-    spec_ = importlib.util.spec_from_file_location(mod_name, path)
-    assert spec_ is not None and spec_.loader is not None
-    module = importlib.util.module_from_spec(spec_)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergelangError(error("E905", f"--{what}: cannot read {path}: {exc}")) from None
+    return _attribute(module_from_source(text, path, what), name, path, what)
+
+
+def module_from_source(text: str, path: Path, what: str = "objective") -> Any:
+    """A module executed from `text` as if imported from `path` (its folder importable): the
+    CLI's objective file, and the same file's text shipped to Ray workers."""
+    path = Path(path).resolve()
+    mod_name = f"_mergelang_{what}_{abs(hash(str(path)))}"
+    module = types.ModuleType(mod_name)
+    module.__file__ = str(path)
     sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
-    folder = str(path.resolve().parent)
+    folder = str(path.parent)
     if folder not in sys.path:  # the file may import its neighbours, as `python FILE.py` would
         sys.path.append(folder)
     try:
-        spec_.loader.exec_module(module)
+        exec(compile(text, str(path), "exec"), module.__dict__)  # noqa: S102 - the user's own file
     except Exception as exc:
         sys.modules.pop(mod_name, None)
         raise MergelangError(error("E905", f"--{what}: importing {path} failed: "
                                    f"{type(exc).__name__}: {exc}", None,
                                    "run the file with python to see the full error")) from None
+    return module
+
+
+def _attribute(module: Any, name: str, path: Path, what: str) -> Any:
     if not hasattr(module, name):
         names = [n for n, v in vars(module).items() if not n.startswith("_")
-                 and getattr(v, "__module__", None) == mod_name]
+                 and getattr(v, "__module__", None) == module.__name__]
         raise MergelangError(error("E905", f"--{what}: {path} defines no `{name}`", None,
                                    f"functions there: {', '.join(names) or 'none'}"))
     return getattr(module, name)

@@ -38,7 +38,8 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
                 params: Sequence[str] | None = None, device: str = "cpu",
                 executor: str = "local", ray_address: str | None = None,
                 progress: bool = False, timeout: float | None = None,
-                objective_spec: str | None = None, interruptible: bool = False) -> TuneResult:
+                objective_spec: str | None = None, interruptible: bool = False,
+                spec: Any = None) -> TuneResult:
     """`Recipe.tune`. With `interruptible`, Ctrl-C ends the search and returns what was found
     (result.interrupted is True); otherwise KeyboardInterrupt propagates. Either way the
     interrupted trial is marked failed and a stored study stays usable."""
@@ -57,9 +58,9 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
         if executor == "ray":
             from mergelang.search.ray_trials import tune_on_ray
 
-            runtime, static, compiles = tune_on_ray(c, names, shapes, ranges, objective,
-                                                    objective_spec, trials, study, device,
-                                                    ray_address, progress)
+            runtime, static, compiles = tune_on_ray(spec, compile_, names, shapes, ranges,
+                                                    objective, objective_spec, trials, study,
+                                                    device, ray_address, progress)
         else:
             runner = TrialRunner(compile_, names, device)
             runtime, static = runner.runtime, runner.static
