@@ -343,6 +343,12 @@ CODES: dict[str, str] = {
     "E803": "--device cuda on a Ray cluster without GPUs",
     "E804": "cannot connect to the Ray cluster",
     "E805": "the Ray run failed after retries",
+    "E901": "a param cannot be tuned or learned (undeclared, not numbers, no range), or nothing to tune / learn",
+    "E902": "a bad tune / learn setting (sampler, direction, storage, optimizer)",
+    "E903": "the objective or loss returned the wrong kind of value, or there is nothing to write",
+    "E904": "tune needs optuna (or cmaes) which is not installed",
+    "E905": "an objective, loss or data file (FILE.py:NAME) cannot be loaded",
+    "E906": "a learn param is read at compile time (a guard, an if, a count) or by a model-wide statistic",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -353,4 +359,5 @@ CODES: dict[str, str] = {
     "W103": "mergekit model is not a local path",
     "W104": "vocabulary tensors resized (option resize_vocab)",
     "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
+    "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
 }
