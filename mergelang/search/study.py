@@ -12,6 +12,7 @@ in the trial's user attributes), not a crash; one that returns something other t
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -147,7 +148,7 @@ def _rebuild(params: Mapping[str, Any], name: str, shape: Any) -> Any:
 
 def _check_value(v: Any, n: int) -> tuple[float, ...]:
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v,)
-    ok = len(vals) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) or
+    ok = len(vals) == n and all(isinstance(x, numbers.Real) and not isinstance(x, bool) or
                                 _is_scalar_tensor(x) for x in vals)
     if not ok:
         what = type(v).__name__ if not isinstance(v, (tuple, list)) else f"{len(vals)} values"

@@ -134,3 +134,24 @@ def test_functional_call_helper_and_entropy() -> None:
     h.backward()
     assert w.grad is not None
     assert ml.objectives.accuracy(torch.tensor([[0.1, 0.9], [2.0, 1.0]]), torch.tensor([1, 1])) == 0.5
+
+
+def test_forward_runs_a_transformers_skeleton_with_merged_tensors() -> None:
+    """A merged state dict drives an HF model skeleton (no copy into the module): the logits
+    equal those of the model with the tensors loaded."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    skeleton = transformers.LlamaForCausalLM(cfg).eval()
+    other = transformers.LlamaForCausalLM(cfg).eval()
+    sd = {k: v.detach().clone() for k, v in skeleton.state_dict().items()}
+    merged = ml.merge("linear([a, b])", a=sd, b={k: v.detach() for k, v in other.state_dict().items()})
+    ids = torch.tensor([[1, 5, 7, 3]])
+    got = ml.objectives.forward(skeleton, merged, input_ids=ids).logits
+    loaded = transformers.LlamaForCausalLM(cfg).eval()
+    loaded.load_state_dict(merged)
+    with torch.no_grad():
+        want = loaded(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.equal(skeleton.state_dict()[k], sd[k]) for k in sd)  # the skeleton is untouched

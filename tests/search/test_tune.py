@@ -195,3 +195,24 @@ def test_tune_reads_files_once(tmp_path) -> None:
         SafetensorsSource.load_as = orig
     assert len(res.complete) == 5
     assert len(reads) == 6  # 2 tensors x 3 models, once
+
+
+def test_ray_executor_without_ray_is_E801(tmp_path, monkeypatch) -> None:
+    from helpers import write_model
+
+    for name, sd in (("base", BASE), ("a", A), ("b", B)):
+        write_model(tmp_path / name, sd)
+    src = SRC
+    for name in ("base", "a", "b"):
+        src = src.replace(f'model {name} = "<memory>"', f'model {name} = "{tmp_path / name}"')
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MergelangError) as ei:
+        ml.compile(src).tune(closeness, trials=2, executor="ray")
+    assert ei.value.diagnostics[0].code == "E801" and "mergelang[ray]" in ei.value.diagnostics[0].help
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    import numpy as np
+
+    res = _recipe().tune(lambda s: np.float32(closeness(s)), trials=2, seed=0)
+    assert len(res.complete) == 2
