@@ -50,8 +50,7 @@ def v3_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 def with_scales(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """DeepSeek-V3's FP8 layout: a `weight_scale_inv` (one float per 128 x 128 block) beside
-    every 2-D linear weight — what makes it ~90k tensors per model. (Stored here as bf16
-    weights and float32 scales: FP8 itself is issue 21's item 1, not built yet.)"""
+    every 2-D linear weight (stored as float8_e4m3fn) — what makes it ~90k tensors per model."""
     out = dict(shapes)
     for name, shape in shapes.items():
         if len(shape) == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name:
@@ -63,8 +62,9 @@ def sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """A valid safetensors file whose data region is a hole (sparse): header only on disk."""
     header, off = {}, 0
     for name, shape in shapes.items():
-        dtype = "F32" if name.endswith("_scale_inv") else "BF16"
-        n = {"BF16": 2, "F32": 4}[dtype]
+        dtype = "F32" if name.endswith("_scale_inv") else \
+            "F8_E4M3" if name + "_scale_inv" in shapes else "BF16"
+        n = {"BF16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
@@ -97,8 +97,11 @@ def main() -> None:
         d = root / f"v3_{layers}"
         shapes = with_scales(v3_shapes(layers))
         for m in ("a", "b"):
-            if not (d / m / "model.safetensors").exists():
+            if not (d / m / "config.json").exists():
                 sparse_safetensors(d / m / "model.safetensors", shapes)
+                (d / m / "config.json").write_text(json.dumps(  # DeepSeek-V3's block-scaled FP8
+                    {"model_type": "deepseek_v3", "quantization_config": {
+                        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}))
         recipe = d / "r.mrg"
         recipe.write_text(f'model a = "{d}/a"\nmodel b = "{d}/b"\nmerge from a {{\n'
                           '    "model.layers.{i}.mlp.experts.{e}.*" => b\n    "*" => linear([a, b])\n}\n')

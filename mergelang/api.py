@@ -344,7 +344,9 @@ class Recipe:
     def _config_override(self, ref: Any, copies: dict[str, Path] | None) -> dict[str, str] | None:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
         patch = getattr(ref, "config_patch", None)
-        if not copies or patch is None or "config.json" not in copies:
+        # block-scaled FP8 written in another dtype (--dtype): not quantized any more
+        drop = self._c.options.dtype is not None and _wraps_fp8(ref)
+        if not copies or (patch is None and not drop) or "config.json" not in copies:
             return None
         import json
 
@@ -354,7 +356,10 @@ class Recipe:
             cfg = check_json_object(copies["config.json"])
         except CheckpointError as e:
             raise MergelangError(error(e.code, str(e), None, e.help)) from None
-        cfg.update(patch())
+        if patch is not None:
+            cfg.update(patch())
+        if drop:
+            cfg.pop("quantization_config", None)
         dtype = self.config_dtype()
         cfg["torch_dtype"] = dtype
         if "dtype" in cfg:
@@ -367,12 +372,22 @@ class Recipe:
             return self._c.options.dtype
         sizes: Counter[str] = Counter()
         for t in self.outputs:
-            if t.dtype in ("float32", "float16", "bfloat16", "float64"):
+            if t.dtype in ("float32", "float16", "bfloat16", "float64") and \
+                    not t.name.endswith("_scale_inv"):  # FP8 scales: not the model's dtype
                 sizes[t.dtype] += t.nbytes
         return sizes.most_common(1)[0][0] if sizes else "float32"
 
     def close(self) -> None:
         self._c.close()
+
+
+def _wraps_fp8(model: Any) -> bool:
+    """`model` is (or wraps) a block-scaled FP8 source (sources/fp8.BlockFp8)."""
+    while model is not None:
+        if hasattr(model, "block_scale"):
+            return True
+        model = getattr(model, "inner", None)
+    return False
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,

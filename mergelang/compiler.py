@@ -34,6 +34,7 @@ from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
+from mergelang.sources.fp8 import dequantize_models, mixed_formats
 from mergelang.sources.outputs import link_outputs
 from mergelang.sources.tokenizer import retokenize_models
 from mergelang.sources.vocab import improve_diagnostics, resize_models
@@ -222,6 +223,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
     el.runtime = runtime_params(unit, params, runtime, diags)
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
+    models = dequantize_models(models, {d.name: d.value.span for d in unit.models}, diags)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
     copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
@@ -245,6 +247,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             _fail(diags, models)
     elif opts.resize_vocab:
         models = resize_models(models, block.source, diags)  # type: ignore[union-attr]
+    mixed_formats(models, block.source, opts.dtype, block.source_span, diags)  # type: ignore[union-attr]
     el.models = models
     el.out_dtype = opts.dtype
     graph = el.build(*unit.blocks)

@@ -308,6 +308,9 @@ CODES: dict[str, str] = {
     "E317": "merge blocks' outputs depend on each other in a cycle",
     "E318": "the output tokenizer (tokenizer_source) cannot be built",
     "E319": "a `merge adapter` block misused (low_rank elsewhere, a rule giving another shape, used as a model)",
+    "E320": "an FP8 weight of a block-scaled checkpoint has no scale tensor (weight_scale_inv)",
+    "E321": "an FP8 scale tensor's shape is not its weight's block grid",
+    "E322": "block-scaled FP8 weights, but config.json has no quantization_config.weight_block_size",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",
@@ -359,5 +362,6 @@ CODES: dict[str, str] = {
     "W103": "mergekit model is not a local path",
     "W104": "vocabulary tensors resized (option resize_vocab)",
     "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
+    "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
 }

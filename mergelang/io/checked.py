@@ -38,6 +38,10 @@ def all_finite(t: torch.Tensor) -> bool:
             bits = t.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
             return int(rt.max_masked_u16(bits, np.uint16(mask))) != mask
         return int((t.contiguous().view(torch.int16) & mask).max()) != mask
+    if t.dtype == torch.float8_e4m3fn:  # no infinities; NaN is S.1111.111
+        return int((t.contiguous().view(torch.uint8) & 0x7F).eq(0x7F).sum()) == 0
+    if t.dtype == torch.float8_e5m2:  # IEEE-like: exponent 11111 is Inf or NaN
+        return int((t.contiguous().view(torch.uint8) & 0x7C).eq(0x7C).sum()) == 0
     return bool(torch.isfinite(t).all())
 
 

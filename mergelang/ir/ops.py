@@ -78,6 +78,10 @@ class Op(enum.Enum):
     DIAGONAL = "diagonal"      # a square matrix with its off-diagonal entries zeroed
     CAT = "cat"                # plain tensors concatenated along `axis`
     CONCAT_MODELS = "concat_models"  # a stack -> one tensor, models concatenated along `axis`
+    # block-scaled FP8 output (sources/fp8.py): attrs block (rows, cols), fmax (the format's
+    # largest value), part ("values": x / its block's scale, within +-fmax, cast by the OUTPUT;
+    # "scale_inv": one float32 per block, block amax / fmax)
+    BLOCK_QUANT = "block_quant"
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
@@ -128,7 +132,7 @@ ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
-              Op.WUDI_ADAM: 1,
+              Op.WUDI_ADAM: 1, Op.BLOCK_QUANT: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
@@ -297,6 +301,15 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         return _infer_order(op, attrs, args)
     if op in LINALG_OPS:
         return _infer_linalg(op, attrs, args)
+    if op is Op.BLOCK_QUANT:
+        x = args[0]
+        _require(x, "float32", "block_quant")
+        if len(x.shape) != 2 or x.models is not None:
+            raise TypeRuleError(f"block quantization needs a 2-D tensor, got {x}")
+        b0, b1 = attrs["block"]
+        if attrs["part"] == "values":
+            return x
+        return TType((-(-x.shape[0] // b0), -(-x.shape[1] // b1)), "float32", None)
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")
         return args[0]

@@ -4,7 +4,7 @@ that applies to each tensor, and a block's output used as a model by other block
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergelang.diagnostics import CompileError, error, warning
 from mergelang.io.checkpoint import ModelSource, TensorInfo
@@ -79,7 +79,17 @@ class BlockElaboration:
                 f"{list(info.shape)}", expr.span,
                 "the output follows the names and shapes of the `merge from` model"))
         dtype = self.out_dtype or info.dtype
+        scaled = None if self.out_dtype else _block_scale(self.models.get(block.source), name)
         for out, nid in zip(outs, nids):
+            if scaled is not None:  # block-scaled FP8 like the reference (sources/fp8.py)
+                scale_name, blk, fmax = scaled
+                q, s = (self.graph.make(Op.BLOCK_QUANT, [nid], Attrs(block=blk, fmax=fmax, part=p),
+                                        expr.span) for p in ("values", "scale_inv"))
+                self.graph.make(Op.OUTPUT, [q], Attrs(name=out, order=order, dtype=dtype), expr.span)
+                self.graph.make(Op.OUTPUT, [s], Attrs(name=out[: len(out) - len(name)] + scale_name,
+                                                      order=order + 1, dtype="float32"), expr.span)
+                order += 2
+                continue
             self.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
             order += 1
         return order
@@ -225,3 +235,14 @@ class BlockElaboration:
             raise self.error("E201", f"this rule gives a stack of {ty.models} tensors, not one",
                              span, 'reduce the model axis, e.g. sum(x, over = "models")')
         return nid
+
+
+def _block_scale(model: Any, name: str) -> Any:
+    """(scale tensor name, block, largest value) when `model` (or a source it wraps) stores
+    `name` as block-scaled FP8 (sources/fp8.BlockFp8), else None."""
+    while model is not None:
+        fn = getattr(model, "block_scale", None)
+        if fn is not None:
+            return fn(name)
+        model = getattr(model, "inner", None)
+    return None

@@ -86,3 +86,22 @@ KERNELS.update({Op.SOLVE: _solve, Op.WUDI_ADAM: _wudi_adam, Op.TRANSPOSE: lambda
                 Op.DIAGONAL: _diagonal, Op.PINV: lambda node, args: torch.linalg.pinv(args[0]),
 Op.SVD: _svd, Op.POLAR: _polar, Op.MATMUL: lambda node, args: args[0] @ args[1],
                 Op.CONCAT_MODELS: _concat_models})
+
+
+def _block_quant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """Block-scaled FP8 (sources/fp8.py): per block of `block` entries, scale_inv = amax / fmax;
+    "values" gives x / scale_inv (0 where the block is all zeros), clamped to +-fmax for the
+    cast to FP8 that the OUTPUT does (round to nearest even)."""
+    (x,) = args
+    (b0, b1), fmax = node.attrs["block"], node.attrs["fmax"]
+    r, c = x.shape
+    rb, cb = -(-r // b0), -(-c // b1)
+    padded = torch.nn.functional.pad(x.abs(), (0, cb * b1 - c, 0, rb * b0 - r))
+    scale = padded.reshape(rb, b0, cb, b1).amax(dim=(1, 3)) / fmax
+    if node.attrs["part"] == "scale_inv":
+        return scale
+    s = scale.repeat_interleave(b0, 0)[:r].repeat_interleave(b1, 1)[:, :c]
+    return torch.where(s == 0, 0.0, x / s).clamp(-fmax, fmax)
+
+
+KERNELS[Op.BLOCK_QUANT] = _block_quant
