@@ -311,6 +311,8 @@ CODES: dict[str, str] = {
     "E320": "an FP8 weight of a block-scaled checkpoint has no scale tensor (weight_scale_inv)",
     "E321": "an FP8 scale tensor's shape is not its weight's block grid",
     "E322": "block-scaled FP8 weights, but config.json has no quantization_config.weight_block_size",
+    "E323": "moe(...): an expert of another architecture or with other MLP shapes than the base",
+    "E324": "moe(...): invalid settings (gate, prompts, output, experts_per_token, shared expert)",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

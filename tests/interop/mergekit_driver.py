@@ -2,7 +2,7 @@
 with the python of a separate mergekit venv (never imported by mergelang's tests).
 
 Usage: python mergekit_driver.py JOBS.json  -- JOBS: [[config.yml, out_dir, kind], ...] with kind
-"yaml" (mergekit-yaml), "multi" (mergekit-multi: the final merge in OUT, intermediates in
+"yaml" (mergekit-yaml), "moe" (mergekit-moe), "multi" (mergekit-multi: the final merge in OUT, intermediates in
 OUT_int/NAME) or "extract_lora" (config.yml: a JSON list of mergekit-extract-lora arguments); prints one line per job: "ok OUT" or "error OUT: message".
 """
 
@@ -22,6 +22,16 @@ def main() -> None:
                 from mergekit.scripts.extract_lora import main as extract
 
                 extract.main(json.load(open(cfg_path)) + ["--out-path", out], standalone_mode=False)
+                print("ok", out, flush=True)
+                continue
+            if kind == "moe":  # mergekit-moe (cheap_embed / random gates: no forward pass)
+                from mergekit.moe.config import MoEMergeConfig
+                from mergekit.scripts.moe import build
+
+                with open(cfg_path) as f:
+                    moe_cfg = MoEMergeConfig.model_validate(yaml.safe_load(f))
+                build(moe_cfg, out, MergeOptions(copy_tokenizer=True, write_model_card=False,
+                                                 quiet=True, random_seed=0), device="cpu")
                 print("ok", out, flush=True)
                 continue
             if kind == "multi":
