@@ -91,7 +91,8 @@ def _fmt(v: Any) -> str:
             return str(int(v))
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
+            .replace("\t", "\\t").replace("\r", "\\r") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(i) for i in v) + "]"
     if v is None:

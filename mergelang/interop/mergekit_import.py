@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
@@ -434,6 +435,9 @@ def translate(config: dict[str, Any] | str, config_path: str | Path | None = Non
                                Path(out_dir) if out_dir else None, layer_prefix, Translator)
     if not isinstance(config, dict):
         return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
+    if is_moe_config(config):  # mergekit-moe
+        return translate_moe(config, Path(config_path) if config_path else None,
+                             Path(out_dir) if out_dir else None)
     t = Translator(config, Path(config_path) if config_path else None,
                    Path(out_dir) if out_dir else None, layer_prefix)
     return t.translate()

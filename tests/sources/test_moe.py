@@ -203,3 +203,39 @@ def test_side_by_side_with_mergekit_moe(dense, tmp_path: Path) -> None:
     b = json.loads((ours / "config.json").read_text())
     for key in ("architectures", "model_type", "num_local_experts", "num_experts_per_tok"):
         assert a[key] == b[key], key
+
+
+def test_import_mergekit_moe_config(dense, tmp_path: Path) -> None:
+    """A mergekit-moe config becomes `model moe = moe(...)`; the recipe gives the same tensors as
+    the hand-written one."""
+    from click.testing import CliRunner
+
+    from mergelang.cli import main
+
+    cfg = {"base_model": str(dense["base"]), "gate_mode": "cheap_embed", "experts_per_token": 1,
+           "dtype": "float32",
+           "experts": [{"source_model": str(dense["e0"]), "positive_prompts": ["def \"return\"\npython"]},
+                       {"source_model": str(dense["e1"]), "positive_prompts": ["solve"],
+                        "negative_prompts": ["story"], "residual_scale": 0.5, "noise_scale": 0.1}]}
+    (tmp_path / "moe.yml").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["import-mergekit", str(tmp_path / "moe.yml"), "-o", str(tmp_path / "r.mrg")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "r.mrg").read_text()
+    assert "model moe = moe(base, [e0, e1], gate = \"cheap_embed\"" in text and "W102" in text
+    imported = ml.compile(tmp_path / "r.mrg").evaluate()
+    direct = ml.compile(_src(dense, 'moe(base, [e0, e1], gate = "cheap_embed", prompts = '
+                                    '[["def \\"return\\"\\npython"], ["solve"]], negative_prompts = [[], ["story"]], '
+                                    "experts_per_token = 1, residual_scale = [1, 0.5])",
+                             ("base", "e0", "e1"))).evaluate()
+    assert imported.keys() == direct.keys()
+    assert all(torch.equal(imported[k], direct[k]) for k in direct)
+
+
+def test_import_mergekit_moe_unsupported(tmp_path: Path) -> None:
+    from mergelang.interop.mergekit_import import translate
+
+    res = translate({"base_model": "b", "gate_mode": "uniform_random", "experts": [{"source_model": "x"}]})
+    assert [d.code for d in res.diagnostics if d.is_error] == ["E704"]
+    res = translate({"base_model": "b", "experts": [{"source_model": "x"}],
+                     "shared_experts": [{"source_model": "y"}, {"source_model": "z"}]})
+    assert [d.code for d in res.diagnostics if d.is_error] == ["E704"]

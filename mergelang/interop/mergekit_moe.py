@@ -1,0 +1,93 @@
+"""mergekit-moe configs (`base_model`, `experts` with `source_model` and prompts, `gate_mode`,
+`experts_per_token`, `shared_experts`, `dtype`, `architecture`) -> a recipe declaring
+`model moe = moe(...)` (sources/moe.py) and writing it.
+
+mergekit picks the output architecture from the config (Mixtral without shared experts, Qwen MoE
+with exactly one); `architecture: mixtral | qwen` chooses it explicitly. Not translated:
+`noise_scale` (random noise, unseeded in mergekit), `uniform_random` and `hidden_avg` gates,
+several shared experts, DeepSeek and Qwen3 MoE outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergelang.interop.mergekit_config import ConfigReader, Result, _fmt
+
+MOE_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
+            "architecture"}
+EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
+GATES = {"hidden": "hidden", "hidden_last": "hidden", "cheap_embed": "cheap_embed", "random": "random"}
+
+
+def is_moe_config(cfg: Any) -> bool:
+    return isinstance(cfg, dict) and "experts" in cfg and "merge_method" not in cfg
+
+
+def _strings(v: Any) -> list[str]:
+    return [str(x) for x in v] if isinstance(v, list) else []
+
+
+def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path | None) -> Result:
+    r = ConfigReader(cfg, config_path, out_dir)
+    for key in cfg:
+        if key not in MOE_KEYS:
+            r.warn("W101", f"`{key}` is not translated (unknown mergekit-moe key)")
+    base = r.model(cfg.get("base_model"), "base_model", base=True)
+    experts = cfg.get("experts")
+    if not isinstance(experts, list) or not experts or not all(isinstance(e, dict) for e in experts):
+        r.err("E702", "`experts` must be a non-empty list of {source_model: ..., positive_prompts: [...]}")
+        return Result("", r.diags)
+    shared = cfg.get("shared_experts") or []
+    if not isinstance(shared, list) or len(shared) > 1:
+        r.err("E704", "several shared experts: only one (a Qwen2-MoE output) is supported")
+        return Result("", r.diags)
+    arch = cfg.get("architecture")
+    output = "qwen2_moe" if shared or (isinstance(arch, str) and arch.lower().startswith("qwen")) else "mixtral"
+    if isinstance(arch, str) and arch.lower() not in ("mixtral", "qwen", "qwen2", "qwen2_moe"):
+        r.err("E704", f"architecture {arch!r}: mergelang writes Mixtral and Qwen2-MoE outputs")
+        return Result("", r.diags)
+    gate = cfg.get("gate_mode", "hidden")
+    if gate not in GATES:
+        r.err("E704", f"gate_mode {gate!r} is not supported", "use hidden, cheap_embed or random")
+        return Result("", r.diags)
+    names, pos, neg, scales = [], [], [], []
+    for i, e in enumerate([*experts, *shared]):
+        for key in e:
+            if key not in EXPERT_KEYS:
+                r.warn("W101", f"experts[{i}].{key} is not translated (unknown key)")
+        if e.get("noise_scale") is not None:
+            r.warn("W102", f"experts[{i}].noise_scale has no effect in mergelang: mergekit adds "
+                   "unseeded random noise, which cannot be reproduced")
+        name = r.model(e.get("source_model"), f"experts[{i}].source_model")
+        names.append(name)
+        pos.append(_strings(e.get("positive_prompts")))
+        neg.append(_strings(e.get("negative_prompts")))
+        rs = e.get("residual_scale")
+        scales.append(float(rs) if isinstance(rs, (int, float)) else 1.0)
+    if base is None or any(n is None for n in names) or any(d.is_error for d in r.diags):
+        return Result("", r.diags)
+    n = len(experts)
+    args = [base, "[" + ", ".join(names[:n]) + "]", f"gate = {_fmt(GATES[gate])}"]
+    if GATES[gate] != "random":
+        args.append("prompts = [" + ", ".join("[" + ", ".join(_fmt(p) for p in ps) + "]" for ps in pos[:n]) + "]")
+        if any(neg[:n]):
+            args.append("negative_prompts = [" + ", ".join(
+                "[" + ", ".join(_fmt(p) for p in ps) + "]" for ps in neg[:n]) + "]")
+    args.append(f"experts_per_token = {int(cfg.get('experts_per_token', 2))}")
+    if output != "mixtral":
+        args.append(f"output = {_fmt(output)}")
+    if shared:
+        args.append(f"shared = {names[n]}")
+        if GATES[gate] != "random":
+            args.append("shared_prompts = [" + ", ".join(_fmt(p) for p in pos[n]) + "]")
+    if any(s != 1.0 for s in scales[:n]):
+        args.append("residual_scale = [" + ", ".join(_fmt(s) for s in scales[:n]) + "]")
+    lines = ["# translated from a mergekit-moe config by `mergelang import-mergekit`", *r.notes, ""]
+    lines += r.model_lines
+    if cfg.get("dtype"):
+        lines.append(f"option dtype = {_fmt(str(cfg['dtype']))}")
+    lines.append(f"model moe = moe({', '.join(args)})")
+    lines += ["", 'merge from moe { "*" => moe }']
+    return Result("\n".join(lines) + "\n", r.diags)
