@@ -364,6 +364,7 @@ CODES: dict[str, str] = {
     "W103": "mergekit model is not a local path",
     "W104": "vocabulary tensors resized (option resize_vocab)",
     "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
+    "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
 }

@@ -113,3 +113,46 @@ def test_a_list_for_a_multi_name_adapter_block_must_fit(folders):
         ml.compile(header(folders, "base", "a") + 'merge adapter ["x", "y"] from base {\n'
                    '  "*proj.weight" => low_rank([a, a, a] - base, rank = 2)\n  "*" => none\n}')
     assert [d.code for d in info.value.diagnostics if d.is_error][0] == "E313"
+
+
+def test_energy_threshold_keeps_the_fewest_directions(folders, tmp_path):
+    """low_rank(delta, rank = R, energy = e): per tensor, the smallest r whose singular values
+    hold e of sum(s^2) (at most R); B @ A is that rank-r truncation (independent SVD here)."""
+    from safetensors.torch import load_file as lf
+
+    r = ml.compile(header(folders, "base", "a") +
+                   'merge adapter from base {\n    "*proj.weight" => low_rank(a - base, rank = 6, energy = 0.5)\n'
+                   '    "*" => none\n}\n')
+    out = r.run(tmp_path / "out")
+    got = lf(str(out / "adapter_model.safetensors"))
+    base, a = (lf(str(Path(folders[n]) / "model.safetensors")) for n in ("base", "a"))
+    checked = 0
+    for name in base:
+        if not name.endswith("proj.weight"):
+            continue
+        delta = (a[name].float() - base[name].float()).double()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        e = s ** 2
+        k = int((e.cumsum(0) < 0.5 * e.sum()).sum()) + 1
+        k = min(k, 6)
+        want = (u[:, :k] * s[:k]) @ vh[:k]
+        module = name[: -len(".weight")]
+        A, B = got[f"base_model.model.{module}.lora_A.weight"], got[f"base_model.model.{module}.lora_B.weight"]
+        assert A.shape[0] == min(6, *delta.shape)  # the files keep the maximum rank's shape
+        assert torch.allclose((B.double() @ A.double()), want, atol=1e-4), name
+        checked += 1
+    assert checked
+
+
+def test_rank_above_the_tensor_is_clamped_with_W108(folders):
+    r = ml.compile(header(folders, "base", "a") +
+                   'merge adapter from base {\n    "*proj.weight" => low_rank(a - base, rank = 4096)\n'
+                   '    "*" => none\n}\n')
+    w = [d for d in r.warnings if d.code == "W108"]
+    assert w and "clamped to" in w[0].message
+    r.close()
+    with pytest.raises(ml.MergelangError) as ei:
+        ml.compile(header(folders, "base", "a") +
+                   'merge adapter from base { "*proj.weight" => low_rank(a - base, rank = 4, energy = 1.5)\n'
+                   '    "*" => none }\n')
+    assert ei.value.diagnostics[0].code == "E203"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergelang.diagnostics import Span
+from mergelang.diagnostics import Span, warning
 from mergelang.lang.intrinsics.registry import Elab, intrinsic
 from mergelang.ir.ops import Attrs, Op
 from mergelang.lang.values import Const, TensorV, Value, is_number
@@ -153,12 +153,14 @@ def _cat(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.CAT, nodes, Attrs(axis=int(axis.value)), span))  # type: ignore[union-attr]
 
 
-@intrinsic("low_rank", "x", "rank", ("embedding", False),
+@intrinsic("low_rank", "x", "rank", ("embedding", False), ("energy", None),
            doc="a LoRA pair for a `merge adapter` block: lora_A = sqrt(S) Vh, lora_B = U sqrt(S) "
                "from the float32 SVD of the 2-D delta x, rank min(rank, rows, cols) (B @ A is the "
                "best rank-r approximation); embedding = true decomposes x transposed "
                "(lora_embedding_A / lora_embedding_B, for embedding layers); a stack of deltas "
-               "gives a list of pairs, one per model (a multi-name adapter block)")
+               "gives a list of pairs, one per model (a multi-name adapter block); energy = e "
+               "keeps per tensor the fewest singular directions holding e of sum(s^2) (at most "
+               "rank; the files keep rank columns, zero beyond)")
 def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
     rank, emb = a["rank"], a["embedding"]
     if not (is_number(rank) and float(rank.value) == int(rank.value) and rank.value >= 1):  # type: ignore[union-attr]
@@ -166,17 +168,23 @@ def _low_rank(el: Elab, a: dict[str, Value], span: Span) -> Value:
                        f"time, got {getattr(rank, 'value', rank.describe())}", span)
     if not (isinstance(emb, Const) and isinstance(emb.value, bool)):
         raise el.error("E201", "low_rank's embedding must be true or false", span)
+    energy = a["energy"]
+    if not (isinstance(energy, Const) and energy.value is None) and not (
+            is_number(energy) and 0 < energy.value <= 1):  # type: ignore[union-attr]
+        raise el.error("E203", "low_rank's energy must be a number in (0, 1] (the fraction of "
+                       "sum(s^2) kept), or none", span)
+    e = None if isinstance(energy, Const) and energy.value is None else float(energy.value)  # type: ignore[union-attr]
     x = el.to_node(a["x"], span)
     models = el.graph.node(x).type.models
     if models is not None:  # a stack: one pair per model (a multi-name adapter block)
         from mergelang.lang.values import ListV
 
         return ListV(tuple(_pair(el, el.make(Op.INDEX, [x], Attrs(i=i), span), int(rank.value),  # type: ignore[union-attr]
-                                 bool(emb.value), span) for i in range(models)))
-    return _pair(el, x, int(rank.value), bool(emb.value), span)  # type: ignore[union-attr]
+                                 bool(emb.value), span, e) for i in range(models)))
+    return _pair(el, x, int(rank.value), bool(emb.value), span, e)  # type: ignore[union-attr]
 
 
-def _pair(el: Elab, x: int, rank: int, embedding: bool, span: Span) -> Value:
+def _pair(el: Elab, x: int, rank: int, embedding: bool, span: Span, energy: float | None = None) -> Value:
     from mergelang.lang.values import LowRank
 
     if embedding:
@@ -186,8 +194,13 @@ def _pair(el: Elab, x: int, rank: int, embedding: bool, span: Span) -> Value:
         raise el.error("E201", f"low_rank needs a 2-D tensor (a delta), got {ty}", span,
                        "use it in a rule for 2-D weights (e.g. \"*proj.weight\")")
     r = min(rank, *ty.shape)
+    if r < rank:
+        el.diags.add(warning("W108", f"low_rank's rank {rank} is more than the {ty.shape[0]}x"
+                             f"{ty.shape[1]} delta of `{el.tensor}` allows: clamped to {r}", span,
+                             "a rank above min(rows, cols) adds nothing"), subject=el.tensor)
     u = el.make(Op.SVD, [x], Attrs(part="U", k=r), span)
-    s = el.make(Op.SVD, [x], Attrs(part="S", k=r), span)
+    s = el.make(Op.SVD, [x], Attrs(part="S", k=r) if energy is None else
+                Attrs(part="S", k=r, energy=energy), span)
     vh = el.make(Op.SVD, [x], Attrs(part="Vh", k=r), span)
     root = el.make(Op.SQRT, [s], Attrs(), span)
     col = el.make(Op.RESHAPE, [root], Attrs(shape=(r, 1)), span)

@@ -33,7 +33,16 @@ def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     k, part = node.attrs["k"], node.attrs["part"]
     u, s, vh = _full_svd(x)
     if part == "S":
-        return s[..., :k].contiguous()
+        energy = node.attrs.get("energy")
+        if energy is None:
+            return s[..., :k].contiguous()
+        # the smallest rank whose singular values hold `energy` of the total (sum of s^2), at
+        # most k; the values beyond it are zeroed (the factors keep k columns)
+        e = s.double() ** 2
+        cum = e.cumsum(-1)
+        keep = (cum < energy * cum[..., -1:]).sum(-1, keepdim=True) + 1
+        idx = torch.arange(s.shape[-1], device=s.device)
+        return torch.where(idx < keep, s, 0.0)[..., :k].contiguous()
     return u[..., :, :k].contiguous() if part == "U" else vh[..., :k, :].contiguous()
 
 
