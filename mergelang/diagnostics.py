@@ -313,6 +313,7 @@ CODES: dict[str, str] = {
     "E322": "block-scaled FP8 weights, but config.json has no quantization_config.weight_block_size",
     "E323": "moe(...): an expert of another architecture or with other MLP shapes than the base",
     "E324": "moe(...): invalid settings (gate, prompts, output, experts_per_token, shared expert)",
+    "E325": "rmm: an input is not a LoRA adapter, the adapters differ in modules or ranks, or an unknown task",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

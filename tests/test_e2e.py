@@ -388,3 +388,15 @@ def test_fast_exit_flushes_and_runs_atexit_handlers(work, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "E002" in bad.stderr
     assert "atexit handler ran" in bad.stdout  # the ordinary exit path
+
+
+def test_moe_example_writes_a_mixtral(work, tmp_path):
+    """examples/moe.mrg: a Mixtral from the tiny Llamas, loaded and run by transformers."""
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(EXAMPLES / "moe.mrg", work / "moe.mrg")
+    out = tmp_path / "moe"
+    cli("run", work / "moe.mrg", "-o", out, "--device", "cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
