@@ -400,3 +400,43 @@ def test_moe_example_writes_a_mixtral(work, tmp_path):
     assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_twin_adapters_and_widen_examples(work, models, tmp_path):
+    """examples/twin_adapters.mrg (a shared model + per-task adapters whose products are the
+    rank-8 SVD of task - shared) and examples/widen.mrg run on the tiny Llamas."""
+    for name in ("twin_adapters", "widen"):
+        shutil.copy(EXAMPLES / f"{name}.mrg", work / f"{name}.mrg")
+    out = tmp_path / "twin"
+    cli("run", work / "twin_adapters.mrg", "-o", out, "--device", "cpu")
+    shared = load_folder(out / "shared")
+    ad = load_file(out / "math" / "adapter_model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    a = ad[f"base_model.model.{name[:-7]}.lora_A.weight"].double()
+    b = ad[f"base_model.model.{name[:-7]}.lora_B.weight"].double()
+    u, s, vh = torch.linalg.svd(models["math"][name].double() - shared[name].double(), full_matrices=False)
+    assert torch.allclose(b @ a, (u[:, :8] * s[:8]) @ vh[:8], atol=1e-4)
+    cli("run", work / "widen.mrg", "-o", tmp_path / "widen", "--device", "cpu")
+    assert load_folder(tmp_path / "widen").keys() == models["base"].keys()
+
+
+def test_towers_example_merges_differently_named_layers(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    two = {f"{t}.layers.{i}.{w}": torch.randn(4, 4, generator=g)
+           for t in ("vision", "text") for i in range(2) for w in ("attn.weight", "mlp.weight")}
+    one = {f"layers.{i}.{w}": torch.zeros(4, 4) for i in range(2) for w in ("attn.weight", "mlp.weight")}
+    one["head.weight"] = torch.ones(3, 4)
+    for name, sd in (("two_towers", two), ("one_tower", one)):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        save_file(sd, str(tmp_path / "models" / name / "model.safetensors"))
+    shutil.copy(EXAMPLES / "towers.mrg", tmp_path / "towers.mrg")
+    out = tmp_path / "out"
+    cli("run", tmp_path / "towers.mrg", "-o", out, "--device", "cpu")
+    got = load_file(next(out.glob("*.safetensors")))
+    for i in range(2):
+        for w in ("attn.weight", "mlp.weight"):
+            want = (two[f"vision.layers.{i}.{w}"] + two[f"text.layers.{i}.{w}"]) / 2
+            assert torch.allclose(got[f"layers.{i}.{w}"], want)
+    assert torch.equal(got["head.weight"], one["head.weight"])
