@@ -97,10 +97,11 @@ def main() -> None:
         d = root / f"v3_{layers}"
         shapes = with_scales(v3_shapes(layers))
         for m in ("a", "b"):
-            if not (d / m / "config.json").exists():
+            if not (d / m / "config.json").exists() or "n_routed" not in (d / m / "config.json").read_text():
                 sparse_safetensors(d / m / "model.safetensors", shapes)
                 (d / m / "config.json").write_text(json.dumps(  # DeepSeek-V3's block-scaled FP8
-                    {"model_type": "deepseek_v3", "quantization_config": {
+                    {"model_type": "deepseek_v3", "num_hidden_layers": layers, "n_routed_experts": EXPERTS,
+                     "first_k_dense_replace": DENSE_LAYERS, "quantization_config": {
                         "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}))
         recipe = d / "r.mrg"
         recipe.write_text(f'model a = "{d}/a"\nmodel b = "{d}/b"\nmerge from a {{\n'

@@ -19,7 +19,7 @@ from mergelang.lang import ast
 from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource
 from mergelang.io.locate import model_error, open_model
 from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
-                          did_you_mean, error)
+                          did_you_mean, error, warning)
 import mergelang.sources  # noqa: F401  (registers lora, stack_layers, layer_range, align)
 from mergelang.lang.elaborate import Elaborator
 from mergelang.lang.values import Poisoned
@@ -224,6 +224,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     el.runtime = runtime_params(unit, params, runtime, diags)
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     models = dequantize_models(models, {d.name: d.value.span for d in unit.models}, diags)
+    check_architectures(models, {d.name: d.value.span for d in unit.models}, diags)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
     copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
@@ -263,6 +264,22 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
                        _overridden(overrides, unit), {k: v for k, v in ranges.items() if v},
                        runtime)
+
+
+def check_architectures(models: Mapping[str, ModelSource | None], spans: Mapping[str, Any],
+                        diags: Diagnostics) -> None:
+    """W109 for a model whose config.json disagrees with its tensors on layer or expert counts
+    (io/architectures.py; header names only)."""
+    from mergelang.io.architectures import mismatch
+
+    for label, m in models.items():
+        if m is None or m.block_output is not None or m.folder is None:
+            continue
+        why = mismatch(m.config(), {n: i.shape for n, i in m.tensors().items()})
+        if why:
+            diags.add(warning("W109", f"model `{label}`: {why}", spans.get(label),
+                              "a checkpoint cut or stacked by hand? transformers builds the model "
+                              "from config.json"))
 
 
 def _option_span(unit: Unit, name: str) -> Any:

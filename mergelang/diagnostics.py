@@ -313,6 +313,7 @@ CODES: dict[str, str] = {
     "E322": "block-scaled FP8 weights, but config.json has no quantization_config.weight_block_size",
     "E323": "moe(...): an expert of another architecture or with other MLP shapes than the base",
     "E324": "moe(...): invalid settings (gate, prompts, output, experts_per_token, shared expert)",
+    "E326": "stack_layers: the config of an MoE model cannot describe the stacked layer order",
     "E325": "rmm: an input is not a LoRA adapter, the adapters differ in modules or ranks, or an unknown task",
     # command line and options
     "E401": "bad override (--set)",
@@ -365,6 +366,7 @@ CODES: dict[str, str] = {
     "W103": "mergekit model is not a local path",
     "W104": "vocabulary tensors resized (option resize_vocab)",
     "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
+    "W109": "a model's config.json disagrees with its tensors on the layer or expert count",
     "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",

@@ -20,6 +20,7 @@ import subprocess
 from collections import defaultdict
 from typing import Any, Iterable
 
+from mergelang.io.architectures import architecture
 from mergelang.lang import ast
 from mergelang.compiler import Compilation
 from mergelang.diagnostics import Diagnostics, MergelangError, error
@@ -153,6 +154,10 @@ def explain_text(c: Compilation) -> str:
                  f"{len(plan.outputs)} output tensors in all, computed in one graph"]
     else:
         lines = [f"recipe {c.source.path}: merge from `{c.reference}`, {len(plan.outputs)} output tensors"]
+    ref = c.models.get(c.reference)
+    arch = architecture(ref.config() if ref is not None else None)
+    if arch is not None:
+        lines.append(f"architecture of `{c.reference}` (config.json): {arch.describe()}")
     methods: dict[str, int] = {}
     for block in c.unit.blocks:
         lines.append("")

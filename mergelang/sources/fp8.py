@@ -105,7 +105,7 @@ class BlockFp8(ModelSource):
 
 
 def _block_size(cfg: dict | None) -> tuple[int, int] | None:
-    q = (cfg or {}).get("quantization_config")
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(q, dict):
         return None
     b = q.get("weight_block_size")

@@ -152,6 +152,11 @@ def _moe(el: Elab, a: dict[str, Value], span: Span) -> Value:
                          int(seed.value) if is_number(seed) else 0, scales))  # type: ignore[union-attr]
 
 
+def _model_type(m: Any) -> Any:
+    cfg = m.config()
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
+
+
 class MoeSource(ModelSource):
     """The MoE model's tensor table (headers of its sources) and loads (built per tensor)."""
 
@@ -170,9 +175,9 @@ class MoeSource(ModelSource):
         if not self.layers:
             raise ValueError(f"`{spec.base}` has no `layers.N.mlp.gate_proj.weight` tensors (a Llama-"
                              "style MLP with gate, up and down projections is needed)")
-        kind = (self.base.config() or {}).get("model_type")
+        kind = _model_type(self.base)
         for name, src in [*zip(spec.experts, self.experts), *([(spec.shared, self.shared)] if self.shared else [])]:
-            other = (src.config() or {}).get("model_type")  # type: ignore[union-attr]
+            other = _model_type(src)
             if kind and other and other != kind:
                 raise ValueError(f"expert `{name}` is a {other} model and base `{spec.base}` a {kind} model")
             for _, p in self.layers:
@@ -248,11 +253,12 @@ class MoeSource(ModelSource):
 
     def config(self) -> dict | None:
         cfg = self.base.config()
-        return None if cfg is None else {**cfg, **self.config_patch()}
+        return {**cfg, **self.config_patch()} if isinstance(cfg, dict) else None
 
     def config_patch(self) -> dict[str, Any]:
         arch, kind = OUTPUTS[self.spec.output]
-        cfg = self.base.config() or {}
+        cfg = self.base.config()
+        cfg = cfg if isinstance(cfg, dict) else {}
         patch: dict[str, Any] = {"architectures": [arch], "model_type": kind,
                                  "num_experts_per_tok": self.spec.experts_per_token,
                                  "sliding_window": None}

@@ -56,7 +56,15 @@ class StackSpec:
                 return  # otherwise it failed to open: already reported
             sources.append(m)
         try:
-            models[decl.name] = StackedSource(decl.name, list(zip(self.ranges, sources)))
+            stacked = StackedSource(decl.name, list(zip(self.ranges, sources)))
+            from mergelang.io.architectures import stacking_patch
+
+            why = stacking_patch(stacked.source_config() or {}, stacked.layer_map)
+            if isinstance(why, str):
+                diags.add(error("E326", f"model `{decl.name}`: {why}", decl.value.span,
+                                "keep the dense layers first, or write config.json by hand"))
+                return
+            models[decl.name] = stacked
         except ValueError as exc:
             diags.add(error("E203", f"model `{decl.name}`: {exc}", decl.value.span))
 
@@ -121,6 +129,7 @@ class StackedSource(ModelSource):
             if not LAYER.search(name) and PRE.search(name):
                 put(first, name, name)
         k = 0
+        self.layer_map: list[int] = []  # new layer -> the layer of its source model
         for r, src in ranges:
             layers = _layers(src)
             if r.end > len(layers) or any(i not in layers for i in range(r.start, r.end)):
@@ -130,6 +139,7 @@ class StackedSource(ModelSource):
                 for name in layers[i]:
                     new = LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{k}.", name, count=1)
                     put(src, name, new)
+                self.layer_map.append(i)
                 k += 1
         for name in last.tensors():
             if not LAYER.search(name) and not PRE.search(name):
@@ -148,10 +158,19 @@ class StackedSource(ModelSource):
         cfg = super().config()
         return patch_config(cfg, self.config_patch()) if cfg is not None else None
 
+    def source_config(self) -> dict | None:
+        """The first range's model's config.json, unchanged."""
+        return super().config()
+
     def config_patch(self) -> dict[str, Any]:
+        """The layer count, and for MoE models the keys saying which layers are dense
+        (io/architectures.py; checked at compile time, E326)."""
+        from mergelang.io.architectures import stacking_patch
+
         cfg = super().config() or {}
         keys = [k for k in LAYER_KEYS if k in cfg] or ["num_hidden_layers"]
-        return {k: self.num_layers for k in keys}
+        moe = stacking_patch(cfg, self.layer_map)
+        return {**{k: self.num_layers for k in keys}, **(moe if isinstance(moe, dict) else {})}
 
 
 def patch_config(cfg: dict, patch: dict[str, Any]) -> dict:

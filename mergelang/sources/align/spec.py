@@ -76,6 +76,10 @@ def spec_for(config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int
         return gpt2_spec(config, shapes)
     if kind in BERT_TYPES or (kind is None and any(n.endswith("attention.self.query.weight") for n in names)):
         return bert_spec(config, shapes)
+    if kind in ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"):
+        raise SpecError(f"no built-in permutation spec for the mixture-of-experts model_type "
+                        f"{kind!r}: its experts would have to be matched before its hidden units "
+                        "(give the groups to permute with groups = [...])")
     raise SpecError(f"no built-in permutation spec for model_type {kind!r}" if kind else
                     "no config.json and the tensor names match no built-in architecture")
 
