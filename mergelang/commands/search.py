@@ -149,6 +149,8 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
         raise click.UsageError("--ray-address needs --executor ray")
     fn = load_function(objective, "objective")
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    if out is not None and (len(directions) <= 1 or pick is not None):
+        _check_output(r, out, force)  # before the study, not after it
     try:
         res = r.tune(fn, trials, sampler=sampler, seed=seed, storage=storage,
                      directions=directions or ("maximize",), study_name=study_name,
@@ -204,6 +206,7 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
     loss_fn = load_function(loss, "loss")
     batches = load_value(data, "data")
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    _check_output(r, out, force)  # before learning, not after it
     say = None if quiet else (lambda msg: click.echo(msg, err=True))
     try:
         res = r.learn(loss_fn, batches, steps=steps, lr=lr, optimizer=optimizer, device=device, log=say)
@@ -217,6 +220,18 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
     path = res.run(out, force=force, device=device)
     click.echo(f"wrote the learned merge to {path} (loss {res.losses[0]:.6g} -> {res.losses[-1]:.6g} "
                f"in {len(res.losses)} steps)", err=True)
+
+
+def _check_output(r: Any, out: str, force: bool) -> None:
+    """E403 / E404 for an output folder the merge could not be written to (as `run` checks)."""
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import check_output
+
+    try:
+        check_output(Path(out), r.compilation.inputs, force)
+    except CodedError as exc:
+        r.close()
+        raise MergelangError(to_diagnostic(exc)) from None
 
 
 def _rounded(v: Any) -> Any:

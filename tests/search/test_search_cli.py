@@ -142,3 +142,16 @@ def test_learn_cli_writes_the_learned_merge(project: Path) -> None:
 def test_learn_cli_bad_data_is_E905(project: Path) -> None:
     res = _run("learn", "l.mrg", "--loss", "obj.py:loss", "--data", "obj.py:NOPE", "-o", "out")
     assert res.exit_code == 1 and "E905" in res.output
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_study(project: Path) -> None:
+    calls = project / "calls.txt"
+    (project / "count.py").write_text(f"def f(state):\n    open({str(calls)!r}, 'a').write('x')\n    return 1.0\n")
+    res = _run("tune", "r.mrg", "--objective", "count.py:f", "--trials", "3", "-o", "base", "-q")
+    assert res.exit_code == 1 and "E404" in res.output
+    assert not calls.exists()  # no trial ran
+    (project / "full").mkdir()
+    (project / "full" / "mine.txt").write_text("keep")
+    res = _run("learn", "l.mrg", "--loss", "obj.py:loss", "--data", "obj.py:BATCHES", "-o", "full", "-q")
+    assert res.exit_code == 1 and "E403" in res.output
+    assert (project / "full" / "mine.txt").read_text() == "keep"
