@@ -341,3 +341,15 @@ main.add_command(tune_cmd)
 main.add_command(learn_cmd)
 main.add_command(rmm_cmd)
 main.add_command(rmm_rebuild_cmd)
+
+
+@main.command()
+@click.option("-q", "--quiet", is_flag=True, help="no per-method timings")
+@_guard
+def warmup(quiet: bool) -> None:
+    """Compile the fused CPU loops of the common methods into the cache (run once after
+    installing: a first merge then costs what a later one does)."""
+    from mergelang.tools.warmup import warmup as run_warmup
+
+    secs = run_warmup(log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+    click.echo(f"warm-up done in {secs:.1f}s", err=True)

@@ -18,6 +18,9 @@ echo "==> installing torch and mergelang (editable, with test extras)"
 .venv/bin/python -m pip install "torch==2.13.0"
 .venv/bin/python -m pip install -e ".[test]"
 
+echo "==> compiling the fused CPU loops of the common methods (once; a first merge then runs warm)"
+.venv/bin/mergelang warmup -q
+
 echo "==> building tiny models in examples/models"
 .venv/bin/python examples/make_tiny_models.py --out examples/models
 
