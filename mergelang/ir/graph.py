@@ -226,6 +226,10 @@ def _attrs_text(n: Node) -> str:
         a.pop("type", None)
     if n.op is Op.LOAD:
         return f"{a['model']}[{a['tensor']!r}] from {a['src_dtype']}"
+    if n.op is Op.PARAM:
+        from mergelang.ir.paramexpr import render
+
+        return render(a["expr"])
     if n.op is Op.LOOP:
         return (f"fn={a['fn']!r} times={a['times']} body=<{len(a['body'])} nodes, "
                 f"{', '.join(sorted({b.op.value for b in a['body']}))}>")

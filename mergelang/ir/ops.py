@@ -95,9 +95,9 @@ class Op(enum.Enum):
     # call site; computed by a statistics pass before the apply pass
     MODEL_STAT = "model_stat"  # attrs: kind ("sum" | "topk_value" | "quantile_value"), key, fraction, tensor
     STAT_VALUE = "stat_value"  # arity 0; attrs: key, type; filled with a CONST at run time
-    # a run-time param (tune / learn: compile once, run with many values): arity 0; attrs: name,
-    # path (the element of a list param, () for a number), type; filled with a CONST before a
-    # run (passes/params.py). Attrs may also hold ParamRef where an op needs the number itself
+    # a run-time param (tune / learn: compile once, run with many values): arity 0; attrs: expr
+    # (an expression over params, ir/paramexpr.py), type; filled with a CONST before a run
+    # (passes/params.py). Attrs may also hold ParamRef where an op needs the number itself
     PARAM = "param"
     # execution only (fuse.py): a region of elementwise ops run as one generated CPU loop
     FUSED = "fused"            # attrs: body, inputs, models; typed by its root, never by a rule
@@ -143,14 +143,16 @@ STAT_KINDS = ("sum", "topk_value", "quantile_value")
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A run-time param's number inside an op's attrs (e.g. a top-k density): replaced by the
-    value before a run (passes/params.py), never seen by a kernel."""
+    """A run-time param's number (an expression over params, ir/paramexpr.py) inside an op's
+    attrs (e.g. a top-k density): replaced by its value before a run (passes/params.py), never
+    seen by a kernel."""
 
-    name: str
-    path: tuple[int, ...] = ()
+    expr: tuple
 
     def __repr__(self) -> str:
-        return self.name + "".join(f"[{i}]" for i in self.path)
+        from mergelang.ir.paramexpr import render
+
+        return render(self.expr)
 
 
 class Attrs(Mapping[str, Any]):

@@ -23,7 +23,7 @@ from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, d
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
 from mergelang.ir.types import TType, format_shape, is_floating
-from mergelang.lang.values import (REQUIRED, Const, ListV, ModelV, Param, Poisoned, Signature, TensorV, Value,
+from mergelang.lang.values import (REQUIRED, Const, Deferred, ListV, ModelV, Param, Poisoned, Signature, TensorV, Value,
                                    is_number)
 
 MAX_DEPTH = 64
@@ -240,12 +240,14 @@ class Elaborator(BlockElaboration):
         if isinstance(v, ModelV):
             return self.load(v.name, self.tensor, v.span)
         if isinstance(v, Const):
+            if isinstance(v.value, Deferred):  # a run-time param's number: filled per run
+                return self.graph.make(Op.PARAM, [], Attrs(expr=v.value.tree, type=TType(())))
             if isinstance(v.value, bool):
                 return self.const(v.value, TType((), "bool"))
             if is_number(v):
                 return self.const(float(v.value), TType(()))
             raise self.error("E201", f"expected a tensor or a number, got {v.describe()}", span)
-        if v.scalars:
+        if v.scalars and not any(isinstance(i.value, Deferred) for i in v.items):  # type: ignore[union-attr]
             vals = tuple(float(i.value) for i in v.items)  # type: ignore[union-attr]
             if not vals:
                 raise self.error("E203", "empty list", span)
@@ -256,10 +258,11 @@ class Elaborator(BlockElaboration):
         return self.make(Op.STACK, items, Attrs(), span)
 
     def runtime_value(self, name: str, v: Value, path: tuple[int, ...]) -> Value:
-        """A run-time param's value: a PARAM node per number (passes/params.py)."""
+        """A run-time param's value: a Deferred number per element (lang/values.py), folded in
+        Python like any compile-time number and a PARAM node where it meets a tensor."""
         if isinstance(v, ListV):
             return ListV(tuple(self.runtime_value(name, x, path + (i,)) for i, x in enumerate(v.items)))
-        return TensorV(self.graph.make(Op.PARAM, [], Attrs(name=name, path=path, type=TType(()))))
+        return Const(Deferred(("p", name, path)))
 
     def const(self, value: Any, ty: TType) -> int:
         return self.graph.make(Op.CONST, [], Attrs(value=value, type=ty))
@@ -321,8 +324,13 @@ class Elaborator(BlockElaboration):
         if op in ("eq", "ne") and (_is_none(a) or _is_none(b)):
             same = _is_none(a) and _is_none(b)
             return Const(same if op == "eq" else not same)
-        if isinstance(a, Const) and isinstance(b, Const):
+        deferred = isinstance(getattr(a, "value", None), Deferred) or isinstance(getattr(b, "value", None), Deferred)
+        if isinstance(a, Const) and isinstance(b, Const) and not (
+                deferred and op not in ("add", "sub", "mul", "div", "pow")):
             return Const(self.py(op, a.value, b.value, span))
+        if deferred and op in ("and", "or", "floordiv", "mod"):
+            raise self.error("E201", f"`{ast.BINARY_SYMBOLS[op]}` needs numbers known at compile "
+                             "time, not a run-time param (tune, learn)", span)
         if _scalarish(a) and _scalarish(b) and (isinstance(a, ListV) or isinstance(b, ListV)):
             la = a.items if isinstance(a, ListV) else None
             lb = b.items if isinstance(b, ListV) else None
@@ -351,6 +359,8 @@ class Elaborator(BlockElaboration):
     def unary(self, op: Op, v: Value, span: Span, py: Callable[[float], float] | None = None,
               **attrs: Any) -> Value:
         """Apply a unary elementwise op: in Python for compile-time numbers, else a node."""
+        if py is not None and isinstance(v, Const) and isinstance(v.value, Deferred):
+            return Const(v.value.call(py))
         if py is not None and is_number(v):
             try:
                 out = py(float(v.value))  # type: ignore[union-attr]

@@ -67,11 +67,89 @@ Value = Union[Const, ListV, ModelV, TensorV]
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float))  # bools count: they multiply like 0/1
+    return isinstance(v, (int, float, Deferred))  # bools count: they multiply like 0/1
 
 
 def is_number(v: Value) -> bool:
-    return isinstance(v, Const) and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)
+    return isinstance(v, Const) and isinstance(v.value, (int, float, Deferred)) and not isinstance(v.value, bool)
+
+
+class Deferred:
+    """The number of a run-time param (tune, learn), or compile-time arithmetic on it: a small
+    expression evaluated in Python when the param's value is given (passes/params.py), exactly
+    as the compiler would have folded it. Anything that needs the number itself while
+    compiling (an `if`, a comparison, a count) is a compile error (E201): such a param cannot
+    be a run-time input (search/trials.split_runtime makes it static)."""
+
+    __slots__ = ("tree",)
+
+    def __init__(self, tree: tuple):
+        self.tree = tree  # ("p", name, path) | ("op", name, a, b) | ("f", fn, a) | ("c", number)
+
+    @staticmethod
+    def leaf(x: Any) -> tuple:
+        return x.tree if isinstance(x, Deferred) else ("c", x)
+
+    def _op(self, name: str, other: Any, swap: bool = False) -> "Deferred":
+        if not isinstance(other, (int, float, Deferred)) or isinstance(other, bool):
+            return NotImplemented  # type: ignore[return-value]
+        a, b = (Deferred.leaf(other), self.tree) if swap else (self.tree, Deferred.leaf(other))
+        return Deferred(("op", name, a, b))
+
+    def __add__(self, o: Any) -> "Deferred": return self._op("add", o)
+    def __radd__(self, o: Any) -> "Deferred": return self._op("add", o, True)
+    def __sub__(self, o: Any) -> "Deferred": return self._op("sub", o)
+    def __rsub__(self, o: Any) -> "Deferred": return self._op("sub", o, True)
+    def __mul__(self, o: Any) -> "Deferred": return self._op("mul", o)
+    def __rmul__(self, o: Any) -> "Deferred": return self._op("mul", o, True)
+    def __truediv__(self, o: Any) -> "Deferred": return self._op("div", o)
+    def __rtruediv__(self, o: Any) -> "Deferred": return self._op("div", o, True)
+    def __pow__(self, o: Any) -> "Deferred": return self._op("pow", o)
+    def __rpow__(self, o: Any) -> "Deferred": return self._op("pow", o, True)
+    def __neg__(self) -> "Deferred": return Deferred(("op", "sub", ("c", 0), self.tree))
+    def __pos__(self) -> "Deferred": return self
+
+    def call(self, fn: Any) -> "Deferred":
+        """fn(value), evaluated with the value (a unary compile-time function)."""
+        return Deferred(("f", fn, self.tree))
+
+    def _read(self, *a: Any) -> Any:
+        from mergelang.diagnostics import CompileError, error
+
+        raise CompileError(error("E201", f"{self.describe()} is needed while compiling (a "
+                                 "comparison, an `if`, a count or a shape reads it)", None,
+                                 "a run-time param (tune, learn) can only scale or mix tensors"))
+
+    __float__ = __int__ = __index__ = __bool__ = __lt__ = __le__ = __gt__ = __ge__ = _read
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __round__ = _read
+
+    def __eq__(self, o: Any) -> bool:
+        if isinstance(o, Deferred):
+            return o.tree == self.tree
+        return self._read()
+
+    def __ne__(self, o: Any) -> bool:
+        return not self.__eq__(o)
+
+    def __hash__(self) -> int:
+        return hash(self.tree)
+
+    def __abs__(self) -> "Deferred":
+        return self.call(abs)
+
+    def names(self) -> set[str]:
+        from mergelang.ir.paramexpr import names
+
+        return names(self.tree)
+
+    def describe(self) -> str:
+        return "run-time param " + ", ".join(f"`{n}`" for n in sorted(self.names()))
+
+    def __repr__(self) -> str:
+        from mergelang.ir.paramexpr import render
+
+        return render(self.tree)
+
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,17 @@
 """Run-time params: compile once, run with many values (`tune`, `learn`).
 
-A param compiled as run-time (`compile_recipe(..., runtime=...)`) is a `PARAM` node per number
-(a list param: one per element, `path` its index) instead of a folded constant, so the
-optimizer cannot fold it away and fusion treats it as an input of its loops, like a statistic.
-Ops that need the number itself in their attrs (a top-k density) hold a `ParamRef` there.
+A param compiled as run-time (`compile_recipe(..., runtime=...)`) is, in the elaborator, a
+`Deferred` number (lang/values.py): compile-time arithmetic on it (`1 - w`, `sum(w)`,
+`lam * 2`) builds an expression (ir/paramexpr.py) instead of a folded constant, and where it
+meets a tensor it becomes a `PARAM` node holding that expression, which the optimizer cannot fold
+and fusion treats as an input of its loops, like a statistic. Ops that need the number itself in
+their attrs (a top-k density) hold a `ParamRef` there.
 
 `ParamFiller` is made once per final plan; `fill(values)` returns the plan with every `PARAM`
-replaced by a `CONST` (same node ids, so the lowered schedule stays valid) and every `ParamRef`
-by its number — a few dictionary updates per trial, no re-elaboration, no re-planning.
+replaced by a `CONST` of its expression evaluated in Python — the very arithmetic the compiler
+would have folded, so a filled plan computes the same bits as a compilation with those values —
+(same node ids, so the lowered schedule stays valid) and every `ParamRef` by its number: a few
+dictionary updates per trial, no re-elaboration, no re-planning.
 """
 
 from __future__ import annotations
@@ -24,15 +28,35 @@ if TYPE_CHECKING:
 
 def unset(node: Node, args: list["torch.Tensor"]) -> "torch.Tensor":
     """The kernel of a PARAM left in a plan (registered by the executor)."""
-    raise RuntimeError(f"internal: run-time param {node.attrs['name']} was not given a value")
+    raise RuntimeError(f"internal: run-time param {node.attrs['expr']} was not given a value")
 
 
-def element(values: Mapping[str, Any], name: str, path: tuple[int, ...]) -> float:
+def element(values: Mapping[str, Any], name: str, path: tuple[int, ...]) -> Any:
     """The number at `path` inside param `name`'s value."""
     v = values[name]
     for i in path:
         v = v[i]
-    return float(v)
+    return v
+
+
+def value_of(expr: tuple, values: Mapping[str, Any]) -> Any:
+    """An expression over params, evaluated with Python numbers as compile-time folding does
+    (errors: E205 for a division by zero, E203 for a result that is not a finite number)."""
+    import math
+
+    from mergelang.diagnostics import MergelangError, error
+    from mergelang.ir.paramexpr import evaluate, render
+
+    try:
+        out = evaluate(expr, lambda name, path: element(values, name, path))
+    except ZeroDivisionError:
+        raise MergelangError(error("E205", f"division by zero in {render(expr)} with the values "
+                                   "given")) from None
+    except (OverflowError, ValueError) as exc:
+        raise MergelangError(error("E203", f"invalid arithmetic in {render(expr)}: {exc}")) from None
+    if isinstance(out, complex) or (isinstance(out, float) and not math.isfinite(out)):
+        raise MergelangError(error("E203", f"{render(expr)} is not a finite number with the values given"))
+    return out
 
 
 def _has_ref(v: Any) -> bool:
@@ -47,7 +71,7 @@ def _has_ref(v: Any) -> bool:
 
 def _sub(v: Any, values: Mapping[str, Any]) -> Any:
     if isinstance(v, ParamRef):
-        return element(values, v.name, v.path)
+        return float(value_of(v.expr, values))
     if isinstance(v, tuple):
         return tuple(_sub(x, values) for x in v)
     if isinstance(v, Node) and _has_ref(v):
@@ -81,18 +105,22 @@ def param_nodes(g: MergeGraph) -> tuple[list[int], list[int]]:
 
 def runtime_names(g: MergeGraph) -> set[str]:
     """The run-time params a graph reads."""
-    out = set()
+    from mergelang.ir.paramexpr import names
+
+    out: set[str] = set()
     for _, n in g.items():
         if n.op is Op.PARAM:
-            out.add(n.attrs["name"])
+            out |= names(n.attrs["expr"])
         for v in n.attrs.values():
             _collect(v, out)
     return out
 
 
 def _collect(v: Any, out: set[str]) -> None:
+    from mergelang.ir.paramexpr import names
+
     if isinstance(v, ParamRef):
-        out.add(v.name)
+        out |= names(v.expr)
     elif isinstance(v, tuple):
         for x in v:
             _collect(x, out)
@@ -124,7 +152,7 @@ class ParamFiller:
         g = g.clone()
         for nid in params:
             n = g.node(nid)
-            value = element(values, n.attrs["name"], n.attrs["path"])
+            value = float(value_of(n.attrs["expr"], values))  # as the elaborator's to_node
             g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
         for nid in refs:
             n = g.node(nid)

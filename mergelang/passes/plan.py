@@ -129,7 +129,7 @@ def _format_steps(plan: ExecutionPlan) -> str:
         elif n.op is Op.STAT_VALUE:
             what = f"stat {n.attrs['key']!r}"
         elif n.op is Op.PARAM:
-            what = f"param {ParamRef(n.attrs['name'], n.attrs['path'])!r}"
+            what = f"param {ParamRef(n.attrs['expr'])!r}"
         elif n.op is Op.CONST:
             what = f"const {n.attrs['value']!r}"
         else:

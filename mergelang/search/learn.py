@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from mergelang.diagnostics import Diagnostic, MergelangError, error, warning
 from mergelang.ir.ops import Op
+from mergelang.ir.paramexpr import evaluate
 from mergelang.lang.values import ListV, Value
 from mergelang.search.trials import Compile, split_runtime
 
@@ -92,9 +93,9 @@ class GraphProgram:
         from mergelang.runtime.executor import prepare_models
         from mergelang.runtime.loads import read_value
 
-        g = plan.graph
+        g = _float_outputs(plan.graph)
         self.graph = g
-        order = [s.nid for s in plan.steps]
+        order = [s.nid for s in plan.steps if s.nid in g]
         dynamic: set[int] = set()
         from mergelang.passes.params import param_nodes
 
@@ -152,11 +153,8 @@ class GraphProgram:
         out: dict[str, torch.Tensor] = {}
         for nid in self.dynamic:
             n = g.node(nid)
-            if n.op is Op.PARAM:
-                t = params[n.attrs["name"]]
-                for i in n.attrs["path"]:
-                    t = t[i]
-                vals[nid] = t
+            if n.op is Op.PARAM:  # its expression over the param tensors (differentiable)
+                vals[nid] = evaluate(n.attrs["expr"], lambda name, path: _at(params[name], path))
                 continue
             if nid in self.refs:
                 n = Node(n.op, n.args, _sub_attrs(n.attrs, values), n.type, n.span)
@@ -166,6 +164,35 @@ class GraphProgram:
                 continue
             vals[nid] = KERNELS[n.op](n, args)
         return {name: out[name] if name in out else self.const_out[name] for _, name in self.outputs}
+
+
+def _at(t: Any, path: tuple[int, ...]) -> Any:
+    for i in path:
+        t = t[i]
+    return t
+
+
+def _float_outputs(graph: Any) -> Any:
+    """The graph with block-scaled FP8 outputs (sources/fp8.py) as the float values they
+    quantize: a loss sees weights, not FP8 codes and their scale tensors."""
+    from mergelang.ir.graph import Node
+
+    quant = [(nid, n) for nid, n in graph.items()
+             if n.op is Op.OUTPUT and graph.node(n.args[0]).op is Op.BLOCK_QUANT]
+    if not quant:
+        return graph
+    g = graph.clone()
+    dropped = set()
+    for nid, n in quant:
+        bq = g.node(n.args[0])
+        dropped.add(n.args[0])
+        if bq.attrs["part"] == "scale_inv":
+            g.remove_node(nid)
+        else:
+            g.set_node(nid, Node(Op.OUTPUT, (bq.args[0],), n.attrs.replace(dtype="float32"),
+                                 bq.type, n.span))
+    g.remove_nodes_from(dropped)
+    return g
 
 
 def _batches(batches: Any, steps: int | None) -> Iterable[Any]:

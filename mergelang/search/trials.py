@@ -58,6 +58,23 @@ class HeldSource(ModelSource):
         self.inner.close()
 
 
+def fp8_outputs(g: Any) -> dict[str, tuple[str, tuple[int, int]]]:
+    """{output name: (its scale output's name, block)} for block-scaled FP8 outputs."""
+    from mergelang.ir.ops import Op
+
+    values, scales = {}, {}
+    for _, n in g.items():
+        if n.op is Op.OUTPUT and g.node(n.args[0]).op is Op.BLOCK_QUANT:
+            bq = g.node(n.args[0])
+            (values if bq.attrs["part"] == "values" else scales)[(n.args[0], bq.args[0])] = n.attrs["name"]
+    out = {}
+    for (bq, src), name in values.items():
+        scale = next((s for (b, s2), s in scales.items() if s2 == src), None)
+        if scale is not None:
+            out[name] = (scale, tuple(g.node(bq).attrs["block"]))
+    return out
+
+
 def check_values(values: Mapping[str, Any], ranges: Mapping[str, "ParamRange"]) -> None:
     """E405 for a value outside its param's declared range (each element of a list)."""
     for name, v in values.items():
@@ -115,6 +132,7 @@ class TrialRunner:
         self._cache: dict[str, tuple[Any, Any, dict[str, ModelSource | None]]] = {}
         self._held: dict[str, HeldSource] = {}
         self._closing: list[Any] = []  # evicted compilations (their files close at the end)
+        self._fp8: dict[str, tuple[str, tuple[int, int]]] = {}
         self.compiles = 0
 
     def _prepared(self, values: Mapping[str, Any]) -> tuple[Any, Any, dict[str, ModelSource | None]]:
@@ -133,6 +151,7 @@ class TrialRunner:
             plan = plan_for(c.plan, target_for(self.device)).plan
             models = {k: self._hold(k, m) for k, m in c.models.items()}
             got = self._cache[key] = (c, ParamFiller(plan), models)
+            self._fp8 = fp8_outputs(c.optimized)
         return got
 
     def _hold(self, name: str, m: ModelSource | None) -> ModelSource | None:
@@ -159,6 +178,11 @@ class TrialRunner:
         out: dict[str, torch.Tensor] = {}
         execute(filler.fill({n: values[n] for n in self.runtime}), models, out.__setitem__,
                 self.device, pipelined=False)
+        if self._fp8:  # block-scaled FP8 outputs: the values they stand for, as floats
+            from mergelang.sources.fp8 import dequantize
+
+            for name, (scale, block) in self._fp8.items():
+                out[name] = dequantize(out[name], out.pop(scale), block)
         if not c.output_names:
             return out
         split: dict[str, dict[str, Any]] = {n: {} for n in c.output_names}

@@ -127,7 +127,7 @@ def test_graph_holds_param_nodes_and_refs() -> None:
     ops = {n.op for _, n in c.optimized.items()}
     assert Op.PARAM in ops
     text = Recipe(c).emit("optimized")
-    assert "density=d" in text and "param name='lam'" in text
+    assert "density=d" in text and "= param lam : f32[]" in text
     c.close()
 
 
@@ -195,12 +195,51 @@ def test_fused_loops_take_the_params_at_run_time() -> None:
     from mergelang.ir.ops import ParamRef
 
     # the fused top-k holds the density as a reference, filled per run (not baked into a loop)
-    assert any(isinstance(n.attrs.get("select"), tuple) and n.attrs["select"][0] == ParamRef("d")
+    assert any(isinstance(n.attrs.get("select"), tuple) and n.attrs["select"][0] == ParamRef(("p", "d", ()))
                for n in fused)
     r = TrialRunner(compile_, ("d", "lam"))
     try:
         for values in [{"d": 0.3, "lam": 1.0}, {"d": 0.8, "lam": 0.4}]:
             want = Recipe(compile_recipe(SourceFile("r.mrg", src), Path.cwd(), {**big, **values})).evaluate()
             _equal(r.run(values), want)
+    finally:
+        r.close()
+
+
+ARITH = {
+    "one_minus": ("param w = 0.3 in [0, 1]\n"
+                  'merge from base { "*" => linear([a, b], weights = [w, 1 - w]) }\n', {"w": [0.1, 0.77, 0.333]}),
+    "normalised": ("param w = [0.2, 0.5, 0.9] in [0, 1]\n"
+                   'merge from base { "*" => base + sum((w / sum(w)) * ([a, b, c] - base), over = "models") }\n',
+                   {"w": [[0.1, 0.2, 0.7], [0.9, 0.3, 0.33]]}),
+    "affine_sqrt": ("param lam = 0.4 in [0, 2]\n"
+                    'merge from base { "*" => base + (lam * 2 + 1) * sqrt(lam) * (a - base) }\n', {"lam": [0.0, 0.7, 1.9]}),
+    "max_and_compare": ("param lam = 0.4 in [0, 1]\n"
+                        'merge from base { "*" => where(lam > 0.5, a, b) * maximum(lam, 0.25) }\n', {"lam": [0.1, 0.6]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARITH))
+def test_arithmetic_on_params_is_folded_as_at_compile_time(case: str) -> None:
+    """`1 - w`, `w / sum(w)`, `lam * 2 + 1`, `sqrt(lam)`: folded in Python (float64) when the
+    values are given, as the compiler folds them, so the bits equal a compilation's."""
+    src, grid = ARITH[case]
+    name = next(iter(grid))
+    r = _runner(src, (name,))
+    try:
+        assert r.runtime == (name,) and r.static == ()
+        for v in grid[name]:
+            _equal(r.run({name: v}), _compiled(src, {name: v}))
+    finally:
+        r.close()
+
+
+def test_division_by_zero_at_run_time_is_E205() -> None:
+    src = 'param w = 0.5 in [0, 1]\nmerge from base { "*" => base * (1 / w) }\n'
+    r = _runner(src, ("w",))
+    try:
+        with pytest.raises(MergelangError) as ei:
+            r.run({"w": 0.0})
+        assert ei.value.diagnostics[0].code == "E205"
     finally:
         r.close()

@@ -187,3 +187,39 @@ def test_no_block_size_in_config_is_E322(tmp_path: Path) -> None:
         ml.compile(_recipe(a, a, "a"))
     d = ei.value.diagnostics[0]
     assert d.code == "E322" and "weight_block_size" in d.message and d.span is not None
+
+
+def test_learn_sees_float_weights_of_an_fp8_merge(pair) -> None:
+    """learn's loss gets the merged weights as floats (not FP8 codes and scales), so a
+    coefficient is learned on the values; the run then writes FP8 again."""
+    a, b = pair
+    ra, rb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    wa, wb = ref_dequant(ra[name], ra[name + "_scale_inv"]), ref_dequant(rb[name], rb[name + "_scale_inv"])
+    target = wa + 0.25 * (wb - wa)
+    r = ml.compile(_recipe(a, b, "a + lam * (b - a)", extra="param lam = 0.5 learn\n"))
+
+    def loss(state, batch):
+        assert name + "_scale_inv" not in state and state[name].dtype == torch.float32
+        return (state[name] - target).pow(2).mean()
+    res = r.learn(loss, range(300), lr=0.02)
+    assert res.values["lam"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_tune_objective_gets_the_written_weights_as_floats(pair) -> None:
+    """A tune trial hands the objective what would be written — re-quantized FP8 — dequantized
+    to floats, without the scale tensors."""
+    pytest.importorskip("optuna")
+    a, b = pair
+    name = "model.layers.0.mlp.down_proj.weight"
+    seen = {}
+
+    def objective(state):
+        seen.update(state)
+        return 0.0
+    r = ml.compile(_recipe(a, b, "linear([a, b], weights = [w, 1 - w])", extra="param w = 0.7 in [0, 1]\n"))
+    r.tune(objective, trials=1, seed=0)
+    assert name + "_scale_inv" not in seen and seen[name].dtype == torch.float32
+    w = r.tune(lambda s: 0.0, trials=1, seed=0).trials[0].params["w"]
+    out = ml.compile(_recipe(a, b, f"linear([a, b], weights = [{w!r}, {1 - w!r}])")).evaluate()
+    assert torch.equal(seen[name], ref_dequant(out[name], out[name + "_scale_inv"]))

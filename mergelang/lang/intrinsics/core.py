@@ -12,7 +12,7 @@ from typing import Any, Callable
 from mergelang.diagnostics import Span
 from mergelang.ir.ops import REDUCE_KINDS, SCOPES, Attrs, Op, ParamRef
 from mergelang.lang.loops import MAX_UNROLL
-from mergelang.lang.values import REQUIRED, Const, ListV, ModelV, TensorV, Value, is_number
+from mergelang.lang.values import REQUIRED, Const, Deferred, ListV, ModelV, TensorV, Value, is_number
 
 from mergelang.lang.intrinsics.registry import INTRINSICS, Elab, Impl, Intrinsic, intrinsic  # noqa: F401
 
@@ -66,6 +66,8 @@ def _binary(op: Op, py: Callable[[float, float], float]) -> Impl:
     def impl(el: Elab, a: dict[str, Value], span: Span) -> Value:
         x, y = a["a"], a["b"]
         if is_number(x) and is_number(y):
+            if isinstance(x.value, Deferred) or isinstance(y.value, Deferred):  # type: ignore[union-attr]
+                return Const(Deferred(("f2", py, Deferred.leaf(x.value), Deferred.leaf(y.value))))  # type: ignore[union-attr]
             return Const(py(x.value, y.value))  # type: ignore[union-attr]
         if (isinstance(x, ListV) and x.scalars and (is_number(y) or isinstance(y, ListV) and y.scalars)) \
                 or (isinstance(y, ListV) and y.scalars and is_number(x)):  # per-model numbers
@@ -74,7 +76,7 @@ def _binary(op: Op, py: Callable[[float, float], float]) -> Impl:
             n = len(xs if xs is not None else ys)  # type: ignore[arg-type]
             if xs is not None and ys is not None and len(xs) != len(ys):
                 raise el.error("E202", f"lists of different lengths ({len(xs)} and {len(ys)})", span)
-            return ListV(tuple(Const(py((xs[i] if xs else x).value, (ys[i] if ys else y).value))  # type: ignore[union-attr]
+            return ListV(tuple(impl(el, {"a": xs[i] if xs else x, "b": ys[i] if ys else y}, span)
                                for i in range(n)))
         return TensorV(el.make(op, [el.to_node(x, span), el.to_node(y, span)], Attrs(), span))
     return impl
@@ -144,7 +146,10 @@ def _reduce_impl(kind: str) -> Impl:
         x = a["x"]
         over = _scope(el, x, a["over"], span)
         if isinstance(x, ListV) and x.scalars and over in ("models", "tensor") and x.items:
-            return Const(_PY_REDUCE[kind]([i.value for i in x.items]))  # type: ignore[union-attr]
+            vals = [i.value for i in x.items]  # type: ignore[union-attr]
+            if any(isinstance(v, Deferred) for v in vals):  # run-time params: folded when given
+                return Const(Deferred(("fl", _PY_REDUCE[kind], tuple(Deferred.leaf(v) for v in vals))))
+            return Const(_PY_REDUCE[kind](vals))
         if is_number(x) and over == "tensor":
             return Const(_PY_REDUCE[kind]([x.value]))  # type: ignore[union-attr]
         return TensorV(el.make(Op.REDUCE, [el.to_node(x, span)], Attrs(kind=kind, over=over), span))
@@ -187,17 +192,18 @@ def _quantile(el: Elab, a: dict[str, Value], span: Span) -> Value:
                "(ties: lowest index first)")
 def _topk_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
     d = a["density"]
-    if is_number(d):
-        density: Any = float(d.value)  # type: ignore[union-attr]
+    refs = _param_refs(d)
+    if refs is not None:  # a run-time param (tune): its number, filled per run
+        density, values = refs, []
+    elif is_number(d):
+        density = float(d.value)  # type: ignore[union-attr]
         values = [density]
     elif isinstance(d, ListV) and d.scalars:
         density = tuple(float(i.value) for i in d.items)  # type: ignore[union-attr]
         values = list(density)
-    elif _param_refs(el, d) is not None:  # a run-time param (tune): its number, filled per run
-        density, values = _param_refs(el, d), []
     else:
         raise el.error("E201", f"density must be a number (or one per model) known at compile time, "
-                       f"or a run-time param itself, got {d.describe()}", span)
+                       f"got {d.describe()}", span)
     for v in values:
         if not 0.0 <= v <= 1.0:
             raise el.error("E203", f"density must be between 0 and 1, got {v}", span)
@@ -206,15 +212,15 @@ def _topk_mask(el: Elab, a: dict[str, Value], span: Span) -> Value:
                            Attrs(density=density, over=over), span))
 
 
-def _param_refs(el: Elab, v: Value) -> Any:
-    """A run-time param's number(s) as ParamRef attrs (passes/params.py), else None."""
-    if isinstance(v, ListV):
-        refs = [_param_refs(el, i) for i in v.items]
-        return tuple(refs) if refs and all(isinstance(r, ParamRef) for r in refs) else None
-    if isinstance(v, TensorV):
-        n = el.graph.node(v.nid)
-        if n.op is Op.PARAM:
-            return ParamRef(n.attrs["name"], n.attrs["path"])
+def _param_refs(v: Value) -> Any:
+    """A run-time density as ParamRef attrs (one, or one per model; passes/params.py), else
+    None (a list mixing numbers and run-time params refers to the numbers as constants)."""
+    if isinstance(v, Const) and isinstance(v.value, Deferred):
+        return ParamRef(v.value.tree)
+    if isinstance(v, ListV) and any(isinstance(i, Const) and isinstance(i.value, Deferred) for i in v.items) \
+            and all(is_number(i) for i in v.items):
+        return tuple(ParamRef(i.value.tree if isinstance(i.value, Deferred) else ("c", i.value))  # type: ignore[union-attr]
+                     for i in v.items)
     return None
 
 
@@ -223,7 +229,9 @@ def _param_refs(el: Elab, v: Value) -> Any:
            "to pick between equal computations (a shortcut), or a tuned merge differs from a run")
 def _known(el: Elab, a: dict[str, Value], span: Span) -> Value:
     def known(v: Value) -> bool:
-        return isinstance(v, Const) or (isinstance(v, ListV) and all(known(i) for i in v.items))
+        if isinstance(v, Const):
+            return not isinstance(v.value, Deferred)
+        return isinstance(v, ListV) and all(known(i) for i in v.items)
     return Const(known(a["x"]))
 
 
