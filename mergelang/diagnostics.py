@@ -193,9 +193,11 @@ class Diagnostics:
         self._items: list[Diagnostic] = []
         self._seen: dict[tuple, int] = {}
         self._repeats: dict[tuple, list[str]] = {}
+        self.added = 0  # every add, repeats included (elaboration templates: lang/templates.py)
 
     def add(self, diag: Diagnostic, subject: str | None = None) -> None:
         """Add `diag`; the same (code, span, message-shape) for another tensor counts as a repeat."""
+        self.added += 1
         key = (diag.code, diag.span.source if diag.span else None,
                diag.span.start if diag.span else None, diag.span.end if diag.span else None,
                diag.message if subject is None else diag.message.replace(f"`{subject}`", "\0"))

@@ -296,6 +296,15 @@ class SafetensorsSource(ModelSource):
         n = end - begin
         if n == 0:
             return torch.empty(shape, dtype=dtype or stored)
+        if n < SMALL_READ:  # a map costs more than reading a few pages (27 us against ~5 us)
+            buf = torch.empty(n, dtype=torch.uint8)
+            try:
+                read_into(self._fd(info.file), memoryview(buf.numpy()), begin, info.file)
+            except CheckpointError as e:
+                raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: "
+                                      f"{str(e).removeprefix(info.file + ': ')}", e.help) from None
+            t = buf.view(stored).reshape(shape)
+            return t.to(dtype) if dtype is not None and dtype != stored else t
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
@@ -331,6 +340,10 @@ class SafetensorsSource(ModelSource):
 #: how `SafetensorsSource` reads tensor data: "mmap" (default; per-tensor maps, `load_as`),
 #: "safetensors" (`get_tensor`) or "pread" (positional reads into a fresh buffer)
 READER = os.environ.get("MERGELANG_READER", "mmap")
+
+
+#: tensors smaller than this are read with pread into a fresh buffer instead of being mapped
+SMALL_READ = 1 << 16
 
 
 def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:

@@ -13,6 +13,7 @@ from mergelang.ir.ops import Attrs, Op
 from mergelang.ir.types import is_floating
 from mergelang.lang import ast
 from mergelang.lang.values import Const, ListV, Poisoned, Value
+from mergelang.lang.templates import Recording
 
 if TYPE_CHECKING:
     from mergelang.diagnostics import Span
@@ -145,25 +146,64 @@ class BlockElaboration:
 
     def _rule_nodes(self, bi: int, name: str) -> list[int]:
         """The nodes block `bi`'s rule gives for tensor `name`, one per output (built once: a block
-        whose output another block uses as a model shares them)."""
+        whose output another block uses as a model shares them). A rule applied to a family of
+        same-shaped tensors is elaborated once and replayed for the others (lang/templates.py)."""
         key = (bi, name)
         if key not in self._block_nodes:
             block = self.blocks[bi]
             rule, captures = self._match(block, name)
+            family = None if self.recording else self._family(bi, rule, captures, name)
+            template = self.templates.get(family) if family is not None else None
+            if template is not None:
+                self._block_nodes[key] = template.replay(self.graph, name, self.load)
+                return self._block_nodes[key]
             expr = block.rules[rule].expr
-            saved = self.stack, self.tensor
+            saved = self.stack, self._tensor, self.name_read, self.no_template
             self.stack, self.tensor = [], name
+            self.name_read = self.no_template = False
+            added = self.diags.added
             self._in_progress.add(key)
+            rec = Recording(self) if family is not None else None
             try:
-                value = self.eval(expr, dict(captures))
-                self._block_nodes[key] = self._split(value, len(block.outputs), expr.span)
+                if rec is not None:
+                    self.recording = True
+                    with rec:
+                        value = self.eval(expr, dict(captures))
+                        nodes = self._split(value, len(block.outputs), expr.span)
+                else:
+                    value = self.eval(expr, dict(captures))
+                    nodes = self._split(value, len(block.outputs), expr.span)
+                self._block_nodes[key] = nodes
+                if rec is not None and not (self.name_read or self.no_template) \
+                        and self.diags.added == added:
+                    template = rec.template(name, nodes)
+                    if template is not None:
+                        self.templates[family] = template
             finally:
-                self.stack, self.tensor = saved
+                self.recording = False if rec is not None else self.recording
+                self.stack, self._tensor, self.name_read, self.no_template = saved
                 self._in_progress.discard(key)
         return self._block_nodes[key]
 
+    def _family(self, bi: int, rule: int, captures: dict[str, Value], name: str) -> Any:
+        """The key of the tensors a rule elaborates alike: the block, the rule, its captures and
+        the tensor's shape and dtype in every model (None when the captures are not hashable)."""
+        used = self._rule_names.get((bi, rule))
+        if used is None:  # captures are variables of the rule's expression only (functions see
+            used = self._rule_names[(bi, rule)] = _names(self.blocks[bi].rules[rule].expr)  # args)
+        try:
+            caps = tuple(sorted((k, v) for k, v in captures.items() if k in used))
+            hash(caps)
+        except TypeError:
+            return None
+        shapes = tuple((label, info.shape, info.dtype) for label, m in self.models.items()
+                       if m is not None and m.block_output is None
+                       and (info := m.tensors().get(name)) is not None)
+        return (bi, rule, caps, shapes)
+
     def _block_value(self, model: str, source: ModelSource, tensor: str, span: Span, raw: bool) -> int:
         """Tensor `tensor` of a block's output used as a model (`model s = output("NAME")`)."""
+        self.no_template = True  # another block's output: not part of a family's recording
         bi, oi = source.block_output  # type: ignore[misc]
         info = source.tensors().get(tensor)
         if info is None:
@@ -201,6 +241,16 @@ class BlockElaboration:
         return [nid] * max(k, 1)
 
     def _match(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
+        """The first rule whose pattern (and guard) matches `name`, and its captures (the last
+        answer is kept: `_output` and `_rule_nodes` ask for the same tensor in turn)."""
+        last = self._last_match
+        if last is not None and last[0] is block and last[1] == name:
+            return last[2], dict(last[3])
+        i, env = self._match_rules(block, name)
+        self._last_match = (block, name, i, env)
+        return i, dict(env)
+
+    def _match_rules(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
         for i, rule in enumerate(block.rules):
             caps = rule.pattern.match(name)
             if caps is None:
@@ -246,3 +296,20 @@ def _block_scale(model: Any, name: str) -> Any:
             return fn(name)
         model = getattr(model, "inner", None)
     return None
+
+
+def _names(e: Any) -> frozenset[str]:
+    """The variable names an expression reads (ast.Name ids, anywhere in it)."""
+    import dataclasses
+
+    out: set[str] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, ast.Name):
+            out.add(x.id)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+    return frozenset(out)

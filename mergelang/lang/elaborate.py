@@ -61,13 +61,32 @@ class Elaborator(BlockElaboration):
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
         self.stack: list[Frame] = []
-        self.tensor = ""  # the output tensor being elaborated
+        self._tensor = ""  # the output tensor being elaborated (`tensor`)
+        #: elaboration templates (lang/templates.py): family key -> Template, and the flags that
+        #: keep an elaboration from becoming one
+        self.templates: dict[Any, Any] = {}
+        self._rule_names: dict[tuple[int, int], frozenset[str]] = {}
+        self._last_match: Any = None  # blocks._match's last answer
+        self.name_read = False
+        self.no_template = False
+        self.recording = False
         self._loads: dict[tuple[str, str, bool], int] = {}
         self.rule_hits: dict[tuple[int, int], int] = {}
         self.in_loop_body = False  # elaborating an `iterate` body into a LOOP node (loops.py)
         self.blocks: tuple[ast.MergeBlock, ...] = ()
         self._block_nodes: dict[tuple[int, str], list[int]] = {}  # (block, tensor) -> its nodes
         self._in_progress: set[tuple[int, str]] = set()
+
+    @property
+    def tensor(self) -> str:
+        """The output tensor being elaborated. Reading it marks the elaboration as depending on
+        the name (so it is not replayed for other tensors: lang/templates.py)."""
+        self.name_read = True
+        return self._tensor
+
+    @tensor.setter
+    def tensor(self, name: str) -> None:
+        self._tensor = name
 
     # ------------------------------------------------------------------ errors
     def error(self, code: str, message: str, span: Span, help: str | None = None) -> CompileError:
@@ -82,8 +101,8 @@ class Elaborator(BlockElaboration):
                     notes = ((f"inside `{self.stack[-1].fn}` at {span.location()}", None),)
                     span = frame.call_span
                     break
-        if self.tensor:
-            notes += ((f"while merging tensor `{self.tensor}`", None),)
+        if self._tensor:
+            notes += ((f"while merging tensor `{self._tensor}`", None),)
         return error(code, message, span, help, notes)
 
     # ------------------------------------------------------------------ evaluation
@@ -238,7 +257,7 @@ class Elaborator(BlockElaboration):
         if isinstance(v, TensorV):
             return v.nid
         if isinstance(v, ModelV):
-            return self.load(v.name, self.tensor, v.span)
+            return self.load(v.name, self._tensor, v.span)
         if isinstance(v, Const):
             if isinstance(v.value, Deferred):  # a run-time param's number: filled per run
                 return self.graph.make(Op.PARAM, [], Attrs(expr=v.value.tree, type=TType(())))

@@ -119,6 +119,8 @@ def _format_steps(plan: ExecutionPlan) -> str:
     lines = [f"# {len(names)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
              f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} (float32 compute)"
              f"{budget}"]
+    attr_text: dict[tuple, str] = {}  # memo: most ops repeat per tensor (the text is the same)
+    type_text: dict[Any, str] = {}
     for step in plan.steps:
         n = g.node(step.nid)
         args = ", ".join(f"%{local[a]}" for a in n.args)
@@ -133,9 +135,16 @@ def _format_steps(plan: ExecutionPlan) -> str:
         elif n.op is Op.CONST:
             what = f"const {n.attrs['value']!r}"
         else:
-            what = f"{n.op.value} {args} {attrs_text(n)}".rstrip()
+            key = (n.op, n.attrs)
+            text = attr_text.get(key)
+            if text is None:
+                text = attr_text[key] = attrs_text(n)
+            what = f"{n.op.value} {args} {text}".rstrip()
         free = f"  ; free {', '.join(f'%{local[a]}' for a in step.free)}" if step.free else ""
-        lines.append(f"%{local[step.nid]} = {what} : {n.type}{free}")
+        ty = type_text.get(n.type)
+        if ty is None:
+            ty = type_text[n.type] = str(n.type)
+        lines.append(f"%{local[step.nid]} = {what} : {ty}{free}")
     return "\n".join(lines) + "\n"
 
 

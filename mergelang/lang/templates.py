@@ -1,0 +1,101 @@
+"""Elaboration templates: a rule elaborated once per family of tensors, replayed for the others.
+
+MoE checkpoints have ~90k tensors and most of them are one rule applied to tensors of the same
+shapes (`experts.{e}.*`, every layer's projections). Elaborating the rule for each (evaluating
+its expression, calling stdlib functions, typing every node) costs ~250 us per tensor. A
+template records the graph nodes one elaboration makes (`MergeGraph.make` calls, with their
+arguments as positions in the recording) and replays them for another tensor of the same family,
+with that tensor's name in its LOAD nodes: the graph is the one elaboration would build (nodes are
+hash-consed the same way), built without re-evaluating anything.
+
+A family is: the same block and rule, the same captures, and the same shape and dtype of the
+tensor in every model. An elaboration is recorded only when it is provably name-independent:
+nothing read the tensor's name except the loads of that tensor (`Elaborator.tensor` flags every
+other read: layer indices from names, random streams and statistics keyed by the name, sidecar
+lookups), no other block's output was read, and it added no diagnostic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from mergelang.ir.ops import Attrs, Op
+
+if TYPE_CHECKING:
+    from mergelang.ir.graph import MergeGraph
+
+
+class Recording:
+    """Records the elaborator's `graph.make` and `load` calls while installed
+    (`with Recording(el) as rec:`)."""
+
+    def __init__(self, el: Any):
+        self.el, self.graph = el, el.graph
+        self.calls: list[tuple[Any, tuple[tuple[str, int], ...], Any, Any]] = []
+        self.made: dict[int, int] = {}  # node id -> index of the call that returned it
+        self._in_load = 0
+
+    def _note(self, op: Any, spec: tuple, attrs: Any, span: Any, nid: int) -> int:
+        self.calls.append((op, spec, attrs, span))
+        self.made.setdefault(nid, len(self.calls) - 1)
+        return nid
+
+    def __enter__(self) -> "Recording":
+        make_inner: Callable[..., int] = self.graph.make
+        load_inner: Callable[..., int] = self.el.load
+
+        def make(op: Op, args: Any = (), attrs: Attrs | None = None, span: Any = None) -> int:
+            args = tuple(args)
+            nid = make_inner(op, args, attrs, span)
+            if self._in_load:
+                return nid  # a load's own node: the load is what is recorded
+            spec = tuple(("r", self.made[a]) if a in self.made else ("n", a) for a in args)
+            return self._note(op, spec, attrs if attrs is not None else Attrs(), span, nid)
+
+        def load(model: str, tensor: str, span: Any, raw: bool = False) -> int:
+            self._in_load += 1
+            try:
+                nid = load_inner(model, tensor, span, raw)
+            finally:
+                self._in_load -= 1
+            return self._note("load", (), (model, tensor, raw), span, nid)
+
+        self.graph.make = make  # type: ignore[method-assign]
+        self.el.load = load
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.graph.make  # the class's methods again
+        del self.el.load
+
+    def template(self, name: str, results: list[int]) -> "Template | None":
+        """The template of this recording for tensor `name` giving `results`, or None when a
+        node other than a LOAD of `name` mentions the name in its attrs."""
+        for op, _, attrs, _ in self.calls:
+            if op != "load" and any(v == name for v in attrs.values() if isinstance(v, str)):
+                return None
+        out = []
+        for r in results:
+            if r not in self.made:
+                return None  # a result made before the recording (e.g. shared): not replayable
+            out.append(self.made[r])
+        return Template(name, tuple(self.calls), tuple(out))
+
+
+class Template:
+    def __init__(self, name: str, calls: tuple, results: tuple[int, ...]):
+        self.name, self.calls, self.results = name, calls, results
+
+    def replay(self, graph: "MergeGraph", name: str,
+               load: Callable[..., int]) -> list[int]:
+        """The nodes the recorded elaboration gives for tensor `name`; loads go through `load`
+        (the elaborator's, which reads each tensor of a model once)."""
+        made: list[int] = []
+        for op, spec, attrs, span in self.calls:
+            if op == "load":
+                model, tensor, raw = attrs
+                made.append(load(model, name if tensor == self.name else tensor, span, raw))
+                continue
+            args = [made[i] if kind == "r" else i for kind, i in spec]
+            made.append(graph.make(op, args, attrs, span))
+        return [made[i] for i in self.results]
