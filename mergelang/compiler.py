@@ -222,6 +222,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         params[decl.name] = value
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
     el.runtime = runtime_params(unit, params, runtime, diags)
+    _derive_params(unit, el, overrides)
     models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     models = dequantize_models(models, {d.name: d.value.span for d in unit.models}, diags)
     check_architectures(models, {d.name: d.value.span for d in unit.models}, diags)
@@ -264,6 +265,36 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
                        _overridden(overrides, unit), {k: v for k, v in ranges.items() if v},
                        runtime)
+
+
+def _derive_params(unit: Unit, el: Elaborator, overrides: Mapping[str, Any]) -> None:
+    """Params declared from run-time params (`param b = 1 - a` with `a` tuned) are evaluated
+    again with them, so they follow each run's values (as a compilation with those values
+    would); one the compiler cannot evaluate that way keeps its compile-time value and makes
+    the run-time param static (its evaluation error surfaces when the rules read it)."""
+    from mergelang.lang.blocks import _names
+    from mergelang.lang.values import Deferred
+
+    if not el.runtime:
+        return
+
+    def deferred(v: Value) -> bool:
+        if isinstance(v, Const):
+            return isinstance(v.value, Deferred)
+        return isinstance(v, ListV) and any(deferred(i) for i in v.items)
+
+    live = set(el.runtime)
+    for decl in unit.params:
+        if decl.name in live or decl.name in overrides or not (_names(decl.value) & live):
+            continue
+        try:
+            value = el.eval(decl.value, {})
+        except CompileError as exc:  # needs the number while compiling: static
+            raise MergelangError(exc.diag.with_note(f"while evaluating param `{decl.name}` from "
+                                                    "run-time params")) from None
+        if deferred(value):
+            el.derived[decl.name] = value
+            live.add(decl.name)
 
 
 def check_architectures(models: Mapping[str, ModelSource | None], spans: Mapping[str, Any],

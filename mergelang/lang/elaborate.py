@@ -57,6 +57,8 @@ class Elaborator(BlockElaboration):
         self.params = params
         #: run-time params (tune / learn): name -> its compile-time value, for types only
         self.runtime: dict[str, Value] = {}
+        #: params whose declaration reads run-time params: their Deferred values
+        self.derived: dict[str, Value] = {}
         self.diags = diags
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
@@ -148,6 +150,8 @@ class Elaborator(BlockElaboration):
             return env[e.id]
         if e.id in self.runtime:
             return self.runtime_value(e.id, self.runtime[e.id], ())
+        if e.id in self.derived:  # a param computed from run-time params (`param b = 1 - a`)
+            return self.derived[e.id]
         if e.id in self.params:
             return self.params[e.id]
         if e.id in self.models:

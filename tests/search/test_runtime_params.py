@@ -243,3 +243,17 @@ def test_division_by_zero_at_run_time_is_E205() -> None:
         assert ei.value.diagnostics[0].code == "E205"
     finally:
         r.close()
+
+
+def test_params_derived_from_tuned_params_follow_them() -> None:
+    """`param b = 1 - a` with `a` tuned: b is evaluated from each run's a, as a compilation
+    with that value of a evaluates it."""
+    src = ("param lam = 0.5 in [0, 1]\nparam mu = 1 - lam\nparam ws = [lam, mu * 2]\n"
+           'merge from base { "*" => linear([a, b], weights = ws) }\n')
+    r = _runner(src, ("lam",))
+    try:
+        assert r.runtime == ("lam",)
+        for v in (0.1, 0.8):
+            _equal(r.run({"lam": v}), _compiled(src, {"lam": v}))
+    finally:
+        r.close()
