@@ -12,7 +12,7 @@ import click
 from mergelang.commands.common import _compile, _guard, allow_pickle_opt, follow_opt, recipe_arg, set_opt
 from mergelang.diagnostics import MergelangError, error
 
-SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
+from mergelang.search.study import SAMPLERS  # noqa: E402  (optuna is imported only when a study opens)
 
 
 def _fmt_params(p: dict[str, Any]) -> str:
