@@ -272,7 +272,7 @@ def _derive_params(unit: Unit, el: Elaborator, overrides: Mapping[str, Any]) -> 
     again with them, so they follow each run's values (as a compilation with those values
     would); one the compiler cannot evaluate that way keeps its compile-time value and makes
     the run-time param static (its evaluation error surfaces when the rules read it)."""
-    from mergelang.lang.blocks import _names
+    from mergelang.lang.ast import names_in
     from mergelang.lang.values import Deferred
 
     if not el.runtime:
@@ -285,7 +285,7 @@ def _derive_params(unit: Unit, el: Elaborator, overrides: Mapping[str, Any]) -> 
 
     live = set(el.runtime)
     for decl in unit.params:
-        if decl.name in live or decl.name in overrides or not (_names(decl.value) & live):
+        if decl.name in live or decl.name in overrides or not (names_in(decl.value) & live):
             continue
         try:
             value = el.eval(decl.value, {})

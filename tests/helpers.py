@@ -26,3 +26,16 @@ def write_model(folder: Path, sd: Mapping[str, torch.Tensor], config: dict | Non
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def local_ray_cluster():
+    """A local two-node Ray cluster bound to 127.0.0.1, one CPU per node (a pytest fixture's
+    generator: `yield from local_ray_cluster()`); stopped afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    yield c
+    ray.shutdown()
+    c.shutdown()

@@ -111,20 +111,33 @@ def start_workers(ray: Any, spec: RecipeSpec, device: str, budget: int | None, d
                                        None, "add GPU nodes, or run with --device cpu"))
         opts: list[dict[str, Any]] = [{"num_gpus": 1, "num_cpus": 1}] * slots
     else:
-        # one actor per CPU of each node, placed there softly and holding no CPU reservation:
-        # when a node leaves, Ray restarts its actors on the nodes left instead of waiting for
-        # free CPUs that may never come
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        opts = []
-        for node in ray.nodes():
-            if node.get("Alive"):
-                where = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
-                opts += [{"num_cpus": 0, "scheduling_strategy": where}] * \
-                    max(1, int(node.get("Resources", {}).get("CPU", 1)))
+        opts = cpu_slots(ray)
     if max_workers:
         opts = opts[:max_workers]
     actors = [cls.options(**o).remote(spec, device, budget, digest) for o in opts]
+    await_ready(ray, actors, "every worker must see the recipe and the models at the same paths "
+                "as the driver (a shared filesystem), with the same mergelang version")
+    return actors
+
+
+def cpu_slots(ray: Any) -> list[dict[str, Any]]:
+    """Actor options: one actor per CPU of each live node, placed there softly and holding no
+    CPU reservation (when a node leaves, Ray restarts its actors on the nodes left instead of
+    waiting for free CPUs that may never come)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts: list[dict[str, Any]] = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            where = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+            opts += [{"num_cpus": 0, "scheduling_strategy": where}] * \
+                max(1, int(node.get("Resources", {}).get("CPU", 1)))
+    return opts
+
+
+def await_ready(ray: Any, actors: list[Any], hint: str) -> None:
+    """Every actor reports ready (`ready()` -> (node, error or None)); else they are stopped
+    and the first failure is E802, named by node."""
     try:
         ready = ray.get([a.ready.remote() for a in actors], timeout=600)
     except Exception as e:  # noqa: BLE001 - e.g. GetTimeoutError, an actor that died at start
@@ -134,11 +147,8 @@ def start_workers(ray: Any, spec: RecipeSpec, device: str, budget: int | None, d
     if bad:
         stop(ray, actors)
         node, err = bad[0]
-        raise MergelangError(error(
-            "E802", f"a Ray worker on {node} cannot run the recipe: {err}", None,
-            "every worker must see the recipe and the models at the same paths as the driver "
-            "(a shared filesystem), with the same mergelang version"))
-    return actors
+        raise MergelangError(error("E802", f"a Ray worker on {node} cannot run the recipe: {err}",
+                                   None, hint))
 
 
 def stop(ray: Any, actors: list[Any]) -> None:

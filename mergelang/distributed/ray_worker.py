@@ -33,6 +33,13 @@ class RecipeSpec:
     follow_symlinks: bool = False
 
 
+def failure_text(e: Exception) -> str:
+    """Why an actor cannot work, for the driver: a diagnostic rendered, or the exception."""
+    if isinstance(e, MergelangError):
+        return e.diagnostics[0].render() if e.diagnostics else str(e)
+    return f"{type(e).__name__}: {e}"
+
+
 def node_name() -> str:
     return f"{socket.gethostname()} ({os.getpid()})"
 
@@ -60,10 +67,8 @@ class MergeWorker:
             if plan_fingerprint(format_plan(self.c.plan)) != plan_digest:
                 raise RuntimeError("the recipe compiles to a different plan on this worker (its "
                                    "files differ from the driver's at the same paths?)")
-        except MergelangError as e:
-            self.error = e.diagnostics[0].render() if e.diagnostics else str(e)
         except Exception as e:  # noqa: BLE001 - reported to the driver, named by node
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = failure_text(e)
 
     def ready(self) -> tuple[str, str | None]:
         return node_name(), self.error

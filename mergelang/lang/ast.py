@@ -312,3 +312,20 @@ def dump(node: object, indent: int = 0) -> str:
                 lines.append(dump(item, indent + 2))
         return "\n".join(lines) + ")"
     return f"{pad}{node!r}"
+
+
+def names_in(e: object) -> frozenset[str]:
+    """The variable names an expression reads (Name ids, anywhere in it)."""
+    import dataclasses
+
+    out: set[str] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Name):
+            out.add(x.id)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+    return frozenset(out)

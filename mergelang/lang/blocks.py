@@ -190,7 +190,7 @@ class BlockElaboration:
         the tensor's shape and dtype in every model (None when the captures are not hashable)."""
         used = self._rule_names.get((bi, rule))
         if used is None:  # captures are variables of the rule's expression only (functions see
-            used = self._rule_names[(bi, rule)] = _names(self.blocks[bi].rules[rule].expr)  # args)
+            used = self._rule_names[(bi, rule)] = ast.names_in(self.blocks[bi].rules[rule].expr)  # args)
         try:
             caps = tuple(sorted((k, v) for k, v in captures.items() if k in used))
             hash(caps)
@@ -297,19 +297,3 @@ def _block_scale(model: Any, name: str) -> Any:
         model = getattr(model, "inner", None)
     return None
 
-
-def _names(e: Any) -> frozenset[str]:
-    """The variable names an expression reads (ast.Name ids, anywhere in it)."""
-    import dataclasses
-
-    out: set[str] = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, ast.Name):
-            out.add(x.id)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
-        elif isinstance(x, (tuple, list)):
-            stack.extend(x)
-    return frozenset(out)

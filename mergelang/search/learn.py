@@ -21,7 +21,7 @@ from mergelang.diagnostics import Diagnostic, MergelangError, error, warning
 from mergelang.ir.ops import Op
 from mergelang.ir.paramexpr import evaluate
 from mergelang.lang.values import ListV, Value
-from mergelang.search.trials import Compile, split_runtime
+from mergelang.search.trials import Compile, split_and_compile
 
 if TYPE_CHECKING:
     import torch
@@ -216,10 +216,9 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
                                    "declare one, e.g. param lam = [0.3, 0.3] learn"))
     if optimizer not in ("adam", "sgd"):
         raise MergelangError(error("E902", f"optimizer must be adam or sgd, not {optimizer!r}"))
-    runtime, static = split_runtime(compile_, names)
+    runtime, static, cc = split_and_compile(compile_, names)
     if static:
         raise _refuse(compile_, static[0])
-    cc = compile_(runtime, {})
     try:
         from mergelang.passes.params import runtime_names
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.distributed.ray_worker import failure_text, node_name
 
 if TYPE_CHECKING:
     import optuna
@@ -55,14 +56,10 @@ class TrialWorker:
             self.runner = TrialRunner(compile_, names, device, runtime=runtime)
             if not self.runner.static:  # compile now (static params: at their first value)
                 self.runner.compilation({})
-        except MergelangError as e:
-            self.error = e.diagnostics[0].render() if e.diagnostics else str(e)
         except Exception as e:  # noqa: BLE001 - reported to the driver, named by node
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = failure_text(e)
 
     def ready(self) -> tuple[str, str | None]:
-        from mergelang.distributed.ray_worker import node_name
-
         return node_name(), self.error
 
     def trial(self, values: dict[str, Any]) -> tuple[str, Any, float]:
@@ -101,7 +98,7 @@ def tune_on_ray(spec: "RecipeSpec | None", compile_: Callable[..., Any], names: 
     """Run `trials` trials of `study` on Ray; (run-time params, static params, compilations)."""
     from optuna.trial import TrialState
 
-    from mergelang.distributed.ray_driver import connect, import_ray, stop
+    from mergelang.distributed.ray_driver import await_ready, connect, cpu_slots, import_ray, stop
     from mergelang.search.study import _suggest
     from mergelang.search.trials import split_runtime
 
@@ -112,27 +109,15 @@ def tune_on_ray(spec: "RecipeSpec | None", compile_: Callable[..., Any], names: 
     ray = import_ray()
     runtime, static = split_runtime(compile_, names)
     connect(ray, address)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     cls = ray.remote(max_restarts=2, max_task_retries=2)(TrialWorker)
-    opts = []
-    for node in ray.nodes():
-        if node.get("Alive"):
-            where = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
-            opts += [{"num_cpus": 0, "scheduling_strategy": where}] * \
-                max(1, int(node.get("Resources", {}).get("CPU", 1)))
-    opts = opts[:max(1, trials)]
+    opts = cpu_slots(ray)[:max(1, trials)]
     n_obj = len(study.directions)
     blob = _ship(objective, objective_spec)
     actors = [cls.options(**o).remote(spec, names, runtime, device, blob, n_obj) for o in opts]
+    await_ready(ray, actors, "every worker must see the recipe, the models and the objective "
+                "file at the driver's paths")
     pending: dict[Any, tuple[Any, Any]] = {}
     try:
-        ready = ray.get([a.ready.remote() for a in actors], timeout=600)
-        bad = [(node, err) for node, err in ready if err]
-        if bad:
-            raise MergelangError(error("E802", f"a Ray worker on {bad[0][0]} cannot run the recipe: "
-                                       f"{bad[0][1]}", None, "every worker must see the recipe, "
-                                       "the models and the objective file at the driver's paths"))
         from tqdm import tqdm
 
         bar = tqdm(total=trials, disable=not progress, desc="trials", unit="trial")

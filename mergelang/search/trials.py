@@ -62,17 +62,16 @@ def fp8_outputs(g: Any) -> dict[str, tuple[str, tuple[int, int]]]:
     """{output name: (its scale output's name, block)} for block-scaled FP8 outputs."""
     from mergelang.ir.ops import Op
 
-    values, scales = {}, {}
+    values: dict[int, tuple[str, tuple[int, int]]] = {}  # quantized node -> (name, block)
+    scales: dict[int, str] = {}
     for _, n in g.items():
         if n.op is Op.OUTPUT and g.node(n.args[0]).op is Op.BLOCK_QUANT:
             bq = g.node(n.args[0])
-            (values if bq.attrs["part"] == "values" else scales)[(n.args[0], bq.args[0])] = n.attrs["name"]
-    out = {}
-    for (bq, src), name in values.items():
-        scale = next((s for (b, s2), s in scales.items() if s2 == src), None)
-        if scale is not None:
-            out[name] = (scale, tuple(g.node(bq).attrs["block"]))
-    return out
+            if bq.attrs["part"] == "values":
+                values[bq.args[0]] = (n.attrs["name"], tuple(bq.attrs["block"]))
+            else:
+                scales[bq.args[0]] = n.attrs["name"]
+    return {name: (scales[src], block) for src, (name, block) in values.items() if src in scales}
 
 
 def check_values(values: Mapping[str, Any], ranges: Mapping[str, "ParamRange"]) -> None:
@@ -95,11 +94,20 @@ def _flat(v: Any) -> list[float]:
 
 def split_runtime(compile_: Compile, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(params that can be run-time inputs, params the compiler must know) among `names`."""
+    runtime, static, c = split_and_compile(compile_, names)
+    if c is not None:
+        c.close()
+    return runtime, static
+
+
+def split_and_compile(compile_: Compile, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], Any]:
+    """`split_runtime`, and the compilation with the run-time params (open; None when they are
+    not all of `names`, as it then needs the static ones' values): the caller's first
+    compilation, not made twice."""
     if not names:
-        return (), ()
+        return (), (), None
     try:
-        compile_(names, {}).close()
-        return names, ()
+        return names, (), compile_(names, {})
     except MergelangError:
         pass
     ok = []
@@ -112,7 +120,7 @@ def split_runtime(compile_: Compile, names: tuple[str, ...]) -> tuple[tuple[str,
     runtime = tuple(ok)
     if runtime:
         compile_(runtime, {}).close()  # together too (each alone compiled)
-    return runtime, tuple(n for n in names if n not in ok)
+    return runtime, tuple(n for n in names if n not in ok), None
 
 
 class TrialRunner:
@@ -124,8 +132,9 @@ class TrialRunner:
         self._compile = compile_
         self.names = names
         self.device = device
+        first = None
         if runtime is None:
-            runtime, static = split_runtime(compile_, names)
+            runtime, static, first = split_and_compile(compile_, names)
         else:
             static = tuple(n for n in names if n not in runtime)
         self.runtime, self.static = runtime, static
@@ -133,6 +142,7 @@ class TrialRunner:
         self._held: dict[str, HeldSource] = {}
         self._closing: list[Any] = []  # evicted compilations (their files close at the end)
         self._fp8: dict[str, tuple[str, tuple[int, int]]] = {}
+        self._first = first  # the compilation split_and_compile made: the first trial's
         self.compiles = 0
 
     def _prepared(self, values: Mapping[str, Any]) -> tuple[Any, Any, dict[str, ModelSource | None]]:
@@ -146,7 +156,8 @@ class TrialRunner:
         if got is None:
             if len(self._cache) >= 8:  # static params: keep a few compilations, not all
                 self._closing.append(self._cache.pop(next(iter(self._cache)))[0])
-            c = self._compile(self.runtime, fixed)
+            c = self._first if self._first is not None else self._compile(self.runtime, fixed)
+            self._first = None
             self.compiles += 1
             plan = plan_for(c.plan, target_for(self.device)).plan
             models = {k: self._hold(k, m) for k, m in c.models.items()}
@@ -192,6 +203,9 @@ class TrialRunner:
         return split
 
     def close(self) -> None:
+        if self._first is not None:
+            self._closing.append(self._first)
+            self._first = None
         for c in [*self._closing, *(c for c, _, _ in self._cache.values())]:
             c.close()
         self._closing.clear()

@@ -16,7 +16,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is import
 ray = pytest.importorskip("ray")
 
 import mergelang as ml  # noqa: E402
-from helpers import make_sd, write_model  # noqa: E402
+from helpers import local_ray_cluster, make_sd, write_model  # noqa: E402
 
 SHAPES = {**{f"model.layers.{i}.mlp.weight": (64, 48) for i in range(6)},
           "model.embed_tokens.weight": (40, 48), "model.norm.weight": (48,)}
@@ -24,13 +24,7 @@ SHAPES = {**{f"model.layers.{i}.mlp.weight": (64, 48) for i in range(6)},
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from local_ray_cluster()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ pytest.importorskip("optuna")
 
 import mergelang as ml  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import make_sd, write_model  # noqa: E402
+from helpers import local_ray_cluster, make_sd, write_model  # noqa: E402
 from mergelang.cli import main  # noqa: E402
 from mergelang.diagnostics import MergelangError  # noqa: E402
 
@@ -45,13 +45,7 @@ def flaky(state):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from local_ray_cluster()
 
 
 @pytest.fixture(scope="module")
