@@ -176,6 +176,12 @@ class ModelSource:
         read just those rows."""
         return self.load_as(name, dtype)[start:stop].clone()
 
+    def load_stored(self, name: str, *, view: bool = False) -> torch.Tensor:
+        """The tensor exactly as the file stores it, for kernels that decode it themselves: a
+        block-scaled FP8 weight's codes, or (by its name) its scale tensor, which a model that
+        dequantizes hides from `tensors()` (sources/fp8.BlockFp8). Here: `load_as` as stored."""
+        return self.load_as(name, None, view=view)
+
     def close(self) -> None:
         pass
 

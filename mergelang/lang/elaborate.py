@@ -252,8 +252,11 @@ class Elaborator(BlockElaboration):
             raise self.error("E201", f"tensor `{tensor}` of `{model}` is {info.dtype}; only "
                              "floating-point tensors can be computed with", span)
         ty = TType(info.shape, info.dtype if raw else "float32")
-        nid = self.graph.make(Op.LOAD, [], Attrs(model=model, tensor=tensor, type=ty,
-                                                 src_dtype=info.dtype), span)
+        attrs = Attrs(model=model, tensor=tensor, type=ty, src_dtype=info.dtype)
+        scaled = None if raw else getattr(source, "block_scale", lambda _: None)(tensor)
+        if scaled is not None:  # block-scaled FP8: fused loops may read its codes + scales
+            attrs = attrs.replace(scale=(scaled[0], *scaled[1]))
+        nid = self.graph.make(Op.LOAD, [], attrs, span)
         self._loads[key] = nid
         return nid
 

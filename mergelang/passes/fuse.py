@@ -26,11 +26,15 @@ from dataclasses import replace
 
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import Attrs, Op
+from mergelang.ir.types import TType
 from mergelang.passes.plan import ExecutionPlan, schedule
 
 #: a region's root must have at least this many elements (smaller ones: call overhead dominates,
 #: and tiny test tensors never pay a kernel compile)
 MIN_ELEMENTS = 1 << 16
+
+#: stored dtypes of block-scaled FP8 weights a generated loop decodes (numba_codegen)
+FP8_CODES = ("float8_e4m3fn", "float8_e5m2")
 
 #: most models a fused sum over models may add: torch sums up to 4 rows sequentially from zero
 MAX_SUM_MODELS = 4
@@ -156,7 +160,7 @@ def _regions(plan: ExecutionPlan) -> list[_Region]:
 
 def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     """The plan with its fusable elementwise regions as FUSED steps (unchanged if there are none)."""
-    plan = _fold_abs_into_topk(plan)
+    plan = _quant_in_kernels(_fold_abs_into_topk(plan))
     g0 = plan.graph
     if not any(g0.node(s.nid).type.numel >= MIN_ELEMENTS for s in plan.steps):
         return plan  # nothing big enough to fuse: skip the whole-plan analysis (many tiny tensors)
@@ -170,11 +174,16 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
     g2 = MergeGraph(g)
     member_of = {m: r for r in [*regions, *selects.values()] for m in r.members}
     # LOADs whose every user is fused are only read by kernels: a view of the file's bytes
-    # (attr `view`, no copy); bfloat16 ones are read as stored and widened in the kernel
+    # (attr `view`, no copy); bfloat16 ones are read as stored and widened in the kernel;
+    # block-scaled FP8 ones as their codes plus a LOAD of their scales (decoded in the kernel)
+    scales: dict[int, int] = {}  # FP8 codes LOAD -> its scales LOAD
     for s in plan.steps:
         n = g.node(s.nid)
         if (n.op is Op.LOAD and n.type.dtype == "float32" and users.get(s.nid)
                 and all(u in member_of or u in selects for u in users[s.nid])):
+            if _stored_fp8(n):
+                scales[s.nid] = _read_stored(g2, s.nid, n)
+                continue
             ty = n.type.with_(dtype="bfloat16") if n.attrs.get("src_dtype") == "bfloat16" else n.type
             g2.set_node(s.nid, replace(n, type=ty, attrs=Attrs(dict(n.attrs), view=True)))
     pos = {s.nid: i for i, s in enumerate(plan.steps)}
@@ -184,9 +193,9 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
         narrow = (len(root_users) == 1 and g.node(root_users[0]).op is Op.OUTPUT
                   and g.node(root_users[0]).attrs["dtype"] == "bfloat16"
                   and g.node(r.root).type.dtype == "float32")
-        fused_at[r.root] = _build(g, g2, r, pos, narrow=narrow)
+        fused_at[r.root] = _build(g, g2, r, pos, scales, narrow=narrow)
     for topk, r in selects.items():  # its users (built above) are pointed at the new node
-        fused_at[topk] = _build(g, g2, r, pos, select=topk)
+        fused_at[topk] = _build(g, g2, r, pos, scales, select=topk)
     for r in selects.values():  # recomputed by every consumer: never a step of its own
         g2.remove_nodes_from([m for m in r.members if m in g2])
     order = []
@@ -195,8 +204,27 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
             order.append(fused_at[s.nid])
         elif s.nid not in member_of:
             order.append(s.nid)
+            if s.nid in scales:
+                order.append(scales[s.nid])
     steps, peak = schedule(g2, order)
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+
+
+def _stored_fp8(n: Node) -> bool:
+    """A LOAD of a block-scaled FP8 weight a kernel can decode as stored (whole, 2-D)."""
+    return (n.attrs.get("scale") is not None and n.attrs.get("rows") is None
+            and n.attrs.get("src_dtype") in FP8_CODES and len(n.type.shape) == 2 and n.type.numel > 1)
+
+
+def _read_stored(g2: MergeGraph, nid: int, n: Node) -> int:
+    """Make LOAD `nid` read its FP8 codes as stored and add the LOAD of its block scales."""
+    name, b0, b1 = n.attrs["scale"]
+    rows, cols = n.type.shape
+    grid = TType((-(-rows // b0), -(-cols // b1)))
+    g2.set_node(nid, replace(n, type=n.type.with_(dtype=n.attrs["src_dtype"]),
+                             attrs=Attrs(dict(n.attrs), view=True, stored=True)))
+    return g2.add(Node(Op.LOAD, (), Attrs(model=n.attrs["model"], tensor=name, src_dtype="float32",
+                                          view=True, stored=True), grid, n.span))
 
 
 def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int, list[int]]
@@ -228,6 +256,36 @@ def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int,
     return kept[::-1], selects
 
 
+def _quant_in_kernels(plan: ExecutionPlan) -> ExecutionPlan:
+    """Block-scaled FP8 outputs (BLOCK_QUANT) run by the numba kernels (attr `numba`,
+    runtime/kernels/numba_fp8.py): a scales part as is; a values part whose one user is its FP8
+    OUTPUT gives the codes themselves (attr `codes`, typed FP8: the OUTPUT's cast is then a
+    no-op), so no float32 copy of the quantized values is made."""
+    g = plan.graph
+    users = _users(plan)
+    marks = {}
+    for s in plan.steps:
+        n = g.node(s.nid)
+        if (n.op is not Op.BLOCK_QUANT or n.attrs.get("numba")
+                or g.node(n.args[0]).type.numel < MIN_ELEMENTS):
+            continue
+        if n.attrs["part"] == "scale_inv":
+            marks[s.nid] = replace(n, attrs=Attrs(dict(n.attrs), numba=True))
+            continue
+        out = users.get(s.nid, [])
+        dtype = g.node(out[0]).attrs.get("dtype") if len(out) == 1 and g.node(out[0]).op is Op.OUTPUT else None
+        if dtype in FP8_CODES:
+            marks[s.nid] = replace(n, type=n.type.with_(dtype=dtype), attrs=Attrs(dict(n.attrs), numba=True,
+                                                                                    codes=dtype))
+    if not marks:
+        return plan
+    g2 = MergeGraph(g)
+    for nid, n in marks.items():
+        g2.set_node(nid, n)
+    steps, peak = schedule(g2, [s.nid for s in plan.steps])
+    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+
+
 def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
     """`topk_mask(abs(x), over = "tensor")` whose `abs` has no other use: the selection reads x
     and ranks |x| itself (attr `abs`), so |x| is never materialised."""
@@ -252,8 +310,8 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
 
 
-def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], narrow: bool = False,
-           select: int | None = None) -> int:
+def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], scales: dict[int, int],
+           narrow: bool = False, select: int | None = None) -> int:
     """Add the FUSED node for region `r` (read from the unfused graph `g`) to `g2`, point the
     root's users at it, drop the members. `narrow`: the root's one user is a bfloat16 OUTPUT, so
     the loop stores bfloat16 (the same rounding as the OUTPUT's cast, which then has nothing
@@ -272,6 +330,8 @@ def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], narro
             else:
                 if a not in inputs:
                     inputs.append(a)
+                    if a in scales:  # FP8 codes: their block scales are the next input
+                        inputs.append(scales[a])
                 refs.append(("in", inputs.index(a)))
         if node.op is Op.REDUCE:
             code = "count" if node.attrs["kind"] == "count" else "sum"
@@ -280,6 +340,12 @@ def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], narro
         body.append((code, tuple(refs), node.type.models is not None, node.type.dtype))
     kinds = []
     for a in inputs:
+        if a in scales:
+            kinds.append("fp8:{}:{}".format(*g.node(a).attrs["scale"][1:]))
+            continue
+        if a not in g:  # a scales LOAD (only in g2)
+            kinds.append("fp8scale")
+            continue
         t = g.node(a).type
         stacked = t.models is not None
         if t.shape == r.shape:

@@ -20,6 +20,13 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
     assert src is not None
     want = torch.float32 if upcast and node.type.dtype == "float32" else None
     kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
+    if node.attrs.get("stored"):  # FP8 codes or their block scales, decoded by a fused loop
+        t = src.load_stored(node.attrs["tensor"], **kw)
+        want = node.type.dtype
+        if want.startswith("float8") and str(t.dtype).removeprefix("torch.") != want:
+            raise RuntimeError(f"internal error: {node.attrs['tensor']!r} of model {node.attrs['model']!r} "
+                               f"is stored as {t.dtype}, the plan expected {want}")
+        return t
     rows = node.attrs.get("rows")
     if rows is not None:  # a row chunk (chunking.py)
         return src.load_rows(node.attrs["tensor"], want, rows[0], rows[1], **kw)

@@ -47,6 +47,13 @@ class HeldSource(ModelSource):
             t = self._held[key] = self.inner.load_as(name, dtype)
         return t if view else t.clone()
 
+    def load_stored(self, name: str, *, view: bool = False) -> "torch.Tensor":
+        key = (name, "stored")
+        t = self._held.get(key)
+        if t is None:
+            t = self._held[key] = self.inner.load_stored(name)
+        return t if view else t.clone()
+
     def prepare(self, device: object = None) -> None:
         self.inner.prepare(device)
 

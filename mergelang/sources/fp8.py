@@ -77,6 +77,10 @@ class BlockFp8(ModelSource):
                          self.block)
         return out if dtype in (None, torch.float32) else out.to(dtype)
 
+    def load_stored(self, name: str, *, view: bool = False) -> "torch.Tensor":
+        """A weight's FP8 codes, or a scale tensor, as stored (fused loops decode them)."""
+        return self.inner.load_as(name, None, view=view)
+
     def load_rows(self, name: str, dtype: Any, start: int, stop: int, *, view: bool = False) -> "torch.Tensor":
         scale = self.scales.get(name)
         if scale is None:

@@ -45,4 +45,42 @@ def warmup(log: Callable[[str], None] = lambda m: None, models: tuple[int, ...] 
                 merge(expr.format(models="[" + ", ".join(names) + "]"), base=sds["base"],
                       **{k: sds[k] for k in names})
                 log(f"{expr.split('(')[0]} ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
+    _warm_fp8(log)
     return time.perf_counter() - t0
+
+
+#: merges of two block-scaled FP8 models warmed (their loops read the codes as stored)
+FP8_METHODS = ("linear([a, b])", "task_arithmetic(a, [b])", "ties(a, [b], density = 0.5)")
+
+
+def _warm_fp8(log: Callable[[str], None]) -> None:
+    """Block-scaled FP8 (DeepSeek-V3 format, 128 x 128 blocks): the loops that decode codes and
+    scales, and the re-quantization kernels, for FP8 and bfloat16 outputs."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mergelang.api import compile as compile_recipe
+
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="mergelang-warmup-") as tmp:
+        for name in ("a", "b"):
+            folder = Path(tmp) / name
+            folder.mkdir()
+            w = torch.randn(SHAPE, generator=g)
+            scale = torch.ones(SHAPE[0] // 128, SHAPE[1] // 128) * float(w.abs().max()) / 448
+            save_file({"w": (w / float(scale[0, 0])).to(torch.float8_e4m3fn), "w_scale_inv": scale},
+                      str(folder / "model.safetensors"))
+            (folder / "config.json").write_text(json.dumps(
+                {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+        for expr in FP8_METHODS:
+            for dtype in (None, "bfloat16"):
+                t = time.perf_counter()
+                r = compile_recipe(f'model a = "{tmp}/a"\nmodel b = "{tmp}/b"\n'
+                                   f'merge from a {{ "*" => {expr} }}\n', dtype=dtype)
+                r.evaluate()
+                r.close()
+                log(f"{expr.split('(')[0]} (FP8 -> {dtype or 'FP8'}): {time.perf_counter() - t:.1f}s")

@@ -64,14 +64,25 @@ def available() -> bool:
     return True
 
 
-def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int
-             ) -> tuple[list[str], list[str], list[str], list[str]]:
+def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+             segmented: bool = False) -> tuple[list[str], list[str], list[str], list[str]]:
     """A program as straight-line code for element `i`: (parameters, prelude lines run once,
-    body lines per element, the root's value name per model, or one name)."""
+    body lines per element, the root's value name per model, or one name). `segmented`: the
+    block scales of FP8 inputs are the names `fq{j}` the caller sets per run of elements sharing
+    a block (`_segments`), not looked up per element."""
     params, loads, prelude = [], [], _offsets(models)
     names: list[list[str]] = []  # per input: one name, or one per model
     for j, (kind, dt) in enumerate(zip(kinds, dtypes)):
-        if kind in ("elem", "stack"):
+        if kind.startswith("fp8:"):  # codes + geometry (columns, block columns); scales: input j+1
+            params += [f"a{j}", f"fgeo{j}"]
+            prelude += [f"fc{j} = fgeo{j}[0]", f"fg{j} = fgeo{j}[1]"]
+            scale = f"fq{j}" if segmented else f"a{j + 1}[{_block_index(kind, j, 'i')}]"
+            loads.append(f"x{j} = {_FP8_TABLES[dt]}[a{j}[i]] * {scale}")
+            names.append([f"x{j}"])
+        elif kind == "fp8scale":  # read through its codes' input, never a value itself
+            params.append(f"a{j}")
+            names.append([])
+        elif kind in ("elem", "stack"):
             params.append(f"a{j}")
             parts = range(models) if kind == "stack" else [None]
             cur = []
@@ -119,7 +130,7 @@ def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], model
 _HEADER = (
     "import numpy as np\n"
     "from numba import njit\n"
-    "from mergelang.runtime.kernels.numba_runtime import narrow_bf16, order_key, sel, widen_bf16\n"
+    "from mergelang.runtime.kernels.numba_runtime import F8E4M3, F8E5M2, narrow_bf16, order_key, sel, widen_bf16\n"
     "Z = np.float32(0.0)\n"
     "ONE = np.float32(1.0)\n"
     "U0 = np.uint8(0)\n"
@@ -136,15 +147,43 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
     """The generated module for one program with inputs of these dtypes (`out_dtype`
     "bfloat16": the float32 root is rounded to bfloat16 as it is stored; "bool": stored as
     bytes 0/1): `kernel(lo, hi, n, out, *inputs)` computes elements lo..hi-1."""
-    params, prelude, lines, root = _program(body, kinds, dtypes, models)
+    fp8 = [j for j, k in enumerate(kinds) if k.startswith("fp8:")]
+    segmented = len({kinds[j] for j in fp8}) == 1  # one block size: scales hoisted per block run
+    params, prelude, lines, root = _program(body, kinds, dtypes, models, segmented)
     if out_dtype == "bfloat16":
         root = [f"narrow_bf16({v})" for v in root]
     elif out_dtype == "bool":
         root = [f"sel({v}, U1, U0)" for v in root]
     stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
-    return (_HEADER + _JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n"
-            + _indent(prelude, 4) + "    for i in range(np.uint64(lo), np.uint64(hi)):\n"
-            + _indent(lines + stores, 8))
+    head = _HEADER + _JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n" + _indent(prelude, 4)
+    if segmented:
+        return head + _indent(_segments(kinds, fp8), 4) + _indent(lines + stores, 12) + "        sp = send\n"
+    return head + "    for i in range(np.uint64(lo), np.uint64(hi)):\n" + _indent(lines + stores, 8)
+
+
+def _block_shape(kind: str) -> tuple[int, int]:
+    _, b0, b1 = kind.split(":")
+    return int(b0), int(b1)
+
+
+def _block_index(kind: str, j: int, i: str) -> str:
+    """The flat index of element `i`'s block scale for FP8 input j (row-major blocks)."""
+    b0, b1 = _block_shape(kind)
+    return f"({i} // fc{j}) // np.uint64({b0}) * fg{j} + ({i} % fc{j}) // np.uint64({b1})"
+
+
+def _segments(kinds: tuple[str, ...], fp8: list[int]) -> list[str]:
+    """The loop over runs of elements that share every FP8 input's block scale (one row's
+    columns of one block; every FP8 input has the root's shape and one block size): the scales
+    `fq{j}` are read once per run, the inner loop over `i` is the plain element loop. (Names
+    here and in `_program`'s FP8 lines start with `s` or `f`, apart from the kernels' own.)"""
+    j0 = fp8[0]
+    b0, b1 = _block_shape(kinds[j0])
+    return (["sp = np.uint64(lo)", "shi = np.uint64(hi)", "while sp < shi:",
+             f"    srow = sp // fc{j0}", f"    scol = sp - srow * fc{j0}",
+             f"    sblk = srow // np.uint64({b0}) * fg{j0} + scol // np.uint64({b1})",
+             f"    send = min(shi, sp + (np.uint64({b1}) - scol % np.uint64({b1})), srow * fc{j0} + fc{j0})"]
+            + [f"    fq{j} = a{j + 1}[sblk]" for j in fp8] + ["    for i in range(sp, send):"])
 
 
 def _needed(lines: list[str], root: str) -> list[str]:
@@ -176,6 +215,10 @@ def _offsets(models: int) -> list[str]:
     index non-negative, that check per access stops the loop from being vectorised (measured:
     a `range(lo, hi)` loop over signed indices ran ~20x slower than the same loop unsigned)."""
     return ["un = np.uint64(n)"] + [f"o{m} = np.uint64({m}) * un" for m in range(1, models)]
+
+
+#: FP8 dtype -> the runtime's table of its 256 codes' float32 values
+_FP8_TABLES = {"float8_e4m3fn": "F8E4M3", "float8_e5m2": "F8E5M2"}
 
 
 def _is_bool(body, dtypes, kinds, ref) -> bool:
@@ -258,6 +301,12 @@ def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.n
     """The kernel's input arrays and their dtype names."""
     arrays, dtypes = [], []
     for t, kind in zip(args, kinds):
+        if kind.startswith("fp8:"):  # codes as stored, and the geometry its scales need
+            cols, b1 = t.shape[1], _block_shape(kind)[1]
+            arrays += [t.contiguous().view(torch.uint8).reshape(-1).numpy(),
+                       np.array([cols, -(-cols // b1)], np.uint64)]
+            dtypes.append(str(t.dtype).removeprefix("torch."))
+            continue
         scalar = kind in ("scalar", "mscalar") and t.dtype == torch.bfloat16
         a, dt = _array(t.to(torch.float32) if scalar else t)  # scalars: widened here, once
         arrays.append(a)

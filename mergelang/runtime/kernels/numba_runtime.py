@@ -8,6 +8,19 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 
+def _fp8_table(dtype: str) -> np.ndarray:
+    """float32 value of each of the 256 codes of an FP8 format (exact: every FP8 value is a
+    float32), as torch converts them."""
+    import torch
+
+    return torch.arange(256, dtype=torch.uint8).view(getattr(torch, dtype)).to(torch.float32).numpy()
+
+
+#: FP8 code -> value tables the generated loops index (numba freezes them into the code)
+F8E4M3 = _fp8_table("float8_e4m3fn")
+F8E5M2 = _fp8_table("float8_e5m2")
+
+
 @intrinsic
 def _bits_to_f32(typingctx, bits):
     """Reinterpret a uint32 as the float32 with the same bits."""

@@ -255,3 +255,16 @@ def _fused(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 
 DEVICE_KERNELS[(Op.FUSED, "cpu")] = _fused  # fused regions exist in CPU plans only
+
+
+def _block_quant_cpu(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """BLOCK_QUANT on the CPU: the numba kernels when the fuse pass marked the node (attr
+    `numba`; its values part then gives the FP8 codes, attr `codes`), else torch's."""
+    if node.attrs.get("numba"):
+        from mergelang.runtime.kernels.numba_fp8 import run
+
+        return run(node, args)
+    return KERNELS[Op.BLOCK_QUANT](node, args)
+
+
+DEVICE_KERNELS[(Op.BLOCK_QUANT, "cpu")] = _block_quant_cpu
