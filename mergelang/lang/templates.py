@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from mergelang.ir.graph import Node
 from mergelang.ir.ops import Attrs, Op
 
 if TYPE_CHECKING:
@@ -31,12 +32,14 @@ class Recording:
 
     def __init__(self, el: Any):
         self.el, self.graph = el, el.graph
-        self.calls: list[tuple[Any, tuple[tuple[str, int], ...], Any, Any]] = []
+        #: (op, args spec, attrs, span, the node's type, its id when the family shares it)
+        self.calls: list[tuple[Any, tuple[tuple[str, int], ...], Any, Any, Any, int | None]] = []
         self.made: dict[int, int] = {}  # node id -> index of the call that returned it
         self._in_load = 0
 
-    def _note(self, op: Any, spec: tuple, attrs: Any, span: Any, nid: int) -> int:
-        self.calls.append((op, spec, attrs, span))
+    def _note(self, op: Any, spec: tuple, attrs: Any, span: Any, nid: int, shared: bool = False) -> int:
+        ty = None if op == "load" else self.graph.node(nid).type
+        self.calls.append((op, spec, attrs, span, ty, nid if shared else None))
         self.made.setdefault(nid, len(self.calls) - 1)
         return nid
 
@@ -50,7 +53,10 @@ class Recording:
             if self._in_load:
                 return nid  # a load's own node: the load is what is recorded
             spec = tuple(("r", self.made[a]) if a in self.made else ("n", a) for a in args)
-            return self._note(op, spec, attrs if attrs is not None else Attrs(), span, nid)
+            # a node of the recording that no load of the tensor flows into (constants, their
+            # arithmetic) is the same node (op, args, attrs) for every tensor of the family
+            shared = all(k == "n" or self.calls[i][5] is not None for k, i in spec)
+            return self._note(op, spec, attrs if attrs is not None else Attrs(), span, nid, shared)
 
         def load(model: str, tensor: str, span: Any, raw: bool = False) -> int:
             self._in_load += 1
@@ -71,7 +77,7 @@ class Recording:
     def template(self, name: str, results: list[int]) -> "Template | None":
         """The template of this recording for tensor `name` giving `results`, or None when a
         node other than a LOAD of `name` mentions the name in its attrs."""
-        for op, _, attrs, _ in self.calls:
+        for op, _, attrs, *_ in self.calls:
             if op != "load" and any(v == name for v in attrs.values() if isinstance(v, str)):
                 return None
         out = []
@@ -91,11 +97,14 @@ class Template:
         """The nodes the recorded elaboration gives for tensor `name`; loads go through `load`
         (the elaborator's, which reads each tensor of a model once)."""
         made: list[int] = []
-        for op, spec, attrs, span in self.calls:
-            if op == "load":
+        add = graph.add
+        for op, spec, attrs, span, ty, shared in self.calls:
+            if shared is not None:  # the recording's own node (what CSE would make of a copy)
+                made.append(shared)
+            elif op == "load":
                 model, tensor, raw = attrs
                 made.append(load(model, name if tensor == self.name else tensor, span, raw))
-                continue
-            args = [made[i] if kind == "r" else i for kind, i in spec]
-            made.append(graph.make(op, args, attrs, span))
+            else:  # typed as recorded: same op, attrs and argument types (the family's key)
+                made.append(add(Node(op, tuple(made[i] if kind == "r" else i for kind, i in spec),
+                                     attrs, ty, span)))
         return [made[i] for i in self.results]

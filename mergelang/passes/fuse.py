@@ -262,20 +262,22 @@ def _quant_in_kernels(plan: ExecutionPlan) -> ExecutionPlan:
     OUTPUT gives the codes themselves (attr `codes`, typed FP8: the OUTPUT's cast is then a
     no-op), so no float32 copy of the quantized values is made."""
     g = plan.graph
+    quant = [s.nid for s in plan.steps if g.node(s.nid).op is Op.BLOCK_QUANT]
+    if not quant:
+        return plan
     users = _users(plan)
     marks = {}
-    for s in plan.steps:
-        n = g.node(s.nid)
-        if (n.op is not Op.BLOCK_QUANT or n.attrs.get("numba")
-                or g.node(n.args[0]).type.numel < MIN_ELEMENTS):
+    for nid in quant:
+        n = g.node(nid)
+        if n.attrs.get("numba") or g.node(n.args[0]).type.numel < MIN_ELEMENTS:
             continue
         if n.attrs["part"] == "scale_inv":
-            marks[s.nid] = replace(n, attrs=Attrs(dict(n.attrs), numba=True))
+            marks[nid] = replace(n, attrs=Attrs(dict(n.attrs), numba=True))
             continue
-        out = users.get(s.nid, [])
+        out = users.get(nid, [])
         dtype = g.node(out[0]).attrs.get("dtype") if len(out) == 1 and g.node(out[0]).op is Op.OUTPUT else None
         if dtype in FP8_CODES:
-            marks[s.nid] = replace(n, type=n.type.with_(dtype=dtype), attrs=Attrs(dict(n.attrs), numba=True,
+            marks[nid] = replace(n, type=n.type.with_(dtype=dtype), attrs=Attrs(dict(n.attrs), numba=True,
                                                                                     codes=dtype))
     if not marks:
         return plan
@@ -290,14 +292,17 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
     """`topk_mask(abs(x), over = "tensor")` whose `abs` has no other use: the selection reads x
     and ranks |x| itself (attr `abs`), so |x| is never materialised."""
     g = plan.graph
+    tops = [s.nid for s in plan.steps if g.node(s.nid).op is Op.TOPK_MASK]
+    if not tops:
+        return plan
     users = _users(plan)
     folds = {}
-    for s in plan.steps:
-        n = g.node(s.nid)
-        if n.op is Op.TOPK_MASK and n.attrs["over"] == "tensor" and not n.attrs.get("abs"):
+    for nid in tops:
+        n = g.node(nid)
+        if n.attrs["over"] == "tensor" and not n.attrs.get("abs"):
             src = g.node(n.args[0])
             if src.op is Op.ABS and len(users[n.args[0]]) == 1 and src.type.dtype == "float32":
-                folds[s.nid] = n.args[0]
+                folds[nid] = n.args[0]
     if not folds:
         return plan
     g2 = MergeGraph(g)
@@ -305,7 +310,8 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
         n = g.node(nid)
         g2.set_node(nid, replace(n, args=g.node(absid).args, attrs=Attrs(dict(n.attrs), abs=True)))
         g2.remove_node(absid)
-    order = [s.nid for s in plan.steps if s.nid not in set(folds.values())]
+    gone = set(folds.values())
+    order = [s.nid for s in plan.steps if s.nid not in gone]
     steps, peak = schedule(g2, order)
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
 

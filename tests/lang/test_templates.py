@@ -1,6 +1,7 @@
 """Elaboration templates (lang/templates.py): a rule elaborated once per family of same-shaped
 tensors and replayed for the others builds exactly the graph that elaborating each tensor
-builds (differential: the unoptimized graph's text with and without templates)."""
+builds (differential: the graph's text with and without templates, after common-subexpression
+elimination, since replays share the nodes no load flows into; and the optimized graph's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import mergelang as ml
 from mergelang.ir.graph import format_graph
 from mergelang.lang.blocks import BlockElaboration
+from mergelang.passes.optimize import cse, dce
 
 
 def _models() -> dict[str, dict[str, torch.Tensor]]:
@@ -47,7 +49,11 @@ def test_replayed_graph_equals_the_elaborated_one(name: str, monkeypatch) -> Non
     with_t = ml.compile(src, **models)
     monkeypatch.setattr(BlockElaboration, "_family", lambda self, *a: None)  # no templates
     without = ml.compile(src, **models)
-    assert format_graph(with_t.compilation.graph) == format_graph(without.compilation.graph)
+    # replays share the family's tensor-independent nodes (constants and their arithmetic):
+    # the graph elaborating each tensor builds, after common-subexpression elimination
+    assert format_graph(dce(cse(with_t.compilation.graph))) == format_graph(dce(cse(without.compilation.graph)))
+    assert format_graph(with_t.compilation.optimized) == format_graph(without.compilation.optimized)
+    assert len(with_t.compilation.graph) <= len(without.compilation.graph)
     a, b = with_t.evaluate(), without.evaluate()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor)
                                         else all(torch.equal(a[k][t], b[k][t]) for t in a[k]) for k in a)
@@ -67,3 +73,18 @@ def test_a_family_is_elaborated_once(monkeypatch) -> None:
     ml.compile(HEAD + RECIPES["ties"], **_models()).close()
     # 3 shape families (experts 6x4, norms 4, embed 8x4): one elaboration each
     assert len(set(calls)) == 3
+
+
+def test_replays_share_the_familys_constant_nodes(monkeypatch) -> None:
+    """The 12 expert tensors of one family share one copy of ties' constants (weights, their
+    reshapes, comparison constants) instead of one per tensor."""
+    from mergelang.ir.ops import Op
+
+    src = HEAD + RECIPES["ties"]
+
+    def consts(g) -> int:
+        return sum(1 for _, n in g.items() if n.op is Op.CONST)
+    with_t = consts(ml.compile(src, **_models()).compilation.graph)
+    monkeypatch.setattr(BlockElaboration, "_family", lambda self, *a: None)
+    without = consts(ml.compile(src, **_models()).compilation.graph)
+    assert with_t * 3 < without
