@@ -17,6 +17,7 @@ OUTPUT step of the plan: names come from the plan, the executor needs no change.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -100,8 +101,30 @@ def reporter(plan: ExecutionPlan, quiet: bool, log_json: bool
             ticker = threading.Thread(target=tick, name="mergelang-progress", daemon=True)
             ticker.start()
         try:
-            yield bar.update, lambda _path: None
+            yield (bar.update if bar.disable else _family_postfix(plan, bar)), lambda _path: None
         finally:
             stop.set()
             if ticker is not None:
                 ticker.join()
+
+
+_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+def _family_postfix(plan: ExecutionPlan, bar) -> Callable[[int], None]:
+    """bar.update that also shows the family of the tensor being written, its numbers as `{}`
+    (`model.layers.{}.mlp.experts.{}.up_proj.weight`): one label per family, not per tensor
+    (the label changes only when the family does)."""
+    names = [n for n, _, _ in output_steps(plan)] if hasattr(plan, "steps") else []
+    state = {"k": 0, "family": None}
+
+    def update(nbytes: int) -> None:
+        k = state["k"]
+        if k < len(names):
+            family = _NUM.sub("{}", names[k])
+            if family != state["family"]:
+                state["family"] = family
+                bar.set_postfix_str(family if len(family) <= 60 else "..." + family[-57:], refresh=False)
+        state["k"] = k + 1
+        bar.update(nbytes)
+    return update

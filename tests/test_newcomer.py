@@ -79,3 +79,28 @@ def test_check_summary_uses_binary_units_and_plural(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["check", str(tmp_path / "r.mrg")])
     assert res.exit_code == 0, res.output
     assert "reads 4.0 KiB, writes 4.0 KiB, 0 warnings" in res.output
+
+
+def test_progress_bar_names_the_family_being_written(monkeypatch) -> None:
+    """The bar shows the family of the tensor just written (numbers as `{}`), set once per
+    family: 90k expert tensors do not print 90k names."""
+    from types import SimpleNamespace
+
+    from mergelang import progress
+
+    names = [f"model.layers.{i}.mlp.experts.{e}.w" for i in range(2) for e in range(3)] + ["lm_head.weight"]
+    monkeypatch.setattr(progress, "output_steps", lambda plan: [(n, "float32", 4) for n in names])
+    stream = _Tty()
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    plan = SimpleNamespace(write_bytes=4 * len(names), steps=())
+    shown = []
+    import tqdm
+
+    orig = tqdm.tqdm.set_postfix_str
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix_str", lambda self, s="", refresh=True: (shown.append(s), orig(self, s, refresh))[1])
+    with progress.reporter(plan, quiet=False, log_json=False) as (update, finish):
+        for _ in names:
+            update(4)
+        finish("out")
+    assert shown == ["model.layers.{}.mlp.experts.{}.w", "lm_head.weight"]
+    assert "lm_head.weight" in stream.getvalue()
