@@ -5,8 +5,11 @@ shapes (`experts.{e}.*`, every layer's projections). Elaborating the rule for ea
 its expression, calling stdlib functions, typing every node) costs ~250 us per tensor. A
 template records the graph nodes one elaboration makes (`MergeGraph.make` calls, with their
 arguments as positions in the recording) and replays them for another tensor of the same family,
-with that tensor's name in its LOAD nodes: the graph is the one elaboration would build (nodes are
-hash-consed the same way), built without re-evaluating anything.
+with that tensor's name in its LOAD nodes, typed as recorded (same op, attrs and argument types),
+built without re-evaluating anything. Nodes of the recording that no load flows into (constants,
+their reshapes and arithmetic) are not copied: every replay uses the recording's own node, which
+is what common-subexpression elimination would make of the copies — the optimized graph is the
+one elaborating each tensor gives, and the passes fold and deduplicate that work once per family.
 
 A family is: the same block and rule, the same captures, and the same shape and dtype of the
 tensor in every model. An elaboration is recorded only when it is provably name-independent:
