@@ -110,6 +110,8 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
             continue
         if n.op in (Op.CONST, Op.STAT_VALUE, Op.PARAM):
             continue
+        if n.op is Op.BLOCK_QUANT:
+            raise NotRowLocal("block-scaled FP8 output is quantized per block of rows and columns")
         ra = [a for a in n.args if a in rowed]
         if not ra:
             if n.op is Op.OUTPUT:

@@ -203,3 +203,10 @@ def test_trials_read_codes_through_held_models(pair, monkeypatch) -> None:
     ra = load_file(str(pair["a"] / "model.safetensors"))
     assert torch.equal(got[BIG], ref_dequant(want[BIG], want[BIG + "_scale_inv"]))
     assert got[BIG].shape == ra[BIG].shape
+
+
+def test_fp8_output_under_a_budget_says_why_it_is_not_chunked(pair) -> None:
+    r = ml.compile(_recipe(pair, "a * 0.5 + b * 0.5"))
+    planned = plan_for(r.compilation.plan, Target("cpu", memory_budget=200_000))
+    assert any("quantized per block" in u.reason for u in planned.unchunked)
+    r.close()
