@@ -40,14 +40,14 @@ def _quant(w: torch.Tensor, block: tuple[int, int], fmt: torch.dtype) -> tuple[t
 
 
 def write(folder: Path, seed: int, scale: float, block=(128, 128), fmt=torch.float8_e4m3fn,
-          specials: bool = False) -> Path:
+          specials: bool = False, scale_dtype=torch.float32) -> Path:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(SHAPE, generator=g) * scale
     q, s = _quant(w, block, fmt)
     if specials:  # codes for -0, the smallest subnormals, the largest values and NaN
         codes = q.view(torch.uint8)
         codes[0, :8] = torch.tensor([0x80, 0x01, 0x81, 0x7E, 0xFE, 0x7F, 0x00, 0x08], dtype=torch.uint8)
-    sd = {BIG: q, BIG + "_scale_inv": s, "model.norm.weight": torch.randn(260, generator=g).to(torch.bfloat16)}
+    sd = {BIG: q, BIG + "_scale_inv": s.to(scale_dtype), "model.norm.weight": torch.randn(260, generator=g).to(torch.bfloat16)}
     folder.mkdir(parents=True)
     save_file(sd, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
@@ -145,15 +145,17 @@ def test_fused_equals_unfused(pair, monkeypatch, rule, dtype) -> None:
         assert _same(fused[k], plain[k]), k
 
 
-@pytest.mark.parametrize("case", ["blocks", "e5m2", "bf16", "specials"])
+@pytest.mark.parametrize("case", ["blocks", "e5m2", "bf16", "specials", "bf16_scales"])
 def test_other_formats_and_mixtures(tmp_path, monkeypatch, case) -> None:
     """Different block sizes in one loop (scales looked up per element), e5m2 codes, an FP8
-    model with a bfloat16 one, codes for -0, subnormals, the largest values and NaN."""
+    model with a bfloat16 one, codes for -0, subnormals, the largest values and NaN, scales
+    stored as bfloat16."""
     a = write(tmp_path / "a", 0, 1.0, specials=case == "specials")
     b = {"blocks": lambda p: write(p, 1, 3.0, block=(64, 32)),
          "e5m2": lambda p: write(p, 1, 3.0, fmt=torch.float8_e5m2),
          "bf16": lambda p: write_bf16(p, 1),
-         "specials": lambda p: write(p, 1, 3.0, specials=True)}[case](tmp_path / "b")
+         "specials": lambda p: write(p, 1, 3.0, specials=True),
+         "bf16_scales": lambda p: write(p, 1, 3.0, scale_dtype=torch.bfloat16)}[case](tmp_path / "b")
     text = _recipe({"a": a, "b": b}, "a * 0.25 + b * 0.75")
     kinds = _stored_kinds(text)
     assert kinds and any(k.startswith("fp8:") for k in kinds[0])

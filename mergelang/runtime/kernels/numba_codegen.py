@@ -307,6 +307,10 @@ def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.n
                        np.array([cols, -(-cols // b1)], np.uint64)]
             dtypes.append(str(t.dtype).removeprefix("torch."))
             continue
+        if kind == "fp8scale":  # read as float32 by its codes' lines (bfloat16 scales widened here)
+            arrays.append(t.to(torch.float32).contiguous().reshape(-1).numpy())
+            dtypes.append("float32")
+            continue
         scalar = kind in ("scalar", "mscalar") and t.dtype == torch.bfloat16
         a, dt = _array(t.to(torch.float32) if scalar else t)  # scalars: widened here, once
         arrays.append(a)
