@@ -95,3 +95,19 @@ def test_threads_split_block_rows(monkeypatch) -> None:
     node = _node("values", (128, 128), 448.0, "float8_e4m3fn")
     want = _block_quant(node, [x]).to(torch.float8_e4m3fn)
     assert torch.equal(numba_fp8.run(node, [x]).view(torch.uint8), want.view(torch.uint8))
+
+
+def test_without_the_numba_kernels_torch_gives_the_same_bytes(monkeypatch) -> None:
+    """A marked BLOCK_QUANT where numba_fp8 cannot load (e.g. no writable cache): torch's kernel
+    and the cast, the same codes."""
+    import sys
+
+    from mergelang.ir.ops import Op
+    from mergelang.runtime.kernels.registry import DEVICE_KERNELS
+
+    x = torch.randn(300, 260, generator=torch.Generator().manual_seed(3))
+    node = _node("values", (128, 128), 448.0, "float8_e4m3fn")
+    want = numba_fp8.run(node, [x])
+    monkeypatch.setitem(sys.modules, "mergelang.runtime.kernels.numba_fp8", None)  # import fails
+    got = DEVICE_KERNELS[(Op.BLOCK_QUANT, "cpu")](node, [x])
+    assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), want.view(torch.uint8))

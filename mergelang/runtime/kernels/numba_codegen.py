@@ -58,7 +58,6 @@ def threads_for(elements: int) -> int:
 def available() -> bool:
     """Whether numba and the runtime helpers load (fusion is skipped otherwise)."""
     try:  # the runtime helpers too: numba refuses to decorate when no cache dir is writable
-        from mergelang.runtime.kernels import numba_fp8  # noqa: F401
         from mergelang.runtime.kernels import numba_runtime as kernels_fused_rt  # noqa: F401
     except Exception:  # pragma: no cover - numba is a dependency; broken installs fall back
         return False
