@@ -33,6 +33,8 @@ echo "== 3. CUDA vs CPU per method"
 "$PY" benchmarks/gpu_equality.py
 echo "== 3b. where ties spends its time on the GPU"
 "$PY" benchmarks/gpu_profile.py 2>&1 | tail -60
+echo "== 3c. block-scaled FP8 merges on the GPU (codes copied, dequantized there)"
+"$PY" benchmarks/bench_fp8.py --dir /tmp/mergelang-gpu-fp8 --device cuda --repeat 1
 echo "== 4. merge benchmark ($SIZE), GPU"
 MK=()
 [ -n "${MERGEKIT:-}" ] && MK=(--mergekit "$MERGEKIT")

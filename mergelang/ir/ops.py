@@ -82,6 +82,9 @@ class Op(enum.Enum):
     # largest value), part ("values": x / its block's scale, within +-fmax, cast by the OUTPUT;
     # "scale_inv": one float32 per block, block amax / fmax)
     BLOCK_QUANT = "block_quant"
+    # execution only (passes/fp8_reads.py): FP8 codes x their block scales (args codes, scales;
+    # attrs block), what the dequantizing source computes, done where the plan runs
+    BLOCK_DEQUANT = "block_dequant"
     # randomness (counter-based, keyed by seed / tensor / model index / element index)
     BERNOULLI = "bernoulli"    # args: like, p; attrs: seed, tensor, stream
     # checks
@@ -132,7 +135,7 @@ ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
 ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
-              Op.WUDI_ADAM: 1, Op.BLOCK_QUANT: 1,
+              Op.WUDI_ADAM: 1, Op.BLOCK_QUANT: 1, Op.BLOCK_DEQUANT: 2,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
@@ -312,6 +315,8 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if attrs["part"] == "values":
             return x
         return TType((-(-x.shape[0] // b0), -(-x.shape[1] // b1)), "float32", None)
+    if op is Op.BLOCK_DEQUANT:
+        return args[0].with_(dtype="float32")
     if op is Op.ASSERT:
         _require(args[1], "bool", "assert's condition")
         return args[0]

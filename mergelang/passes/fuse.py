@@ -26,15 +26,12 @@ from dataclasses import replace
 
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import Attrs, Op
-from mergelang.ir.types import TType
+from mergelang.passes.fp8_reads import FP8_CODES, read_stored, stored_fp8
 from mergelang.passes.plan import ExecutionPlan, schedule
 
 #: a region's root must have at least this many elements (smaller ones: call overhead dominates,
 #: and tiny test tensors never pay a kernel compile)
 MIN_ELEMENTS = 1 << 16
-
-#: stored dtypes of block-scaled FP8 weights a generated loop decodes (numba_codegen)
-FP8_CODES = ("float8_e4m3fn", "float8_e5m2")
 
 #: most models a fused sum over models may add: torch sums up to 4 rows sequentially from zero
 MAX_SUM_MODELS = 4
@@ -181,8 +178,8 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
         n = g.node(s.nid)
         if (n.op is Op.LOAD and n.type.dtype == "float32" and users.get(s.nid)
                 and all(u in member_of or u in selects for u in users[s.nid])):
-            if _stored_fp8(n):
-                scales[s.nid] = _read_stored(g2, s.nid, n)
+            if stored_fp8(n):
+                scales[s.nid] = read_stored(g2, s.nid, n)
                 continue
             ty = n.type.with_(dtype="bfloat16") if n.attrs.get("src_dtype") == "bfloat16" else n.type
             g2.set_node(s.nid, replace(n, type=ty, attrs=Attrs(dict(n.attrs), view=True)))
@@ -208,23 +205,6 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
                 order.append(scales[s.nid])
     steps, peak = schedule(g2, order)
     return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
-
-
-def _stored_fp8(n: Node) -> bool:
-    """A LOAD of a block-scaled FP8 weight a kernel can decode as stored (whole, 2-D)."""
-    return (n.attrs.get("scale") is not None and n.attrs.get("rows") is None
-            and n.attrs.get("src_dtype") in FP8_CODES and len(n.type.shape) == 2 and n.type.numel > 1)
-
-
-def _read_stored(g2: MergeGraph, nid: int, n: Node) -> int:
-    """Make LOAD `nid` read its FP8 codes as stored and add the LOAD of its block scales."""
-    name, b0, b1 = n.attrs["scale"]
-    rows, cols = n.type.shape
-    grid = TType((-(-rows // b0), -(-cols // b1)))
-    g2.set_node(nid, replace(n, type=n.type.with_(dtype=n.attrs["src_dtype"]),
-                             attrs=Attrs(dict(n.attrs), view=True, stored=True)))
-    return g2.add(Node(Op.LOAD, (), Attrs(model=n.attrs["model"], tensor=name, src_dtype="float32",
-                                          view=True, stored=True), grid, n.span))
 
 
 def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int, list[int]]

@@ -12,6 +12,8 @@ rewrites a plan, and an executor runs exactly what it is given.
                see every tensor)
     chunk      split outputs that do not fit the memory budget into row chunks (chunking.py)
     fuse       CPU targets: elementwise chains as generated loops (fuse.py)
+    narrow_fp8 GPU targets: FP8 weights copied as codes + scales, dequantized on the device
+               (BLOCK_DEQUANT; fp8_reads.py)
 
 Statistics values are filled into the final plans when the passes before them have run
 (`passes.stats.fill`, by node id: the placeholders survive chunking and fusion unchanged).
@@ -96,9 +98,17 @@ def fuse(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan
     return plan
 
 
+def narrow_fp8(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan:
+    if target.device == "cpu":  # the CPU's reader threads dequantize (overlapped with compute)
+        return plan
+    from mergelang.passes.fp8_reads import narrow_reads
+
+    return narrow_reads(plan)
+
+
 #: the plan passes, in order
 PLAN_PASSES: tuple[tuple[str, PlanPass], ...] = (("restrict", restrict), ("chunk", chunk),
-                                                 ("fuse", fuse))
+                                                 ("fuse", fuse), ("narrow_fp8", narrow_fp8))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ _OUT: dict[Op, Callable[..., torch.Tensor]] = {
 
 #: ops whose kernels always return a new tensor (or, here, the donated one): only their values
 #: may be written into. Others may return views or tensors a kernel keeps (the SVD cache).
-_FRESH = frozenset(_OUT) | {Op.WHERE, Op.LERP, Op.CLAMP, Op.REDUCE, Op.DOT, Op.STACK, Op.FUSED}
+_FRESH = frozenset(_OUT) | {Op.WHERE, Op.LERP, Op.CLAMP, Op.REDUCE, Op.DOT, Op.STACK, Op.FUSED,
+                             Op.BLOCK_DEQUANT}
 
 
 class LazyStack:

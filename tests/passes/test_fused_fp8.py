@@ -212,3 +212,44 @@ def test_fp8_output_under_a_budget_says_why_it_is_not_chunked(pair) -> None:
     planned = plan_for(r.compilation.plan, Target("cpu", memory_budget=200_000))
     assert any("quantized per block" in u.reason for u in planned.unchunked)
     r.close()
+
+
+def test_gpu_plans_copy_codes_and_dequantize_on_the_device(pair) -> None:
+    """A GPU plan reads FP8 weights as codes + scales and dequantizes them in a BLOCK_DEQUANT
+    step (passes/fp8_reads.py); a CPU plan without fusion keeps the dequantizing read. The GPU
+    plan, executed here on the CPU, gives the reference's bytes."""
+    from mergelang.runtime.executor import execute
+
+    text = _recipe(pair, "linear([a, b], weights = [0.7, 0.3])")
+    r = ml.compile(text)
+    cpu = plan_for(r.compilation.plan, Target("cpu", fuse=False)).plan
+    assert not any(cpu.graph.node(s.nid).op is Op.BLOCK_DEQUANT for s in cpu.steps)
+    plan = plan_for(r.compilation.plan, Target("cuda")).plan
+    g = plan.graph
+    deq = [g.node(s.nid) for s in plan.steps if g.node(s.nid).op is Op.BLOCK_DEQUANT]
+    assert len(deq) == 2
+    for n in deq:
+        codes, scales = (g.node(a) for a in n.args)
+        assert codes.type.dtype == "float8_e4m3fn" and codes.attrs["stored"]
+        assert scales.attrs["tensor"] == BIG + "_scale_inv" and n.type.dtype == "float32"
+    got: dict[str, torch.Tensor] = {}
+    execute(plan, r.compilation.models, got.__setitem__, "cpu", pipelined=True)
+    r.close()
+    ra, rb = (load_file(str(p / "model.safetensors")) for p in pair.values())
+    merged = 0.7 * ref_dequant(ra[BIG], ra[BIG + "_scale_inv"]) + 0.3 * ref_dequant(rb[BIG], rb[BIG + "_scale_inv"])
+    q, s = ref_quant(merged)
+    assert torch.equal(got[BIG + "_scale_inv"], s)
+    assert torch.equal(got[BIG].view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_dequantizes_on_the_device_with_the_cpu_bytes(pair, tmp_path) -> None:
+    text = _recipe(pair, "ties(a, [b], density = 0.3)")
+    cpu = ml.compile(text).run(tmp_path / "cpu", device="cpu")
+    gpu = ml.compile(text).run(tmp_path / "gpu", device="cuda")
+    x, y = (load_file(str(next(p.glob("*.safetensors")))) for p in (cpu, gpu))
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k].view(torch.uint8) if x[k].element_size() == 1 else x[k],
+                           y[k].view(torch.uint8) if y[k].element_size() == 1 else y[k]), k

@@ -114,3 +114,13 @@ def _block_quant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 
 KERNELS[Op.BLOCK_QUANT] = _block_quant
+
+
+def _block_dequant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """FP8 codes x their block scales on the codes' device (sources/fp8.dequantize)."""
+    from mergelang.sources.fp8 import dequantize
+
+    return dequantize(args[0], args[1].to(args[0].device), tuple(node.attrs["block"]))
+
+
+KERNELS[Op.BLOCK_DEQUANT] = _block_dequant
