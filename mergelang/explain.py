@@ -141,6 +141,24 @@ def _rules_text(c: Compilation, block: Any, methods: dict[str, int]) -> list[str
     return lines
 
 
+def _fp8_lines(c: Compilation) -> list[str]:
+    """Block-scaled FP8 models: how they are read, and the output's format."""
+    from mergelang.ir.types import plural
+    from mergelang.sources.fp8 import BlockFp8
+
+    out = []
+    for name, m in c.models.items():
+        if isinstance(m, BlockFp8):
+            dtypes = sorted({m.tensors()[w].dtype for w in m.scales})
+            out.append(f"`{name}` is block-scaled FP8 ({', '.join(dtypes)}, {m.block[0]}x{m.block[1]} "
+                       f"blocks, {plural(len(m.scales), 'weight')}): read as float values")
+    if out:
+        fp8_out = any(n.op is Op.BLOCK_QUANT for _, n in c.optimized.items())
+        out.append("output: FP8 weights re-quantized per block (amax / max), quantization_config kept"
+                   if fp8_out else "output: dequantized weights (no quantization_config)")
+    return out
+
+
 def _one_line(text: str, width: int = 100) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -158,6 +176,7 @@ def explain_text(c: Compilation) -> str:
     arch = architecture(ref.config() if ref is not None else None)
     if arch is not None:
         lines.append(f"architecture of `{c.reference}` (config.json): {arch.describe()}")
+    lines += _fp8_lines(c)
     methods: dict[str, int] = {}
     for block in c.unit.blocks:
         lines.append("")

@@ -223,3 +223,14 @@ def test_tune_objective_gets_the_written_weights_as_floats(pair) -> None:
     w = r.tune(lambda s: 0.0, trials=1, seed=0).trials[0].params["w"]
     out = ml.compile(_recipe(a, b, f"linear([a, b], weights = [{w!r}, {1 - w!r}])")).evaluate()
     assert torch.equal(seen[name], ref_dequant(out[name], out[name + "_scale_inv"]))
+
+
+def test_explain_says_how_fp8_models_are_read_and_written(pair, tmp_path: Path) -> None:
+    from mergelang.explain import explain_text
+
+    a, b = pair
+    text = explain_text(ml.compile(_recipe(a, b)).compilation)
+    assert "`a` is block-scaled FP8 (float8_e4m3fn, 128x128 blocks, 2 weights): read as float values" in text
+    assert "output: FP8 weights re-quantized per block" in text
+    text = explain_text(ml.compile(_recipe(a, b, extra='option dtype = "bfloat16"\n')).compilation)
+    assert "output: dequantized weights (no quantization_config)" in text
