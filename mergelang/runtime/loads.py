@@ -20,7 +20,7 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
     assert src is not None
     want = torch.float32 if upcast and node.type.dtype == "float32" else None
     kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
-    if node.attrs.get("stored"):  # FP8 codes or their block scales, decoded by a fused loop
+    if node.attrs.get("stored"):  # FP8 codes or their block scales (passes/fp8_reads.py)
         t = src.load_stored(node.attrs["tensor"], **kw)
         want = node.type.dtype
         if want.startswith("float8") and str(t.dtype).removeprefix("torch.") != want:
