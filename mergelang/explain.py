@@ -25,21 +25,15 @@ from mergelang.lang import ast
 from mergelang.compiler import Compilation
 from mergelang.diagnostics import Diagnostics, MergelangError, error
 from mergelang.ir.graph import MergeGraph, postorder
+from mergelang.ir.names import template
 from mergelang.ir.ops import Op
 from mergelang.passes.plan import _size
 from mergelang.ir.types import is_floating
 
 ASSUMED_IO_BYTES_PER_S = 1e9  # for the time estimate: about one SSD's sequential throughput
-_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
 # ---------------------------------------------------------------- collapsing names
-def template(name: str) -> tuple[str, tuple[int, ...]]:
-    """`model.layers.3.mlp.w` -> (`model.layers.{}.mlp.w`, (3,))."""
-    nums = tuple(int(m.group()) for m in _NUM.finditer(name))
-    return _NUM.sub("{}", name), nums
-
-
 def ranges(values: Iterable[int]) -> str:
     vs = sorted(set(values))
     parts, i = [], 0

@@ -17,7 +17,6 @@ OUTPUT step of the plan: names come from the plan, the executor needs no change.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from typing import IO, Callable, Iterator
 
 from mergelang.diagnostics import Diagnostic
+from mergelang.ir.names import family as name_family
 from mergelang.ir.ops import Op
 from mergelang.passes.plan import ExecutionPlan
 
@@ -108,9 +108,6 @@ def reporter(plan: ExecutionPlan, quiet: bool, log_json: bool
                 ticker.join()
 
 
-_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
-
-
 def _family_postfix(plan: ExecutionPlan, bar) -> Callable[[int], None]:
     """bar.update that also shows the family of the tensor being written, its numbers as `{}`
     (`model.layers.{}.mlp.experts.{}.up_proj.weight`): one label per family, not per tensor
@@ -121,7 +118,7 @@ def _family_postfix(plan: ExecutionPlan, bar) -> Callable[[int], None]:
     def update(nbytes: int) -> None:
         k = state["k"]
         if k < len(names):
-            family = _NUM.sub("{}", names[k])
+            family = name_family(names[k])
             if family != state["family"]:
                 state["family"] = family
                 bar.set_postfix_str(family if len(family) <= 60 else "..." + family[-57:], refresh=False)

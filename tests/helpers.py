@@ -39,3 +39,19 @@ def local_ray_cluster():
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+#: the head of a tune objective file living beside model folders base, a, b: `target` is
+#: base + 0.3 (a - base) + 0.6 (b - base), `score` the negative squared distance to it
+TARGET_OBJECTIVE = '''
+import os
+import torch
+from pathlib import Path
+from safetensors.torch import load_file
+here = Path(__file__).parent
+base, a, b = (load_file(here / n / "model.safetensors") for n in ("base", "a", "b"))
+target = {k: base[k] + 0.3 * (a[k] - base[k]) + 0.6 * (b[k] - base[k]) for k in base}
+
+def score(state):
+    return -sum(float((state[k] - target[k]).pow(2).sum()) for k in target)
+'''

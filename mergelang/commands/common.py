@@ -87,5 +87,10 @@ follow_opt = click.option(
     "--follow-symlinks", is_flag=True,
     help="read and copy model files whose symbolic links leave the model folder (refused by default)")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
+#: tune / learn: trials and steps run on the CPU unless asked
+search_device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu",
+                                 show_default=True)
+search_force_opt = click.option("--force", is_flag=True,
+                                help="replace an earlier mergelang output at --output")
 set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                        help="override a param (a value) or a model (a path); repeatable")

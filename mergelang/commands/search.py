@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import _compile, _guard, allow_pickle_opt, follow_opt, recipe_arg, set_opt
+from mergelang.commands.common import (_compile, _guard, allow_pickle_opt, follow_opt, recipe_arg,
+                                       search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
 
 from mergelang.search.study import SAMPLERS  # noqa: E402  (optuna is imported only when a study opens)
@@ -122,14 +123,14 @@ def plot(res: Any, path: str) -> None:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: trials run in parallel on a Ray cluster (pip install 'mergelang[ray]')")
 @click.option("--ray-address", default=None, metavar="ADDR")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@search_device_opt
 @click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write the best merge (one objective), or the Pareto table (several)")
 @click.option("--pick", type=click.IntRange(min=0), default=None,
               help="several objectives: write Pareto member K's merge to --output")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="draw the optimisation history (or the Pareto front)")
-@click.option("--force", is_flag=True, help="replace an earlier mergelang output at --output")
+@search_force_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @set_opt
 @allow_pickle_opt
@@ -190,8 +191,8 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
               help="optimizer steps [default: one pass over the batches]")
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--force", is_flag=True, help="replace an earlier mergelang output at --output")
+@search_device_opt
+@search_force_opt
 @click.option("-q", "--quiet", is_flag=True, help="no per-step log")
 @set_opt
 @allow_pickle_opt

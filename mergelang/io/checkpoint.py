@@ -206,6 +206,33 @@ class ModelSource:
         return None
 
 
+class WrappedSource(ModelSource):
+    """A source that changes how another one (`inner`) is read: its label, folder, tensor
+    table, files, config, model-level work and closing are the inner source's unless overridden."""
+
+    def __init__(self, inner: ModelSource):
+        self.inner = inner
+        self.label, self.folder = inner.label, inner.folder
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.inner.tensors()
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.load_as(name, None)
+
+    def input_paths(self) -> list[Path]:
+        return self.inner.input_paths()
+
+    def prepare(self, device: object = None) -> None:
+        self.inner.prepare(device)
+
+    def config(self) -> dict | None:
+        return self.inner.config()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class SafetensorsSource(ModelSource):
     """One or more safetensors files (an HF folder's shards, or a single file)."""
 

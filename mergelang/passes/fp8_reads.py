@@ -21,7 +21,7 @@ from dataclasses import replace
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import Attrs, Op
 from mergelang.ir.types import TType
-from mergelang.passes.plan import ExecutionPlan, schedule
+from mergelang.passes.plan import ExecutionPlan, rescheduled
 
 #: stored dtypes of block-scaled FP8 weights read as codes
 FP8_CODES = ("float8_e4m3fn", "float8_e5m2")
@@ -67,5 +67,4 @@ def narrow_reads(plan: ExecutionPlan) -> ExecutionPlan:
             g2.set_node(u, un.with_args(tuple(deq if a == nid else a for a in un.args)))
         after[nid] = [scale, deq]
     order = [x for s in plan.steps for x in (s.nid, *after.get(s.nid, ()))]
-    steps, peak = schedule(g2, order)
-    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+    return rescheduled(plan, g2, order)

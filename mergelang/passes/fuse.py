@@ -27,7 +27,7 @@ from dataclasses import replace
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import Attrs, Op
 from mergelang.passes.fp8_reads import FP8_CODES, read_stored, stored_fp8
-from mergelang.passes.plan import ExecutionPlan, schedule
+from mergelang.passes.plan import ExecutionPlan, rescheduled
 
 #: a region's root must have at least this many elements (smaller ones: call overhead dominates,
 #: and tiny test tensors never pay a kernel compile)
@@ -203,8 +203,7 @@ def fuse_plan(plan: ExecutionPlan) -> ExecutionPlan:
             order.append(s.nid)
             if s.nid in scales:
                 order.append(scales[s.nid])
-    steps, peak = schedule(g2, order)
-    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+    return rescheduled(plan, g2, order)
 
 
 def _rematerialise(plan: ExecutionPlan, regions: list[_Region], users: dict[int, list[int]]
@@ -264,8 +263,7 @@ def _quant_in_kernels(plan: ExecutionPlan) -> ExecutionPlan:
     g2 = MergeGraph(g)
     for nid, n in marks.items():
         g2.set_node(nid, n)
-    steps, peak = schedule(g2, [s.nid for s in plan.steps])
-    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+    return rescheduled(plan, g2, [s.nid for s in plan.steps])
 
 
 def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
@@ -292,8 +290,7 @@ def _fold_abs_into_topk(plan: ExecutionPlan) -> ExecutionPlan:
         g2.remove_node(absid)
     gone = set(folds.values())
     order = [s.nid for s in plan.steps if s.nid not in gone]
-    steps, peak = schedule(g2, order)
-    return replace(plan, graph=g2, steps=tuple(steps), peak_bytes=peak)
+    return rescheduled(plan, g2, order)
 
 
 def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], scales: dict[int, int],
@@ -325,11 +322,12 @@ def _build(g: MergeGraph, g2: MergeGraph, r: _Region, pos: dict[int, int], scale
             code = OPCODES[node.op]
         body.append((code, tuple(refs), node.type.models is not None, node.type.dtype))
     kinds = []
+    scale_loads = set(scales.values())
     for a in inputs:
         if a in scales:
             kinds.append("fp8:{}:{}".format(*g.node(a).attrs["scale"][1:]))
             continue
-        if a not in g:  # a scales LOAD (only in g2)
+        if a in scale_loads:
             kinds.append("fp8scale")
             continue
         t = g.node(a).type

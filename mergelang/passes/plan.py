@@ -8,7 +8,7 @@ bytes, used by `--emit plan` and checked against `--memory-budget`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from mergelang.ir.graph import MergeGraph, attrs_text, emit_order
@@ -86,6 +86,12 @@ def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
         live -= sum(live_bytes(g, a) for a in free)
         steps.append(Step(nid, free))
     return steps, peak
+
+
+def rescheduled(plan: ExecutionPlan, g: MergeGraph, order: list[int]) -> ExecutionPlan:
+    """`plan` rewritten to graph `g`, running `order` (frees and peak recomputed)."""
+    steps, peak = schedule(g, order)
+    return replace(plan, graph=g, steps=tuple(steps), peak_bytes=peak)
 
 
 def _src_bytes(n) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.diagnostics import MergelangError, error
-from mergelang.io.checkpoint import ModelSource, TensorInfo
+from mergelang.io.checkpoint import ModelSource, WrappedSource
 
 if TYPE_CHECKING:
     import torch
@@ -25,20 +25,12 @@ if TYPE_CHECKING:
 Compile = Callable[[tuple[str, ...], Mapping[str, Any]], "Compilation"]
 
 
-class HeldSource(ModelSource):
+class HeldSource(WrappedSource):
     """A model whose float32 tensors are read once and then kept in memory."""
 
     def __init__(self, inner: ModelSource):
-        self.inner = inner
-        self.label = inner.label
-        self.folder = inner.folder
+        super().__init__(inner)
         self._held: dict[tuple[str, Any], torch.Tensor] = {}
-
-    def tensors(self) -> Mapping[str, TensorInfo]:
-        return self.inner.tensors()
-
-    def load(self, name: str) -> "torch.Tensor":
-        return self.load_as(name, None)
 
     def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
         key = (name, dtype)
@@ -53,12 +45,6 @@ class HeldSource(ModelSource):
         if t is None:
             t = self._held[key] = self.inner.load_stored(name)
         return t if view else t.clone()
-
-    def prepare(self, device: object = None) -> None:
-        self.inner.prepare(device)
-
-    def config(self) -> dict | None:
-        return self.inner.config()
 
     def close(self) -> None:
         self._held.clear()

@@ -22,7 +22,7 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 from mergelang.diagnostics import Diagnostics, error, warning
-from mergelang.io.checkpoint import ModelSource, TensorInfo
+from mergelang.io.checkpoint import ModelSource, TensorInfo, WrappedSource
 
 if TYPE_CHECKING:
     import torch
@@ -44,12 +44,12 @@ def dequantize(q: "torch.Tensor", scale: "torch.Tensor", block: tuple[int, int])
     return q.to(torch.float32) * s
 
 
-class BlockFp8(ModelSource):
+class BlockFp8(WrappedSource):
     """A model whose block-scaled FP8 weights are seen dequantized (float32 when loaded)."""
 
     def __init__(self, inner: ModelSource, block: tuple[int, int], scales: dict[str, str]):
-        self.inner, self.block, self.scales = inner, block, scales  # weight -> its scale tensor
-        self.label, self.folder = inner.label, inner.folder
+        super().__init__(inner)
+        self.block, self.scales = block, scales  # weight -> its scale tensor
         hidden = set(scales.values())
         self._table = {k: v for k, v in inner.tensors().items() if k not in hidden}
 
@@ -63,9 +63,6 @@ class BlockFp8(ModelSource):
         if scale is None:
             return None
         return scale, self.block, FP8[self._table[name].dtype]
-
-    def load(self, name: str) -> "torch.Tensor":
-        return self.load_as(name, None)
 
     def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
         scale = self.scales.get(name)
@@ -94,18 +91,6 @@ class BlockFp8(ModelSource):
         s = self.inner.load_as(scale, None)[first // b0: math.ceil(stop / b0)]
         out = dequantize(q, s, self.block)[start - first: stop - first].contiguous()
         return out if dtype in (None, torch.float32) else out.to(dtype)
-
-    def input_paths(self) -> list[Any]:
-        return self.inner.input_paths()
-
-    def prepare(self, device: object = None) -> None:
-        self.inner.prepare(device)
-
-    def config(self) -> dict | None:
-        return self.inner.config()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _block_size(cfg: dict | None) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import write_model
+from helpers import TARGET_OBJECTIVE, write_model
 from mergelang.cli import main
 
 pytest.importorskip("optuna")
@@ -21,17 +21,7 @@ def _sd(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(8, 8, generator=g), "b": torch.randn(8, generator=g)}
 
 
-OBJECTIVE = '''
-import torch
-from safetensors.torch import load_file
-from pathlib import Path
-here = Path(__file__).parent
-base, a, b = (load_file(here / n / "model.safetensors") for n in ("base", "a", "b"))
-target = {k: base[k] + 0.3 * (a[k] - base[k]) + 0.6 * (b[k] - base[k]) for k in base}
-
-def score(state):
-    return -sum(float((state[k] - target[k]).pow(2).sum()) for k in target)
-
+OBJECTIVE = TARGET_OBJECTIVE + '''
 def two(state):
     return (sum(float((state[k] - a[k]).pow(2).sum()) for k in a),
             sum(float((state[k] - b[k]).pow(2).sum()) for k in b))

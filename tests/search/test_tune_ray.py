@@ -15,22 +15,12 @@ pytest.importorskip("optuna")
 
 import mergelang as ml  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import local_ray_cluster, make_sd, write_model  # noqa: E402
+from helpers import TARGET_OBJECTIVE, local_ray_cluster, make_sd, write_model  # noqa: E402
 from mergelang.cli import main  # noqa: E402
 from mergelang.diagnostics import MergelangError  # noqa: E402
 
 SHAPES = {"w": (16, 16), "b": (16,)}
-OBJECTIVE = '''
-import os
-from pathlib import Path
-from safetensors.torch import load_file
-here = Path(__file__).parent
-base, a, b = (load_file(here / n / "model.safetensors") for n in ("base", "a", "b"))
-target = {k: base[k] + 0.3 * (a[k] - base[k]) + 0.6 * (b[k] - base[k]) for k in base}
-
-def score(state):
-    return -sum(float((state[k] - target[k]).pow(2).sum()) for k in target)
-
+OBJECTIVE = TARGET_OBJECTIVE + '''
 def worker_pid(state):
     if state["w"].sum() > 1e9:
         raise AssertionError
