@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ def write_model(folder: Path, seed: int, layers: int) -> None:
             s = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)
             sd[f"model.layers.{i}.{k}"] = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
             sd[f"model.layers.{i}.{k}_scale_inv"] = blocks
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True)
     save_file(sd, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
         "model_type": "deepseek_v3", "torch_dtype": "bfloat16", "num_hidden_layers": layers,
@@ -50,10 +49,9 @@ def write_model(folder: Path, seed: int, layers: int) -> None:
 
 
 def run(recipe: Path, out: Path, fuse: bool, dtype: str | None, device: str = "cpu") -> float:
-    shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "MERGELANG_FUSE": "1" if fuse else "0"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cmd = [sys.executable, "-m", "mergelang", "run", str(recipe), "-o", str(out), "-q", "--no-fsync",
+    cmd = [sys.executable, "-m", "mergelang", "run", str(recipe), "-o", str(out), "-q", "--no-fsync", "--force",
            "--device", device] + (["--dtype", dtype] if dtype else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -70,6 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     a, b = args.dir / "a", args.dir / "b"
     if not (b / "config.json").is_file():
+        if a.exists() or b.exists():
+            sys.exit(f"{a} or {b} exists but is not this benchmark's pair: choose another --dir")
         write_model(a, 0, args.layers)
         write_model(b, 1, args.layers)
     size = (a / "model.safetensors").stat().st_size
