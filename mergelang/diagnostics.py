@@ -278,6 +278,9 @@ CODES: dict[str, str] = {
     "E108": "recursive function",
     "E109": "invalid pattern",
     "E110": "recipe nested too deeply",
+    "E111": "bad comprehension target",
+    "E112": "cannot iterate or unpack in a comprehension",
+    "E113": "comprehension or range too long",
     # types and values
     "E201": "type mismatch",
     "E202": "shape mismatch",

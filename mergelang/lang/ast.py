@@ -85,7 +85,24 @@ class Index(Node):
     index: "Expr"
 
 
-Expr = Union[Number, String, Bool, NoneLit, Name, ListExpr, Unary, Binary, IfExpr, Call, Index]
+@dataclass(frozen=True)
+class CompFor(Node):
+    """One clause of a list comprehension: `for a, b in iter if cond`."""
+
+    targets: tuple[str, ...]
+    iter: "Expr"
+    cond: "Expr | None" = None
+
+
+@dataclass(frozen=True)
+class ListComp(Node):
+    """`[elt for x in xs if cond ...]`: a list built at compile time (lang/comprehend.py)."""
+
+    elt: "Expr"
+    clauses: tuple[CompFor, ...]
+
+
+Expr = Union[Number, String, Bool, NoneLit, Name, ListExpr, ListComp, Unary, Binary, IfExpr, Call, Index]
 
 BINARY_SYMBOLS = {
     "add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",

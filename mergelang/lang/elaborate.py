@@ -117,6 +117,10 @@ class Elaborator(BlockElaboration):
             return self.lookup(e, env)
         if isinstance(e, ast.ListExpr):
             return ListV(tuple(self.eval(i, env) for i in e.items))
+        if isinstance(e, ast.ListComp):
+            from mergelang.lang.comprehend import comprehend
+
+            return comprehend(self, e, env)
         if isinstance(e, ast.Unary):
             v = self.eval(e.operand, env)
             if e.op == "pos":
