@@ -17,7 +17,7 @@ from mergelang.diagnostics import Diagnostic, MergelangError
 if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
 
-__all__ = ["compile", "merge", "parse", "Recipe", "MergelangError", "Diagnostic"]
+__all__ = ["compile", "merge", "parse", "method", "Recipe", "MergelangError", "Diagnostic"]
 from mergelang._version import __version__ as __version__  # noqa: E402
 
 
@@ -28,6 +28,10 @@ def __getattr__(name: str) -> Any:
         from mergelang import api
 
         return getattr(api, name)
+    if name == "method":  # @mergelang.method: merge methods written in Python (lang/plugins.py)
+        from mergelang.lang.plugins import method
+
+        return method
     if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
         import importlib
 

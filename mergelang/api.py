@@ -394,20 +394,22 @@ def _wraps_fp8(model: Any) -> bool:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            allow_pickle: bool = False, follow_symlinks: bool = False, **overrides: Any) -> Recipe:
+            allow_pickle: bool = False, follow_symlinks: bool = False, allow_plugins: bool = False,
+            **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
     `model`s (paths, relative to the current directory, or dicts of tensors); raises
     `MergelangError` carrying every diagnostic. `allow_pickle` lets models be pickle
     checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
-    symbolic links leave their model folder (refused by default, E314)."""
+    symbolic links leave their model folder (refused by default, E314); `allow_plugins` lets the
+    recipe's `import "file.py"` run the Python methods it declares (docs/language.md)."""
     source, base = _source(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
-                              follow_symlinks=follow_symlinks)
+                              follow_symlinks=follow_symlinks, allow_plugins=allow_plugins)
     def recompile(runtime: tuple[str, ...] = (), values: Mapping[str, Any] | None = None) -> Compilation:
         return compile_recipe(source, base, {**overrides, **(values or {})}, options,
                               allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                              runtime=runtime)
+                              runtime=runtime, allow_plugins=allow_plugins)
 
     spec = None
     if all(isinstance(v, (str, int, float, bool, list, tuple, type(None), os.PathLike))
@@ -417,7 +419,8 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
         used = compiled.overridden  # model paths made absolute: workers run in other folders
         spec = RecipeSpec(source, Path(os.path.abspath(base)),
                           {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
-                           for k, v in overrides.items()}, options, allow_pickle, follow_symlinks)
+                           for k, v in overrides.items()}, options, allow_pickle, follow_symlinks,
+                          allow_plugins)
     return Recipe(compiled, spec, recompile)
 
 

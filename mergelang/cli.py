@@ -20,7 +20,8 @@ from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
-    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, recipe_arg, set_opt)
+    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, plugins_opt, recipe_arg,
+    set_opt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,6 +90,7 @@ def _tune_gc() -> None:
                    "checks every kept tensor)")
 @allow_pickle_opt
 @follow_opt
+@plugins_opt
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="run here, or on a Ray cluster whose workers share the filesystem (mergelang[ray])")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -100,10 +102,12 @@ def _tune_gc() -> None:
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
-        log_json: bool = False, executor: str = "local", ray_address: str | None = None) -> None:
+        log_json: bool = False, executor: str = "local", ray_address: str | None = None,
+        allow_plugins: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
+    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
+                 allow_plugins=allow_plugins)
     plan = r.compilation.plan
     from mergelang.runtime.executor import resolve_device
 
@@ -156,10 +160,13 @@ def _budget(text: str | None) -> int | None:
 @set_opt
 @allow_pickle_opt
 @follow_opt
+@plugins_opt
 @_guard
-def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool) -> None:
+def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool,
+          allow_plugins: bool = False) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
-    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
+                 allow_plugins=allow_plugins)
     plan = r.compilation.plan
     outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
     click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {format_bytes(plan.read_bytes)}, "
@@ -177,9 +184,10 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="with --emit plan: the plan split into row chunks for this budget")
 @allow_pickle_opt
+@plugins_opt
 @_guard
 def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
-                allow_pickle: bool, memory_budget: str | None = None) -> None:
+                allow_pickle: bool, memory_budget: str | None = None, allow_plugins: bool = False) -> None:
     """Compile RECIPE and print a stage (stable text)."""
     if emit == "ast":
         from mergelang.api import parse
@@ -188,7 +196,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
         text = dump(parse(Path(recipe))) + "\n"
     else:
         budget = _budget(memory_budget)
-        r = _compile(recipe, sets, allow_pickle=allow_pickle)
+        r = _compile(recipe, sets, allow_pickle=allow_pickle, allow_plugins=allow_plugins)
         text = r.emit(emit, budget) if emit == "plan" else r.emit(emit)
         r.close()
     if out:

@@ -64,12 +64,12 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
              shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
-             follow_symlinks: bool = False):
+             follow_symlinks: bool = False, allow_plugins: bool = False):
     from mergelang.api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
                             allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                            **_overrides(sets))
+                            allow_plugins=allow_plugins, **_overrides(sets))
     if recipe_obj.warnings and log_json:
         from mergelang.progress import diagnostic_event
 
@@ -83,6 +83,10 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
 allow_pickle_opt = click.option(
     "--allow-pickle", is_flag=True,
     help="read pickle checkpoints (.bin/.pt) with torch.load(weights_only=True); off by default")
+plugins_opt = click.option(
+    "--allow-plugins", is_flag=True,
+    help='let the recipe\'s `import "file.py"` run the Python merge methods it declares (runs '
+         "that code with your permissions: off by default)")
 follow_opt = click.option(
     "--follow-symlinks", is_flag=True,
     help="read and copy model files whose symbolic links leave the model folder (refused by default)")

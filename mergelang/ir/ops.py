@@ -102,6 +102,10 @@ class Op(enum.Enum):
     # (an expression over params, ir/paramexpr.py), type; filled with a CONST before a run
     # (passes/params.py). Attrs may also hold ParamRef where an op needs the number itself
     PARAM = "param"
+    # a merge method written in Python (lang/plugins.py): args the tensor arguments in order;
+    # attrs name, origin (where the function was loaded from), values (the compile-time
+    # arguments), elementwise, type (from the method's shape rule)
+    PLUGIN = "plugin"
     # execution only (fuse.py): a region of elementwise ops run as one generated CPU loop
     FUSED = "fused"            # attrs: body, inputs, models; typed by its root, never by a rule
 
@@ -139,7 +143,7 @@ ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
               Op.RANK: 1, Op.BAND_MASK: 1, Op.TOPK_COUNT_MASK: 2, Op.ARGMAX_MASK: 1, Op.BERNOULLI: 2,
               Op.LOAD: 0, Op.CONST: 0, Op.OUTPUT: 1, Op.STACK: None, Op.INDEX: 1, Op.RESHAPE: 1,
-              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.PARAM: 0, Op.FUSED: None, Op.LOOP: None,
+              Op.CAST: 1, Op.MODEL_STAT: 1, Op.STAT_VALUE: 0, Op.PARAM: 0, Op.FUSED: None, Op.LOOP: None, Op.PLUGIN: None,
               Op.ARG: 0})
 STAT_KINDS = ("sum", "topk_value", "quantile_value")
 
@@ -349,7 +353,7 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         return TType(shape, t.dtype, t.models)
     if op is Op.CAST:
         return args[0].with_(dtype=attrs["dtype"])
-    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.ARG, Op.PARAM):
+    if op in (Op.LOAD, Op.CONST, Op.STAT_VALUE, Op.ARG, Op.PARAM, Op.PLUGIN):
         return attrs["type"]
     if op is Op.LOOP:
         if args[0] != attrs["type"]:

@@ -47,11 +47,15 @@ class Elaborator(BlockElaboration):
 
     def __init__(self, fns: Mapping[str, ast.FnDef], models: Mapping[str, ModelSource | None],
                  model_spans: Mapping[str, Span], params: Mapping[str, Value], diags: Diagnostics,
-                 out_dtype: str | None = None):
+                 out_dtype: str | None = None, plugins: Mapping[str, Any] | None = None):
         from mergelang.lang.intrinsics import INTRINSICS
 
         self.fns = fns
         self.intrinsics = INTRINSICS
+        if plugins:  # Python methods (lang/plugins.py): called like intrinsics
+            from mergelang.lang.plugins import as_intrinsic
+
+            self.intrinsics = {**INTRINSICS, **{n: as_intrinsic(m) for n, m in plugins.items()}}
         self.models = models
         self.model_spans = model_spans
         self.params = params

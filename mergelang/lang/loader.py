@@ -14,9 +14,10 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mergelang.lang import ast
-from mergelang.diagnostics import CompileError, Diagnostics, SourceFile, error, warning
+from mergelang.diagnostics import CompileError, Diagnostics, SourceFile, Span, error, warning
 from mergelang.lang.parser import parse_program
 from mergelang.resources import stdlib_files
 
@@ -32,6 +33,9 @@ class Unit:
     options: list[ast.OptionDecl] = field(default_factory=list)
     blocks: list[ast.MergeBlock] = field(default_factory=list)
     imports: list[Path] = field(default_factory=list)  # imported recipe files, resolved
+    #: `import "methods.py"`: plugin files (lang/plugins.py), loaded only when allowed
+    plugin_files: list[tuple[Path, Span]] = field(default_factory=list)
+    plugins: dict[str, Any] = field(default_factory=dict)  # name -> PluginMethod
 
     @property
     def block(self) -> ast.MergeBlock | None:
@@ -210,6 +214,10 @@ def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnD
     if not path.is_absolute():
         path = base_dir / path
     key = str(path.resolve())
+    if path.suffix == ".py":  # a plugin file: loaded by the compiler when plugins are allowed
+        unit.plugin_files.append((Path(key), item.span))
+        unit.imports.append(Path(key))
+        return
     if key in stack:
         chain = " -> ".join(Path(k).name for k in stack[stack.index(key):] + [key])
         diags.add(error("E003", f"import cycle: {chain}", item.span, "remove one of the imports"))

@@ -4,7 +4,7 @@ matches no tensor is still reported (elaboration only visits what tensors reach)
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
@@ -66,11 +66,15 @@ def _globals(unit: Unit, diags: Diagnostics) -> dict[str, ast.Node]:
     return out
 
 
-def signature(name: str, fns: Mapping[str, ast.FnDef]) -> Signature | None:
+def signature(name: str, fns: Mapping[str, ast.FnDef], plugins: Mapping[str, Any] | None = None) -> Signature | None:
     if name in fns:
         return signature_of(fns[name])
     if name in INTRINSICS:
         return INTRINSICS[name].sig
+    if plugins and name in plugins:
+        from mergelang.lang.plugins import as_intrinsic
+
+        return as_intrinsic(plugins[name]).sig
     return None
 
 
@@ -83,10 +87,10 @@ def _expr(e: ast.Expr, scope: set[str], unit: Unit, diags: Diagnostics, calls: n
             diags.add(error("E101", f"unknown name `{node.id}`", node.span,
                             did_you_mean(node.id, scope)))
         elif isinstance(node, ast.Call):
-            sig = signature(node.func, unit.fns)
+            sig = signature(node.func, unit.fns, unit.plugins)
             if sig is None:
                 diags.add(error("E102", f"unknown function `{node.func}`", node.func_span,
-                                did_you_mean(node.func, list(unit.fns) + list(INTRINSICS))))
+                                did_you_mean(node.func, list(unit.fns) + list(INTRINSICS) + list(unit.plugins))))
                 continue
             if caller is not None and node.func in unit.fns:
                 calls.add_edge(caller, node.func)

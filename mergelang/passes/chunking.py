@@ -120,7 +120,9 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
         what = n.op.value
         rank = len(n.type.shape)
         over = n.attrs.get("over") if n.op in _SCOPED else None
-        if n.op not in _PASS and n.op is not Op.RESHAPE and over not in ("models", "rows"):
+        elementwise_plugin = n.op is Op.PLUGIN and n.attrs["elementwise"]
+        if n.op not in _PASS and n.op is not Op.RESHAPE and over not in ("models", "rows") \
+                and not elementwise_plugin:
             scope = f" over {n.attrs['over']}" if "over" in n.attrs else ""
             raise NotRowLocal(f"{what}{scope} needs every row at once")
         if over == "rows" and rank < 2:
@@ -157,6 +159,8 @@ def _chunk_node(n: Node, args: tuple[int, ...], a: int, b: int, rows: int) -> No
         attrs = attrs.replace(rows=(a, b, rows))
     elif n.op is Op.RESHAPE:
         attrs = attrs.replace(shape=(b - a, *tuple(attrs["shape"])[1:]))
+    elif n.op is Op.PLUGIN:  # typed by its attrs: the chunk's type
+        attrs = attrs.replace(type=ty)
     elif n.op is Op.BERNOULLI:  # element e of the chunk is element a * row + e of the tensor
         attrs = attrs.replace(row0=a)
     return Node(n.op, args, attrs, ty, n.span)

@@ -44,7 +44,8 @@ class TrialWorker:
         def compile_(rt: tuple[str, ...], fixed: Mapping[str, Any]) -> Any:
             return compile_recipe(spec.source, spec.base_dir, {**spec.overrides, **fixed},
                                   spec.options, allow_pickle=spec.allow_pickle,
-                                  follow_symlinks=spec.follow_symlinks, runtime=rt)
+                                  follow_symlinks=spec.follow_symlinks, runtime=rt,
+                                  allow_plugins=spec.allow_plugins)
         try:
             if objective[0] == "source":
                 from mergelang.search.objectives import _attribute, module_from_source

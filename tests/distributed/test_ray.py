@@ -219,3 +219,22 @@ def test_statistics_by_radix_select_under_a_budget(cluster, models, tmp_path):
     path = recipe(models, tmp_path, BODIES["ties_global"])
     local, remote = run_both(path, tmp_path, cluster.address, memory_budget="60KB")
     assert local == remote
+
+
+def test_a_python_plugin_method_runs_on_the_workers(cluster, tmp_path):
+    """A method written in Python (examples/plugins/sdmecha_methods.py, `import "m.py"` with
+    allow_plugins) gives the workers' bytes equal to a local run's."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[2]
+    shapes = {"w": (8, 4), "b": (4,)}
+    for seed, name in enumerate(("base", "a", "b")):
+        write_model(tmp_path / name, make_sd(seed, shapes))
+    shutil.copy(repo / "examples" / "plugins" / "sdmecha_methods.py", tmp_path / "m.py")
+    (tmp_path / "r.mrg").write_text('import "m.py"\nmodel base = "base"\nmodel a = "a"\nmodel b = "b"\n'
+                                    'merge from base { "*" => geometric_sum(a, b, alpha = 0.3) }\n')
+    local = ml.compile(tmp_path / "r.mrg", allow_plugins=True).run(tmp_path / "local")
+    remote = ml.compile(tmp_path / "r.mrg", allow_plugins=True).run(
+        tmp_path / "ray", executor="ray", ray_address=cluster.address)
+    for shard in sorted(Path(local).glob("*.safetensors")):
+        assert shard.read_bytes() == (Path(remote) / shard.name).read_bytes()
