@@ -209,3 +209,12 @@ def test_W006_a_plugin_file_without_methods(folder):
     r = recipe(folder, '    "*" => base', header='import "empty.py"')
     c = ml.compile(r, allow_plugins=True)
     assert any(w.code == "W006" for w in c.warnings)
+
+
+def test_the_example_recipe_runs(folder, tmp_path):
+    """examples/plugins/plugins.mrg as shipped, with its models pointed at tiny ones."""
+    example = REPO / "examples" / "plugins" / "plugins.mrg"
+    c = ml.compile(example, allow_plugins=True, base=str(folder / "base"), math=str(folder / "math"),
+                   code=str(folder / "code"))
+    got = written(c.run(tmp_path / "out"))
+    assert set(got) == set(SHAPES) and all(torch.isfinite(t).all() for t in got.values())
