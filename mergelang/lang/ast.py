@@ -285,7 +285,7 @@ class MergeBlock(Node):
     #: output names (`merge "a" from ...`, `merge ["a", "b"] from ...`); () for the unnamed block
     outputs: tuple[str, ...] = ()
     outputs_span: Span | None = field(default=None, repr=False, compare=False)
-    #: `merge adapter ["NAME"] from M { ... }`: writes a PEFT LoRA adapter (sources/adapters.py)
+    #: `merge adapter ["NAME"] from M { ... }`: writes a PEFT LoRA adapter (io/adapter.py)
     adapter: bool = False
 
 

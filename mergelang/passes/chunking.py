@@ -33,16 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mergelang.ir.graph import MergeGraph, Node
-from mergelang.ir.ops import ELEMENTWISE, Op
+from mergelang.ir.ops import OP_INFO, Op
 from mergelang.passes.plan import ExecutionPlan, frees_after, live_bytes, schedule
 from mergelang.ir.types import format_bytes
 from mergelang.ir.types import TType
 
-#: ops whose result keeps the row axis of their (row) arguments, element for element
-_PASS = ELEMENTWISE | {Op.STACK, Op.INDEX, Op.CAST, Op.ASSERT, Op.OUTPUT, Op.ARGMAX_MASK,
-                       Op.BERNOULLI}
-#: ops that work per row (over = "rows") or across models (over = "models") when told so
-_SCOPED = {Op.REDUCE, Op.DOT, Op.TOPK_MASK, Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK}
 
 
 @dataclass(frozen=True)
@@ -119,10 +114,10 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
             continue
         what = n.op.value
         rank = len(n.type.shape)
-        over = n.attrs.get("over") if n.op in _SCOPED else None
-        elementwise_plugin = n.op is Op.PLUGIN and n.attrs["elementwise"]
-        if n.op not in _PASS and n.op is not Op.RESHAPE and over not in ("models", "rows") \
-                and not elementwise_plugin:
+        local = OP_INFO[n.op].row_local  # ir/ops.py: yes | scoped | elementwise | no
+        over = n.attrs.get("over") if local == "scoped" else None
+        if not (local == "yes" or over in ("models", "rows")
+                or (local == "elementwise" and n.attrs["elementwise"])):
             scope = f" over {n.attrs['over']}" if "over" in n.attrs else ""
             raise NotRowLocal(f"{what}{scope} needs every row at once")
         if over == "rows" and rank < 2:
