@@ -23,7 +23,17 @@ from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
     _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, recipe_arg, set_opt)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; it records the command line for the outputs' card and manifest."""
+
+    def main(self, args=None, *a, **kw):  # type: ignore[no-untyped-def, override]
+        from mergelang.record import set_command
+
+        set_command(sys.argv[1:] if args is None else args)
+        return super().main(args, *a, **kw)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergelang")
 def main() -> None:
     """mergelang: merge neural-network checkpoints with .mrg recipes."""
@@ -96,11 +106,14 @@ def _tune_gc() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
+@click.option("--no-model-card", "no_card", is_flag=True,
+              help="do not write the model card README.md into the output")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
-        log_json: bool = False, executor: str = "local", ray_address: str | None = None) -> None:
+        log_json: bool = False, executor: str = "local", ray_address: str | None = None,
+        no_card: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
@@ -123,7 +136,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
                 raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
-                         executor=executor, ray_address=ray_address)
+                         executor=executor, ray_address=ray_address, model_card=not no_card)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 
