@@ -355,6 +355,10 @@ main.add_command(learn_cmd)
 main.add_command(rmm_cmd)
 main.add_command(rmm_rebuild_cmd)
 
+from mergelang.commands.verify import verify_cmd  # noqa: E402
+
+main.add_command(verify_cmd)
+
 
 @main.command()
 @click.option("-q", "--quiet", is_flag=True, help="no per-method timings")
