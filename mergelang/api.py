@@ -299,7 +299,7 @@ class Recipe:
         if prov is None:
             return
         files["manifest"] = {**files.get("manifest", {}), "provenance": prov}
-        files["recipe_text"] = recipe_copy(self._c, origins)
+        files["recipe_text"] = recipe_copy(self._c, prov["param_origins"])
         if card:
             from mergelang.record.card import CARD_NAME, model_card
 

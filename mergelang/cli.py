@@ -30,7 +30,10 @@ class _Main(click.Group):
         from mergelang.record import set_command
 
         set_command(sys.argv[1:] if args is None else args)
-        return super().main(args, *a, **kw)
+        try:
+            return super().main(args, *a, **kw)
+        finally:  # a later use from Python (tests, notebooks) is not this command
+            set_command(None)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

@@ -95,10 +95,11 @@ def recipe_copy(c: Any, origins: dict[str, str] | None = None) -> str:
         said = " ".join(old.split())
         if lit is None:
             lit, note = old, f"overridden with a value that has no recipe literal ({type(used).__name__})"
-        elif decl.name in origins:
-            note = f"chosen by {_one_line(origins[decl.name])}; the recipe said: {said}"
+        elif origins.get(decl.name, "--set") in ("--set", "keyword argument", "default"):
+            how = "keyword argument" if origins.get(decl.name) == "keyword argument" else "--set"
+            note = f"overridden ({how} {decl.name}=...); the recipe said: {said}"
         else:
-            note = f"overridden (--set {decl.name}=...); the recipe said: {said}"
+            note = f"chosen by {_one_line(origins[decl.name])}; the recipe said: {said}"
         edits.append((span.start, span.end, lit, note))
     base = c.base_dir
     for decl in c.unit.models:

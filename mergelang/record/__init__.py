@@ -11,9 +11,9 @@ from typing import Sequence
 COMMAND: list[str] | None = None
 
 
-def set_command(args: Sequence[object]) -> None:
+def set_command(args: Sequence[object] | None) -> None:
     global COMMAND
-    COMMAND = ["mergelang", *(str(a) for a in args)]
+    COMMAND = None if args is None else ["mergelang", *(str(a) for a in args)]
 
 
 def command_text() -> str | None:
