@@ -74,33 +74,6 @@ def sha256_text(text: str | bytes) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
 
 
-def file_digest(path: str | Path, names: Iterable[str] | None = None) -> str:
-    """The digest of the safetensors file at `path`, recomputed from disk (reads it once): over
-    all its tensors, or only those in `names`. OSError / ValueError when it cannot be read."""
-    from mergelang.io.checkpoint import read_header
-
-    head = header_bytes(path)
-    infos = sorted(read_header(path).values(), key=lambda i: i.begin)
-    keep = None if names is None else set(names)
-    out: list[tuple[str, int]] = []
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    try:
-        for info in infos:
-            if keep is not None and info.name not in keep:
-                continue
-            c, pos = 0, info.begin
-            while pos < info.end:
-                chunk = os.pread(fd, min(info.end - pos, 64 << 20), pos)
-                if not chunk:
-                    raise OSError(f"{path}: shorter than its header says")
-                c = crc(chunk, c)
-                pos += len(chunk)
-            out.append((info.name, c))
-    finally:
-        os.close(fd)
-    return tensor_digest(head, out)
-
-
 def stat_of(path: str | Path) -> dict[str, int]:
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from mergelang.io.checkpoint import CheckpointError, read_header
 
@@ -62,9 +62,36 @@ def verify_output(folder: Path, layout: Any) -> str | None:
 
 # --------------------------------------------------------------------------- `mergelang verify`
 
+def file_digest(path: str | Path, names: Iterable[str] | None = None) -> str:
+    """The digest of the safetensors file at `path`, recomputed from disk (reads it once): over
+    all its tensors, or only those in `names`. OSError / ValueError when it cannot be read."""
+    from mergelang.io.digests import crc, header_bytes, tensor_digest
+
+    head = header_bytes(path)
+    infos = sorted(read_header(path).values(), key=lambda i: i.begin)
+    keep = None if names is None else set(names)
+    out: list[tuple[str, int]] = []
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        for info in infos:
+            if keep is not None and info.name not in keep:
+                continue
+            c, pos = 0, info.begin
+            while pos < info.end:
+                chunk = os.pread(fd, min(info.end - pos, 64 << 20), pos)
+                if not chunk:
+                    raise OSError(f"{path}: shorter than its header says")
+                c = crc(chunk, c)
+                pos += len(chunk)
+            out.append((info.name, c))
+    finally:
+        os.close(fd)
+    return tensor_digest(head, out)
+
+
 def _digest_of(path: Path, recorded: str) -> str:
     """`path`'s digest, computed the way `recorded` was (io/digests.py)."""
-    from mergelang.io.digests import TENSOR_DIGEST, file_digest, sha256_file
+    from mergelang.io.digests import TENSOR_DIGEST, sha256_file
 
     if recorded.startswith(TENSOR_DIGEST + ":"):
         return file_digest(path)
@@ -112,7 +139,7 @@ def check_inputs(provenance: dict[str, Any], quick: bool = False) -> tuple[list[
     on this machine now: each file present with the same size and header, and (unless `quick`)
     the same content digest over the tensors the merge read (reads them once). A file whose
     modification time alone changed is reported as a note."""
-    from mergelang.io.digests import file_digest, header_bytes, sha256_text
+    from mergelang.io.digests import header_bytes, sha256_text
 
     diffs: list[str] = []
     notes: list[str] = []

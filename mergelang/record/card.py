@@ -113,8 +113,8 @@ def model_card(c: Any, prov: Mapping[str, Any], *, adapter: bool = False, title:
         out.append("The recipe declares no params.\n")
     for name, value in params.items():
         out.append(f"- {code(name)} = {code(value)} ({_text(origins.get(name, 'default'))})\n")
-    out.append(f"\n### Recipe\n\nThe recipe (its copy beside this card, "
-               f"`mergelang_recipe.mrg`, reruns from anywhere):\n\n")
+    out.append("\n### Recipe\n\nThe recipe (its copy beside this card, "
+               "`mergelang_recipe.mrg`, reruns from anywhere):\n\n")
     out.append(fenced(recipe_text if recipe_text is not None else c.source.text))
     out.append("\n### Command\n\n")
     cmd = prov.get("command")
