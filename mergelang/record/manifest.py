@@ -84,33 +84,37 @@ def _kind(src: ModelSource | None) -> str:
 def inputs_record(c: Any) -> list[dict[str, Any]]:
     """Per model: as written, resolved, revision, files with digests (after the merge ran)."""
     text = c.source.text
+    written = {d.name: text[d.value.span.start:d.value.span.end]
+               if d.value.span.source is c.source else None for d in c.unit.models}
+    return sources_record({d.name: c.models.get(d.name) for d in c.unit.models}, written,
+                          c.overridden)
+
+
+def sources_record(models: Mapping[str, ModelSource | None], written: Mapping[str, str | None],
+                   overridden: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The inputs' record for models by name (`written`: how each was given)."""
+    overridden = overridden or {}
     out = []
     by_file: dict[str, dict[str, int]] = {}
     tables: dict[str, Any] = {}
-    for src in c.models.values():
+    for src in models.values():
         for r in _readers(src):
             for f in r.files:
                 by_file.setdefault(str(f), {}).update(r.reads.crcs)
                 tables[str(f)] = r.tensors()
-    for decl in c.unit.models:
-        src = c.models.get(decl.name)
-        written = text[decl.value.span.start:decl.value.span.end] \
-            if decl.value.span.source is c.source else None
+    for name, src in models.items():
         folder = getattr(src, "folder", None)
-        entry: dict[str, Any] = {"name": decl.name, "written": written, "kind": _kind(src)}
-        if decl.name in c.overridden:
-            v = c.overridden[decl.name]
+        entry: dict[str, Any] = {"name": name, "written": written.get(name), "kind": _kind(src)}
+        if name in overridden:
+            v = overridden[name]
             entry["set"] = v if isinstance(v, str) else f"<{type(v).__name__}>"
-        entry["resolved"] = str(folder) if folder is not None else None
+        files = [str(f) for r in _readers(src) for f in r.files]
+        entry["resolved"] = str(folder) if folder is not None else (files[0] if len(files) == 1 else None)
         if folder is not None and hf_revision(Path(folder)):
             entry["hf"] = {"repo": hf_repo_id(Path(folder)), "revision": hf_revision(Path(folder))}
-        files = []
-        for r in _readers(src):
-            for f in r.files:
-                files.append(_file_record(str(f), tables[str(f)], by_file.get(str(f), {})))
         if src is not None and not files and not isinstance(src, DictSource):
             entry["note"] = "no per-file digest for this kind of input"
-        entry["files"] = files
+        entry["files"] = [_file_record(f, tables[f], by_file.get(f, {})) for f in dict.fromkeys(files)]
         out.append(entry)
     return out
 

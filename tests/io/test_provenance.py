@@ -295,3 +295,24 @@ def test_verify_reports_outputs_and_inputs(proj: Path, tmp_path: Path) -> None:
     # not an output folder
     res = cli("verify", proj, expect=1)
     assert "E420" in res.output
+
+
+def test_extract_lora_output_has_a_card_and_provenance(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for i, folder in enumerate((base, tuned)):
+        folder.mkdir()
+        g = torch.Generator().manual_seed(i)
+        save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=g)},
+                  str(folder / "model.safetensors"))
+    out = tmp_path / "lora"
+    cli("extract-lora", base, tuned, "-o", out, "--rank", "2")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and card.data.tags == ["merge", "mergelang"]
+    assert f"mergelang extract-lora {base} {tuned} -o {out} --rank 2" in card.text
+    prov = manifest(out)["provenance"]
+    assert prov["tool"] == "extract-lora"
+    rec = {i["name"]: i for i in prov["inputs"]}["finetuned"]["files"][0]
+    assert rec["digest"] == independent_digest(tuned / "model.safetensors")
+    assert "verified: ok" in cli("verify", out).output
