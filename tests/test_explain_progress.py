@@ -90,16 +90,20 @@ def test_explain_dot_draws_models_rules_and_outputs(recipe, tmp_path):
 def test_explain_dot_ops_collapses_layers(recipe, tmp_path):
     dot = _invoke("explain", str(recipe), "--format", "dot", "--ops").stdout
     assert dot.startswith("digraph mergelang {") and dot.rstrip().endswith("}")
-    clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="([^"]*)";', dot)
-    # norms (copies), slerp layers (one structure, t varies), ties (one structure): few clusters
+    clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="((?:[^"\\]|\\.)*)";', dot)
+    # one cluster per rule that produces tensors: norms (copies), slerp, ties; the rule that
+    # matches nothing has none
+    assert len(clusters) == 3
     joined = "\n".join(clusters)
     assert "model.layers.{0..3}.input_layernorm.weight\\nmodel.norm.weight (5 tensors)" in joined
-    assert any("mlp.up_proj" in c and "(10 tensors)" in c for c in clusters)
+    assert any(c.startswith("[4]") and "mlp.up_proj" in c and "(10 tensors)" in c for c in clusters)
     # slerp: layers 1 and 2 share one picture (t differs: the constant shows the range); the
-    # optimizer simplifies t = 0 and t = 1, so layers 0 and 3 have pictures of their own
-    assert "model.layers.{1,2}.self_attn.k_proj.weight\\nmodel.layers.{1,2}.self_attn.q_proj.weight (4 tensors)" in joined
+    # optimizer simplifies t = 0 and t = 1, so layers 0 and 3 are named, not drawn again
+    slerp = next(c for c in clusters if c.startswith("[2]"))
+    assert "model.layers.{1,2}.self_attn.k_proj.weight\\nmodel.layers.{1,2}.self_attn.q_proj.weight (4 tensors)" in slerp
+    assert "also 4 tensors simplified differently (not drawn)" in slerp
+    assert "model.layers.{0,3}.self_attn.k_proj.weight" in slerp
     assert "0.3333 .. 0.6667" in dot
-    assert len(clusters) == 5
     # every edge stays inside its cluster and points at a declared node
     nodes = set(re.findall(r"^    (g\d+_\d+) \[label=", dot, re.M))
     for a, b in re.findall(r"^    (g\d+_\d+) -> (g\d+_\d+);", dot, re.M):
@@ -108,6 +112,29 @@ def test_explain_dot_ops_collapses_layers(recipe, tmp_path):
     out = tmp_path / "g.dot"
     _invoke("explain", str(recipe), "--format", "dot", "--ops", "-o", str(out))
     assert out.read_text() == dot
+
+
+def test_explain_draws_guards_edges_read_and_clean_numbers(tmp_path):
+    """Guards are drawn; a model gets an edge only to rules whose tensors read it; labels show
+    0.6, not 0.6000000000000001; each input is named with what it resolved to."""
+    base = _tensors(0)
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        save_file(_tensors(seed, base), str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "r.mrg").write_text(
+        'model base = "base.safetensors"\nmodel a = "a.safetensors"\nmodel b = "b.safetensors"\n'
+        'param use_a = true\n'
+        'merge from base {\n    "model.layers.{i}.mlp.*" if i >= 2 => where(use_a, a, base)\n'
+        '    "*" => ties(base, [a, b], density = 0.1 * 6)\n}\n')
+    recipe = str(tmp_path / "r.mrg")
+    dot = _invoke("explain", recipe, "--format", "dot").stdout
+    assert '[1] \\"model.layers.{i}.mlp.*\\" if i >= 2' in dot
+    # the `where` is decided at compile time: the rule names base but never reads it
+    assert "m_a -> r_0_0;" in dot and "m_base -> r_0_0;" not in dot
+    assert "m_base -> r_0_1;" in dot
+    ops = _invoke("explain", recipe, "--format", "dot", "--ops").stdout
+    assert 0.1 * 6 == 0.6000000000000001 and "density=0.6 " in ops and "0.6000000000000001" not in ops
+    text = _invoke("explain", recipe).stdout
+    assert f"  a: {tmp_path / 'a.safetensors'}" in text
 
 
 def test_explain_svg(recipe, tmp_path, monkeypatch):

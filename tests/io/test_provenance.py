@@ -128,6 +128,8 @@ def test_card_parses_and_names_hub_inputs(tmp_path: Path, monkeypatch) -> None:
     assert a["written"] == '"hf:org/model-a"'
     assert a["hf"] == {"repo": "org/model-a", "revision": REV}
     assert a["resolved"].endswith(f"snapshots/{REV}")
+    # explain names the revision each input resolved to
+    assert f"  a: hf:org/model-a at revision {REV}, " in cli("explain", recipe).output
     # the recipe copy pins the revision it used
     assert f'model a = "hf:org/model-a@{REV}"' in (out / "mergelang_recipe.mrg").read_text()
 
