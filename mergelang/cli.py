@@ -318,8 +318,9 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
 @main.command()
 @recipe_arg
 @set_opt
-@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg", "png"]), default="text",
-              show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "html", "svg", "png"]), default="text",
+              show_default=True, help="a text summary, or the graph: DOT, a self-contained HTML page "
+              "(inline SVG, drawn without Graphviz), or svg/png rendered by Graphviz")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE (needed for png)")
 @click.option("--ops", is_flag=True,
@@ -337,7 +338,12 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
             data: str | bytes = explain_text(c)
         else:
             dot = explain_dot(c) if ops else explain_rules_dot(c)
-            data = dot if fmt == "dot" else render(dot, fmt)
+            if fmt == "html":
+                from mergelang.explain_svg import to_html
+
+                data = to_html(dot, f"mergelang explain {Path(recipe).name}" + (" --ops" if ops else ""))
+            else:
+                data = dot if fmt == "dot" else render(dot, fmt)
     finally:
         r.close()
     if out:

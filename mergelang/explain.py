@@ -429,7 +429,8 @@ def render(dot_text: str, fmt: str) -> bytes:
     if exe is None:
         raise MergelangError(error("E707", f"cannot render {fmt}: Graphviz's `dot` program is not "
                                    "installed", None, "install Graphviz (e.g. apt install graphviz), "
-                                   "or write DOT with --format dot and render it elsewhere"))
+                                   "or use --format html (drawn without Graphviz), or write DOT with --format dot "
+                                   "and render it elsewhere"))
     proc = subprocess.run([exe, f"-T{fmt}"], input=dot_text.encode(), capture_output=True,
                           timeout=120)
     if proc.returncode != 0:

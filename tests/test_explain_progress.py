@@ -168,3 +168,41 @@ def test_run_log_json(recipe, tmp_path):
     assert all(e["elapsed"] >= 0 for e in tensors)
     assert done["event"] == "done" and done["bytes"] == start["bytes"]
     assert done["output"] == str(out.resolve()) or Path(done["output"]) == out
+
+
+def test_explain_html_needs_no_graphviz_and_parses(recipe, tmp_path, monkeypatch):
+    """--format html: one self-contained page (inline SVG; no script, no link elsewhere), drawn
+    without Graphviz; every node and edge of the DOT is drawn, labels escaped, no boxes overlap."""
+    import xml.etree.ElementTree as ET
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no `dot` anywhere
+    odd = tmp_path / "odd.mrg"
+    odd.write_text(recipe.read_text().replace('"*norm*" => base', '"*norm*" => base\n    "x<&>\\"y*" => a')
+                   .replace('"base.safetensors"', json.dumps(str(recipe.parent / "base.safetensors")))
+                   .replace('"a.safetensors"', json.dumps(str(recipe.parent / "a.safetensors")))
+                   .replace('"b.safetensors"', json.dumps(str(recipe.parent / "b.safetensors"))))
+    ns = "{http://www.w3.org/2000/svg}"
+    for ops in ([], ["--ops"]):
+        out = tmp_path / f"g{len(ops)}.html"
+        _invoke("explain", str(odd), "--format", "html", "-o", str(out), *ops)
+        page = out.read_text()
+        assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+        assert "<script" not in page and "src=" not in page and "<link" not in page
+        assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"]
+        svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + 6])
+        dot = _invoke("explain", str(odd), "--format", "dot", *ops).stdout
+        declared = re.findall(r"^\s+(\w+) \[label=", dot, re.M)
+        drawn = [g for g in svg.iter(f"{ns}g") if g.get("class") == "node"]
+        assert sorted(g.get("id") for g in drawn) == sorted(f"n-{d}" for d in declared)
+        assert len([p for p in svg.iter(f"{ns}path") if p.get("class") == "edge"]) == dot.count(" -> ")
+        boxes = []
+        for g in drawn:
+            shape = next(iter(g), None)
+            if shape is not None and shape.tag == f"{ns}rect":
+                boxes.append(tuple(float(shape.get(k)) for k in ("x", "y", "width", "height")))
+        for i, (x, y, w, h) in enumerate(boxes):
+            for (x2, y2, w2, h2) in boxes[i + 1:]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "boxes overlap"
+        if not ops:
+            texts = ["".join(t.itertext()) for t in svg.iter(f"{ns}text")]
+            assert any('"x<&>\\"y*"' in t for t in texts), texts
