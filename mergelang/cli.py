@@ -339,7 +339,7 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
         else:
             dot = explain_dot(c) if ops else explain_rules_dot(c)
             if fmt == "html":
-                from mergelang.explain_svg import to_html
+                from mergelang.commands.explain_html import to_html
 
                 data = to_html(dot, f"mergelang explain {Path(recipe).name}" + (" --ops" if ops else ""))
             else:
