@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from mergelang.io.checkpoint import DictSource, ModelSource, SafetensorsSource
 from mergelang.io.digests import covered, header_bytes, sha256_text, stat_of, tensor_digest
 from mergelang.io.inputs import hf_repo_id, hf_revision
+from mergelang.lang.ast import names_in
 from mergelang.lang.provenance import used_params
 from mergelang.record import command_text
 
@@ -30,6 +31,9 @@ def param_origins(c: Any, origins: Mapping[str, str] | None = None) -> dict[str,
             out[d.name] = origins[d.name]
         elif d.name in c.overridden:
             out[d.name] = "--set" if command_text() else "keyword argument"
+        elif names_in(d.value) & set(out) - {n for n, o in out.items() if o == "default"}:
+            changed = sorted(n for n in names_in(d.value) if out.get(n, "default") != "default")
+            out[d.name] = f"derived from {', '.join(changed)} (the recipe's expression)"
         else:
             out[d.name] = "default"
     return out

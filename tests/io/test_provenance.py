@@ -221,7 +221,7 @@ def test_tune_and_learn_label_the_values_they_chose(tmp_path: Path) -> None:
     make_model(tmp_path / "b", 1)
     recipe = tmp_path / "r.mrg"
     recipe.write_text('model a = "a"\nmodel b = "b"\nparam t = 0.5 in [0.0, 1.0]\nparam k = 2\n'
-                      'merge from a { "*" => linear([a, b], weights = [1 - t, t]) }\n')
+                      'param u = 1 - t\nmerge from a { "*" => linear([a, b], weights = [u, t]) }\n')
     r = ml.compile(recipe, k=3)
     res = r.tune(lambda state: -float(state["lm_head.weight"].sum()) ** 2, trials=3,
                  sampler="random", seed=0, study_name="s1")
@@ -229,7 +229,9 @@ def test_tune_and_learn_label_the_values_they_chose(tmp_path: Path) -> None:
     best = res.best_trial
     prov = manifest(tmp_path / "tuned")["provenance"]
     label = f"tune: trial {best.number} of study 's1'"
-    assert prov["param_origins"] == {"t": label, "k": "keyword argument"}
+    assert prov["param_origins"] == {"t": label, "k": "keyword argument",
+                                     "u": "derived from t (the recipe's expression)"}
+    assert prov["params"]["u"] == 1 - best.params["t"]
     copy = (tmp_path / "tuned" / "mergelang_recipe.mrg").read_text()
     assert f"param t = {best.params['t']!r} in [0.0, 1.0]  # chosen by {label}; the recipe said: 0.5" in copy
     assert "param k = 3  # overridden (keyword argument k=...); the recipe said: 2" in copy
