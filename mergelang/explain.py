@@ -256,7 +256,7 @@ def _node_label(n: Any, out_name: str) -> str:
     if n.op is Op.OUTPUT:
         return f"write {n.attrs['dtype']}"
     extra = [f"{k}={num(v)}" for k, v in sorted(dict(n.attrs).items()) if k in ("kind", "over", "density")]
-    return n.op.value + (f"\\n{' '.join(extra)}" if extra else "")
+    return n.op.value + (f"\n{' '.join(extra)}" if extra else "")
 
 
 def _subgraph(g: MergeGraph, out: int) -> list[int]:
@@ -281,7 +281,7 @@ def _const_label(values: list[Any]) -> str:
     if len(distinct) == 1:
         return num(distinct[0])
     if all(isinstance(v, (int, float)) for v in distinct):
-        return f"{min(distinct):.4g} .. {max(distinct):.4g}\\n({len(distinct)} values)"
+        return f"{min(distinct):.4g} .. {max(distinct):.4g}\n({len(distinct)} values)"
     return f"{len(distinct)} values"
 
 
@@ -382,7 +382,8 @@ def explain_dot(c: Compilation) -> str:
         rules.setdefault(key, {}).setdefault(sig, []).append((out, nodes))
     lines = ["digraph mergelang {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];',
              '  graph [fontname="Helvetica", fontsize=11];']
-    for k, (key, variants) in enumerate(rules.items()):
+    ordered = sorted(rules.items(), key=lambda kv: kv[0] if isinstance(kv[0][0], int) else (1 << 30, 0))
+    for k, (key, variants) in enumerate(ordered):
         sig, members = max(variants.items(), key=lambda kv: len(kv[1]))
         names = collapse(g.node(o).attrs["name"] for o, _ in members)
         label = "\\n".join(_esc(x) for x in names[:6]) + \
@@ -419,8 +420,8 @@ def explain_dot(c: Compilation) -> str:
 
 
 def _esc(text: str) -> str:
-    """Text for a DOT label: backslashes and quotes escaped, one line."""
-    return " ".join(text.replace("\\", "\\\\").replace('"', '\\"').splitlines())
+    """Text for a DOT label: backslashes and quotes escaped, line breaks as DOT's `\\n`."""
+    return "\\n".join(x.replace("\\", "\\\\").replace('"', '\\"') for x in text.splitlines())
 
 
 def render(dot_text: str, fmt: str) -> bytes:

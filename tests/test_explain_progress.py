@@ -133,6 +133,8 @@ def test_explain_draws_guards_edges_read_and_clean_numbers(tmp_path):
     assert "m_base -> r_0_1;" in dot
     ops = _invoke("explain", recipe, "--format", "dot", "--ops").stdout
     assert 0.1 * 6 == 0.6000000000000001 and "density=0.6 " in ops and "0.6000000000000001" not in ops
+    # line breaks in op labels are DOT's \n, not an escaped backslash
+    assert "topk_mask\\ndensity=0.6 over=tensor" in ops and "\\\\n" not in ops
     text = _invoke("explain", recipe).stdout
     assert f"  a: {tmp_path / 'a.safetensors'}" in text
 

@@ -80,8 +80,10 @@ def _size(n: Node) -> None:
 
 
 def _layout(ids: list[str], nodes: dict[str, Node], edges: list[tuple[str, str]],
-            x0: float, y0: float) -> tuple[float, float]:
-    """Place `ids` in columns from (x0, y0); returns the width and height used."""
+            x0: float, y0: float, reorder: bool = True) -> tuple[float, float]:
+    """Place `ids` in columns from (x0, y0); returns the width and height used. `reorder`: order
+    a column by its nodes' predecessors (fewer crossings), else keep the DOT's order (the rules
+    in recipe order)."""
     inside = set(ids)
     preds: dict[str, list[str]] = {i: [] for i in ids}
     for a, b in edges:
@@ -102,7 +104,7 @@ def _layout(ids: list[str], nodes: dict[str, Node], edges: list[tuple[str, str]]
         cols[rank[i]].append(i)
     pos: dict[str, float] = {}
     for c in cols:
-        if any(preds[i] for i in c):
+        if reorder and any(preds[i] for i in c):
             first = {i: k for k, i in enumerate(c)}
             c.sort(key=lambda i: (sum(pos[p] for p in preds[i] if p in pos) / max(1, len(preds[i]))
                                   if preds[i] else -1, first[i]))
@@ -130,7 +132,7 @@ def layout(nodes: dict[str, Node], edges: list[tuple[str, str]], clusters: list[
     free = [i for i in nodes if i not in in_cluster]
     width, y = 0.0, PAD
     if free:
-        w, h = _layout(free, nodes, edges, PAD, y)
+        w, h = _layout(free, nodes, edges, PAD, y, reorder=False)
         width, y = max(width, w), y + h + CLUSTER_GAP
     for c in clusters:
         head = (c.label.count("\n") + 1) * LINE_H + PAD
