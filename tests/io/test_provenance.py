@@ -320,3 +320,29 @@ def test_extract_lora_output_has_a_card_and_provenance(tmp_path: Path) -> None:
     rec = {i["name"]: i for i in prov["inputs"]}["finetuned"]["files"][0]
     assert rec["digest"] == independent_digest(tuned / "model.safetensors")
     assert "verified: ok" in cli("verify", out).output
+
+
+def test_recipe_copy_rebases_paths_inside_model_expressions(tmp_path: Path) -> None:
+    """`lora("ad", base = base)`: the adapter's relative path is made absolute in the copy too."""
+    proj = tmp_path / "proj"
+    for i, name in enumerate(("base", "tuned")):
+        folder = proj / name
+        folder.mkdir(parents=True)
+        g = torch.Generator().manual_seed(i)
+        save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=g)},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cli("extract-lora", proj / "base", proj / "tuned", "-o", proj / "ad", "--rank", "2")
+    (proj / "r.mrg").write_text('model base = "base"\nmodel t = lora("ad", base = base)\n'
+                                'merge from base { "*" => linear([base, t]) }\n')
+    out = tmp_path / "out"
+    cli("run", proj / "r.mrg", "-o", out)
+    copy = (out / "mergelang_recipe.mrg").read_text()
+    assert f'model t = lora({json.dumps(str(proj / "ad"))}, base = base)  # the recipe said: "ad"' in copy
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "again.mrg").write_text(copy)
+    cli("run", tmp_path / "x" / "again.mrg", "-o", tmp_path / "again", cwd=tmp_path / "x")
+    records = {"README.md", "mergelang_manifest.json"}  # they name the command line
+    got, want = ({p.name: p.read_bytes() for p in d.iterdir() if p.name not in records}
+                 for d in (tmp_path / "again", out))
+    assert got == want and any(n.endswith(".safetensors") for n in got)
