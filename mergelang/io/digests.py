@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from crc32c import crc32c
 
@@ -109,11 +109,10 @@ class ReadLog:
                 self._rows[name] = (end, c)
 
 
-def covered(table: Mapping[str, object], file: str, crcs: Mapping[str, int]) -> tuple[list[tuple[str, int]], list[str]]:
-    """For one file of a source's tensor table: (name, CRC) of the tensors read, in file order,
-    and the names of those not read."""
-    infos = sorted((i for i in table.values() if getattr(i, "file", "") == file),
-                   key=lambda i: i.begin)  # type: ignore[attr-defined]
-    done = [(i.name, crcs[i.name]) for i in infos if i.name in crcs]  # type: ignore[attr-defined]
-    missing = [i.name for i in infos if i.name not in crcs]  # type: ignore[attr-defined]
+def covered(infos: Iterable[Any], crcs: Mapping[str, int]) -> tuple[list[tuple[str, int]], list[str]]:
+    """For the tensors of one file (TensorInfo): (name, CRC) of those read, in file order, and
+    the names of those not read."""
+    ordered = sorted(infos, key=lambda i: i.begin)
+    done = [(i.name, crcs[i.name]) for i in ordered if i.name in crcs]
+    missing = [i.name for i in ordered if i.name not in crcs]
     return done, missing

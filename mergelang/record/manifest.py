@@ -100,12 +100,16 @@ def sources_record(models: Mapping[str, ModelSource | None], written: Mapping[st
     overridden = overridden or {}
     out = []
     by_file: dict[str, dict[str, int]] = {}
-    tables: dict[str, Any] = {}
+    tables: dict[str, list[Any]] = {}  # file -> its tensors (TensorInfo), in file order
     for src in models.values():
         for r in _readers(src):
             for f in r.files:
                 by_file.setdefault(str(f), {}).update(r.reads.crcs)
-                tables[str(f)] = r.tensors()
+            if not all(str(f) in tables for f in r.files):
+                for f in r.files:
+                    tables[str(f)] = []
+                for info in r.tensors().values():
+                    tables.setdefault(info.file, []).append(info)
     for name, src in models.items():
         folder = getattr(src, "folder", None)
         entry: dict[str, Any] = {"name": name, "written": written.get(name), "kind": _kind(src)}
@@ -123,7 +127,7 @@ def sources_record(models: Mapping[str, ModelSource | None], written: Mapping[st
     return out
 
 
-def _file_record(path: str, table: Any, crcs: Mapping[str, int]) -> dict[str, Any]:
+def _file_record(path: str, infos: list[Any], crcs: Mapping[str, int]) -> dict[str, Any]:
     rec: dict[str, Any] = {"path": path}
     try:
         rec.update(stat_of(path))
@@ -132,7 +136,7 @@ def _file_record(path: str, table: Any, crcs: Mapping[str, int]) -> dict[str, An
         rec["error"] = str(e)
         return rec
     rec["header_sha256"] = sha256_text(head)
-    done, missing = covered(table, path, crcs)
+    done, missing = covered(infos, crcs)
     rec["digest"] = tensor_digest(head, done)
     rec["tensors_read"] = len(done)
     if missing:  # the digest covers the tensors read; these were not (e.g. no rule reads them)
