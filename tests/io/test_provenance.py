@@ -373,3 +373,22 @@ def test_readers_digest_what_they_read(tmp_path: Path, monkeypatch, reader: str)
     assert missing == want_missing
     assert tensor_digest(header_bytes(path), done) == independent_digest(path, frozenset(want_missing))
     src.close()
+
+
+def test_verify_walks_named_outputs(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    make_model(tmp_path / "a", 0)
+    make_model(tmp_path / "b", 1)
+    recipe = tmp_path / "r.mrg"
+    recipe.write_text('model a = "a"\nmodel b = "b"\n'
+                      'merge "soup" from a { "*" => linear([a, b]) }\n'
+                      'merge "delta" from b { "*" => b - a }\n')
+    out = tmp_path / "out"
+    cli("run", recipe, "-o", out)
+    assert ModelCard.load(out / "delta" / "README.md").text.startswith("# delta")
+    res = cli("verify", out)
+    assert "2 named outputs" in res.output and res.output.count("outputs ok") == 2
+    (out / "soup" / "config.json").write_text("{}")
+    res = cli("verify", out, expect=1)
+    assert "E421" in res.output and "soup: 1 of its files differ" in res.output
