@@ -171,7 +171,8 @@ class Recipe:
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True,
-            executor: str = "local", ray_address: str | None = None) -> Path:
+            executor: str = "local", ray_address: str | None = None, model_card: bool = True,
+            origins: Mapping[str, str] | None = None) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -183,7 +184,10 @@ class Recipe:
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum).
         `executor="ray"` runs the tensors on a Ray cluster (`ray_address`, else a local Ray
-        instance) whose workers share the filesystem: distributed/ray_driver.py."""
+        instance) whose workers share the filesystem: distributed/ray_driver.py. The folder gets
+        a model card ``README.md`` unless `model_card=False` (record/card.py); `origins` says
+        where params' values came from (param -> e.g. "tune: trial 3 of study 's'"), for the
+        card, the manifest and the recipe copy."""
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -197,6 +201,11 @@ class Recipe:
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}
         writer: CheckpointWriter | MultiWriter | None = None
+        from mergelang.record.manifest import inputs_record, provenance
+        from mergelang.runtime.executor import resolve_device
+
+        self._prov = provenance(c, str(resolve_device(device)), origins)
+        self._card = (Path(os.path.abspath(out_dir)).name, model_card, dict(origins or {}))
         if executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
@@ -213,6 +222,7 @@ class Recipe:
                         self.run_warnings.append(diag)
                         say(diag.render())
                     self.run_warnings += session.run(c.plan, writer, progress, mode, fsync, say)
+                    self._prov["inputs"] = inputs_record(c)
                     return writer.complete(files)
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
@@ -223,6 +233,7 @@ class Recipe:
                     say(diag.render())
                 execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
+                self._prov["inputs"] = inputs_record(c)  # the digests of what was read
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
@@ -263,12 +274,15 @@ class Recipe:
             writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
                                       resume=resume, fsync=fsync, protected=self._c.inputs)
             files = self._adapter_files(self.outputs, ref) if "" in adapters else self._files(ref)
+            self._record_files(files, ref, "" in adapters)
             return writer, files, {t: x.nbytes for t, x in layout.tensors.items()}
         per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
         layouts = {n: adapter_layout(ts.values()) if n in adapters else plan_shards(list(ts.values()), shard_size)
                    for n, ts in per_output.items()}
         files = {n: self._adapter_files(per_output[n].values(), ref) if n in adapters else self._files(ref)
                  for n, ref in self._references().items()}
+        for n, ref in self._references().items():
+            self._record_files(files[n], ref, n in adapters, n)
         multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume,
                             fsync=fsync, protected=self._c.inputs)
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
@@ -277,6 +291,21 @@ class Recipe:
     def _adapters(self) -> set[str]:
         """The outputs that are LoRA adapters (`merge adapter`); "" for an unnamed one."""
         return {n for b in self._c.unit.blocks if b.adapter for n in (b.outputs or ("",))}
+
+    def _record_files(self, files: dict[str, Any], reference: str, adapter: bool, name: str = "") -> None:
+        """Add the provenance to an output's manifest, the card, and the labelled recipe copy."""
+        title, card, origins = getattr(self, "_card", ("", True, {}))
+        prov = getattr(self, "_prov", None)
+        if prov is None:
+            return
+        files["manifest"] = {**files.get("manifest", {}), "provenance": prov}
+        files["recipe_text"] = recipe_copy(self._c, prov["param_origins"])
+        if card:
+            from mergelang.record.card import CARD_NAME, model_card
+
+            files["extra_files"] = {**(files.get("extra_files") or {}), CARD_NAME: model_card(
+                self._c, prov, adapter=adapter, title=name or title, reference=reference,
+                recipe_text=files["recipe_text"])}
 
     def _adapter_files(self, outputs: Any, reference: str) -> dict[str, Any]:
         """CheckpointWriter.finish's arguments for an adapter: adapter_config.json (no config.json

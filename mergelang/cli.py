@@ -24,7 +24,20 @@ from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
     set_opt)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; it records the command line for the outputs' card and manifest."""
+
+    def main(self, args=None, *a, **kw):  # type: ignore[no-untyped-def, override]
+        from mergelang.record import set_command
+
+        set_command(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(args, *a, **kw)
+        finally:  # a later use from Python (tests, notebooks) is not this command
+            set_command(None)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergelang")
 def main() -> None:
     """mergelang: merge neural-network checkpoints with .mrg recipes."""
@@ -98,12 +111,14 @@ def _tune_gc() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
+@click.option("--no-model-card", "no_card", is_flag=True,
+              help="do not write the model card README.md into the output")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
         log_json: bool = False, executor: str = "local", ray_address: str | None = None,
-        allow_plugins: bool = False) -> None:
+        allow_plugins: bool = False, no_card: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
@@ -127,7 +142,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
                 raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
-                         executor=executor, ray_address=ray_address)
+                         executor=executor, ray_address=ray_address, model_card=not no_card)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 
@@ -310,8 +325,9 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
 @main.command()
 @recipe_arg
 @set_opt
-@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg", "png"]), default="text",
-              show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "html", "svg", "png"]), default="text",
+              show_default=True, help="a text summary, or the graph: DOT, a self-contained HTML page "
+              "(inline SVG, drawn without Graphviz), or svg/png rendered by Graphviz")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="write to FILE (needed for png)")
 @click.option("--ops", is_flag=True,
@@ -329,7 +345,12 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
             data: str | bytes = explain_text(c)
         else:
             dot = explain_dot(c) if ops else explain_rules_dot(c)
-            data = dot if fmt == "dot" else render(dot, fmt)
+            if fmt == "html":
+                from mergelang.commands.explain_html import to_html
+
+                data = to_html(dot, f"mergelang explain {Path(recipe).name}" + (" --ops" if ops else ""))
+            else:
+                data = dot if fmt == "dot" else render(dot, fmt)
     finally:
         r.close()
     if out:
@@ -349,6 +370,10 @@ main.add_command(tune_cmd)
 main.add_command(learn_cmd)
 main.add_command(rmm_cmd)
 main.add_command(rmm_rebuild_cmd)
+
+from mergelang.commands.verify import verify_cmd  # noqa: E402
+
+main.add_command(verify_cmd)
 
 
 @main.command()

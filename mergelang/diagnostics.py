@@ -331,6 +331,10 @@ CODES: dict[str, str] = {
     "E404": "output path overlaps an input",
     "E405": "a param's value lies outside its declared range",
     "E406": "invalid param range",
+    # mergelang verify (an output against its manifest)
+    "E420": "no usable output manifest to verify",
+    "E421": "an output file differs from its manifest",
+    "E422": "an input differs from what the merge read",
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",

@@ -252,6 +252,10 @@ class SafetensorsSource(ModelSource):
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        from mergelang.io.digests import ReadLog
+
+        #: the CRC-32C of each tensor read, computed on the bytes read (the manifest's digests)
+        self.reads = ReadLog()
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._table
@@ -285,7 +289,9 @@ class SafetensorsSource(ModelSource):
         info = self._table[name]
         if READER != "pread":
             try:
-                return self._handle(info.file).get_tensor(name)
+                t = self._handle(info.file).get_tensor(name)
+                self._log(name, info, info.begin, info.end, _raw(t))
+                return t
             except Exception as exc:  # the file changed or broke since its header was read
                 raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}",
                                       "was the file modified or truncated during the merge?") from None
@@ -295,6 +301,7 @@ class SafetensorsSource(ModelSource):
         buf = torch.empty(n, dtype=torch.uint8)
         if n:
             read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
+        self._log(name, info, info.begin, info.end, buf.numpy())
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
@@ -328,6 +335,7 @@ class SafetensorsSource(ModelSource):
         stored = torch_dtype(info.dtype)
         n = end - begin
         if n == 0:
+            self._log(name, info, begin, end, b"")
             return torch.empty(shape, dtype=dtype or stored)
         if n < SMALL_READ:  # a map costs more than reading a few pages (27 us against ~5 us)
             buf = torch.empty(n, dtype=torch.uint8)
@@ -336,6 +344,7 @@ class SafetensorsSource(ModelSource):
             except CheckpointError as e:
                 raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: "
                                       f"{str(e).removeprefix(info.file + ': ')}", e.help) from None
+            self._log(name, info, begin, end, buf.numpy())
             t = buf.view(stored).reshape(shape)
             return t.to(dtype) if dtype is not None and dtype != stored else t
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
@@ -344,6 +353,7 @@ class SafetensorsSource(ModelSource):
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
                                   "the file was truncated or replaced after its header was read") from None
+        self._log_map(name, info, begin, end, mm, begin - start)
         try:
             mapped = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
                                       offset=begin - start).reshape(shape)
@@ -362,6 +372,28 @@ class SafetensorsSource(ModelSource):
             del mapped
             mm.close()
 
+    def _log(self, name: str, info: TensorInfo, begin: int, end: int, data: object) -> None:
+        """Note the CRC-32C of bytes [begin, end) of tensor `name`, just read (`data`)."""
+        seed = self.reads.seed(name, info.begin, begin)
+        if seed is not None:
+            from mergelang.io.digests import crc
+
+            self.reads.note(name, end, info.end, crc(data, seed))
+
+    def _log_map(self, name: str, info: TensorInfo, begin: int, end: int, mm: mmap.mmap,
+                 offset: int) -> None:
+        if self.reads.seed(name, info.begin, begin) is None:
+            return
+        whole = memoryview(mm)
+        try:
+            part = whole[offset:offset + end - begin]
+            try:
+                self._log(name, info, begin, end, part)
+            finally:
+                part.release()
+        finally:
+            whole.release()
+
     def close(self) -> None:
         self._handles.clear()
         with self._lock:
@@ -377,6 +409,13 @@ READER = os.environ.get("MERGELANG_READER", "mmap")
 
 #: tensors smaller than this are read with pread into a fresh buffer instead of being mapped
 SMALL_READ = 1 << 16
+
+
+def _raw(t: torch.Tensor) -> object:
+    """A CPU tensor's bytes (a buffer), for their CRC."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:

@@ -69,6 +69,27 @@ def hf_snapshot(spec: str) -> Path:
     return Path(folder)
 
 
+def hf_revision(folder: Path) -> str | None:
+    """The commit hash of a Hugging Face cache snapshot folder (``.../models--ORG--NAME/
+    snapshots/COMMIT``), or None when `folder` is not one."""
+    for cand in (Path(os.path.abspath(folder)), folder.resolve()):
+        if cand.parent.name == "snapshots" and cand.parent.parent.name.startswith("models--") \
+                and re.fullmatch(r"[0-9a-f]{40}", cand.name):
+            return cand.name
+    return None
+
+
+def hf_repo_id(folder: Path) -> str | None:
+    """``ORG/NAME`` of a Hugging Face cache snapshot folder, or None."""
+    if hf_revision(folder) is None:
+        return None
+    for cand in (Path(os.path.abspath(folder)), folder.resolve()):
+        repo = cand.parent.parent.name
+        if cand.parent.name == "snapshots" and repo.startswith("models--"):
+            return repo[len("models--"):].replace("--", "/", 1)
+    return None
+
+
 def _cache_dir() -> str:
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]

@@ -47,6 +47,9 @@ class Learned:
     def run(self, out_dir: Any, **kw: Any) -> Any:
         """Write the merge with the learned values (Recipe.run's keywords)."""
         r = self.recipe()
+        kw.setdefault("origins", {n: f"learn ({len(self.losses)} steps, final loss "
+                                     f"{self.losses[-1]:.6g})" if self.losses else "learn"
+                                  for n in self.values})
         try:
             return r.run(out_dir, **kw)
         finally:

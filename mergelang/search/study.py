@@ -121,6 +121,8 @@ class TuneResult:
                                            "--pick K / run(out_dir, member=K)"))
             t = front[member]
         assert self._write is not None
+        label = f"tune: trial {t.number} of study {self.study.study_name!r}"
+        kw.setdefault("origins", {n: label for n in t.params})
         return self._write(t.params, out_dir, **kw)
 
 

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from mergelang.diagnostics import MergelangError, error
 from mergelang.errors import CodedError, to_diagnostic
@@ -185,13 +185,41 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, rank:
             for n in plan.full:
                 writer.write(f"base_model.model.{n}", f.load_as(n).contiguous())
             cfg = adapter_config(outs, str(base))
-            readme = (f"# LoRA adapter extracted by mergelang\n\nBase: `{base}`\nFine-tuned: "
-                      f"`{finetuned}`\nRank: {cfg['r']} ({len(plan.lora)} modules; modules saved at "
-                      f"full rank: {', '.join(plan.modules_to_save) or 'none'})\n")
             return writer.finish(extra_files={"adapter_config.json": json.dumps(cfg, indent=4) + "\n",
-                                              "README.md": readme})
+                                              "README.md": _card(base, finetuned, b, f, cfg, plan)},
+                                 manifest={"provenance": _provenance(base, finetuned, b, f, dev)})
     except CodedError as exc:  # the writer's: output refused (E403/E404), disk errors
         raise MergelangError(to_diagnostic(exc)) from None
     finally:
         for s in srcs:
             s.close()
+
+
+def _card(base: Any, finetuned: Any, b: Any, f: Any, cfg: dict, plan: Any) -> str:
+    """The adapter's model card (record/card.py): front matter for PEFT, the inputs, the rank."""
+    from mergelang.record import command_text
+    from mergelang.record.card import code, hub_id, tool_card
+
+    inputs = [("base", hub_id(str(base), b.folder), str(b.folder or base)),
+              ("fine-tuned", hub_id(str(finetuned), f.folder), str(f.folder or finetuned))]
+    saved = ", ".join(code(m) for m in plan.modules_to_save) or "none"
+    details = [f"rank: {code(cfg['r'])} ({len(plan.lora)} modules decomposed)",
+               f"modules saved at full rank: {saved}"]
+    return tool_card("LoRA adapter extracted by mergelang", "a LoRA adapter extracted from the "
+                     "difference of two models", command_text(), inputs, details, adapter=True)
+
+
+def _provenance(base: Any, finetuned: Any, b: Any, f: Any, device: Any) -> dict:
+    """The manifest's provenance: versions, the command, both inputs with their digests."""
+    import platform
+
+    from mergelang._version import __version__
+    from mergelang.record import command_text
+    import torch
+
+    from mergelang.record.manifest import PROVENANCE_VERSION, sources_record
+
+    return {"version": PROVENANCE_VERSION, "mergelang": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device), "command": command_text(),
+            "tool": "extract-lora", "inputs": sources_record({"base": b, "finetuned": f},
+                                                             {"base": str(base), "finetuned": str(finetuned)})}

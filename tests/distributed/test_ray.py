@@ -45,7 +45,7 @@ def recipe(models, tmp_path, body: str, name: str = "r.mrg") -> Path:
 
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "mergelang_manifest.json"}
+            if p.is_file() and p.name not in ("mergelang_manifest.json", "README.md")}  # name the run
 
 
 def run_both(path: Path, tmp_path: Path, address: str, **kw) -> tuple[dict, dict]:
