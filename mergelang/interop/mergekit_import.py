@@ -25,15 +25,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergelang.diagnostics import MergelangError, error
+from mergelang.diagnostics import error
 from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
+from mergelang.interop.mergekit_yaml import load_yaml, read_config_text
+from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, finite
+from mergelang.interop.mergekit_layers import LayerPlanner
+from mergelang.interop.mergekit_yaml import short
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
-                              TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
-                              _ident, _is_gradient, _layer_only)
+                              TOP_KEYS, L1_RESCALE, Result, Slice, Source, _conds, _evaluate, _fmt,
+                              _ident, _is_gradient, _layer_only, comment_text)
 
 
-class Translator(ConfigReader):
+class Translator(LayerPlanner):
     """Parameters, expressions and rules on top of the config structure."""
 
     output_name: str | None = None  # a named block (one document of a mergekit-multi file)
@@ -87,12 +91,16 @@ class Translator(ConfigReader):
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
         v = _numeric(v)
+        nums = v if _is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+        if any(finite(x) is None for x in nums):
+            self.err("E705", f"parameter `{root}`: {short(v)} is not a finite number")
+            return _fmt(None)
         if _is_gradient(v):
             if len(v) == 1:
                 return _fmt(v[0])
             return f"gradient({self.hoist(root, pname, v)}, {t_expr})"
         if isinstance(v, list):
-            self.err("E705", f"parameter `{pname}`: a list of {v!r} is not a gradient of numbers")
+            self.err("E705", f"parameter `{pname}`: a list of {short(v)} is not a gradient of numbers")
             return _fmt(None)
         return _fmt(v)
 
@@ -133,6 +141,12 @@ class Translator(ConfigReader):
                 self.err("E705", f"{method} needs `base_model`")
                 return "none"
             others = [s for s in sl.sources if s.model != base]
+            if len(sl.sources) == 2 and len(others) == 2:
+                self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
+                         f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
+                         "from base_model (t = 0) to the other model (t = 1): name one of the two "
+                         "as base_model")
+                return "none"
             if len(others) != 1 or len(sl.sources) > 2:
                 self.err("E702", f"{method} merges exactly two models (base_model and one other), "
                          f"got {len(sl.sources)}")
@@ -164,6 +178,8 @@ class Translator(ConfigReader):
                 self.warn("W102", f"per-model `{p}` has no effect with {method} (mergekit ignores "
                           "it too)")
                 continue
+            if p not in KNOWN_PARAMS[method]:
+                continue  # dropped with W101 (unknown_params)
             vals = []
             for src in members:
                 v = self.lookup(p, src, sl, matched)
@@ -201,11 +217,52 @@ class Translator(ConfigReader):
                 self.warn("W102", f"`{n}` has no effect with {method} (mergekit ignores it; the recipe "
                           "leaves it out)")
                 continue
+            if n not in KNOWN_PARAMS[method]:
+                continue  # dropped with W101 (unknown_params)
             v = self.lookup(n, None, sl, matched)
+            if n == "rescale":
+                v = self.rescale(method, v)
+                if v is not None:
+                    kwargs.append(f"rescale = {v}")
+                continue
             if v is None:
                 continue
             kw = "weights" if n == "weight" else n
             kwargs.append(f"{kw} = {self.value(v, n, n + suffix, t_expr)}")
+        if method in L1_RESCALE and "rescale" not in names:
+            kwargs.append('rescale = "l1"')  # mergekit's default for DARE and DELLA
+
+    def rescale(self, method: str, v: Any) -> str | None:
+        """mergekit's `rescale` (a bool): an L1-norm rescale of what sparsification kept."""
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            self.err("E705", f"parameter `rescale` must be true or false, got {short(v)}")
+            return None
+        if method in L1_RESCALE:
+            return '"l1"' if v else "false"
+        return '"l1"' if v else None  # ties, breadcrumbs: off by default
+
+    def unknown_params(self, method: str, slices: list[Slice]) -> None:
+        """W101 for each parameter the method does not read (mergekit ignores them): it is
+        left out of the recipe."""
+        import difflib
+
+        scopes = [("parameters", self.cfg.get("parameters") or {})]
+        for k, sl in enumerate(slices):
+            scopes.append((f"slices[{k}].parameters", sl.params))
+            scopes += [(f"the parameters of `{src.model}`", src.params) for src in sl.sources]
+        known = KNOWN_PARAMS[method]
+        for scope, params in scopes:
+            for n in params:
+                if n in known or n in IGNORED_PARAMS or n in UNUSED_GLOBALS.get(method, ()) or \
+                        n in UNUSED_BY_METHOD.get(method, ()) or \
+                        (n == "weight" and method in IMPORT_IGNORES_WEIGHTS):
+                    continue
+                close = difflib.get_close_matches(str(n), known, 1)
+                self.warn("W101", f"{scope}: `{n}` is not a parameter of {method} and is left out "
+                          "(mergekit ignores it)" + (f"; did you mean `{close[0]}`?" if close else "")
+                          + f" {method} takes: " + (", ".join(known) or "no parameters"))
 
     # ------------------------------------------------------------ rules
     def filters(self, slices: list[Slice]) -> list[str]:
@@ -267,7 +324,7 @@ class Translator(ConfigReader):
                 self.warn("W101", f"`{key}` is not translated (unknown key)")
         method = cfg.get("merge_method")
         if method not in METHODS:
-            self.err("E703", f"unknown merge_method {method!r}",
+            self.err("E703", f"unknown merge_method {short(method)}",
                      "supported: " + ", ".join(sorted(METHODS)))
             return Result("", self.diags)
         base_ref = cfg.get("base_model")
@@ -280,6 +337,9 @@ class Translator(ConfigReader):
             for n in params:
                 if n in IGNORED_PARAMS:
                     self.warn("W102", f"{scope}.{n} has no effect in mergelang: {IGNORED_PARAMS[n]}")
+        self.unknown_params(method, slices)
+        self.check_ranges(slices)
+        self.option_lines += self.check_architectures()
         if any(d.is_error for d in self.diags) or not slices:
             return Result("", self.diags)
         ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
@@ -290,6 +350,8 @@ class Translator(ConfigReader):
         self.check_layout(slices, method)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
+        if "<stacked>" not in self.models:
+            slices, ref = self.truncate(slices, ref)
         filters = self.filters(slices)
         if len(filters) > MAX_FILTERS:
             self.err("E704", f"{len(filters)} different filters; at most {MAX_FILTERS} are supported")
@@ -298,46 +360,6 @@ class Translator(ConfigReader):
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
         return Result(self.render(method, rules, ref), self.diags)
-
-    def prune(self, lines: list[str], ref: str) -> list[str]:
-        """With the reference checkpoint at hand, drop rules that match none of its tensors
-        (they could never apply) and comments left without rules."""
-        refs = [k for k, v in self.models.items() if v == ref]
-        path = self.local_paths.get(refs[0]) if refs else None
-        if path is None:
-            return lines
-        from mergelang.lang.ast import compile_pattern, glob_to_regex
-        from mergelang.io.checkpoint import CheckpointError
-        from mergelang.io.locate import open_model
-
-        try:
-            src = open_model(ref, path)
-        except (OSError, CheckpointError):
-            return lines
-        try:
-            names = list(src.tensors())
-        finally:
-            src.close()
-        rules = [line for line in lines if not line.startswith("#")]
-        compiled = []
-        for line in rules:
-            head = line.split(" => ", 1)[0]
-            pat = head.split(" if ", 1)[0].strip()
-            regex = pat[3:-1] if pat.startswith('re"') else glob_to_regex(pat[1:-1])[0]
-            compiled.append((compile_pattern(regex, "regex" if pat.startswith('re"') else "glob"),
-                             " if " in head))
-        used: set[int] = set()
-        for n in names:  # first match wins; a guarded rule may let the tensor fall through
-            for k, (rx, guarded) in enumerate(compiled):
-                if rx.fullmatch(n):
-                    used.add(k)
-                    if not guarded:
-                        break
-        if not used:
-            return lines
-        kept = [line for line in lines if line.startswith("#") or rules.index(line) in used]
-        return [line for i, line in enumerate(kept)
-                if not (line.startswith("#") and (i + 1 == len(kept) or kept[i + 1].startswith("#")))]
 
     def rules(self, method: str, slices: list[Slice], filters: list[str], ref: str) -> list[str]:
         layer_blocks: list[tuple[str | None, list]] = []
@@ -385,7 +407,7 @@ class Translator(ConfigReader):
         return pat + (f" if {guard}" if guard else "") + " => " + expr
 
     def render(self, method: str, rules: list[str], ref: str) -> str:
-        src = f" {self.config_path.name}" if self.config_path else ""
+        src = f" {comment_text(self.config_path.name)}" if self.config_path else ""
         out = [f"# Translated from the mergekit config{src} by `mergelang import-mergekit`.",
                f"# merge_method: {method}. Parameters follow mergekit: per-model values, then global",
                "# ones; filters match substrings of tensor names; gradients are spread over layers.",
@@ -426,40 +448,29 @@ class Translator(ConfigReader):
 
 
 def translate(config: dict[str, Any] | str, config_path: str | Path | None = None,
-              out_dir: str | Path | None = None, layer_prefix: str = "model.layers") -> Result:
+              out_dir: str | Path | None = None, layer_prefix: str = "model.layers",
+              allow_crimes: bool = False) -> Result:
     """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics."""
     if isinstance(config, str):
-        config = _load_yaml(config, str(config_path or "<config>"))
-    if isinstance(config, list):
-        return translate_multi(config, Path(config_path) if config_path else None,
-                               Path(out_dir) if out_dir else None, layer_prefix, Translator)
-    if not isinstance(config, dict):
-        return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
-    if is_moe_config(config):  # mergekit-moe
-        return translate_moe(config, Path(config_path) if config_path else None,
-                             Path(out_dir) if out_dir else None)
-    t = Translator(config, Path(config_path) if config_path else None,
-                   Path(out_dir) if out_dir else None, layer_prefix)
-    return t.translate()
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """The config; a list of configs for a multi-document (mergekit-multi) file."""
-    import yaml
-
+        config = load_yaml(config, str(config_path or "<config>"))
+    path, out = Path(config_path) if config_path else None, Path(out_dir) if out_dir else None
+    problem = check_structure(config)
+    if problem is not None:
+        return Result("", [problem])
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise MergelangError(error("E701", f"cannot parse {where}: {exc}")) from None
-    return docs[0] if len(docs) == 1 else docs
+        if isinstance(config, list):
+            return translate_multi(config, path, out, layer_prefix, Translator)
+        if is_moe_config(config):  # mergekit-moe
+            return translate_moe(config, path, out)
+        t = Translator(config, path, out, layer_prefix)
+        return t.translate()
+    except RecursionError:
+        return Result("", [error("E701", "the config nests too deep")])
 
 
 def import_file(path: str | Path, out: str | Path | None = None,
                 layer_prefix: str = "model.layers") -> Result:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergelangError(error("E701", f"cannot read {path}: {exc}")) from None
+    text = read_config_text(path)
     out_dir = Path(out).parent if out else Path.cwd()
-    return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]
+    return translate(load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]

@@ -247,7 +247,8 @@ def test_gta_family_methods_are_emitted(models):
            "merge_method": "dare_ties", "base_model": models["base"],
            "parameters": {"rescale": True}}
     text = _translate(cfg)
-    assert '"*" => dare_ties(base, [a, b], weights = [0.5, 0.5], density = 0.7, rescale = true)' in text
+    # mergekit's rescale is an L1-norm rescale (issue 28, item 4)
+    assert '"*" => dare_ties(base, [a, b], weights = [0.5, 0.5], density = 0.7, rescale = "l1")' in text
     from mergelang.lang.loader import stdlib_functions
 
     if "dare_ties" in stdlib_functions():  # the stdlib method lives on another branch
@@ -404,7 +405,7 @@ def test_della_with_per_model_epsilon_imports_and_runs(models):
     text = _translate(cfg)
     assert "epsilon = [0.1, 0.3]" in text
     hand = _header(models, "base", "a", "b") + \
-        'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1) }\n'
+        'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1, rescale = "l1") }\n'
     _assert_same(_merge(text), _merge(hand), exact=True)
 
 
