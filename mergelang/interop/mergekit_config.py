@@ -91,6 +91,8 @@ class Result:
 def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, int) and abs(v) >= 10 ** 15:
+        v = float(v)  # a literal the recipe's parser reads (at most 77 digits)
     if isinstance(v, (int, float)):
         if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
             return str(int(v))
@@ -189,6 +191,39 @@ class ConfigReader:
         if any(d.code == code and d.message == msg for d in self.diags):
             return
         self.diags.append(error(code, msg, None, help))
+
+    def tokenizer_options(self) -> list[str]:
+        """`tokenizer_source`, `tokenizer:` and `chat_template` as recipe options."""
+        cfg, out = self.cfg, []
+        tok = cfg.get("tokenizer")
+        source = cfg.get("tokenizer_source")
+        if isinstance(tok, dict):
+            if source is not None:
+                self.err("E702", "give `tokenizer` or `tokenizer_source`, not both (as mergekit)")
+                return []
+            source = tok.get("source", "union")  # mergekit's TokenizerConfig default
+            for k in tok:
+                if k not in ("source", "tokens", "pad_to_multiple_of"):
+                    self.warn("W101", f"`tokenizer.{k}` is not translated (unknown key)")
+            if tok.get("tokens"):
+                self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
+                          "translated: tokens a model lacks take mergekit's default sources")
+            pad = _numeric(tok.get("pad_to_multiple_of"))
+            if pad is not None:
+                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
+        elif tok is not None:
+            self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
+        if source is not None:
+            name = source if source in ("base", "union") else self.model(source, "tokenizer source")
+            if name is not None:
+                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
+        template = cfg.get("chat_template")
+        if isinstance(template, str) and (template == "auto" or "{" in template):
+            out.append(f"option chat_template = {_fmt(template)}")
+        elif template is not None:
+            self.warn("W101", f"chat_template {short(template)}: mergekit's bundled templates are not "
+                      "translated; put the template's Jinja text in `option chat_template`")
+        return out
 
     # ------------------------------------------------------------ models
     def model(self, ref: Any, where: str, base: bool = False) -> str | None:

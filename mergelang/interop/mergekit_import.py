@@ -44,39 +44,6 @@ class Translator(LayerPlanner):
     block_lines: list[str] = []
     option_lines: list[str] = []
 
-    def tokenizer_options(self) -> list[str]:
-        """`tokenizer_source`, `tokenizer:` and `chat_template` as recipe options."""
-        cfg, out = self.cfg, []
-        tok = cfg.get("tokenizer")
-        source = cfg.get("tokenizer_source")
-        if isinstance(tok, dict):
-            if source is not None:
-                self.err("E702", "give `tokenizer` or `tokenizer_source`, not both (as mergekit)")
-                return []
-            source = tok.get("source", "union")  # mergekit's TokenizerConfig default
-            for k in tok:
-                if k not in ("source", "tokens", "pad_to_multiple_of"):
-                    self.warn("W101", f"`tokenizer.{k}` is not translated (unknown key)")
-            if tok.get("tokens"):
-                self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
-                          "translated: tokens a model lacks take mergekit's default sources")
-            pad = _numeric(tok.get("pad_to_multiple_of"))
-            if pad is not None:
-                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
-        elif tok is not None:
-            self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
-        if source is not None:
-            name = source if source in ("base", "union") else self.model(source, "tokenizer source")
-            if name is not None:
-                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
-        template = cfg.get("chat_template")
-        if isinstance(template, str) and (template == "auto" or "{" in template):
-            out.append(f"option chat_template = {_fmt(template)}")
-        elif template is not None:
-            self.warn("W101", f"chat_template {template!r}: mergekit's bundled templates are not "
-                      "translated; put the template's Jinja text in `option chat_template`")
-        return out
-
     # ------------------------------------------------------------ parameters
     def lookup(self, name: str, src: Source | None, sl: Slice, matched: frozenset[str]) -> Any:
         chain = [sl.params, self.cfg.get("parameters") or {}]
@@ -274,7 +241,11 @@ class Translator(LayerPlanner):
                 settings += list(src.params.values())
         for s in settings:
             for f, _ in _conds(s):
-                if f is not None and f not in out:
+                if f is not None and not f.isprintable():  # no tensor name holds a newline
+                    self.warn("W101", f"filter {short(f)} holds characters no tensor name has "
+                              "(a line break, a control character): it can never match and is "
+                              "left out")
+                elif f is not None and f not in out:
                     out.append(f)
         return out
 
@@ -311,7 +282,7 @@ class Translator(LayerPlanner):
             return f'"*{required[0]}*"' if required else '"*"'
         # "contains every filter", in any order, without lookaheads (patterns run on RE2): one
         # alternative per order (filters are few: mergekit configs name one to three)
-        orders = itertools.permutations([re.escape(f) for f in required])
+        orders = itertools.permutations([re.escape(f).replace('"', '\\"') for f in required])
         body = "|".join(".*" + ".*".join(o) + ".*" for o in orders)
         prefix = re.escape(self.layer_prefix) + r"\.(?P<i>\d+)\." if layer else ""
         return f're"{prefix}(?:{body})"'
@@ -380,20 +351,30 @@ class Translator(LayerPlanner):
         pre = self.region_rules(method, slices[0], outer, "0")
         post = self.region_rules(method, slices[-1], outer, "0")
         lines: list[str] = []
+
+        def grads(rules: list) -> bool:
+            return any("gradient(" in e for _, e in rules)
+
+        at0 = ": gradients at t = 0, their first value (as mergekit)"
         if pre == post:
-            nonlayer = [("# embeddings, final norm and lm_head: gradients at t = 0 (as mergekit)", None,
-                         post)]
+            nonlayer = [("# embeddings, final norm and lm_head" + (at0 if grads(post) else ""), None, post)]
         else:
-            nonlayer = [("# tensors before the layers (embeddings), first slice: gradients at t = 0",
+            nonlayer = [("# tensors before the layers (embeddings), first slice" + (at0 if grads(pre) else ""),
                          "embed", pre),
-                        ("# tensors after the layers (final norm, lm_head), last slice: gradients at "
-                         "t = 0 (as mergekit)", None, post)]
+                        ("# tensors after the layers (final norm, lm_head), last slice"
+                         + (at0 if grads(post) else ""), None, post)]
         if pre == post and all(rules == post for _, rules in layer_blocks):
             return [self._rule(s, e, None, False, None) for s, e in post]
         for k, (guard, rules) in enumerate(layer_blocks):
             lr = slices[k].sources[0].layer_range
-            what = "all layers" if lr is None else f"layers {lr[0]}..{lr[1] - 1}"
-            lines.append(f"# {what}: gradients run from t = 0 at the first layer to t = 1 at the last")
+            if lr is None:
+                what, run = "all layers", " from t = 0 at layer 0 to t = 1 at the last layer"
+            elif lr[1] - lr[0] == 1:
+                what, run = f"layer {lr[0]}", " at t = 1 (a one-layer slice, as mergekit)"
+            else:
+                what, run = (f"layers {lr[0]}..{lr[1] - 1}",
+                             f" from t = 0 at layer {lr[0]} to t = 1 at layer {lr[1] - 1}")
+            lines.append(f"# {what}" + (": gradients run" + run if grads(rules) else ""))
             lines += [self._rule(s, e, guard, True, None) for s, e in rules]
         for comment, marker, rules in nonlayer:
             lines.append(comment)

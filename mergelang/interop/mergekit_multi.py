@@ -14,6 +14,7 @@ from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
 from mergelang.interop.mergekit_config import Result, _fmt, _ident
+from mergelang.interop.mergekit_yaml import short
 from mergelang.lang.loader import OUTPUT_NAME
 
 
@@ -70,7 +71,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
             unnamed += 1
             n = "final"
         if not isinstance(n, str) or not OUTPUT_NAME.fullmatch(n) or n in (".", ".."):
-            return Result("", [error("E702", f"document {k + 1}: name {n!r} cannot be an output "
+            return Result("", [error("E702", f"document {k + 1}: name {short(n)} cannot be an output "
                                      "folder name (letters, digits, `_`, `-`, `.`)")])
         names.append(n)
     if unnamed > 1:
@@ -78,7 +79,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
                                  "allows one unnamed (final) merge")])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        return Result("", [error("E702", f"the name {dupes[0]!r} is used by two documents"
+        return Result("", [error("E702", f"the name {short(dupes[0])} is used by two documents"
                                  + (" (the unnamed merge is named `final`)" if unnamed else ""))])
     by_name = dict(zip(names, docs))
     deps = {n: _refs(d) & set(names) for n, d in by_name.items()}
