@@ -438,20 +438,21 @@ def translate(config: dict[str, Any] | str, config_path: str | Path | None = Non
     problem = check_structure(config)
     if problem is not None:
         return Result("", [problem])
+    cls = type("Translator", (Translator,), {"allow_crimes": allow_crimes})
     try:
         if isinstance(config, list):
-            return translate_multi(config, path, out, layer_prefix, Translator)
+            return translate_multi(config, path, out, layer_prefix, cls)
         if is_moe_config(config):  # mergekit-moe
             return translate_moe(config, path, out)
-        t = Translator(config, path, out, layer_prefix)
-        return t.translate()
+        return cls(config, path, out, layer_prefix).translate()
     except RecursionError:
         return Result("", [error("E701", "the config nests too deep")])
 
 
 def import_file(path: str | Path, out: str | Path | None = None,
-                layer_prefix: str = "model.layers") -> Result:
+                layer_prefix: str = "model.layers", allow_crimes: bool = False) -> Result:
     path = Path(path)
     text = read_config_text(path)
     out_dir = Path(out).parent if out else Path.cwd()
-    return translate(load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]
+    return translate(load_yaml(text, str(path)), path, out_dir, layer_prefix,  # type: ignore[arg-type]
+                     allow_crimes)

@@ -93,6 +93,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
     blocks: list[list[str]] = []
     dtypes: dict[str, Any] = {}
     options: dict[str, list[str]] = {}
+    crimes: list[str] = []  # `option allow_crimes = true` (import-mergekit --allow-crimes)
     for n in order:
         t = Translator(by_name[n], config_path, out_dir, layer_prefix)
         t.output_name = n
@@ -113,7 +114,8 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         if res.errors:
             return Result("", diags)
         dtypes[n] = by_name[n].get("out_dtype") or by_name[n].get("dtype")
-        options[n] = t.option_lines
+        crimes = crimes or [line for line in t.option_lines if "allow_crimes" in line]
+        options[n] = [line for line in t.option_lines if "allow_crimes" not in line]
         blocks.append(t.block_lines)
     assert shared is not None
     final = names[-1] if unnamed == 0 else names[[d.get("name") for d in docs].index(None)]
@@ -131,7 +133,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         out += [""] + shared.param_lines
     if dtype:
         out += ["", f"option dtype = {_fmt(str(dtype))}"]
-    out += options.get(final, [])
+    out += options.get(final, []) + crimes
     for n, lines in options.items():
         if lines and n != final:
             diags.append(warning("W101", f"the tokenizer settings of `{n}` are not translated: "
