@@ -227,9 +227,9 @@ class Translator(LayerPlanner):
                         (n == "weight" and method in IMPORT_IGNORES_WEIGHTS):
                     continue
                 close = difflib.get_close_matches(str(n), known, 1)
-                self.warn("W101", f"{scope}: `{n}` is not a parameter of {method} and is left out "
-                          "(mergekit ignores it)" + (f"; did you mean `{close[0]}`?" if close else "")
-                          + f" {method} takes: " + (", ".join(known) or "no parameters"))
+                self.warn("W101", f"{scope}: `{n}` is not a parameter of {method}: left out, as "
+                          "mergekit ignores it" + (f" (did you mean `{close[0]}`?)" if close else "")
+                          + f"; {method} takes " + (", ".join(known) or "no parameters"))
 
     # ------------------------------------------------------------ rules
     def filters(self, slices: list[Slice]) -> list[str]:

@@ -227,9 +227,30 @@ def test_hostile_keys_filters_and_ids_never_reach_the_recipe_raw(models):
     # the ids come back exactly from the recipe's strings
     assert sorted(d.value.value for d in prog.of(ast.ModelDecl)) == sorted(
         [models["a"], models["b"]] + [m["model"] for m in cfg["models"][2:]])
-    # the filters are matched as written: none matches a tensor, so every weight is 0.5
-    assert "0.25" not in res.text or all(h.isprintable() is False or h in res.text.encode(
-        "unicode_escape").decode() or True for h in HOSTILE)
+    assert sum("can never match" in m for m in w101) == sum(not h.isprintable() for h in HOSTILE)
+
+
+def test_hostile_filters_keep_mergekit_semantics(models):
+    """A filter is a substring of tensor names: the hostile ones match none, `mlp` matches."""
+    params: dict = {k: 1 for k in HOSTILE}
+    params["weight"] = [{"filter": f, "value": 0.25} for f in HOSTILE] + [
+        {"filter": 'mlp', "value": 2.0}, {"value": 0.5}]
+    cfg = {"models": [{"model": models["a"], "parameters": {"weight": 1.0}},
+                      {"model": models["b"], "parameters": params}], "merge_method": "linear"}
+    res = translate(cfg)
+    assert not res.errors
+    prog = _no_injection(res.text, {"a", "b"})
+    r = ml.compile(res.text)
+    try:
+        got = r.evaluate()
+    finally:
+        r.close()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(models[n]) / "model.safetensors")) for n in "ab")
+    for k in a:
+        w = 2.0 if "mlp" in k else 0.5
+        torch.testing.assert_close(got[k], (a[k] + w * b[k]) / (1 + w), rtol=1e-6, atol=1e-6)
 
 
 def test_hostile_local_folder_names_round_trip_and_merge(tmp_path):
