@@ -35,7 +35,10 @@ METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required
     **{m: ("base_models", m != "sce") for m in GTA},
 }
 TAKES_BASE_KW = ("nuslerp", "multislerp")
+# mergekit's defaults of per-model parameters (a model without one takes it): method -> values
 PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
+PER_MODEL_METHOD_DEFAULTS = {"breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma": 0.01},
+                             "della": {"epsilon": 0.15}, "della_linear": {"epsilon": 0.15}}
 # per-model parameters mergekit accepts but a method ignores (task_arithmetic does not sparsify)
 UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karcher": {"density"},
                     "nuslerp": {"density"}, "multislerp": {"density"}}

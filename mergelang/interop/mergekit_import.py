@@ -33,6 +33,7 @@ from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, fin
 from mergelang.interop.mergekit_layers import LayerPlanner
 from mergelang.interop.mergekit_yaml import short
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
+                              PER_MODEL_METHOD_DEFAULTS,
                               TOP_KEYS, L1_RESCALE, Result, Slice, Source, _conds, _evaluate, _fmt,
                               _ident, _is_gradient, _layer_only, comment_text)
 
@@ -151,7 +152,7 @@ class Translator(LayerPlanner):
             for src in members:
                 v = self.lookup(p, src, sl, matched)
                 if v is None:
-                    v = PER_MODEL_DEFAULTS.get(p)
+                    v = PER_MODEL_METHOD_DEFAULTS.get(method, {}).get(p, PER_MODEL_DEFAULTS.get(p))
                 if v is None:
                     self.err("E705", f"model `{src.model}` has no `{p}`" + (
                         f" (mergekit requires one for {method})" if p == "weight" else

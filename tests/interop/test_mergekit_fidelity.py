@@ -142,6 +142,17 @@ def test_sce_density_is_not_a_parameter(folders):
     assert "density" not in res.text.split("merge from")[1]
 
 
+def test_per_model_parameters_missing_on_some_models_take_mergekits_defaults(folders):
+    cfg = {"models": [{"model": folders["a"], "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}},
+                      {"model": folders["b"], "parameters": {"weight": 0.5, "density": 0.6}}],
+           "merge_method": "breadcrumbs", "base_model": folders["base"]}
+    assert "gamma = [0.05, 0.01]" in imported(cfg)  # mergekit's gamma default
+    cfg = {**cfg, "merge_method": "della", "models": [
+        {"model": folders["a"], "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}},
+        {"model": folders["b"], "parameters": {"weight": 0.5, "density": 0.5}}]}
+    assert "epsilon = [0.1, 0.15]" in imported(cfg)  # and DELLA's epsilon default
+
+
 # ---------------------------------------------------------------- 3, 4: DELLA, DARE
 
 def test_della_model_with_density_one_is_not_pruned(folders):
