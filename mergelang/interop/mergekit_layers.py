@@ -58,17 +58,17 @@ class LayerPlanner(ConfigReader):
             return slices, ref
         renamed: dict[str, str] = {}
         taken = set(self.models.values())
+        have = sorted({str(counts.get(n)) for n in names if counts.get(n) is not None})
+        self.model_lines.append(
+            f"# the slices cover layers 0..{end - 1} of models with "
+            + (" / ".join(have) + " layers" if have else "a layer count not known here")
+            + ": mergekit writes only the covered layers")
         for n in names:
             cut = f"{n}_layers"
             while cut in taken:
                 cut += "_"
             taken.add(cut)
             renamed[n] = cut
-            known = counts.get(n)
-            why = (f"`{n}` has {known} layers" if known is not None else
-                   f"the layer count of `{n}` is not known here")
-            self.model_lines.append(f"# the slices cover layers 0..{end - 1} and {why}: "
-                                    "mergekit writes only the covered layers")
             self.model_lines.append(f"model {cut} = stack_layers([layer_range({n}, 0, {end})])")
         for r, n in list(self.models.items()):
             if n in renamed:
