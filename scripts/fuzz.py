@@ -139,12 +139,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.import_mergekit:
         stats = fuzz_import_mergekit(args.import_mergekit, seed=int.from_bytes(os.urandom(4), "big"))
-        bad = stats["internal"] + stats["slow"] + stats["injected"]
+        bad = [f"{kind}: {x}" for kind in ("internal", "slow", "injected") for x in stats[kind]]
         print(f"fuzz import-mergekit: {stats['cases']} cases, {stats['ok']} imported, "
               f"{stats['coded']} coded diagnostics, {len(bad)} failures "
               f"({stats['seconds']:.1f} s)", file=sys.stderr)
         for b in bad[:20]:
-            print("  ", b, file=sys.stderr)
+            print("  ", repr(b), file=sys.stderr)
         return 1 if bad else 0
     env = {**os.environ, "MERGELANG_FUZZ_EXAMPLES": str(args.examples),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}

@@ -67,6 +67,9 @@ def check_structure(cfg: Any) -> Diagnostic | None:
         return None if cfg else error("E702", "the file holds no config")
     if not isinstance(cfg, dict):
         return error("E702", f"a mergekit config must be a YAML mapping, got {short(cfg)}")
+    for key in ("dtype", "out_dtype"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            return error("E705", f"`{key}` must be a dtype's name (e.g. bfloat16), got {short(cfg[key])}")
     if "experts" in cfg and "merge_method" not in cfg:
         return _check_moe(cfg)
     method = cfg.get("merge_method")
@@ -90,8 +93,8 @@ def check_structure(cfg: Any) -> Diagnostic | None:
         if not isinstance(slices, list):
             return error("E702", f"`slices` must be a list, got {short(slices)}")
         for k, s in enumerate(slices):
-            if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
-                return error("E702", f"slices[{k}]: expected a mapping with a `sources` list")
+            if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+                return error("E702", f"slices[{k}]: expected a mapping with a non-empty `sources` list")
             if not _mapping_or_none(s.get("parameters")):
                 return error("E702", f"slices[{k}].parameters must be a mapping")
             for j, src in enumerate(s["sources"]):

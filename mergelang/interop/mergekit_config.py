@@ -212,7 +212,10 @@ class ConfigReader:
                 self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
                           "translated: tokens a model lacks take mergekit's default sources")
             pad = _numeric(tok.get("pad_to_multiple_of"))
-            if pad is not None:
+            if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
+                self.err("E705", f"tokenizer.pad_to_multiple_of must be a positive whole number, "
+                         f"got {short(pad)}")
+            elif pad is not None:
                 out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
         elif tok is not None:
             self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")

@@ -70,6 +70,10 @@ class Translator(LayerPlanner):
         if isinstance(v, list):
             self.err("E705", f"parameter `{pname}`: a list of {short(v)} is not a gradient of numbers")
             return _fmt(None)
+        if not isinstance(v, (bool, int, float, str)):
+            self.err("E705", f"parameter `{root}`: {short(v)} is not a number, bool, string or "
+                     "gradient (a list of numbers)")
+            return _fmt(None)
         return _fmt(v)
 
     def hoist(self, root: str, pname: str, values: list) -> str:
