@@ -90,6 +90,7 @@ def fuzz_import_mergekit(cases: int = 2000, seed: int = 0) -> dict:
     from mergelang.interop.mergekit_yaml import load_yaml
     from mergelang.lang.ast import FnDef
 
+    translate({"models": ["org/name"], "merge_method": "linear"})  # imports huggingface_hub once
     rng = random.Random(seed)
     stats: dict = {"cases": 0, "ok": 0, "coded": 0, "internal": [], "slow": [], "injected": []}
     start_all = time.perf_counter()

@@ -1,9 +1,9 @@
 """Reading a mergekit YAML config safely: bounded, regular files only, bounded YAML.
 
 - `read_config_text`: a regular file (not a device, FIFO or folder: `/dev/zero` never ends, a FIFO
-  blocks) of at most MAX_CONFIG_BYTES; anything else is E701 at once. (A bounded reader of its
+  blocks) of at most MAX_CONFIG_BYTES (512 KiB); anything else is E701 at once. (A bounded reader of its
   own until `mergelang/io/` has one shared text/YAML reader for every command.)
-- `load_yaml`: PyYAML's safe loader with bounds: nesting depth (MAX_DEPTH), the size of the
+- `load_yaml`: PyYAML's safe loader (libyaml's parser) with bounds: nesting depth (MAX_DEPTH), the size of the
   document once every alias is expanded (MAX_NODES: a "billion laughs" file is refused before
   anything walks it) and the digits of a number (MAX_DIGITS). Every refusal is E701.
 - `short`: a config value for a message, cut to a few dozen characters (a message never prints
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ import yaml
 
 from mergelang.diagnostics import MergelangError, error
 
-#: real configs are a few kilobytes; mergekit-multi files with hundreds of slices stay far below
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: real configs are a few kilobytes (a frankenmerge of 100 slices ~15 KB); the bound keeps the
+#: worst file (one flat list of ~170k numbers) to seconds of YAML parsing
+MAX_CONFIG_BYTES = 512 * 1024
 #: nested mappings/lists: mergekit configs nest about 6 deep
 MAX_DEPTH = 64
 #: nodes of the document with every alias expanded (a config has hundreds)
@@ -83,13 +85,13 @@ def read_config_text(path: Path) -> str:
                 raise ValueError(f"it is {kind}")
             if st.st_size > MAX_CONFIG_BYTES:
                 raise ValueError(f"it is {st.st_size} bytes, more than the "
-                                 f"{MAX_CONFIG_BYTES >> 20} MiB a config may have")
+                                 f"{MAX_CONFIG_BYTES >> 10} KiB a config may have")
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data = f.read(MAX_CONFIG_BYTES + 1)
         finally:
             os.close(fd)
         if len(data) > MAX_CONFIG_BYTES:
-            raise ValueError(f"it is more than the {MAX_CONFIG_BYTES >> 20} MiB a config may have")
+            raise ValueError(f"it is more than the {MAX_CONFIG_BYTES >> 10} KiB a config may have")
         return data.decode("utf-8")
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -103,22 +105,10 @@ class _Refused(yaml.YAMLError):
     pass
 
 
-class BoundedLoader(yaml.SafeLoader):
-    """SafeLoader with a depth bound while composing, an expanded-size bound before constructing
-    and a digit bound on integers."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise _Refused(f"it nests more than {MAX_DEPTH} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+class BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml's parser when PyYAML has it: ~20x faster than the pure-Python
+    one) with a depth and an expanded-size bound checked on the composed nodes before anything
+    is constructed, and a digit bound on integers."""
 
     def construct_document(self, node: Any) -> Any:
         _check_size(node)
@@ -142,6 +132,8 @@ def _check_size(root: Any) -> None:
     visiting: set[int] = set()  # nodes whose descendants are being counted
     stack: list[tuple[Any, bool]] = [(root, False)]
     while stack:
+        if len(visiting) > MAX_DEPTH:
+            raise _Refused(f"it nests more than {MAX_DEPTH} levels deep")
         node, done = stack.pop()
         if id(node) in sizes and not done:
             continue
@@ -165,8 +157,35 @@ def _check_size(root: Any) -> None:
                            "a value many times over?)")
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of flow collections (`[`, `{`) in `text`, quoted scalars and comments
+    skipped: PyYAML's scanner looks ahead over a whole nested flow collection before the
+    composer sees its first level, so a deep one is refused before PyYAML reads it."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0
+    depth = deepest = 0
+    quote = ""
+    prev = "\n"
+    for ch in re.sub(r"[^][{}'\"# \t\n]+", "x", text):  # runs of other characters: one
+        if quote:
+            if ch == quote or (ch == "\n" and quote == "#"):
+                quote = ""
+        elif ch in "'\"" or (ch == "#" and prev in " \t\n"):
+            quote = "#" if ch == "#" else ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        prev = ch
+    return deepest
+
+
 def load_yaml(text: str, where: str) -> Any:
     """The config; a list of configs for a multi-document (mergekit-multi) file."""
+    if _flow_depth(text) > MAX_DEPTH:
+        raise MergelangError(error("E701", f"cannot parse {where}: it nests more than {MAX_DEPTH} "
+                                   "levels deep", None, "a mergekit config is a small YAML mapping"))
     try:
         docs = [d for d in yaml.load_all(text, Loader=BoundedLoader) if d is not None]
     except _Refused as exc:
