@@ -15,7 +15,8 @@ Filters become rules with glob patterns (`"model.layers.{i}.*mlp*"`); a tensor n
 several filters gets a rule of its own only when that changes a value. Gradients become `param`
 lists used through the `gradient(values, t)` intrinsic, so they stay editable with `--set`.
 
-What is not translated is reported (warnings W101-W104, errors E701-E706), never dropped silently.
+What is not translated is reported (warnings W101-W103, W120; errors E701-E710), never dropped
+silently. Reading and structure checks: mergekit_yaml.py, mergekit_checks.py; layer layout: mergekit_layers.py.
 """
 
 from __future__ import annotations
