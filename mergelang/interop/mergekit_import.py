@@ -16,7 +16,8 @@ several filters gets a rule of its own only when that changes a value. Gradients
 lists used through the `gradient(values, t)` intrinsic, so they stay editable with `--set`.
 
 What is not translated is reported (warnings W101-W103, W120; errors E701-E710), never dropped
-silently. Reading and structure checks: mergekit_yaml.py, mergekit_checks.py; layer layout: mergekit_layers.py.
+silently. Reading and structure checks: mergekit_yaml.py, mergekit_checks.py; the layer layout
+checked against the models: mergekit_layers.py.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from typing import Any
 from mergelang.diagnostics import error
 from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
-from mergelang.interop.mergekit_yaml import load_yaml, read_config_text
+from mergelang.interop.mergekit_yaml import load_yaml, read_config_text, short
 from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, finite
 from mergelang.interop.mergekit_layers import LayerPlanner
-from mergelang.interop.mergekit_yaml import short
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               PER_MODEL_METHOD_DEFAULTS,
                               TOP_KEYS, L1_RESCALE, Result, Slice, Source, _conds, _evaluate, _fmt,
