@@ -407,7 +407,9 @@ class ConfigReader:
             if len(ranges) > 1:
                 self.err("E704", f"slices[{k}]: the sources have different layer ranges "
                          f"({', '.join(str(list(r)) for r in sorted(ranges))})",  # type: ignore[arg-type]
-                         "mergelang merges layer i of every model into layer i of the output")
+                         "the importer restacks layers when every slice takes equally long ranges "
+                         "of the same models; otherwise write the recipe by hand with "
+                         "`model x = stack_layers([layer_range(m, a, b), ...])` per model")
                 return
             (a, b), = ranges
             if a != offset:

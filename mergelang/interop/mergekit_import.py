@@ -324,11 +324,11 @@ class Translator(LayerPlanner):
                 all(len(s.sources) == 1 for s in slices):
             slices = self.stack(slices)
             ref = self.models["<stacked>"]
+        if "<stacked>" not in self.models:
+            slices, ref = self.relayer(slices, ref)
         self.check_layout(slices, method)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
-        if "<stacked>" not in self.models:
-            slices, ref = self.truncate(slices, ref)
         filters = self.filters(slices)
         if len(filters) > MAX_FILTERS:
             self.err("E704", f"{len(filters)} different filters; at most {MAX_FILTERS} are supported")

@@ -3,9 +3,10 @@ the pruning of rules against the reference checkpoint.
 
 - `check_ranges`: every `layer_range` lies inside its model (mergekit fails on a range past the
   last layer: E708), counted from the local model's tensor names or config.json.
-- `truncate`: slices that cover fewer layers than the models (`[0, 8]` of a 32-layer model):
-  mergekit writes those layers only, so every merged model becomes
-  `stack_layers([layer_range(M, 0, END)])` (a model of END layers) before the rules.
+- `relayer`: slices that cover fewer layers than the models (`[0, 8]` of a 32-layer model) or
+  take other layers (`[4, 8]`, the same layers twice, different layers of each model): mergekit
+  writes the layers its slices name, renumbered from 0, so every merged model becomes
+  `stack_layers([layer_range(M, A, B), ...])` before the rules.
 - `check_architectures`: local models whose config.json name different `architectures` are
   refused (E709) unless `allow_crimes` (mergekit's `--allow-crimes`); then the recipe gets
   `option allow_crimes = true`.
@@ -46,36 +47,59 @@ class LayerPlanner(ConfigReader):
                              "mergekit refuses it too: give a range [start, end) with end <= "
                              f"{n}")
 
-    def truncate(self, slices: list[Slice], ref: str) -> tuple[list[Slice], str]:
-        """Slices laid out in order from layer 0 that end before the models' last layer: each
-        model cut to the layers the slices cover, as mergekit writes them."""
+    def relayer(self, slices: list[Slice], ref: str) -> tuple[list[Slice], str]:
+        """mergekit writes the layers its slices name, renumbered from 0 in slice order. When
+        every slice takes layer ranges of the same length from the same models and that is not
+        simply all of their layers in order, each model is first restacked to its ranges
+        (`stack_layers([layer_range(m, a, b), ...])`) and the slices renumbered: `[0, 8]` of a
+        32-layer model keeps 8 layers, `[4, 8]` becomes layers 0..3, `a[0, 2]` with `b[1, 3]`
+        merges a's layer 0 with b's layer 1."""
         if not slices or any(src.layer_range is None for sl in slices for src in sl.sources):
             return slices, ref
-        end = slices[-1].sources[0].layer_range[1]  # type: ignore[index]
+        names = list(dict.fromkeys(src.model for sl in slices for src in sl.sources))
+        per: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
+        for sl in slices:
+            if sorted(src.model for src in sl.sources) != sorted(names) or \
+                    len({r[1] - r[0] for r in (src.layer_range for src in sl.sources)}) != 1:  # type: ignore[index]
+                return slices, ref  # check_layout decides
+            for src in sl.sources:
+                per[src.model].append(src.layer_range)  # type: ignore[arg-type]
+        if ref not in per:
+            per[ref] = per[names[0]]  # a base_model outside the slices: the first model's layers
         counts = self.counts()
-        names = list(dict.fromkeys([src.model for sl in slices for src in sl.sources] + [ref]))
-        if all(counts.get(n) == end for n in names):
+
+        def whole(n: str) -> bool:
+            rs = per[n]
+            return all(r[0] == (rs[k - 1][1] if k else 0) for k, r in enumerate(rs)) and \
+                counts.get(n) == rs[-1][1]
+
+        if all(whole(n) for n in per):
             return slices, ref
+        have = sorted({str(counts.get(n)) for n in per if counts.get(n) is not None})
+        self.model_lines.append(
+            "# mergekit writes the layers the slices name, renumbered from 0 in slice order "
+            "(the models have " + (" / ".join(have) + " layers)" if have else "a layer count not known here)"))
         renamed: dict[str, str] = {}
         taken = set(self.models.values())
-        have = sorted({str(counts.get(n)) for n in names if counts.get(n) is not None})
-        self.model_lines.append(
-            f"# the slices cover layers 0..{end - 1} of models with "
-            + (" / ".join(have) + " layers" if have else "a layer count not known here")
-            + ": mergekit writes only the covered layers")
-        for n in names:
+        for n, rs in per.items():
             cut = f"{n}_layers"
             while cut in taken:
                 cut += "_"
             taken.add(cut)
             renamed[n] = cut
-            self.model_lines.append(f"model {cut} = stack_layers([layer_range({n}, 0, {end})])")
+            spans = ", ".join(f"layer_range({n}, {a}, {b})" for a, b in rs)
+            self.model_lines.append(f"model {cut} = stack_layers([{spans}])")
         for r, n in list(self.models.items()):
             if n in renamed:
                 self.models[r] = renamed[n]
-        self._counts = {renamed.get(n, n): (end if n in renamed else c) for n, c in counts.items()}
-        out = [Slice([Source(renamed.get(s.model, s.model), s.layer_range, s.params)
-                      for s in sl.sources], sl.params) for sl in slices]
+        total = sum(b - a for a, b in per[names[0]])
+        self._counts = {renamed.get(n, n): (total if n in renamed else c) for n, c in counts.items()}
+        out, offset = [], 0
+        for sl in slices:
+            a, b = sl.sources[0].layer_range  # type: ignore[misc]
+            out.append(Slice([Source(renamed[s.model], (offset, offset + b - a), s.params)
+                              for s in sl.sources], sl.params))
+            offset += b - a
         return out, renamed.get(ref, ref)
 
     def check_architectures(self) -> list[str]:

@@ -389,6 +389,28 @@ slices:
 merge_method: linear
 dtype: float32
 """, "exact", 1e-6),
+    "repeated_layers_merge": ("""
+slices:
+  - sources:
+      - {{model: "{base}", layer_range: [0, 2]}}
+      - {{model: "{a}", layer_range: [0, 2]}}
+  - sources:
+      - {{model: "{base}", layer_range: [1, 4]}}
+      - {{model: "{a}", layer_range: [1, 4]}}
+merge_method: slerp
+base_model: "{base}"
+parameters:
+  t: [{{filter: self_attn, value: [0, 1]}}, {{value: 0.3}}]
+dtype: float32
+""", "exact", 1e-5),
+    "other_layers_of_each_model": ("""
+slices:
+  - sources:
+      - {{model: "{a}", layer_range: [0, 2], parameters: {{weight: 1.0}}}}
+      - {{model: "{b}", layer_range: [2, 4], parameters: {{weight: [0.5, 2.0]}}}}
+merge_method: linear
+dtype: float32
+""", "exact", 1e-6),
     "unknown_params": ("""
 models:
   - {{model: "{a}", parameters: {{weight: 1.0, density: 0.5, densty: 3}}}}

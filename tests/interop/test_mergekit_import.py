@@ -289,11 +289,27 @@ merge from s {
     assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
 
 
-def test_slices_that_move_layers_in_a_merge_are_reported(models):
+def test_slices_that_move_layers_in_a_merge_restack_each_model(models):
+    """mergekit writes the slices' layers renumbered in order (issue 28, item 1): layers 0..1,
+    then 1..2 again, merged. Side by side with mergekit: test_mergekit_fidelity.py."""
     cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 2]},
                                    {"model": models["b"], "layer_range": [0, 2]}]},
                       {"sources": [{"model": models["a"], "layer_range": [1, 3]},
                                    {"model": models["b"], "layer_range": [1, 3]}]}],
+           "merge_method": "linear", "parameters": {"weight": 1.0}}
+    res = translate(cfg)
+    assert not res.errors and "stack_layers([layer_range(a, 0, 2), layer_range(a, 1, 3)])" in res.text
+    got = _merge(res.text)
+    a, b = load_file(models["a"]), load_file(models["b"])
+    for out_layer, in_layer in enumerate([0, 1, 1, 2]):
+        k = f"model.layers.{{}}.mlp.up_proj.weight"
+        torch.testing.assert_close(got[k.format(out_layer)], (a[k.format(in_layer)] + b[k.format(in_layer)]) / 2)
+    assert not any(n.startswith("model.layers.4.") for n in got)
+
+
+def test_slices_with_different_lengths_in_one_slice_are_reported(models):
+    cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 2]},
+                                   {"model": models["b"], "layer_range": [1, 4]}]}],
            "merge_method": "slerp", "base_model": models["a"], "parameters": {"t": 0.5}}
     res = translate(cfg)
     assert [d.code for d in res.errors] == ["E704"] and res.text == ""
