@@ -302,7 +302,7 @@ def test_slices_that_move_layers_in_a_merge_restack_each_model(models):
     got = _merge(res.text)
     a, b = load_file(models["a"]), load_file(models["b"])
     for out_layer, in_layer in enumerate([0, 1, 1, 2]):
-        k = f"model.layers.{{}}.mlp.up_proj.weight"
+        k = "model.layers.{}.mlp.up_proj.weight"
         torch.testing.assert_close(got[k.format(out_layer)], (a[k.format(in_layer)] + b[k.format(in_layer)]) / 2)
     assert not any(n.startswith("model.layers.4.") for n in got)
 
