@@ -301,12 +301,15 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
               help="write the recipe to FILE (default: stdout)")
 @click.option("--layer-prefix", default="model.layers", show_default=True,
               help="tensor-name prefix of the numbered transformer blocks")
+@click.option("--allow-crimes", is_flag=True,
+              help="import models whose config.json name different architectures (refused by "
+                   "default, E709, as mergekit); the recipe gets `option allow_crimes = true`")
 @_guard
-def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
+def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False) -> None:
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
     from mergelang.interop.mergekit_import import import_file
 
-    result = import_file(config, out, layer_prefix)
+    result = import_file(config, out, layer_prefix, allow_crimes)
     if result.errors:
         raise MergelangError(result.diagnostics)
     _echo_diags(result.diagnostics)

@@ -34,6 +34,7 @@ from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
 from mergelang.lang.values import Const, ListV, Value
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
+from mergelang.io.architectures import different_architectures
 from mergelang.sources.fp8 import dequantize_models, mixed_formats
 from mergelang.sources.outputs import link_outputs
 from mergelang.sources.tokenizer import retokenize_models
@@ -232,6 +233,9 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     check_architectures(models, {d.name: d.value.span for d in unit.models}, diags)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
+    if not opts.allow_crimes:  # E709: checkpoints whose config.json name different architectures
+        different_architectures({d.name: (models.get(d.name), d.value.span) for d in unit.models
+                                 if isinstance(d.value, ast.String) or d.name in overrides}, diags)
     copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
     block = unit.block
     if block is None:

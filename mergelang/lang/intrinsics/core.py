@@ -93,6 +93,14 @@ def _where(el: Elab, a: dict[str, Value], span: Span) -> Value:
         if not isinstance(cond.value, bool):
             raise el.error("E201", f"where's condition must be a bool, got {cond.describe()}", span)
         return a["a"] if cond.value else a["b"]
+    if isinstance(cond, ListV) and all(isinstance(c, Const) and isinstance(c.value, bool)
+                                       for c in cond.items) and \
+            all(is_number(v) or isinstance(v, ListV) and v.scalars and len(v.items) == len(cond.items)
+                for v in (a["a"], a["b"])):  # per-model numbers known at compile time: a list
+        def pick(v: Value, i: int) -> Value:
+            return v.items[i] if isinstance(v, ListV) else v
+        return ListV(tuple(pick(a["a"], i) if c.value else pick(a["b"], i)  # type: ignore[union-attr]
+                           for i, c in enumerate(cond.items)))
     args = [el.to_node(v, span) for v in (cond, a["a"], a["b"])]
     return TensorV(el.make(Op.WHERE, args, Attrs(), span))
 
