@@ -15,7 +15,6 @@ from mergelang.compiler import STAGES, Compilation, compile_recipe
 from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa: F401  (all_finite: public here too)
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
-from mergelang.lang.loader import read_recipe_file
 from mergelang.io.journal import inputs_fingerprint, plan_fingerprint
 from mergelang.lang.parser import parse_program
 from mergelang.passes.plan import format_plan
@@ -27,52 +26,15 @@ if TYPE_CHECKING:  # torch, the executor and the writers are imported when a mer
     from mergelang.io.multiwriter import MultiWriter
     from mergelang.io.writer import CheckpointWriter, OutputTensor
 
+from mergelang.interop.recipe_input import recipe_input
 from mergelang.io.inputs import RECIPE_FILENAME
 from mergelang.lang.provenance import recipe_copy, used_params
 
 
 def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
-    """A path (Path, or a str naming an existing file / ending in .mrg) or recipe text. A path
-    ending in .yml / .yaml is a mergekit config, imported on the fly (`_imported`)."""
-    return _source_and_warnings(recipe)[:2]  # type: ignore[return-value]
-
-
-def _source_and_warnings(recipe: str | Path) -> tuple[SourceFile, Path, list[Diagnostic]]:
-    """`_source`, and the warnings of a mergekit config's import (none for a recipe)."""
-    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and \
-            str(recipe).lower().endswith((".yml", ".yaml")):
-        return _imported(Path(recipe))
-    return (*_recipe_source(recipe), [])
-
-
-def _recipe_source(recipe: str | Path) -> tuple[SourceFile, Path]:
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe
-                                    and (recipe.endswith(".mrg") or Path(recipe).is_file())):
-        path = Path(recipe)
-        try:
-            if "\0" in str(recipe):
-                raise ValueError("the path contains a NUL character")
-            return read_recipe_file(path), path.resolve().parent
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise MergelangError(error("E002", f"cannot read recipe {path}: {reason}")) from None
-    return SourceFile("<recipe>", str(recipe)), Path.cwd()
-
-
-def _imported(path: Path) -> tuple[SourceFile, Path, list[Diagnostic]]:
-    """The recipe `import-mergekit` writes for mergekit config `path` (model paths relative to
-    the config's folder, as mergekit reads them) and the import's warnings; its errors raise."""
-    from mergelang.interop.mergekit_import import translate
-    from mergelang.interop.mergekit_yaml import load_yaml, read_config_text
-
-    folder = path.resolve().parent if path.exists() else Path.cwd()
-    result = translate(load_yaml(read_config_text(path), str(path)), path, folder)
-    if result.errors:
-        raise MergelangError(result.diagnostics)
-    return (SourceFile(f"{path} (imported)", result.text), folder,
-            [d for d in result.diagnostics if not d.is_error])
-
-
+    """A path (Path, or a str naming an existing file / ending in .mrg) or recipe text; a
+    mergekit config (.yml / .yaml) is imported on the fly (interop/recipe_input.py)."""
+    return recipe_input(recipe)[:2]  # type: ignore[return-value]
 
 
 class Recipe:
@@ -458,7 +420,7 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
     checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
     symbolic links leave their model folder (refused by default, E314); `allow_plugins` lets the
     recipe's `import "file.py"` run the Python methods it declares (docs/language.md)."""
-    source, base, imported = _source_and_warnings(recipe)
+    source, base, imported = recipe_input(recipe)
     options = {"dtype": dtype, "shard_size": shard_size}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
                               follow_symlinks=follow_symlinks, allow_plugins=allow_plugins)

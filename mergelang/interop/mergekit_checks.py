@@ -23,7 +23,7 @@ from mergelang.diagnostics import Diagnostic, error
 from mergelang.interop.mergekit_yaml import short
 
 _GTA = ("int8_mask", "normalize", "rescale", "lambda", "weight", "density")
-#: mergekit 0.1.5's parameters per method (merge_methods/registry.py, printed from its specs)
+#: mergekit 0.1.5's parameters per method (mergekit/merge_methods/registry.py, printed from its specs)
 KNOWN_PARAMS: dict[str, tuple[str, ...]] = {
     "linear": ("weight", "normalize"),
     "slerp": ("t",),

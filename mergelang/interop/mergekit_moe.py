@@ -32,7 +32,7 @@ def _strings(v: Any) -> list[str]:
 
 
 def _prompts_ok(r: ConfigReader, experts: list[dict]) -> bool:
-    """mergekit-moe's own refusals (moe/config.py `is_bad_config`) for prompt-based gates: an
+    """mergekit-moe's own refusals (mergekit/moe/config.py `is_bad_config`) for prompt-based gates: an
     expert without positive prompts, or every expert with the same prompts (the gate could not
     tell them apart). Experts that are all one model: W120 (mergekit asks for a flag)."""
     for i, e in enumerate(experts):
