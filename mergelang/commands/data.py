@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from mergelang.commands.common import _echo_diags, _guard
+from mergelang.diagnostics import MergelangError, error
 
 
 @click.command(name="stats")
@@ -46,3 +49,39 @@ def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | No
     info = res.info
     click.echo(f"wrote {len(res.tensors)} {kind} tensors from {info['examples']} examples "
                f"({info['tokens']} tokens) to {res.path}", err=True)
+
+
+#: tune's options for the objectives on data (`--objective perplexity:DATA`, `lm-eval:TASKS`)
+lm_eval_include_opt = click.option(
+    "--lm-eval-include", default=None, metavar="PATH", type=click.Path(),
+    help="lm-eval: a folder of task YAMLs (lm_eval --include_path)")
+limit_opt = click.option(
+    "--limit", type=click.IntRange(min=1), default=None, metavar="N",
+    help="perplexity: the first N examples; lm-eval: N documents per task")
+
+
+def is_builtin(objective: str) -> bool:
+    return objective.partition(":")[0] in ("perplexity", "lm-eval")
+
+
+def builtin_objective(objective: str, recipe: Any, directions: tuple[str, ...], executor: str,
+                      include: str | None, limit: int | None) -> tuple[Any, tuple[str, ...]]:
+    """(objective, directions) for `--objective perplexity:DATA` / `lm-eval:TASKS`, run in a
+    model built from the recipe's `merge from` model (its folder's config and tokenizer); the
+    direction is implied (minimize perplexity, maximize scores)."""
+    from mergelang.data.objectives import builtin
+
+    if executor != "local":
+        raise click.UsageError(f"--objective {objective.partition(':')[0]}: runs with --executor local")
+    c = recipe.compilation
+    src = c.models.get(c.reference)
+    if src is None or src.folder is None:
+        raise MergelangError(error("E966", f"--objective {objective}: the `merge from` model "
+                                   f"`{c.reference}` is not a model folder with a config.json",
+                                   None, "merge from a Hugging Face model folder"))
+    made = builtin(objective, src.folder, include_path=include, limit=limit)
+    assert made is not None
+    fn, implied = made
+    if directions and set(directions) != {implied}:
+        raise click.UsageError(f"--objective {objective} is {implied}d; drop --direction")
+    return fn, (implied,)

@@ -305,16 +305,21 @@ def test_bad_inputs_are_coded(models, tmp_path):
     assert "E963" in _codes(lambda: ml.stats(clf, txt, kind="fisher"))
 
 
-def test_datasets_folder_without_datasets_is_e962(models, tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        (tmp_path / "ds").mkdir()
-        assert _codes(lambda: ml.stats(models["a"], tmp_path / "ds")) == ["E962"]
-    else:  # pragma: no cover - with datasets installed: a real save_to_disk folder is read
-        datasets.Dataset.from_dict({"text": dm.TEXTS}).save_to_disk(str(tmp_path / "ds"))
-        g = ml.stats(models["a"], tmp_path / "ds", device="cpu")
-        assert g.info["examples"] == len(dm.TEXTS)
+def test_datasets_folder_without_datasets_is_e962(models, tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` fails
+    assert _codes(lambda: ml.stats(models["a"], tmp_path / "ds")) == ["E962"]
+
+
+def test_datasets_folder(models, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": dm.TEXTS}).save_to_disk(str(tmp_path / "ds"))
+    g = ml.stats(models["a"], tmp_path / "ds", field="body", device="cpu")
+    ref = ml.stats(models["a"], models["txt"], device="cpu")
+    assert g.info["examples"] == len(dm.TEXTS)
+    for k in ref.tensors:
+        torch.testing.assert_close(g.tensors[k], ref.tensors[k], rtol=1e-6, atol=1e-7)
+    assert "E961" in _codes(lambda: ml.stats(models["a"], tmp_path / "ds"))  # no `text` column
 
 
 def test_truncation_is_w146(models):
