@@ -120,8 +120,13 @@ def load_model(spec: str | Path, device: Any, want: str = "any", weights: bool =
 
 
 def quiet_transformers() -> None:
-    """No "Loading weights" bars or load reports from transformers (mergelang shows its own)."""
-    from transformers.utils import logging
+    """No "Loading weights" bars or load reports from transformers (mergelang shows its own);
+    E960 without transformers."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        raise fail("E960", "statistics and objectives on data need transformers, which is not "
+                   "installed", 'pip install "mergelang[data]"') from None
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()

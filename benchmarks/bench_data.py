@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Time per 1k tokens of `mergelang stats` (gram, fisher) and of one `perplexity` trial.
+
+Models (random weights, saved into a temporary folder, with a word-level tokenizer):
+* tiny: the tests' Llama (hidden 16, 2 layers, 24-word vocabulary);
+* small: a Llama with hidden 512, 4 layers, intermediate 1536 (~13M parameters; `--small`).
+Data: N random sentences of 30 words. Each figure is the best of `--repeat` runs of the
+computation itself (the model and data loading excluded: ml.stats' `info["seconds"]`, and the
+objective call), divided by the number of real tokens / 1000.
+
+    python benchmarks/bench_data.py [--examples 64] [--repeat 3] [--small] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "datatools"))
+
+import data_models as dm  # noqa: E402
+
+import mergelang as ml  # noqa: E402
+
+
+def bench(folder: Path, data: Path, repeat: int, device: str) -> dict[str, float]:
+    import torch
+
+    out = {}
+    for kind, bs in (("gram", 8), ("fisher", 1), ("fisher", 8)):
+        best = min(ml.stats(folder, data, kind=kind, batch_size=bs, device=device).info["seconds"]
+                   for _ in range(repeat))
+        tokens = ml.stats(folder, data, kind="gram", max_examples=None, device=device).info["tokens"]
+        out[f"stats {kind} (batch {bs})"] = best / tokens * 1000
+    f = ml.objectives.perplexity(data, config=folder)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).to(device)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    f(state)  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f(state)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out["perplexity trial (batch 8)"] = min(times) / tokens * 1000
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="also the ~13M-parameter model")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = dm.write_texts(root / "d.txt", [" ".join(rng.choice(dm.WORDS) for _ in range(30))
+                                               for _ in range(args.examples)])
+        models = {"tiny": dm.save_llama(root / "tiny", 0)}
+        if args.small:
+            models["small"] = dm.save_llama(root / "small", 0, hidden_size=512, intermediate_size=1536,
+                                            num_hidden_layers=4, num_attention_heads=8,
+                                            num_key_value_heads=8)
+        for name, folder in models.items():
+            n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
+                    .load_file(str(folder / "model.safetensors")).values())
+            print(f"{name} ({n / 1e6:.2f}M parameters), {args.examples} examples, device {args.device}:")
+            for what, ms in bench(folder, data, args.repeat, args.device).items():
+                print(f"  {what:<28} {ms * 1000:8.2f} ms per 1k tokens")
+
+
+if __name__ == "__main__":
+    main()
