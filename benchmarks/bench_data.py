@@ -33,11 +33,13 @@ def bench(folder: Path, data: Path, repeat: int, device: str) -> dict[str, float
     import torch
 
     out = {}
+    tokens = 0
     for kind, bs in (("gram", 8), ("fisher", 1), ("fisher", 8)):
-        best = min(ml.stats(folder, data, kind=kind, batch_size=bs, device=device).info["seconds"]
-                   for _ in range(repeat))
-        tokens = ml.stats(folder, data, kind="gram", max_examples=None, device=device).info["tokens"]
-        out[f"stats {kind} (batch {bs})"] = best / tokens * 1000
+        runs = [ml.stats(folder, data, kind=kind, batch_size=bs, device=device) for _ in range(repeat)]
+        tokens = runs[0].info["tokens"]
+        out[f"stats {kind} (batch {bs})"] = min(r.info["seconds"] for r in runs) / tokens * 1000
+        print(f"  {f'stats {kind} (batch {bs})':<28} {out[f'stats {kind} (batch {bs})'] * 1000:8.2f} "
+              f"ms per 1k tokens ({tokens} tokens)", flush=True)
     f = ml.objectives.perplexity(data, config=folder)
     import transformers
 
@@ -52,13 +54,15 @@ def bench(folder: Path, data: Path, repeat: int, device: str) -> dict[str, float
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     out["perplexity trial (batch 8)"] = min(times) / tokens * 1000
+    print(f"  {'perplexity trial (batch 8)':<28} {out['perplexity trial (batch 8)'] * 1000:8.2f} "
+          f"ms per 1k tokens", flush=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--examples", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="also the ~13M-parameter model")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -75,9 +79,9 @@ def main() -> None:
         for name, folder in models.items():
             n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
                     .load_file(str(folder / "model.safetensors")).values())
-            print(f"{name} ({n / 1e6:.2f}M parameters), {args.examples} examples, device {args.device}:")
-            for what, ms in bench(folder, data, args.repeat, args.device).items():
-                print(f"  {what:<28} {ms * 1000:8.2f} ms per 1k tokens")
+            print(f"{name} ({n / 1e6:.2f}M parameters), {args.examples} examples, device {args.device}:",
+                  flush=True)
+            bench(folder, data, args.repeat, args.device)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Conventions (FusionBench's `RegMeanAlgorithm` and `FisherMergingAlgorithm`, so t
   head). This is FusionBench's running average of X^T X / rows, except that FusionBench also
   counts padded positions (its batches are padded; here padding never counts). The mean, not
   the sum: every model's Gram is on the same scale whatever its number of tokens, as there.
-  Saved as `N.weight`, float32. Layers never called on the data are left out (listed in the
+  Saved as `N.weight`, float32. Layers that read the same input tensor one after another (q/k/v,
+  gate/up) share one X^T X product. Layers never called on the data are left out (listed in the
   JSON). Transformers' GPT-2 `Conv1D` layers are not `nn.Linear` and get no Gram.
 * fisher: F = (1/N) sum_batches (d/dθ sum_{examples in batch} log p(y | x))^2 for every
   parameter θ, N examples: FusionBench's estimator; with `batch_size=1` (the default for
@@ -211,12 +212,20 @@ def _grams(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_exampl
 
         def hook_for(ck: str) -> Callable[..., None]:
             def hook(mod: Any, args: tuple, output: Any) -> None:
-                x = args[0].detach()
+                x = args[0]
+                last = state.get("last")
+                if last is not None and last[0] is x:  # q/k/v (gate/up) read one tensor: once
+                    acc[ck] += last[1]
+                    rows[ck] += last[2]
+                    return
                 mask = state["mask"]
-                x = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
-                x = x.float()
-                acc[ck].addmm_(x.T, x)
-                rows[ck] += x.shape[0]
+                flat = x.detach()
+                flat = flat[mask] if flat.shape[:-1] == mask.shape else flat.reshape(-1, flat.shape[-1])
+                flat = flat.float()
+                xtx = flat.T @ flat
+                acc[ck] += xtx
+                rows[ck] += flat.shape[0]
+                state["last"] = (x, xtx, flat.shape[0])  # held until the next input: no reuse
             return hook
 
         handles = [m.register_forward_hook(hook_for(ck)) for _, m, ck in group]
@@ -225,7 +234,9 @@ def _grams(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_exampl
             with torch.no_grad(), _bar(progress, _total(d, max_examples), "gram") as bar:
                 for b in batches(d, lm.tokenizer, dev, bs, seq_len, max_examples, counts):
                     state["mask"] = b.mask
+                    state["last"] = None
                     lm.model(**b.inputs)
+                    state["last"] = None
                     bar.update(b.size)
         finally:
             for h in handles:

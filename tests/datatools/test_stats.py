@@ -334,3 +334,21 @@ def test_cli_bad_data_exits_1_without_traceback(models, tmp_path):
                                         "--kind", "gram", "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "E961" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_hf_model_id_from_the_local_cache(models, tmp_path, monkeypatch):
+    """`hf:ORG/NAME` is read from the local Hugging Face cache (never downloaded); not cached: E301."""
+    import shutil
+
+    rev = "0123abcd" * 5
+    root = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(models["a"], root / "snapshots" / rev)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    g = ml.stats("hf:org/tiny", models["txt"], device="cpu")
+    ref = ml.stats(models["a"], models["txt"], device="cpu")
+    assert set(g.tensors) == set(ref.tensors)
+    for k in ref.tensors:
+        torch.testing.assert_close(g.tensors[k], ref.tensors[k], rtol=0, atol=0)
+    assert _codes(lambda: ml.stats("hf:org/not-cached", models["txt"])) == ["E301"]
