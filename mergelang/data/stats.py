@@ -97,7 +97,7 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
             "seconds": round(time.perf_counter() - t0, 3), **extra}
     res = Stats(kind, tensors, info, warnings=diags)
     if out is not None:
-        res.path = write_stats(res, Path(out), force, [lm.folder, data_path(data)])
+        res.path = write_stats(res, Path(out), force, protected(model, data))
     return res
 
 
@@ -123,13 +123,22 @@ def data_path(data: Any) -> Path:
     return Path(head) if sep and head.endswith(".py") else Path(text)
 
 
-def _check_out(out: Path, model: Any, data: Any, force: bool) -> None:
+def protected(model: Any, data: Any) -> list[Path]:
+    """What the output may not be, contain or lie inside: the model folder (for a Hugging Face
+    cache snapshot, its whole cache repository) and the data."""
     from mergelang.data.inputs import model_folder
+    from mergelang.io.inputs import model_root
+
+    folder = model_folder(model)
+    return [folder, model_root(folder), data_path(data)]
+
+
+def _check_out(out: Path, model: Any, data: Any, force: bool) -> None:
     from mergelang.errors import CodedError, to_diagnostic
     from mergelang.io.outguard import check_output
 
     try:
-        check_output(out, [model_folder(model), data_path(data)], force)
+        check_output(out, protected(model, data), force)
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
 

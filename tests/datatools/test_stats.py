@@ -352,3 +352,7 @@ def test_hf_model_id_from_the_local_cache(models, tmp_path, monkeypatch):
     for k in ref.tensors:
         torch.testing.assert_close(g.tensors[k], ref.tensors[k], rtol=0, atol=0)
     assert _codes(lambda: ml.stats("hf:org/not-cached", models["txt"])) == ["E301"]
+    # an output inside the cache repository is refused
+    with pytest.raises(ml.MergelangError) as info:
+        ml.stats("hf:org/tiny", models["txt"], out=root / "grams")
+    assert info.value.codes == ["E404"]
