@@ -372,6 +372,13 @@ CODES: dict[str, str] = {
     "E904": "tune needs optuna (or cmaes) which is not installed",
     "E905": "an objective, loss or data file (FILE.py:NAME) cannot be loaded",
     "E906": "a learn param is read at compile time (a guard, an if, a count) or by a model-wide statistic",
+    "E960": "a model for stats / a data objective cannot be loaded by transformers (no config.json, unknown architecture, no tokenizer)",
+    "E961": "data cannot be read (missing file, unknown format, a bad .jsonl line, no text field, no examples)",
+    "E962": "a datasets folder needs the `datasets` package, which is not installed",
+    "E963": "the model cannot give the statistic or objective (no linear layer, no logits, a classifier without labels, not a causal LM)",
+    "E964": "lm-eval objectives need lm-evaluation-harness, which is not installed",
+    "E965": "a bad stats setting (kind, batch size, lengths, several passes over one-shot batches)",
+    "E966": "a bad data objective (perplexity: / lm-eval: without data or tasks, an unknown task, a state that misses weights)",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -389,4 +396,6 @@ CODES: dict[str, str] = {
     "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
+    "W145": "the Gram matrices exceed --memory-budget: computed in several passes over the data",
+    "W146": "examples longer than --seq-len tokens were truncated",
 }

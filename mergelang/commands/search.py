@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mergelang.commands.data import builtin_objective, is_builtin, lm_eval_include_opt, limit_opt
 from mergelang.commands.common import (_compile, _guard, allow_pickle_opt, follow_opt, recipe_arg,
                                        search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
@@ -108,7 +109,8 @@ def plot(res: Any, path: str) -> None:
 @click.command(name="tune")
 @recipe_arg
 @click.option("--objective", required=True, metavar="FILE.py:FUNC",
-              help="FUNC(state: dict[str, Tensor]) -> float (or one number per --direction)")
+              help="FUNC(state: dict[str, Tensor]) -> float (or one number per --direction); "
+                   "or perplexity:DATA (minimized), lm-eval:TASK[,TASK...] (maximized)")
 @click.option("--trials", type=click.IntRange(min=0), required=True, help="trials to run now")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
               help="optuna sampler [default: tpe, nsga2 for several directions]")
@@ -132,6 +134,8 @@ def plot(res: Any, path: str) -> None:
               help="draw the optimisation history (or the Pareto front)")
 @search_force_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@lm_eval_include_opt
+@limit_opt
 @set_opt
 @allow_pickle_opt
 @follow_opt
@@ -140,7 +144,8 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
              directions: tuple[str, ...], storage: str | None, study_name: str | None,
              seed: int | None, params: tuple[str, ...], executor: str, ray_address: str | None,
              device: str, out: str | None, pick: int | None, plot_path: str | None, force: bool,
-             quiet: bool, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool) -> None:
+             quiet: bool, lm_eval_include: str | None, limit: int | None, sets: tuple[str, ...],
+             allow_pickle: bool, follow_symlinks: bool) -> None:
     """Search RECIPE's ranged params (`param x = v in [lo, hi]`) against an objective."""
     from mergelang.search.objectives import load_function
 
@@ -148,8 +153,17 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
         raise click.UsageError("--pick needs -o OUTDIR")
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
-    fn = load_function(objective, "objective")
+    builtin = is_builtin(objective)
+    if not builtin and (lm_eval_include or limit):
+        raise click.UsageError("--lm-eval-include and --limit are for --objective perplexity:DATA / lm-eval:TASKS")
+    fn = None if builtin else load_function(objective, "objective")
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    if builtin:
+        try:
+            fn, directions = builtin_objective(objective, r, directions, executor, lm_eval_include, limit)
+        except BaseException:
+            r.close()
+            raise
     if out is not None and (len(directions) <= 1 or pick is not None):
         _check_output(r, out, force)  # before the study, not after it
     try:
@@ -157,7 +171,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
                      directions=directions or ("maximize",), study_name=study_name,
                      params=params or None, device=device, executor=executor,
                      ray_address=ray_address, progress=not quiet and trials > 0,
-                     objective_spec=objective, interruptible=True)
+                     objective_spec=None if builtin else objective, interruptible=True)
     finally:
         r.close()
     click.echo(summary(res))
