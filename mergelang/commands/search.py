@@ -116,6 +116,7 @@ def check_plot(path: str, inputs: Any, force: bool, objectives: int = 1) -> None
     and the output guard's rules for a single file (E404 / E403 / E502)."""
     from mergelang.commands.common import check_output_file
 
+    check_output_file(path, inputs, force, "--plot")
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in PLOT_FORMATS:
         raise MergelangError(error("E902", f"--plot {path}: {'.' + ext if ext else 'no extension'} "
@@ -124,7 +125,6 @@ def check_plot(path: str, inputs: Any, force: bool, objectives: int = 1) -> None
     if objectives > 3:
         raise MergelangError(error("E902", "--plot draws one objective's history or a Pareto "
                                    "front of 2 or 3 objectives"))
-    check_output_file(path, inputs, force, "--plot")
 
 
 def check_storage(storage: str, inputs: Any) -> None:
