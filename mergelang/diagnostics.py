@@ -358,6 +358,8 @@ CODES: dict[str, str] = {
     "E904": "tune needs optuna (or cmaes) which is not installed",
     "E905": "an objective, loss or data file (FILE.py:NAME) cannot be loaded",
     "E906": "a learn param is read at compile time (a guard, an if, a count) or by a model-wide statistic",
+    "E907": "the loss or the data function raised, or called sys.exit",
+    "E908": "the loss (or a learned param) became NaN or infinite: learning stopped",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -372,4 +374,6 @@ CODES: dict[str, str] = {
     "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
+    "W110": "the objective called sys.exit: those trials failed and the study went on",
+    "W111": "rmm --basis is more than the adapters can use: clamped",
 }

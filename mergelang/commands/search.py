@@ -229,6 +229,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
     finally:
         r.close()
     click.echo(summary(res))
+    _warn_exits(res)
     if res.interrupted:
         click.echo("mergelang: interrupted; the finished trials are above"
                    + (" and kept in the study storage" if storage else ""), err=True)
@@ -289,6 +290,20 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
     path = res.run(out, force=force, device=device)
     click.echo(f"wrote the learned merge to {path} (loss {res.losses[0]:.6g} -> {res.losses[-1]:.6g} "
                f"in {len(res.losses)} steps)", err=True)
+
+
+def _warn_exits(res: Any) -> None:
+    """W110 when objectives tried to end the process (sys.exit): those trials failed."""
+    from mergelang.commands.common import _echo_diags
+    from mergelang.diagnostics import warning
+    from mergelang.search.study import EXITED
+
+    exited = [t.number for t in res.trials if t.state == "fail" and (t.error or "").startswith(EXITED)]
+    if exited:
+        _echo_diags([warning("W110", f"the objective called sys.exit in {len(exited)} trial"
+                             f"{'s' if len(exited) != 1 else ''} (first: trial {exited[0]}): "
+                             "they are marked failed and the study went on", None,
+                             "return a value (or raise an exception) instead of exiting")])
 
 
 def _objective_file(spec: str) -> list[Path]:
