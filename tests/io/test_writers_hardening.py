@@ -6,7 +6,6 @@ outputs (--force, links, missing folders) and study storages."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import mergelang as ml
-from helpers import TARGET_OBJECTIVE, write_model
+from helpers import write_model
 from mergelang.cli import main
 from mergelang.io.journal import work_dir_for
 
