@@ -173,7 +173,7 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
 @set_opt
 @click.option("--emit", type=click.Choice(["ast", "graph", "optimized", "plan"]), default="optimized",
               show_default=True, help="the stage to print")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE instead of stdout")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="with --emit plan: the plan split into row chunks for this budget")
@@ -281,7 +281,7 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
 
 @main.command(name="import-mergekit")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write the recipe to FILE (default: stdout)")
 @click.option("--layer-prefix", default="model.layers", show_default=True,
               help="tensor-name prefix of the numbered transformer blocks")
@@ -291,8 +291,6 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, force: bool
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
     from mergelang.interop.mergekit_import import import_file
 
-    if out:
-        check_output_file(out, [Path(config)], force, parents=True)  # before reading, not after
     result = import_file(config, out, layer_prefix)
     if result.errors:
         raise MergelangError(result.diagnostics)
@@ -322,7 +320,7 @@ def _imported_models(text: str, out: str) -> list[Path]:
 @set_opt
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg", "png"]), default="text",
               show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE (needed for png)")
 @click.option("--ops", is_flag=True,
               help="draw the op-level graph (one cluster per group of same-shaped tensors) instead "
