@@ -215,6 +215,8 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
             check_storage(storage, inputs)
         if plot_path is not None:
             check_plot(plot_path, inputs, force, len(directions))
+        if out is not None:
+            _not_inside_output(out, {"--plot": plot_path, "--storage": storage})
     except MergelangError:
         r.close()
         raise
@@ -304,6 +306,24 @@ def _warn_exits(res: Any) -> None:
                              f"{'s' if len(exited) != 1 else ''} (first: trial {exited[0]}): "
                              "they are marked failed and the study went on", None,
                              "return a value (or raise an exception) instead of exiting")])
+
+
+def _not_inside_output(out: str, paths: dict[str, str | None]) -> None:
+    """E403 for a --plot / --storage file that is, or lies inside, the -o folder: that folder
+    is replaced as a whole, so the file would be lost (or make the folder foreign)."""
+    import os
+
+    from mergelang.io.outguard import storage_path
+
+    o = Path(os.path.abspath(out))
+    for opt, value in paths.items():
+        if value is None:
+            continue
+        p = storage_path(value) if opt == "--storage" else Path(os.path.abspath(value))
+        if p is not None and (p == o or o in p.parents):
+            raise MergelangError(error("E403", f"{opt} {value} lies inside the -o folder {out}, "
+                                       "which the merge replaces as a whole", None,
+                                       f"put the {opt[2:]} file elsewhere"))
 
 
 def _objective_file(spec: str) -> list[Path]:

@@ -177,3 +177,16 @@ def test_plot_is_checked_before_the_study(models: Path, tmp_path: Path) -> None:
         code, text = _invoke(*argv, "--plot", bad)
         assert code == 1 and code_ in text and "study:" not in text, text
     assert not (tmp_path / "best").exists()
+
+
+def test_plot_or_storage_inside_the_output_folder_is_refused(models: Path, tmp_path: Path) -> None:
+    head = 'model base = "base"\nmodel a = "a"\nparam t = 0.5 in [0, 1]\n'
+    (models / "r.mrg").write_text(head + 'merge from base { "*" => linear([base, a], weights = [1 - t, t]) }\n')
+    (models / "obj.py").write_text("def f(state):\n    return 1.0\n")
+    best = tmp_path / "best"
+    best.mkdir()
+    argv = ["tune", models / "r.mrg", "--objective", f"{models}/obj.py:f", "--trials", "1", "-q", "-o", best]
+    for extra in (["--plot", best / "h.png"], ["--storage", f"sqlite:///{best}/s.db"]):
+        code, text = _invoke(*argv, *extra)
+        assert code == 1 and "E403" in text and "inside the -o folder" in text, text
+    assert not any(best.iterdir())
