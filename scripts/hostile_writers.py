@@ -140,6 +140,13 @@ for opt_cmd in (["compile", "{R}/r.mrg"], ["explain", "{R}/r.mrg"]):
     case(f"{c} -o /nonexistent/x", [*opt_cmd, "-o", "/nonexistent/x"], 1, "E502")
 case("compile --emit ast -o recipe", ["compile", "{R}/r.mrg", "--emit", "ast", "-o", "{R}/r.mrg", "--force"], 1, "E404")
 case("compile -o imported lib", ["compile", "{R}/imp.mrg", "-o", "{R}/lib.mrg", "--force"], 1, "E404")
+case("compile -o /dev/null --force", ["compile", "{R}/r.mrg", "-o", "/dev/null", "--force"], 1, "E403")
+case("explain -o a FIFO --force", lambda root: (os.mkfifo(root / "fifo"),
+                                               run(["explain", "{R}/r.mrg", "-o", "{R}/fifo", "--force"], root))[1],
+     1, "E403")
+case("tune --plot inside -o", [*T, "-o", "{R}/best", "--plot", "{R}/best/h.png"], 1, None)
+case("tune --storage inside -o", [*T, "-o", "{R}/fdir", "--storage", "sqlite:///{R}/fdir/s.db"], 1, "E403")
+case("tune --storage /dev/null", [*T, "--storage", "sqlite:////dev/null"], 1, "E403")
 case("compile -o new file", ["compile", "{R}/r.mrg", "-o", "{R}/plan.txt"], 0, None)
 
 IM = ["import-mergekit", "{R}/mk.yml"]

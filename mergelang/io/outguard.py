@@ -8,7 +8,7 @@
   a hint to remove it by hand. A multi-output folder's sub-folders are compared with their own
   manifests, recursively: a file added to ``OUT/NAME/`` makes the folder foreign too.
 * A single-file output (`compile -o`, `explain -o`, `import-mergekit -o`, `tune --plot`) is
-  never a symbolic link or a folder; an existing file is replaced only with ``--force`` (E403
+  never a symbolic link, a folder or a special file (`/dev/null`, a FIFO); an existing file is replaced only with ``--force`` (E403
   without), and never when it is an input (E404). Its folder must exist (E502). It is written
   to a temporary file beside it and renamed into place, so a failure leaves the old file whole.
 * A study storage (`tune --storage sqlite:///PATH`) may be an input's neighbour but not an input
@@ -164,6 +164,8 @@ def check_file_output(out: str | Path, inputs: Iterable[Path], force: bool,
                           "links: choose another path")
     if path.is_dir():
         raise OutputError(f"{option} {out} is a folder, not a file", "give a file name")
+    if path.exists() and not path.is_file():  # a device, a FIFO, a socket: never replaced
+        raise OutputError(f"{option} {out} is not a regular file", "give the path of a file")
     if path.exists() and not force:
         raise OutputError(f"{option} {out} exists", "pass --force to replace it, or choose another path")
     if parents and not path.parent.exists():

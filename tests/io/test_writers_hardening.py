@@ -132,6 +132,12 @@ def test_single_file_outputs(models: Path, tmp_path: Path) -> None:
     (tmp_path / "target.txt").write_text("keep")
     code, text = _invoke("compile", r, "-o", link, "--force")
     assert code == 1 and "E403" in text and (tmp_path / "target.txt").read_text() == "keep"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/null")):  # never replaced, --force or not
+        code, text = _invoke("compile", r, "-o", special, "--force")
+        assert code == 1 and "E403" in text and "regular file" in text, text
+    assert Path("/dev/null").is_char_device()
     # an imported recipe never lands inside a model the YAML names
     (tmp_path / "mk.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {models / 'a'}\n"
                                      "    parameters: {weight: 1.0}\n")
