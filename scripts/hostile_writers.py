@@ -97,6 +97,7 @@ def project(root: Path) -> None:
     con.close()
     (root / "link.txt").symlink_to(root / "foreign.txt")
     (root / "linkdir").symlink_to(root / "fdir")
+    (root / "alink").symlink_to(root / "a")  # a link to an input folder
     _adapter(root / "ad0", 0)
     _adapter(root / "ad1", 1)
 
@@ -147,6 +148,13 @@ case("explain -o a FIFO --force", lambda root: (os.mkfifo(root / "fifo"),
 case("tune --plot inside -o", [*T, "-o", "{R}/best", "--plot", "{R}/best/h.png"], 1, None)
 case("tune --storage inside -o", [*T, "-o", "{R}/fdir", "--storage", "sqlite:///{R}/fdir/s.db"], 1, "E403")
 case("tune --storage /dev/null", [*T, "--storage", "sqlite:////dev/null"], 1, "E403")
+case("compile -o through a link into an input", ["compile", "{R}/r.mrg", "-o", "{R}/alink/x.txt"], 1, "E404")
+case("explain -o input file via link --force", ["explain", "{R}/r.mrg", "-o", "{R}/alink/config.json", "--force"],
+     1, "E404")
+case("tune --plot via link into an input", [*T, "--plot", "{R}/alink/h.png"], 1, "E404")
+case("tune --storage via link into an input", [*T, "--storage", "sqlite:///{R}/alink/s.db"], 1, "E404")
+case("learn -o via link into an input", [*L, "-o", "{R}/alink/sub"], 1, "E404")
+case("rmm -o via link into an input", [*RMM, "-o", "{R}/alink"], 1, "E403")
 case("compile -o new file", ["compile", "{R}/r.mrg", "-o", "{R}/plan.txt"], 0, None)
 
 IM = ["import-mergekit", "{R}/mk.yml"]
