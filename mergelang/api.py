@@ -188,7 +188,9 @@ class Recipe:
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
 
-        _check_run_args(out_dir, device, nan_check, executor)
+        from mergelang.runtime.runargs import check_run_args
+
+        check_run_args(out_dir, device, nan_check, executor)
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         mode = nan_check or c.options.nan_check
@@ -418,28 +420,6 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
                           {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
                            for k, v in overrides.items()}, options, allow_pickle, follow_symlinks)
     return Recipe(compiled, spec, recompile)
-
-
-class RunArgumentError(MergelangError, ValueError):
-    """A bad argument to `Recipe.run` (E402): a MergelangError, and a ValueError as before."""
-
-
-def _check_run_args(out_dir: Any, device: Any, nan_check: Any, executor: Any) -> None:
-    from mergelang.runtime.executor import resolve_device
-
-    def bad(msg: str) -> RunArgumentError:
-        return RunArgumentError(error("E402", f"run(): {msg}"))
-    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
-        raise bad(f"out_dir must be a folder path, not {out_dir!r}")
-    if nan_check not in (None, "error", "warn", "off"):
-        raise bad(f"nan_check must be 'error', 'warn' or 'off', not {nan_check!r}")
-    if executor not in ("local", "ray"):
-        raise bad(f"executor must be 'local' or 'ray', not {executor!r}")
-    try:
-        resolve_device(device)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise bad(f"device must be 'auto', 'cpu' or 'cuda' (or a torch device), not {device!r}: "
-                  f"{exc}") from None
 
 
 def parse(recipe: str | Path):

@@ -135,19 +135,16 @@ def _scope(el: Elab, v: Value, over: Value, span: Span, allowed: tuple[str, ...]
 
 
 def _differentiable(py: Callable[[list[Any]], Any], kind: str) -> Callable[[list[Any]], Any]:
-    """`py` over numbers; over torch tensors (`learn` evaluates param expressions with them)
-    the same reduction in torch, so that the gradient flows through it (math.fsum would turn
-    the tensors into floats and drop it)."""
+    """`py` over numbers; over torch tensors (`learn` evaluates param expressions with them) the
+    same reduction in torch, so the gradient flows through it (math.fsum would drop it)."""
     def reduce(xs: list[Any]) -> Any:
         if not any(type(x).__module__.startswith("torch") for x in xs):
             return py(xs)
         import torch
 
         t = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs])
-        ops = {"sum": t.sum, "mean": t.mean, "max": t.max, "min": t.min,
-               "count": lambda: (t != 0).float().sum(), "l1": lambda: t.abs().sum(),
-               "l2": lambda: t.pow(2).sum().sqrt()}
-        return ops[kind]()
+        return {"sum": t.sum, "mean": t.mean, "max": t.max, "min": t.min, "count": (t != 0).float().sum,
+                "l1": t.abs().sum, "l2": lambda: t.pow(2).sum().sqrt()}[kind]()
     return reduce
 
 
