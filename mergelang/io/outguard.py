@@ -8,9 +8,10 @@
   a hint to remove it by hand. A multi-output folder's sub-folders are compared with their own
   manifests, recursively: a file added to ``OUT/NAME/`` makes the folder foreign too.
 * A single-file output (`compile -o`, `explain -o`, `import-mergekit -o`, `tune --plot`) is
-  never a symbolic link, a folder or a special file (`/dev/null`, a FIFO); an existing file is replaced only with ``--force`` (E403
-  without), and never when it is an input (E404). Its folder must exist (E502). It is written
-  to a temporary file beside it and renamed into place, so a failure leaves the old file whole.
+  never a symbolic link, a folder or a special file (`/dev/null`, a FIFO); an existing file is
+  replaced only with ``--force`` (E403 without), and never when it is an input (E404). Its
+  folder must exist (E502). It is written to a temporary file beside it and renamed into place,
+  so a failure leaves the old file whole.
 * A study storage (`tune --storage sqlite:///PATH`) may be an input's neighbour but not an input
   or inside one (E404); an existing file there must be an optuna study database (its tables
   are all optuna's), else E403, ``--force`` or not: mergelang never adds tables to a foreign
