@@ -64,6 +64,7 @@ def write_pareto(res: Any, out: Path, inputs: Any = (), force: bool = False) -> 
     import csv
     import io
     import os
+    import secrets
     import shutil
 
     from mergelang.errors import CodedError, to_diagnostic
@@ -83,8 +84,6 @@ def write_pareto(res: Any, out: Path, inputs: Any = (), force: bool = False) -> 
                   "members": [{"member": k, "trial": t.number, "values": list(t.values),
                                "params": t.params} for k, t in enumerate(front)]}, indent=2) + "\n"}
     files[MANIFEST_NAME] = manifest_text(files)
-    import secrets
-
     tmp = out.with_name(f".{out.name}.mergelang-tmp-{secrets.token_hex(4)}")
     made = False
     try:
@@ -94,9 +93,13 @@ def write_pareto(res: Any, out: Path, inputs: Any = (), force: bool = False) -> 
         made = True
         for name, text in files.items():
             (tmp / name).write_text(text, newline="")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # an empty folder, or (--force) the earlier table: moved aside first
+            aside = out.with_name(f".{out.name}.mergelang-old-{secrets.token_hex(4)}")
+            os.rename(out, aside)
+            os.replace(tmp, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
     except OSError as exc:
