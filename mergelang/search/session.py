@@ -51,6 +51,14 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
         check_search_range(n, rng)
     if executor not in ("local", "ray"):
         raise MergelangError(error("E902", f"executor must be local or ray, not {executor!r}"))
+    if storage is not None:  # the Python API's calls too: never a foreign database or an input
+        from mergelang.errors import CodedError, to_diagnostic
+        from mergelang.io.outguard import check_storage
+
+        try:
+            check_storage(storage, c.inputs)
+        except CodedError as exc:
+            raise MergelangError(to_diagnostic(exc)) from None
     study = open_study(dirs, sampler, seed, storage, study_name or _default_name(c))
     interrupted = False
     runtime: tuple[str, ...] = ()

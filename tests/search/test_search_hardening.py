@@ -195,3 +195,23 @@ def test_complex_loss_and_generator_that_raises() -> None:
     with pytest.raises(MergelangError) as ei:
         r.learn(lambda s, b: (s["w"] - 3).pow(2).mean(), batches())
     assert _codes(ei) == ["E907"] and "the disk went away" in str(ei.value)
+
+
+def test_api_storage_is_guarded_too(project: Path) -> None:
+    r = ml.compile(project / "r.mrg")
+    try:
+        for url, code in ((f"sqlite:///{project}/a/study.db", "E404"), (f"sqlite:///{project}/a/config.json", "E404")):
+            with pytest.raises(MergelangError) as ei:
+                r.tune(lambda s: 1.0, 1, storage=url)
+            assert _codes(ei) == [code]
+        foreign = project / "mine.db"
+        con = sqlite3.connect(foreign)
+        con.execute("create table t (x int)")
+        con.commit()
+        con.close()
+        with pytest.raises(MergelangError) as ei:
+            r.tune(lambda s: 1.0, 1, storage=f"sqlite:///{foreign}")
+        assert _codes(ei) == ["E403"]
+    finally:
+        r.close()
+    assert not (project / "a" / "study.db").exists()
