@@ -181,11 +181,12 @@ class Recipe:
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
 
+        from mergelang.runtime.runargs import check_run_args
+
+        check_run_args(out_dir, device, nan_check, executor)
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         mode = nan_check or c.options.nan_check
-        if mode not in ("error", "warn", "off"):
-            raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
         say = log or (lambda msg: None)
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import click
 
-from mergelang.diagnostics import MergelangError, error
+from mergelang.diagnostics import MergelangError
 from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
-    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, plugins_opt, recipe_arg,
-    set_opt)
+    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, check_output_file, follow_opt,
+    force_file_opt, plugins_opt, recipe_arg, recipe_inputs, set_opt, write_output_file)
 
 
 class _Main(click.Group):
@@ -194,16 +194,21 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
 @set_opt
 @click.option("--emit", type=click.Choice(["ast", "graph", "optimized", "plan"]), default="optimized",
               show_default=True, help="the stage to print")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE instead of stdout")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="with --emit plan: the plan split into row chunks for this budget")
 @allow_pickle_opt
 @plugins_opt
+@force_file_opt
 @_guard
 def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
-                allow_pickle: bool, memory_budget: str | None = None, allow_plugins: bool = False) -> None:
+                allow_pickle: bool, memory_budget: str | None = None, allow_plugins: bool = False,
+                force: bool = False) -> None:
     """Compile RECIPE and print a stage (stable text)."""
+    inputs = recipe_inputs(recipe)
+    if out:
+        check_output_file(out, inputs, force)  # before the work, not after it
     if emit == "ast":
         from mergelang.api import parse
         from mergelang.lang.ast import dump
@@ -213,9 +218,11 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
         budget = _budget(memory_budget)
         r = _compile(recipe, sets, allow_pickle=allow_pickle, allow_plugins=allow_plugins)
         text = r.emit(emit, budget) if emit == "plan" else r.emit(emit)
+        if out:
+            inputs += r.compilation.inputs
         r.close()
     if out:
-        Path(out).write_text(text)
+        write_output_file(out, text, inputs, force)
     else:
         click.echo(text, nl=False)
 
@@ -297,15 +304,17 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
 
 @main.command(name="import-mergekit")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write the recipe to FILE (default: stdout)")
 @click.option("--layer-prefix", default="model.layers", show_default=True,
               help="tensor-name prefix of the numbered transformer blocks")
 @click.option("--allow-crimes", is_flag=True,
               help="import models whose config.json name different architectures (refused by "
                    "default, E709, as mergekit); the recipe gets `option allow_crimes = true`")
+@force_file_opt
 @_guard
-def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False) -> None:
+def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False,
+                    force: bool = False) -> None:
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
     from mergelang.interop.mergekit_import import import_file
 
@@ -314,15 +323,23 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
         raise MergelangError(result.diagnostics)
     _echo_diags(result.diagnostics)
     if out:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(result.text)
-        except OSError as e:
-            raise MergelangError(error("E502", f"cannot write {out}: {e.strerror or e}", None,
-                                       "check the folder exists and is writable")) from None
+        write_output_file(out, result.text, [Path(config), *_imported_models(result.text, out)], force,
+                          parents=True)
         click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)
+
+
+def _imported_models(text: str, out: str) -> list[Path]:
+    """The local model paths an imported recipe (to be written at `out`) names."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # parse the text as if it were at `out`
+        probe = Path(tmp) / "recipe.mrg"
+        probe.write_text(text)
+        found = recipe_inputs(str(probe))[1:]
+    base = Path(os.path.abspath(out)).parent
+    return [base / p.relative_to(tmp) if p.is_relative_to(tmp) else p for p in found]
 
 
 @main.command()
@@ -331,19 +348,26 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "html", "svg", "png"]), default="text",
               show_default=True, help="a text summary, or the graph: DOT, a self-contained HTML page "
               "(inline SVG, drawn without Graphviz), or svg/png rendered by Graphviz")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE (needed for png)")
 @click.option("--ops", is_flag=True,
               help="draw the op-level graph (one cluster per group of same-shaped tensors) instead "
                    "of models -> rules -> outputs")
+@force_file_opt
 @_guard
-def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False) -> None:
+def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False,
+            force: bool = False) -> None:
     """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw it."""
     from mergelang.explain import explain_dot, explain_rules_dot, explain_text, render
 
+    inputs = recipe_inputs(recipe)
+    if out:
+        check_output_file(out, inputs, force)  # before the work, not after it
     r = _compile(recipe, sets)
     try:
         c = r.compilation
+        if out:
+            inputs += c.inputs
         if fmt == "text":
             data: str | bytes = explain_text(c)
         else:
@@ -357,7 +381,7 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
     finally:
         r.close()
     if out:
-        Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
+        write_output_file(out, data, inputs, force)
         click.echo(f"wrote {out}", err=True)
     elif isinstance(data, bytes) and fmt == "png":
         raise click.UsageError("--format png needs -o FILE")

@@ -379,6 +379,8 @@ CODES: dict[str, str] = {
     "E964": "lm-eval objectives need lm-evaluation-harness, which is not installed",
     "E965": "a bad stats setting (kind, batch size, lengths, several passes over one-shot batches)",
     "E966": "a bad data objective (perplexity: / lm-eval: without data or tasks, an unknown task, a state that misses weights)",
+    "E907": "the loss or the data function raised, or called sys.exit",
+    "E908": "the loss (or a learned param) became NaN or infinite: learning stopped",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -398,4 +400,6 @@ CODES: dict[str, str] = {
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
     "W145": "the Gram matrices exceed --memory-budget: computed in several passes over the data",
     "W146": "examples longer than --seq-len tokens were truncated",
+    "W110": "the objective called sys.exit: those trials failed and the study went on",
+    "W111": "rmm --basis is more than the adapters can use: clamped",
 }

@@ -3,6 +3,10 @@
 through parse + check; random and mutated files through the safetensors header reader) with many
 more examples and random seeds. A failure prints hypothesis' minimal falsifying example.
 
+Also the objective / loss targets of tests/search/test_fuzz_objectives.py: `tune` objectives and
+`learn` losses and data that return junk, raise anything, call sys.exit or mutate their state
+(-k objectives / -k losses).
+
     python scripts/fuzz.py                      # 2000 examples per target
     python scripts/fuzz.py -n 20000 -k mutated  # one target, longer
     python scripts/fuzz.py --loop               # until interrupted (Ctrl-C) or a failure
@@ -128,6 +132,9 @@ def fuzz_import_mergekit(cases: int = 2000, seed: int = 0) -> dict:
             stats["slow"].append(text[:300])
     stats["seconds"] = time.perf_counter() - start_all
     return stats
+def objective_targets() -> list[str]:
+    """The objective / loss fuzz targets (tune and learn calling the user's code)."""
+    return [str(REPO / "tests" / "search" / "test_fuzz_objectives.py")]
 
 
 def main() -> int:
@@ -149,8 +156,8 @@ def main() -> int:
         return 1 if bad else 0
     env = {**os.environ, "MERGELANG_FUZZ_EXAMPLES": str(args.examples),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "lang" / "test_fuzz.py"), "-q",
-           "-p", "no:cacheprovider", "-x", "--hypothesis-show-statistics"]
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "lang" / "test_fuzz.py"),
+           *objective_targets(), "-q", "-p", "no:cacheprovider", "-x", "--hypothesis-show-statistics"]
     if args.k:
         cmd += ["-k", args.k]
     rounds = 0

@@ -98,3 +98,53 @@ search_force_opt = click.option("--force", is_flag=True,
                                 help="replace an earlier mergelang output at --output")
 set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                        help="override a param (a value) or a model (a path); repeatable")
+
+
+def write_output_file(out: str, data: str | bytes, inputs: Any, force: bool, option: str = "-o",
+                      parents: bool = False) -> None:
+    """Write a single-file output through the output guard (io/outguard.py): E404 over an input,
+    E403 over an existing file without --force, E502 when it cannot be written."""
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import write_file_output
+
+    try:
+        write_file_output(out, data, inputs, force, option, parents)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+
+
+def check_output_file(out: str, inputs: Any, force: bool, option: str = "-o",
+                      parents: bool = False) -> None:
+    """:func:`write_output_file`'s checks alone (before the work that makes the data)."""
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import check_file_output
+
+    try:
+        check_file_output(out, inputs, force, option, parents)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+
+
+def recipe_inputs(recipe: str) -> list[Path]:
+    """The recipe, its imports and its models' local paths as written (resolved against the
+    recipe's folder), from its syntax alone: what an output must not overwrite when the recipe
+    is not compiled (`compile --emit ast`, or a recipe that does not compile)."""
+    from mergelang.lang import ast
+
+    path = Path(os.path.abspath(recipe))
+    out = [path]
+    try:
+        from mergelang.api import parse
+
+        prog = parse(path)
+    except (MergelangError, OSError, ValueError, RecursionError):
+        return out
+    for decl in prog.of(ast.ModelDecl):
+        if isinstance(decl.value, ast.String) and "://" not in decl.value.value:
+            out.append(path.parent / decl.value.value)
+    out += [path.parent / i.path for i in prog.of(ast.Import)]
+    return out
+
+
+force_file_opt = click.option("--force", is_flag=True, help="replace an existing file at -o "
+                              "(never an input)")

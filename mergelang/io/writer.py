@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from mergelang.io.journal import (JOURNAL_NAME, WORK_MARKER, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
+from mergelang.io.journal import (JOURNAL_NAME, NOFOLLOW, WORK_MARKER, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
 from mergelang.errors import CheckpointError
 from mergelang.io.inputs import check_json_object, reference_files
@@ -149,7 +149,7 @@ class CheckpointWriter(WorkFolder):
                 fd = reuse_shard(path, shard.size, shard.header) if entries else -1
                 if fd < 0:
                     entries = {n: c for n, c in entries.items() if n not in shard.offsets}
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o666)
                     self._fds[shard.filename] = fd
                     _pwrite_all(fd, memoryview(shard.header), 0)
                     os.ftruncate(fd, shard.size)

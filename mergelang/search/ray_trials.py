@@ -65,7 +65,7 @@ class TrialWorker:
 
     def trial(self, values: dict[str, Any]) -> tuple[str, Any, float]:
         """("ok", values, merge seconds) | ("fail", error) | ("bad", E903 message)."""
-        from mergelang.search.study import _check_value
+        from mergelang.search.study import _check_value, objective_error
 
         t0 = time.perf_counter()
         try:
@@ -75,8 +75,10 @@ class TrialWorker:
         secs = time.perf_counter() - t0
         try:
             got = self.objective(state)
-        except Exception as e:  # noqa: BLE001 - a failed trial, recorded by the driver
-            return "fail", f"{type(e).__name__}: {e}", secs
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failed trial (sys.exit too: not the actor's end)
+            return "fail", objective_error(e), secs
         try:
             return "ok", _check_value(got, self.objectives), secs
         except MergelangError as e:

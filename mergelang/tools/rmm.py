@@ -109,6 +109,15 @@ def reversible_merge(adapters: Sequence[str | Path], out: str | Path, basis: int
                     raise MergelangError(error("E325", f"`{m}.{part}` is {list(a)} in {f} and {list(b)} "
                                                f"in {folders[0]}", None, "every adapter needs the same rank per module"))
     n = len(folders)
+    most = max(min(t0[f"{m}.lora_A.weight"].shape[0], n) for m in modules)
+    if basis > most:  # more vectors than the r x n matrices have rank: zeros, never used
+        from mergelang.diagnostics import warning
+
+        log(warning("W111", f"--basis {basis} is more than the {most} basis vectors these adapters "
+                    f"can use (rank {max(t0[f'{m}.lora_A.weight'].shape[0] for m in modules)}, {n} "
+                    f"adapters): clamped to {most}", None,
+                    f"with --basis {most} every adapter is rebuilt exactly").render())
+        basis = most
     outs: list[OutputTensor] = []
     for m in modules:
         r, cin = t0[f"{m}.lora_A.weight"].shape
