@@ -32,13 +32,15 @@ pytest.importorskip("optuna")
 READS = {("run", "recipe"), ("check", "recipe"), ("compile", "recipe"), ("explain", "recipe"),
          ("tune", "recipe"), ("tune", "objective"), ("learn", "recipe"), ("learn", "loss"),
          ("learn", "data"), ("extract-lora", "base"), ("extract-lora", "finetuned"),
-         ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder")}
+         ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder"),
+         ("stats", "model"), ("stats", "data"), ("tune", "lm_eval_include"),
+         ("verify", "out")}  # verify reads the output folder it checks
 OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "shard_size"),
          ("run", "ray_address"), ("check", "sets"), ("compile", "sets"), ("compile", "memory_budget"),
          ("explain", "sets"), ("tune", "study_name"), ("tune", "ray_address"), ("tune", "sets"),
          ("learn", "sets"), ("tune", "params"), ("extract-lora", "include"), ("extract-lora", "exclude"),
          ("extract-lora", "save_modules"), ("import-mergekit", "layer_prefix"), ("rmm", "names"),
-         ("rmm-rebuild", "task")}
+         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget")}
 
 Argv = Callable[[Path, str], list[str]]  # (project root, the path under test) -> argv
 
@@ -72,6 +74,7 @@ def project(tmp_path_factory) -> Path:
     (root / "obj.py").write_text(TARGET_OBJECTIVE + "\ndef loss(state, batch):\n"
                                  "    return sum((state[k] - target[k]).pow(2).mean() for k in target)\n"
                                  "BATCHES = [0, 1]\n")
+    (root / "data.txt").write_text("one example\nanother one\n")
     (root / "mk.yml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: "
                                  "{weight: 0.5}\n  - model: b\n    parameters: {weight: 0.5}\n")
     _adapter(root / "ad0", 0)
@@ -106,6 +109,8 @@ WRITES: dict[tuple[str, str], tuple[Argv, str]] = {
                      "folder"),
     ("rmm-rebuild", "out"): (lambda p, t: ["rmm-rebuild", str(p / "rmmfold"), "--task", "0", "-o", t],
                              "folder"),
+    ("stats", "out"): (lambda p, t: ["stats", str(p / "a"), "--data", str(p / "data.txt"), "--kind",
+                                     "gram", "-o", t, "-q"], "folder"),
 }
 
 #: for each command, an input path (file, folder) of that command that an output may not be
