@@ -244,7 +244,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if opts.tokenizer_source is not None:
         models = retokenize_models(models, block.source, opts.tokenizer_source,  # type: ignore[union-attr]
                                    opts.pad_to_multiple_of, opts.chat_template, diags,
-                                   _option_span(unit, "tokenizer_source"))
+                                   _option_span(unit, "tokenizer_source"), follow_symlinks)
         if diags.has_errors:
             _fail(diags, models)
     elif opts.resize_vocab:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.io.textfile import read_text, reason
 from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
@@ -454,12 +455,16 @@ def _load_yaml(text: str, where: str) -> Any:
     return docs[0] if len(docs) == 1 else docs
 
 
+#: a mergekit config is kilobytes (the recipe it becomes has the recipe loader's bound)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def import_file(path: str | Path, out: str | Path | None = None,
                 layer_prefix: str = "model.layers") -> Result:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergelangError(error("E701", f"cannot read {path}: {exc}")) from None
+        text = read_text(path, MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as exc:
+        raise MergelangError(error("E701", f"cannot read {path}: {reason(exc)}")) from None
     out_dir = Path(out).parent if out else Path.cwd()
     return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]

@@ -200,8 +200,10 @@ class ModelSource:
     def config(self) -> dict | None:
         if self.folder is not None and (self.folder / "config.json").is_file():
             try:
-                return json.loads((self.folder / "config.json").read_text())
-            except (OSError, ValueError, RecursionError):
+                from mergelang.io.textfile import read_json
+
+                return read_json(self.folder / "config.json")
+            except (OSError, ValueError):
                 return None
         return None
 

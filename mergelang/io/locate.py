@@ -5,7 +5,6 @@ opened. `open_model` picks the source class (`checkpoint.SafetensorsSource`,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -15,17 +14,18 @@ from mergelang.io.checkpoint import (INDEX_NAME, PICKLE_HELP, PICKLE_INDEX_NAME,
                                      ModelSource, SafetensorsSource)
 from mergelang.io.inputs import confined, hf_snapshot, is_hf_id, model_root
 from mergelang.io.pickles import PickleSource
+from mergelang.io.textfile import read_json
 
 
 def _index_files(folder: Path, index: Path, root: Path, follow: bool = False) -> list[Path]:
     """The shard files an index names, each inside `folder` (E308), present (E307) and, after
     symbolic links, inside `root` (E314, see inputs.py), resolved."""
     try:
-        data = json.loads(index.read_text())
+        data = read_json(index)
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
     files: list[Path] = []
     for fname in dict.fromkeys(weight_map.values()):
