@@ -317,6 +317,8 @@ CODES: dict[str, str] = {
     "E324": "moe(...): invalid settings (gate, prompts, output, experts_per_token, shared expert)",
     "E326": "stack_layers: the config of an MoE model cannot describe the stacked layer order",
     "E325": "rmm: an input is not a LoRA adapter, the adapters differ in modules or ranks, or an unknown task",
+    "E327": "an invalid adapter_config.json (PEFT's types, RE2 patterns) or LoRA factors that do not fit the weight",
+    "E328": "a Hugging Face cache ref that does not name a snapshot of its own repository",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",

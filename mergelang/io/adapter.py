@@ -76,8 +76,9 @@ def _bad(path: Path, what: str) -> CheckpointError:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-        and 0 < abs(v) <= 1e12
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return 0 < abs(v) <= 1e12  # False for NaN; a huge int compares without overflowing
 
 
 def read_adapter_config(path: Path) -> dict:
