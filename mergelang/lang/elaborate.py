@@ -116,7 +116,13 @@ class Elaborator(BlockElaboration):
         if isinstance(e, ast.Name):
             return self.lookup(e, env)
         if isinstance(e, ast.ListExpr):
-            return ListV(tuple(self.eval(i, env) for i in e.items))
+            lst = ListV(tuple(self.eval(i, env) for i in e.items))
+            why = lst.too_big()
+            if why:
+                raise self.error("E329", f"this list is too large for a compile-time value: {why}",
+                                 e.span, "compile-time lists are weights, layer values and names: "
+                                 "a few thousand elements at most")
+            return lst
         if isinstance(e, ast.Unary):
             v = self.eval(e.operand, env)
             if e.op == "pos":

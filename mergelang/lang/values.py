@@ -7,7 +7,7 @@ when it meets a tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mergelang.diagnostics import Span
@@ -32,9 +32,43 @@ class Const:
         return "a number"
 
 
+#: bounds on compile-time values (a bound on work and memory: `param s1 = s0 + s0` doubled 31
+#: times is 2 GB; lists of lists sharing their items grow as 2**depth when written out)
+MAX_STRING_CHARS = 1 << 20
+MAX_LIST_DEPTH = 32
+MAX_LIST_ELEMENTS = 100_000
+MAX_LIST_CHARS = 16 << 20
+
+
 @dataclass(frozen=True)
 class ListV:
     items: tuple["Value", ...]
+    #: nesting depth, elements at every level counted with repetition, characters of its strings
+    depth: int = field(default=1, init=False, compare=False, repr=False)
+    elements: int = field(default=0, init=False, compare=False, repr=False)
+    chars: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        depth, n, chars = 1, len(self.items), 0
+        for i in self.items:
+            if isinstance(i, ListV):
+                depth, n, chars = max(depth, i.depth + 1), n + i.elements, chars + i.chars
+            elif isinstance(i, Const) and isinstance(i.value, str):
+                chars += len(i.value)
+        object.__setattr__(self, "depth", depth)
+        object.__setattr__(self, "elements", n)
+        object.__setattr__(self, "chars", chars)
+
+    def too_big(self) -> str | None:
+        """Why this list exceeds the compile-time bounds, or None."""
+        if self.depth > MAX_LIST_DEPTH:
+            return f"it nests {self.depth} levels deep (at most {MAX_LIST_DEPTH})"
+        if self.elements > MAX_LIST_ELEMENTS:
+            return (f"it holds {self.elements} elements counting every level (at most "
+                    f"{MAX_LIST_ELEMENTS})")
+        if self.chars > MAX_LIST_CHARS:
+            return f"its strings hold {self.chars} characters (at most {MAX_LIST_CHARS})"
+        return None
 
     def describe(self) -> str:
         return f"a list of {len(self.items)}"
