@@ -329,3 +329,40 @@ def names_in(e: object) -> frozenset[str]:
         elif isinstance(x, (tuple, list)):
             stack.extend(x)
     return frozenset(out)
+
+
+# ---------------------------------------------------------------- names used by an expression
+def expr_names(e: Node) -> set[str]:
+    """The names (`Name.id`) an expression reads, anywhere inside it."""
+    out: set[str] = set()
+    stack: list = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Name):
+            out.add(x.id)
+        elif isinstance(x, Node):
+            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
+        elif isinstance(x, tuple):
+            stack.extend(x)
+    return out
+
+
+_LIVE: dict[int, tuple[FnDef, tuple[Let, ...]]] = {}
+
+
+def live_lets(fn: FnDef) -> tuple[Let, ...]:
+    """The `let`s of `fn` its result depends on, in order (a let's name is unique in its
+    function: resolve.py reports E106). The others are never evaluated: 5000 unused lets
+    cost nothing per call (they are still resolved: names, recursion)."""
+    got = _LIVE.get(id(fn))
+    if got is not None and got[0] is fn:
+        return got[1]
+    need = expr_names(fn.ret)
+    live: list[Let] = []
+    for let in reversed(fn.lets):
+        if let.name in need:
+            live.append(let)
+            need |= expr_names(let.value)
+    out = tuple(reversed(live))
+    _LIVE[id(fn)] = (fn, out)
+    return out

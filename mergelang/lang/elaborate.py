@@ -60,6 +60,8 @@ class Elaborator(BlockElaboration):
         #: params whose declaration reads run-time params: their Deferred values
         self.derived: dict[str, Value] = {}
         self.diags = diags
+        #: `let`s evaluated so far (dead ones never are: ast.live_lets)
+        self.lets_evaluated = 0
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
         self.stack: list[Frame] = []
@@ -205,7 +207,8 @@ class Elaborator(BlockElaboration):
             local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
         self.stack.append(Frame(fn.name, span, local, tag))
         try:
-            for let in fn.lets:
+            for let in ast.live_lets(fn):  # a `let` the result does not use costs nothing
+                self.lets_evaluated += 1
                 local[let.name] = self.eval(let.value, local)
             return self.eval(fn.ret, local)
         finally:

@@ -78,3 +78,45 @@ def test_values_within_the_bounds_still_work(base: str) -> None:
     text = (base + f'param s = "{"x" * 1000}" + "y"\nparam d = {"[" * depth}1{"]" * depth}\n'
             f"param w = [{', '.join(['0.5'] * 1000)}]\n" + TAIL)
     ml.compile(text).close()
+
+
+# --- item 16: dead `let`s cost nothing --------------------------------------------------------
+
+
+def _evals(monkeypatch, text: str) -> int:
+    from mergelang.lang import elaborate
+
+    calls = [0]
+    orig = elaborate.Elaborator.eval
+
+    def counting(self, e, env):
+        calls[0] += 1
+        return orig(self, e, env)
+
+    monkeypatch.setattr(elaborate.Elaborator, "eval", counting)
+    ml.compile(text).close()
+    monkeypatch.setattr(elaborate.Elaborator, "eval", orig)
+    return calls[0]
+
+
+def _fn(dead: int) -> str:
+    lets = "".join(f"    let u{i} = x * {i}.0 + 1.0\n" for i in range(dead))
+    return ("fn f(x) {\n    let a = x * 2.0\n" + lets + "    let b = a + 1.0\n"
+            "    let unused_too = b * b\n    return b - x\n}\n")
+
+
+def test_dead_lets_are_never_evaluated(base: str, monkeypatch) -> None:
+    rule = 'merge from base { "*" => f(base) }\n'
+    none = _evals(monkeypatch, base + _fn(0) + rule)
+    many = _evals(monkeypatch, base + _fn(2000) + rule)
+    assert many == none  # the work done does not grow with unused declarations
+
+
+def test_live_lets_keep_their_meaning(base: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    r = ml.compile(base + _fn(3) + 'merge from base { "*" => f(base) }\n')
+    got = r.evaluate()["w"]
+    r.close()
+    w = load_file(str(tmp_path / "b" / "model.safetensors"))["w"]
+    torch.testing.assert_close(got, (w * 2 + 1) - w)
