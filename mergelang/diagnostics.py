@@ -344,6 +344,7 @@ CODES: dict[str, str] = {
     "E505": "cannot resume: the work folder is unusable",
     "E506": "the finished output failed verification",
     "E507": "another run is writing to the same output",
+    "E508": "an input file shrank or changed during the merge (truncated while mapped: no SIGBUS)",
     # alignment (align)
     "E601": "align needs models",
     "E602": "unknown alignment method",
