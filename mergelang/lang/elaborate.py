@@ -62,6 +62,8 @@ class Elaborator(BlockElaboration):
         self.diags = diags
         #: `let`s evaluated so far (dead ones never are: ast.live_lets)
         self.lets_evaluated = 0
+        self._live: dict[int, tuple[ast.FnDef, tuple[ast.Let, ...]]] = {}
+        self._checking: set[str] | None = None
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
         self.stack: list[Frame] = []
@@ -207,12 +209,21 @@ class Elaborator(BlockElaboration):
             local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
         self.stack.append(Frame(fn.name, span, local, tag))
         try:
-            for let in ast.live_lets(fn):  # a `let` the result does not use costs nothing
+            for let in self.live_lets(fn):  # a `let` the result does not use costs nothing
                 self.lets_evaluated += 1
                 local[let.name] = self.eval(let.value, local)
             return self.eval(fn.ret, local)
         finally:
             self.stack.pop()
+
+    def live_lets(self, fn: ast.FnDef) -> tuple[ast.Let, ...]:
+        """ast.live_lets of `fn`, computed once per function."""
+        got = self._live.get(id(fn))
+        if got is None or got[0] is not fn:
+            if self._checking is None:
+                self._checking = ast.checking_fns(self.fns)
+            got = self._live[id(fn)] = (fn, ast.live_lets(fn, self._checking))
+        return got[1]
 
     def bind(self, sig: Signature, e: ast.Call, env: dict[str, Value]) -> dict[str, Value]:
         """Match a call's arguments to parameters (static checks already ran; re-check anyway)."""

@@ -120,3 +120,16 @@ def test_live_lets_keep_their_meaning(base: str, tmp_path: Path) -> None:
     r.close()
     w = load_file(str(tmp_path / "b" / "model.safetensors"))["w"]
     torch.testing.assert_close(got, (w * 2 + 1) - w)
+
+
+def test_unused_lets_that_check_still_check(base: str) -> None:
+    """A `let` calling `fail` / `checked` (or a function that does) is evaluated even unused:
+    the stdlib validates densities that way (`let d = _fraction(density, "density")`)."""
+    text = base + ('fn guard(v) { return if v > 1 then fail("too big") else v }\n'
+                   'fn f(x, v) {\n    let ok = guard(v)\n    let ok2 = checked(v, v >= 0, "negative")\n'
+                   '    return x\n}\n')
+    for v, msg in (("2", "too big"), ("-1", "negative")):
+        with pytest.raises(MergelangError) as exc:
+            ml.compile(text + f'merge from base {{ "*" => f(base, {v}) }}\n')
+        assert exc.value.codes[0] in ("E203", "E204") and msg in exc.value.render()
+    ml.compile(text + 'merge from base { "*" => f(base, 0.5) }\n').close()
