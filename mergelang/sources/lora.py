@@ -83,6 +83,10 @@ class LoraSource(ModelSource):
             raise CheckpointError(f"no {ADAPTER_FILES[0]} in {folder}", code="E301")
         if folder.is_dir():  # the adapter's files must lie inside its folder (io/adapter.py)
             file, cfg_path = adapter_paths(folder)
+        else:  # the weights file named itself: its config must lie in the file's folder
+            from mergelang.io.inputs import confined, model_root
+
+            cfg_path = confined(cfg_path, model_root(folder.parent), False, "adapter config")
         try:
             self.cfg = read_adapter_config(cfg_path)
         except OSError as exc:

@@ -286,3 +286,13 @@ def test_hf_ref_that_is_a_fifo_or_a_link_out(tmp_path: Path, monkeypatch, kind: 
     with pytest.raises(MergelangError) as exc:
         ml.compile('model m = "hf:org/m@evil"\nmerge from m { "*" => m }\n')
     assert exc.value.codes == (["E328"] if kind == "fifo" else ["E314"]), exc.value.render()
+
+
+def test_lora_given_the_weights_file_confines_its_config(tmp_path: Path) -> None:
+    ad = adapter(tmp_path / "ad")
+    secret = adapter(tmp_path / "secret", cfg={"lora_alpha": 400})
+    (ad / "adapter_config.json").unlink()
+    (ad / "adapter_config.json").symlink_to(secret / "adapter_config.json")
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(recipe(base_model(tmp_path / "base"), ad / "adapter_model.safetensors"))
+    assert exc.value.codes == ["E314"]
