@@ -50,6 +50,14 @@ def _weight_files(folder: Path, root: Path, follow: bool) -> list[Path]:
     return [confined(p, root, follow, "shard") for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
 
 
+def _config_inside(folder: Path, root: Path, follow: bool) -> None:
+    """config.json is read for every model (architecture, FP8 blocks, vocabulary size), not only
+    copied from the reference: it too must lie inside the model folder (E314)."""
+    cfg = folder / "config.json"
+    if cfg.is_symlink() or cfg.exists():
+        confined(cfg, root, follow, "config")
+
+
 def open_model(label: str, path: str | Path, allow_pickle: bool = False,
                follow_symlinks: bool = False) -> ModelSource:
     """Open an HF folder, a Hugging Face cache snapshot (a folder, or ``hf:ORG/NAME``: local
@@ -63,6 +71,8 @@ def open_model(label: str, path: str | Path, allow_pickle: bool = False,
     follow = follow_symlinks
     if p.is_file():
         folder = p.resolve().parent if (p.parent / "config.json").is_file() else None
+        if folder is not None:
+            _config_inside(p.parent, model_root(p.parent), follow)
         if p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise CheckpointError(f"{p} is a pickle-based checkpoint; mergelang reads safetensors",
@@ -74,6 +84,7 @@ def open_model(label: str, path: str | Path, allow_pickle: bool = False,
         return SafetensorsSource(label, [p.resolve()], folder)
     if p.is_dir():
         root = model_root(p)
+        _config_inside(p, root, follow)
         files = _weight_files(p, root, follow)
         if not files:
             index = p / PICKLE_INDEX_NAME

@@ -296,3 +296,19 @@ def test_lora_given_the_weights_file_confines_its_config(tmp_path: Path) -> None
     with pytest.raises(MergelangError) as exc:
         ml.compile(recipe(base_model(tmp_path / "base"), ad / "adapter_model.safetensors"))
     assert exc.value.codes == ["E314"]
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_config_of_a_non_reference_model_linking_out(tmp_path: Path, given: str) -> None:
+    """config.json is read for every model (not only copied from the reference): a link out of
+    the folder is E314 for each of them (the secret's fields would steer the merge)."""
+    a, b = base_model(tmp_path / "a"), base_model(tmp_path / "b")
+    (tmp_path / "secret.json").write_text('{"model_type": "llama", "vocab_size": 7}')
+    (b / "config.json").unlink()
+    (b / "config.json").symlink_to(tmp_path / "secret.json")
+    bp = b if given == "folder" else b / "model.safetensors"
+    text = f'model a = "{a}"\nmodel b = "{bp}"\nmerge from a {{ "*" => linear([a, b]) }}\n'
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(text)
+    assert exc.value.codes == ["E314"] and "config" in exc.value.render()
+    ml.compile(text, follow_symlinks=True).close()
