@@ -32,7 +32,7 @@ from mergelang.passes.optimize import optimize
 from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
-from mergelang.lang.values import MAX_STRING_CHARS, Const, ListV, Value
+from mergelang.lang.values import MAX_STRING_CHARS, Const, ListV, Value, add_size
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
 from mergelang.sources.fp8 import dequantize_models, mixed_formats
 from mergelang.sources.outputs import link_outputs
@@ -202,6 +202,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     ranges: dict[str, ParamRange | None] = {}  # `param x = v in [lo, hi]` (lang/ranges.py)
     el.params = params
     params_ok = True
+    held = (0, 0)  # elements and characters of the params' values so far
     for decl in unit.params:
         if decl.name in overrides:
             bad = _bad_param_value(overrides[decl.name])
@@ -233,6 +234,11 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             params_ok = False
             diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
                             f"{value.describe()}", decl.value.span))
+            continue
+        held, over = add_size(held, value)
+        if over:
+            params_ok = False
+            diags.add(error("E329", f"{over} (at `{decl.name}`)", decl.value.span))
             continue
         params[decl.name] = value
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)

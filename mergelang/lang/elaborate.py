@@ -23,6 +23,7 @@ from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, d
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
 from mergelang.ir.types import TType, format_shape, is_floating
+from mergelang.lang.values import MAX_TOTAL_CHARS
 from mergelang.lang.values import (REQUIRED, Const, Deferred, ListV, ModelV, Param, Poisoned, Signature, TensorV, Value,
                                    is_number)
 
@@ -62,6 +63,7 @@ class Elaborator(BlockElaboration):
         self.diags = diags
         #: `let`s evaluated so far (dead ones never are: ast.live_lets)
         self.lets_evaluated = 0
+        self.string_chars = 0  # built by `+` on strings (py)
         self._live: dict[int, tuple[ast.FnDef, tuple[ast.Let, ...]]] = {}
         self._checking: set[str] | None = None
         self.out_dtype = out_dtype
@@ -392,8 +394,15 @@ class Elaborator(BlockElaboration):
                                  Attrs(), span))
 
     def py(self, op: str, x: Any, y: Any, span: Span) -> Any:
-        """Compile-time arithmetic on numbers, strings and bools (arith.py)."""
-        return compile_time_op(op, x, y, span, self.error)
+        """Compile-time arithmetic on numbers, strings and bools (arith.py); the strings one
+        compilation builds are bounded in all (MAX_TOTAL_CHARS: E329)."""
+        out = compile_time_op(op, x, y, span, self.error)
+        if isinstance(out, str):
+            self.string_chars += len(out)
+            if self.string_chars > MAX_TOTAL_CHARS:
+                raise self.error("E329", f"the strings this recipe builds at compile time exceed "
+                                 f"{MAX_TOTAL_CHARS} characters in all", span)
+        return out
 
     def logical_not(self, v: Value, span: Span) -> Value:
         if isinstance(v, Const):

@@ -38,6 +38,10 @@ MAX_STRING_CHARS = 1 << 20
 MAX_LIST_DEPTH = 32
 MAX_LIST_ELEMENTS = 100_000
 MAX_LIST_CHARS = 16 << 20
+#: bounds on all of a recipe's compile-time values together (the params recorded in the
+#: manifest and the recipe copy; every string a compilation builds)
+MAX_TOTAL_ELEMENTS = 1_000_000
+MAX_TOTAL_CHARS = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,18 @@ class ListV:
     @property
     def scalars(self) -> bool:
         return all(isinstance(i, Const) and _is_number(i.value) for i in self.items)
+
+
+def add_size(held: tuple[int, int], v: Any) -> tuple[tuple[int, int], str | None]:
+    """`held` (elements, characters of the params so far) plus value `v`'s, and why the total
+    exceeds MAX_TOTAL_ELEMENTS / MAX_TOTAL_CHARS (every param is recorded in the manifest)."""
+    size = (v.elements, v.chars) if isinstance(v, ListV) else (
+        1, len(v.value) if isinstance(v, Const) and isinstance(v.value, str) else 0)
+    total = (held[0] + size[0], held[1] + size[1])
+    if total[0] > MAX_TOTAL_ELEMENTS or total[1] > MAX_TOTAL_CHARS:
+        return total, (f"the params' values exceed {MAX_TOTAL_ELEMENTS} elements or "
+                       f"{MAX_TOTAL_CHARS} characters in all (each is recorded in the manifest)")
+    return total, None
 
 
 @dataclass(frozen=True)

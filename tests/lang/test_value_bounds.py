@@ -133,3 +133,23 @@ def test_unused_lets_that_check_still_check(base: str) -> None:
             ml.compile(text + f'merge from base {{ "*" => f(base, {v}) }}\n')
         assert exc.value.codes[0] in ("E203", "E204") and msg in exc.value.render()
     ml.compile(text + 'merge from base { "*" => f(base, 0.5) }\n').close()
+
+
+def test_many_large_values_are_bounded_in_all(base: str) -> None:
+    """Each value within its own bound, but thousands of them: the params (recorded in the
+    manifest) and the strings a compilation builds are bounded in all (E329)."""
+    from mergelang.lang.values import MAX_TOTAL_CHARS, MAX_TOTAL_ELEMENTS
+
+    half = 'param h = "' + "x" * 1000 + '"\n' + "".join(f"param h{i} = h{i - 1 if i else ''} + h{i - 1 if i else ''}\n"
+                                                         for i in range(9))  # h8: 512k characters
+    n = MAX_TOTAL_CHARS // (1 << 20) + 2
+    text = base + half + "".join(f"param s{i} = h8 + h8\n" for i in range(n)) + TAIL
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(text)
+    assert exc.value.codes[0] == "E329"
+    lst = "[" + ", ".join(["1"] * 1000) + "]"
+    text = base + f"param l = {lst}\n" + "".join(
+        f"param l{i} = [l, l, l, l, l, l, l, l, l, l]\n" for i in range(MAX_TOTAL_ELEMENTS // 10000 + 2)) + TAIL
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(text)
+    assert set(exc.value.codes) == {"E329"}
