@@ -32,7 +32,7 @@ from mergelang.passes.optimize import optimize
 from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
-from mergelang.lang.values import MAX_STRING_CHARS, Const, ListV, Value, add_size
+from mergelang.lang.values import Const, ListV, Value, add_size, too_big
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
 from mergelang.sources.fp8 import dequantize_models, mixed_formats
 from mergelang.sources.outputs import link_outputs
@@ -139,15 +139,6 @@ def _bad_param_value(v: Any, depth: int = 0) -> str | None:
         " (a state dict is a model, not a param)" if isinstance(v, Mapping) else "")
 
 
-def _too_big(v: Value) -> str | None:
-    """Why an override's value exceeds the compile-time bounds (lang/values.py), or None."""
-    if isinstance(v, ListV):
-        return v.too_big()
-    if isinstance(v, Const) and isinstance(v.value, str) and len(v.value) > MAX_STRING_CHARS:
-        return f"a string of {len(v.value)} characters (at most {MAX_STRING_CHARS})"
-    return None
-
-
 def _to_value(v: Any) -> Value:
     if isinstance(v, (list, tuple)):
         return ListV(tuple(_to_value(i) for i in v))
@@ -212,7 +203,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                                 "a param is a number, bool, string, none or a list of them"))
                 continue
             params[decl.name] = _to_value(overrides[decl.name])
-            big = _too_big(params[decl.name])
+            big = too_big(params[decl.name])
             if big is not None:
                 params_ok = False
                 diags.add(error("E329", f"param `{decl.name}`'s value is too large: {big}",

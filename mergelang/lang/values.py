@@ -82,6 +82,15 @@ class ListV:
         return all(isinstance(i, Const) and _is_number(i.value) for i in self.items)
 
 
+def too_big(v: Any) -> str | None:
+    """Why a value exceeds the compile-time bounds (a `--set` / Python override), or None."""
+    if isinstance(v, ListV):
+        return v.too_big()
+    if isinstance(v, Const) and isinstance(v.value, str) and len(v.value) > MAX_STRING_CHARS:
+        return f"a string of {len(v.value)} characters (at most {MAX_STRING_CHARS})"
+    return None
+
+
 def add_size(held: tuple[int, int], v: Any) -> tuple[tuple[int, int], str | None]:
     """`held` (elements, characters of the params so far) plus value `v`'s, and why the total
     exceeds MAX_TOTAL_ELEMENTS / MAX_TOTAL_CHARS (every param is recorded in the manifest)."""
