@@ -36,7 +36,6 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, Any]]:
     (io/adapter.py: files confined to the folder, E314; the config checked, E327)."""
     from safetensors.torch import load_file
 
-    from mergelang.errors import CheckpointError
     from mergelang.io.adapter import adapter_paths, read_adapter_config
 
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
@@ -184,7 +183,6 @@ def _rebuild_factors(ab: Any, ac: Any, bb: Any, bc: Any) -> tuple[Any, Any]:
 def rebuild(folder: str | Path, task: str | int, out: str | Path, *, force: bool = False) -> Path:
     """Write task `task`'s PEFT adapter (name or index) rebuilt from an RMM folder."""
     import torch
-    from safetensors.torch import load_file
 
     from mergelang.io.adapter import ADAPTER_FILE
     from mergelang.io.layout import OutputTensor, single_file

@@ -6,7 +6,6 @@ and every malformed case is a coded diagnostic found by `check`, never a traceba
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
