@@ -191,7 +191,8 @@ def rebuild(folder: str | Path, task: str | int, out: str | Path, *, force: bool
     folder = Path(folder)
     config, stored = _read_rmm(folder)
     tasks = config["tasks"]
-    i = tasks.index(task) if task in tasks else (int(task) if str(task).isdigit() else -1)
+    i = tasks.index(task) if task in tasks else (
+        int(task) if str(task).isdigit() and str(task).isascii() and len(str(task)) < 10 else -1)
     if not 0 <= i < len(tasks):
         raise MergelangError(error("E325", f"no task {task!r} in {folder}", None,
                                    f"tasks: {', '.join(tasks)} (or an index 0..{len(tasks) - 1})"))

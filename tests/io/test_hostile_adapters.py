@@ -311,3 +311,9 @@ def test_config_of_a_non_reference_model_linking_out(tmp_path: Path, given: str)
         ml.compile(text)
     assert exc.value.codes == ["E314"] and "config" in exc.value.render()
     ml.compile(text, follow_symlinks=True).close()
+
+
+@pytest.mark.parametrize("task", ["9" * 5000, "\u0663", "-1", "2"])
+def test_rmm_rebuild_unknown_task(tmp_path: Path, task: str) -> None:
+    folder = _rmm(tmp_path)
+    assert "E325" in cli("rmm-rebuild", folder, "--task", task, "-o", tmp_path / "re", expect=1).output
