@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch, the executor and the writers are imported when a mer
 
 from mergelang.interop.recipe_input import recipe_input
 from mergelang.io.inputs import RECIPE_FILENAME
+from mergelang.io.inputwatch import input_stats, inputs_unchanged, install_sigbus
 from mergelang.lang.provenance import recipe_copy, used_params
 
 
@@ -221,8 +222,11 @@ class Recipe:
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
+                install_sigbus()  # a mapped shard truncated meanwhile: E508 and exit 1
+                stats = input_stats(c.models)
                 execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
+                inputs_unchanged(stats)
                 self._prov["inputs"] = inputs_record(c)  # the digests of what was read
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help

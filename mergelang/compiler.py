@@ -32,7 +32,7 @@ from mergelang.passes.optimize import optimize
 from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
-from mergelang.lang.values import Const, ListV, Value
+from mergelang.lang.values import Const, ListV, Value, add_size, too_big
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
 from mergelang.io.architectures import different_architectures
 from mergelang.sources.fp8 import dequantize_models, mixed_formats
@@ -198,6 +198,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     ranges: dict[str, ParamRange | None] = {}  # `param x = v in [lo, hi]` (lang/ranges.py)
     el.params = params
     params_ok = True
+    held = (0, 0)  # elements and characters of the params' values so far
     for decl in unit.params:
         if decl.name in overrides:
             bad = _bad_param_value(overrides[decl.name])
@@ -207,6 +208,12 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                                 "a param is a number, bool, string, none or a list of them"))
                 continue
             params[decl.name] = _to_value(overrides[decl.name])
+            big = too_big(params[decl.name])
+            if big is not None:
+                params_ok = False
+                diags.add(error("E329", f"param `{decl.name}`'s value is too large: {big}",
+                                decl.value.span))
+                continue
             ranges[decl.name] = param_range(decl, params[decl.name], lambda e: el.eval(e, {}), diags, True)
             continue
         try:
@@ -223,6 +230,11 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             params_ok = False
             diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
                             f"{value.describe()}", decl.value.span))
+            continue
+        held, over = add_size(held, value)
+        if over:
+            params_ok = False
+            diags.add(error("E329", f"{over} (at `{decl.name}`)", decl.value.span))
             continue
         params[decl.name] = value
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
@@ -252,7 +264,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if opts.tokenizer_source is not None:
         models = retokenize_models(models, block.source, opts.tokenizer_source,  # type: ignore[union-attr]
                                    opts.pad_to_multiple_of, opts.chat_template, diags,
-                                   _option_span(unit, "tokenizer_source"))
+                                   _option_span(unit, "tokenizer_source"), follow_symlinks)
         if diags.has_errors:
             _fail(diags, models)
     elif opts.resize_vocab:

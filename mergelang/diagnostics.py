@@ -324,6 +324,11 @@ CODES: dict[str, str] = {
     "E324": "moe(...): invalid settings (gate, prompts, output, experts_per_token, shared expert)",
     "E326": "stack_layers: the config of an MoE model cannot describe the stacked layer order",
     "E325": "rmm: an input is not a LoRA adapter, the adapters differ in modules or ranks, or an unknown task",
+    "E327": "an invalid adapter_config.json (PEFT's types, RE2 patterns) or LoRA factors that do not fit the weight",
+    "E328": "a Hugging Face cache ref that does not name a snapshot of its own repository",
+    "E331": "extract-lora: NaN or infinite values in a delta or a full-rank tensor (or its SVD fails)",
+    "E330": "an invalid FP8 quantization_config.weight_block_size (not two whole numbers in 1..65536)",
+    "E329": "a compile-time string or list too large (1 MiB strings; lists 32 deep, 100000 elements)",
     # command line and options
     "E401": "bad override (--set)",
     "E402": "invalid option",
@@ -354,6 +359,7 @@ CODES: dict[str, str] = {
     "E505": "cannot resume: the work folder is unusable",
     "E506": "the finished output failed verification",
     "E507": "another run is writing to the same output",
+    "E508": "an input file shrank or changed during the merge (truncated while mapped: no SIGBUS)",
     # alignment (align)
     "E601": "align needs models",
     "E602": "unknown alignment method",

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Long fuzz runs outside CI: the targets of tests/lang/test_fuzz.py (random and mutated recipes
-through parse + check; random and mutated files through the safetensors header reader) with many
+through parse + check; random and mutated files through the safetensors header reader) and of
+the other fuzz files in TARGETS (adapter configs: tests/io/test_fuzz_adapters.py) with many
 more examples and random seeds. A failure prints hypothesis' minimal falsifying example.
 
 Also the objective / loss targets of tests/search/test_fuzz_objectives.py: `tune` objectives and
@@ -22,6 +23,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: the fuzz targets (pytest files reading MERGELANG_FUZZ_EXAMPLES), one section each
+TARGETS = [
+    "tests/lang/test_fuzz.py",          # recipes, safetensors headers
+    "tests/io/test_fuzz_adapters.py",   # adapter_config.json and LoRA factors: lora(), rmm
+]
 
 
 # ---------------------------------------------------------------- import-mergekit YAML
@@ -156,8 +162,8 @@ def main() -> int:
         return 1 if bad else 0
     env = {**os.environ, "MERGELANG_FUZZ_EXAMPLES": str(args.examples),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "lang" / "test_fuzz.py"),
-           *objective_targets(), "-q", "-p", "no:cacheprovider", "-x", "--hypothesis-show-statistics"]
+    cmd = [sys.executable, "-m", "pytest", *(str(REPO / t) for t in TARGETS), *objective_targets(), "-q",
+           "-p", "no:cacheprovider", "-x", "--hypothesis-show-statistics"]
     if args.k:
         cmd += ["-k", args.k]
     rounds = 0

@@ -1,8 +1,8 @@
 """Reading a mergekit YAML config safely: bounded, regular files only, bounded YAML.
 
 - `read_config_text`: a regular file (not a device, FIFO or folder: `/dev/zero` never ends, a FIFO
-  blocks) of at most MAX_CONFIG_BYTES (512 KiB); anything else is E701 at once. (A bounded reader of its
-  own until `mergelang/io/` has one shared text/YAML reader for every command.)
+  blocks) of at most MAX_CONFIG_BYTES (512 KiB), read by the one bounded reader (io/textfile.py);
+  anything else is E701 at once.
 - `load_yaml`: PyYAML's safe loader (libyaml's parser) with bounds: nesting depth (MAX_DEPTH), the size of the
   document once every alias is expanded (MAX_NODES: a "billion laughs" file is refused before
   anything walks it) and the digits of a number (MAX_DIGITS). Every refusal is E701.
@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -72,27 +70,14 @@ def _bounded_repr(v: Any, budget: int, depth: int) -> str:
 
 
 def read_config_text(path: Path) -> str:
-    """The text of a config file; E701 for a folder, device, FIFO, a file over MAX_CONFIG_BYTES,
-    or bytes that are not UTF-8."""
+    """The text of a config file, read by the one bounded reader (io/textfile.py); E701 for a
+    folder, device, FIFO, a file over MAX_CONFIG_BYTES, or bytes that are not UTF-8."""
+    from mergelang.io.textfile import read_bytes
+
     try:
         if "\0" in str(path):
             raise ValueError("the path contains a NUL character")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                raise ValueError(f"it is {kind}")
-            if st.st_size > MAX_CONFIG_BYTES:
-                raise ValueError(f"it is {st.st_size} bytes, more than the "
-                                 f"{MAX_CONFIG_BYTES >> 10} KiB a config may have")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(MAX_CONFIG_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ValueError(f"it is more than the {MAX_CONFIG_BYTES >> 10} KiB a config may have")
-        return data.decode("utf-8")
+        return read_bytes(path, MAX_CONFIG_BYTES).decode("utf-8")
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if isinstance(exc, UnicodeDecodeError):

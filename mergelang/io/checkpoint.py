@@ -200,8 +200,10 @@ class ModelSource:
     def config(self) -> dict | None:
         if self.folder is not None and (self.folder / "config.json").is_file():
             try:
-                return json.loads((self.folder / "config.json").read_text())
-            except (OSError, ValueError, RecursionError):
+                from mergelang.io.textfile import read_json
+
+                return read_json(self.folder / "config.json")
+            except (OSError, ValueError):
                 return None
         return None
 
@@ -249,6 +251,8 @@ class SafetensorsSource(ModelSource):
         # read order: file order, then offset within a file (sequential reads)
         rank = {str(f): i for i, f in enumerate(files)}
         self._table = dict(sorted(table.items(), key=lambda kv: (rank[kv[1].file], kv[1].begin)))
+        #: each file's size when its header was read: a read re-checks it (E508, not SIGBUS)
+        self._sizes = {str(f): os.path.getsize(f) for f in files}
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -287,6 +291,7 @@ class SafetensorsSource(ModelSource):
         measured slower here (1B bf16 base, warm cache, load + upcast: pread 11-15 s,
         safetensors 8-10 s on the shared 2-core machine), kept for cold-cache / network disks."""
         info = self._table[name]
+        self._unchanged(info.file, name)
         if READER != "pread":
             try:
                 t = self._handle(info.file).get_tensor(name)
@@ -347,6 +352,7 @@ class SafetensorsSource(ModelSource):
             self._log(name, info, begin, end, buf.numpy())
             t = buf.view(stored).reshape(shape)
             return t.to(dtype) if dtype is not None and dtype != stored else t
+        self._unchanged(info.file, name)
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
@@ -393,6 +399,16 @@ class SafetensorsSource(ModelSource):
                 part.release()
         finally:
             whole.release()
+    def _unchanged(self, file: str, name: str) -> None:
+        """E508 when `file` is now shorter than when its header was read: mapping or reading it
+        would end in SIGBUS or a short read (the open descriptor's size: a file replaced by a
+        rename keeps the old one, read whole)."""
+        size = os.fstat(self._fd(file)).st_size
+        if size < self._sizes.get(file, 0):
+            raise CheckpointError(f"{file}: the file shrank from {self._sizes[file]} to {size} bytes "
+                                  f"since its header was read (reading tensor {name!r})",
+                                  "an input was truncated or rewritten during the merge: rerun once "
+                                  "it is complete", "E508")
 
     def close(self) -> None:
         self._handles.clear()
@@ -430,7 +446,7 @@ def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
             k = len(data)
         if k <= 0:
             raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}",
-                                  "the file was truncated after its header was read")
+                                  "the file was truncated after its header was read", "E508")
         done += k
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergelang.errors import CodedError
+from mergelang.io.textfile import read_json
 
 MANIFEST_NAME = "mergelang_manifest.json"
 MANIFEST_FORMAT = "mergelang-output"
@@ -72,8 +73,8 @@ def manifest_files(folder: Path) -> set[str] | None:
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 16 * 1024 * 1024:
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(path, 16 * 1024 * 1024)
+    except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         return None

@@ -5,12 +5,12 @@ in the shard that holds it, with the right total size."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from mergelang.io.checkpoint import CheckpointError, read_header
+from mergelang.io.textfile import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -44,7 +44,7 @@ def verify_output(folder: Path, layout: Any) -> str | None:
     if not getattr(layout, "indexed", True):
         return None
     try:
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        index = read_json(folder / INDEX_NAME)
         weight_map = index["weight_map"]
         total = index["metadata"]["total_size"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:

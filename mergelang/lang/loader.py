@@ -10,7 +10,6 @@ import hashlib
 import os
 import pickle
 import re
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from mergelang.lang import ast
 from mergelang.diagnostics import CompileError, Diagnostics, SourceFile, Span, error, warning
+from mergelang.io.textfile import TextFileError, read_text
 from mergelang.lang.parser import parse_program
 from mergelang.resources import stdlib_files
 
@@ -245,21 +245,9 @@ MAX_RECIPE_BYTES = 4 * 1024 * 1024
 
 def read_recipe_file(path: Path) -> SourceFile:
     """A recipe file's text: a regular file (not a device, FIFO or folder: `/dev/zero` would
-    never end) of at most MAX_RECIPE_BYTES. Raises OSError / ValueError / UnicodeDecodeError."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
+    never end) of at most MAX_RECIPE_BYTES (io/textfile.py, the one bounded reader). Raises
+    OSError / ValueError / UnicodeDecodeError."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise ValueError(f"it is {kind}")
-        if st.st_size > MAX_RECIPE_BYTES:
-            raise ValueError(f"it is {st.st_size} bytes, more than the {MAX_RECIPE_BYTES >> 20} MiB "
-                             "a recipe may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RECIPE_BYTES:
-        raise ValueError(f"it is more than the {MAX_RECIPE_BYTES >> 20} MiB a recipe may have")
-    text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
-    return SourceFile(str(path), text)
+        return SourceFile(str(path), read_text(path, MAX_RECIPE_BYTES))
+    except TextFileError as exc:
+        raise ValueError(str(exc).replace("mergelang reads from such a file", "a recipe may have")) from None

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.io.textfile import read_text
+from mergelang.lang.loader import MAX_RECIPE_BYTES
 from mergelang.distributed.ray_worker import failure_text, node_name
 
 if TYPE_CHECKING:
@@ -89,7 +91,7 @@ def _ship(objective: Callable[..., Any], objective_spec: str | None) -> tuple[st
     if objective_spec:
         path_text, _, name = objective_spec.rpartition(":")
         path = Path(path_text).resolve()
-        return ("source", path.read_text(encoding="utf-8"), str(path), name)
+        return ("source", read_text(path, MAX_RECIPE_BYTES), str(path), name)
     return ("callable", objective)
 
 
