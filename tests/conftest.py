@@ -16,3 +16,13 @@ TESTS = Path(__file__).resolve().parent
 for p in (TESTS, TESTS.parent, *sorted(d for d in TESTS.iterdir() if d.is_dir() and d.name != "golden")):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One closing line naming the groups of skipped tests and how to enable them (e.g. the
+    side-by-side tests against mergekit, which need MERGEKIT_PYTHON): tests/skip_summary.py."""
+    from skip_summary import reason_of, summary
+
+    line = summary([reason_of(r) for r in terminalreporter.stats.get("skipped", [])])
+    if line:
+        terminalreporter.write_line(line, yellow=True)
