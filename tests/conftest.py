@@ -26,3 +26,16 @@ def pytest_terminal_summary(terminalreporter) -> None:
     line = summary([reason_of(r) for r in terminalreporter.stats.get("skipped", [])])
     if line:
         terminalreporter.write_line(line, yellow=True)
+
+
+def pytest_sessionfinish(session) -> None:
+    """In a pytest-xdist worker, ignore SIGINT from here on. When the controller ends the run,
+    execnet gives each worker 5 s to finish and then sends it a SIGINT; a worker still tearing
+    down then (pytest's final gc.collect over torch's, numba's and Ray's objects can take that
+    long on a loaded machine) raised KeyboardInterrupt inside whatever ran, typically
+    hypothesis' gc callback, which pytest reported as a stray PytestUnraisableExceptionWarning
+    at the end of the run. The worker's tests are over; Ctrl-C still stops the controller."""
+    if hasattr(session.config, "workerinput"):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
