@@ -279,10 +279,10 @@ def test_shell_commands_name_real_options(block: Block) -> None:
     assert not bad, f"{block.id}: " + "; ".join(bad)
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind == "python" and not b.runs],
-                         ids=lambda b: b.id)
-def test_illustrative_python_compiles(block: Block) -> None:
-    compile(block.text, block.id, "exec")
+def test_illustrative_python_compiles() -> None:
+    for block in BLOCKS:
+        if block.kind == "python" and not block.runs:
+            compile(block.text, block.id, "exec")
 
 
 # ------------------------------------------------------------------------------ names in prose
@@ -361,3 +361,39 @@ def test_repository_paths_exist() -> None:
                 bad.append(f"{doc}:{text.count(chr(10), 0, m.start()) + 1}: {path}")
     assert not bad, "paths that do not exist:\n" + "\n".join(bad)
     assert checked > 50  # the pattern finds the docs' paths
+
+
+# ------------------------------------------------------------------------------ measured numbers
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+DIGITS_RESULTS = REPO / "examples" / "digits" / "RESULTS.md"
+WARMUP_RESULTS = REPO / "benchmarks" / "results" / "warmup.md"
+
+
+def test_readme_quotes_the_recorded_digits_run() -> None:
+    """The digits table, its run time and machine, and the numbers of the paragraph under the
+    table are the last recorded output of `python examples/digits/run.py --record ...`."""
+    rec = DIGITS_RESULTS.read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = [ln for ln in rec.splitlines() if ln.startswith("|")]
+    assert len(table) == 18, "the recorded table: header, rule and 16 methods"
+    start = readme.index(table[0])
+    assert readme[start:].splitlines()[:len(table)] == table, "README's digits table != RESULTS.md"
+    run = re.search(r"^Run: (.*?)\. The time column", rec, re.M | re.S).group(1)
+    machine = re.search(r"^Machine: (.*?);", rec, re.M).group(1)
+    assert _flat(run) in _flat(readme) and _flat(machine) in _flat(readme)
+    after = readme[start:].split("\n\n")[1]  # the paragraph under the table
+    vs_ta = {abs(float(v)) for ln in table[2:] for v in re.findall(r"\| ([+-]\d+\.\d) \(", ln)}
+    quoted = {abs(float(v)) for v in re.findall(r"(?<![\w.])[+-]?\d+\.\d(?![\d%])", after)}
+    assert quoted and quoted <= vs_ta, f"numbers under the table not in its vs-TA column: {quoted - vs_ta}"
+
+
+def test_readme_quotes_the_recorded_warmup() -> None:
+    line = [ln for ln in WARMUP_RESULTS.read_text(encoding="utf-8").splitlines() if ln.strip()][-1]
+    wall = re.search(r"\*\*([\d.]+) s\*\* wall, ([\d.]+) s CPU", line)
+    readme = _flat((REPO / "README.md").read_text(encoding="utf-8"))
+    assert wall and f"{wall.group(1)} s" in readme and f"{wall.group(2)} s CPU" in readme
+    assert "benchmarks/results/warmup.md" in readme
+    assert "~19 s" not in readme
