@@ -185,6 +185,13 @@ class Recipe:
         from mergelang.runtime.runargs import check_run_args
 
         check_run_args(out_dir, device, nan_check, executor)
+        if str(out_dir).lower().endswith(".safetensors"):  # one file (io/singlefile.py)
+            from mergelang.io.singlefile import run_single_file
+
+            return run_single_file(self, out_dir, force, resume, dict(
+                device=device, progress=progress, nan_check=nan_check, log=log,
+                memory_budget=memory_budget, pipelined=pipelined, fsync=fsync, executor=executor,
+                ray_address=ray_address, origins=origins))
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         mode = nan_check or c.options.nan_check
@@ -261,7 +268,7 @@ class Recipe:
         from mergelang.io.adapter import adapter_layout
 
         shard_size = int(self._c.options.shard_size)
-        adapters = self._adapters()
+        adapters = self.adapter_outputs()
         if not self.output_names:
             ref = self._c.reference
             layout = adapter_layout(self.outputs) if "" in adapters else plan_shards(self.outputs, shard_size)
@@ -282,7 +289,7 @@ class Recipe:
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
                               for t, x in lay.tensors.items()}
 
-    def _adapters(self) -> set[str]:
+    def adapter_outputs(self) -> set[str]:
         """The outputs that are LoRA adapters (`merge adapter`); "" for an unnamed one."""
         return {n for b in self._c.unit.blocks if b.adapter for n in (b.outputs or ("",))}
 
@@ -355,7 +362,7 @@ class Recipe:
         cannot load such a folder)."""
         out = []
         spans = {d.name: d.value.span for d in self._c.unit.models}
-        adapters = self._adapters()
+        adapters = self.adapter_outputs()
         refs = [r for n, r in self._references().items() if n not in adapters] if self.output_names \
             else ([] if "" in adapters else [self._c.reference])
         for ref in dict.fromkeys(refs):

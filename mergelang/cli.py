@@ -86,7 +86,8 @@ def _tune_gc() -> None:
 @main.command()
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
-              help="output folder (written atomically)")
+              help="output folder (written atomically), or FILE.safetensors: one file with the "
+                   "recipe and the manifest in its metadata")
 @set_opt
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live + prefetched tensor bytes, e.g. 8GB")

@@ -340,6 +340,7 @@ CODES: dict[str, str] = {
     "E420": "no usable output manifest to verify",
     "E421": "an output file differs from its manifest",
     "E422": "an input differs from what the merge read",
+    "E423": "a single-file output (-o FILE.safetensors) for a recipe with several outputs or an adapter",
     # runtime
     "E501": "runtime check failed",
     "E502": "cannot write output",

@@ -40,6 +40,7 @@ ALLOWED = {
     "mergelang/commands/search.py": "writes pareto.csv (a write, not a read)",
     "mergelang/interop/mergekit_yaml.py": "the bounded YAML loader parses text read by io/textfile",
     "mergelang/io/digests.py": "content digests of safetensors files: binary, streamed in blocks",
+    "mergelang/io/singlefile.py": "copies the shards mergelang just wrote into one file (binary)",
     "mergelang/io/outguard.py": "the 16-byte SQLite magic of a --storage file (binary)",
 }
 

@@ -1,0 +1,137 @@
+"""Single-file outputs: `mergelang run R.mrg -o model.safetensors` writes ONE safetensors file (what
+Stable Diffusion UIs and sd-mecha write) with the recipe and the manifest in its metadata
+(`mergelang_recipe`, `mergelang_manifest`: strings, as safetensors metadata must be).
+
+The merge runs as usual — the same atomic writer, journal, checks and manifest — into a private
+temporary folder beside the target (hidden, created here, removed on every exit path); its shards
+are then copied into one file (one more write of the output bytes, measured in
+benchmarks/bench_single_file.py), written beside the target and renamed into place. The target
+follows the output guard's single-file rules (io/outguard.py: E404 for an input, never a link or a
+folder) and one more: an existing file is replaced (with `--force`) only when it is itself a
+mergelang single-file output; any other file is refused, `--force` or not (E403).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mergelang.diagnostics import MergelangError, error
+from mergelang.errors import CodedError, to_diagnostic
+from mergelang.io.outguard import MANIFEST_NAME, OutputError, check_file_output, replace_file
+from mergelang.io.textfile import read_json, read_text
+
+#: the metadata keys of a single-file output
+RECIPE_KEY = "mergelang_recipe"
+MANIFEST_KEY = "mergelang_manifest"
+_CHUNK = 64 << 20
+
+
+def is_single_file(out: str | Path) -> bool:
+    return str(out).lower().endswith(".safetensors")
+
+
+def metadata_of(path: Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file (None when it is not one)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file: not ours
+        return None
+
+
+def check_single_file(out: str | Path, inputs: Iterable[Path], force: bool) -> Path:
+    """The rules for `-o FILE.safetensors` (module docstring); its absolute path."""
+    path = check_file_output(out, inputs, force)
+    if path.exists() and MANIFEST_KEY not in (metadata_of(path) or {}):
+        raise OutputError(f"-o {out} exists and is not a mergelang single-file output",
+                          "mergelang replaces only a file it wrote: remove it by hand, or choose "
+                          "another path")
+    return path
+
+
+def run_single_file(recipe: Any, out: str | Path, force: bool, resume: bool, kw: dict[str, Any]) -> Path:
+    """`Recipe.run(out)` for `out` ending in .safetensors: checks, then `write_single_file` with
+    the recipe's own folder run (no model card: the file carries the recipe and manifest)."""
+    if resume:
+        raise MergelangError(error("E402", "--resume does not apply to a single-file output", None,
+                                   "a single-file output is assembled after the merge: rerun "
+                                   "without --resume, or write a folder"))
+    if recipe.output_names or recipe.adapter_outputs():
+        what = "several outputs" if recipe.output_names else "a LoRA adapter"
+        raise MergelangError(error("E423", f"-o {out}: a single safetensors file holds one model, and "
+                                   f"this recipe writes {what}", None, "give an output folder instead"))
+    try:
+        return write_single_file(out, recipe.compilation.inputs, force,
+                                 lambda folder: recipe.run(folder, model_card=False, **kw))
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+
+
+def write_single_file(out: str | Path, inputs: Iterable[Path], force: bool,
+                      run_folder: Callable[[Path], Path]) -> Path:
+    """Check `out`, run the merge into a private folder (`run_folder(path) -> folder`), then
+    write its tensors, recipe and manifest as one safetensors file at `out`."""
+    path = check_single_file(out, inputs, force)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".mergelang-work", dir=path.parent))
+    try:
+        folder = run_folder(work / "out")
+        tensors, metadata = _collect(folder)
+        return replace_file(path, lambda tmp: _assemble(tmp, tensors, metadata))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _collect(folder: Path) -> tuple[list[tuple[str, dict, Path, int]], dict[str, str]]:
+    """Every tensor of a merged folder in index order, as (name, header entry, shard, data
+    start), and the metadata of the single file."""
+    index = read_json(folder / "model.safetensors.index.json", obj=True)
+    shards: dict[str, tuple[dict, int]] = {}
+    out = []
+    for name, shard in index["weight_map"].items():
+        if shard not in shards:
+            shards[shard] = _header(folder / shard)
+        header, start = shards[shard]
+        out.append((name, header[name], folder / shard, start))
+    metadata = {"format": "pt", RECIPE_KEY: read_text(folder / "mergelang_recipe.mrg"),
+                MANIFEST_KEY: read_text(folder / MANIFEST_NAME)}
+    return out, metadata
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:  # a shard mergelang itself just wrote
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: dict[str, str]) -> None:
+    head: dict = {"__metadata__": metadata}
+    pos = 0
+    for name, entry, _, _ in tensors:
+        b, e = entry["data_offsets"]
+        head[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [pos, pos + e - b]}
+        pos += e - b
+    text = json.dumps(head, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(tmp, "xb") as dst:
+        dst.write(struct.pack("<Q", len(text)) + text)
+        for _, entry, shard, start in tensors:
+            b, e = entry["data_offsets"]
+            with open(shard, "rb") as src:
+                src.seek(start + b)
+                left = e - b
+                while left:
+                    chunk = src.read(min(left, _CHUNK))
+                    if not chunk:
+                        raise OSError(f"{shard} ended early")
+                    dst.write(chunk)
+                    left -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())

@@ -1,0 +1,104 @@
+"""`run -o FILE.safetensors` (io/singlefile.py): one safetensors file with the recipe and the
+manifest in its metadata, equal tensor for tensor to the folder output, through the output
+guard's rules (E404 for an input, E403 for a file mergelang did not write, --force or not), with
+nothing left behind on success or failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import mergelang as ml
+from helpers import make_sd, write_model
+from mergelang.cli import main
+from mergelang.diagnostics import MergelangError
+
+SHAPES = {"model.layers.0.w": (16, 8), "model.layers.1.w": (16, 8), "model.norm.weight": (8,)}
+RECIPE = ('model base = "base"\nmodel a = "a"\nmodel b = "b"\n'
+          'merge from base {\n    "*norm*" => base\n    "*" => ties(base, [a, b], density = 0.5)\n}\n')
+
+
+@pytest.fixture()
+def root(tmp_path):
+    for seed, name in enumerate(("base", "a", "b")):
+        write_model(tmp_path / name, make_sd(seed, SHAPES), {"model_type": "test"})
+    (tmp_path / "r.mrg").write_text(RECIPE)
+    return tmp_path
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def test_one_file_with_recipe_and_manifest(root):
+    out = ml.compile(root / "r.mrg").run(root / "merged.safetensors")
+    assert out == root / "merged.safetensors" and out.is_file()
+    folder = ml.compile(root / "r.mrg").run(root / "folder")
+    single, whole = load_file(out), folder_tensors(folder)
+    assert list(single) == list(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    for k in whole:
+        assert torch.equal(single[k], whole[k]), k
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and "ties(base, [a, b]" in meta["mergelang_recipe"]
+    manifest = json.loads(meta["mergelang_manifest"])
+    assert manifest["format"] == "mergelang-output"
+    # nothing else was left beside it (the private work folder is gone)
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b", "base", "folder", "merged.safetensors", "r.mrg"]
+
+
+def test_cli_and_replacing_its_own_file(root):
+    target = str(root / "m.safetensors")
+    res = CliRunner().invoke(main, ["run", str(root / "r.mrg"), "-o", target, "-q"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["run", str(root / "r.mrg"), "-o", target, "-q"])
+    assert res.exit_code == 1 and "E403" in res.output  # exists: --force replaces it
+    res = CliRunner().invoke(main, ["run", str(root / "r.mrg"), "-o", target, "-q", "--force"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_foreign_file_is_never_replaced(root):
+    mine = root / "mine.safetensors"
+    mine.write_bytes(b"my bytes")
+    for extra in ([], ["--force"]):
+        res = CliRunner().invoke(main, ["run", str(root / "r.mrg"), "-o", str(mine), "-q", *extra])
+        assert res.exit_code == 1 and "E403" in res.output, res.output
+        assert mine.read_bytes() == b"my bytes"
+
+
+def test_an_input_file_is_refused(root):
+    shard = root / "a" / "model.safetensors"
+    before = shard.read_bytes()
+    res = CliRunner().invoke(main, ["run", str(root / "r.mrg"), "-o", str(shard), "-q", "--force"])
+    assert res.exit_code == 1 and "E404" in res.output, res.output
+    assert shard.read_bytes() == before
+
+
+def test_E423_several_outputs(root):
+    (root / "two.mrg").write_text('model base = "base"\nmodel a = "a"\n'
+                                  'merge "x" from base { "*" => a }\nmerge "y" from base { "*" => base }\n')
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(root / "two.mrg").run(root / "two.safetensors")
+    assert exc.value.diagnostics[0].code == "E423"
+    assert not (root / "two.safetensors").exists()
+
+
+def test_a_failing_merge_leaves_nothing(root):
+    (root / "bad.mrg").write_text('model base = "base"\nmodel a = "a"\n'
+                                  'merge from base { "*" => checked(a, sum(a) > 1e9, "too small") }\n')
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(root / "bad.mrg").run(root / "bad.safetensors")
+    assert exc.value.diagnostics[0].code == "E501"
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b", "bad.mrg", "base", "r.mrg"]
+    with pytest.raises(MergelangError) as exc:
+        ml.compile(root / "r.mrg").run(root / "x.safetensors", resume=True)
+    assert exc.value.diagnostics[0].code == "E402"
