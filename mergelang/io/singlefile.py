@@ -111,6 +111,23 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def _copy(src: int, dst: int, offset: int, n: int) -> None:
+    """`n` bytes of `src` from `offset` appended to `dst`: in the kernel where it can
+    (copy_file_range; a reflink on filesystems that share extents), else through a buffer."""
+    while n:
+        try:
+            done = os.copy_file_range(src, dst, min(n, _CHUNK), offset)
+        except (AttributeError, OSError):  # no copy_file_range here, or not between these files
+            done = 0
+        if done <= 0:
+            chunk = os.pread(src, min(n, _CHUNK), offset)
+            if not chunk:
+                raise OSError("a shard ended early")
+            done = os.write(dst, chunk)
+        offset += done
+        n -= done
+
+
 def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: dict[str, str]) -> None:
     head: dict = {"__metadata__": metadata}
     pos = 0
@@ -122,16 +139,10 @@ def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: d
     text += b" " * (-len(text) % 8)
     with open(tmp, "xb") as dst:
         dst.write(struct.pack("<Q", len(text)) + text)
+        dst.flush()
         for _, entry, shard, start in tensors:
             b, e = entry["data_offsets"]
             with open(shard, "rb") as src:
-                src.seek(start + b)
-                left = e - b
-                while left:
-                    chunk = src.read(min(left, _CHUNK))
-                    if not chunk:
-                        raise OSError(f"{shard} ended early")
-                    dst.write(chunk)
-                    left -= len(chunk)
+                _copy(src.fileno(), dst.fileno(), start + b, e - b)
         dst.flush()
         os.fsync(dst.fileno())
