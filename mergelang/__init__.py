@@ -16,8 +16,9 @@ from mergelang.diagnostics import Diagnostic, MergelangError
 
 if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
+    from mergelang.tools.inspect import inspect
 
-__all__ = ["compile", "merge", "parse", "Recipe", "MergelangError", "Diagnostic"]
+__all__ = ["compile", "merge", "parse", "inspect", "Recipe", "MergelangError", "Diagnostic"]
 from mergelang._version import __version__ as __version__  # noqa: E402
 
 
@@ -28,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from mergelang import api
 
         return getattr(api, name)
+    if name == "inspect":  # ml.inspect(base, models, ...): tools/inspect.py
+        from mergelang.tools.inspect import inspect
+
+        return inspect
     if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
         import importlib
 

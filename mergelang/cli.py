@@ -336,11 +336,13 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
 from mergelang.commands.search import learn_cmd, tune_cmd  # noqa: E402  (commands/ imports no cli)
 
 from mergelang.commands.rmm import rmm_cmd, rmm_rebuild_cmd  # noqa: E402
+from mergelang.commands.inspect import inspect_cmd  # noqa: E402
 
 main.add_command(tune_cmd)
 main.add_command(learn_cmd)
 main.add_command(rmm_cmd)
 main.add_command(rmm_rebuild_cmd)
+main.add_command(inspect_cmd)
 
 
 @main.command()
