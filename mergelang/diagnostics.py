@@ -358,6 +358,10 @@ CODES: dict[str, str] = {
     "E904": "tune needs optuna (or cmaes) which is not installed",
     "E905": "an objective, loss or data file (FILE.py:NAME) cannot be loaded",
     "E906": "a learn param is read at compile time (a guard, an if, a count) or by a model-wide statistic",
+    "E950": "inspect: no model to compare with the base",
+    "E951": "inspect: a model's tensor differs in shape from the base's",
+    "E952": "inspect: the device is not available (--device cuda without a GPU)",
+    "E953": "inspect / run --report: html or png plots need matplotlib, which is not installed",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -372,4 +376,6 @@ CODES: dict[str, str] = {
     "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",
+    "W140": "inspect: a model lacks some of the base's tensors (left out of the report)",
+    "W141": "inspect: a model has tensors the base has not (not inspected)",
 }

@@ -14,7 +14,6 @@ mergelang output and with force, E403).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -277,9 +276,3 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
         "tensors": per_tensor,
     }
 
-
-def dumps(report: dict[str, Any]) -> str:
-    """report.json's text (NaN never occurs: undefined ratios are null)."""
-    if len(report["tensors"]) > 2000:  # compact: ~1 kB per tensor less
-        return json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n"
-    return json.dumps(report, indent=1, allow_nan=False) + "\n"

@@ -6,6 +6,7 @@ place in one rename (io/workfolder.py). Nothing is left behind on failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -69,8 +70,6 @@ class ReportFolder(WorkFolder):
 
     def write(self, report: dict[str, Any], fmt: str) -> Path:
         """report.json, and with "html" report.html, with "png" one image per plot."""
-        from mergelang.tools.inspect import dumps
-
         files: dict[str, str | bytes] = {"report.json": dumps(report)}
         if fmt == "html":
             from mergelang.tools.inspect_plots import html_page
@@ -81,3 +80,10 @@ class ReportFolder(WorkFolder):
 
             files.update(png_files(report))
         return self.write_files(files, {"kind": "inspect"})
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """report.json's text (NaN never occurs: undefined ratios are null)."""
+    if len(report.get("tensors", ())) > 2000:  # compact: ~1 kB per tensor less
+        return json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n"
+    return json.dumps(report, indent=1, allow_nan=False) + "\n"
