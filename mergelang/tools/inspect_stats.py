@@ -142,17 +142,95 @@ def location(name: str) -> tuple[int | None, str, int | None]:
 
 
 def tensor_group(base: "torch.Tensor", xs: Sequence["torch.Tensor"], spectrum_k: int | None,
-                 device: "torch.device") -> tuple[Group, list[dict[str, Any]]]:
+                 device: "torch.device", kernel: str = "auto") -> tuple[Group, list[dict[str, Any]]]:
     """The sums of one tensor (its base and each model's version, any dtype), and with
-    `spectrum_k` each model's spectrum of τ (2-D tensors only; else {})."""
+    `spectrum_k` each model's spectrum of τ (2-D tensors only; else {}). On the CPU the numba
+    loops of inspect_kernels.py (`kernel="torch"`: the torch form, as on CUDA)."""
+    g = Group.empty(len(xs))
+    g.tensors = 1
+    if device.type == "cpu" and kernel != "torch" and base.numel():
+        _cpu_sums(g, base, xs)
+    else:
+        _torch_sums(g, base, xs, device)
+    spectra: list[dict[str, Any]] = []
+    for i, x in enumerate(xs):
+        sp: dict[str, Any] = {}
+        if spectrum_k and base.dim() == 2 and base.numel():
+            import torch
+
+            b = base.to(device=device, dtype=torch.float64)
+            sp = spectrum(x.to(device=device, dtype=torch.float64) - b, spectrum_k)
+            g.models[i].eff_ranks = [sp["effective_rank"]]
+        spectra.append(sp)
+    return g, spectra
+
+
+def _flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
+    """A 1-D numpy array of `t` in `dtype` (a view when it is one already); bfloat16 as its
+    uint16 bit patterns."""
+    import torch
+
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    t = t.reshape(-1)
+    return t.view(torch.int16).numpy().view("uint16") if dtype == torch.bfloat16 else t.numpy()
+
+
+def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> None:
+    import torch
+
+    from mergelang.tools.inspect_kernels import model_stats, pair_pass
+
+    kinds = {t.dtype for t in (base, *xs)}
+    # one numba specialisation per call: all bfloat16 (read as stored), else float32 (exact
+    # for float16 too), else float64
+    dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
+        torch.float64 if torch.float64 in kinds else torch.float32
+    bf = dtype == torch.bfloat16
+    b = _flat(base, dtype)
+    arrs = [_flat(x, dtype) for x in xs]
+
+    def model(i: int) -> None:
+        s = g.models[i]
+        s.numel = b.size
+        s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = model_stats(b, arrs[i], FRACTIONS, bf)
+        s.zeros = int(s.zeros)
+
+    def pair(ij: tuple[int, int]) -> None:
+        p = g.pairs[ij]
+        p.dot, p.agree, p.both = pair_pass(b, arrs[ij[0]], arrs[ij[1]], bf)
+        p.agree, p.both = int(p.agree), int(p.both)
+
+    jobs = [(model, i) for i in range(len(arrs))] + [(pair, ij) for ij in g.pairs]
+    if b.size < PARALLEL_MIN or len(jobs) == 1:
+        for fn, arg in jobs:
+            fn(arg)
+    else:  # the loops release the GIL: models and pairs on the CPU's cores
+        list(_pool().map(lambda job: job[0](job[1]), jobs))
+
+
+#: tensors smaller than this are computed on the calling thread
+PARALLEL_MIN = 1 << 16
+_POOL: list[Any] = []
+
+
+def _pool() -> Any:
+    if not _POOL:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                        thread_name_prefix="mergelang-inspect-cpu"))
+    return _POOL[0]
+
+
+def _torch_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"], device: "torch.device") -> None:
     import torch
 
     b = base.to(device=device, dtype=torch.float64).reshape(-1)
     n = b.numel()
     base_ss = float(torch.dot(b, b)) if n else 0.0
-    g = Group.empty(len(xs))
-    g.tensors = 1
-    taus, signs, spectra = [], [], []
+    taus, signs = [], []
     for i, x in enumerate(xs):
         t = x.to(device=device, dtype=torch.float64).reshape(-1) - b
         s = g.models[i]
@@ -162,11 +240,6 @@ def tensor_group(base: "torch.Tensor", xs: Sequence["torch.Tensor"], spectrum_k:
             s.max_abs = float(t.abs().max())
             s.zeros = n - int(torch.count_nonzero(t))
             s.energy = top_energy(t)
-        sp: dict[str, Any] = {}
-        if spectrum_k and base.dim() == 2 and n:
-            sp = spectrum(t.reshape(base.shape), spectrum_k)
-            s.eff_ranks = [sp["effective_rank"]]
-        spectra.append(sp)
         taus.append(t)
         signs.append(torch.sign(t).to(torch.int8) if len(xs) > 1 else None)
     for (i, j), p in g.pairs.items():
@@ -176,7 +249,6 @@ def tensor_group(base: "torch.Tensor", xs: Sequence["torch.Tensor"], spectrum_k:
         prod = signs[i] * signs[j]
         p.both = int(torch.count_nonzero(prod))
         p.agree = (p.both + int(prod.sum(dtype=torch.int64))) // 2  # (+1s) = (both + Σ) / 2
-    return g, spectra
 
 
 def top_energy(t: "torch.Tensor") -> list[float]:
