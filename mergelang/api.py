@@ -171,7 +171,7 @@ class Recipe:
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True,
-            executor: str = "local", ray_address: str | None = None) -> Path:
+            executor: str = "local", ray_address: str | None = None, report: bool = False) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -183,7 +183,8 @@ class Recipe:
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum).
         `executor="ray"` runs the tensors on a Ray cluster (`ray_address`, else a local Ray
-        instance) whose workers share the filesystem: distributed/ray_driver.py."""
+        instance) whose workers share the filesystem: distributed/ray_driver.py. `report` adds
+        mergelang_report.json / .html, what the merge kept of each input: tools/merge_report.py."""
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -199,6 +200,7 @@ class Recipe:
         writer: CheckpointWriter | MultiWriter | None = None
         if executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
+        reporter = _reporter(c, executor) if report else None
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
             if executor == "ray" else None
         try:
@@ -217,12 +219,17 @@ class Recipe:
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
                     say(f"warning: {line}")
-                sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
+                write, write_rows = writer.write, writer.write_rows
+                if reporter is not None:  # measured between the NaN check and the writer
+                    write, write_rows = reporter.wrap(write, write_rows)
+                sink = self._checked_sink(write, mode, say, write_rows)
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
                 execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
                         pipelined=pipelined)
+                if reporter is not None:
+                    files = reporter.add_files(files)
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
@@ -382,6 +389,16 @@ class Recipe:
 
     def close(self) -> None:
         self._c.close()
+
+
+def _reporter(c: Compilation, executor: str) -> Any:
+    """run --report's measurements (tools/merge_report.py); E954 where it cannot measure."""
+    from mergelang.tools.merge_report import MergeReport
+
+    if executor != "local":
+        raise MergelangError(error("E954", "run --report measures a local run only", None,
+                                   "run without --executor ray, or inspect the output afterwards"))
+    return MergeReport(c)
 
 
 def _wraps_fp8(model: Any) -> bool:

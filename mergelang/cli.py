@@ -96,11 +96,15 @@ def _tune_gc() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
+@click.option("--report", is_flag=True,
+              help="also write OUT/mergelang_report.json (+ .html): per rule and layer, what the "
+                   "output kept of each input's task vector, its cosine and distance to each input")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
-        log_json: bool = False, executor: str = "local", ray_address: str | None = None) -> None:
+        log_json: bool = False, executor: str = "local", ray_address: str | None = None,
+        report: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks)
@@ -123,7 +127,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
                 raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
-                         executor=executor, ray_address=ray_address)
+                         executor=executor, ray_address=ray_address, report=report)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 

@@ -127,3 +127,36 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
         above = float(csum[j - 1]) if j else 0.0
         energy.append(above + float(part[:k - above_n].sum()))
     return ss, bss, mx, zeros, energy
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def merge_pass(b, x, o, bf):  # noqa: ANN001, ANN201
+    """An output `o` against one input `x` of a merge from base `b` (run --report): ‖x‖²,
+    ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖² (τ = x − b, τo = o − b), and of the entries
+    where τ ≠ 0: how many, where τo has τ's sign (kept), where it has the other sign (against)."""
+    sx = st = so = sto = dox = dtt = dist = 0.0
+    nnz = kept = against = 0
+    fbuf = np.empty(1, np.float32)
+    fbits = fbuf.view(np.uint32)
+    for i in range(b.size):
+        bb = _f(b, i, bf, fbuf, fbits)
+        xx = _f(x, i, bf, fbuf, fbits)
+        oo = _f(o, i, bf, fbuf, fbits)
+        t = xx - bb
+        to = oo - bb
+        d = oo - xx
+        sx += xx * xx
+        st += t * t
+        so += oo * oo
+        sto += to * to
+        dox += oo * xx
+        dtt += to * t
+        dist += d * d
+        if t != 0.0:
+            nnz += 1
+            if to != 0.0:
+                if (to > 0.0) == (t > 0.0):
+                    kept += 1
+                else:
+                    against += 1
+    return sx, st, so, sto, dox, dtt, dist, nnz, kept, against

@@ -133,6 +133,11 @@ def _svg(fid: str, title: str, data: dict[str, Any]) -> str:
     return text[text.index("<svg"):]  # no XML prolog or DOCTYPE (a URL) inside HTML
 
 
+def line_figure_svg(title: str, data: dict[str, Any]) -> str:
+    """An inline SVG of `data`'s series by layer (run --report)."""
+    return _svg("line", title, data)
+
+
 def _json_block(data: Any) -> str:
     return json.dumps(data, allow_nan=False).replace("</", "<\\/")
 
