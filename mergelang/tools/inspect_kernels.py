@@ -1,13 +1,15 @@
-"""CPU loops (numba) for inspect's per-tensor statistics: one pass per model and one per pair
-over the float32 (or float64) inputs, τ formed in float64 on the fly and never stored.
+"""CPU loops (numba) for inspect's per-tensor statistics and run --report: one pass per model,
+one per pair (and one per input of a merge output), τ formed in float64 on the fly, a chunk of
+CHUNK entries at a time, never stored whole. bfloat16 inputs are read as stored (their bits
+widened, exact), other dtypes as float32 / float64 arrays.
 
-bfloat16 inputs are read as stored (their bits widened in the loop, exact), other dtypes as
-float32 / float64 arrays. `model_pass` sums ‖τ‖², ‖base‖², max |τ|, zeros, and histograms τ² by a monotonic bucket
-(binary exponent and 4 mantissa bits: `_bucket`), counts and float64 sums per bucket. The k
-largest τ² are then the buckets above the one holding the k-th largest, plus the largest
-entries of that bucket: `gather` lists that bucket's entries (a second pass) which are sorted.
-Exact, like a sort of all of τ², at the cost of two passes. `pair_pass` sums τi·τj and counts
-the entries non-zero in both and those of them with equal signs.
+`model_pass` sums ‖τ‖², ‖base‖², max |τ|, zeros, and counts τ² per bucket: the high 16 bits of
+its float64 bits (exponent and 4 mantissa bits; monotonic since τ² >= 0). For each fraction,
+the k largest τ² are the buckets above the one holding the k-th largest (summed by `gather`, a
+second pass that also lists the boundary buckets' entries) plus the largest entries of that
+bucket (`top_sum`: a radix selection on the next 16-bit digits). Exact, like a sort of all of
+τ², in two passes and no sort. `pair_pass` sums τi·τj and counts the entries non-zero in both
+and those of them with equal signs; `merge_pass` compares a merge output with one input.
 """
 
 from __future__ import annotations
@@ -17,81 +19,156 @@ import math
 import numpy as np
 from numba import njit
 
-#: buckets: the high 16 bits of τ² rounded to float32 (8 exponent, 7 mantissa bits); rounding
-#: is monotonic, so a larger τ² never falls into a lower bucket (ties are sorted exactly)
+#: buckets: the high 16 bits of τ²'s float64 bits (sign 0, 11 exponent, 4 mantissa bits)
 NBUCKETS = 1 << 16
 
 
+#: entries per chunk: inputs are widened to float64 a chunk at a time (vectorised loops)
+CHUNK = 4096
+_JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "contract"})
+
+
 @njit(inline="always", nogil=True, cache=True)
-def _f(a, i, bf, fbuf, fbits):  # noqa: ANN001, ANN201
-    """Entry i of `a` as float64; `bf`: `a` holds bfloat16 bit patterns (uint16)."""
+def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201
+    """Entries start:start+m of `a` into float64 `out`; `bf`: `a` holds bfloat16 bit patterns
+    (uint16), widened through the uint32 scratch `u32`."""
     if bf:
-        fbits[0] = np.uint32(a[i]) << 16
-        return np.float64(fbuf[0])
-    return np.float64(a[i])
+        for i in range(m):
+            u32[i] = np.uint32(a[start + i]) << 16
+        f = u32.view(np.float32)
+        for i in range(m):
+            out[i] = f[i]
+    else:
+        for i in range(m):
+            out[i] = a[start + i]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
-def model_pass(b, x, bf, counts, sums, keys):  # noqa: ANN001, ANN201 - numba types
+@njit(**_JIT)
+def model_pass(b, x, bf, counts, keys):  # noqa: ANN001, ANN201 - numba types
+    """‖τ‖², ‖base‖², max |τ|, zeros; each entry's bucket (the high 16 bits of τ² as float64:
+    exponent and 4 mantissa bits, monotonic for τ² >= 0) into `keys`, counted in `counts`."""
+    n = b.size
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    qq = np.empty(CHUNK, np.float64)
+    qbits = qq.view(np.uint64)
+    u = np.empty(CHUNK, np.uint32)
     ss = 0.0
     bss = 0.0
     mx = 0.0
     zeros = 0
-    buf = np.empty(1, np.float32)
-    bits = buf.view(np.uint32)
-    fbuf = np.empty(1, np.float32)
-    fbits = fbuf.view(np.uint32)
-    for i in range(b.size):
-        bb = _f(b, i, bf, fbuf, fbits)
-        t = _f(x, i, bf, fbuf, fbits) - bb
-        bss += bb * bb
-        q = t * t
-        ss += q
-        a = abs(t)
-        if a > mx:
-            mx = a
-        if t == 0.0:
-            zeros += 1
-        buf[0] = np.float32(q)
-        k = bits[0] >> 16
-        keys[i] = k
-        counts[k] += 1
-        sums[k] += q
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        _load(b, start, m, bf, fb, u)
+        _load(x, start, m, bf, fx, u)
+        for i in range(m):
+            bb = fb[i]
+            t = fx[i] - bb
+            bss += bb * bb
+            q = t * t
+            ss += q
+            qq[i] = q
+            mx = max(mx, abs(t))
+            zeros += t == 0.0
+        for i in range(m):
+            k = qbits[i] >> 48
+            keys[start + i] = k
+            counts[k] += 1
     return ss, bss, mx, zeros
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
-def gather(b, x, bf, keys, slot, offsets):  # noqa: ANN001, ANN201
-    """The τ² of the entries whose bucket has a slot (>= 0), each slot's in its part of `out`."""
+@njit(**_JIT)
+def gather(b, x, bf, keys, slot, offsets, fkeys, above):  # noqa: ANN001, ANN201
+    """The τ² of the entries whose bucket has a slot (>= 0), each slot's in its part of the
+    result; and per fraction f the sum of the τ² in buckets above `fkeys[f]` into `above[f]`."""
+    n = b.size
+    nf = fkeys.size
     out = np.empty(offsets[-1], np.float64)
     fill = offsets[:-1].copy()
-    fbuf = np.empty(1, np.float32)
-    fbits = fbuf.view(np.uint32)
-    for i in range(b.size):
-        s = slot[keys[i]]
-        if s >= 0:
-            t = _f(x, i, bf, fbuf, fbits) - _f(b, i, bf, fbuf, fbits)
-            out[fill[s]] = t * t
-            fill[s] += 1
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        _load(b, start, m, bf, fb, u)
+        _load(x, start, m, bf, fx, u)
+        for i in range(m):
+            t = fx[i] - fb[i]
+            q = t * t
+            k = keys[start + i]
+            for f in range(nf):
+                if k > fkeys[f]:
+                    above[f] += q
+            s = slot[k]
+            if s >= 0:
+                out[fill[s]] = q
+                fill[s] += 1
     return out
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def top_sum(vals, r):  # noqa: ANN001, ANN201
+    """The sum of the r largest of `vals` (>= 0, all in one bucket: equal high 16 bits): a radix
+    selection on the next 16-bit digits of their float64 bits, exact, no sort (quantised task
+    vectors put millions of equal values in one bucket)."""
+    total = 0.0
+    cand = vals
+    shift = 32
+    counts = np.zeros(1 << 16, np.int64)
+    sums = np.zeros(1 << 16, np.float64)
+    while r > 0:
+        if cand.size <= r:
+            for i in range(cand.size):
+                total += cand[i]
+            return total
+        if shift < 0:  # every bit equal: r copies of one value
+            return total + r * cand[0]
+        bits = cand.view(np.uint64)
+        counts[:] = 0
+        sums[:] = 0.0
+        for i in range(cand.size):
+            d = (bits[i] >> shift) & 0xFFFF
+            counts[d] += 1
+            sums[d] += cand[i]
+        d = 0xFFFF
+        while counts[d] < r:  # whole digits above the one holding the r-th largest
+            r -= counts[d]
+            total += sums[d]
+            d -= 1
+        if counts[d] != cand.size:
+            keep = np.empty(counts[d], np.float64)
+            j = 0
+            for i in range(cand.size):
+                if (bits[i] >> shift) & 0xFFFF == d:
+                    keep[j] = cand[i]
+                    j += 1
+            cand = keep
+        shift -= 16
+    return total
+
+
+@njit(**_JIT)
 def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
+    """⟨τx, τy⟩, the entries where both are non-zero with equal signs, and where both are
+    non-zero (τx·τy > 0 and ≠ 0: exact in float64 for float32 / 16-bit inputs)."""
+    n = b.size
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    fy = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
     dot = 0.0
     agree = 0
     both = 0
-    fbuf = np.empty(1, np.float32)
-    fbits = fbuf.view(np.uint32)
-    for i in range(b.size):
-        bb = _f(b, i, bf, fbuf, fbits)
-        tx = _f(x, i, bf, fbuf, fbits) - bb
-        ty = _f(y, i, bf, fbuf, fbits) - bb
-        dot += tx * ty
-        if tx != 0.0 and ty != 0.0:
-            both += 1
-            if (tx > 0.0) == (ty > 0.0):
-                agree += 1
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        _load(b, start, m, bf, fb, u)
+        _load(x, start, m, bf, fx, u)
+        _load(y, start, m, bf, fy, u)
+        for i in range(m):
+            p = (fx[i] - fb[i]) * (fy[i] - fb[i])
+            dot += p
+            agree += p > 0.0
+            both += p != 0.0
     return dot, agree, both
 
 
@@ -101,62 +178,62 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
     (`bf`: the arrays hold bfloat16 bit patterns)."""
     n = b.size
     counts = np.zeros(NBUCKETS, np.int64)
-    sums = np.zeros(NBUCKETS, np.float64)
     keys = np.empty(n, np.uint16)
-    ss, bss, mx, zeros = model_pass(b, x, bf, counts, sums, keys)
+    ss, bss, mx, zeros = model_pass(b, x, bf, counts, keys)
     if n == 0:
         return ss, bss, mx, zeros, [0.0] * len(fractions)
     nz = np.nonzero(counts)[0][::-1]  # occupied buckets, largest first
     ccount = np.cumsum(counts[nz])
-    csum = np.cumsum(sums[nz])
-    wanted = []  # per fraction: (bucket, its position j, k)
+    wanted = []  # per fraction: (its boundary bucket, entries above it, k)
     for f in fractions:
         k = min(n, max(1, math.ceil(f * n)))
         j = int(np.searchsorted(ccount, k))  # the bucket holding the k-th largest
-        wanted.append((int(nz[j]), j, k))
+        wanted.append((int(nz[j]), int(ccount[j - 1]) if j else 0, k))
     buckets = sorted({w[0] for w in wanted})
     slot = np.full(NBUCKETS, -1, np.int64)
     slot[buckets] = np.arange(len(buckets))
     offsets = np.concatenate([[0], np.cumsum(counts[buckets])]).astype(np.int64)
-    listed = gather(b, x, bf, keys, slot, offsets)
+    above = np.zeros(len(wanted), np.float64)
+    listed = gather(b, x, bf, keys, slot, offsets, np.array([w[0] for w in wanted], np.int64), above)
     energy = []
-    for bk, j, k in wanted:
+    for f, (bk, above_n, k) in enumerate(wanted):
         s = buckets.index(bk)
-        part = -np.sort(-listed[offsets[s]:offsets[s + 1]])
-        above_n = int(ccount[j - 1]) if j else 0
-        above = float(csum[j - 1]) if j else 0.0
-        energy.append(above + float(part[:k - above_n].sum()))
+        energy.append(float(above[f]) + float(top_sum(listed[offsets[s]:offsets[s + 1]], k - above_n)))
     return ss, bss, mx, zeros, energy
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(**_JIT)
 def merge_pass(b, x, o, bf):  # noqa: ANN001, ANN201
     """An output `o` against one input `x` of a merge from base `b` (run --report): ‖x‖²,
     ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖² (τ = x − b, τo = o − b), and of the entries
     where τ ≠ 0: how many, where τo has τ's sign (kept), where it has the other sign (against)."""
+    n = b.size
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    fo = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
     sx = st = so = sto = dox = dtt = dist = 0.0
     nnz = kept = against = 0
-    fbuf = np.empty(1, np.float32)
-    fbits = fbuf.view(np.uint32)
-    for i in range(b.size):
-        bb = _f(b, i, bf, fbuf, fbits)
-        xx = _f(x, i, bf, fbuf, fbits)
-        oo = _f(o, i, bf, fbuf, fbits)
-        t = xx - bb
-        to = oo - bb
-        d = oo - xx
-        sx += xx * xx
-        st += t * t
-        so += oo * oo
-        sto += to * to
-        dox += oo * xx
-        dtt += to * t
-        dist += d * d
-        if t != 0.0:
-            nnz += 1
-            if to != 0.0:
-                if (to > 0.0) == (t > 0.0):
-                    kept += 1
-                else:
-                    against += 1
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        _load(b, start, m, bf, fb, u)
+        _load(x, start, m, bf, fx, u)
+        _load(o, start, m, bf, fo, u)
+        for i in range(m):
+            xx = fx[i]
+            oo = fo[i]
+            t = xx - fb[i]
+            to = oo - fb[i]
+            d = oo - xx
+            p = to * t
+            sx += xx * xx
+            st += t * t
+            so += oo * oo
+            sto += to * to
+            dox += oo * xx
+            dtt += p
+            dist += d * d
+            nnz += t != 0.0
+            kept += p > 0.0
+            against += p < 0.0
     return sx, st, so, sto, dox, dtt, dist, nnz, kept, against
