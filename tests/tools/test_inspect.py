@@ -299,3 +299,22 @@ def test_bad_inputs_are_coded_diagnostics(tmp_path, monkeypatch):
     with pytest.raises(ml.MergelangError) as e:
         ml.inspect(a, [a], tmp_path / "o2", fmt="html")
     assert e.value.codes == ["E953"] and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_loops_equal_the_torch_form(dtype):
+    """The numba loops (CPU) and the torch form (CUDA's) agree, for every stored dtype, on
+    quantised task vectors (many equal |τ|: the energy selection's hard case) and empty ones."""
+    from mergelang.tools.inspect_stats import tensor_group
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 70, generator=g).to(dtype)
+    xs = [(base.float() + 0.01 * torch.randn(300, 70, generator=g)).to(dtype) for _ in range(3)]
+    cpu = torch.device("cpu")
+    a, _ = tensor_group(base, xs, None, cpu)
+    b, _ = tensor_group(base, xs, None, cpu, kernel="torch")
+    labels = ["x", "y", "z"]
+    close(a.to_json(labels), b.to_json(labels))
+    assert a.models[0].energy != [0.0] * 4 and a.pairs[(0, 1)].both > 0
+    e, _ = tensor_group(torch.zeros(0, 4, dtype=dtype), [torch.zeros(0, 4, dtype=dtype)] * 2, 4, cpu)
+    assert e.to_json(["x", "y"])["models"]["x"]["norm"] == 0 and e.models[0].numel == 0
