@@ -29,6 +29,8 @@ REPORT_FORMAT = "mergelang-inspect"
 FLOAT = ("float16", "bfloat16", "float32", "float64")
 #: read-ahead when no memory budget is given
 DEFAULT_BUDGET = 2 << 30
+#: consecutive tensors are read together up to this many bytes (or 256 tensors)
+BATCH_BYTES = 1 << 20
 _EXPR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\s*\(")
 
 
@@ -223,26 +225,42 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     cap = budget if budget is not None else DEFAULT_BUDGET
     sizes = {n: sum(s.tensors()[n].nbytes for s in sources) for n in names}
 
-    def read(name: str) -> tuple[list[Any], float]:
-        t0 = time.perf_counter()
-        return [s.load_as(name, None, view=True) for s in sources], time.perf_counter() - t0
+    # small tensors are read in batches (one read-ahead task per batch, not per tensor)
+    batches: list[list[str]] = []
+    filled = 0
+    for n in names:
+        if not batches or len(batches[-1]) >= 256 or filled >= BATCH_BYTES:
+            batches.append([])
+            filled = 0
+        batches[-1].append(n)
+        filled += sizes[n]
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelang-inspect") as pool:
-        pending: deque = deque()
-        ahead = 0  # bytes read ahead (submitted, not yet done with)
-        nxt = 0
-        for done, name in enumerate(names):
-            while nxt < len(names) and (not pending or ahead + sizes[names[nxt]] <= cap):
-                pending.append(pool.submit(read, names[nxt]))
-                ahead += sizes[names[nxt]]
-                nxt += 1
-            tensors, secs = pending.popleft().result()
-            read_secs += secs
+    def read(batch: list[str]) -> tuple[list[list[Any]], float]:
+        t0 = time.perf_counter()
+        return [[s.load_as(n, None, view=True) for s in sources] for n in batch], time.perf_counter() - t0
+
+    def work() -> Any:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelang-inspect") as pool:
+            pending: deque = deque()
+            ahead = 0  # bytes read ahead (submitted, not yet done with)
+            nxt = 0
+            for batch in batches:
+                while nxt < len(batches) and (not pending or ahead + batch_bytes(batches[nxt], sizes) <= cap):
+                    pending.append(pool.submit(read, batches[nxt]))
+                    ahead += batch_bytes(batches[nxt], sizes)
+                    nxt += 1
+                got, secs = pending.popleft().result()
+                yield batch, got, secs
+                ahead -= batch_bytes(batch, sizes)
+
+    done = 0
+    for batch, got, secs in work():
+        read_secs += secs
+        for name, tensors in zip(batch, got):
             g, spectra = tensor_group(tensors[0], tensors[1:], spectrum_k, dev)
             if spectrum_k:
                 svd_secs += sum(sp.get("seconds", 0.0) for sp in spectra)
             del tensors
-            ahead -= sizes[name]
             layer, family, expert = location(name)
             entry = g.to_json(models)
             entry.update(shape=list(sources[0].tensors()[name].shape), layer=layer, family=family,
@@ -258,8 +276,9 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
             families.setdefault(family, Group.empty(len(models))).add(g)
             if expert is not None:
                 experts.setdefault(expert, Group.empty(len(models))).add(g)
+            done += 1
             if progress is not None:
-                progress(done + 1, len(names))
+                progress(done, len(names))
     secs = time.perf_counter() - started
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -276,3 +295,6 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
         "tensors": per_tensor,
     }
 
+
+def batch_bytes(batch: list[str], sizes: dict[str, int]) -> int:
+    return sum(sizes[n] for n in batch)

@@ -172,16 +172,54 @@ def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
     return dot, agree, both
 
 
+@njit(**_JIT)
+def small_pass(b, x, bf, ks):  # noqa: ANN001, ANN201
+    """model_pass + the top-k energies for a small tensor: τ² sorted (no 65536-bucket tables:
+    per-tensor overhead matters for checkpoints of many small tensors)."""
+    n = b.size
+    fb = np.empty(n, np.float64)
+    fx = np.empty(n, np.float64)
+    u = np.empty(n, np.uint32)
+    _load(b, 0, n, bf, fb, u)
+    _load(x, 0, n, bf, fx, u)
+    q = np.empty(n, np.float64)
+    ss = 0.0
+    bss = 0.0
+    mx = 0.0
+    zeros = 0
+    for i in range(n):
+        t = fx[i] - fb[i]
+        bss += fb[i] * fb[i]
+        q[i] = t * t
+        ss += q[i]
+        mx = max(mx, abs(t))
+        zeros += t == 0.0
+    q.sort()
+    energy = np.zeros(ks.size, np.float64)
+    for f in range(ks.size):
+        for i in range(n - ks[f], n):
+            energy[f] += q[i]
+    return ss, bss, mx, zeros, energy
+
+
+#: tensors up to this many entries take `small_pass`
+SMALL = 1 << 14
+
+
 def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: bool = False
                 ) -> tuple[float, float, float, int, list[float]]:
     """‖τ‖², ‖base‖², max |τ|, zeros and, per fraction f, the sum of the ceil(f·n) largest τ²
     (`bf`: the arrays hold bfloat16 bit patterns)."""
     n = b.size
+    if n == 0:
+        return 0.0, 0.0, 0.0, 0, [0.0] * len(fractions)
+    if n <= SMALL:
+        ks = np.array([min(n, max(1, math.ceil(f * n))) for f in fractions], np.int64)
+        ss, bss, mx, zeros, en = small_pass(b, x, bf, ks)
+        return ss, bss, mx, zeros, [float(e) for e in en]
     counts = np.zeros(NBUCKETS, np.int64)
     keys = np.empty(n, np.uint16)
     ss, bss, mx, zeros = model_pass(b, x, bf, counts, keys)
-    if n == 0:
-        return ss, bss, mx, zeros, [0.0] * len(fractions)
     nz = np.nonzero(counts)[0][::-1]  # occupied buckets, largest first
     ccount = np.cumsum(counts[nz])
     wanted = []  # per fraction: (its boundary bucket, entries above it, k)

@@ -33,7 +33,7 @@ FRACTIONS = (0.01, 0.05, 0.10, 0.20)
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelSums:
     """Additive statistics of one model's τ over a set of tensors."""
 
@@ -49,10 +49,14 @@ class ModelSums:
         self.numel += o.numel
         self.ss += o.ss
         self.base_ss += o.base_ss
-        self.max_abs = max(self.max_abs, o.max_abs)
+        if o.max_abs > self.max_abs:
+            self.max_abs = o.max_abs
         self.zeros += o.zeros
-        self.energy = [a + b for a, b in zip(self.energy, o.energy)]
-        self.eff_ranks += o.eff_ranks
+        e, oe = self.energy, o.energy
+        for i in range(len(e)):
+            e[i] += oe[i]
+        if o.eff_ranks:
+            self.eff_ranks += o.eff_ranks
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -66,7 +70,7 @@ class ModelSums:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class PairSums:
     """Additive statistics of a pair of task vectors (τi, τj)."""
 
