@@ -15,6 +15,7 @@ and those of them with equal signs; `merge_pass` compares a merge output with on
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -275,3 +276,146 @@ def merge_pass(b, x, o, bf):  # noqa: ANN001, ANN201
             kept += p > 0.0
             against += p < 0.0
     return sx, st, so, sto, dox, dtt, dist, nnz, kept, against
+
+
+@njit(**_JIT)
+def fused_pass(b, xs, bf, lo, hi, counts, keys, stats, pairs):  # noqa: ANN001, ANN201
+    """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
+    per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
+    `keys[j]` / `counts[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
+    entries both non-zero with equal signs, entries both non-zero). The base and each model
+    are widened once per chunk, for everything."""
+    nm = len(xs)
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    tt = np.empty((nm, CHUNK), np.float64)
+    qq = np.empty(CHUNK, np.float64)
+    qbits = qq.view(np.uint64)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - start)
+        _load(b, start, m, bf, fb, u)
+        bss = 0.0
+        for i in range(m):
+            bss += fb[i] * fb[i]
+        for j in range(nm):
+            _load(xs[j], start, m, bf, fx, u)
+            ss = 0.0
+            mx = stats[j, 2]
+            zeros = 0.0
+            for i in range(m):
+                t = fx[i] - fb[i]
+                tt[j, i] = t
+                q = t * t
+                ss += q
+                qq[i] = q
+                mx = max(mx, abs(t))
+                zeros += t == 0.0
+            stats[j, 0] += ss
+            stats[j, 1] += bss
+            stats[j, 2] = mx
+            stats[j, 3] += zeros
+            for i in range(m):
+                k = qbits[i] >> 48
+                keys[j, start + i] = k
+                counts[j, k] += 1
+        p = 0
+        for j in range(nm):
+            for l in range(j + 1, nm):
+                dot = 0.0
+                agree = 0.0
+                both = 0.0
+                for i in range(m):
+                    pr = tt[j, i] * tt[l, i]
+                    dot += pr
+                    agree += pr > 0.0
+                    both += pr != 0.0
+                pairs[p, 0] += dot
+                pairs[p, 1] += agree
+                pairs[p, 2] += both
+                p += 1
+
+
+@njit(**_JIT)
+def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, fkeys, above, out):  # noqa: ANN001, ANN201
+    """Second pass over entries lo:hi: per model j and fraction f, the τ² in buckets above
+    `fkeys[j, f]` summed into `above[j, f]`; the entries of buckets with a slot (`slot[j, k]`
+    >= 0) listed into `out` at `fill[slot]`."""
+    nm = len(xs)
+    nf = fkeys.shape[1]
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - start)
+        _load(b, start, m, bf, fb, u)
+        for j in range(nm):
+            _load(xs[j], start, m, bf, fx, u)
+            for i in range(m):
+                t = fx[i] - fb[i]
+                q = t * t
+                k = keys[j, start + i]
+                for f in range(nf):
+                    if k > fkeys[j, f]:
+                        above[j, f] += q
+                s = slot[j, k]
+                if s >= 0:
+                    out[fill[s]] = q
+                    fill[s] += 1
+
+
+def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...], bf: bool,
+                parts: int = 1, run: Any = None) -> tuple[list[tuple], list[tuple[float, int, int]]]:
+    """Every model's (‖τ‖², ‖base‖², max |τ|, zeros, energies) and every pair's (dot, agree,
+    both) for a large tensor, in two fused passes; `parts` ranges of the entries run through
+    `run(fn, args_list)` (threads: the loops release the GIL), else one after the other."""
+    n, nm = b.size, len(xs)
+    xt = tuple(xs)
+    npairs = nm * (nm - 1) // 2
+    cuts = [n * p // parts for p in range(parts + 1)]
+    counts = np.zeros((parts, nm, NBUCKETS), np.int64)
+    keys = np.empty((nm, n), np.uint16)
+    stats = np.zeros((parts, nm, 4), np.float64)
+    pairs = np.zeros((parts, max(npairs, 1), 3), np.float64)
+    runner = run or (lambda fn, args: [fn(*a) for a in args])
+    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], keys, stats[p], pairs[p])
+                        for p in range(parts)])
+    total = counts.sum(axis=0)
+    wanted = []  # per model, per fraction: (boundary bucket, entries above it, k)
+    for j in range(nm):
+        nz = np.nonzero(total[j])[0][::-1]
+        ccount = np.cumsum(total[j][nz])
+        row = []
+        for f in fractions:
+            k = min(n, max(1, math.ceil(f * n)))
+            i = int(np.searchsorted(ccount, k))
+            row.append((int(nz[i]), int(ccount[i - 1]) if i else 0, k))
+        wanted.append(row)
+    slot = np.full((nm, NBUCKETS), -1, np.int64)
+    order = []  # (model, bucket) per slot
+    for j in range(nm):
+        for bk in sorted({w[0] for w in wanted[j]}):
+            slot[j, bk] = len(order)
+            order.append((j, bk))
+    sizes = np.array([total[j, bk] for j, bk in order], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # each part lists its entries of a slot after the earlier parts' entries
+    fills = [offsets[:-1] + np.array([counts[:p, j, bk].sum() for j, bk in order], np.int64)
+             for p in range(parts)]
+    fkeys = np.array([[w[0] for w in row] for row in wanted], np.int64)
+    above = np.zeros((parts, nm, len(fractions)), np.float64)
+    out = np.empty(int(offsets[-1]), np.float64)
+    runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], fkeys, above[p], out)
+                          for p in range(parts)])
+    above_t = above.sum(axis=0)
+    st = stats.sum(axis=0)
+    models = []
+    for j in range(nm):
+        energy = []
+        for f, (bk, above_n, k) in enumerate(wanted[j]):
+            s = int(slot[j, bk])
+            energy.append(float(above_t[j, f]) + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
+        mx = float(stats[:, j, 2].max())
+        models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
+    pr = pairs.sum(axis=0)
+    return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]

@@ -183,7 +183,7 @@ def _flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
 def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> None:
     import torch
 
-    from mergelang.tools.inspect_kernels import model_stats, pair_pass
+    from mergelang.tools.inspect_kernels import SMALL, fused_stats, model_stats, pair_pass
 
     kinds = {t.dtype for t in (base, *xs)}
     # one numba specialisation per call: all bfloat16 (read as stored), else float32 (exact
@@ -193,24 +193,22 @@ def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> N
     bf = dtype == torch.bfloat16
     b = _flat(base, dtype)
     arrs = [_flat(x, dtype) for x in xs]
-
-    def model(i: int) -> None:
-        s = g.models[i]
-        s.numel = b.size
-        s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = model_stats(b, arrs[i], FRACTIONS, bf)
-        s.zeros = int(s.zeros)
-
-    def pair(ij: tuple[int, int]) -> None:
-        p = g.pairs[ij]
-        p.dot, p.agree, p.both = pair_pass(b, arrs[ij[0]], arrs[ij[1]], bf)
-        p.agree, p.both = int(p.agree), int(p.both)
-
-    jobs = [(model, i) for i in range(len(arrs))] + [(pair, ij) for ij in g.pairs]
-    if b.size < PARALLEL_MIN or len(jobs) == 1:
-        for fn, arg in jobs:
-            fn(arg)
-    else:  # the loops release the GIL: models and pairs on the CPU's cores
-        list(_pool().map(lambda job: job[0](job[1]), jobs))
+    if b.size <= SMALL:  # one sorting call per model (small tensors: no bucket tables)
+        for s, a in zip(g.models, arrs):
+            s.numel = b.size
+            s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = model_stats(b, a, FRACTIONS, bf)
+            s.zeros = int(s.zeros)
+        for (i, j), p in g.pairs.items():
+            p.dot, p.agree, p.both = pair_pass(b, arrs[i], arrs[j], bf)
+            p.agree, p.both = int(p.agree), int(p.both)
+        return
+    parts = max(1, min(_workers(), b.size // PARALLEL_MIN))
+    models, pairs = fused_stats(b, arrs, FRACTIONS, bf, parts,
+                                lambda fn, args: list(_pool().map(lambda a: fn(*a), args)))
+    for s, (ss, bss, mx, zeros, energy) in zip(g.models, models):
+        s.numel, s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = b.size, ss, bss, mx, zeros, energy
+    for p, (dot, agree, both) in zip(g.pairs.values(), pairs):
+        p.dot, p.agree, p.both = dot, agree, both
 
 
 #: tensors smaller than this are computed on the calling thread
@@ -218,13 +216,17 @@ PARALLEL_MIN = 1 << 16
 _POOL: list[Any] = []
 
 
+def _workers() -> int:
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def _pool() -> Any:
     if not _POOL:
-        import os
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
-                                        thread_name_prefix="mergelang-inspect-cpu"))
+        _POOL.append(ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="mergelang-inspect-cpu"))
     return _POOL[0]
 
 

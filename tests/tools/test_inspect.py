@@ -308,13 +308,15 @@ def test_cpu_loops_equal_the_torch_form(dtype):
     from mergelang.tools.inspect_stats import tensor_group
 
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(300, 70, generator=g).to(dtype)
-    xs = [(base.float() + 0.01 * torch.randn(300, 70, generator=g)).to(dtype) for _ in range(3)]
     cpu = torch.device("cpu")
-    a, _ = tensor_group(base, xs, None, cpu)
-    b, _ = tensor_group(base, xs, None, cpu, kernel="torch")
     labels = ["x", "y", "z"]
-    close(a.to_json(labels), b.to_json(labels))
-    assert a.models[0].energy != [0.0] * 4 and a.pairs[(0, 1)].both > 0
+    # small (one sorting call), fused (two passes), fused in two parts of the entries
+    for shape in ((60, 70), (300, 70), (400, 330)):
+        base = torch.randn(*shape, generator=g).to(dtype)
+        xs = [(base.float() + 0.01 * torch.randn(*shape, generator=g)).to(dtype) for _ in range(3)]
+        a, _ = tensor_group(base, xs, None, cpu)
+        b, _ = tensor_group(base, xs, None, cpu, kernel="torch")
+        close(a.to_json(labels), b.to_json(labels))
+        assert a.models[0].energy != [0.0] * 4 and a.pairs[(0, 1)].both > 0
     e, _ = tensor_group(torch.zeros(0, 4, dtype=dtype), [torch.zeros(0, 4, dtype=dtype)] * 2, 4, cpu)
     assert e.to_json(["x", "y"])["models"]["x"]["norm"] == 0 and e.models[0].numel == 0
