@@ -9,7 +9,7 @@ the k largest τ² are the buckets above the one holding the k-th largest (summe
 second pass that also lists the boundary buckets' entries) plus the largest entries of that
 bucket (`top_sum`: a radix selection on the next 16-bit digits). Exact, like a sort of all of
 τ², in two passes and no sort. `pair_pass` sums τi·τj and counts the entries non-zero in both
-and those of them with equal signs; `merge_pass` compares a merge output with one input.
+and those of them with equal signs; `merge_fused` compares a merge output with its inputs.
 """
 
 from __future__ import annotations
@@ -242,43 +242,6 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
 
 
 @njit(**_JIT)
-def merge_pass(b, x, o, bf):  # noqa: ANN001, ANN201
-    """An output `o` against one input `x` of a merge from base `b` (run --report): ‖x‖²,
-    ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖² (τ = x − b, τo = o − b), and of the entries
-    where τ ≠ 0: how many, where τo has τ's sign (kept), where it has the other sign (against)."""
-    n = b.size
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    fo = np.empty(CHUNK, np.float64)
-    u = np.empty(CHUNK, np.uint32)
-    sx = st = so = sto = dox = dtt = dist = 0.0
-    nnz = kept = against = 0
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
-        _load(b, start, m, bf, fb, u)
-        _load(x, start, m, bf, fx, u)
-        _load(o, start, m, bf, fo, u)
-        for i in range(m):
-            xx = fx[i]
-            oo = fo[i]
-            t = xx - fb[i]
-            to = oo - fb[i]
-            d = oo - xx
-            p = to * t
-            sx += xx * xx
-            st += t * t
-            so += oo * oo
-            sto += to * to
-            dox += oo * xx
-            dtt += p
-            dist += d * d
-            nnz += t != 0.0
-            kept += p > 0.0
-            against += p < 0.0
-    return sx, st, so, sto, dox, dtt, dist, nnz, kept, against
-
-
-@njit(**_JIT)
 def fused_pass(b, xs, bf, lo, hi, counts, keys, stats, pairs):  # noqa: ANN001, ANN201
     """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
     per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
@@ -419,3 +382,51 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
         models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
     pr = pairs.sum(axis=0)
     return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]
+
+
+@njit(**_JIT)
+def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201
+    """merge_pass for every input in `xs` at once over entries lo:hi, the base and the output
+    widened once per chunk: acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖²,
+    nnz, kept, against) (counts as float64: exact below 2**53)."""
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    fo = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - start)
+        _load(b, start, m, bf, fb, u)
+        _load(o, start, m, bf, fo, u)
+        so = sto = 0.0
+        for i in range(m):
+            to = fo[i] - fb[i]
+            so += fo[i] * fo[i]
+            sto += to * to
+        for j in range(len(xs)):
+            _load(xs[j], start, m, bf, fx, u)
+            sx = st = dox = dtt = dist = 0.0
+            nnz = kept = against = 0.0
+            for i in range(m):
+                xx = fx[i]
+                oo = fo[i]
+                t = xx - fb[i]
+                p = (oo - fb[i]) * t
+                d = oo - xx
+                sx += xx * xx
+                st += t * t
+                dox += oo * xx
+                dtt += p
+                dist += d * d
+                nnz += t != 0.0
+                kept += p > 0.0
+                against += p < 0.0
+            acc[j, 0] += sx
+            acc[j, 1] += st
+            acc[j, 2] += so
+            acc[j, 3] += sto
+            acc[j, 4] += dox
+            acc[j, 5] += dtt
+            acc[j, 6] += dist
+            acc[j, 7] += nnz
+            acc[j, 8] += kept
+            acc[j, 9] += against

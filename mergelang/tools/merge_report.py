@@ -116,8 +116,7 @@ class MergeReport:
                 return src.load_as(name, None, view=True)
             return src.load_rows(name, None, start, stop, view=True)
 
-        base = read(self.ref)
-        sums = {lab: _sums(base, read(self.models[lab]), out) for lab in inputs}
+        sums = dict(zip(inputs, _sums(read(self.ref), [read(self.models[lab]) for lab in inputs], out)))
         layer = location(name)[0]
         with self.lock:
             targets = [self.tensors.setdefault(name, {}), self.groups["rules"].setdefault(rule, {}),
@@ -187,18 +186,32 @@ def _rule_key(span: Any) -> str:
     return f"{Path(span.source.path).name}:{span.line}: {text[:80]}"
 
 
-def _sums(base: "torch.Tensor", x: "torch.Tensor", out: "torch.Tensor") -> RunSums:
+def _sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -> list[RunSums]:
+    """The sums of `out` against each input, in one pass (two parts of the entries on two
+    threads for a large tensor)."""
+    import numpy as np
     import torch
 
-    from mergelang.tools.inspect_kernels import merge_pass
-    from mergelang.tools.inspect_stats import _flat
+    from mergelang.tools.inspect_kernels import merge_fused
+    from mergelang.tools.inspect_stats import PARALLEL_MIN, _flat, _pool, _workers
 
-    kinds = {base.dtype, x.dtype, out.dtype}
+    kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}
     dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
         torch.float64 if torch.float64 in kinds else torch.float32
-    arrs = [_flat(t.cpu(), dtype) for t in (base, x, out)]
-    r = merge_pass(*arrs, dtype == torch.bfloat16)
-    return RunSums(arrs[0].size, *(float(v) for v in r[:7]), *(int(v) for v in r[7:]))
+    b, o = _flat(base.cpu(), dtype), _flat(out.cpu(), dtype)
+    arrs = tuple(_flat(x.cpu(), dtype) for x in xs)
+    bf = dtype == torch.bfloat16
+    n = b.size
+    parts = max(1, min(_workers(), n // PARALLEL_MIN))
+    cuts = [n * p // parts for p in range(parts + 1)]
+    acc = np.zeros((parts, len(xs), 10), np.float64)
+    jobs = [(b, arrs, o, bf, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
+    if parts == 1:
+        merge_fused(*jobs[0])
+    else:
+        list(_pool().map(lambda a: merge_fused(*a), jobs))
+    tot = acc.sum(axis=0)
+    return [RunSums(n, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
 
 
 def report_html(report: dict[str, Any]) -> str:
