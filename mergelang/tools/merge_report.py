@@ -6,7 +6,7 @@ handed to the writer, is compared with the inputs its rule read (the LOAD nodes 
 above that output that read the same tensor name) and with the reference model's tensor (the
 `merge from` model: the base of every task vector). The inputs are read again for this from
 their sources (`load_as(view=True)` / `load_rows`: the bytes the merge itself read moments ago,
-from the page cache). One numba loop per input (inspect_kernels.merge_pass) gives additive sums,
+from the page cache). One numba pass over the base, the output and every input (inspect_kernels.merge_fused) gives additive sums,
 added per tensor, per rule (its source line), per layer and for the whole output. The report is
 written into the output folder before it is moved into place (mergelang_report.json, and
 mergelang_report.html with matplotlib), so the manifest lists it.
@@ -33,7 +33,7 @@ REPORT_HTML = "mergelang_report.html"
 
 @dataclass
 class RunSums:
-    """Additive sums of an output against one input (inspect_kernels.merge_pass)."""
+    """Additive sums of an output against one input (inspect_kernels.merge_fused)."""
 
     numel: int = 0
     sx: float = 0.0
