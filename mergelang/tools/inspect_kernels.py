@@ -1,15 +1,17 @@
-"""CPU loops (numba) for inspect's per-tensor statistics and run --report: one pass per model,
-one per pair (and one per input of a merge output), τ formed in float64 on the fly, a chunk of
-CHUNK entries at a time, never stored whole. bfloat16 inputs are read as stored (their bits
-widened, exact), other dtypes as float32 / float64 arrays.
+"""CPU loops (numba) for inspect's per-tensor statistics and run --report: τ formed in float64
+on the fly, a chunk of CHUNK entries at a time, never stored whole; bfloat16 inputs read as
+stored (their bits widened, exact), other dtypes as float32 / float64 arrays.
 
-`model_pass` sums ‖τ‖², ‖base‖², max |τ|, zeros, and counts τ² per bucket: the high 16 bits of
-its float64 bits (exponent and 4 mantissa bits; monotonic since τ² >= 0). For each fraction,
-the k largest τ² are the buckets above the one holding the k-th largest (summed by `gather`, a
-second pass that also lists the boundary buckets' entries) plus the largest entries of that
-bucket (`top_sum`: a radix selection on the next 16-bit digits). Exact, like a sort of all of
-τ², in two passes and no sort. `pair_pass` sums τi·τj and counts the entries non-zero in both
-and those of them with equal signs; `merge_fused` compares a merge output with its inputs.
+Large tensors (`fused_stats`): `fused_pass` reads the base and every model once, summing per
+model ‖τ‖², ‖base‖², max |τ|, zeros, per pair ⟨τi, τj⟩ and the sign counts, and counting and
+summing τ² per bucket: the high 16 bits of its float64 bits (exponent and 4 mantissa bits;
+monotonic since τ² >= 0). For each fraction, the k largest τ² are the buckets above the one
+holding the k-th largest (their sums) plus the largest entries of that bucket: `fused_gather`
+lists them (a pass over the bucket keys, recomputing τ² only for those entries) and `top_sum`
+selects by radix on the next 16-bit digits. Exact, like a sort of all of τ², with no sort.
+Both passes split the entries into parts run on threads. Small tensors: `small_pass` sorts.
+`pair_pass` (small tensors) sums τi·τj and counts the entries non-zero in both and those of
+them with equal signs; `merge_fused` compares a merge output with its inputs.
 """
 
 from __future__ import annotations
@@ -42,69 +44,6 @@ def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201
     else:
         for i in range(m):
             out[i] = a[start + i]
-
-
-@njit(**_JIT)
-def model_pass(b, x, bf, counts, keys):  # noqa: ANN001, ANN201 - numba types
-    """‖τ‖², ‖base‖², max |τ|, zeros; each entry's bucket (the high 16 bits of τ² as float64:
-    exponent and 4 mantissa bits, monotonic for τ² >= 0) into `keys`, counted in `counts`."""
-    n = b.size
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    qq = np.empty(CHUNK, np.float64)
-    qbits = qq.view(np.uint64)
-    u = np.empty(CHUNK, np.uint32)
-    ss = 0.0
-    bss = 0.0
-    mx = 0.0
-    zeros = 0
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
-        _load(b, start, m, bf, fb, u)
-        _load(x, start, m, bf, fx, u)
-        for i in range(m):
-            bb = fb[i]
-            t = fx[i] - bb
-            bss += bb * bb
-            q = t * t
-            ss += q
-            qq[i] = q
-            mx = max(mx, abs(t))
-            zeros += t == 0.0
-        for i in range(m):
-            k = qbits[i] >> 48
-            keys[start + i] = k
-            counts[k] += 1
-    return ss, bss, mx, zeros
-
-
-@njit(**_JIT)
-def gather(b, x, bf, keys, slot, offsets, fkeys, above):  # noqa: ANN001, ANN201
-    """The τ² of the entries whose bucket has a slot (>= 0), each slot's in its part of the
-    result; and per fraction f the sum of the τ² in buckets above `fkeys[f]` into `above[f]`."""
-    n = b.size
-    nf = fkeys.size
-    out = np.empty(offsets[-1], np.float64)
-    fill = offsets[:-1].copy()
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    u = np.empty(CHUNK, np.uint32)
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
-        _load(b, start, m, bf, fb, u)
-        _load(x, start, m, bf, fx, u)
-        for i in range(m):
-            t = fx[i] - fb[i]
-            q = t * t
-            k = keys[start + i]
-            for f in range(nf):
-                if k > fkeys[f]:
-                    above[f] += q
-            s = slot[k]
-            if s >= 0:
-                out[fill[s]] = q
-                fill[s] += 1
-    return out
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -210,42 +149,21 @@ SMALL = 1 << 14
 def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: bool = False
                 ) -> tuple[float, float, float, int, list[float]]:
     """‖τ‖², ‖base‖², max |τ|, zeros and, per fraction f, the sum of the ceil(f·n) largest τ²
-    (`bf`: the arrays hold bfloat16 bit patterns)."""
+    of a small tensor (at most SMALL entries; `bf`: the arrays hold bfloat16 bit patterns)."""
     n = b.size
     if n == 0:
         return 0.0, 0.0, 0.0, 0, [0.0] * len(fractions)
-    if n <= SMALL:
-        ks = np.array([min(n, max(1, math.ceil(f * n))) for f in fractions], np.int64)
-        ss, bss, mx, zeros, en = small_pass(b, x, bf, ks)
-        return ss, bss, mx, zeros, [float(e) for e in en]
-    counts = np.zeros(NBUCKETS, np.int64)
-    keys = np.empty(n, np.uint16)
-    ss, bss, mx, zeros = model_pass(b, x, bf, counts, keys)
-    nz = np.nonzero(counts)[0][::-1]  # occupied buckets, largest first
-    ccount = np.cumsum(counts[nz])
-    wanted = []  # per fraction: (its boundary bucket, entries above it, k)
-    for f in fractions:
-        k = min(n, max(1, math.ceil(f * n)))
-        j = int(np.searchsorted(ccount, k))  # the bucket holding the k-th largest
-        wanted.append((int(nz[j]), int(ccount[j - 1]) if j else 0, k))
-    buckets = sorted({w[0] for w in wanted})
-    slot = np.full(NBUCKETS, -1, np.int64)
-    slot[buckets] = np.arange(len(buckets))
-    offsets = np.concatenate([[0], np.cumsum(counts[buckets])]).astype(np.int64)
-    above = np.zeros(len(wanted), np.float64)
-    listed = gather(b, x, bf, keys, slot, offsets, np.array([w[0] for w in wanted], np.int64), above)
-    energy = []
-    for f, (bk, above_n, k) in enumerate(wanted):
-        s = buckets.index(bk)
-        energy.append(float(above[f]) + float(top_sum(listed[offsets[s]:offsets[s + 1]], k - above_n)))
-    return ss, bss, mx, zeros, energy
+    assert n <= SMALL, "large tensors: fused_stats"
+    ks = np.array([min(n, max(1, math.ceil(f * n))) for f in fractions], np.int64)
+    ss, bss, mx, zeros, en = small_pass(b, x, bf, ks)
+    return ss, bss, mx, zeros, [float(e) for e in en]
 
 
 @njit(**_JIT)
-def fused_pass(b, xs, bf, lo, hi, counts, keys, stats, pairs):  # noqa: ANN001, ANN201
+def fused_pass(b, xs, bf, lo, hi, counts, sums, keys, stats, pairs):  # noqa: ANN001, ANN201
     """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
     per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
-    `keys[j]` / `counts[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
+    `keys[j]`, counted in `counts[j]` and summed in `sums[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
     entries both non-zero with equal signs, entries both non-zero). The base and each model
     are widened once per chunk, for everything."""
     nm = len(xs)
@@ -282,6 +200,7 @@ def fused_pass(b, xs, bf, lo, hi, counts, keys, stats, pairs):  # noqa: ANN001, 
                 k = qbits[i] >> 48
                 keys[j, start + i] = k
                 counts[j, k] += 1
+                sums[j, k] += qq[i]
         p = 0
         for j in range(nm):
             for l in range(j + 1, nm):
@@ -300,31 +219,23 @@ def fused_pass(b, xs, bf, lo, hi, counts, keys, stats, pairs):  # noqa: ANN001, 
 
 
 @njit(**_JIT)
-def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, fkeys, above, out):  # noqa: ANN001, ANN201
-    """Second pass over entries lo:hi: per model j and fraction f, the τ² in buckets above
-    `fkeys[j, f]` summed into `above[j, f]`; the entries of buckets with a slot (`slot[j, k]`
-    >= 0) listed into `out` at `fill[slot]`."""
-    nm = len(xs)
-    nf = fkeys.shape[1]
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    u = np.empty(CHUNK, np.uint32)
-    for start in range(lo, hi, CHUNK):
-        m = min(CHUNK, hi - start)
-        _load(b, start, m, bf, fb, u)
-        for j in range(nm):
-            _load(xs[j], start, m, bf, fx, u)
-            for i in range(m):
-                t = fx[i] - fb[i]
-                q = t * t
-                k = keys[j, start + i]
-                for f in range(nf):
-                    if k > fkeys[j, f]:
-                        above[j, f] += q
-                s = slot[j, k]
-                if s >= 0:
-                    out[fill[s]] = q
-                    fill[s] += 1
+def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, out):  # noqa: ANN001, ANN201
+    """Second pass over entries lo:hi, reading only the bucket keys: the τ² of the entries of
+    buckets with a slot (`slot[j, k]` >= 0), recomputed from the inputs one entry at a time,
+    listed into `out` at `fill[slot]`."""
+    fb = np.empty(1, np.float64)
+    fx = np.empty(1, np.float64)
+    u = np.empty(1, np.uint32)
+    for j in range(len(xs)):
+        x = xs[j]
+        for i in range(lo, hi):
+            s = slot[j, keys[j, i]]
+            if s >= 0:
+                _load(b, i, 1, bf, fb, u)
+                _load(x, i, 1, bf, fx, u)
+                t = fx[0] - fb[0]
+                out[fill[s]] = t * t
+                fill[s] += 1
 
 
 def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...], bf: bool,
@@ -337,13 +248,15 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     npairs = nm * (nm - 1) // 2
     cuts = [n * p // parts for p in range(parts + 1)]
     counts = np.zeros((parts, nm, NBUCKETS), np.int64)
+    sums = np.zeros((parts, nm, NBUCKETS), np.float64)
     keys = np.empty((nm, n), np.uint16)
     stats = np.zeros((parts, nm, 4), np.float64)
     pairs = np.zeros((parts, max(npairs, 1), 3), np.float64)
     runner = run or (lambda fn, args: [fn(*a) for a in args])
-    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], keys, stats[p], pairs[p])
+    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], sums[p], keys, stats[p], pairs[p])
                         for p in range(parts)])
     total = counts.sum(axis=0)
+    bucket_sums = sums.sum(axis=0)
     wanted = []  # per model, per fraction: (boundary bucket, entries above it, k)
     for j in range(nm):
         nz = np.nonzero(total[j])[0][::-1]
@@ -365,19 +278,17 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     # each part lists its entries of a slot after the earlier parts' entries
     fills = [offsets[:-1] + np.array([counts[:p, j, bk].sum() for j, bk in order], np.int64)
              for p in range(parts)]
-    fkeys = np.array([[w[0] for w in row] for row in wanted], np.int64)
-    above = np.zeros((parts, nm, len(fractions)), np.float64)
     out = np.empty(int(offsets[-1]), np.float64)
-    runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], fkeys, above[p], out)
+    runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], out)
                           for p in range(parts)])
-    above_t = above.sum(axis=0)
     st = stats.sum(axis=0)
     models = []
     for j in range(nm):
         energy = []
         for f, (bk, above_n, k) in enumerate(wanted[j]):
             s = int(slot[j, bk])
-            energy.append(float(above_t[j, f]) + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
+            above = float(bucket_sums[j, bk + 1:].sum())  # every bucket above the boundary
+            energy.append(above + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
         mx = float(stats[:, j, 2].max())
         models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
     pr = pairs.sum(axis=0)
