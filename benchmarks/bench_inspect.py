@@ -9,7 +9,8 @@ reused when present), then times, in this process and with a warm page cache:
 * the read floor: every tensor of every model read once and converted to float32
   (`ModelSource.load_as`, what any merge or statistic must do at least);
 * `ml.inspect(base, [ft1, ft2])` (json report, no folder), and with --spectrum also the SVDs.
-Each is run --repeat times, alternating; the best time is kept. `--tiny N` builds three
+Each is run --repeat times, alternating, after one warm-up of each (page cache, numba's cache);
+the best time is kept. `--tiny N` builds three
 checkpoints of N tiny tensors named like DeepSeek-V3's experts (model.layers.L.mlp.experts.E.*)
 and reports the per-tensor overhead of inspect over the floor.
 """
@@ -119,6 +120,7 @@ def main() -> None:
     print(f"{label}: {len(shapes)} tensors, {params / 1e9:.3f}B params per model, 3 models "
           f"(bf16; built/reused in {time.perf_counter() - t0:.1f}s)")
     read_floor(paths)  # warm the page cache
+    run_inspect(paths)  # and load the compiled loops (numba's cache) once
     floor, insp = [], []
     for _ in range(args.repeat):
         floor.append(read_floor(paths))
