@@ -53,7 +53,7 @@ def inspect(base: str | os.PathLike, models: Sequence[str | os.PathLike], out: s
                                    "e.g. mergelang inspect ./base ./finetuned -o report"))
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
     say = log or (lambda m: None)
-    if fmt != "json":
+    if fmt != "json" and out is not None:
         from mergelang.tools.inspect_plots import require_matplotlib
 
         require_matplotlib()
