@@ -26,7 +26,8 @@ from mergelang.diagnostics import Diagnostic, Diagnostics, MergelangError, Sourc
 from mergelang.tools.inspect_stats import FRACTIONS, Group, location, tensor_group
 
 REPORT_FORMAT = "mergelang-inspect"
-FLOAT = ("float16", "bfloat16", "float32", "float64")
+#: the dtypes inspected (block-scaled FP8 weights are loaded dequantized, other FP8 as float32)
+FLOAT = ("float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2")
 #: read-ahead when no memory budget is given
 DEFAULT_BUDGET = 2 << 30
 #: consecutive tensors are read together up to this many bytes (or 256 tensors)

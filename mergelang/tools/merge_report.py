@@ -88,6 +88,7 @@ class MergeReport:
         self.total: dict[str, RunSums] = {}
         self.tensors: dict[str, dict[str, RunSums]] = {}
         self.seconds = 0.0
+        self.fp8: set[str] = set()  # outputs written as block-scaled FP8: not measured
 
     def wrap(self, write: Callable[..., None], write_rows: Callable[..., None] | None
              ) -> tuple[Callable[..., None], Callable[..., None] | None]:
@@ -106,6 +107,10 @@ class MergeReport:
     def measure(self, name: str, out: "torch.Tensor", start: int | None) -> None:
         plan = self.rules.get(name)
         if plan is None or not out.is_floating_point() or out.numel() == 0:
+            return
+        if out.element_size() == 1:  # FP8 codes (re-quantized per block): not comparable values
+            with self.lock:
+                self.fp8.add(name)
             return
         t0 = time.perf_counter()
         rule, inputs = plan
@@ -138,7 +143,8 @@ class MergeReport:
                 "layers": {k: conv(self.groups["layers"][k])
                            for k in sorted(self.groups["layers"], key=int)},
                 "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v)} for k, v in self.tensors.items()},
-                "not_measured": sorted(n for n in self.rules if n not in self.tensors)}
+                "not_measured": sorted(n for n in self.rules if n not in self.tensors and n not in self.fp8),
+                "fp8_not_measured": sorted(self.fp8)}
 
     def add_files(self, files: dict[str, Any], html: bool = True) -> dict[str, Any]:
         """CheckpointWriter.finish's arguments with the report files added (the manifest then

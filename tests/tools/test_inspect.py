@@ -320,3 +320,32 @@ def test_cpu_loops_equal_the_torch_form(dtype):
         assert a.models[0].energy != [0.0] * 4 and a.pairs[(0, 1)].both > 0
     e, _ = tensor_group(torch.zeros(0, 4, dtype=dtype), [torch.zeros(0, 4, dtype=dtype)] * 2, 4, cpu)
     assert e.to_json(["x", "y"])["models"]["x"]["norm"] == 0 and e.models[0].numel == 0
+
+
+def test_fp8_and_hf_id_inputs(tmp_path, monkeypatch):
+    """Block-scaled FP8 models are seen dequantized; `hf:` ids come from the local cache."""
+    from test_fp8 import ref_dequant, write_fp8
+    from test_safety import make_hf_cache
+
+    a, b = write_fp8(tmp_path / "a", 0, 1.0), write_fp8(tmp_path / "b", 1, 1.0)
+    r = ml.inspect(a, [b], device="cpu")
+    n = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa = ref_dequant(sa[n], sa[n + "_scale_inv"]).double()
+    wb = ref_dequant(sb[n], sb[n + "_scale_inv"]).double()
+    assert r["tensors"][n]["models"]["b"]["norm"] == pytest.approx(float((wb - wa).norm()), rel=1e-9)
+    assert not any(k.endswith("_scale_inv") for k in r["tensors"])  # scales are not tensors here
+    hub = tmp_path / "hub"
+    snap = make_hf_cache(hub, "org/base", 0)
+    make_hf_cache(hub, "org/tuned", 1)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    r = ml.inspect(snap, ["hf:org/tuned"], device="cpu")
+    w0 = load_file(str(snap / "model.safetensors"))["w"].double()
+    w1 = load_file(str(hub / "models--org--tuned" / "snapshots" / ("0123abcd" * 5) / "model.safetensors"))["w"]
+    assert r["models"] == ["tuned"]
+    assert r["tensors"]["w"]["models"]["tuned"]["norm"] == pytest.approx(float((w1.double() - w0).norm()), rel=1e-9)
+    res = CliRunner().invoke(cli_main, ["inspect", str(snap), "hf:org/tuned", "-o",
+                                        str(hub / "models--org--tuned" / "report"), "--format", "json"])
+    assert res.exit_code == 1 and "E404" in res.output  # never inside the cache repository

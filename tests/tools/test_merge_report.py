@@ -131,3 +131,19 @@ def test_report_refused_where_it_cannot_measure(tmp_path):
     with pytest.raises(ml.MergelangError) as e:
         ml.compile(tmp_path / "s.mrg").run(tmp_path / "out", device="cpu", report=True, executor="ray")
     assert e.value.codes == ["E954"] and not (tmp_path / "out").exists()
+
+
+def test_fp8_outputs_are_listed_not_measured(tmp_path):
+    """Outputs re-quantized to block-scaled FP8 are codes, not values: listed, not compared;
+    with --dtype bfloat16 they are measured."""
+    from test_fp8 import WEIGHTS, write_fp8
+
+    a, b = write_fp8(tmp_path / "a", 0, 1.0), write_fp8(tmp_path / "b", 1, 1.0)
+    text = f'model a = "{a}"\nmodel b = "{b}"\nmerge from a {{\n    "*" => linear([a, b])\n}}\n'
+    ml.compile(text).run(tmp_path / "o1", device="cpu", report=True)
+    rep = json.loads((tmp_path / "o1" / "mergelang_report.json").read_text())
+    assert rep["fp8_not_measured"] == sorted(WEIGHTS) and not set(WEIGHTS) & set(rep["tensors"])
+    ml.compile(text, dtype="bfloat16").run(tmp_path / "o2", device="cpu", report=True)
+    rep = json.loads((tmp_path / "o2" / "mergelang_report.json").read_text())
+    assert rep["fp8_not_measured"] == [] and set(WEIGHTS) <= set(rep["tensors"])
+    assert 0 < rep["tensors"][sorted(WEIGHTS)[0]]["inputs"]["b"]["cosine"] <= 1 + 1e-9
