@@ -2,15 +2,16 @@
 each model's tensor, the task vectors τ = model − base and additive sums over them, which add up
 exactly to the statistics of a layer, a tensor family, an expert or the whole model.
 
-Precision: tensors are read as stored and converted to float64 on the compute device; τ is the
-float64 difference (exact for float32, bfloat16 and float16 inputs), and every norm, dot
-product and energy sum is computed and accumulated in float64. Counts (zeros, signs) are exact.
+Precision: τ is the float64 difference of the stored values (exact for float32, bfloat16 and
+float16 inputs), and every norm, dot product and energy sum is computed and accumulated in
+float64. Counts (zeros, signs) are exact. On the CPU the numba loops of inspect_kernels.py do
+it; on CUDA (and as their test reference) `_torch_sums`, the same in torch.
 
 Energy of the top p % entries: k = ceil(p · n) entries with the largest |τ| (ties: any k of
-them, the sum is the same); their share of ‖τ‖². Exact: the k-th largest τ² is selected
-(numpy's introselect, `np.partition`, on the CPU; a descending sort on CUDA) and the k largest
-summed. A group's share is the sum of its tensors' top-k energies over the sum of their ‖τ‖²:
-what a per-tensor trim (TIES / DARE density p) keeps.
+them, the sum is the same); their share of ‖τ‖². Exact: the k largest τ² are selected (on the
+CPU by buckets and a radix selection, inspect_kernels.py; in torch by np.partition on the CPU,
+a descending sort on CUDA) and summed. A group's share is the sum of its tensors' top-k
+energies over the sum of their ‖τ‖²: what a per-tensor trim (TIES / DARE density p) keeps.
 
 Spectrum (`--spectrum`): singular values of each 2-D τ (`torch.linalg.svdvals`, float32; the
 costly part, timed in the report): the `k` largest, the stable rank Σσ²/σ₁² and the effective
