@@ -101,9 +101,12 @@ def _plot(fid: str, title: str, data: dict[str, Any]):
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
     else:
+        from matplotlib.ticker import MaxNLocator
+
         for lab, ys in data["series"].items():
             ax.plot(data["layers"], [nan if y is None else y for y in ys], marker=".", label=lab)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=6, ncol=2 if len(data["series"]) > 8 else 1)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
