@@ -3,12 +3,14 @@ on the fly, a chunk of CHUNK entries at a time, never stored whole; bfloat16 inp
 stored (their bits widened, exact), other dtypes as float32 / float64 arrays.
 
 Large tensors (`fused_stats`): `fused_pass` reads the base and every model once, summing per
-model ‖τ‖², ‖base‖², max |τ|, zeros, per pair ⟨τi, τj⟩ and the sign counts, and counting and
-summing τ² per bucket: the high 16 bits of its float64 bits (exponent and 4 mantissa bits;
-monotonic since τ² >= 0). For each fraction, the k largest τ² are the buckets above the one
-holding the k-th largest (their sums) plus the largest entries of that bucket: `fused_gather`
-lists them (a pass over the bucket keys, recomputing τ² only for those entries) and `top_sum`
-selects by radix on the next 16-bit digits. Exact, like a sort of all of τ², with no sort.
+model ‖τ‖², ‖base‖², max |τ|, zeros, per pair ⟨τi, τj⟩ and the sign counts, and counting,
+summing and bounding (least, largest) τ² per bucket: the high 16 bits of |τ| rounded to float32
+(|τ| at bfloat16 precision: 8 exponent, 7 mantissa bits; rounding is monotonic, so a larger τ²
+is never in a lower bucket). For each fraction, the k largest τ² are the buckets above the one
+holding the k-th largest (their sums) plus the largest entries of that bucket: r copies of its
+value when it holds one value (usual for bfloat16 task vectors: no second pass), else
+`fused_gather` lists its entries (a pass over the bucket keys, recomputing τ² only where
+needed) and `top_sum` selects by radix on 16-bit digits. Exact, like a sort, with no sort.
 Both passes split the entries into parts run on threads. Small tensors: `small_pass` sorts.
 `pair_pass` (small tensors) sums τi·τj and counts the entries non-zero in both and those of
 them with equal signs; `merge_fused` compares a merge output with its inputs.
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-#: buckets: the high 16 bits of τ²'s float64 bits (sign 0, 11 exponent, 4 mantissa bits)
+#: buckets: the high 16 bits of float32(|τ|) (sign 0, 8 exponent, 7 mantissa bits)
 NBUCKETS = 1 << 16
 
 
@@ -94,12 +96,12 @@ def _max(a, m):  # noqa: ANN001, ANN201
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def top_sum(vals, r):  # noqa: ANN001, ANN201
-    """The sum of the r largest of `vals` (>= 0, all in one bucket: equal high 16 bits): a radix
-    selection on the next 16-bit digits of their float64 bits, exact, no sort (quantised task
-    vectors put millions of equal values in one bucket)."""
+    """The sum of the r largest of `vals` (>= 0): a radix selection on the 16-bit digits of
+    their float64 bits, exact, no sort (quantised task vectors put millions of equal values in
+    one bucket)."""
     total = 0.0
     cand = vals
-    shift = 32
+    shift = 48
     counts = np.zeros(1 << 16, np.int64)
     sums = np.zeros(1 << 16, np.float64)
     while r > 0:
@@ -208,10 +210,11 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
 
 
 @njit(**_JIT)
-def fused_pass(b, xs, bf, lo, hi, counts, sums, keys, stats, pairs):  # noqa: ANN001, ANN201
+def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):  # noqa: ANN001, ANN201
     """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
     per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
-    `keys[j]`, counted in `counts[j]` and summed in `sums[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
+    `keys[j]`, counted in `counts[j]`, summed in `sums[j]`, their least and largest τ² in
+    `bmin[j]` / `bmax[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
     entries both non-zero with equal signs, entries both non-zero). The base and each model
     are widened once per chunk, for everything."""
     nm = len(xs)
@@ -221,7 +224,8 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, keys, stats, pairs):  # noqa: AN
     qq = np.empty(CHUNK, np.float64)
     w1 = np.empty(CHUNK, np.float64)
     w2 = np.empty(CHUNK, np.float64)
-    qbits = qq.view(np.uint64)
+    a32 = np.empty(CHUNK, np.float32)
+    abits = a32.view(np.uint32)
     u = np.empty(CHUNK, np.uint32)
     for start in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - start)
@@ -236,16 +240,20 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, keys, stats, pairs):  # noqa: AN
                 tt[j, i] = t
                 qq[i] = t * t
                 w1[i] = abs(t)
+                a32[i] = np.float32(abs(t))
                 w2[i] = 1.0 if t == 0.0 else 0.0
             stats[j, 0] += _sum(qq, m)
             stats[j, 1] += bss
             stats[j, 2] = max(stats[j, 2], _max(w1, m))
             stats[j, 3] += _sum(w2, m)
             for i in range(m):
-                k = qbits[i] >> 48
+                k = abits[i] >> 16
+                q = qq[i]
                 keys[j, start + i] = k
                 counts[j, k] += 1
-                sums[j, k] += qq[i]
+                sums[j, k] += q
+                bmin[j, k] = min(bmin[j, k], q)
+                bmax[j, k] = max(bmax[j, k], q)
         p = 0
         for j in range(nm):
             for l in range(j + 1, nm):
@@ -312,14 +320,17 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     cuts = [n * p // parts for p in range(parts + 1)]
     counts = np.zeros((parts, nm, NBUCKETS), np.int64)
     sums = np.zeros((parts, nm, NBUCKETS), np.float64)
+    bmin = np.full((parts, nm, NBUCKETS), np.inf)
+    bmax = np.zeros((parts, nm, NBUCKETS), np.float64)
     keys = np.empty((nm, n), np.uint16)
     stats = np.zeros((parts, nm, 4), np.float64)
     pairs = np.zeros((parts, max(npairs, 1), 3), np.float64)
     runner = run or (lambda fn, args: [fn(*a) for a in args])
-    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], sums[p], keys, stats[p], pairs[p])
-                        for p in range(parts)])
+    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], sums[p], bmin[p], bmax[p], keys,
+                         stats[p], pairs[p]) for p in range(parts)])
     total = counts.sum(axis=0)
     bucket_sums = sums.sum(axis=0)
+    lowest, highest = bmin.min(axis=0), bmax.max(axis=0)
     wanted = []  # per model, per fraction: (boundary bucket, entries above it, k)
     for j in range(nm):
         nz = np.nonzero(total[j])[0][::-1]
@@ -331,19 +342,21 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
             row.append((int(nz[i]), int(ccount[i - 1]) if i else 0, k))
         wanted.append(row)
     slot = np.full((nm, NBUCKETS), -1, np.int64)
-    order = []  # (model, bucket) per slot
+    order = []  # (model, bucket) per slot: boundary buckets holding different values
     for j in range(nm):
         for bk in sorted({w[0] for w in wanted[j]}):
-            slot[j, bk] = len(order)
-            order.append((j, bk))
+            if lowest[j, bk] != highest[j, bk]:
+                slot[j, bk] = len(order)
+                order.append((j, bk))
     sizes = np.array([total[j, bk] for j, bk in order], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     # each part lists its entries of a slot after the earlier parts' entries
     fills = [offsets[:-1] + np.array([counts[:p, j, bk].sum() for j, bk in order], np.int64)
              for p in range(parts)]
     out = np.empty(int(offsets[-1]), np.float64)
-    runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], out)
-                          for p in range(parts)])
+    if order:
+        runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], out)
+                              for p in range(parts)])
     st = stats.sum(axis=0)
     models = []
     for j in range(nm):
@@ -351,7 +364,10 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
         for f, (bk, above_n, k) in enumerate(wanted[j]):
             s = int(slot[j, bk])
             above = float(bucket_sums[j, bk + 1:].sum())  # every bucket above the boundary
-            energy.append(above + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
+            if s < 0:  # one value in the whole bucket: its r largest are r copies of it
+                energy.append(above + (k - above_n) * float(highest[j, bk]))
+            else:
+                energy.append(above + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
         mx = float(stats[:, j, 2].max())
         models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
     pr = pairs.sum(axis=0)
