@@ -258,14 +258,32 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     for batch, got, secs in work():
         read_secs += secs
         for name, tensors in zip(batch, got):
-            g, spectra = tensor_group(tensors[0], tensors[1:], spectrum_k, dev)
-            if spectrum_k:
-                svd_secs += sum(sp.get("seconds", 0.0) for sp in spectra)
-            del tensors
             layer, family, expert = location(name)
+            per_expert: list[Group] = []
+            if expert is None and fused_experts(name, tensors[0]):  # [E, ...]: each expert's slice
+                parts = [tensor_group(tensors[0][e], [t[e] for t in tensors[1:]], spectrum_k, dev)
+                         for e in range(tensors[0].shape[0])]
+                per_expert = [p[0] for p in parts]
+                g = Group.empty(len(models))
+                for pe in per_expert:
+                    g.add(pe)
+                g.tensors = 1
+                spectra = [{"experts": [p[1][i] for p in parts]} if spectrum_k else {}
+                           for i in range(len(models))]
+                if spectrum_k:
+                    svd_secs += sum(sp.get("seconds", 0.0) for p in parts for sp in p[1])
+            else:
+                g, spectra = tensor_group(tensors[0], tensors[1:], spectrum_k, dev)
+                if spectrum_k:
+                    svd_secs += sum(sp.get("seconds", 0.0) for sp in spectra)
+            del tensors
             entry = g.to_json(models)
             entry.update(shape=list(sources[0].tensors()[name].shape), layer=layer, family=family,
                          expert=expert)
+            if per_expert:
+                entry["fused_experts"] = len(per_expert)
+                for e, pe in enumerate(per_expert):
+                    experts.setdefault(e, Group.empty(len(models))).add(pe)
             if spectrum_k:
                 for lab, sp in zip(models, spectra):
                     if sp:
@@ -299,3 +317,9 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
 
 def batch_bytes(batch: list[str], sizes: dict[str, int]) -> int:
     return sum(sizes[n] for n in batch)
+
+
+def fused_experts(name: str, t: Any) -> bool:
+    """A tensor holding every expert of a layer along axis 0 (`...mlp.experts.gate_up_proj`
+    [E, 2I, H], `...experts.down_proj` [E, H, I], as transformers writes MoE models now)."""
+    return t.dim() == 3 and ".experts." in f".{name}." and t.shape[0] > 1

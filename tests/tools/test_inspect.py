@@ -349,3 +349,33 @@ def test_fp8_and_hf_id_inputs(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli_main, ["inspect", str(snap), "hf:org/tuned", "-o",
                                         str(hub / "models--org--tuned" / "report"), "--format", "json"])
     assert res.exit_code == 1 and "E404" in res.output  # never inside the cache repository
+
+
+def test_fused_experts_are_grouped_per_expert(tmp_path):
+    """`mlp.experts.down_proj` [E, H, I] (transformers' fused layout): each expert's slice is
+    measured as a tensor; the experts groups and the tensor's entry follow from the slices."""
+    g = torch.Generator().manual_seed(5)
+    name = "model.layers.0.mlp.experts.down_proj"
+    base = {name: torch.randn(3, 8, 6, generator=g), "model.layers.0.mlp.gate.weight": torch.randn(3, 8, generator=g)}
+    sds = {"base": base}
+    for lab in ("p", "q"):
+        sd = {}
+        for n, t in base.items():
+            d = torch.randn(t.shape, generator=g) * 0.1
+            d[torch.rand(t.shape, generator=g) < 0.3] = 0
+            sd[n] = t + d
+        sds[lab] = sd
+    for lab, sd in sds.items():
+        (tmp_path / lab).mkdir()
+        save_file(sd, str(tmp_path / lab / "model.safetensors"))
+    r = ml.inspect(tmp_path / "base", [tmp_path / "p", tmp_path / "q"], device="cpu", spectrum=True, spectrum_k=2)
+    # the slices as tensors of their own
+    sliced = {lab: {f"e{e}": sd[name][e].double() for e in range(3)} for lab, sd in sds.items()}
+    for e in range(3):
+        close(r["experts"][str(e)], ref_group(sliced, ["p", "q"], [f"e{e}"]), f"expert {e}")
+    entry = r["tensors"][name]
+    assert entry["fused_experts"] == 3 and entry["tensors"] == 1
+    close(entry, ref_group(sliced, ["p", "q"], ["e0", "e1", "e2"]), "tensor")
+    sv = torch.linalg.svdvals(sliced["q"]["e1"] - sliced["base"]["e1"])
+    assert entry["models"]["q"]["spectrum"]["experts"][1]["top"] == pytest.approx(sv[:2].tolist(), rel=1e-5)
+    assert "fused_experts" not in r["tensors"]["model.layers.0.mlp.gate.weight"]
