@@ -17,8 +17,10 @@ from mergelang.diagnostics import Diagnostic, MergelangError
 if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
     from mergelang.data.stats import stats
+    from mergelang.tools.inspect import inspect
 
-__all__ = ["compile", "merge", "parse", "method", "Recipe", "MergelangError", "Diagnostic", "stats"]
+__all__ = ["compile", "merge", "parse", "method", "inspect", "Recipe", "MergelangError", "Diagnostic",
+           "stats"]
 from mergelang._version import __version__ as __version__  # noqa: E402
 
 
@@ -37,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from mergelang.data.stats import stats
 
         return stats
+    if name == "inspect":  # ml.inspect(base, models, ...): tools/inspect.py
+        from mergelang.tools.inspect import inspect
+
+        return inspect
     if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
         import importlib
 

@@ -162,7 +162,7 @@ class Recipe:
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True,
             executor: str = "local", ray_address: str | None = None, model_card: bool = True,
-            origins: Mapping[str, str] | None = None) -> Path:
+            origins: Mapping[str, str] | None = None, report: bool = False) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -177,7 +177,8 @@ class Recipe:
         instance) whose workers share the filesystem: distributed/ray_driver.py. The folder gets
         a model card ``README.md`` unless `model_card=False` (record/card.py); `origins` says
         where params' values came from (param -> e.g. "tune: trial 3 of study 's'"), for the
-        card, the manifest and the recipe copy."""
+        card, the manifest and the recipe copy. `report` adds mergelang_report.json / .html,
+        what the merge kept of each input: tools/merge_report.py."""
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
@@ -191,7 +192,7 @@ class Recipe:
             return run_single_file(self, out_dir, force, resume, dict(
                 device=device, progress=progress, nan_check=nan_check, log=log,
                 memory_budget=memory_budget, pipelined=pipelined, fsync=fsync, executor=executor,
-                ray_address=ray_address, origins=origins))
+                ray_address=ray_address, origins=origins, report=report))
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         mode = nan_check or c.options.nan_check
@@ -206,6 +207,12 @@ class Recipe:
         self._card = (Path(os.path.abspath(out_dir)).name, model_card, dict(origins or {}))
         if executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
+        if report:  # run --report's measurements (tools/merge_report.py)
+            from mergelang.tools.merge_report import reporter_for
+
+            reporter = reporter_for(c, executor)
+        else:
+            reporter = None
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
             if executor == "ray" else None
         try:
@@ -225,7 +232,10 @@ class Recipe:
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
                     say(f"warning: {line}")
-                sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
+                write, write_rows = writer.write, writer.write_rows
+                if reporter is not None:  # measured between the NaN check and the writer
+                    write, write_rows = reporter.wrap(write, write_rows)
+                sink = self._checked_sink(write, mode, say, write_rows)
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
@@ -235,6 +245,8 @@ class Recipe:
                         pipelined=pipelined)
                 inputs_unchanged(stats)
                 self._prov["inputs"] = inputs_record(c)  # the digests of what was read
+                if reporter is not None:
+                    files = reporter.add_files(files)
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
@@ -378,7 +390,9 @@ class Recipe:
         """config.json for a reference model that changes it (stacked layers: the layer count)."""
         patch = getattr(ref, "config_patch", None)
         # block-scaled FP8 written in another dtype (--dtype): not quantized any more
-        drop = self._c.options.dtype is not None and _wraps_fp8(ref)
+        from mergelang.sources.fp8 import wraps_fp8
+
+        drop = self._c.options.dtype is not None and wraps_fp8(ref)
         if not copies or (patch is None and not drop) or "config.json" not in copies:
             return None
         import json
@@ -412,15 +426,6 @@ class Recipe:
 
     def close(self) -> None:
         self._c.close()
-
-
-def _wraps_fp8(model: Any) -> bool:
-    """`model` is (or wraps) a block-scaled FP8 source (sources/fp8.BlockFp8)."""
-    while model is not None:
-        if hasattr(model, "block_scale"):
-            return True
-        model = getattr(model, "inner", None)
-    return False
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,

@@ -114,12 +114,15 @@ def _tune_gc() -> None:
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
 @click.option("--no-model-card", "no_card", is_flag=True,
               help="do not write the model card README.md into the output")
+@click.option("--report", is_flag=True,
+              help="also write OUT/mergelang_report.json (+ .html): per rule and layer, what the "
+                   "output kept of each input's task vector, its cosine and distance to each input")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
         fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
         log_json: bool = False, executor: str = "local", ray_address: str | None = None,
-        allow_plugins: bool = False, no_card: bool = False) -> None:
+        allow_plugins: bool = False, no_card: bool = False, report: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
@@ -143,7 +146,8 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
                 raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
-                         executor=executor, ray_address=ray_address, model_card=not no_card)
+                         executor=executor, ray_address=ray_address, model_card=not no_card,
+                         report=report)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 
@@ -395,6 +399,7 @@ from mergelang.commands.search import learn_cmd, tune_cmd  # noqa: E402  (comman
 
 from mergelang.commands.rmm import rmm_cmd, rmm_rebuild_cmd  # noqa: E402
 from mergelang.commands.data import stats_cmd  # noqa: E402
+from mergelang.commands.inspect import inspect_cmd  # noqa: E402
 
 main.add_command(tune_cmd)
 main.add_command(learn_cmd)
@@ -405,6 +410,7 @@ main.add_command(stats_cmd)
 from mergelang.commands.verify import verify_cmd  # noqa: E402
 
 main.add_command(verify_cmd)
+main.add_command(inspect_cmd)
 
 
 @main.command()

@@ -388,6 +388,10 @@ CODES: dict[str, str] = {
     "E966": "a bad data objective (perplexity: / lm-eval: without data or tasks, an unknown task, a state that misses weights)",
     "E907": "the loss or the data function raised, or called sys.exit",
     "E908": "the loss (or a learned param) became NaN or infinite: learning stopped",
+    "E950": "inspect: no model to compare with the base",
+    "E951": "inspect: a model's tensor differs in shape from the base's",
+    "E952": "inspect: the device is not available (--device cuda without a GPU)",
+    "E953": "inspect / run --report: html or png plots need matplotlib, which is not installed",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",
@@ -409,4 +413,6 @@ CODES: dict[str, str] = {
     "W146": "examples longer than --seq-len tokens were truncated",
     "W110": "the objective called sys.exit: those trials failed and the study went on",
     "W111": "rmm --basis is more than the adapters can use: clamped",
+    "W140": "inspect: a model lacks some of the base's tensors (left out of the report)",
+    "W141": "inspect: a model has tensors the base has not (not inspected)",
 }

@@ -60,6 +60,9 @@ def check_single_file(out: str | Path, inputs: Iterable[Path], force: bool) -> P
 def run_single_file(recipe: Any, out: str | Path, force: bool, resume: bool, kw: dict[str, Any]) -> Path:
     """`Recipe.run(out)` for `out` ending in .safetensors: checks, then `write_single_file` with
     the recipe's own folder run (no model card: the file carries the recipe and manifest)."""
+    if kw.pop("report", False):
+        raise MergelangError(error("E402", "--report writes beside the output: it needs an output "
+                                   "folder, not a single file", None, "give -o a folder"))
     if resume:
         raise MergelangError(error("E402", "--resume does not apply to a single-file output", None,
                                    "a single-file output is assembled after the merge: rerun "

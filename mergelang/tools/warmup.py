@@ -5,7 +5,8 @@ pay for them (issue 21, item 5: ~3 s of numba compilation on a first 300 MB TIES
 A generated loop depends on the method's ops, the number of models and the input and output
 dtypes, not on tensor shapes or values, so small in-memory merges of each method with 2 and 3
 models, in bfloat16 and float32, compile the loops a real merge of those methods uses. The
-install scripts (`scripts/quickstart.sh`, `.ci/run`) run it once.
+install scripts (`scripts/quickstart.sh`, `.ci/run`) run it once. It also compiles the loops of
+`mergelang inspect` and `run --report` (numba's cache beside tools/inspect_kernels.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,29 @@ def warmup(log: Callable[[str], None] = lambda m: None, models: tuple[int, ...] 
                       **{k: sds[k] for k in names})
                 log(f"{expr.split('(')[0]} ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
     _warm_fp8(log)
+    _warm_inspect(log, models, dtypes)
     return time.perf_counter() - t0
+
+
+def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
+    """`mergelang inspect` and `run --report`'s loops (tools/inspect_kernels.py): the fused and
+    small forms, with a boundary bucket of several values (the listing pass and the selection)."""
+    import torch
+
+    from mergelang.tools.inspect_stats import tensor_group
+    from mergelang.tools.merge_report import _sums
+
+    g = torch.Generator().manual_seed(0)
+    for dt in dtypes:
+        dtype = getattr(torch, dt)
+        for n in models:
+            t = time.perf_counter()
+            for shape in (SHAPE, (16, 16)):
+                base = torch.randn(shape, generator=g).to(dtype)
+                xs = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+                tensor_group(base, xs, None, torch.device("cpu"))
+                _sums(base, xs, xs[0])
+            log(f"inspect ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
 
 
 #: merges of two block-scaled FP8 models warmed (their loops read the codes as stored)

@@ -1,0 +1,147 @@
+"""`mergelang inspect` against the read floor, side by side.
+
+    python benchmarks/bench_inspect.py --dir /tmp/mlinspect                 # 0.27B-shaped, 3 models
+    python benchmarks/bench_inspect.py --dir /tmp/mlinspect --size 0.05B    # a quick run
+    python benchmarks/bench_inspect.py --dir /tmp/mlinspect --tiny 20000    # per-tensor overhead
+
+It writes a Llama-shaped bf16 base and two fine-tunes (base + small noise) into --dir (once;
+reused when present), then times, in this process and with a warm page cache:
+* the read floor: every tensor of every model read once and converted to float32
+  (`ModelSource.load_as`, what any merge or statistic must do at least);
+* `ml.inspect(base, [ft1, ft2])` (json report, no folder), and with --spectrum also the SVDs.
+Each is run --repeat times, alternating, after one warm-up of each (page cache, numba's cache);
+the best time is kept. `--tiny N` builds three
+checkpoints of N tiny tensors named like DeepSeek-V3's experts (model.layers.L.mlp.experts.E.*)
+and reports the per-tensor overhead of inspect over the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# hidden, intermediate, layers, heads, kv heads, vocab
+SIZES = {"0.05B": (512, 1408, 8, 8, 2, 16000), "0.27B": (1024, 2816, 18, 16, 4, 32000),
+         "1B": (2048, 5632, 22, 32, 4, 32000)}
+
+
+def llama_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    h, inter, layers, heads, kv, vocab = SIZES[size]
+    kvd = h // heads * kv
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
+                       p + "self_attn.k_proj.weight": (kvd, h), p + "self_attn.v_proj.weight": (kvd, h),
+                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def tiny_shapes(n: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    layer = 0
+    while len(shapes) < n:
+        for e in range(256):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if len(shapes) < n:
+                    shapes[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = (4, 8)
+        layer += 1
+    return shapes
+
+
+def build(folder: Path, shapes: dict[str, tuple[int, ...]]) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    paths = [folder / n for n in ("base", "ft1", "ft2")]
+    if all((p / "model.safetensors").is_file() for p in paths):
+        return paths
+    g = torch.Generator().manual_seed(0)
+    for k, p in enumerate(paths):
+        p.mkdir(parents=True, exist_ok=True)
+        sd = {}
+        for name, shape in shapes.items():
+            gen = torch.Generator().manual_seed(hash(name) % (1 << 31))
+            t = torch.randn(shape, generator=gen)
+            if k:
+                t += 0.01 * torch.randn(shape, generator=g)
+            sd[name] = t.to(torch.bfloat16)
+        save_file(sd, str(p / "model.safetensors"))
+        del sd
+    return paths
+
+
+def read_floor(paths: list[Path]) -> float:
+    import torch
+
+    from mergelang.io.locate import open_model
+
+    t0 = time.perf_counter()
+    srcs = [open_model(p.name, p) for p in paths]
+    for name in srcs[0].tensors():
+        for s in srcs:
+            t = s.load_as(name, torch.float32)
+            del t
+    for s in srcs:
+        s.close()
+    return time.perf_counter() - t0
+
+
+def run_inspect(paths: list[Path], spectrum: bool = False) -> float:
+    import mergelang as ml
+
+    t0 = time.perf_counter()
+    ml.inspect(paths[0], paths[1:], device="cpu", spectrum=spectrum)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.27B")
+    ap.add_argument("--tiny", type=int, default=0, metavar="N", help="N tiny tensors instead")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--spectrum", action="store_true", help="also time inspect --spectrum (once)")
+    args = ap.parse_args()
+    shapes = tiny_shapes(args.tiny) if args.tiny else llama_shapes(args.size)
+    label = f"tiny{args.tiny}" if args.tiny else args.size
+    params = sum(_numel(s) for s in shapes.values())
+    t0 = time.perf_counter()
+    paths = build(args.dir / label, shapes)
+    print(f"{label}: {len(shapes)} tensors, {params / 1e9:.3f}B params per model, 3 models "
+          f"(bf16; built/reused in {time.perf_counter() - t0:.1f}s)")
+    read_floor(paths)  # warm the page cache
+    run_inspect(paths)  # and load the compiled loops (numba's cache) once
+    floor, insp = [], []
+    for _ in range(args.repeat):
+        floor.append(read_floor(paths))
+        insp.append(run_inspect(paths))
+    f, i = min(floor), min(insp)
+    print(f"read floor   {f:8.2f} s")
+    print(f"inspect      {i:8.2f} s   ratio {i / f:.2f}x")
+    if args.tiny:
+        print(f"per tensor   floor {1e6 * f / len(shapes):.0f} us, inspect {1e6 * i / len(shapes):.0f} us, "
+              f"overhead {1e6 * (i - f) / len(shapes):.0f} us per tensor (3 models)")
+    if args.spectrum:
+        s = run_inspect(paths, spectrum=True)
+        print(f"--spectrum   {s:8.2f} s   ratio {s / f:.2f}x (SVDs: {s - i:.1f} s)")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+if __name__ == "__main__":
+    main()

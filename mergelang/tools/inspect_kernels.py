@@ -1,0 +1,420 @@
+"""CPU loops (numba) for inspect's per-tensor statistics and run --report: τ formed in float64
+on the fly, a chunk of CHUNK entries at a time, never stored whole; bfloat16 inputs read as
+stored (their bits widened, exact), other dtypes as float32 / float64 arrays.
+
+Large tensors (`fused_stats`): `fused_pass` reads the base and every model once, summing per
+model ‖τ‖², ‖base‖², max |τ|, zeros, per pair ⟨τi, τj⟩ and the sign counts, and counting,
+summing and bounding (least, largest) τ² per bucket: the high 16 bits of |τ| rounded to float32
+(|τ| at bfloat16 precision: 8 exponent, 7 mantissa bits; rounding is monotonic, so a larger τ²
+is never in a lower bucket). For each fraction, the k largest τ² are the buckets above the one
+holding the k-th largest (their sums) plus the largest entries of that bucket: r copies of its
+value when it holds one value (usual for bfloat16 task vectors: no second pass), else
+`fused_gather` lists its entries (a pass over the bucket keys, recomputing τ² only where
+needed) and `top_sum` selects by radix on 16-bit digits. Exact, like a sort, with no sort.
+Both passes split the entries into parts run on threads. Small tensors: `small_pass` sorts.
+`pair_pass` (small tensors) sums τi·τj and counts the entries non-zero in both and those of
+them with equal signs; `merge_fused` compares a merge output with its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+#: buckets: the high 16 bits of float32(|τ|) (sign 0, 8 exponent, 7 mantissa bits)
+NBUCKETS = 1 << 16
+
+
+#: entries per chunk: inputs are widened to float64 a chunk at a time (vectorised loops; the
+#: chunk's scratch arrays stay in the L1/L2 cache)
+CHUNK = 1024
+_JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "contract"})
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201
+    """Entries start:start+m of `a` into float64 `out`; `bf`: `a` holds bfloat16 bit patterns
+    (uint16), widened through the uint32 scratch `u32`."""
+    if bf:
+        for i in range(m):
+            u32[i] = np.uint32(a[start + i]) << 16
+        f = u32.view(np.float32)
+        for i in range(m):
+            out[i] = f[i]
+    else:
+        for i in range(m):
+            out[i] = a[start + i]
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _sum(a, m):  # noqa: ANN001, ANN201
+    """Σ a[:m] with 8 running sums (a float reduction LLVM vectorises; one accumulator made the
+    loops 2-3x slower)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    i = 0
+    while i + 8 <= m:
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        s4 += a[i + 4]
+        s5 += a[i + 5]
+        s6 += a[i + 6]
+        s7 += a[i + 7]
+        i += 8
+    r = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    while i < m:
+        r += a[i]
+        i += 1
+    return r
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _max(a, m):  # noqa: ANN001, ANN201
+    """max(a[:m]) (a >= 0) with 8 running maxima."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    i = 0
+    while i + 8 <= m:
+        s0 = max(s0, a[i])
+        s1 = max(s1, a[i + 1])
+        s2 = max(s2, a[i + 2])
+        s3 = max(s3, a[i + 3])
+        s4 = max(s4, a[i + 4])
+        s5 = max(s5, a[i + 5])
+        s6 = max(s6, a[i + 6])
+        s7 = max(s7, a[i + 7])
+        i += 8
+    r = max(max(max(s0, s1), max(s2, s3)), max(max(s4, s5), max(s6, s7)))
+    while i < m:
+        r = max(r, a[i])
+        i += 1
+    return r
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def top_sum(vals, r):  # noqa: ANN001, ANN201
+    """The sum of the r largest of `vals` (>= 0): a radix selection on the 16-bit digits of
+    their float64 bits, exact, no sort (quantised task vectors put millions of equal values in
+    one bucket)."""
+    total = 0.0
+    cand = vals
+    shift = 48
+    counts = np.zeros(1 << 16, np.int64)
+    sums = np.zeros(1 << 16, np.float64)
+    while r > 0:
+        if cand.size <= r:
+            return total + _sum(cand, cand.size)
+        lo_v = hi_v = cand[0]
+        for i in range(cand.size):
+            lo_v = min(lo_v, cand[i])
+            hi_v = max(hi_v, cand[i])
+        if shift < 0 or lo_v == hi_v:  # all equal: r copies of one value
+            return total + r * cand[0]
+        bits = cand.view(np.uint64)
+        counts[:] = 0
+        sums[:] = 0.0
+        for i in range(cand.size):
+            d = (bits[i] >> shift) & 0xFFFF
+            counts[d] += 1
+            sums[d] += cand[i]
+        d = 0xFFFF
+        while counts[d] < r:  # whole digits above the one holding the r-th largest
+            r -= counts[d]
+            total += sums[d]
+            d -= 1
+        if counts[d] != cand.size:
+            keep = np.empty(counts[d], np.float64)
+            j = 0
+            for i in range(cand.size):
+                if (bits[i] >> shift) & 0xFFFF == d:
+                    keep[j] = cand[i]
+                    j += 1
+            cand = keep
+        shift -= 16
+    return total
+
+
+@njit(**_JIT)
+def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
+    """⟨τx, τy⟩, the entries where both are non-zero with equal signs, and where both are
+    non-zero (τx·τy > 0 and ≠ 0: exact in float64 for float32 / 16-bit inputs)."""
+    n = b.size
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    fy = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    dot = 0.0
+    agree = 0
+    both = 0
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        _load(b, start, m, bf, fb, u)
+        _load(x, start, m, bf, fx, u)
+        _load(y, start, m, bf, fy, u)
+        for i in range(m):
+            p = (fx[i] - fb[i]) * (fy[i] - fb[i])
+            dot += p
+            agree += p > 0.0
+            both += p != 0.0
+    return dot, agree, both
+
+
+@njit(**_JIT)
+def small_pass(b, x, bf, ks):  # noqa: ANN001, ANN201
+    """model_pass + the top-k energies for a small tensor: τ² sorted (no 65536-bucket tables:
+    per-tensor overhead matters for checkpoints of many small tensors)."""
+    n = b.size
+    fb = np.empty(n, np.float64)
+    fx = np.empty(n, np.float64)
+    u = np.empty(n, np.uint32)
+    _load(b, 0, n, bf, fb, u)
+    _load(x, 0, n, bf, fx, u)
+    q = np.empty(n, np.float64)
+    ss = 0.0
+    bss = 0.0
+    mx = 0.0
+    zeros = 0
+    for i in range(n):
+        t = fx[i] - fb[i]
+        bss += fb[i] * fb[i]
+        q[i] = t * t
+        ss += q[i]
+        mx = max(mx, abs(t))
+        zeros += t == 0.0
+    q.sort()
+    energy = np.zeros(ks.size, np.float64)
+    for f in range(ks.size):
+        for i in range(n - ks[f], n):
+            energy[f] += q[i]
+    return ss, bss, mx, zeros, energy
+
+
+#: tensors up to this many entries take `small_pass`
+SMALL = 1 << 14
+
+
+def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: bool = False
+                ) -> tuple[float, float, float, int, list[float]]:
+    """‖τ‖², ‖base‖², max |τ|, zeros and, per fraction f, the sum of the ceil(f·n) largest τ²
+    of a small tensor (at most SMALL entries; `bf`: the arrays hold bfloat16 bit patterns)."""
+    n = b.size
+    if n == 0:
+        return 0.0, 0.0, 0.0, 0, [0.0] * len(fractions)
+    assert n <= SMALL, "large tensors: fused_stats"
+    ks = np.array([min(n, max(1, math.ceil(f * n))) for f in fractions], np.int64)
+    ss, bss, mx, zeros, en = small_pass(b, x, bf, ks)
+    return ss, bss, mx, zeros, [float(e) for e in en]
+
+
+@njit(**_JIT)
+def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):  # noqa: ANN001, ANN201
+    """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
+    per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
+    `keys[j]`, counted in `counts[j]`, summed in `sums[j]`, their least and largest τ² in
+    `bmin[j]` / `bmax[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
+    entries both non-zero with equal signs, entries both non-zero). The base and each model
+    are widened once per chunk, for everything."""
+    nm = len(xs)
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    tt = np.empty((nm, CHUNK), np.float64)
+    qq = np.empty(CHUNK, np.float64)
+    w1 = np.empty(CHUNK, np.float64)
+    w2 = np.empty(CHUNK, np.float64)
+    a32 = np.empty(CHUNK, np.float32)
+    abits = a32.view(np.uint32)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - start)
+        _load(b, start, m, bf, fb, u)
+        for i in range(m):
+            w1[i] = fb[i] * fb[i]
+        bss = _sum(w1, m)
+        for j in range(nm):
+            _load(xs[j], start, m, bf, fx, u)
+            for i in range(m):
+                t = fx[i] - fb[i]
+                tt[j, i] = t
+                qq[i] = t * t
+                w1[i] = abs(t)
+                a32[i] = np.float32(abs(t))
+                w2[i] = 1.0 if t == 0.0 else 0.0
+            stats[j, 0] += _sum(qq, m)
+            stats[j, 1] += bss
+            stats[j, 2] = max(stats[j, 2], _max(w1, m))
+            stats[j, 3] += _sum(w2, m)
+            for i in range(m):
+                k = abits[i] >> 16
+                q = qq[i]
+                keys[j, start + i] = k
+                counts[j, k] += 1
+                sums[j, k] += q
+                bmin[j, k] = min(bmin[j, k], q)
+                bmax[j, k] = max(bmax[j, k], q)
+        p = 0
+        for j in range(nm):
+            for l in range(j + 1, nm):
+                for i in range(m):
+                    pr = tt[j, i] * tt[l, i]
+                    qq[i] = pr
+                    w1[i] = 1.0 if pr > 0.0 else 0.0
+                    w2[i] = 1.0 if pr != 0.0 else 0.0
+                pairs[p, 0] += _sum(qq, m)
+                pairs[p, 1] += _sum(w1, m)
+                pairs[p, 2] += _sum(w2, m)
+                p += 1
+
+
+@njit(**_JIT)
+def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, out):  # noqa: ANN001, ANN201
+    """Second pass over entries lo:hi, reading the bucket keys: the τ² of the entries of
+    buckets with a slot (`slot[j, k]` >= 0) listed into `out` at `fill[slot]`, recomputed from
+    the inputs: a chunk at a time where many of a chunk's entries are listed (quantised task
+    vectors), one entry at a time where few are."""
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    hit = np.empty(CHUNK, np.int64)
+    for j in range(len(xs)):
+        x = xs[j]
+        for start in range(lo, hi, CHUNK):
+            m = min(CHUNK, hi - start)
+            h = 0
+            for i in range(m):
+                if slot[j, keys[j, start + i]] >= 0:
+                    hit[h] = i
+                    h += 1
+            if h == 0:
+                continue
+            if h * 16 > m:
+                _load(b, start, m, bf, fb, u)
+                _load(x, start, m, bf, fx, u)
+                for e in range(h):
+                    i = hit[e]
+                    t = fx[i] - fb[i]
+                    s = slot[j, keys[j, start + i]]
+                    out[fill[s]] = t * t
+                    fill[s] += 1
+            else:
+                for e in range(h):
+                    i = start + hit[e]
+                    _load(b, i, 1, bf, fb, u)
+                    _load(x, i, 1, bf, fx, u)
+                    t = fx[0] - fb[0]
+                    s = slot[j, keys[j, i]]
+                    out[fill[s]] = t * t
+                    fill[s] += 1
+
+
+def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...], bf: bool,
+                parts: int = 1, run: Any = None) -> tuple[list[tuple], list[tuple[float, int, int]]]:
+    """Every model's (‖τ‖², ‖base‖², max |τ|, zeros, energies) and every pair's (dot, agree,
+    both) for a large tensor, in two fused passes; `parts` ranges of the entries run through
+    `run(fn, args_list)` (threads: the loops release the GIL), else one after the other."""
+    n, nm = b.size, len(xs)
+    xt = tuple(xs)
+    npairs = nm * (nm - 1) // 2
+    cuts = [n * p // parts for p in range(parts + 1)]
+    counts = np.zeros((parts, nm, NBUCKETS), np.int64)
+    sums = np.zeros((parts, nm, NBUCKETS), np.float64)
+    bmin = np.full((parts, nm, NBUCKETS), np.inf)
+    bmax = np.zeros((parts, nm, NBUCKETS), np.float64)
+    keys = np.empty((nm, n), np.uint16)
+    stats = np.zeros((parts, nm, 4), np.float64)
+    pairs = np.zeros((parts, max(npairs, 1), 3), np.float64)
+    runner = run or (lambda fn, args: [fn(*a) for a in args])
+    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], sums[p], bmin[p], bmax[p], keys,
+                         stats[p], pairs[p]) for p in range(parts)])
+    total = counts.sum(axis=0)
+    bucket_sums = sums.sum(axis=0)
+    lowest, highest = bmin.min(axis=0), bmax.max(axis=0)
+    wanted = []  # per model, per fraction: (boundary bucket, entries above it, k)
+    for j in range(nm):
+        nz = np.nonzero(total[j])[0][::-1]
+        ccount = np.cumsum(total[j][nz])
+        row = []
+        for f in fractions:
+            k = min(n, max(1, math.ceil(f * n)))
+            i = int(np.searchsorted(ccount, k))
+            row.append((int(nz[i]), int(ccount[i - 1]) if i else 0, k))
+        wanted.append(row)
+    slot = np.full((nm, NBUCKETS), -1, np.int64)
+    order = []  # (model, bucket) per slot: boundary buckets holding different values
+    for j in range(nm):
+        for bk in sorted({w[0] for w in wanted[j]}):
+            if lowest[j, bk] != highest[j, bk]:
+                slot[j, bk] = len(order)
+                order.append((j, bk))
+    sizes = np.array([total[j, bk] for j, bk in order], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # each part lists its entries of a slot after the earlier parts' entries
+    fills = [offsets[:-1] + np.array([counts[:p, j, bk].sum() for j, bk in order], np.int64)
+             for p in range(parts)]
+    out = np.empty(int(offsets[-1]), np.float64)
+    if order:
+        runner(fused_gather, [(b, xt, bf, cuts[p], cuts[p + 1], keys, slot, fills[p], out)
+                              for p in range(parts)])
+    st = stats.sum(axis=0)
+    models = []
+    for j in range(nm):
+        energy = []
+        for f, (bk, above_n, k) in enumerate(wanted[j]):
+            s = int(slot[j, bk])
+            above = float(bucket_sums[j, bk + 1:].sum())  # every bucket above the boundary
+            if s < 0:  # one value in the whole bucket: its r largest are r copies of it
+                energy.append(above + (k - above_n) * float(highest[j, bk]))
+            else:
+                energy.append(above + float(top_sum(out[offsets[s]:offsets[s + 1]], k - above_n)))
+        mx = float(stats[:, j, 2].max())
+        models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
+    pr = pairs.sum(axis=0)
+    return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]
+
+
+@njit(**_JIT)
+def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201
+    """merge_pass for every input in `xs` at once over entries lo:hi, the base and the output
+    widened once per chunk: acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖²,
+    nnz, kept, against) (counts as float64: exact below 2**53)."""
+    nx = len(xs)
+    fb = np.empty(CHUNK, np.float64)
+    fx = np.empty(CHUNK, np.float64)
+    fo = np.empty(CHUNK, np.float64)
+    to = np.empty(CHUNK, np.float64)
+    w = np.empty((10, CHUNK), np.float64)
+    u = np.empty(CHUNK, np.uint32)
+    for start in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - start)
+        _load(b, start, m, bf, fb, u)
+        _load(o, start, m, bf, fo, u)
+        for i in range(m):
+            to[i] = fo[i] - fb[i]
+            w[2, i] = fo[i] * fo[i]
+            w[3, i] = to[i] * to[i]
+        so = _sum(w[2], m)
+        sto = _sum(w[3], m)
+        for j in range(nx):
+            _load(xs[j], start, m, bf, fx, u)
+            for i in range(m):
+                xx = fx[i]
+                t = xx - fb[i]
+                p = to[i] * t
+                d = fo[i] - xx
+                w[0, i] = xx * xx
+                w[1, i] = t * t
+                w[4, i] = fo[i] * xx
+                w[5, i] = p
+                w[6, i] = d * d
+                w[7, i] = 1.0 if t != 0.0 else 0.0
+                w[8, i] = 1.0 if p > 0.0 else 0.0
+                w[9, i] = 1.0 if p < 0.0 else 0.0
+            for c in range(10):
+                if c == 2:
+                    acc[j, c] += so
+                elif c == 3:
+                    acc[j, c] += sto
+                else:
+                    acc[j, c] += _sum(w[c], m)

@@ -1,0 +1,272 @@
+"""`mergelang run R.mrg -o OUT --report`: what the merge did, measured inside the same streaming
+run (docs/inspect.md, "run --report").
+
+The report sits between the executor and the writer: each output tensor (or row chunk), as it is
+handed to the writer, is compared with the inputs its rule read (the LOAD nodes of the graph
+above that output that read the same tensor name) and with the reference model's tensor (the
+`merge from` model: the base of every task vector). The inputs are read again for this from
+their sources (`load_as(view=True)` / `load_rows`: the bytes the merge itself read moments ago,
+from the page cache). One numba pass over the base, the output and every input (inspect_kernels.merge_fused) gives additive sums,
+added per tensor, per rule (its source line), per layer and for the whole output. The report is
+written into the output folder before it is moved into place (mergelang_report.json, and
+mergelang_report.html with matplotlib), so the manifest lists it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from mergelang.diagnostics import MergelangError, error
+from mergelang.tools.inspect_stats import location
+
+if TYPE_CHECKING:
+    import torch
+
+REPORT_JSON = "mergelang_report.json"
+REPORT_HTML = "mergelang_report.html"
+
+
+@dataclass
+class RunSums:
+    """Additive sums of an output against one input (inspect_kernels.merge_fused)."""
+
+    numel: int = 0
+    sx: float = 0.0
+    st: float = 0.0
+    so: float = 0.0
+    sto: float = 0.0
+    dox: float = 0.0
+    dtt: float = 0.0
+    dist: float = 0.0
+    nnz: int = 0
+    kept: int = 0
+    against: int = 0
+
+    def add(self, o: "RunSums") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
+
+    def to_json(self) -> dict[str, Any]:
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        nnz = self.nnz
+        return {
+            "kept": ratio(self.kept, nnz), "against": ratio(self.against, nnz),
+            "dropped": ratio(nnz - self.kept - self.against, nnz),
+            "projection": ratio(self.dtt, self.st),
+            "cosine_tau": ratio(self.dtt, math.sqrt(self.st) * math.sqrt(self.sto)),
+            "cosine": ratio(self.dox, math.sqrt(self.so) * math.sqrt(self.sx)),
+            "distance": math.sqrt(self.dist), "rel_distance": ratio(math.sqrt(self.dist), math.sqrt(self.sx)),
+            "norm_before": math.sqrt(self.sx), "norm_after": math.sqrt(self.so),
+            "tau_norm": math.sqrt(self.st), "tau_norm_after": math.sqrt(self.sto),
+            "numel": self.numel, "tau_nonzero": nnz,
+        }
+
+
+class MergeReport:
+    """The run report of a compiled recipe with one output (`Recipe.run(report=True)`)."""
+
+    def __init__(self, compilation: Any):
+        c = compilation
+        if c.output_names:
+            raise MergelangError(error("E954", "run --report supports recipes with one output; this "
+                                       f"one has named outputs ({', '.join(c.output_names)})", None,
+                                       "inspect each output folder against the inputs instead: "
+                                       "mergelang inspect BASE OUT/NAME ..."))
+        self.reference = c.reference
+        self.models = c.models
+        self.ref = c.models[c.reference]
+        self.rules: dict[str, tuple[str, list[str]]] = _plan(c, self.ref)
+        self.lock = threading.Lock()
+        self.groups: dict[str, dict[str, dict[str, RunSums]]] = {"rules": {}, "layers": {}}
+        self.total: dict[str, RunSums] = {}
+        self.tensors: dict[str, dict[str, RunSums]] = {}
+        self.seconds = 0.0
+        self.fp8: set[str] = set()  # outputs written as block-scaled FP8: not measured
+
+    def wrap(self, write: Callable[..., None], write_rows: Callable[..., None] | None
+             ) -> tuple[Callable[..., None], Callable[..., None] | None]:
+        """The writer's `write` and `write_rows`, measuring each tensor first."""
+        def measured(name: str, t: "torch.Tensor") -> None:
+            self.measure(name, t, None)
+            write(name, t)
+
+        def measured_rows(name: str, t: "torch.Tensor", start: int, total: int) -> None:
+            self.measure(name, t, start)
+            assert write_rows is not None
+            write_rows(name, t, start, total)
+
+        return measured, (measured_rows if write_rows is not None else None)
+
+    def measure(self, name: str, out: "torch.Tensor", start: int | None) -> None:
+        plan = self.rules.get(name)
+        if plan is None or not out.is_floating_point() or out.numel() == 0:
+            return
+        if out.element_size() == 1:  # FP8 codes (re-quantized per block): not comparable values
+            with self.lock:
+                self.fp8.add(name)
+            return
+        t0 = time.perf_counter()
+        rule, inputs = plan
+        stop = None if start is None else start + out.shape[0]
+
+        def read(src: Any) -> "torch.Tensor":
+            if start is None:
+                return src.load_as(name, None, view=True)
+            return src.load_rows(name, None, start, stop, view=True)
+
+        sums = dict(zip(inputs, _sums(read(self.ref), [read(self.models[lab]) for lab in inputs], out)))
+        layer = location(name)[0]
+        with self.lock:
+            targets = [self.tensors.setdefault(name, {}), self.groups["rules"].setdefault(rule, {}),
+                       self.total]
+            if layer is not None:
+                targets.append(self.groups["layers"].setdefault(str(layer), {}))
+            for target in targets:
+                for lab, s in sums.items():
+                    target.setdefault(lab, RunSums()).add(s)
+            self.seconds += time.perf_counter() - t0
+
+    def to_json(self) -> dict[str, Any]:
+        def conv(d: dict[str, RunSums]) -> dict[str, Any]:
+            return {lab: s.to_json() for lab, s in d.items()}
+
+        return {"format": "mergelang-run-report", "version": 1, "reference": self.reference,
+                "seconds": self.seconds, "total": conv(self.total),
+                "rules": {k: conv(v) for k, v in self.groups["rules"].items()},
+                "layers": {k: conv(self.groups["layers"][k])
+                           for k in sorted(self.groups["layers"], key=int)},
+                "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v)} for k, v in self.tensors.items()},
+                "not_measured": sorted(n for n in self.rules if n not in self.tensors and n not in self.fp8),
+                "fp8_not_measured": sorted(self.fp8)}
+
+    def add_files(self, files: dict[str, Any], html: bool = True) -> dict[str, Any]:
+        """CheckpointWriter.finish's arguments with the report files added (the manifest then
+        lists them)."""
+        import json
+
+        report = self.to_json()
+        extra = dict(files.get("extra_files") or {})
+        extra[REPORT_JSON] = json.dumps(report, indent=1, allow_nan=False) + "\n"
+        if html:
+            extra[REPORT_HTML] = report_html(report)
+        return {**files, "extra_files": extra}
+
+
+def _plan(c: Any, ref: Any) -> dict[str, tuple[str, list[str]]]:
+    """Output tensor -> (its rule, the models whose same-named tensor the rule reads, the
+    reference excluded)."""
+    import networkx as nx
+
+    from mergelang.ir.ops import Op
+
+    g = c.graph
+    ref_table = ref.tensors()
+    out: dict[str, tuple[str, list[str]]] = {}
+    for nid in g.outputs():
+        node = g.node(nid)
+        name = node.attrs["name"]
+        info = ref_table.get(name)
+        if info is None or node.span is None:
+            continue
+        labels = []
+        for a in nx.ancestors(g, nid):
+            n = g.node(a)
+            if n.op is Op.LOAD and n.attrs["tensor"] == name and n.attrs["model"] != c.reference:
+                src = c.models.get(n.attrs["model"])
+                if src is not None and tuple(src.tensors()[name].shape) == tuple(info.shape):
+                    labels.append(n.attrs["model"])
+        if labels:
+            out[name] = (_rule_key(node.span), sorted(set(labels)))
+    return out
+
+
+def _rule_key(span: Any) -> str:
+    text = " ".join(span.source.text[span.start:span.end].split())
+    return f"{Path(span.source.path).name}:{span.line}: {text[:80]}"
+
+
+def _sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -> list[RunSums]:
+    """The sums of `out` against each input, in one pass (two parts of the entries on two
+    threads for a large tensor)."""
+    import numpy as np
+    import torch
+
+    from mergelang.tools.inspect_kernels import merge_fused
+    from mergelang.tools.inspect_stats import PARALLEL_MIN, _flat, _pool, _workers
+
+    kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}
+    dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
+        torch.float64 if torch.float64 in kinds else torch.float32
+    b, o = _flat(base.cpu(), dtype), _flat(out.cpu(), dtype)
+    arrs = tuple(_flat(x.cpu(), dtype) for x in xs)
+    bf = dtype == torch.bfloat16
+    n = b.size
+    parts = max(1, min(_workers(), n // PARALLEL_MIN))
+    cuts = [n * p // parts for p in range(parts + 1)]
+    acc = np.zeros((parts, len(xs), 10), np.float64)
+    jobs = [(b, arrs, o, bf, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
+    if parts == 1:
+        merge_fused(*jobs[0])
+    else:
+        list(_pool().map(lambda a: merge_fused(*a), jobs))
+    tot = acc.sum(axis=0)
+    return [RunSums(n, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
+
+
+def report_html(report: dict[str, Any]) -> str:
+    """One self-contained page: per rule and input a table; kept fraction and cosine to each
+    input by layer (inline SVG plots when matplotlib is installed; tables otherwise)."""
+    import html
+    import json
+
+    def f(v: Any) -> str:
+        return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    cols = ("kept", "against", "dropped", "projection", "cosine", "rel_distance", "norm_before", "norm_after")
+    parts = []
+    for title, groups in (("Whole output", {"all rules": report["total"]}), ("Per rule", report["rules"]),
+                          ("Per layer", report["layers"])):
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(lab)}</td>"
+                       + "".join(f"<td>{f(s[c])}</td>" for c in cols) + "</tr>"
+                       for k, g in groups.items() for lab, s in g.items())
+        parts.append(f"<h2>{title}</h2><table><tr><th></th><th>input</th>"
+                     + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table>")
+    figs = ""
+    try:
+        from mergelang.tools.inspect_plots import line_figure_svg
+
+        layers = list(report["layers"])
+        for key, title in (("kept", "Fraction of each input's task vector kept (same sign), by layer"),
+                           ("cosine", "Cosine of the output to each input, by layer")):
+            inputs = sorted({lab for g in report["layers"].values() for lab in g})
+            data = {"layers": [int(x) for x in layers],
+                    "series": {lab: [report["layers"][k].get(lab, {}).get(key) for k in layers] for lab in inputs}}
+            if layers:
+                block = json.dumps(data, allow_nan=False).replace("</", "<\\/")
+                figs += (f'<figure id="fig-{key}"><figcaption>{title}</figcaption>{line_figure_svg(title, data)}'
+                         f'<script type="application/json" class="figure-data" data-figure="{key}">'
+                         f'{block}</script></figure>')
+    except ImportError:
+        pass
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mergelang run report"
+            "</title><style>body{font-family:sans-serif;max-width:70em;margin:1em auto}table{border-collapse:"
+            "collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body><h1>What the merge did"
+            f"</h1><p>Task vectors against <code>{html.escape(report['reference'])}</code>; every number is "
+            f"in {REPORT_JSON}.</p>{''.join(parts)}{figs}</body></html>\n")
+
+
+def reporter_for(c: Any, executor: str) -> "MergeReport":
+    """run --report's measurements for compilation `c`; E954 where it cannot measure."""
+    from mergelang.diagnostics import MergelangError, error
+
+    if executor != "local":
+        raise MergelangError(error("E954", "run --report measures a local run only", None,
+                                   "run without --executor ray, or inspect the output afterwards"))
+    return MergeReport(c)
