@@ -34,13 +34,15 @@ READS = {("run", "recipe"), ("check", "recipe"), ("compile", "recipe"), ("explai
          ("learn", "data"), ("extract-lora", "base"), ("extract-lora", "finetuned"),
          ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder"),
          ("stats", "model"), ("stats", "data"), ("tune", "lm_eval_include"),
+         ("inspect", "base"), ("inspect", "models"),
          ("verify", "out")}  # verify reads the output folder it checks
 OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "shard_size"),
          ("run", "ray_address"), ("check", "sets"), ("compile", "sets"), ("compile", "memory_budget"),
          ("explain", "sets"), ("tune", "study_name"), ("tune", "ray_address"), ("tune", "sets"),
          ("learn", "sets"), ("tune", "params"), ("extract-lora", "include"), ("extract-lora", "exclude"),
          ("extract-lora", "save_modules"), ("import-mergekit", "layer_prefix"), ("rmm", "names"),
-         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget")}
+         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget"),
+         ("inspect", "memory_budget")}
 
 Argv = Callable[[Path, str], list[str]]  # (project root, the path under test) -> argv
 
@@ -109,6 +111,8 @@ WRITES: dict[tuple[str, str], tuple[Argv, str]] = {
                      "folder"),
     ("rmm-rebuild", "out"): (lambda p, t: ["rmm-rebuild", str(p / "rmmfold"), "--task", "0", "-o", t],
                              "folder"),
+    ("inspect", "out"): (lambda p, t: ["inspect", str(p / "base"), str(p / "a"), str(p / "b"), "-o", t,
+                                       "--format", "json"], "folder"),
     ("stats", "out"): (lambda p, t: ["stats", str(p / "a"), "--data", str(p / "data.txt"), "--kind",
                                      "gram", "-o", t, "-q"], "folder"),
 }
