@@ -71,15 +71,17 @@ def run_single_file(recipe: Any, out: str | Path, force: bool, resume: bool, kw:
         what = "several outputs" if recipe.output_names else "a LoRA adapter"
         raise MergelangError(error("E423", f"-o {out}: a single safetensors file holds one model, and "
                                    f"this recipe writes {what}", None, "give an output folder instead"))
+    durable = kw.pop("fsync", True)  # the private folder is never kept: only the file is synced
     try:
         return write_single_file(out, recipe.compilation.inputs, force,
-                                 lambda folder: recipe.run(folder, model_card=False, **kw))
+                                 lambda folder: recipe.run(folder, model_card=False, fsync=False, **kw),
+                                 durable)
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
 
 
 def write_single_file(out: str | Path, inputs: Iterable[Path], force: bool,
-                      run_folder: Callable[[Path], Path]) -> Path:
+                      run_folder: Callable[[Path], Path], fsync: bool = True) -> Path:
     """Check `out`, run the merge into a private folder (`run_folder(path) -> folder`), then
     write its tensors, recipe and manifest as one safetensors file at `out`."""
     path = check_single_file(out, inputs, force)
@@ -87,7 +89,7 @@ def write_single_file(out: str | Path, inputs: Iterable[Path], force: bool,
     try:
         folder = run_folder(work / "out")
         tensors, metadata = _collect(folder)
-        return replace_file(path, lambda tmp: _assemble(tmp, tensors, metadata))
+        return replace_file(path, lambda tmp: _assemble(tmp, tensors, metadata, fsync))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -131,7 +133,8 @@ def _copy(src: int, dst: int, offset: int, n: int) -> None:
         n -= done
 
 
-def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: dict[str, str]) -> None:
+def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: dict[str, str],
+              fsync: bool = True) -> None:
     head: dict = {"__metadata__": metadata}
     pos = 0
     for name, entry, _, _ in tensors:
@@ -148,4 +151,5 @@ def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: d
             with open(shard, "rb") as src:
                 _copy(src.fileno(), dst.fileno(), start + b, e - b)
         dst.flush()
-        os.fsync(dst.fileno())
+        if fsync:
+            os.fsync(dst.fileno())
