@@ -160,7 +160,9 @@ class Recipe:
     def learn(self, loss: Callable[..., Any], batches: Any, **kw: Any) -> Any:
         """Fit the params declared `learn` by gradient descent through the merge:
         `loss(state, batch) -> scalar tensor`, differentiable w.r.t. the merged tensors. Keywords:
-        steps (default: one pass over `batches`), lr, optimizer ("adam" | "sgd"), device, log.
+        steps (default: one pass over `batches`), lr, optimizer ("adam" | "sgd"), device, log,
+        clamp ("project": a ranged param is clamped after each step; "use": only its value in
+        the merge is clamped, as the AdaMerging paper's code).
         Returns a Learned result (.values {name: nested list}, .losses, .run(out_dir)):
         search/learn.py."""
         from mergelang.search.learn import learn_recipe
