@@ -61,6 +61,7 @@ class Op(enum.Enum):
     # reductions with a scope (attrs: kind, over)
     REDUCE = "reduce"
     DOT = "dot"
+    ROW_KL = "row_kl"          # KL(softmax(x) + eps || softmax(y) + eps) per row, in float64
     # order statistics
     TOPK_MASK = "topk_mask"
     RANK = "rank"              # attrs: over, descending, normalized
@@ -133,7 +134,7 @@ SCOPES = ("models", "tensor", "rows", "cols")
 
 ARITY: dict[Op, int | None] = {op: 1 for op in UNARY}
 ARITY.update({op: 2 for op in BINARY})
-ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
+ARITY.update({Op.WHERE: 3, Op.LERP: 3, Op.REDUCE: 1, Op.DOT: 2, Op.ROW_KL: 2, Op.TOPK_MASK: 1, Op.ASSERT: 2,
               Op.SVD: 1, Op.POLAR: 1, Op.MATMUL: 2, Op.SOLVE: 2, Op.TRANSPOSE: 1, Op.PINV: 1,
               Op.WUDI_ADAM: 1, Op.BLOCK_QUANT: 1, Op.BLOCK_DEQUANT: 2,
               Op.DIAGONAL: 1, Op.CONCAT_MODELS: 1, Op.CAT: None,
@@ -286,9 +287,9 @@ def infer(op: Op, attrs: Attrs, args: list[TType]) -> TType:
         if attrs["kind"] != "count":
             _require(args[0], "float32", attrs["kind"])
         return _reduce_shape(args[0], attrs["over"])
-    if op is Op.DOT:
+    if op is Op.DOT or op is Op.ROW_KL:  # ROW_KL: attrs over = "rows", eps
         for t in args:
-            _require(t, "float32", "dot")
+            _require(t, "float32", op.value)
         return _reduce_shape(broadcast(args), attrs["over"])
     if op is Op.TOPK_MASK:
         (x,) = args

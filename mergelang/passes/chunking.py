@@ -42,7 +42,7 @@ from mergelang.ir.types import TType
 _PASS = ELEMENTWISE | {Op.STACK, Op.INDEX, Op.CAST, Op.ASSERT, Op.OUTPUT, Op.ARGMAX_MASK,
                        Op.BERNOULLI}
 #: ops that work per row (over = "rows") or across models (over = "models") when told so
-_SCOPED = {Op.REDUCE, Op.DOT, Op.TOPK_MASK, Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK}
+_SCOPED = {Op.REDUCE, Op.DOT, Op.ROW_KL, Op.TOPK_MASK, Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK}
 
 
 @dataclass(frozen=True)
