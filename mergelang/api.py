@@ -396,14 +396,16 @@ def _wraps_fp8(model: Any) -> bool:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            allow_pickle: bool = False, follow_symlinks: bool = False, **overrides: Any) -> Recipe:
+            allow_pickle: bool = False, follow_symlinks: bool = False,
+            compute_dtype: str | None = None, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
     `model`s (paths, relative to the current directory, or dicts of tensors); raises
     `MergelangError` carrying every diagnostic. `allow_pickle` lets models be pickle
     checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
-    symbolic links leave their model folder (refused by default, E314)."""
+    symbolic links leave their model folder (refused by default, E314). `compute_dtype`
+    ("float32" | "float64") overrides the recipe's option of that name."""
     source, base = _source(recipe)
-    options = {"dtype": dtype, "shard_size": shard_size}
+    options = {"dtype": dtype, "shard_size": shard_size, "compute_dtype": compute_dtype}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
                               follow_symlinks=follow_symlinks)
     def recompile(runtime: tuple[str, ...] = (), values: Mapping[str, Any] | None = None) -> Compilation:
