@@ -1,6 +1,7 @@
 """Torch kernels of the linear-algebra ops (2-D, batched over a stack's model axis).
 
-SVDs run in float32 (`torch.linalg.svd`, thin); the polar factor is U Vh of the thin SVD.
+SVDs run in the compute dtype (`torch.linalg.svd`, thin: float32, or float64 with option
+compute_dtype); the polar factor is U Vh of the thin SVD.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _wudi_adam(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     """Adam on WUDI's loss from X = sum of the task vectors, as FusionBench's `wudi_merging`
     (torch.optim.Adam, weight decay 0). Zero task vectors get weight 0 (the reference divides by
     their zero norm and produces NaN)."""
-    tvs = args[0].to(torch.float32)
+    tvs = args[0] if args[0].dtype == torch.float64 else args[0].to(torch.float32)
     n2 = tvs.reshape(tvs.shape[0], -1).square().sum(-1)
     w = torch.where(n2 > 0, 1.0 / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(n2))
     x = torch.nn.Parameter(tvs.sum(0).clone())

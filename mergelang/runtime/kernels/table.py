@@ -178,10 +178,11 @@ def _rank(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     over, stacked = node.attrs["over"], node.type.models is not None
     r = order_ranks(x, over, stacked, node.attrs["descending"])
+    out = x.dtype if x.dtype == torch.float64 else torch.float32  # compute_dtype float64
     if not node.attrs["normalized"]:
-        return r.to(torch.float32)
+        return r.to(out)
     n = _group_size(x, over, stacked)
-    return (r.to(torch.float64) / max(n - 1, 1)).to(torch.float32)
+    return (r.to(torch.float64) / max(n - 1, 1)).to(out)
 
 
 def _per_model(value: Any, x: torch.Tensor, stacked: bool) -> torch.Tensor | int:
