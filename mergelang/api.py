@@ -13,6 +13,7 @@ from mergelang.lang.ast import dump
 from mergelang.errors import CheckpointError, CodedError, to_diagnostic
 from mergelang.compiler import STAGES, Compilation, compile_recipe
 from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa: F401  (all_finite: public here too)
+from mergelang.io.inputcheck import InputCheck, checked_inputs
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
 from mergelang.lang.loader import read_recipe_file
@@ -223,8 +224,10 @@ class Recipe:
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
-                execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
-                        pipelined=pipelined)
+                check = None if mode == "off" else InputCheck(  # NaN/Inf in the inputs too
+                    mode, say, {d.name: d.value.span for d in c.unit.models}, self.run_warnings)
+                execute(planned.plan, checked_inputs(c.models, check), sink, device, progress,
+                        memory_budget=budget, pipelined=pipelined)
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
