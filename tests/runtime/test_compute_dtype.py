@@ -173,3 +173,18 @@ def test_run_compute_dtype_flag(tmp_path: Path) -> None:
     for k in got:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], ref[k].float())
     assert any(not torch.equal(got[k], f32[k]) for k in got)
+
+
+def test_float64_iterate_loop() -> None:
+    """An `iterate` compiled to one loop node: its body's constants and values are float64 too."""
+    src = (HEAD + 'option compute_dtype = "float64"\noption dtype = "float64"\n'
+           "fn step(x, a) {\n    return x * 0.9 + 0.1 * a\n}\n"
+           'merge from base { "*" => iterate("step", base, 7, [a]) }\n')
+    r = ml.compile(src, base=BASE, a=A, b=B)
+    assert "loop" in r.emit("plan")
+    out = r.evaluate()
+    for k in BASE:
+        x, a = BASE[k].double(), A[k].double()
+        for _ in range(7):
+            x = x * 0.9 + 0.1 * a
+        torch.testing.assert_close(out[k], x, rtol=1e-15, atol=1e-15)
