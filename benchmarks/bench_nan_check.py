@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import RECIPES, SIZES, _env, drop_output, make_model, timed_child, write_recipe  # noqa: E402
+from bench_merge import SIZES, _env, drop_output, make_model, timed_child, write_recipe  # noqa: E402
 
 DRIVER = """\
 import sys, time
