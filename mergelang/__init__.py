@@ -16,8 +16,9 @@ from mergelang.diagnostics import Diagnostic, MergelangError
 
 if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
+    from mergelang.data.stats import stats
 
-__all__ = ["compile", "merge", "parse", "Recipe", "MergelangError", "Diagnostic"]
+__all__ = ["compile", "merge", "parse", "method", "Recipe", "MergelangError", "Diagnostic", "stats"]
 from mergelang._version import __version__ as __version__  # noqa: E402
 
 
@@ -28,6 +29,14 @@ def __getattr__(name: str) -> Any:
         from mergelang import api
 
         return getattr(api, name)
+    if name == "method":  # @mergelang.method: merge methods written in Python (lang/plugins.py)
+        from mergelang.lang.plugins import method
+
+        return method
+    if name == "stats":  # ml.stats(model, data, kind=...): data/stats.py
+        from mergelang.data.stats import stats
+
+        return stats
     if name == "objectives":  # ml.objectives.entropy, .forward, .accuracy (search/objectives.py)
         import importlib
 

@@ -16,7 +16,6 @@ from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa
 from mergelang.io.inputcheck import InputCheck, checked_inputs
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
-from mergelang.lang.loader import read_recipe_file
 from mergelang.io.journal import inputs_fingerprint, plan_fingerprint
 from mergelang.lang.parser import parse_program
 from mergelang.passes.plan import format_plan
@@ -28,25 +27,16 @@ if TYPE_CHECKING:  # torch, the executor and the writers are imported when a mer
     from mergelang.io.multiwriter import MultiWriter
     from mergelang.io.writer import CheckpointWriter, OutputTensor
 
+from mergelang.interop.recipe_input import recipe_input
 from mergelang.io.inputs import RECIPE_FILENAME
+from mergelang.io.inputwatch import input_stats, inputs_unchanged, install_sigbus
 from mergelang.lang.provenance import recipe_copy, used_params
 
 
 def _source(recipe: str | Path) -> tuple[SourceFile, Path]:
-    """A path (Path, or a str naming an existing file / ending in .mrg) or recipe text."""
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe
-                                    and (recipe.endswith(".mrg") or Path(recipe).is_file())):
-        path = Path(recipe)
-        try:
-            if "\0" in str(recipe):
-                raise ValueError("the path contains a NUL character")
-            return read_recipe_file(path), path.resolve().parent
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise MergelangError(error("E002", f"cannot read recipe {path}: {reason}")) from None
-    return SourceFile("<recipe>", str(recipe)), Path.cwd()
-
-
+    """A path (Path, or a str naming an existing file / ending in .mrg) or recipe text; a
+    mergekit config (.yml / .yaml) is imported on the fly (interop/recipe_input.py)."""
+    return recipe_input(recipe)[:2]  # type: ignore[return-value]
 
 
 class Recipe:
@@ -174,7 +164,8 @@ class Recipe:
             progress: Callable[[int], None] | None = None, resume: bool = False,
             nan_check: str | None = None, log: Callable[[str], None] | None = None, *,
             memory_budget: int | str | None = None, pipelined: bool = True, fsync: bool = True,
-            executor: str = "local", ray_address: str | None = None) -> Path:
+            executor: str = "local", ray_address: str | None = None, model_card: bool = True,
+            origins: Mapping[str, str] | None = None) -> Path:
         """Merge to an HF folder at `out_dir` (with named outputs: one HF folder per name,
         `out_dir/NAME`, all moved into place together). The tensors go to the work folder
         ``.NAME.mergelang-work`` beside it (with a journal), which is renamed into place once
@@ -186,20 +177,29 @@ class Recipe:
         for the disk (the output is complete when this returns, but a power loss soon after may
         lose some of it; a resume still checks every kept tensor against its checksum).
         `executor="ray"` runs the tensors on a Ray cluster (`ray_address`, else a local Ray
-        instance) whose workers share the filesystem: distributed/ray_driver.py."""
+        instance) whose workers share the filesystem: distributed/ray_driver.py. The folder gets
+        a model card ``README.md`` unless `model_card=False` (record/card.py); `origins` says
+        where params' values came from (param -> e.g. "tune: trial 3 of study 's'"), for the
+        card, the manifest and the recipe copy."""
         from mergelang.passes.chunking import over_budget_summary
         from mergelang.passes.pipeline import plan_for
         from mergelang.runtime.executor import execute, target_for
 
+        from mergelang.runtime.runargs import check_run_args
+
+        check_run_args(out_dir, device, nan_check, executor)
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         c = self._c
         mode = nan_check or c.options.nan_check
-        if mode not in ("error", "warn", "off"):
-            raise ValueError(f"nan_check must be 'error', 'warn' or 'off', not {mode!r}")
         say = log or (lambda msg: None)
         fingerprint = {"plan": plan_fingerprint(format_plan(c.plan)),
                        "inputs": inputs_fingerprint(c.models)}
         writer: CheckpointWriter | MultiWriter | None = None
+        from mergelang.record.manifest import inputs_record, provenance
+        from mergelang.runtime.executor import resolve_device
+
+        self._prov = provenance(c, str(resolve_device(device)), origins)
+        self._card = (Path(os.path.abspath(out_dir)).name, model_card, dict(origins or {}))
         if executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
@@ -216,6 +216,7 @@ class Recipe:
                         self.run_warnings.append(diag)
                         say(diag.render())
                     self.run_warnings += session.run(c.plan, writer, progress, mode, fsync, say)
+                    self._prov["inputs"] = inputs_record(c)
                     return writer.complete(files)
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
@@ -224,10 +225,14 @@ class Recipe:
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
+                install_sigbus()  # a mapped shard truncated meanwhile: E508 and exit 1
+                stats = input_stats(c.models)
                 check = None if mode == "off" else InputCheck(  # NaN/Inf in the inputs too
                     mode, say, {d.name: d.value.span for d in c.unit.models}, self.run_warnings)
                 execute(planned.plan, checked_inputs(c.models, check), sink, device, progress,
                         memory_budget=budget, pipelined=pipelined)
+                inputs_unchanged(stats)
+                self._prov["inputs"] = inputs_record(c)  # the digests of what was read
                 return writer.complete(files)
         except CodedError as exc:  # writer, journal, checkpoint: each carries code and help
             raise self._kept(writer, to_diagnostic(exc)) from None
@@ -268,12 +273,15 @@ class Recipe:
             writer = CheckpointWriter(out_dir, layout, force=force, fingerprint=fingerprint,
                                       resume=resume, fsync=fsync, protected=self._c.inputs)
             files = self._adapter_files(self.outputs, ref) if "" in adapters else self._files(ref)
+            self._record_files(files, ref, "" in adapters)
             return writer, files, {t: x.nbytes for t, x in layout.tensors.items()}
         per_output = self._split({t.name: t.renamed(t.name.partition("/")[2]) for t in self.outputs})
         layouts = {n: adapter_layout(ts.values()) if n in adapters else plan_shards(list(ts.values()), shard_size)
                    for n, ts in per_output.items()}
         files = {n: self._adapter_files(per_output[n].values(), ref) if n in adapters else self._files(ref)
                  for n, ref in self._references().items()}
+        for n, ref in self._references().items():
+            self._record_files(files[n], ref, n in adapters, n)
         multi = MultiWriter(out_dir, layouts, force=force, fingerprint=fingerprint, resume=resume,
                             fsync=fsync, protected=self._c.inputs)
         return multi, files, {f"{n}/{t}": x.nbytes for n, lay in layouts.items()
@@ -282,6 +290,21 @@ class Recipe:
     def _adapters(self) -> set[str]:
         """The outputs that are LoRA adapters (`merge adapter`); "" for an unnamed one."""
         return {n for b in self._c.unit.blocks if b.adapter for n in (b.outputs or ("",))}
+
+    def _record_files(self, files: dict[str, Any], reference: str, adapter: bool, name: str = "") -> None:
+        """Add the provenance to an output's manifest, the card, and the labelled recipe copy."""
+        title, card, origins = getattr(self, "_card", ("", True, {}))
+        prov = getattr(self, "_prov", None)
+        if prov is None:
+            return
+        files["manifest"] = {**files.get("manifest", {}), "provenance": prov}
+        files["recipe_text"] = recipe_copy(self._c, prov["param_origins"])
+        if card:
+            from mergelang.record.card import CARD_NAME, model_card
+
+            files["extra_files"] = {**(files.get("extra_files") or {}), CARD_NAME: model_card(
+                self._c, prov, adapter=adapter, title=name or title, reference=reference,
+                recipe_text=files["recipe_text"])}
 
     def _adapter_files(self, outputs: Any, reference: str) -> dict[str, Any]:
         """CheckpointWriter.finish's arguments for an adapter: adapter_config.json (no config.json
@@ -399,22 +422,24 @@ def _wraps_fp8(model: Any) -> bool:
 
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
-            allow_pickle: bool = False, follow_symlinks: bool = False,
+            allow_pickle: bool = False, follow_symlinks: bool = False, allow_plugins: bool = False,
             compute_dtype: str | None = None, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
     `model`s (paths, relative to the current directory, or dicts of tensors); raises
     `MergelangError` carrying every diagnostic. `allow_pickle` lets models be pickle
     checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
-    symbolic links leave their model folder (refused by default, E314). `compute_dtype`
-    ("float32" | "float64") overrides the recipe's option of that name."""
-    source, base = _source(recipe)
+    symbolic links leave their model folder (refused by default, E314); `allow_plugins` lets the
+    recipe's `import "file.py"` run the Python methods it declares (docs/language.md).
+    `compute_dtype` ("float32" | "float64") overrides the recipe's option of that name."""
+    source, base, imported = recipe_input(recipe)
     options = {"dtype": dtype, "shard_size": shard_size, "compute_dtype": compute_dtype}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
-                              follow_symlinks=follow_symlinks)
+                              follow_symlinks=follow_symlinks, allow_plugins=allow_plugins)
+    compiled.warnings[:0] = imported  # a mergekit config's import warnings come first
     def recompile(runtime: tuple[str, ...] = (), values: Mapping[str, Any] | None = None) -> Compilation:
         return compile_recipe(source, base, {**overrides, **(values or {})}, options,
                               allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                              runtime=runtime)
+                              runtime=runtime, allow_plugins=allow_plugins)
 
     spec = None
     if all(isinstance(v, (str, int, float, bool, list, tuple, type(None), os.PathLike))
@@ -424,7 +449,8 @@ def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | i
         used = compiled.overridden  # model paths made absolute: workers run in other folders
         spec = RecipeSpec(source, Path(os.path.abspath(base)),
                           {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
-                           for k, v in overrides.items()}, options, allow_pickle, follow_symlinks)
+                           for k, v in overrides.items()}, options, allow_pickle, follow_symlinks,
+                          allow_plugins)
     return Recipe(compiled, spec, recompile)
 
 

@@ -15,15 +15,29 @@ from pathlib import Path
 
 import click
 
-from mergelang.diagnostics import MergelangError, error
+from mergelang.diagnostics import MergelangError
 from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
-    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, follow_opt, recipe_arg, set_opt)
+    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, check_output_file, follow_opt,
+    force_file_opt, plugins_opt, recipe_arg, recipe_inputs, set_opt, write_output_file)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; it records the command line for the outputs' card and manifest."""
+
+    def main(self, args=None, *a, **kw):  # type: ignore[no-untyped-def, override]
+        from mergelang.record import set_command
+
+        set_command(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(args, *a, **kw)
+        finally:  # a later use from Python (tests, notebooks) is not this command
+            set_command(None)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergelang")
 def main() -> None:
     """mergelang: merge neural-network checkpoints with .mrg recipes."""
@@ -91,6 +105,7 @@ def _tune_gc() -> None:
                    "checks every kept tensor)")
 @allow_pickle_opt
 @follow_opt
+@plugins_opt
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="run here, or on a Ray cluster whose workers share the filesystem (mergelang[ray])")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -98,14 +113,18 @@ def _tune_gc() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option("--log-json", is_flag=True,
               help="progress as JSON lines on stderr (one per tensor, then a summary)")
+@click.option("--no-model-card", "no_card", is_flag=True,
+              help="do not write the model card README.md into the output")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, compute_dtype: str | None, force: bool, resume: bool,
         nan_check: str | None, fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
-        log_json: bool = False, executor: str = "local", ray_address: str | None = None) -> None:
+        log_json: bool = False, executor: str = "local", ray_address: str | None = None,
+        allow_plugins: bool = False, no_card: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks, compute_dtype)
+    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
+                 allow_plugins=allow_plugins, compute_dtype=compute_dtype)
     plan = r.compilation.plan
     from mergelang.runtime.executor import resolve_device
 
@@ -125,7 +144,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
                 raise click.UsageError("--ray-address needs --executor ray")
             path = r.run(out, device=device, force=force, progress=update, resume=resume,
                          nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
-                         executor=executor, ray_address=ray_address)
+                         executor=executor, ray_address=ray_address, model_card=not no_card)
         except KeyboardInterrupt:
             from mergelang.io.journal import work_dir_for
 
@@ -158,10 +177,13 @@ def _budget(text: str | None) -> int | None:
 @set_opt
 @allow_pickle_opt
 @follow_opt
+@plugins_opt
 @_guard
-def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool) -> None:
+def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool,
+          allow_plugins: bool = False) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
-    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
+                 allow_plugins=allow_plugins)
     plan = r.compilation.plan
     outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
     click.echo(f"ok: {len(r.outputs)} output tensors{outs}, reads {format_bytes(plan.read_bytes)}, "
@@ -174,15 +196,21 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
 @set_opt
 @click.option("--emit", type=click.Choice(["ast", "graph", "optimized", "plan"]), default="optimized",
               show_default=True, help="the stage to print")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE instead of stdout")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="with --emit plan: the plan split into row chunks for this budget")
 @allow_pickle_opt
+@plugins_opt
+@force_file_opt
 @_guard
 def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
-                allow_pickle: bool, memory_budget: str | None = None) -> None:
+                allow_pickle: bool, memory_budget: str | None = None, allow_plugins: bool = False,
+                force: bool = False) -> None:
     """Compile RECIPE and print a stage (stable text)."""
+    inputs = recipe_inputs(recipe)
+    if out:
+        check_output_file(out, inputs, force)  # before the work, not after it
     if emit == "ast":
         from mergelang.api import parse
         from mergelang.lang.ast import dump
@@ -190,11 +218,13 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
         text = dump(parse(Path(recipe))) + "\n"
     else:
         budget = _budget(memory_budget)
-        r = _compile(recipe, sets, allow_pickle=allow_pickle)
+        r = _compile(recipe, sets, allow_pickle=allow_pickle, allow_plugins=allow_plugins)
         text = r.emit(emit, budget) if emit == "plan" else r.emit(emit)
+        if out:
+            inputs += r.compilation.inputs
         r.close()
     if out:
-        Path(out).write_text(text)
+        write_output_file(out, text, inputs, force)
     else:
         click.echo(text, nl=False)
 
@@ -276,58 +306,84 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
 
 @main.command(name="import-mergekit")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write the recipe to FILE (default: stdout)")
 @click.option("--layer-prefix", default="model.layers", show_default=True,
               help="tensor-name prefix of the numbered transformer blocks")
+@click.option("--allow-crimes", is_flag=True,
+              help="import models whose config.json name different architectures (refused by "
+                   "default, E709, as mergekit); the recipe gets `option allow_crimes = true`")
+@force_file_opt
 @_guard
-def import_mergekit(config: str, out: str | None, layer_prefix: str) -> None:
+def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False,
+                    force: bool = False) -> None:
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
     from mergelang.interop.mergekit_import import import_file
 
-    result = import_file(config, out, layer_prefix)
+    result = import_file(config, out, layer_prefix, allow_crimes)
     if result.errors:
         raise MergelangError(result.diagnostics)
     _echo_diags(result.diagnostics)
     if out:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(result.text)
-        except OSError as e:
-            raise MergelangError(error("E502", f"cannot write {out}: {e.strerror or e}", None,
-                                       "check the folder exists and is writable")) from None
+        write_output_file(out, result.text, [Path(config), *_imported_models(result.text, out)], force,
+                          parents=True)
         click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)
 
 
+def _imported_models(text: str, out: str) -> list[Path]:
+    """The local model paths an imported recipe (to be written at `out`) names."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # parse the text as if it were at `out`
+        probe = Path(tmp) / "recipe.mrg"
+        probe.write_text(text)
+        found = recipe_inputs(str(probe))[1:]
+    base = Path(os.path.abspath(out)).parent
+    return [base / p.relative_to(tmp) if p.is_relative_to(tmp) else p for p in found]
+
+
 @main.command()
 @recipe_arg
 @set_opt
-@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg", "png"]), default="text",
-              show_default=True, help="a text summary, or the graph (DOT, or rendered by Graphviz)")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "html", "svg", "png"]), default="text",
+              show_default=True, help="a text summary, or the graph: DOT, a self-contained HTML page "
+              "(inline SVG, drawn without Graphviz), or svg/png rendered by Graphviz")
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="write to FILE (needed for png)")
 @click.option("--ops", is_flag=True,
               help="draw the op-level graph (one cluster per group of same-shaped tensors) instead "
                    "of models -> rules -> outputs")
+@force_file_opt
 @_guard
-def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False) -> None:
+def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False,
+            force: bool = False) -> None:
     """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw it."""
     from mergelang.explain import explain_dot, explain_rules_dot, explain_text, render
 
+    inputs = recipe_inputs(recipe)
+    if out:
+        check_output_file(out, inputs, force)  # before the work, not after it
     r = _compile(recipe, sets)
     try:
         c = r.compilation
+        if out:
+            inputs += c.inputs
         if fmt == "text":
             data: str | bytes = explain_text(c)
         else:
             dot = explain_dot(c) if ops else explain_rules_dot(c)
-            data = dot if fmt == "dot" else render(dot, fmt)
+            if fmt == "html":
+                from mergelang.commands.explain_html import to_html
+
+                data = to_html(dot, f"mergelang explain {Path(recipe).name}" + (" --ops" if ops else ""))
+            else:
+                data = dot if fmt == "dot" else render(dot, fmt)
     finally:
         r.close()
     if out:
-        Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
+        write_output_file(out, data, inputs, force)
         click.echo(f"wrote {out}", err=True)
     elif isinstance(data, bytes) and fmt == "png":
         raise click.UsageError("--format png needs -o FILE")
@@ -338,11 +394,17 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
 from mergelang.commands.search import learn_cmd, tune_cmd  # noqa: E402  (commands/ imports no cli)
 
 from mergelang.commands.rmm import rmm_cmd, rmm_rebuild_cmd  # noqa: E402
+from mergelang.commands.data import stats_cmd  # noqa: E402
 
 main.add_command(tune_cmd)
 main.add_command(learn_cmd)
 main.add_command(rmm_cmd)
 main.add_command(rmm_rebuild_cmd)
+main.add_command(stats_cmd)
+
+from mergelang.commands.verify import verify_cmd  # noqa: E402
+
+main.add_command(verify_cmd)
 
 
 @main.command()

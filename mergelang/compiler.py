@@ -19,7 +19,7 @@ from mergelang.lang import ast
 from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource
 from mergelang.io.locate import model_error, open_model
 from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
-                          did_you_mean, error, warning)
+                          Span, did_you_mean, error, warning)
 import mergelang.sources  # noqa: F401  (registers lora, stack_layers, layer_range, align)
 from mergelang.lang.elaborate import Elaborator
 from mergelang.lang.values import Poisoned
@@ -32,8 +32,9 @@ from mergelang.passes.optimize import optimize
 from mergelang.passes.plan import ExecutionPlan, lower
 from mergelang.lang.resolve import check_unit
 from mergelang.passes.stats import split_stats
-from mergelang.lang.values import Const, ListV, Value
+from mergelang.lang.values import Const, ListV, Value, add_size, too_big
 from mergelang.lang.ranges import ParamRange, param_range, runtime_params
+from mergelang.io.architectures import different_architectures
 from mergelang.sources.fp8 import dequantize_models, mixed_formats
 from mergelang.sources.outputs import link_outputs
 from mergelang.sources.tokenizer import retokenize_models
@@ -147,11 +148,13 @@ def _to_value(v: Any) -> Value:
 
 def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None = None,
                    options: Mapping[str, Any] | None = None, *, allow_pickle: bool = False,
-                   follow_symlinks: bool = False, runtime: tuple[str, ...] = ()) -> Compilation:
+                   follow_symlinks: bool = False, runtime: tuple[str, ...] = (),
+                   allow_plugins: bool = False) -> Compilation:
     """Compile `source`; `overrides` replace params (values) or models (paths or state dicts);
     `options` override the recipe's `option` lines (e.g. dtype, shard_size). The params named
     in `runtime` become run-time inputs (their values are given per run: passes/params.py);
-    their current values only type the graph."""
+    their current values only type the graph. `allow_plugins` lets `import "file.py"` run the
+    Python methods it declares (lang/plugins.py)."""
     # Compilation allocates ~10^5 small acyclic objects per 10^3 tensors; with torch imported,
     # the cyclic GC's full collections were half of the compile time of a 70B-shaped model.
     # Everything here is freed by reference counting, so the cycle collector pauses meanwhile.
@@ -159,7 +162,7 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
     gc.disable()
     try:
         return _compile_recipe(source, base_dir, overrides, options, allow_pickle, follow_symlinks,
-                               tuple(runtime))
+                               tuple(runtime), allow_plugins)
     except RecursionError:  # the parser bounds expression nesting; this is the last safety net
         raise MergelangError(error(
             "E110", "the recipe nests too deeply to compile (functions calling functions with "
@@ -172,13 +175,15 @@ def compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, A
 
 def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, Any] | None,
                     options: Mapping[str, Any] | None, allow_pickle: bool,
-                    follow_symlinks: bool = False, runtime: tuple[str, ...] = ()) -> Compilation:
+                    follow_symlinks: bool = False, runtime: tuple[str, ...] = (),
+                    allow_plugins: bool = False) -> Compilation:
     diags = Diagnostics()
     overrides = dict(overrides or {})
     unit = load(source, base_dir, diags)
     if unit is None:
         diags.raise_if_errors()
         raise AssertionError("unreachable")  # pragma: no cover
+    unit.plugins = _plugins(unit, allow_plugins, diags)
     check_unit(unit, diags)
     declared = {d.name for d in [*unit.models, *unit.params]}
     for name in overrides:
@@ -187,12 +192,13 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                             f"declares no param or model `{name}`", None,
                             did_you_mean(name, declared) or
                             f"declared: {', '.join(sorted(declared)) or 'nothing'}"))
-    el = Elaborator(unit.fns, {}, {}, {}, diags)
+    el = Elaborator(unit.fns, {}, {}, {}, diags, plugins=unit.plugins)
     el.models = {m.name: None for m in unit.models}  # names resolve while params are evaluated
     params: dict[str, Value] = {}
     ranges: dict[str, ParamRange | None] = {}  # `param x = v in [lo, hi]` (lang/ranges.py)
     el.params = params
     params_ok = True
+    held = (0, 0)  # elements and characters of the params' values so far
     for decl in unit.params:
         if decl.name in overrides:
             bad = _bad_param_value(overrides[decl.name])
@@ -202,6 +208,12 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                                 "a param is a number, bool, string, none or a list of them"))
                 continue
             params[decl.name] = _to_value(overrides[decl.name])
+            big = too_big(params[decl.name])
+            if big is not None:
+                params_ok = False
+                diags.add(error("E329", f"param `{decl.name}`'s value is too large: {big}",
+                                decl.value.span))
+                continue
             ranges[decl.name] = param_range(decl, params[decl.name], lambda e: el.eval(e, {}), diags, True)
             continue
         try:
@@ -219,6 +231,11 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
             diags.add(error("E201", f"param `{decl.name}` must be a number, bool, string or list, not "
                             f"{value.describe()}", decl.value.span))
             continue
+        held, over = add_size(held, value)
+        if over:
+            params_ok = False
+            diags.add(error("E329", f"{over} (at `{decl.name}`)", decl.value.span))
+            continue
         params[decl.name] = value
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
     el.runtime = runtime_params(unit, params, runtime, diags)
@@ -228,6 +245,9 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     check_architectures(models, {d.name: d.value.span for d in unit.models}, diags)
     link_outputs(unit, models, diags)
     opts = _options(unit, el, options or {}, diags)
+    if not opts.allow_crimes:  # E709: checkpoints whose config.json name different architectures
+        different_architectures({d.name: (models.get(d.name), d.value.span) for d in unit.models
+                                 if isinstance(d.value, ast.String) or d.name in overrides}, diags)
     copies = reference_copies(unit, models, opts.copy_files, follow_symlinks, diags)
     block = unit.block
     if block is None:
@@ -244,7 +264,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if opts.tokenizer_source is not None:
         models = retokenize_models(models, block.source, opts.tokenizer_source,  # type: ignore[union-attr]
                                    opts.pad_to_multiple_of, opts.chat_template, diags,
-                                   _option_span(unit, "tokenizer_source"))
+                                   _option_span(unit, "tokenizer_source"), follow_symlinks)
         if diags.has_errors:
             _fail(diags, models)
     elif opts.resize_vocab:
@@ -267,6 +287,31 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
                        _overridden(overrides, unit), {k: v for k, v in ranges.items() if v},
                        runtime)
+
+
+def _plugins(unit: Unit, allow: bool, diags: Diagnostics) -> dict[str, Any]:
+    """The Python methods the recipe may call (lang/plugins.py): its plugin files' (when
+    allowed) and installed ones among the names it calls that nothing else defines."""
+    from mergelang.lang.ast import Call
+    from mergelang.lang.intrinsics import INTRINSICS
+    from mergelang.lang.plugins import load_plugins
+
+    called: set[str] = set()
+    stack: list[Any] = [unit.program, *(f for f in unit.fns.values() if not f.span.source.library)]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Call):
+            called.add(x.func)
+        if hasattr(x, "__dataclass_fields__") and not isinstance(x, Span):
+            stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
+        elif isinstance(x, tuple):
+            stack.extend(x)
+    if not unit.plugin_files and called <= set(unit.fns) | set(INTRINSICS):
+        return {}
+    found = load_plugins(unit.plugin_files, called, set(unit.fns) | set(INTRINSICS), allow, diags)
+    if any(d.code == "E116" for d in diags.items):  # its methods' names would all be E102 noise
+        diags.raise_if_errors()
+    return found
 
 
 def _derive_params(unit: Unit, el: Elaborator, overrides: Mapping[str, Any]) -> None:

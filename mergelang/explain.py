@@ -153,6 +153,26 @@ def _fp8_lines(c: Compilation) -> list[str]:
     return out
 
 
+def _input_lines(c: Compilation) -> list[str]:
+    """Each model and where it resolved: its folder or file, and for a Hugging Face cache
+    snapshot (``hf:ORG/NAME`` or a snapshot folder) the commit it resolved to."""
+    from pathlib import Path
+
+    from mergelang.io.inputs import hf_repo_id, hf_revision
+
+    out = ["inputs:"]
+    for d in c.unit.models:
+        src = c.models.get(d.name)
+        folder = getattr(src, "folder", None)
+        files = sorted({i.file for i in src.tensors().values() if i.file}) if src is not None else []
+        where = str(folder) if folder is not None else (files[0] if len(files) == 1 else
+                                                        f"{len(files)} files" if files else "in memory")
+        rev = hf_revision(Path(folder)) if folder is not None else None
+        hub = f"hf:{hf_repo_id(Path(folder))} at revision {rev}, " if rev else ""
+        out.append(f"  {d.name}: {hub}{where}")
+    return out
+
+
 def _one_line(text: str, width: int = 100) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -166,6 +186,7 @@ def explain_text(c: Compilation) -> str:
                  f"{len(plan.outputs)} output tensors in all, computed in one graph"]
     else:
         lines = [f"recipe {c.source.path}: merge from `{c.reference}`, {len(plan.outputs)} output tensors"]
+    lines += _input_lines(c)
     ref = c.models.get(c.reference)
     arch = architecture(ref.config() if ref is not None else None)
     if arch is not None:
@@ -216,17 +237,26 @@ def _dtypes(g: MergeGraph) -> str:
 
 
 # ---------------------------------------------------------------- the picture
+def num(v: Any) -> str:
+    """A number as the user wrote it: a float by the shortest text that rounds to it at 15
+    significant digits (0.6, not 0.6000000000000001 from 1 - 0.4); other values as str."""
+    if isinstance(v, float) and not isinstance(v, bool):
+        if v != v or v in (float("inf"), float("-inf")):
+            return str(v)
+        return repr(float(f"{v:.15g}"))
+    return str(v)
+
+
 def _node_label(n: Any, out_name: str) -> str:
     if n.op is Op.LOAD:
         t = n.attrs["tensor"]
         return f"load {n.attrs['model']}" + ("" if t == out_name else f"[{template(t)[0]}]")
     if n.op is Op.CONST:
-        v = n.attrs["value"]
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return num(n.attrs["value"])
     if n.op is Op.OUTPUT:
         return f"write {n.attrs['dtype']}"
-    extra = [f"{k}={v}" for k, v in sorted(dict(n.attrs).items()) if k in ("kind", "over", "density")]
-    return n.op.value + (f"\\n{' '.join(extra)}" if extra else "")
+    extra = [f"{k}={num(v)}" for k, v in sorted(dict(n.attrs).items()) if k in ("kind", "over", "density")]
+    return n.op.value + (f"\n{' '.join(extra)}" if extra else "")
 
 
 def _subgraph(g: MergeGraph, out: int) -> list[int]:
@@ -249,10 +279,9 @@ def _structure(g: MergeGraph, out: int) -> tuple[tuple, list[int]]:
 def _const_label(values: list[Any]) -> str:
     distinct = sorted(set(values), key=repr)
     if len(distinct) == 1:
-        v = distinct[0]
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return num(distinct[0])
     if all(isinstance(v, (int, float)) for v in distinct):
-        return f"{min(distinct):.4g} .. {max(distinct):.4g}\\n({len(distinct)} values)"
+        return f"{min(distinct):.4g} .. {max(distinct):.4g}\n({len(distinct)} values)"
     return f"{len(distinct)} values"
 
 
@@ -261,6 +290,30 @@ def _names(e: Any) -> set[str]:
     out: set[str] = set()
     _walk(e, lambda x: out.add(x.id) if isinstance(x, ast.Name) else None)
     return out
+
+
+def rule_head(rule: Any, width: int = 100) -> str:
+    """A rule's pattern and guard, one line: `"model.layers.{i}.mlp.*" if i >= 2`."""
+    guard = f" if {rule.guard.span.text}" if rule.guard is not None else ""
+    return _one_line(rule.pattern.span.text + guard, width)
+
+
+def rule_reads(c: Compilation, block: Any, names: list[str], rule: Any) -> list[str]:
+    """The models whose tensors a rule's outputs read (LOADs in the optimized graph: a model
+    the rule names but never reads, e.g. folded away, gets no edge); for a rule that matches no
+    tensor, the models its expression names."""
+    if not names:
+        return sorted(_names(rule.expr) & set(c.models))
+    g = c.optimized
+    outs = {g.node(o).attrs["name"]: o for o in g.outputs()}
+    full = [f"{o}/{n}" for o in block.outputs for n in names] if block.outputs else names
+    seen: set[int] = set()
+    models: set[str] = set()
+    for n in full:
+        if n in outs:
+            postorder(g, outs[n], seen, lambda nid: models.add(g.node(nid).attrs["model"])
+                      if g.node(nid).op is Op.LOAD else None)
+    return sorted(m for m in models if m in c.models)
 
 
 def explain_rules_dot(c: Compilation) -> str:
@@ -288,13 +341,13 @@ def explain_rules_dot(c: Compilation) -> str:
                                                                 if len(groups) > 4 else "")
             calls = ", ".join(_calls(rule.expr)) or "copy"
             secs = nbytes / ASSUMED_IO_BYTES_PER_S
-            label = (f"[{i + 1}] {_esc(_one_line(rule.pattern.span.text, 60))}\\n{_esc(calls)}\\n"
+            label = (f"[{i + 1}] {_esc(rule_head(rule, 60))}\\n{_esc(calls)}\\n"
                      f"{len(names)} tensors, {_size(nbytes)} written, "
                      f"{'<0.01' if secs < 0.01 else f'~{secs:.2f}'} s of I/O at 1 GB/s"
                      + (f"\\n{shown}" if names else "\\nmatches no tensor"))
             rid = f"r_{b}_{i}"
             lines.append(f'  {rid} [label="{label}"{", style=dashed" if not names else ""}];')
-            for m in sorted(_names(rule.expr) & set(c.models)):
+            for m in rule_reads(c, block, names, rule):
                 lines.append(f"  m_{m} -> {rid};")
             if names:
                 for o in outs:
@@ -303,20 +356,50 @@ def explain_rules_dot(c: Compilation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rule_of(c: Compilation) -> dict[str, tuple[int, int]]:
+    """Output tensor name (as in the graph) -> (block index, rule index) that produced it."""
+    out: dict[str, tuple[int, int]] = {}
+    for b, block in enumerate(c.unit.blocks):
+        by_rule, _ = rule_assignment(c, block)
+        for i, names in by_rule.items():
+            for n in names:
+                for full in ([f"{o}/{n}" for o in block.outputs] if block.outputs else [n]):
+                    out[full] = (b, i)
+    return out
+
+
 def explain_dot(c: Compilation) -> str:
+    """The optimized graph as DOT, one cluster per rule: the rule's tensors are drawn once, by
+    the structure most of them share (the same op graph, constants aside: the constant's label
+    shows its range); tensors the optimizer simplified differently (e.g. slerp at t = 0) are
+    named in the cluster's label, not drawn again. Four layers or four hundred: one cluster."""
     g = c.optimized
-    groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+    rule_of = _rule_of(c)
+    rules: dict[Any, dict[tuple, list[tuple[int, list[int]]]]] = {}
     for out in g.outputs():
         sig, nodes = _structure(g, out)
-        groups.setdefault(sig, []).append((out, nodes))
+        key = rule_of.get(g.node(out).attrs["name"], ("?", sig))
+        rules.setdefault(key, {}).setdefault(sig, []).append((out, nodes))
     lines = ["digraph mergelang {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];',
              '  graph [fontname="Helvetica", fontsize=11];']
-    for k, (sig, members) in enumerate(groups.items()):
+    ordered = sorted(rules.items(), key=lambda kv: kv[0] if isinstance(kv[0][0], int) else (1 << 30, 0))
+    for k, (key, variants) in enumerate(ordered):
+        sig, members = max(variants.items(), key=lambda kv: len(kv[1]))
         names = collapse(g.node(o).attrs["name"] for o, _ in members)
-        label = "\\n".join(names[:6]) + (f"\\n... ({len(names) - 6} more groups)" if len(names) > 6 else "")
+        label = "\\n".join(_esc(x) for x in names[:6]) + \
+            (f"\\n... ({len(names) - 6} more groups)" if len(names) > 6 else "")
+        if isinstance(key[0], int):
+            block = c.unit.blocks[key[0]]
+            head = f"[{key[1] + 1}] {rule_head(block.rules[key[1]], 60)}"
+            label = f"{_esc(head)}\\n{label}"
         count = f" ({len(members)} tensors)" if len(members) > 1 else ""
+        others = [o for s, ms in variants.items() if s != sig for o, _ in ms]
+        if others:
+            shown = collapse(g.node(o).attrs["name"] for o in others)
+            more = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+            count += f"\\nalso {len(others)} tensors simplified differently (not drawn): {_esc(more)}"
         lines.append(f"  subgraph cluster_{k} {{")
-        lines.append(f'    label="{_esc(label)}{count}";')
+        lines.append(f'    label="{label}{count}";')
         for i, (text, args) in enumerate(sig):
             if text == "const":
                 text = _const_label([g.node(nodes[i]).attrs["value"] for _, nodes in members])
@@ -337,7 +420,8 @@ def explain_dot(c: Compilation) -> str:
 
 
 def _esc(text: str) -> str:
-    return text.replace('"', '\\"')
+    """Text for a DOT label: backslashes and quotes escaped, line breaks as DOT's `\\n`."""
+    return "\\n".join(x.replace("\\", "\\\\").replace('"', '\\"') for x in text.splitlines())
 
 
 def render(dot_text: str, fmt: str) -> bytes:
@@ -346,7 +430,8 @@ def render(dot_text: str, fmt: str) -> bytes:
     if exe is None:
         raise MergelangError(error("E707", f"cannot render {fmt}: Graphviz's `dot` program is not "
                                    "installed", None, "install Graphviz (e.g. apt install graphviz), "
-                                   "or write DOT with --format dot and render it elsewhere"))
+                                   "or use --format html (drawn without Graphviz), or write DOT with --format dot "
+                                   "and render it elsewhere"))
     proc = subprocess.run([exe, f"-T{fmt}"], input=dot_text.encode(), capture_output=True,
                           timeout=120)
     if proc.returncode != 0:

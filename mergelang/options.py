@@ -29,6 +29,9 @@ class RecipeOptions(BaseModel):
     tokenizer_source: str | None = None
     pad_to_multiple_of: int | None = None  # pad the output vocabulary (rows: the mean embedding)
     chat_template: str | None = None  # a Jinja template, or "auto" (the models' most common)
+    # merge checkpoints whose config.json name different architectures (E709 otherwise), as
+    # mergekit's --allow-crimes
+    allow_crimes: bool = False
 
     @field_validator("pad_to_multiple_of")
     @classmethod

@@ -102,3 +102,46 @@ def test_modules_are_small() -> None:
 def test_few_modules_at_the_top() -> None:
     top = [p.name for p in PKG.glob("*.py")]
     assert len(top) <= 14, top
+
+
+def test_every_op_has_an_entry_in_the_op_table_and_its_kernels() -> None:
+    """ir/ops.OP_INFO is the one table of ops: every Op has an OpInfo, every device an op claims
+    has a kernel (runtime/kernels), and the passes' views agree with the table."""
+    from mergelang.ir.ops import ELEMENTWISE, FOLDABLE, OP_INFO, Op
+    from mergelang.passes.fuse import OPCODES
+    from mergelang.runtime.kernels import DEVICE_KERNELS, KERNELS
+
+    assert set(OP_INFO) == set(Op), set(Op) - set(OP_INFO)
+    for op, info in OP_INFO.items():
+        assert info.row_local in ("yes", "scoped", "elementwise", "no"), op
+        assert info.rule is not None and (info.arity is None or info.arity >= 0), op
+        for dev in info.devices:
+            assert op in KERNELS if dev == "any" else (op, dev) in DEVICE_KERNELS, (op, dev)
+        if info.elementwise:
+            assert info.row_local == "yes" and info.foldable, op
+    assert ELEMENTWISE <= FOLDABLE
+    assert set(OPCODES) == {op for op, i in OP_INFO.items() if i.opcode}
+
+
+#: file names comments use as examples of a user's file, not as pointers into the package
+PLACEHOLDERS = {"file.py", "methods.py", "eval.py", "setup.py", "conftest.py"}
+
+
+def test_comments_name_only_files_that_exist() -> None:
+    """A comment or docstring naming a `.py` file of the package names one that exists (renamed
+    modules leave stale pointers otherwise)."""
+    import re
+
+    names = {p.name for p in PKG.rglob("*.py")}
+    paths = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")}
+    stale = []
+    for p in PKG.rglob("*.py"):
+        for m in re.finditer(r"(?<![\w/.])((?:[a-z_]+/)*[a-z_][a-z0-9_]*\.py)\b(?!\()", p.read_text(encoding="utf-8")):
+            ref = m.group(1)
+            if ref in names or ref in paths or any(q.endswith("/" + ref) for q in paths):
+                continue
+            if ref.startswith(("tests/", "examples/", "benchmarks/", "scripts/", "mergekit/")) or (
+                    "/" not in ref and (ref.startswith("test_") or ref in PLACEHOLDERS)):
+                continue
+            stale.append(f"{modname(p)}: {ref}")
+    assert not stale, "comments name files that do not exist:\n" + "\n".join(sorted(set(stale)))

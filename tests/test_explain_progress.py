@@ -90,16 +90,20 @@ def test_explain_dot_draws_models_rules_and_outputs(recipe, tmp_path):
 def test_explain_dot_ops_collapses_layers(recipe, tmp_path):
     dot = _invoke("explain", str(recipe), "--format", "dot", "--ops").stdout
     assert dot.startswith("digraph mergelang {") and dot.rstrip().endswith("}")
-    clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="([^"]*)";', dot)
-    # norms (copies), slerp layers (one structure, t varies), ties (one structure): few clusters
+    clusters = re.findall(r'subgraph cluster_\d+ \{\n    label="((?:[^"\\]|\\.)*)";', dot)
+    # one cluster per rule that produces tensors: norms (copies), slerp, ties; the rule that
+    # matches nothing has none
+    assert len(clusters) == 3
     joined = "\n".join(clusters)
     assert "model.layers.{0..3}.input_layernorm.weight\\nmodel.norm.weight (5 tensors)" in joined
-    assert any("mlp.up_proj" in c and "(10 tensors)" in c for c in clusters)
+    assert any(c.startswith("[4]") and "mlp.up_proj" in c and "(10 tensors)" in c for c in clusters)
     # slerp: layers 1 and 2 share one picture (t differs: the constant shows the range); the
-    # optimizer simplifies t = 0 and t = 1, so layers 0 and 3 have pictures of their own
-    assert "model.layers.{1,2}.self_attn.k_proj.weight\\nmodel.layers.{1,2}.self_attn.q_proj.weight (4 tensors)" in joined
+    # optimizer simplifies t = 0 and t = 1, so layers 0 and 3 are named, not drawn again
+    slerp = next(c for c in clusters if c.startswith("[2]"))
+    assert "model.layers.{1,2}.self_attn.k_proj.weight\\nmodel.layers.{1,2}.self_attn.q_proj.weight (4 tensors)" in slerp
+    assert "also 4 tensors simplified differently (not drawn)" in slerp
+    assert "model.layers.{0,3}.self_attn.k_proj.weight" in slerp
     assert "0.3333 .. 0.6667" in dot
-    assert len(clusters) == 5
     # every edge stays inside its cluster and points at a declared node
     nodes = set(re.findall(r"^    (g\d+_\d+) \[label=", dot, re.M))
     for a, b in re.findall(r"^    (g\d+_\d+) -> (g\d+_\d+);", dot, re.M):
@@ -108,6 +112,31 @@ def test_explain_dot_ops_collapses_layers(recipe, tmp_path):
     out = tmp_path / "g.dot"
     _invoke("explain", str(recipe), "--format", "dot", "--ops", "-o", str(out))
     assert out.read_text() == dot
+
+
+def test_explain_draws_guards_edges_read_and_clean_numbers(tmp_path):
+    """Guards are drawn; a model gets an edge only to rules whose tensors read it; labels show
+    0.6, not 0.6000000000000001; each input is named with what it resolved to."""
+    base = _tensors(0)
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        save_file(_tensors(seed, base), str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "r.mrg").write_text(
+        'model base = "base.safetensors"\nmodel a = "a.safetensors"\nmodel b = "b.safetensors"\n'
+        'param use_a = true\n'
+        'merge from base {\n    "model.layers.{i}.mlp.*" if i >= 2 => where(use_a, a, base)\n'
+        '    "*" => ties(base, [a, b], density = 0.1 * 6)\n}\n')
+    recipe = str(tmp_path / "r.mrg")
+    dot = _invoke("explain", recipe, "--format", "dot").stdout
+    assert '[1] \\"model.layers.{i}.mlp.*\\" if i >= 2' in dot
+    # the `where` is decided at compile time: the rule names base but never reads it
+    assert "m_a -> r_0_0;" in dot and "m_base -> r_0_0;" not in dot
+    assert "m_base -> r_0_1;" in dot
+    ops = _invoke("explain", recipe, "--format", "dot", "--ops").stdout
+    assert 0.1 * 6 == 0.6000000000000001 and "density=0.6 " in ops and "0.6000000000000001" not in ops
+    # line breaks in op labels are DOT's \n, not an escaped backslash
+    assert "topk_mask\\ndensity=0.6 over=tensor" in ops and "\\\\n" not in ops
+    text = _invoke("explain", recipe).stdout
+    assert f"  a: {tmp_path / 'a.safetensors'}" in text
 
 
 def test_explain_svg(recipe, tmp_path, monkeypatch):
@@ -141,3 +170,41 @@ def test_run_log_json(recipe, tmp_path):
     assert all(e["elapsed"] >= 0 for e in tensors)
     assert done["event"] == "done" and done["bytes"] == start["bytes"]
     assert done["output"] == str(out.resolve()) or Path(done["output"]) == out
+
+
+def test_explain_html_needs_no_graphviz_and_parses(recipe, tmp_path, monkeypatch):
+    """--format html: one self-contained page (inline SVG; no script, no link elsewhere), drawn
+    without Graphviz; every node and edge of the DOT is drawn, labels escaped, no boxes overlap."""
+    import xml.etree.ElementTree as ET
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no `dot` anywhere
+    odd = tmp_path / "odd.mrg"
+    odd.write_text(recipe.read_text().replace('"*norm*" => base', '"*norm*" => base\n    "x<&>\\"y*" => a')
+                   .replace('"base.safetensors"', json.dumps(str(recipe.parent / "base.safetensors")))
+                   .replace('"a.safetensors"', json.dumps(str(recipe.parent / "a.safetensors")))
+                   .replace('"b.safetensors"', json.dumps(str(recipe.parent / "b.safetensors"))))
+    ns = "{http://www.w3.org/2000/svg}"
+    for ops in ([], ["--ops"]):
+        out = tmp_path / f"g{len(ops)}.html"
+        _invoke("explain", str(odd), "--format", "html", "-o", str(out), *ops)
+        page = out.read_text()
+        assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+        assert "<script" not in page and "src=" not in page and "<link" not in page
+        assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"]
+        svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + 6])
+        dot = _invoke("explain", str(odd), "--format", "dot", *ops).stdout
+        declared = re.findall(r"^\s+(\w+) \[label=", dot, re.M)
+        drawn = [g for g in svg.iter(f"{ns}g") if g.get("class") == "node"]
+        assert sorted(g.get("id") for g in drawn) == sorted(f"n-{d}" for d in declared)
+        assert len([p for p in svg.iter(f"{ns}path") if p.get("class") == "edge"]) == dot.count(" -> ")
+        boxes = []
+        for g in drawn:
+            shape = next(iter(g), None)
+            if shape is not None and shape.tag == f"{ns}rect":
+                boxes.append(tuple(float(shape.get(k)) for k in ("x", "y", "width", "height")))
+        for i, (x, y, w, h) in enumerate(boxes):
+            for (x2, y2, w2, h2) in boxes[i + 1:]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "boxes overlap"
+        if not ops:
+            texts = ["".join(t.itertext()) for t in svg.iter(f"{ns}text")]
+            assert any('"x<&>\\"y*"' in t for t in texts), texts

@@ -64,12 +64,14 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
              shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
-             follow_symlinks: bool = False, compute_dtype: str | None = None):
+             follow_symlinks: bool = False, allow_plugins: bool = False,
+             compute_dtype: str | None = None):
     from mergelang.api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
                             allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                            compute_dtype=compute_dtype, **_overrides(sets))
+                            allow_plugins=allow_plugins, compute_dtype=compute_dtype,
+                            **_overrides(sets))
     if recipe_obj.warnings and log_json:
         from mergelang.progress import diagnostic_event
 
@@ -83,6 +85,10 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
 allow_pickle_opt = click.option(
     "--allow-pickle", is_flag=True,
     help="read pickle checkpoints (.bin/.pt) with torch.load(weights_only=True); off by default")
+plugins_opt = click.option(
+    "--allow-plugins", is_flag=True,
+    help='let the recipe\'s `import "file.py"` run the Python merge methods it declares (runs '
+         "that code with your permissions: off by default)")
 follow_opt = click.option(
     "--follow-symlinks", is_flag=True,
     help="read and copy model files whose symbolic links leave the model folder (refused by default)")
@@ -94,3 +100,53 @@ search_force_opt = click.option("--force", is_flag=True,
                                 help="replace an earlier mergelang output at --output")
 set_opt = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                        help="override a param (a value) or a model (a path); repeatable")
+
+
+def write_output_file(out: str, data: str | bytes, inputs: Any, force: bool, option: str = "-o",
+                      parents: bool = False) -> None:
+    """Write a single-file output through the output guard (io/outguard.py): E404 over an input,
+    E403 over an existing file without --force, E502 when it cannot be written."""
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import write_file_output
+
+    try:
+        write_file_output(out, data, inputs, force, option, parents)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+
+
+def check_output_file(out: str, inputs: Any, force: bool, option: str = "-o",
+                      parents: bool = False) -> None:
+    """:func:`write_output_file`'s checks alone (before the work that makes the data)."""
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import check_file_output
+
+    try:
+        check_file_output(out, inputs, force, option, parents)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+
+
+def recipe_inputs(recipe: str) -> list[Path]:
+    """The recipe, its imports and its models' local paths as written (resolved against the
+    recipe's folder), from its syntax alone: what an output must not overwrite when the recipe
+    is not compiled (`compile --emit ast`, or a recipe that does not compile)."""
+    from mergelang.lang import ast
+
+    path = Path(os.path.abspath(recipe))
+    out = [path]
+    try:
+        from mergelang.api import parse
+
+        prog = parse(path)
+    except (MergelangError, OSError, ValueError, RecursionError):
+        return out
+    for decl in prog.of(ast.ModelDecl):
+        if isinstance(decl.value, ast.String) and "://" not in decl.value.value:
+            out.append(path.parent / decl.value.value)
+    out += [path.parent / i.path for i in prog.of(ast.Import)]
+    return out
+
+
+force_file_opt = click.option("--force", is_flag=True, help="replace an existing file at -o "
+                              "(never an input)")

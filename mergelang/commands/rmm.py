@@ -25,7 +25,7 @@ def rmm_cmd(adapters: tuple[str, ...], out: str, basis: int, names: tuple[str, .
 
     cfg = reversible_merge(adapters, out, basis, names=names or None, force=force,
                            log=lambda m: click.echo(m, err=True))
-    click.echo(f"wrote {out}: {len(cfg['tasks'])} tasks, {basis} basis vectors per position", err=True)
+    click.echo(f"wrote {out}: {len(cfg['tasks'])} tasks, {cfg['basis']} basis vectors per position", err=True)
 
 
 @click.command(name="rmm-rebuild")

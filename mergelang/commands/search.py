@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mergelang.commands.data import builtin_objective, is_builtin, lm_eval_include_opt, limit_opt
 from mergelang.commands.common import (_compile, _guard, allow_pickle_opt, follow_opt, recipe_arg,
                                        search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
@@ -57,27 +58,87 @@ def summary(res: Any, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def write_pareto(res: Any, out: Path) -> Path:
-    """OUT/pareto.csv and pareto.json: the Pareto set's table (a new or empty folder only)."""
+def write_pareto(res: Any, out: Path, inputs: Any = (), force: bool = False) -> Path:
+    """OUT/pareto.csv and pareto.json (and the output manifest): the Pareto set's table, in a
+    folder the output guard allows (io/outguard.py: not an input; absent, empty, or with
+    `force` an earlier mergelang output), written beside it and renamed into place."""
     import csv
+    import io
+    import os
+    import secrets
+    import shutil
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergelangError(error("E403", f"{out} exists and is not an empty folder; the Pareto table "
-                                   "is written only into a new or empty folder", None,
-                                   "choose another -o, or --pick K to write member K's merge"))
-    out.mkdir(parents=True, exist_ok=True)
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import MANIFEST_NAME, check_output, manifest_text
+
+    out = Path(os.path.abspath(out))
     front = res.pareto
     keys = list(front[0].params) if front else []
-    with open(out / "pareto.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["member", "trial", *[f"value_{i}" for i in range(len(res.directions))], *keys])
-        for k, t in enumerate(front):
-            w.writerow([k, t.number, *t.values, *[json.dumps(t.params[p]) for p in keys]])
-    (out / "pareto.json").write_text(json.dumps(
-        {"directions": list(res.directions),
-         "members": [{"member": k, "trial": t.number, "values": list(t.values), "params": t.params}
-                     for k, t in enumerate(front)]}, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["member", "trial", *[f"value_{i}" for i in range(len(res.directions))], *keys])
+    for k, t in enumerate(front):
+        w.writerow([k, t.number, *t.values, *[json.dumps(t.params[p]) for p in keys]])
+    files = {"pareto.csv": table.getvalue(),
+             "pareto.json": json.dumps(
+                 {"directions": list(res.directions),
+                  "members": [{"member": k, "trial": t.number, "values": list(t.values),
+                               "params": t.params} for k, t in enumerate(front)]}, indent=2) + "\n"}
+    files[MANIFEST_NAME] = manifest_text(files)
+    tmp = out.with_name(f".{out.name}.mergelang-tmp-{secrets.token_hex(4)}")
+    made = False
+    try:
+        check_output(out, inputs, force)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        made = True
+        for name, text in files.items():
+            (tmp / name).write_text(text, newline="")
+        if out.exists():  # an empty folder, or (--force) the earlier table: moved aside first
+            aside = out.with_name(f".{out.name}.mergelang-old-{secrets.token_hex(4)}")
+            os.rename(out, aside)
+            os.replace(tmp, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+    except OSError as exc:
+        raise MergelangError(error("E502", f"cannot write {out}: {exc.strerror or exc}")) from None
+    finally:
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out / "pareto.csv"
+
+
+#: the image formats --plot writes (matplotlib's, by the file's extension)
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def check_plot(path: str, inputs: Any, force: bool, objectives: int = 1) -> None:
+    """--plot's file, checked before the study (not after it): a known image extension (E902)
+    and the output guard's rules for a single file (E404 / E403 / E502)."""
+    from mergelang.commands.common import check_output_file
+
+    check_output_file(path, inputs, force, "--plot")
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in PLOT_FORMATS:
+        raise MergelangError(error("E902", f"--plot {path}: {'.' + ext if ext else 'no extension'} "
+                                   "is not an image format mergelang draws", None,
+                                   f"use one of: {', '.join('.' + e for e in PLOT_FORMATS)}"))
+    if objectives > 3:
+        raise MergelangError(error("E902", "--plot draws one objective's history or a Pareto "
+                                   "front of 2 or 3 objectives"))
+
+
+def check_storage(storage: str, inputs: Any) -> None:
+    from mergelang.errors import CodedError, to_diagnostic
+    from mergelang.io.outguard import check_storage as guard
+
+    try:
+        guard(storage, inputs)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
 
 
 def plot(res: Any, path: str) -> None:
@@ -102,13 +163,16 @@ def plot(res: Any, path: str) -> None:
     fig = ax.figure if hasattr(ax, "figure") else ax.get_figure()
     fig.set_size_inches(8, 5)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from mergelang.io.outguard import replace_file
+
+    replace_file(Path(path).absolute(), lambda tmp: fig.savefig(tmp, dpi=100), "--plot")
 
 
 @click.command(name="tune")
 @recipe_arg
 @click.option("--objective", required=True, metavar="FILE.py:FUNC",
-              help="FUNC(state: dict[str, Tensor]) -> float (or one number per --direction)")
+              help="FUNC(state: dict[str, Tensor]) -> float (or one number per --direction); "
+                   "or perplexity:DATA (minimized), lm-eval:TASK[,TASK...] (maximized)")
 @click.option("--trials", type=click.IntRange(min=0), required=True, help="trials to run now")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
               help="optuna sampler [default: tpe, nsga2 for several directions]")
@@ -132,6 +196,8 @@ def plot(res: Any, path: str) -> None:
               help="draw the optimisation history (or the Pareto front)")
 @search_force_opt
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@lm_eval_include_opt
+@limit_opt
 @set_opt
 @allow_pickle_opt
 @follow_opt
@@ -140,7 +206,8 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
              directions: tuple[str, ...], storage: str | None, study_name: str | None,
              seed: int | None, params: tuple[str, ...], executor: str, ray_address: str | None,
              device: str, out: str | None, pick: int | None, plot_path: str | None, force: bool,
-             quiet: bool, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool) -> None:
+             quiet: bool, lm_eval_include: str | None, limit: int | None, sets: tuple[str, ...],
+             allow_pickle: bool, follow_symlinks: bool) -> None:
     """Search RECIPE's ranged params (`param x = v in [lo, hi]`) against an objective."""
     from mergelang.search.objectives import load_function
 
@@ -148,19 +215,43 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
         raise click.UsageError("--pick needs -o OUTDIR")
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
-    fn = load_function(objective, "objective")
+    builtin = is_builtin(objective)
+    if not builtin and (lm_eval_include or limit):
+        raise click.UsageError("--lm-eval-include and --limit are for --objective perplexity:DATA / lm-eval:TASKS")
+    fn = None if builtin else load_function(objective, "objective")
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
-    if out is not None and (len(directions) <= 1 or pick is not None):
-        _check_output(r, out, force)  # before the study, not after it
+    if builtin:
+        try:
+            fn, directions = builtin_objective(objective, r, directions, executor, lm_eval_include, limit)
+        except BaseException:
+            r.close()
+            raise
+    # the objective's own file (FILE.py:NAME) or data (perplexity:DATA) is an input too
+    objective_inputs = ([Path(objective.partition(":")[2])] if objective.startswith("perplexity:")
+                        else [] if builtin else _objective_file(objective))
+    try:  # every path tune writes, checked before the study (not after it)
+        inputs = [*r.compilation.inputs, *objective_inputs]
+        if storage is not None:
+            check_storage(storage, inputs)
+        if plot_path is not None:
+            check_plot(plot_path, inputs, force, len(directions))
+        if out is not None:
+            _not_inside_output(out, {"--plot": plot_path, "--storage": storage})
+    except MergelangError:
+        r.close()
+        raise
+    if out is not None:
+        _check_output(r, out, force, objective_inputs)
     try:
         res = r.tune(fn, trials, sampler=sampler, seed=seed, storage=storage,
                      directions=directions or ("maximize",), study_name=study_name,
                      params=params or None, device=device, executor=executor,
                      ray_address=ray_address, progress=not quiet and trials > 0,
-                     objective_spec=objective, interruptible=True)
+                     objective_spec=None if builtin else objective, interruptible=True)
     finally:
         r.close()
     click.echo(summary(res))
+    _warn_exits(res)
     if res.interrupted:
         click.echo("mergelang: interrupted; the finished trials are above"
                    + (" and kept in the study storage" if storage else ""), err=True)
@@ -170,7 +261,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
         click.echo(f"wrote {plot_path}", err=True)
     if out is not None:
         if len(res.directions) > 1 and pick is None:
-            click.echo(f"wrote {write_pareto(res, Path(out))}", err=True)
+            click.echo(f"wrote {write_pareto(res, Path(out), inputs, force)}", err=True)
         else:
             if len(res.directions) == 1 and pick is not None:
                 raise click.UsageError("--pick is for several objectives (a Pareto set)")
@@ -210,7 +301,7 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
     loss_fn = load_function(loss, "loss")
     batches = load_value(data, "data")
     r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
-    _check_output(r, out, force)  # before learning, not after it
+    _check_output(r, out, force, [*_objective_file(loss), *_objective_file(data)])  # before learning
     say = None if quiet else (lambda msg: click.echo(msg, err=True))
     try:
         res = r.learn(loss_fn, batches, steps=steps, lr=lr, optimizer=optimizer, device=device, log=say,
@@ -227,13 +318,51 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
                f"in {len(res.losses)} steps)", err=True)
 
 
-def _check_output(r: Any, out: str, force: bool) -> None:
+def _warn_exits(res: Any) -> None:
+    """W110 when objectives tried to end the process (sys.exit): those trials failed."""
+    from mergelang.commands.common import _echo_diags
+    from mergelang.diagnostics import warning
+    from mergelang.search.study import EXITED
+
+    exited = [t.number for t in res.trials if t.state == "fail" and (t.error or "").startswith(EXITED)]
+    if exited:
+        _echo_diags([warning("W110", f"the objective called sys.exit in {len(exited)} trial"
+                             f"{'s' if len(exited) != 1 else ''} (first: trial {exited[0]}): "
+                             "they are marked failed and the study went on", None,
+                             "return a value (or raise an exception) instead of exiting")])
+
+
+def _not_inside_output(out: str, paths: dict[str, str | None]) -> None:
+    """E403 for a --plot / --storage file that is, or lies inside, the -o folder: that folder
+    is replaced as a whole, so the file would be lost (or make the folder foreign)."""
+    import os
+
+    from mergelang.io.outguard import storage_path
+
+    o = Path(os.path.abspath(out))
+    for opt, value in paths.items():
+        if value is None:
+            continue
+        p = storage_path(value) if opt == "--storage" else Path(os.path.abspath(value))
+        if p is not None and (p == o or o in p.parents):
+            raise MergelangError(error("E403", f"{opt} {value} lies inside the -o folder {out}, "
+                                       "which the merge replaces as a whole", None,
+                                       f"put the {opt[2:]} file elsewhere"))
+
+
+def _objective_file(spec: str) -> list[Path]:
+    """The Python file of a `FILE.py:NAME` spec (an input: never written over)."""
+    path = spec.rpartition(":")[0]
+    return [Path(path)] if path else []
+
+
+def _check_output(r: Any, out: str, force: bool, more: Any = ()) -> None:
     """E403 / E404 for an output folder the merge could not be written to (as `run` checks)."""
     from mergelang.errors import CodedError, to_diagnostic
     from mergelang.io.outguard import check_output
 
     try:
-        check_output(Path(out), r.compilation.inputs, force)
+        check_output(Path(out), [*r.compilation.inputs, *more], force)
     except CodedError as exc:
         r.close()
         raise MergelangError(to_diagnostic(exc)) from None

@@ -71,7 +71,9 @@ def _reachable(address: str, timeout: float = 3.0) -> str | None:
     import socket
 
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "/" in address:
+    if sep and "/" not in address and not (host and port.isdigit() and 0 < int(port) < 65536):
+        return "not a host:port address"  # Ray would print its own traceback first
+    if not sep or "/" in address:
         return None
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):

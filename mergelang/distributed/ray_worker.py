@@ -31,6 +31,7 @@ class RecipeSpec:
     options: dict[str, Any]
     allow_pickle: bool = False
     follow_symlinks: bool = False
+    allow_plugins: bool = False
 
 
 def failure_text(e: Exception) -> str:
@@ -63,7 +64,8 @@ class MergeWorker:
                 raise RuntimeError("--device cuda, and this worker has no CUDA device")
             self.c = compile_recipe(spec.source, spec.base_dir, spec.overrides, spec.options,
                                     allow_pickle=spec.allow_pickle,
-                                    follow_symlinks=spec.follow_symlinks)
+                                    follow_symlinks=spec.follow_symlinks,
+                                    allow_plugins=spec.allow_plugins)
             if plan_fingerprint(format_plan(self.c.plan)) != plan_digest:
                 raise RuntimeError("the recipe compiles to a different plan on this worker (its "
                                    "files differ from the driver's at the same paths?)")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
+from mergelang.interop.mergekit_checks import download_command, hf_cached, hf_id
+from mergelang.interop.mergekit_yaml import short
 
 # method -> (calling convention, per-model params it reads, required per-model params)
 GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
@@ -33,7 +35,10 @@ METHODS: dict[str, tuple[str, bool]] = {  # name -> (convention, weight required
     **{m: ("base_models", m != "sce") for m in GTA},
 }
 TAKES_BASE_KW = ("nuslerp", "multislerp")
+# mergekit's defaults of per-model parameters (a model without one takes it): method -> values
 PER_MODEL_DEFAULTS = {"density": 1.0, "scale": 1.0}
+PER_MODEL_METHOD_DEFAULTS = {"breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma": 0.01},
+                             "della": {"epsilon": 0.15}, "della_linear": {"epsilon": 0.15}}
 # per-model parameters mergekit accepts but a method ignores (task_arithmetic does not sparsify)
 UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karcher": {"density"},
                     "nuslerp": {"density"}, "multislerp": {"density"}}
@@ -41,11 +46,14 @@ UNUSED_BY_METHOD = {"task_arithmetic": {"density"}, "linear": {"density"}, "karc
 UNUSED_GLOBALS = {"sce": {"normalize", "rescale", "lambda"},
                   "model_stock": {"normalize", "rescale", "lambda"},
                   "karcher": {"normalize"},
+                  "task_arithmetic": {"rescale"},  # no sparsification: nothing to rescale
                   **{m: {"normalize", "rescale", "lambda"} for m in ("ram", "ramplus_tl",
                                                                     "arcee_fusion")}}
 # methods whose mergekit implementation ignores `weight` (karcher: mergelang's own karcher
 # honours weights, but an imported config reproduces mergekit, which averages uniformly)
 IMPORT_IGNORES_WEIGHTS = ("model_stock", "sce", "karcher", "ram", "ramplus_tl", "arcee_fusion")
+#: mergekit's DARE and DELLA rescale what they keep to the task vector's L1 norm by default
+L1_RESCALE = ("dare_ties", "dare_linear", "della", "della_linear")
 IGNORED_PARAMS = {"int8_mask": "a memory-saving option of mergekit; mergelang computes in float32"}
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
@@ -86,18 +94,33 @@ class Result:
 def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, int) and abs(v) >= 10 ** 15:
+        v = float(v)  # a literal the recipe's parser reads (at most 77 digits)
     if isinstance(v, (int, float)):
         if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
             return str(int(v))
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
-            .replace("\t", "\\t").replace("\r", "\\r") + '"'
+        return '"' + "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _uescape(ch))
+                             for ch in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(i) for i in v) + "]"
     if v is None:
         return "none"
     raise TypeError(v)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _uescape(ch: str) -> str:
+    return f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+
+
+def comment_text(text: str) -> str:
+    """`text` safe inside a `#` comment: every character that is not printable (newlines,
+    U+2028, U+0085, other controls) written as an escape, so it cannot end the comment."""
+    return "".join(ch if ch.isprintable() else _uescape(ch) for ch in text)
 
 
 def _ident(text: str) -> str:
@@ -165,27 +188,71 @@ class ConfigReader:
         if any(d.code == code and d.message == msg for d in self.diags):
             return  # e.g. found again for another group of tensors
         self.diags.append(warning(code, msg, None, help))
-        self.notes.append(f"# NOTE ({code}): {msg}")
+        self.notes.append(f"# NOTE ({code}): {comment_text(msg)}")
 
     def err(self, code: str, msg: str, help: str | None = None) -> None:
         if any(d.code == code and d.message == msg for d in self.diags):
             return
         self.diags.append(error(code, msg, None, help))
 
+    def tokenizer_options(self) -> list[str]:
+        """`tokenizer_source`, `tokenizer:` and `chat_template` as recipe options."""
+        cfg, out = self.cfg, []
+        tok = cfg.get("tokenizer")
+        source = cfg.get("tokenizer_source")
+        if isinstance(tok, dict):
+            if source is not None:
+                self.err("E702", "give `tokenizer` or `tokenizer_source`, not both (as mergekit)")
+                return []
+            source = tok.get("source", "union")  # mergekit's TokenizerConfig default
+            for k in tok:
+                if k not in ("source", "tokens", "pad_to_multiple_of"):
+                    self.warn("W101", f"`tokenizer.{k}` is not translated (unknown key)")
+            if tok.get("tokens"):
+                self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
+                          "translated: tokens a model lacks take mergekit's default sources")
+            pad = _numeric(tok.get("pad_to_multiple_of"))
+            if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
+                self.err("E705", f"tokenizer.pad_to_multiple_of must be a positive whole number, "
+                         f"got {short(pad)}")
+            elif pad is not None:
+                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
+        elif tok is not None:
+            self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
+        if source is not None:
+            name = source if source in ("base", "union") else self.model(source, "tokenizer source")
+            if name is not None:
+                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
+        template = cfg.get("chat_template")
+        if isinstance(template, str) and (template == "auto" or "{" in template):
+            out.append(f"option chat_template = {_fmt(template)}")
+        elif template is not None:
+            self.warn("W101", f"chat_template {short(template)}: mergekit's bundled templates are not "
+                      "translated; put the template's Jinja text in `option chat_template`")
+        return out
+
     # ------------------------------------------------------------ models
     def model(self, ref: Any, where: str, base: bool = False) -> str | None:
         if isinstance(ref, dict):  # mergekit's {model: {path: ...}} form
             ref = ref.get("path", ref.get("model"))
         if not isinstance(ref, str) or not ref:
-            self.err("E702", f"{where}: expected a model path or Hugging Face id, got {ref!r}")
+            self.err("E702", f"{where}: expected a model path or Hugging Face id, got {short(ref)}")
             return None
         if ref in self.models:
             return self.models[ref]
-        if "+" in ref:
-            self.err("E706", f"{where}: `{ref}` applies a LoRA adapter (model+adapter); adapters are "
-                     "not supported by the importer", "merge the adapter into the model first "
-                     "(e.g. with peft's merge_and_unload) and use the merged folder")
-            return None
+        lora = None
+        if "+" in ref and not self._local(ref):  # mergekit's MODEL+LORA: an adapter on a model
+            ref_model, lora = ref.split("+", 1)
+            adapter = self._local(lora) or hf_cached(lora)
+            if adapter is None or not ref_model:
+                self.err("E706", f"{where}: `{ref}` applies the LoRA adapter `{lora}`, which is "
+                         "not a local folder (nor in the local Hugging Face cache)",
+                         "download the adapter, then declare the input as mergelang's own "
+                         "`model NAME = lora(\"ADAPTER_DIR\", base = MODEL)`")
+                return None
+            base_name = self.model(ref_model, where)
+            if base_name is None:
+                return None
         stem = re.sub(r"\.safetensors$", "", ref.rstrip("/").rsplit("/", 1)[-1])
         name = "base" if base else _ident(stem)
         taken = set(self.models.values())
@@ -195,24 +262,55 @@ class ConfigReader:
                 k += 1
             name = f"{name}_{k}"
         self.models[ref] = name
+        if lora is not None:
+            path = self._recipe_path(adapter)  # type: ignore[arg-type]
+            self.model_lines.append(f"model {name} = lora({_fmt(path)}, base = {base_name})"
+                                    "  # mergekit's MODEL+LORA")
+            if ref_model in self.local_paths:
+                self.local_paths[ref] = self.local_paths[ref_model]
+            return name
         path, comment = self._path(ref)
         self.model_lines.append(f"model {name} = {_fmt(path)}{comment}")
         return name
 
-    def _path(self, ref: str) -> tuple[str, str]:
+    def _local(self, ref: str) -> Path | None:
         candidates = [Path(ref).expanduser()]
         if self.config_path is not None and not Path(ref).is_absolute():
             candidates.append(self.config_path.parent / ref)
         for c in candidates:
-            if c.exists():
-                self.local_paths[ref] = c
-                if self.out_dir is not None and not c.is_absolute():
-                    return os.path.relpath(c.resolve(), self.out_dir.resolve()), ""
-                return str(c), ""
-        self.warn("W103", f"model `{ref}` is not a local path",
-                  f"download it (e.g. `huggingface-cli download {ref} --local-dir DIR`) and "
-                  "edit the path, or override it: --set NAME=DIR")
-        return ref, "  # a Hugging Face id: download it and put the local folder here"
+            try:
+                if c.exists():
+                    return c
+            except (OSError, ValueError):  # a name too long, a NUL character
+                return None
+        return None
+
+    def _recipe_path(self, c: Path) -> str:
+        if self.out_dir is not None and not c.is_absolute():
+            return os.path.relpath(c.resolve(), self.out_dir.resolve())
+        return str(c)
+
+    def _path(self, ref: str) -> tuple[str, str]:
+        c = self._local(ref)
+        if c is not None:
+            self.local_paths[ref] = c
+            return self._recipe_path(c), ""
+        repo = hf_id(ref)
+        if repo is not None:
+            snap = hf_cached(ref)
+            if snap is not None:  # the recipe names it by id: the cache resolves it at run time
+                self.local_paths[ref] = snap
+                return "hf:" + ref, ""
+        cmd = download_command()
+        hint = (f"download it (`{cmd} {repo[0]}" + (f" --revision {repo[1]}" if repo[1] else "")
+                + "`): the recipe then finds it in the cache as " + _fmt("hf:" + ref)
+                if repo else "give the model's local folder")
+        self.warn("W103", f"model `{ref}` is not a local path" + (
+            " and is not in the local Hugging Face cache" if repo else ""),
+                  hint + ", or override it: --set NAME=DIR")
+        if repo is not None:
+            return "hf:" + ref, "  # not in the local Hugging Face cache: download it first"
+        return ref, "  # not found: put the model's local folder here"
 
     # ------------------------------------------------------------ structure
     def slices(self) -> list[Slice]:
@@ -309,7 +407,9 @@ class ConfigReader:
             if len(ranges) > 1:
                 self.err("E704", f"slices[{k}]: the sources have different layer ranges "
                          f"({', '.join(str(list(r)) for r in sorted(ranges))})",  # type: ignore[arg-type]
-                         "mergelang merges layer i of every model into layer i of the output")
+                         "the importer restacks layers when every slice takes equally long ranges "
+                         "of the same models; otherwise write the recipe by hand with "
+                         "`model x = stack_layers([layer_range(m, a, b), ...])` per model")
                 return
             (a, b), = ranges
             if a != offset:

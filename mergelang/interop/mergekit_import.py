@@ -15,7 +15,9 @@ Filters become rules with glob patterns (`"model.layers.{i}.*mlp*"`); a tensor n
 several filters gets a rule of its own only when that changes a value. Gradients become `param`
 lists used through the `gradient(values, t)` intrinsic, so they stay editable with `--set`.
 
-What is not translated is reported (warnings W101-W104, errors E701-E706), never dropped silently.
+What is not translated is reported (warnings W101-W103, W120; errors E701-E710), never dropped
+silently. Reading and structure checks: mergekit_yaml.py, mergekit_checks.py; the layer layout
+checked against the models: mergekit_layers.py.
 """
 
 from __future__ import annotations
@@ -25,53 +27,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergelang.diagnostics import MergelangError, error
+from mergelang.diagnostics import error
 from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
+from mergelang.interop.mergekit_yaml import load_yaml, read_config_text, short
+from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, finite
+from mergelang.interop.mergekit_layers import LayerPlanner
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
-                              TOP_KEYS, ConfigReader, Result, Slice, Source, _conds, _evaluate, _fmt,
-                              _ident, _is_gradient, _layer_only)
+                              PER_MODEL_METHOD_DEFAULTS,
+                              TOP_KEYS, L1_RESCALE, Result, Slice, Source, _conds, _evaluate, _fmt,
+                              _ident, _is_gradient, _layer_only, comment_text)
 
 
-class Translator(ConfigReader):
+class Translator(LayerPlanner):
     """Parameters, expressions and rules on top of the config structure."""
 
     output_name: str | None = None  # a named block (one document of a mergekit-multi file)
     block_lines: list[str] = []
     option_lines: list[str] = []
-
-    def tokenizer_options(self) -> list[str]:
-        """`tokenizer_source`, `tokenizer:` and `chat_template` as recipe options."""
-        cfg, out = self.cfg, []
-        tok = cfg.get("tokenizer")
-        source = cfg.get("tokenizer_source")
-        if isinstance(tok, dict):
-            if source is not None:
-                self.err("E702", "give `tokenizer` or `tokenizer_source`, not both (as mergekit)")
-                return []
-            source = tok.get("source", "union")  # mergekit's TokenizerConfig default
-            for k in tok:
-                if k not in ("source", "tokens", "pad_to_multiple_of"):
-                    self.warn("W101", f"`tokenizer.{k}` is not translated (unknown key)")
-            if tok.get("tokens"):
-                self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
-                          "translated: tokens a model lacks take mergekit's default sources")
-            pad = _numeric(tok.get("pad_to_multiple_of"))
-            if pad is not None:
-                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
-        elif tok is not None:
-            self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
-        if source is not None:
-            name = source if source in ("base", "union") else self.model(source, "tokenizer source")
-            if name is not None:
-                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
-        template = cfg.get("chat_template")
-        if isinstance(template, str) and (template == "auto" or "{" in template):
-            out.append(f"option chat_template = {_fmt(template)}")
-        elif template is not None:
-            self.warn("W101", f"chat_template {template!r}: mergekit's bundled templates are not "
-                      "translated; put the template's Jinja text in `option chat_template`")
-        return out
 
     # ------------------------------------------------------------ parameters
     def lookup(self, name: str, src: Source | None, sl: Slice, matched: frozenset[str]) -> Any:
@@ -87,12 +60,20 @@ class Translator(ConfigReader):
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
         v = _numeric(v)
+        nums = v if _is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+        if any(finite(x) is None for x in nums):
+            self.err("E705", f"parameter `{root}`: {short(v)} is not a finite number")
+            return _fmt(None)
         if _is_gradient(v):
             if len(v) == 1:
                 return _fmt(v[0])
             return f"gradient({self.hoist(root, pname, v)}, {t_expr})"
         if isinstance(v, list):
-            self.err("E705", f"parameter `{pname}`: a list of {v!r} is not a gradient of numbers")
+            self.err("E705", f"parameter `{pname}`: a list of {short(v)} is not a gradient of numbers")
+            return _fmt(None)
+        if not isinstance(v, (bool, int, float, str)):
+            self.err("E705", f"parameter `{root}`: {short(v)} is not a number, bool, string or "
+                     "gradient (a list of numbers)")
             return _fmt(None)
         return _fmt(v)
 
@@ -133,6 +114,12 @@ class Translator(ConfigReader):
                 self.err("E705", f"{method} needs `base_model`")
                 return "none"
             others = [s for s in sl.sources if s.model != base]
+            if len(sl.sources) == 2 and len(others) == 2:
+                self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
+                         f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
+                         "from base_model (t = 0) to the other model (t = 1): name one of the two "
+                         "as base_model")
+                return "none"
             if len(others) != 1 or len(sl.sources) > 2:
                 self.err("E702", f"{method} merges exactly two models (base_model and one other), "
                          f"got {len(sl.sources)}")
@@ -164,11 +151,13 @@ class Translator(ConfigReader):
                 self.warn("W102", f"per-model `{p}` has no effect with {method} (mergekit ignores "
                           "it too)")
                 continue
+            if p not in KNOWN_PARAMS[method]:
+                continue  # dropped with W101 (unknown_params)
             vals = []
             for src in members:
                 v = self.lookup(p, src, sl, matched)
                 if v is None:
-                    v = PER_MODEL_DEFAULTS.get(p)
+                    v = PER_MODEL_METHOD_DEFAULTS.get(method, {}).get(p, PER_MODEL_DEFAULTS.get(p))
                 if v is None:
                     self.err("E705", f"model `{src.model}` has no `{p}`" + (
                         f" (mergekit requires one for {method})" if p == "weight" else
@@ -201,11 +190,52 @@ class Translator(ConfigReader):
                 self.warn("W102", f"`{n}` has no effect with {method} (mergekit ignores it; the recipe "
                           "leaves it out)")
                 continue
+            if n not in KNOWN_PARAMS[method]:
+                continue  # dropped with W101 (unknown_params)
             v = self.lookup(n, None, sl, matched)
+            if n == "rescale":
+                v = self.rescale(method, v)
+                if v is not None:
+                    kwargs.append(f"rescale = {v}")
+                continue
             if v is None:
                 continue
             kw = "weights" if n == "weight" else n
             kwargs.append(f"{kw} = {self.value(v, n, n + suffix, t_expr)}")
+        if method in L1_RESCALE and "rescale" not in names:
+            kwargs.append('rescale = "l1"')  # mergekit's default for DARE and DELLA
+
+    def rescale(self, method: str, v: Any) -> str | None:
+        """mergekit's `rescale` (a bool): an L1-norm rescale of what sparsification kept."""
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            self.err("E705", f"parameter `rescale` must be true or false, got {short(v)}")
+            return None
+        if method in L1_RESCALE:
+            return '"l1"' if v else "false"
+        return '"l1"' if v else None  # ties, breadcrumbs: off by default
+
+    def unknown_params(self, method: str, slices: list[Slice]) -> None:
+        """W101 for each parameter the method does not read (mergekit ignores them): it is
+        left out of the recipe."""
+        import difflib
+
+        scopes = [("parameters", self.cfg.get("parameters") or {})]
+        for k, sl in enumerate(slices):
+            scopes.append((f"slices[{k}].parameters", sl.params))
+            scopes += [(f"the parameters of `{src.model}`", src.params) for src in sl.sources]
+        known = KNOWN_PARAMS[method]
+        for scope, params in scopes:
+            for n in params:
+                if n in known or n in IGNORED_PARAMS or n in UNUSED_GLOBALS.get(method, ()) or \
+                        n in UNUSED_BY_METHOD.get(method, ()) or \
+                        (n == "weight" and method in IMPORT_IGNORES_WEIGHTS):
+                    continue
+                close = difflib.get_close_matches(str(n), known, 1)
+                self.warn("W101", f"{scope}: `{n}` is not a parameter of {method}: left out, as "
+                          "mergekit ignores it" + (f" (did you mean `{close[0]}`?)" if close else "")
+                          + f"; {method} takes " + (", ".join(known) or "no parameters"))
 
     # ------------------------------------------------------------ rules
     def filters(self, slices: list[Slice]) -> list[str]:
@@ -217,7 +247,11 @@ class Translator(ConfigReader):
                 settings += list(src.params.values())
         for s in settings:
             for f, _ in _conds(s):
-                if f is not None and f not in out:
+                if f is not None and not f.isprintable():  # no tensor name holds a newline
+                    self.warn("W101", f"filter {short(f)} holds characters no tensor name has "
+                              "(a line break, a control character): it can never match and is "
+                              "left out")
+                elif f is not None and f not in out:
                     out.append(f)
         return out
 
@@ -254,7 +288,7 @@ class Translator(ConfigReader):
             return f'"*{required[0]}*"' if required else '"*"'
         # "contains every filter", in any order, without lookaheads (patterns run on RE2): one
         # alternative per order (filters are few: mergekit configs name one to three)
-        orders = itertools.permutations([re.escape(f) for f in required])
+        orders = itertools.permutations([re.escape(f).replace('"', '\\"') for f in required])
         body = "|".join(".*" + ".*".join(o) + ".*" for o in orders)
         prefix = re.escape(self.layer_prefix) + r"\.(?P<i>\d+)\." if layer else ""
         return f're"{prefix}(?:{body})"'
@@ -267,7 +301,7 @@ class Translator(ConfigReader):
                 self.warn("W101", f"`{key}` is not translated (unknown key)")
         method = cfg.get("merge_method")
         if method not in METHODS:
-            self.err("E703", f"unknown merge_method {method!r}",
+            self.err("E703", f"unknown merge_method {short(method)}",
                      "supported: " + ", ".join(sorted(METHODS)))
             return Result("", self.diags)
         base_ref = cfg.get("base_model")
@@ -280,6 +314,9 @@ class Translator(ConfigReader):
             for n in params:
                 if n in IGNORED_PARAMS:
                     self.warn("W102", f"{scope}.{n} has no effect in mergelang: {IGNORED_PARAMS[n]}")
+        self.unknown_params(method, slices)
+        self.check_ranges(slices)
+        self.option_lines += self.check_architectures()
         if any(d.is_error for d in self.diags) or not slices:
             return Result("", self.diags)
         ref = self.models.get(base_ref) if base_ref else slices[0].sources[0].model
@@ -287,6 +324,8 @@ class Translator(ConfigReader):
                 all(len(s.sources) == 1 for s in slices):
             slices = self.stack(slices)
             ref = self.models["<stacked>"]
+        if "<stacked>" not in self.models:
+            slices, ref = self.relayer(slices, ref)
         self.check_layout(slices, method)
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
@@ -298,46 +337,6 @@ class Translator(ConfigReader):
         if any(d.is_error for d in self.diags):
             return Result("", self.diags)
         return Result(self.render(method, rules, ref), self.diags)
-
-    def prune(self, lines: list[str], ref: str) -> list[str]:
-        """With the reference checkpoint at hand, drop rules that match none of its tensors
-        (they could never apply) and comments left without rules."""
-        refs = [k for k, v in self.models.items() if v == ref]
-        path = self.local_paths.get(refs[0]) if refs else None
-        if path is None:
-            return lines
-        from mergelang.lang.ast import compile_pattern, glob_to_regex
-        from mergelang.io.checkpoint import CheckpointError
-        from mergelang.io.locate import open_model
-
-        try:
-            src = open_model(ref, path)
-        except (OSError, CheckpointError):
-            return lines
-        try:
-            names = list(src.tensors())
-        finally:
-            src.close()
-        rules = [line for line in lines if not line.startswith("#")]
-        compiled = []
-        for line in rules:
-            head = line.split(" => ", 1)[0]
-            pat = head.split(" if ", 1)[0].strip()
-            regex = pat[3:-1] if pat.startswith('re"') else glob_to_regex(pat[1:-1])[0]
-            compiled.append((compile_pattern(regex, "regex" if pat.startswith('re"') else "glob"),
-                             " if " in head))
-        used: set[int] = set()
-        for n in names:  # first match wins; a guarded rule may let the tensor fall through
-            for k, (rx, guarded) in enumerate(compiled):
-                if rx.fullmatch(n):
-                    used.add(k)
-                    if not guarded:
-                        break
-        if not used:
-            return lines
-        kept = [line for line in lines if line.startswith("#") or rules.index(line) in used]
-        return [line for i, line in enumerate(kept)
-                if not (line.startswith("#") and (i + 1 == len(kept) or kept[i + 1].startswith("#")))]
 
     def rules(self, method: str, slices: list[Slice], filters: list[str], ref: str) -> list[str]:
         layer_blocks: list[tuple[str | None, list]] = []
@@ -358,20 +357,30 @@ class Translator(ConfigReader):
         pre = self.region_rules(method, slices[0], outer, "0")
         post = self.region_rules(method, slices[-1], outer, "0")
         lines: list[str] = []
+
+        def grads(rules: list) -> bool:
+            return any("gradient(" in e for _, e in rules)
+
+        at0 = ": gradients at t = 0, their first value (as mergekit)"
         if pre == post:
-            nonlayer = [("# embeddings, final norm and lm_head: gradients at t = 0 (as mergekit)", None,
-                         post)]
+            nonlayer = [("# embeddings, final norm and lm_head" + (at0 if grads(post) else ""), None, post)]
         else:
-            nonlayer = [("# tensors before the layers (embeddings), first slice: gradients at t = 0",
+            nonlayer = [("# tensors before the layers (embeddings), first slice" + (at0 if grads(pre) else ""),
                          "embed", pre),
-                        ("# tensors after the layers (final norm, lm_head), last slice: gradients at "
-                         "t = 0 (as mergekit)", None, post)]
+                        ("# tensors after the layers (final norm, lm_head), last slice"
+                         + (at0 if grads(post) else ""), None, post)]
         if pre == post and all(rules == post for _, rules in layer_blocks):
             return [self._rule(s, e, None, False, None) for s, e in post]
         for k, (guard, rules) in enumerate(layer_blocks):
             lr = slices[k].sources[0].layer_range
-            what = "all layers" if lr is None else f"layers {lr[0]}..{lr[1] - 1}"
-            lines.append(f"# {what}: gradients run from t = 0 at the first layer to t = 1 at the last")
+            if lr is None:
+                what, run = "all layers", " from t = 0 at layer 0 to t = 1 at the last layer"
+            elif lr[1] - lr[0] == 1:
+                what, run = f"layer {lr[0]}", " at t = 1 (a one-layer slice, as mergekit)"
+            else:
+                what, run = (f"layers {lr[0]}..{lr[1] - 1}",
+                             f" from t = 0 at layer {lr[0]} to t = 1 at layer {lr[1] - 1}")
+            lines.append(f"# {what}" + (": gradients run" + run if grads(rules) else ""))
             lines += [self._rule(s, e, guard, True, None) for s, e in rules]
         for comment, marker, rules in nonlayer:
             lines.append(comment)
@@ -385,7 +394,7 @@ class Translator(ConfigReader):
         return pat + (f" if {guard}" if guard else "") + " => " + expr
 
     def render(self, method: str, rules: list[str], ref: str) -> str:
-        src = f" {self.config_path.name}" if self.config_path else ""
+        src = f" {comment_text(self.config_path.name)}" if self.config_path else ""
         out = [f"# Translated from the mergekit config{src} by `mergelang import-mergekit`.",
                f"# merge_method: {method}. Parameters follow mergekit: per-model values, then global",
                "# ones; filters match substrings of tensor names; gradients are spread over layers.",
@@ -426,40 +435,30 @@ class Translator(ConfigReader):
 
 
 def translate(config: dict[str, Any] | str, config_path: str | Path | None = None,
-              out_dir: str | Path | None = None, layer_prefix: str = "model.layers") -> Result:
+              out_dir: str | Path | None = None, layer_prefix: str = "model.layers",
+              allow_crimes: bool = False) -> Result:
     """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics."""
     if isinstance(config, str):
-        config = _load_yaml(config, str(config_path or "<config>"))
-    if isinstance(config, list):
-        return translate_multi(config, Path(config_path) if config_path else None,
-                               Path(out_dir) if out_dir else None, layer_prefix, Translator)
-    if not isinstance(config, dict):
-        return Result("", [error("E702", "a mergekit config must be a YAML mapping")])
-    if is_moe_config(config):  # mergekit-moe
-        return translate_moe(config, Path(config_path) if config_path else None,
-                             Path(out_dir) if out_dir else None)
-    t = Translator(config, Path(config_path) if config_path else None,
-                   Path(out_dir) if out_dir else None, layer_prefix)
-    return t.translate()
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """The config; a list of configs for a multi-document (mergekit-multi) file."""
-    import yaml
-
+        config = load_yaml(config, str(config_path or "<config>"))
+    path, out = Path(config_path) if config_path else None, Path(out_dir) if out_dir else None
+    problem = check_structure(config)
+    if problem is not None:
+        return Result("", [problem])
+    cls = type("Translator", (Translator,), {"allow_crimes": allow_crimes})
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise MergelangError(error("E701", f"cannot parse {where}: {exc}")) from None
-    return docs[0] if len(docs) == 1 else docs
+        if isinstance(config, list):
+            return translate_multi(config, path, out, layer_prefix, cls)
+        if is_moe_config(config):  # mergekit-moe
+            return translate_moe(config, path, out)
+        return cls(config, path, out, layer_prefix).translate()
+    except RecursionError:
+        return Result("", [error("E701", "the config nests too deep")])
 
 
 def import_file(path: str | Path, out: str | Path | None = None,
-                layer_prefix: str = "model.layers") -> Result:
+                layer_prefix: str = "model.layers", allow_crimes: bool = False) -> Result:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergelangError(error("E701", f"cannot read {path}: {exc}")) from None
+    text = read_config_text(path)
     out_dir = Path(out).parent if out else Path.cwd()
-    return translate(_load_yaml(text, str(path)), path, out_dir, layer_prefix)  # type: ignore[arg-type]
+    return translate(load_yaml(text, str(path)), path, out_dir, layer_prefix,  # type: ignore[arg-type]
+                     allow_crimes)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.interop.mergekit_config import ConfigReader, Result, _fmt
+from mergelang.interop.mergekit_checks import finite
+from mergelang.interop.mergekit_yaml import short
 
 MOE_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
             "architecture"}
@@ -27,6 +29,32 @@ def is_moe_config(cfg: Any) -> bool:
 
 def _strings(v: Any) -> list[str]:
     return [str(x) for x in v] if isinstance(v, list) else []
+
+
+def _prompts_ok(r: ConfigReader, experts: list[dict]) -> bool:
+    """mergekit-moe's own refusals (mergekit/moe/config.py `is_bad_config`) for prompt-based gates: an
+    expert without positive prompts, or every expert with the same prompts (the gate could not
+    tell them apart). Experts that are all one model: W120 (mergekit asks for a flag)."""
+    for i, e in enumerate(experts):
+        if not _strings(e.get("positive_prompts")):
+            r.err("E705", f"experts[{i}] has no positive_prompts", "each expert needs example "
+                  "prompts of what should be routed to it (or use gate_mode: random)")
+            return False
+
+    def prompts(e: dict) -> tuple:
+        return tuple(_strings(e.get("positive_prompts"))), tuple(_strings(e.get("negative_prompts")))
+
+    if all(prompts(e) == prompts(experts[0]) for e in experts[1:]):
+        r.err("E710", "every expert has the same positive and negative prompts: the gate could not "
+              "route between them (mergekit-moe refuses this config too)",
+              "give each expert prompts that show what should be routed to it")
+        return False
+    refs = [str(e.get("source_model")) for e in experts]
+    if len(experts) > 1 and len(set(refs)) == 1:
+        r.warn("W120", f"every expert is the same model `{refs[0]}`: the MoE costs more and "
+               "computes the same as that model until it is trained (mergekit-moe asks for "
+               "--i-understand-this-is-not-useful-without-training)")
+    return True
 
 
 def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path | None) -> Result:
@@ -46,11 +74,17 @@ def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path |
     arch = cfg.get("architecture")
     output = "qwen2_moe" if shared or (isinstance(arch, str) and arch.lower().startswith("qwen")) else "mixtral"
     if isinstance(arch, str) and arch.lower() not in ("mixtral", "qwen", "qwen2", "qwen2_moe"):
-        r.err("E704", f"architecture {arch!r}: mergelang writes Mixtral and Qwen2-MoE outputs")
+        r.err("E704", f"architecture {short(arch)}: mergelang writes Mixtral and Qwen2-MoE outputs")
         return Result("", r.diags)
     gate = cfg.get("gate_mode", "hidden")
-    if gate not in GATES:
-        r.err("E704", f"gate_mode {gate!r} is not supported", "use hidden, cheap_embed or random")
+    if not isinstance(gate, str) or gate not in GATES:
+        r.err("E704", f"gate_mode {short(gate)} is not supported", "use hidden, cheap_embed or random")
+        return Result("", r.diags)
+    if int(float(cfg.get("experts_per_token", 2))) > len(experts):  # a whole number (checked)
+        r.err("E705", f"experts_per_token is {cfg.get('experts_per_token', 2)} but there are "
+              f"{len(experts)} experts", "mergekit-moe needs at least as many experts")
+        return Result("", r.diags)
+    if GATES[gate] != "random" and not _prompts_ok(r, experts):
         return Result("", r.diags)
     names, pos, neg, scales = [], [], [], []
     for i, e in enumerate([*experts, *shared]):
@@ -65,7 +99,7 @@ def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path |
         pos.append(_strings(e.get("positive_prompts")))
         neg.append(_strings(e.get("negative_prompts")))
         rs = e.get("residual_scale")
-        scales.append(float(rs) if isinstance(rs, (int, float)) else 1.0)
+        scales.append(1.0 if rs is None else finite(rs))  # checked: a finite number
     if base is None or any(n is None for n in names) or any(d.is_error for d in r.diags):
         return Result("", r.diags)
     n = len(experts)
@@ -75,7 +109,7 @@ def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path |
         if any(neg[:n]):
             args.append("negative_prompts = [" + ", ".join(
                 "[" + ", ".join(_fmt(p) for p in ps) + "]" for ps in neg[:n]) + "]")
-    args.append(f"experts_per_token = {int(cfg.get('experts_per_token', 2))}")
+    args.append(f"experts_per_token = {int(float(cfg.get('experts_per_token', 2)))}")  # checked
     if output != "mixtral":
         args.append(f"output = {_fmt(output)}")
     if shared:

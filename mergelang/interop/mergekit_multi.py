@@ -14,6 +14,7 @@ from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
 from mergelang.interop.mergekit_config import Result, _fmt, _ident
+from mergelang.interop.mergekit_yaml import short
 from mergelang.lang.loader import OUTPUT_NAME
 
 
@@ -70,7 +71,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
             unnamed += 1
             n = "final"
         if not isinstance(n, str) or not OUTPUT_NAME.fullmatch(n) or n in (".", ".."):
-            return Result("", [error("E702", f"document {k + 1}: name {n!r} cannot be an output "
+            return Result("", [error("E702", f"document {k + 1}: name {short(n)} cannot be an output "
                                      "folder name (letters, digits, `_`, `-`, `.`)")])
         names.append(n)
     if unnamed > 1:
@@ -78,7 +79,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
                                  "allows one unnamed (final) merge")])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        return Result("", [error("E702", f"the name {dupes[0]!r} is used by two documents"
+        return Result("", [error("E702", f"the name {short(dupes[0])} is used by two documents"
                                  + (" (the unnamed merge is named `final`)" if unnamed else ""))])
     by_name = dict(zip(names, docs))
     deps = {n: _refs(d) & set(names) for n, d in by_name.items()}
@@ -92,6 +93,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
     blocks: list[list[str]] = []
     dtypes: dict[str, Any] = {}
     options: dict[str, list[str]] = {}
+    crimes: list[str] = []  # `option allow_crimes = true` (import-mergekit --allow-crimes)
     for n in order:
         t = Translator(by_name[n], config_path, out_dir, layer_prefix)
         t.output_name = n
@@ -112,7 +114,8 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         if res.errors:
             return Result("", diags)
         dtypes[n] = by_name[n].get("out_dtype") or by_name[n].get("dtype")
-        options[n] = t.option_lines
+        crimes = crimes or [line for line in t.option_lines if "allow_crimes" in line]
+        options[n] = [line for line in t.option_lines if "allow_crimes" not in line]
         blocks.append(t.block_lines)
     assert shared is not None
     final = names[-1] if unnamed == 0 else names[[d.get("name") for d in docs].index(None)]
@@ -130,7 +133,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         out += [""] + shared.param_lines
     if dtype:
         out += ["", f"option dtype = {_fmt(str(dtype))}"]
-    out += options.get(final, [])
+    out += options.get(final, []) + crimes
     for n, lines in options.items():
         if lines and n != final:
             diags.append(warning("W101", f"the tokenizer settings of `{n}` are not translated: "

@@ -117,3 +117,25 @@ def stacking_patch(cfg: Mapping[str, Any], layer_map: list[int]) -> dict[str, An
     if arch.model_type in ("qwen3_moe", "qwen2_moe"):
         return {"mlp_only_layers": dense_new, "decoder_sparse_step": 1}
     return {}
+
+
+def different_architectures(models: Mapping[str, tuple[Any, Any]], diags: Any) -> None:
+    """E709 when checkpoints (name -> (ModelSource or None, span)) name different `architectures`
+    in their config.json (`LlamaForCausalLM` with `MistralForCausalLM`): refused as mergekit
+    refuses it without --allow-crimes; `option allow_crimes = true` is the opt-in."""
+    from mergelang.diagnostics import error
+
+    first: dict[tuple[str, ...], str] = {}
+    for name, (m, span) in models.items():
+        cfg = m.config() if m is not None else None
+        arch = cfg.get("architectures") if isinstance(cfg, dict) else None
+        if not (isinstance(arch, list) and arch and all(isinstance(a, str) for a in arch)):
+            continue
+        key = tuple(arch)
+        if first and key not in first:
+            other, theirs = next(iter(first.items()))[::-1]
+            diags.add(error("E709", f"model `{name}` is a {', '.join(key)} but `{other}` is a "
+                            f"{', '.join(theirs)} (their config.json name different architectures)",
+                            span, "tensors of different architectures rarely line up; to merge them "
+                            "anyway add `option allow_crimes = true` (mergekit's --allow-crimes)"))
+        first.setdefault(key, name)

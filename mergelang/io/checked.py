@@ -63,6 +63,8 @@ class CheckedSink:
     def _count(t: torch.Tensor) -> tuple[int, int]:
         import torch
 
+        if t.element_size() == 1:  # FP8: torch has no isinf / isnan for it; widen first
+            t = t.to(torch.float16)
         return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
 
     def _bad(self, t: torch.Tensor) -> bool:

@@ -200,8 +200,10 @@ class ModelSource:
     def config(self) -> dict | None:
         if self.folder is not None and (self.folder / "config.json").is_file():
             try:
-                return json.loads((self.folder / "config.json").read_text())
-            except (OSError, ValueError, RecursionError):
+                from mergelang.io.textfile import read_json
+
+                return read_json(self.folder / "config.json")
+            except (OSError, ValueError):
                 return None
         return None
 
@@ -249,9 +251,15 @@ class SafetensorsSource(ModelSource):
         # read order: file order, then offset within a file (sequential reads)
         rank = {str(f): i for i, f in enumerate(files)}
         self._table = dict(sorted(table.items(), key=lambda kv: (rank[kv[1].file], kv[1].begin)))
+        #: each file's size when its header was read: a read re-checks it (E508, not SIGBUS)
+        self._sizes = {str(f): os.path.getsize(f) for f in files}
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        from mergelang.io.digests import ReadLog
+
+        #: the CRC-32C of each tensor read, computed on the bytes read (the manifest's digests)
+        self.reads = ReadLog()
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._table
@@ -283,9 +291,12 @@ class SafetensorsSource(ModelSource):
         measured slower here (1B bf16 base, warm cache, load + upcast: pread 11-15 s,
         safetensors 8-10 s on the shared 2-core machine), kept for cold-cache / network disks."""
         info = self._table[name]
+        self._unchanged(info.file, name)
         if READER != "pread":
             try:
-                return self._handle(info.file).get_tensor(name)
+                t = self._handle(info.file).get_tensor(name)
+                self._log(name, info, info.begin, info.end, _raw(t))
+                return t
             except Exception as exc:  # the file changed or broke since its header was read
                 raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}",
                                       "was the file modified or truncated during the merge?") from None
@@ -295,6 +306,7 @@ class SafetensorsSource(ModelSource):
         buf = torch.empty(n, dtype=torch.uint8)
         if n:
             read_into(self._fd(info.file), memoryview(buf.numpy()), info.begin, info.file)
+        self._log(name, info, info.begin, info.end, buf.numpy())
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
@@ -328,6 +340,7 @@ class SafetensorsSource(ModelSource):
         stored = torch_dtype(info.dtype)
         n = end - begin
         if n == 0:
+            self._log(name, info, begin, end, b"")
             return torch.empty(shape, dtype=dtype or stored)
         if n < SMALL_READ:  # a map costs more than reading a few pages (27 us against ~5 us)
             buf = torch.empty(n, dtype=torch.uint8)
@@ -336,14 +349,17 @@ class SafetensorsSource(ModelSource):
             except CheckpointError as e:
                 raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: "
                                       f"{str(e).removeprefix(info.file + ': ')}", e.help) from None
+            self._log(name, info, begin, end, buf.numpy())
             t = buf.view(stored).reshape(shape)
             return t.to(dtype) if dtype is not None and dtype != stored else t
+        self._unchanged(info.file, name)
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fd(info.file), end - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}",
                                   "the file was truncated or replaced after its header was read") from None
+        self._log_map(name, info, begin, end, mm, begin - start)
         try:
             mapped = torch.frombuffer(mm, dtype=stored, count=n // itemsize(info.dtype),
                                       offset=begin - start).reshape(shape)
@@ -362,6 +378,38 @@ class SafetensorsSource(ModelSource):
             del mapped
             mm.close()
 
+    def _log(self, name: str, info: TensorInfo, begin: int, end: int, data: object) -> None:
+        """Note the CRC-32C of bytes [begin, end) of tensor `name`, just read (`data`)."""
+        seed = self.reads.seed(name, info.begin, begin)
+        if seed is not None:
+            from mergelang.io.digests import crc
+
+            self.reads.note(name, end, info.end, crc(data, seed))
+
+    def _log_map(self, name: str, info: TensorInfo, begin: int, end: int, mm: mmap.mmap,
+                 offset: int) -> None:
+        if self.reads.seed(name, info.begin, begin) is None:
+            return
+        whole = memoryview(mm)
+        try:
+            part = whole[offset:offset + end - begin]
+            try:
+                self._log(name, info, begin, end, part)
+            finally:
+                part.release()
+        finally:
+            whole.release()
+    def _unchanged(self, file: str, name: str) -> None:
+        """E508 when `file` is now shorter than when its header was read: mapping or reading it
+        would end in SIGBUS or a short read (the open descriptor's size: a file replaced by a
+        rename keeps the old one, read whole)."""
+        size = os.fstat(self._fd(file)).st_size
+        if size < self._sizes.get(file, 0):
+            raise CheckpointError(f"{file}: the file shrank from {self._sizes[file]} to {size} bytes "
+                                  f"since its header was read (reading tensor {name!r})",
+                                  "an input was truncated or rewritten during the merge: rerun once "
+                                  "it is complete", "E508")
+
     def close(self) -> None:
         self._handles.clear()
         with self._lock:
@@ -379,6 +427,13 @@ READER = os.environ.get("MERGELANG_READER", "mmap")
 SMALL_READ = 1 << 16
 
 
+def _raw(t: torch.Tensor) -> object:
+    """A CPU tensor's bytes (a buffer), for their CRC."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
 def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
     """Fill `view` from `fd` at `offset` (os.preadv where available; a file lock-free loop)."""
     done, n = 0, len(view)
@@ -391,7 +446,7 @@ def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
             k = len(data)
         if k <= 0:
             raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}",
-                                  "the file was truncated after its header was read")
+                                  "the file was truncated after its header was read", "E508")
         done += k
 
 

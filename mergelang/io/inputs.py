@@ -15,13 +15,13 @@ never downloads.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from mergelang.errors import CheckpointError
+from mergelang.io.textfile import read_json, read_text, reason
 
 HF_PREFIX = "hf:"
 #: the recipe's copy in every output folder
@@ -54,6 +54,9 @@ def hf_snapshot(spec: str) -> Path:
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError(f"{spec}: huggingface_hub is not installed",
                               "pip install huggingface_hub", "E301") from None
+    storage = Path(_cache_dir()).expanduser() / ("models--" + repo.replace("/", "--"))
+    if revision:
+        revision = _commit_of(spec, storage, revision)
     try:
         folder = snapshot_download(repo, revision=revision or None, local_files_only=True,
                                    cache_dir=os.environ.get("HF_HUB_CACHE") or None)
@@ -66,7 +69,60 @@ def hf_snapshot(spec: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - any other cache problem: a diagnostic, not a crash
         raise CheckpointError(f"{spec}: cannot look it up in the Hugging Face cache: {exc}",
                               code="E301") from None
-    return Path(folder)
+    snap = Path(folder)
+    if not _COMMIT.fullmatch(snap.name) or snap.resolve().parent != (storage / "snapshots").resolve():
+        raise CheckpointError(f"{spec}: the cache gives {snap}, not a snapshot folder of "
+                              f"{storage}", REF_HELP, "E328")
+    return snap
+
+
+#: a snapshot folder's name: a commit hash (git's SHA-1, or SHA-256)
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+REF_HELP = ("a cache ref (models--ORG--NAME/refs/REVISION) holds the commit hash of a snapshot "
+            "folder; re-download the model (e.g. `hf download ORG/NAME --revision REVISION`)")
+
+
+def _commit_of(spec: str, storage: Path, revision: str) -> str:
+    """The commit hash `revision` names in cache repository `storage`: itself when it is one,
+    else the content of refs/REVISION — read with the bounded reader and required to be a
+    commit hash (a ref holding `../../..` would lead out of the repository): E328."""
+    parts = revision.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"{spec!r}: the revision {revision!r} is not a branch, tag or "
+                              "commit name", code="E301")
+    ref = storage / "refs" / revision
+    if not os.path.lexists(ref):
+        return revision  # a commit hash, or not cached: huggingface_hub says which
+    try:
+        content = read_text(confined(ref, storage.resolve(), False, "cache ref"), 1024).strip()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{spec}: cannot read the cache ref {ref}: {reason(exc)}",
+                              REF_HELP, "E328") from None
+    if not _COMMIT.fullmatch(content):
+        raise CheckpointError(f"{spec}: the cache ref {ref} holds {content[:60]!r}, not a commit "
+                              "hash", REF_HELP, "E328")
+    return content
+
+
+def hf_revision(folder: Path) -> str | None:
+    """The commit hash of a Hugging Face cache snapshot folder (``.../models--ORG--NAME/
+    snapshots/COMMIT``), or None when `folder` is not one."""
+    for cand in (Path(os.path.abspath(folder)), folder.resolve()):
+        if cand.parent.name == "snapshots" and cand.parent.parent.name.startswith("models--") \
+                and re.fullmatch(r"[0-9a-f]{40}", cand.name):
+            return cand.name
+    return None
+
+
+def hf_repo_id(folder: Path) -> str | None:
+    """``ORG/NAME`` of a Hugging Face cache snapshot folder, or None."""
+    if hf_revision(folder) is None:
+        return None
+    for cand in (Path(os.path.abspath(folder)), folder.resolve()):
+        repo = cand.parent.parent.name
+        if cand.parent.name == "snapshots" and repo.startswith("models--"):
+            return repo[len("models--"):].replace("--", "/", 1)
+    return None
 
 
 def _cache_dir() -> str:
@@ -143,11 +199,9 @@ def check_json(real: Path, shown: Path | None = None, obj: bool = True) -> Any:
     """The JSON value in file `real` (`obj`: an object); CheckpointError E315 otherwise."""
     shown = shown or real
     try:
-        with open(real, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise CheckpointError(f"{shown} is not valid JSON ({reason})",
+        data = read_json(real)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{shown} is not valid JSON ({reason(exc)})",
                               "it is copied into the output and must parse: fix or remove it, "
                               "or set `option copy_files = false`", "E315") from None
     if obj and not isinstance(data, dict):

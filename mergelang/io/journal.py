@@ -121,14 +121,14 @@ class Journal:
                             sort_keys=True)]
         lines += [json.dumps({"name": n, "crc32c": c}) for n, c in (entries or {}).items()]
         tmp = path.with_name(path.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o666)
         try:
             os.write(fd, ("\n".join(lines) + "\n").encode("utf-8"))
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        return cls(path, os.open(path, os.O_WRONLY | os.O_APPEND), sync)
+        return cls(path, os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW), sync)
 
     def record(self, name: str, crc: int, fd: int, nbytes: int) -> None:
         """Queue `name` (its bytes were written through `fd`); commit when a group is full."""
@@ -213,7 +213,7 @@ def prepare_work(work: Path, fingerprint: Mapping[str, str], resume: bool,
                                    "remove it by hand and run again")
             messages.append(f"replaced the work folder {work} left by an interrupted run "
                             "(use --resume to continue such a run instead)")
-        elif (work / JOURNAL_NAME).is_file():
+        elif _refuse_links(work) or (work / JOURNAL_NAME).is_file():
             header, entries = read_journal(work / JOURNAL_NAME)
             check_fingerprint(header["fingerprint"], fingerprint, work)
         else:  # e.g. left by a multi-output run: its files must not end up in this output
@@ -224,6 +224,23 @@ def prepare_work(work: Path, fingerprint: Mapping[str, str], resume: bool,
     work.mkdir(exist_ok=True)
     mark_ours(work)
     return entries
+
+
+def _refuse_links(work: Path) -> bool:
+    """E505 when the work folder holds a symbolic link (at any depth): resume reopens the files
+    there for writing, and must never write through a link planted in it. Returns False."""
+    for root, dirs, files in os.walk(work):
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            if p.is_symlink():
+                raise JournalError("E505", f"cannot resume: the work folder {work} holds a symbolic "
+                                   f"link {p.relative_to(work)}; mergelang does not follow links there",
+                                   "remove the link (or run without --resume to start over)")
+    return False
+
+
+#: os.open flags for files in a work folder: never through a symbolic link
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def lock_dir(path: Path) -> int:
@@ -256,7 +273,7 @@ def check_fingerprint(old: Mapping[str, Any], new: Mapping[str, str], work: Path
 def reuse_shard(path: Path, size: int, header: bytes) -> int:
     """A read-write fd for an existing shard file of the planned size and header, else -1."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | NOFOLLOW)
     except OSError:
         return -1
     try:

@@ -5,7 +5,6 @@ opened. `open_model` picks the source class (`checkpoint.SafetensorsSource`,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -15,17 +14,18 @@ from mergelang.io.checkpoint import (INDEX_NAME, PICKLE_HELP, PICKLE_INDEX_NAME,
                                      ModelSource, SafetensorsSource)
 from mergelang.io.inputs import confined, hf_snapshot, is_hf_id, model_root
 from mergelang.io.pickles import PickleSource
+from mergelang.io.textfile import read_json
 
 
 def _index_files(folder: Path, index: Path, root: Path, follow: bool = False) -> list[Path]:
     """The shard files an index names, each inside `folder` (E308), present (E307) and, after
     symbolic links, inside `root` (E314, see inputs.py), resolved."""
     try:
-        data = json.loads(index.read_text())
+        data = read_json(index)
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{index}: not a valid index (needs a `weight_map` of file names)") from None
     files: list[Path] = []
     for fname in dict.fromkeys(weight_map.values()):
@@ -50,6 +50,14 @@ def _weight_files(folder: Path, root: Path, follow: bool) -> list[Path]:
     return [confined(p, root, follow, "shard") for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
 
 
+def _config_inside(folder: Path, root: Path, follow: bool) -> None:
+    """config.json is read for every model (architecture, FP8 blocks, vocabulary size), not only
+    copied from the reference: it too must lie inside the model folder (E314)."""
+    cfg = folder / "config.json"
+    if cfg.is_symlink() or cfg.exists():
+        confined(cfg, root, follow, "config")
+
+
 def open_model(label: str, path: str | Path, allow_pickle: bool = False,
                follow_symlinks: bool = False) -> ModelSource:
     """Open an HF folder, a Hugging Face cache snapshot (a folder, or ``hf:ORG/NAME``: local
@@ -63,6 +71,8 @@ def open_model(label: str, path: str | Path, allow_pickle: bool = False,
     follow = follow_symlinks
     if p.is_file():
         folder = p.resolve().parent if (p.parent / "config.json").is_file() else None
+        if folder is not None:
+            _config_inside(p.parent, model_root(p.parent), follow)
         if p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise CheckpointError(f"{p} is a pickle-based checkpoint; mergelang reads safetensors",
@@ -74,6 +84,7 @@ def open_model(label: str, path: str | Path, allow_pickle: bool = False,
         return SafetensorsSource(label, [p.resolve()], folder)
     if p.is_dir():
         root = model_root(p)
+        _config_inside(p, root, follow)
         files = _weight_files(p, root, follow)
         if not files:
             index = p / PICKLE_INDEX_NAME

@@ -5,7 +5,17 @@
 * An existing non-empty folder is replaced only with ``--force`` and only when it is a previous
   mergelang output: it holds the manifest ``mergelang_manifest.json`` that every output gets, and
   nothing besides the files that manifest lists. Any other non-empty folder is refused (E403) with
-  a hint to remove it by hand.
+  a hint to remove it by hand. A multi-output folder's sub-folders are compared with their own
+  manifests, recursively: a file added to ``OUT/NAME/`` makes the folder foreign too.
+* A single-file output (`compile -o`, `explain -o`, `import-mergekit -o`, `tune --plot`) is
+  never a symbolic link, a folder or a special file (`/dev/null`, a FIFO); an existing file is
+  replaced only with ``--force`` (E403 without), and never when it is an input (E404). Its
+  folder must exist (E502). It is written to a temporary file beside it and renamed into place,
+  so a failure leaves the old file whole.
+* A study storage (`tune --storage sqlite:///PATH`) may be an input's neighbour but not an input
+  or inside one (E404); an existing file there must be an optuna study database (its tables
+  are all optuna's), else E403, ``--force`` or not: mergelang never adds tables to a foreign
+  database. Other storage URLs (a database server) name no local path.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergelang.errors import CodedError
+from mergelang.io.textfile import read_json
 
 MANIFEST_NAME = "mergelang_manifest.json"
 MANIFEST_FORMAT = "mergelang-output"
@@ -62,8 +73,8 @@ def manifest_files(folder: Path) -> set[str] | None:
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 16 * 1024 * 1024:
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(path, 16 * 1024 * 1024)
+    except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         return None
@@ -73,6 +84,34 @@ def manifest_files(folder: Path) -> set[str] | None:
             or not all(isinstance(f, str) for f in [*files, *outputs]):
         return None
     return {*files, *outputs, MANIFEST_NAME}
+
+
+def _foreign(folder: Path, known: set[str], depth: int = 0) -> list[str]:
+    """What in `folder` its manifest (`known`) does not account for: unlisted entries, a listed
+    file that is a folder or a link, and (recursively) what a listed sub-output's own manifest
+    does not account for."""
+    sub_outputs = _manifest_outputs(folder)
+    unknown = []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name not in known:
+            unknown.append(p.name)
+        elif p.is_symlink():
+            unknown.append(f"{p.name} (a link)")
+        elif p.is_dir():
+            sub = manifest_files(p) if p.name in sub_outputs and depth < 8 else None
+            if sub is None:
+                unknown.append(f"{p.name}/ (not a mergelang output)")
+            else:
+                unknown += [f"{p.name}/{n}" for n in _foreign(p, sub, depth + 1)]
+    return unknown
+
+
+def _manifest_outputs(folder: Path) -> set[str]:
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return {o for o in data.get("outputs", []) if isinstance(o, str) and "/" not in o}
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return set()
 
 
 def check_replaceable(out: Path, force: bool) -> None:
@@ -95,7 +134,10 @@ def check_replaceable(out: Path, force: bool) -> None:
         raise OutputError(f"output folder {out} exists, is not empty and is not a mergelang output",
                           "mergelang replaces only an empty folder or its own earlier output: "
                           "remove the folder by hand, or choose another -o")
-    unknown = sorted(entries - known)
+    try:
+        unknown = _foreign(out, known)
+    except OSError as e:
+        raise OutputError(f"cannot list the output folder {out}: {e.strerror or e}", None, "E502") from None
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise OutputError(f"output folder {out} holds an earlier mergelang output and files "
@@ -109,6 +151,121 @@ def check_replaceable(out: Path, force: bool) -> None:
 def check_output(out: Path, inputs: Iterable[Path], force: bool) -> None:
     check_not_input(out, inputs)
     check_replaceable(out, force)
+
+
+# --------------------------------------------------------------------------- single files
+
+def check_file_output(out: str | Path, inputs: Iterable[Path], force: bool,
+                      option: str = "-o", parents: bool = False) -> Path:
+    """The rules for a single-file output (module docstring); returns its absolute path.
+    `parents`: a missing folder is created when the file is written (import-mergekit)."""
+    path = Path(os.path.abspath(out))
+    check_not_input(path, inputs)
+    if path.is_symlink():
+        raise OutputError(f"{option} {out} is a symbolic link", "mergelang does not write through "
+                          "links: choose another path")
+    if path.is_dir():
+        raise OutputError(f"{option} {out} is a folder, not a file", "give a file name")
+    if path.exists() and not path.is_file():  # a device, a FIFO, a socket: never replaced
+        raise OutputError(f"{option} {out} is not a regular file", "give the path of a file")
+    if path.exists() and not force:
+        raise OutputError(f"{option} {out} exists", "pass --force to replace it, or choose another path")
+    if parents and not path.parent.exists():
+        return path
+    if not path.parent.is_dir():
+        raise OutputError(f"{option} {out}: no folder {path.parent}", "create the folder first, "
+                          "or choose another path", "E502")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"{option} {out}: the folder {path.parent} is not writable", None, "E502")
+    return path
+
+
+def write_file_output(out: str | Path, data: str | bytes, inputs: Iterable[Path], force: bool,
+                      option: str = "-o", parents: bool = False) -> Path:
+    """Check `out` (:func:`check_file_output`) and write `data` there atomically."""
+    path = check_file_output(out, inputs, force, option, parents)
+    if parents:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the folder {path.parent}: {e.strerror or e}", None,
+                              "E502") from None
+    return replace_file(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data),
+                        option)
+
+
+def replace_file(path: Path, write: Any, option: str = "-o") -> Path:
+    """`write(tmp)` a temporary file beside `path` (same suffix), then rename it to `path`."""
+    import secrets
+
+    tmp = path.with_name(f".{path.stem}.mergelang-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        write(tmp)
+        if path.is_symlink() or path.is_dir():  # appeared since the check
+            raise OutputError(f"{option} {path} is a link or a folder", "choose another path")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}",
+                          "check the folder exists and is writable", "E502") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- study storage
+
+#: the tables of an optuna RDB storage (any version since 2.0)
+OPTUNA_TABLES = frozenset({"studies", "version_info", "alembic_version", "trials"})
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def storage_path(url: str) -> Path | None:
+    """The local file an SQLAlchemy URL `sqlite:///PATH` names (None: in memory, or a server)."""
+    if not url.startswith("sqlite://"):
+        return None
+    rest = url[len("sqlite://"):].split("?", 1)[0]
+    if not rest.startswith("/") or rest in ("/", "/:memory:"):
+        return None
+    return Path(os.path.abspath(rest[1:]))
+
+
+def check_storage(url: str, inputs: Iterable[Path]) -> None:
+    """`tune --storage`: E404 for a database file that is or lies inside an input, E403 for an
+    existing file that is not an optuna study database (a link, a folder, another SQLite
+    database or any other file), E502 for a missing folder."""
+    path = storage_path(url)
+    if path is None:
+        return
+    check_not_input(path, inputs)
+    if path.is_symlink() or path.is_dir():
+        raise OutputError(f"--storage {url}: {path} is a {'link' if path.is_symlink() else 'folder'}",
+                          "give the path of an optuna study database, or of a new file")
+    if not path.parent.is_dir():
+        raise OutputError(f"--storage {url}: no folder {path.parent}", "create it first", "E502")
+    if path.exists() and not is_study_database(path):
+        raise OutputError(f"--storage {url}: {path} exists and is not an optuna study database",
+                          "mergelang adds study tables only to a new file or an optuna storage: "
+                          "choose another path", "E403")
+
+
+def is_study_database(path: Path) -> bool:
+    """Is `path` an SQLite file holding only optuna's tables (read-only look)?"""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != SQLITE_MAGIC:
+                return False
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            names = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error):
+        return False
+    ours = {n for n in names if n in OPTUNA_TABLES or n.startswith(("study_", "trial_"))}
+    return "studies" in names and "trials" in names and names == ours
 
 
 def manifest_text(files: Iterable[str], outputs: Iterable[str] = (), extra: dict[str, Any] | None = None) -> str:

@@ -5,12 +5,12 @@ in the shard that holds it, with the right total size."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from mergelang.io.checkpoint import CheckpointError, read_header
+from mergelang.io.textfile import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -44,7 +44,7 @@ def verify_output(folder: Path, layout: Any) -> str | None:
     if not getattr(layout, "indexed", True):
         return None
     try:
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        index = read_json(folder / INDEX_NAME)
         weight_map = index["weight_map"]
         total = index["metadata"]["total_size"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
@@ -58,3 +58,129 @@ def verify_output(folder: Path, layout: Any) -> str | None:
     if total != sum(t.nbytes for t in layout.tensors.values()):
         return f"the index's total_size {total} is wrong"
     return None
+
+
+# --------------------------------------------------------------------------- `mergelang verify`
+
+def file_digest(path: str | Path, names: Iterable[str] | None = None) -> str:
+    """The digest of the safetensors file at `path`, recomputed from disk (reads it once): over
+    all its tensors, or only those in `names`. OSError / ValueError when it cannot be read."""
+    from mergelang.io.digests import crc, header_bytes, tensor_digest
+
+    head = header_bytes(path)
+    infos = sorted(read_header(path).values(), key=lambda i: i.begin)
+    keep = None if names is None else set(names)
+    out: list[tuple[str, int]] = []
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        for info in infos:
+            if keep is not None and info.name not in keep:
+                continue
+            c, pos = 0, info.begin
+            while pos < info.end:
+                chunk = os.pread(fd, min(info.end - pos, 64 << 20), pos)
+                if not chunk:
+                    raise OSError(f"{path}: shorter than its header says")
+                c = crc(chunk, c)
+                pos += len(chunk)
+            out.append((info.name, c))
+    finally:
+        os.close(fd)
+    return tensor_digest(head, out)
+
+
+def _digest_of(path: Path, recorded: str) -> str:
+    """`path`'s digest, computed the way `recorded` was (io/digests.py)."""
+    from mergelang.io.digests import TENSOR_DIGEST, sha256_file
+
+    if recorded.startswith(TENSOR_DIGEST + ":"):
+        return file_digest(path)
+    return sha256_file(path)
+
+
+def check_outputs(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems with the files of the output `folder` against its manifest (none: it is as
+    written): each listed file present with its recorded digest, and no file it does not list.
+    Reads every file once."""
+    from mergelang.io.outguard import MANIFEST_NAME
+
+    digests = manifest.get("digests")
+    files = manifest.get("files")
+    if not isinstance(digests, dict) or not isinstance(files, list):
+        return ["the manifest records no file digests (written by an older mergelang?)"]
+    problems = []
+    try:
+        present = {p.name for p in folder.iterdir()}
+    except OSError as e:
+        return [f"cannot list {folder}: {e.strerror or e}"]
+    for name in sorted(present - {*map(str, files), *manifest.get("outputs", [])}):
+        problems.append(f"{name}: not written by mergelang (the manifest does not list it)")
+    for name in sorted(str(f) for f in files):
+        if name == MANIFEST_NAME:
+            continue
+        want = digests.get(name)
+        if name not in present:
+            problems.append(f"{name}: missing")
+        elif not isinstance(want, str):
+            problems.append(f"{name}: the manifest records no digest for it")
+        else:
+            try:
+                got = _digest_of(folder / name, want)
+            except (OSError, CheckpointError, ValueError) as e:
+                problems.append(f"{name}: cannot be read back ({e})")
+                continue
+            if got != want:
+                problems.append(f"{name}: its content differs from what was written")
+    return problems
+
+
+def check_inputs(provenance: dict[str, Any], quick: bool = False) -> tuple[list[str], list[str]]:
+    """(differences, notes) between the inputs recorded in a manifest's provenance and the files
+    on this machine now: each file present with the same size and header, and (unless `quick`)
+    the same content digest over the tensors the merge read (reads them once). A file whose
+    modification time alone changed is reported as a note."""
+    from mergelang.io.digests import header_bytes, sha256_text
+
+    diffs: list[str] = []
+    notes: list[str] = []
+    inputs = provenance.get("inputs")
+    if not isinstance(inputs, list):
+        return ["the manifest records no inputs"], notes
+    for model in inputs:
+        name = model.get("name", "?")
+        if not model.get("files"):
+            notes.append(f"model `{name}` ({model.get('kind', '?')}): no file digests recorded")
+        for rec in model.get("files") or []:
+            path = Path(str(rec.get("path")))
+            if "error" in rec:
+                notes.append(f"model `{name}`: {path} could not be recorded ({rec['error']})")
+                continue
+            try:
+                st = path.stat()
+                head = header_bytes(path)
+            except OSError as e:
+                diffs.append(f"model `{name}`: {path} is gone or unreadable ({e.strerror or e})")
+                continue
+            if st.st_size != rec.get("size") or sha256_text(head) != rec.get("header_sha256"):
+                diffs.append(f"model `{name}`: {path} changed (size or tensor table differ)")
+                continue
+            if quick:
+                if st.st_mtime_ns != rec.get("mtime_ns"):
+                    diffs.append(f"model `{name}`: {path} was modified since (same size and "
+                                 "header; verify without --quick compares the content)")
+                continue
+            if st.st_mtime_ns != rec.get("mtime_ns"):
+                notes.append(f"model `{name}`: {path} has a new modification time")
+            try:
+                infos = read_header(path)
+                unread = set(rec.get("unread") or ())
+                got = file_digest(path, [n for n in infos if n not in unread])
+            except (OSError, CheckpointError, ValueError) as e:
+                diffs.append(f"model `{name}`: {path} cannot be read ({e})")
+                continue
+            if got != rec.get("digest"):
+                diffs.append(f"model `{name}`: {path} holds other tensor data than the merge read")
+            elif unread:
+                notes.append(f"model `{name}`: {path}: {len(unread)} tensors the merge did not "
+                             "read are not covered by its digest")
+    return diffs, notes

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from mergelang.io.journal import (JOURNAL_NAME, WORK_MARKER, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
+from mergelang.io.journal import (JOURNAL_NAME, NOFOLLOW, WORK_MARKER, Journal, JournalError, checksum, checksum_more, digest, lock_dir,
                       prepare_work, range_crc, reuse_shard, work_dir_for)
 from mergelang.errors import CheckpointError
 from mergelang.io.inputs import check_json_object, reference_files
@@ -94,6 +94,7 @@ class CheckpointWriter(WorkFolder):
         self._finished = False
         self._claimed: set[str] = set()  # names a write has started for
         self._written: set[str] = set()  # names written completely
+        self._crcs: dict[str, int] = {}  # CRC-32C of each tensor written (the manifest's digests)
         #: row-chunked tensors being written: rows done, next row, running CRC (in-order chunks)
         self._partial: dict[str, list[int]] = {}
         self._fds: dict[str, int] = {}
@@ -148,7 +149,7 @@ class CheckpointWriter(WorkFolder):
                 fd = reuse_shard(path, shard.size, shard.header) if entries else -1
                 if fd < 0:
                     entries = {n: c for n, c in entries.items() if n not in shard.offsets}
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o666)
                     self._fds[shard.filename] = fd
                     _pwrite_all(fd, memoryview(shard.header), 0)
                     os.ftruncate(fd, shard.size)
@@ -158,6 +159,7 @@ class CheckpointWriter(WorkFolder):
                     if name in entries and range_crc(fd, *shard.offsets[name]) == entries[name]:
                         self.resumed.add(name)
             kept = {n: entries[n] for n in self.layout.tensors if n in self.resumed}
+            self._crcs.update(kept)
             path = jpath
             self._journal = Journal.create(jpath, fingerprint, kept, sync=self.fsync)
         except BaseException as e:
@@ -194,8 +196,9 @@ class CheckpointWriter(WorkFolder):
             data = _bytes_of(tensor)
             if data.nbytes:
                 _pwrite_all(fd, memoryview(data), begin)
+            crc = self._crcs[name] = checksum(memoryview(data))
             if self._journal is not None:  # journaled once durable (group commit, journal.py)
-                self._journal.record(name, checksum(memoryview(data)), fd, data.nbytes)
+                self._journal.record(name, crc, fd, data.nbytes)
             ok = True
         except OSError as e:
             raise _os_error(self.tmp_dir / shard.filename, e) from e
@@ -222,6 +225,7 @@ class CheckpointWriter(WorkFolder):
                 raise ValueError(f"internal: {name!r} written twice or after the end")
             self._claimed.add(name)
             fd = self._fds[shard.filename]
+        self._crcs[name] = crc
         if self._journal is not None:
             self._journal.record(name, crc, fd, nbytes)
         with self._lock:
@@ -262,12 +266,13 @@ class CheckpointWriter(WorkFolder):
                 in_order = state[1] == start
                 state[0] += n
                 state[1] = start + n if in_order else -1
-                if in_order and self._journal is not None:
+                if in_order:
                     state[2] = checksum_more(memoryview(data), state[2])
                 complete = state[0] == total
-            if complete and self._journal is not None:
-                crc = state[2] if state[1] == total else range_crc(fd, begin, end)
-                self._journal.record(name, crc, fd, end - begin)
+            if complete:
+                crc = self._crcs[name] = state[2] if state[1] == total else range_crc(fd, begin, end)
+                if self._journal is not None:
+                    self._journal.record(name, crc, fd, end - begin)
             ok = True
         except OSError as e:
             raise _os_error(self.tmp_dir / shard.filename, e) from e
@@ -362,11 +367,29 @@ class CheckpointWriter(WorkFolder):
             names = [p.name for p in self.tmp_dir.iterdir()]
         except OSError as e:
             raise _os_error(self.tmp_dir, e) from e
-        self._put(MANIFEST_NAME, manifest_text(names, extra=manifest))
+        self._put(MANIFEST_NAME, manifest_text(names, extra={**(manifest or {}),
+                                                             "digests": self._digests(names)}))
         self._sync_dir(self.tmp_dir)
         self._move_into_place()
         self._finished = True
         return self.out_dir
+
+    def _digests(self, names: list[str]) -> dict[str, str]:
+        """The digest of every file in the finished folder (io/digests.py): each shard's from
+        the CRC-32C of the tensors as written, each other (small) file's SHA-256, read back."""
+        from mergelang.io.digests import sha256_file, tensor_digest
+
+        out = {}
+        for shard in self.layout.shards:
+            order = sorted(shard.offsets, key=lambda n: shard.offsets[n][0])
+            out[shard.filename] = tensor_digest(bytes(shard.header), [(n, self._crcs[n]) for n in order])
+        for name in names:
+            if name not in out:
+                try:
+                    out[name] = sha256_file(self.tmp_dir / name)
+                except OSError as e:
+                    raise _os_error(self.tmp_dir / name, e) from e
+        return out
 
     def _config_files(self, src: Path | None, copies: dict[str, Path] | None, dtype: str | None,
                       recipe_filename: str) -> dict[str, str | Path]:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from mergelang.diagnostics import Span
 from mergelang.lang import ast
-from mergelang.lang.values import Const
+from mergelang.lang.values import MAX_STRING_CHARS, Const
 
 #: compile-time integers stay below 2**MAX_INT_BITS (a bound on work: `10 ** 10 ** 10` would
 #: take hours to compute and gigabytes to hold)
@@ -29,6 +29,9 @@ def compile_time_op(op: str, x: Any, y: Any, span: Span, err: Callable[..., Exce
         if op in ("eq", "ne"):
             return PYOPS[op](x, y)
         if op == "add" and isinstance(x, str) and isinstance(y, str):
+            if len(x) + len(y) > MAX_STRING_CHARS:
+                raise err("E329", f"this string would have {len(x) + len(y)} characters, more than "
+                          f"the {MAX_STRING_CHARS} a compile-time string may have", span)
             return x + y
         raise err("E201", f"cannot apply `{ast.BINARY_SYMBOLS[op]}` to "
                   f"{Const(x).describe()} and {Const(y).describe()}", span)

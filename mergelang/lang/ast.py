@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Union
+from typing import Mapping, Union
 
 from mergelang.diagnostics import Span
 
@@ -85,7 +85,24 @@ class Index(Node):
     index: "Expr"
 
 
-Expr = Union[Number, String, Bool, NoneLit, Name, ListExpr, Unary, Binary, IfExpr, Call, Index]
+@dataclass(frozen=True)
+class CompFor(Node):
+    """One clause of a list comprehension: `for a, b in iter if cond`."""
+
+    targets: tuple[str, ...]
+    iter: "Expr"
+    cond: "Expr | None" = None
+
+
+@dataclass(frozen=True)
+class ListComp(Node):
+    """`[elt for x in xs if cond ...]`: a list built at compile time (lang/comprehend.py)."""
+
+    elt: "Expr"
+    clauses: tuple[CompFor, ...]
+
+
+Expr = Union[Number, String, Bool, NoneLit, Name, ListExpr, ListComp, Unary, Binary, IfExpr, Call, Index]
 
 BINARY_SYMBOLS = {
     "add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
@@ -268,7 +285,7 @@ class MergeBlock(Node):
     #: output names (`merge "a" from ...`, `merge ["a", "b"] from ...`); () for the unnamed block
     outputs: tuple[str, ...] = ()
     outputs_span: Span | None = field(default=None, repr=False, compare=False)
-    #: `merge adapter ["NAME"] from M { ... }`: writes a PEFT LoRA adapter (sources/adapters.py)
+    #: `merge adapter ["NAME"] from M { ... }`: writes a PEFT LoRA adapter (io/adapter.py)
     adapter: bool = False
 
 
@@ -329,3 +346,72 @@ def names_in(e: object) -> frozenset[str]:
         elif isinstance(x, (tuple, list)):
             stack.extend(x)
     return frozenset(out)
+
+
+# ---------------------------------------------------------------- names used by an expression
+def expr_names(e: Node) -> set[str]:
+    """The names (`Name.id`) an expression reads, anywhere inside it."""
+    out: set[str] = set()
+    stack: list = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Name):
+            out.add(x.id)
+        elif isinstance(x, Node):
+            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
+        elif isinstance(x, tuple):
+            stack.extend(x)
+    return out
+
+
+def expr_calls(e: Node) -> set[str]:
+    """The functions (`Call.func`) an expression calls, anywhere inside it."""
+    out: set[str] = set()
+    stack: list = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Call):
+            out.add(x.func)
+        if isinstance(x, Node):
+            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
+        elif isinstance(x, tuple):
+            stack.extend(x)
+    return out
+
+
+#: the intrinsics whose only purpose may be a check (a `let` calling one is kept even unused)
+CHECKS = frozenset({"fail", "checked"})
+
+
+def checking_fns(fns: Mapping[str, FnDef]) -> set[str]:
+    """The names of functions that may stop the compilation with a check: they call `fail` or
+    `checked`, or such a function (a fixed point over the call graph)."""
+    calls = {name: set().union(*(expr_calls(x) for x in (*(p.default for p in fn.params
+                                                             if p.default is not None),
+                                                          *(let.value for let in fn.lets), fn.ret)))
+             for name, fn in fns.items()}
+    out = {n for n, c in calls.items() if c & CHECKS}
+    grew = True
+    while grew:
+        grew = False
+        for n, c in calls.items():
+            if n not in out and c & out:
+                out.add(n)
+                grew = True
+    return out
+
+
+def live_lets(fn: FnDef, checking: set[str] | frozenset[str] = frozenset()) -> tuple[Let, ...]:
+    """The `let`s of `fn` to evaluate, in order: those its result depends on, and those that
+    check something (call `fail`, `checked` or a function in `checking`: `let d =
+    _fraction(density, "density")` validates even when `d` is unused), with what they depend
+    on. A let's name is unique in its function (resolve.py reports E106). The others are never
+    evaluated: 5000 unused lets cost nothing per call (they are still resolved: names,
+    recursion)."""
+    need = expr_names(fn.ret)
+    live: list[Let] = []
+    for let in reversed(fn.lets):
+        if let.name in need or expr_calls(let.value) & (CHECKS | checking):
+            live.append(let)
+            need |= expr_names(let.value)
+    return tuple(reversed(live))

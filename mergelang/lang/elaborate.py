@@ -23,6 +23,7 @@ from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, d
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
 from mergelang.ir.types import TType, format_shape, is_floating
+from mergelang.lang.values import MAX_TOTAL_CHARS
 from mergelang.lang.values import (REQUIRED, Const, Deferred, ListV, ModelV, Param, Poisoned, Signature, TensorV, Value,
                                    is_number)
 
@@ -47,11 +48,15 @@ class Elaborator(BlockElaboration):
 
     def __init__(self, fns: Mapping[str, ast.FnDef], models: Mapping[str, ModelSource | None],
                  model_spans: Mapping[str, Span], params: Mapping[str, Value], diags: Diagnostics,
-                 out_dtype: str | None = None):
+                 out_dtype: str | None = None, plugins: Mapping[str, Any] | None = None):
         from mergelang.lang.intrinsics import INTRINSICS
 
         self.fns = fns
         self.intrinsics = INTRINSICS
+        if plugins:  # Python methods (lang/plugins.py): called like intrinsics
+            from mergelang.lang.plugins import as_intrinsic
+
+            self.intrinsics = {**INTRINSICS, **{n: as_intrinsic(m) for n, m in plugins.items()}}
         self.models = models
         self.model_spans = model_spans
         self.params = params
@@ -60,6 +65,11 @@ class Elaborator(BlockElaboration):
         #: params whose declaration reads run-time params: their Deferred values
         self.derived: dict[str, Value] = {}
         self.diags = diags
+        #: `let`s evaluated so far (dead ones never are: ast.live_lets)
+        self.lets_evaluated = 0
+        self.string_chars = 0  # built by `+` on strings (py)
+        self._live: dict[int, tuple[ast.FnDef, tuple[ast.Let, ...]]] = {}
+        self._checking: set[str] | None = None
         self.out_dtype = out_dtype
         self.graph = MergeGraph()
         self.stack: list[Frame] = []
@@ -116,7 +126,12 @@ class Elaborator(BlockElaboration):
         if isinstance(e, ast.Name):
             return self.lookup(e, env)
         if isinstance(e, ast.ListExpr):
-            return ListV(tuple(self.eval(i, env) for i in e.items))
+            lst = ListV(tuple(self.eval(i, env) for i in e.items))
+            return self._bounded(lst, e)
+        if isinstance(e, ast.ListComp):
+            from mergelang.lang.comprehend import comprehend
+
+            return self._bounded(comprehend(self, e, env), e)
         if isinstance(e, ast.Unary):
             v = self.eval(e.operand, env)
             if e.op == "pos":
@@ -144,6 +159,15 @@ class Elaborator(BlockElaboration):
         if isinstance(e, ast.Index):
             return self.index(self.eval(e.target, env), self.eval(e.index, env), e)
         raise TypeError(f"unknown expression {e!r}")  # pragma: no cover
+
+    def _bounded(self, lst: ListV, e: ast.Expr) -> ListV:
+        """E329 for a compile-time list too large to be a value (lang/values.ListV.too_big)."""
+        why = lst.too_big()
+        if why:
+            raise self.error("E329", f"this list is too large for a compile-time value: {why}",
+                             e.span, "compile-time lists are weights, layer values and names: "
+                             "a few thousand elements at most")
+        return lst
 
     def lookup(self, e: ast.Name, env: dict[str, Value]) -> Value:
         if e.id in env:
@@ -199,11 +223,21 @@ class Elaborator(BlockElaboration):
             local[p.name] = given[p.name] if p.name in given else self.eval(p.default, dict(local))
         self.stack.append(Frame(fn.name, span, local, tag))
         try:
-            for let in fn.lets:
+            for let in self.live_lets(fn):  # a `let` the result does not use costs nothing
+                self.lets_evaluated += 1
                 local[let.name] = self.eval(let.value, local)
             return self.eval(fn.ret, local)
         finally:
             self.stack.pop()
+
+    def live_lets(self, fn: ast.FnDef) -> tuple[ast.Let, ...]:
+        """ast.live_lets of `fn`, computed once per function."""
+        got = self._live.get(id(fn))
+        if got is None or got[0] is not fn:
+            if self._checking is None:
+                self._checking = ast.checking_fns(self.fns)
+            got = self._live[id(fn)] = (fn, ast.live_lets(fn, self._checking))
+        return got[1]
 
     def bind(self, sig: Signature, e: ast.Call, env: dict[str, Value]) -> dict[str, Value]:
         """Match a call's arguments to parameters (static checks already ran; re-check anyway)."""
@@ -372,8 +406,15 @@ class Elaborator(BlockElaboration):
                                  Attrs(), span))
 
     def py(self, op: str, x: Any, y: Any, span: Span) -> Any:
-        """Compile-time arithmetic on numbers, strings and bools (arith.py)."""
-        return compile_time_op(op, x, y, span, self.error)
+        """Compile-time arithmetic on numbers, strings and bools (arith.py); the strings one
+        compilation builds are bounded in all (MAX_TOTAL_CHARS: E329)."""
+        out = compile_time_op(op, x, y, span, self.error)
+        if isinstance(out, str):
+            self.string_chars += len(out)
+            if self.string_chars > MAX_TOTAL_CHARS:
+                raise self.error("E329", f"the strings this recipe builds at compile time exceed "
+                                 f"{MAX_TOTAL_CHARS} characters in all", span)
+        return out
 
     def logical_not(self, v: Value, span: Span) -> Value:
         if isinstance(v, Const):

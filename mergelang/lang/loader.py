@@ -10,13 +10,14 @@ import hashlib
 import os
 import pickle
 import re
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mergelang.lang import ast
-from mergelang.diagnostics import CompileError, Diagnostics, SourceFile, error, warning
+from mergelang.diagnostics import CompileError, Diagnostics, SourceFile, Span, error, warning
+from mergelang.io.textfile import TextFileError, read_text
 from mergelang.lang.parser import parse_program
 from mergelang.resources import stdlib_files
 
@@ -32,6 +33,9 @@ class Unit:
     options: list[ast.OptionDecl] = field(default_factory=list)
     blocks: list[ast.MergeBlock] = field(default_factory=list)
     imports: list[Path] = field(default_factory=list)  # imported recipe files, resolved
+    #: `import "methods.py"`: plugin files (lang/plugins.py), loaded only when allowed
+    plugin_files: list[tuple[Path, Span]] = field(default_factory=list)
+    plugins: dict[str, Any] = field(default_factory=dict)  # name -> PluginMethod
 
     @property
     def block(self) -> ast.MergeBlock | None:
@@ -210,6 +214,10 @@ def _import(unit: Unit, item: ast.Import, base_dir: Path, fns: dict[str, ast.FnD
     if not path.is_absolute():
         path = base_dir / path
     key = str(path.resolve())
+    if path.suffix == ".py":  # a plugin file: loaded by the compiler when plugins are allowed
+        unit.plugin_files.append((Path(key), item.span))
+        unit.imports.append(Path(key))
+        return
     if key in stack:
         chain = " -> ".join(Path(k).name for k in stack[stack.index(key):] + [key])
         diags.add(error("E003", f"import cycle: {chain}", item.span, "remove one of the imports"))
@@ -237,21 +245,9 @@ MAX_RECIPE_BYTES = 4 * 1024 * 1024
 
 def read_recipe_file(path: Path) -> SourceFile:
     """A recipe file's text: a regular file (not a device, FIFO or folder: `/dev/zero` would
-    never end) of at most MAX_RECIPE_BYTES. Raises OSError / ValueError / UnicodeDecodeError."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
+    never end) of at most MAX_RECIPE_BYTES (io/textfile.py, the one bounded reader). Raises
+    OSError / ValueError / UnicodeDecodeError."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise ValueError(f"it is {kind}")
-        if st.st_size > MAX_RECIPE_BYTES:
-            raise ValueError(f"it is {st.st_size} bytes, more than the {MAX_RECIPE_BYTES >> 20} MiB "
-                             "a recipe may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RECIPE_BYTES:
-        raise ValueError(f"it is more than the {MAX_RECIPE_BYTES >> 20} MiB a recipe may have")
-    text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
-    return SourceFile(str(path), text)
+        return SourceFile(str(path), read_text(path, MAX_RECIPE_BYTES))
+    except TextFileError as exc:
+        raise ValueError(str(exc).replace("mergelang reads from such a file", "a recipe may have")) from None

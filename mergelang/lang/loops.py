@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mergelang.ir.graph import MergeGraph, Node
-from mergelang.ir.ops import Attrs, Op
+from mergelang.ir.ops import OP_INFO, Attrs, Op
 from mergelang.lang.values import Const, ListV, ModelV, TensorV, Value
 
 if TYPE_CHECKING:
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 #: rounds `iterate` unrolls when its body cannot be a loop node
 MAX_UNROLL = 256
-#: ops a loop body may not contain (reads, outputs, model-wide statistics)
-_NOT_IN_BODY = frozenset({Op.LOAD, Op.OUTPUT, Op.MODEL_STAT, Op.STAT_VALUE, Op.PARAM})
 
 
 class NotLoopable(Exception):
@@ -60,7 +58,7 @@ def build_loop(el: Any, fn: Any, params: list[str], init: Value, args: list[Valu
     if body.node(result).type != types[0]:
         return None
     program, peak = _program(body, result)
-    if any(n.op in _NOT_IN_BODY for n in program):
+    if any(not OP_INFO[n.op].in_loop for n in program):  # reads, outputs, model-wide statistics
         return None
     return TensorV(el.make(Op.LOOP, outer, Attrs(body=program, times=times, type=types[0],
                                                  fn=fn.name, peak=peak), span))

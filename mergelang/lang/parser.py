@@ -39,7 +39,7 @@ _TOKEN_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "REGEX": 'a regex re"..."',
     "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "LBRACE": "`{`", "RBRACE": "`}`",
     "COMMA": "`,`", "EQUAL": "`=`", "MORETHAN": "`>`", "LESSTHAN": "`<`", "PLUS": "`+`",
-    "MINUS": "`-`", "STAR": "`*`", "SLASH": "`/`", "PERCENT": "`%`", "_IF": "`if`", "$END": "end of file",
+    "MINUS": "`-`", "STAR": "`*`", "SLASH": "`/`", "PERCENT": "`%`", "_IF": "`if`", "_FOR": "`for`", "_IN": "`in`", "$END": "end of file",
 }
 
 
@@ -305,6 +305,15 @@ class _Builder(Transformer):
     @v_args(meta=True)
     def list(self, meta, c):
         return ast.ListExpr(self._span(meta), tuple(x for x in c if x is not None))
+
+    @v_args(meta=True)
+    def listcomp(self, meta, c):
+        return ast.ListComp(self._span(meta), c[0], tuple(c[1:]))
+
+    @v_args(meta=True)
+    def comp_for(self, meta, c):
+        *names, iter_, cond = c
+        return ast.CompFor(self._span(meta), tuple(str(n) for n in names), iter_, cond)
 
 
 def _binary_rule(op: str):

@@ -4,7 +4,7 @@ matches no tensor is still reported (elaboration only visits what tensors reach)
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
@@ -66,29 +66,54 @@ def _globals(unit: Unit, diags: Diagnostics) -> dict[str, ast.Node]:
     return out
 
 
-def signature(name: str, fns: Mapping[str, ast.FnDef]) -> Signature | None:
+def signature(name: str, fns: Mapping[str, ast.FnDef], plugins: Mapping[str, Any] | None = None) -> Signature | None:
     if name in fns:
         return signature_of(fns[name])
     if name in INTRINSICS:
         return INTRINSICS[name].sig
+    if plugins and name in plugins:
+        from mergelang.lang.plugins import as_intrinsic
+
+        return as_intrinsic(plugins[name]).sig
     return None
 
 
 def _expr(e: ast.Expr, scope: set[str], unit: Unit, diags: Diagnostics, calls: nx.DiGraph,
           caller: str | None) -> None:
     for node in _walk(e):
-        if isinstance(node, ast.Name) and node.id not in scope:
+        if isinstance(node, ast.ListComp):
+            _comprehension(node, scope, unit, diags, calls, caller)
+        elif isinstance(node, ast.Name) and node.id not in scope:
             diags.add(error("E101", f"unknown name `{node.id}`", node.span,
                             did_you_mean(node.id, scope)))
         elif isinstance(node, ast.Call):
-            sig = signature(node.func, unit.fns)
+            sig = signature(node.func, unit.fns, unit.plugins)
             if sig is None:
                 diags.add(error("E102", f"unknown function `{node.func}`", node.func_span,
-                                did_you_mean(node.func, list(unit.fns) + list(INTRINSICS))))
+                                did_you_mean(node.func, list(unit.fns) + list(INTRINSICS) + list(unit.plugins))))
                 continue
             if caller is not None and node.func in unit.fns:
                 calls.add_edge(caller, node.func)
             _check_call(node, sig, diags)
+
+
+def _comprehension(node: ast.ListComp, scope: set[str], unit: Unit, diags: Diagnostics,
+                   calls: nx.DiGraph, caller: str | None) -> None:
+    """A comprehension's names: each clause's iterable sees the targets of the clauses before it,
+    its filter and the element see its own too (E111: a target named twice)."""
+    inner = set(scope)
+    bound: set[str] = set()
+    for c in node.clauses:
+        _expr(c.iter, inner, unit, diags, calls, caller)
+        for name in c.targets:
+            if name in bound:
+                diags.add(error("E111", f"`{name}` is bound twice in this comprehension", c.span,
+                                "give each `for` target its own name"))
+            bound.add(name)
+        inner = inner | set(c.targets)
+        if c.cond is not None:
+            _expr(c.cond, inner, unit, diags, calls, caller)
+    _expr(node.elt, inner, unit, diags, calls, caller)
 
 
 def _check_call(node: ast.Call, sig: Signature, diags: Diagnostics) -> None:
@@ -117,6 +142,8 @@ def _walk(e: ast.Expr) -> Iterable[ast.Node]:
         yield node
         if isinstance(node, ast.ListExpr):
             stack.extend(node.items)
+        elif isinstance(node, ast.ListComp):
+            continue  # its names are scoped: _comprehension walks it
         elif isinstance(node, ast.Unary):
             stack.append(node.operand)
         elif isinstance(node, ast.Binary):

@@ -7,7 +7,7 @@ when it meets a tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mergelang.diagnostics import Span
@@ -32,9 +32,47 @@ class Const:
         return "a number"
 
 
+#: bounds on compile-time values (a bound on work and memory: `param s1 = s0 + s0` doubled 31
+#: times is 2 GB; lists of lists sharing their items grow as 2**depth when written out)
+MAX_STRING_CHARS = 1 << 20
+MAX_LIST_DEPTH = 32
+MAX_LIST_ELEMENTS = 100_000
+MAX_LIST_CHARS = 16 << 20
+#: bounds on all of a recipe's compile-time values together (the params recorded in the
+#: manifest and the recipe copy; every string a compilation builds)
+MAX_TOTAL_ELEMENTS = 1_000_000
+MAX_TOTAL_CHARS = 64 << 20
+
+
 @dataclass(frozen=True)
 class ListV:
     items: tuple["Value", ...]
+    #: nesting depth, elements at every level counted with repetition, characters of its strings
+    depth: int = field(default=1, init=False, compare=False, repr=False)
+    elements: int = field(default=0, init=False, compare=False, repr=False)
+    chars: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        depth, n, chars = 1, len(self.items), 0
+        for i in self.items:
+            if isinstance(i, ListV):
+                depth, n, chars = max(depth, i.depth + 1), n + i.elements, chars + i.chars
+            elif isinstance(i, Const) and isinstance(i.value, str):
+                chars += len(i.value)
+        object.__setattr__(self, "depth", depth)
+        object.__setattr__(self, "elements", n)
+        object.__setattr__(self, "chars", chars)
+
+    def too_big(self) -> str | None:
+        """Why this list exceeds the compile-time bounds, or None."""
+        if self.depth > MAX_LIST_DEPTH:
+            return f"it nests {self.depth} levels deep (at most {MAX_LIST_DEPTH})"
+        if self.elements > MAX_LIST_ELEMENTS:
+            return (f"it holds {self.elements} elements counting every level (at most "
+                    f"{MAX_LIST_ELEMENTS})")
+        if self.chars > MAX_LIST_CHARS:
+            return f"its strings hold {self.chars} characters (at most {MAX_LIST_CHARS})"
+        return None
 
     def describe(self) -> str:
         return f"a list of {len(self.items)}"
@@ -42,6 +80,27 @@ class ListV:
     @property
     def scalars(self) -> bool:
         return all(isinstance(i, Const) and _is_number(i.value) for i in self.items)
+
+
+def too_big(v: Any) -> str | None:
+    """Why a value exceeds the compile-time bounds (a `--set` / Python override), or None."""
+    if isinstance(v, ListV):
+        return v.too_big()
+    if isinstance(v, Const) and isinstance(v.value, str) and len(v.value) > MAX_STRING_CHARS:
+        return f"a string of {len(v.value)} characters (at most {MAX_STRING_CHARS})"
+    return None
+
+
+def add_size(held: tuple[int, int], v: Any) -> tuple[tuple[int, int], str | None]:
+    """`held` (elements, characters of the params so far) plus value `v`'s, and why the total
+    exceeds MAX_TOTAL_ELEMENTS / MAX_TOTAL_CHARS (every param is recorded in the manifest)."""
+    size = (v.elements, v.chars) if isinstance(v, ListV) else (
+        1, len(v.value) if isinstance(v, Const) and isinstance(v.value, str) else 0)
+    total = (held[0] + size[0], held[1] + size[1])
+    if total[0] > MAX_TOTAL_ELEMENTS or total[1] > MAX_TOTAL_CHARS:
+        return total, (f"the params' values exceed {MAX_TOTAL_ELEMENTS} elements or "
+                       f"{MAX_TOTAL_CHARS} characters in all (each is recorded in the manifest)")
+    return total, None
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mergelang.ir.graph import MergeGraph, Node
-from mergelang.ir.ops import ELEMENTWISE, Op
+from mergelang.ir.ops import OP_INFO, Op
 from mergelang.passes.plan import ExecutionPlan, frees_after, live_bytes, schedule
 from mergelang.ir.types import format_bytes
 from mergelang.ir.types import TType
 
-#: ops whose result keeps the row axis of their (row) arguments, element for element
-_PASS = ELEMENTWISE | {Op.STACK, Op.INDEX, Op.CAST, Op.ASSERT, Op.OUTPUT, Op.ARGMAX_MASK,
-                       Op.BERNOULLI}
-#: ops that work per row (over = "rows") or across models (over = "models") when told so
-_SCOPED = {Op.REDUCE, Op.DOT, Op.ROW_KL, Op.TOPK_MASK, Op.RANK, Op.BAND_MASK, Op.TOPK_COUNT_MASK}
 
 
 @dataclass(frozen=True)
@@ -119,8 +114,10 @@ def classify(g: MergeGraph, seg: list[int], rows: int) -> set[int]:
             continue
         what = n.op.value
         rank = len(n.type.shape)
-        over = n.attrs.get("over") if n.op in _SCOPED else None
-        if n.op not in _PASS and n.op is not Op.RESHAPE and over not in ("models", "rows"):
+        local = OP_INFO[n.op].row_local  # ir/ops.py: yes | scoped | elementwise | no
+        over = n.attrs.get("over") if local == "scoped" else None
+        if not (local == "yes" or over in ("models", "rows")
+                or (local == "elementwise" and n.attrs["elementwise"])):
             scope = f" over {n.attrs['over']}" if "over" in n.attrs else ""
             raise NotRowLocal(f"{what}{scope} needs every row at once")
         if over == "rows" and rank < 2:
@@ -157,6 +154,8 @@ def _chunk_node(n: Node, args: tuple[int, ...], a: int, b: int, rows: int) -> No
         attrs = attrs.replace(rows=(a, b, rows))
     elif n.op is Op.RESHAPE:
         attrs = attrs.replace(shape=(b - a, *tuple(attrs["shape"])[1:]))
+    elif n.op is Op.PLUGIN:  # typed by its attrs: the chunk's type
+        attrs = attrs.replace(type=ty)
     elif n.op is Op.BERNOULLI:  # element e of the chunk is element a * row + e of the tensor
         attrs = attrs.replace(row0=a)
     return Node(n.op, args, attrs, ty, n.span)

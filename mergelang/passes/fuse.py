@@ -3,7 +3,7 @@
 Memory-bound chains such as `ties`' sign election (about fifteen whole-tensor passes: sums over
 models, comparisons, `where`s, a division) cost DRAM traffic per op, not arithmetic. This pass,
 applied to an `ExecutionPlan` just before it runs on the CPU, groups them into single-output
-regions, each run by one generated loop (`kernels_fused.py`) that reads every input once and
+regions, each run by one generated loop (`runtime/kernels/numba_codegen.py`) that reads every input once and
 writes one result. A LOAD of bfloat16 whose only users are fused steps is read as stored and
 widened inside the loop (no float32 copy of the input is ever made), and every LOAD read only by
 fused steps is a view of the checkpoint file's bytes (`ModelSource.load_as(view=True)`: a
@@ -14,7 +14,7 @@ are in one region (so each region has one output, its root, and no value leaves 
 this also rules out cycles through unfused ops such as `topk_mask`). Every member has the root's
 element shape `S`, with or without the model axis `M` of the region; external inputs are values
 of that shape, or scalars (one value, or one per model). Which ops fuse and why each gives
-exactly the plain kernel's bits is listed in `kernels_fused.py`.
+exactly the plain kernel's bits is listed in `runtime/kernels/numba_codegen.py`.
 
 The fused plan is only for running: `--emit` and `explain` show the unfused graph.
 """
@@ -25,7 +25,7 @@ import math
 from dataclasses import replace
 
 from mergelang.ir.graph import MergeGraph, Node
-from mergelang.ir.ops import Attrs, Op
+from mergelang.ir.ops import OP_INFO, Attrs, Op
 from mergelang.passes.fp8_reads import FP8_CODES, read_stored, stored_fp8
 from mergelang.passes.plan import ExecutionPlan, rescheduled
 
@@ -36,13 +36,8 @@ MIN_ELEMENTS = 1 << 16
 #: most models a fused sum over models may add: torch sums up to 4 rows sequentially from zero
 MAX_SUM_MODELS = 4
 
-_FLOAT_OPS = {Op.ADD: "add", Op.SUB: "sub", Op.MUL: "mul", Op.DIV: "div", Op.NEG: "neg",
-              Op.ABS: "abs", Op.SIGN: "sign", Op.MINIMUM: "minimum",
-              Op.MAXIMUM: "maximum"}
-_COMPARE = {Op.EQ: "eq", Op.NE: "ne", Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge"}
-_LOGIC = {Op.AND: "and", Op.OR: "or", Op.NOT: "not"}
-#: op -> instruction name in a fused program
-OPCODES = {**_FLOAT_OPS, **_COMPARE, **_LOGIC, Op.WHERE: "where", Op.STACK: "stack"}
+#: op -> instruction name in a fused program (the op table's `opcode`, ir/ops.py)
+OPCODES = {op: info.opcode for op, info in OP_INFO.items() if info.opcode is not None}
 
 
 class _Region:

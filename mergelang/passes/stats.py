@@ -66,7 +66,7 @@ class StatSpec:
 
 
 def unfilled(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    """The kernel of MODEL_STAT / STAT_VALUE nodes left in a plan (registered by execute.py, so
+    """The kernel of MODEL_STAT / STAT_VALUE nodes left in a plan (registered by runtime/executor.py, so
     that compiling does not import the kernels, nor torch)."""
     raise RuntimeError(f"internal: model-wide statistic {node.attrs['key']} was not computed")
 

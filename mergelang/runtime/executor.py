@@ -230,9 +230,11 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 if on_device and out.device != dev:  # constants, statistics: made on the CPU
                     out = out.to(dev)
             except CheckFailed as exc:
+                code = getattr(exc, "code", "E501")
                 raise MergelangError(error(
-                    "E501", f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
-                    "the check depends on tensor values, so it could only run now")) from None
+                    code, f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
+                    "the check depends on tensor values, so it could only run now" if code == "E501"
+                    else "the merge stopped; nothing was written to the output")) from None
             if node.op is Op.OUTPUT:
                 if meter is not None:
                     meter(live + _nbytes(out))

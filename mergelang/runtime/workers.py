@@ -1,5 +1,5 @@
 """Worker threads for the CPU kernels (the generated numba loops and the numpy / numba calls of
-kernels_fast.py release the GIL, so threads run them in parallel).
+cpu_exact.py release the GIL, so threads run them in parallel).
 
 A run keeps one pool for its whole length (`run_pool`, entered by `execute.execute`): started
 lazily, joined when the run ends, so no worker thread outlives a run. Starting threads per call

@@ -47,6 +47,9 @@ class Learned:
     def run(self, out_dir: Any, **kw: Any) -> Any:
         """Write the merge with the learned values (Recipe.run's keywords)."""
         r = self.recipe()
+        kw.setdefault("origins", {n: f"learn ({len(self.losses)} steps, final loss "
+                                     f"{self.losses[-1]:.6g})" if self.losses else "learn"
+                                  for n in self.values})
         try:
             return r.run(out_dir, **kw)
         finally:
@@ -112,6 +115,7 @@ class GraphProgram:
             if nid not in dynamic:
                 for a in g.node(nid).args:
                     users[a] = users.get(a, 0) + 1
+        self.device = device
         prepare_models(plan, models, torch.device(device))
         vals: dict[int, torch.Tensor] = {}
         self.frontier: dict[int, torch.Tensor] = {}
@@ -148,13 +152,18 @@ class GraphProgram:
         from mergelang.passes.params import _sub_attrs
         from mergelang.runtime.kernels import KERNELS
 
+        import torch
+
         g = self.graph
         vals: dict[int, torch.Tensor] = dict(self.frontier)
         out: dict[str, torch.Tensor] = {}
         for nid in self.dynamic:
             n = g.node(nid)
             if n.op is Op.PARAM:  # its expression over the param tensors (differentiable)
-                vals[nid] = evaluate(n.attrs["expr"], lambda name, path: _at(params[name], path))
+                v = evaluate(n.attrs["expr"], lambda name, path: _at(params[name], path))
+                if not isinstance(v, torch.Tensor):  # e.g. clamp(t, 0, 1) with t out of range: a
+                    v = torch.tensor(float(v), dtype=torch.float32, device=self.device)  # constant
+                vals[nid] = v
                 continue
             if nid in self.refs:
                 n = Node(n.op, n.args, _sub_attrs(n.attrs, values), n.type, n.span)
@@ -163,7 +172,11 @@ class GraphProgram:
                 out[n.attrs["name"]] = args[0]
                 continue
             vals[nid] = KERNELS[n.op](n, args)
-        return {name: out[name] if name in out else self.const_out[name] for _, name in self.outputs}
+        # the loss gets its own copies of the constant tensors (and of any output that is one of
+        # them): a loss that changes `state` in place must not change later steps
+        kept = {t.data_ptr() for t in [*self.frontier.values(), *self.const_out.values()]}
+        return {name: (out[name] if out[name].data_ptr() not in kept else out[name].clone())
+                if name in out else self.const_out[name].clone() for _, name in self.outputs}
 
 
 def _at(t: Any, path: tuple[int, ...]) -> Any:
@@ -196,12 +209,60 @@ def _float_outputs(graph: Any) -> Any:
 
 
 def _batches(batches: Any, steps: int | None) -> Iterable[Any]:
-    data = batches() if callable(batches) else batches
-    if steps is None:
-        return data
-    if hasattr(data, "__len__") and not hasattr(data, "__next__"):
-        return itertools.islice(itertools.cycle(data), steps)
-    return itertools.islice(data, steps)
+    """The batches to learn from; a data function or an iterator that raises is E907 (when it
+    is called, or at the batch it fails on), data that is not iterable E903."""
+    data = _user("the data function", batches) if callable(batches) else batches
+    try:
+        iter(data)
+    except TypeError:
+        raise MergelangError(error("E903", f"the data is a {type(data).__name__}, not an iterable "
+                                   "of batches", None, "give a list of batches, a generator, or a "
+                                   "function returning one")) from None
+    if steps is not None:
+        if hasattr(data, "__len__") and not hasattr(data, "__next__"):
+            data = itertools.islice(itertools.cycle(data), steps)
+        else:
+            data = itertools.islice(data, steps)
+    it = iter(data)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (KeyboardInterrupt, MergelangError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the user's code: any failure is theirs
+            raise _raised("the data", exc) from None
+        yield batch
+
+
+def _raised(what: str, exc: BaseException) -> MergelangError:
+    """E907: the user's loss / data / objective code raised (or tried to exit the process)."""
+    how = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+           else f"raised {type(exc).__name__}: {exc}")
+    return MergelangError(error("E907", f"{what} {how}", None,
+                                "run it on its own to see the full error; nothing was written"))
+
+
+def _user(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, any failure of the user's code (an exception, sys.exit) as E907."""
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, MergelangError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process is not theirs to end
+        raise _raised(what, exc) from None
+
+
+def check_lr(lr: Any) -> float:
+    """E902 unless the learning rate is a finite positive number."""
+    import math
+
+    ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0
+    if not ok:
+        raise MergelangError(error("E902", f"the learning rate must be a finite number, 0 or more, "
+                                   f"not {lr!r}", None, "e.g. --lr 0.01"))
+    return float(lr)
 
 
 def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[..., Any],
@@ -221,6 +282,7 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
                                    "declare one, e.g. param lam = [0.3, 0.3] learn"))
     if optimizer not in ("adam", "sgd"):
         raise MergelangError(error("E902", f"optimizer must be adam or sgd, not {optimizer!r}"))
+    lr = check_lr(lr)
     runtime, static, cc = split_and_compile(compile_, names)
     if static:
         raise _refuse(compile_, static[0])
@@ -256,17 +318,30 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
                     o, _, t = k.partition("/")
                     split[o][t] = v
                 state = split  # type: ignore[assignment]
-            value = loss(state, batch)
-            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-                raise MergelangError(error("E903", f"the loss returned {type(value).__name__}; it must "
-                                           "return a scalar tensor", None,
+            value = _user("the loss", loss, state, batch)
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1) or value.is_complex():
+                what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) and \
+                    value.numel() == 1 else type(value).__name__
+                raise MergelangError(error("E903", f"the loss returned {what}; it must "
+                                           "return a real scalar tensor", None,
                                            "return e.g. ml.objectives.entropy(logits)"))
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise MergelangError(error("E908", f"the loss is {float(value.detach())} at step "
+                                           f"{step + 1}: learning stopped there", None,
+                                           "check the loss for a log of 0 or a division by 0; a "
+                                           "smaller --lr may help; nothing was written"))
             if value.requires_grad:
                 value.reshape(()).backward()
             for n, p in params.items():
                 if p.grad is not None and bool(p.grad.abs().sum() > 0):
                     moved[n] = True
             opt.step()
+            bad = [n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+            if bad:
+                raise MergelangError(error("E908", f"learnable param `{bad[0]}` became NaN or infinite "
+                                           f"at step {step + 1} (its gradient was not finite): "
+                                           "learning stopped there", None,
+                                           "a smaller --lr may help; nothing was written"))
             with torch.no_grad():
                 for n, rng in ranges.items() if clamp == "project" else ():  # stay in the range
                     params[n].clamp_(rng.lo, rng.hi)

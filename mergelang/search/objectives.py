@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.io.textfile import read_text, reason
+from mergelang.lang.loader import MAX_RECIPE_BYTES
 
 
 def entropy(logits: Any) -> Any:
@@ -60,9 +62,9 @@ def load_value(spec: str, what: str = "data") -> Any:
         raise MergelangError(error("E905", f"--{what}: no file {path}", None,
                                    f"give the Python file that defines `{name}`"))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergelangError(error("E905", f"--{what}: cannot read {path}: {exc}")) from None
+        text = read_text(path, MAX_RECIPE_BYTES)
+    except (OSError, ValueError) as exc:
+        raise MergelangError(error("E905", f"--{what}: cannot read {path}: {reason(exc)}")) from None
     return _attribute(module_from_source(text, path, what), name, path, what)
 
 

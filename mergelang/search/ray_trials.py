@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.diagnostics import MergelangError, error
+from mergelang.io.textfile import read_text
+from mergelang.lang.loader import MAX_RECIPE_BYTES
 from mergelang.distributed.ray_worker import failure_text, node_name
 
 if TYPE_CHECKING:
@@ -44,7 +46,8 @@ class TrialWorker:
         def compile_(rt: tuple[str, ...], fixed: Mapping[str, Any]) -> Any:
             return compile_recipe(spec.source, spec.base_dir, {**spec.overrides, **fixed},
                                   spec.options, allow_pickle=spec.allow_pickle,
-                                  follow_symlinks=spec.follow_symlinks, runtime=rt)
+                                  follow_symlinks=spec.follow_symlinks, runtime=rt,
+                                  allow_plugins=spec.allow_plugins)
         try:
             if objective[0] == "source":
                 from mergelang.search.objectives import _attribute, module_from_source
@@ -64,7 +67,7 @@ class TrialWorker:
 
     def trial(self, values: dict[str, Any]) -> tuple[str, Any, float]:
         """("ok", values, merge seconds) | ("fail", error) | ("bad", E903 message)."""
-        from mergelang.search.study import _check_value
+        from mergelang.search.study import _check_value, objective_error
 
         t0 = time.perf_counter()
         try:
@@ -74,8 +77,10 @@ class TrialWorker:
         secs = time.perf_counter() - t0
         try:
             got = self.objective(state)
-        except Exception as e:  # noqa: BLE001 - a failed trial, recorded by the driver
-            return "fail", f"{type(e).__name__}: {e}", secs
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failed trial (sys.exit too: not the actor's end)
+            return "fail", objective_error(e), secs
         try:
             return "ok", _check_value(got, self.objectives), secs
         except MergelangError as e:
@@ -86,7 +91,7 @@ def _ship(objective: Callable[..., Any], objective_spec: str | None) -> tuple[st
     if objective_spec:
         path_text, _, name = objective_spec.rpartition(":")
         path = Path(path_text).resolve()
-        return ("source", path.read_text(encoding="utf-8"), str(path), name)
+        return ("source", read_text(path, MAX_RECIPE_BYTES), str(path), name)
     return ("callable", objective)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from mergelang.diagnostics import MergelangError, error
-from mergelang.search.study import TuneResult, open_study, records, tune, _shape
+from mergelang.search.study import TuneResult, check_search_range, open_study, records, tune, _shape
 from mergelang.search.trials import Compile, TrialRunner
 
 if TYPE_CHECKING:
@@ -47,8 +47,18 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
     names = tuned_names(c, params)
     shapes = {n: _shape(c.params[n]) for n in names}
     ranges = {n: c.ranges[n] for n in names}
+    for n, rng in ranges.items():
+        check_search_range(n, rng)
     if executor not in ("local", "ray"):
         raise MergelangError(error("E902", f"executor must be local or ray, not {executor!r}"))
+    if storage is not None:  # the Python API's calls too: never a foreign database or an input
+        from mergelang.errors import CodedError, to_diagnostic
+        from mergelang.io.outguard import check_storage
+
+        try:
+            check_storage(storage, c.inputs)
+        except CodedError as exc:
+            raise MergelangError(to_diagnostic(exc)) from None
     study = open_study(dirs, sampler, seed, storage, study_name or _default_name(c))
     interrupted = False
     runtime: tuple[str, ...] = ()

@@ -45,6 +45,25 @@ class ObjectiveFailed(Exception):
     """The objective raised: the trial is recorded as failed and the study goes on."""
 
 
+#: the start of a failed trial's error when its objective tried to end the process
+EXITED = "SystemExit"
+
+
+def objective_error(exc: BaseException) -> str:
+    """A failed trial's error text (`TrialRecord.error`)."""
+    if isinstance(exc, SystemExit):
+        return f"{EXITED}: the objective called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_search_range(name: str, rng: "ParamRange") -> None:
+    """E406 for a range a sampler cannot draw from (its width is not a finite float)."""
+    if not rng.log and not math.isfinite(float(rng.hi) - float(rng.lo)):
+        raise MergelangError(error("E406", f"param `{name}`: the range {rng.render()} is too wide to "
+                                   "search (hi - lo is not a finite number)", None,
+                                   "narrow it, or declare it `log` over positive bounds"))
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     number: int
@@ -121,6 +140,8 @@ class TuneResult:
                                            "--pick K / run(out_dir, member=K)"))
             t = front[member]
         assert self._write is not None
+        label = f"tune: trial {t.number} of study {self.study.study_name!r}"
+        kw.setdefault("origins", {n: label for n in t.params})
         return self._write(t.params, out_dir, **kw)
 
 
@@ -150,13 +171,17 @@ def _check_value(v: Any, n: int) -> tuple[float, ...]:
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v,)
     ok = len(vals) == n and all(isinstance(x, numbers.Real) and not isinstance(x, bool) or
                                 _is_scalar_tensor(x) for x in vals)
-    if not ok:
-        what = type(v).__name__ if not isinstance(v, (tuple, list)) else f"{len(vals)} values"
-        raise MergelangError(error("E903", f"the objective returned {what}; it must return "
-                                   + ("a number" if n == 1 else f"{n} numbers (one per --direction)"),
-                                   None, "return a float (e.g. accuracy), or a tuple with one "
-                                   "number per direction"))
-    return tuple(float(x) for x in vals)
+    if ok:
+        try:
+            return tuple(float(x) for x in vals)
+        except (OverflowError, ValueError, TypeError, RuntimeError):  # e.g. 10**400
+            pass
+    what = (type(v).__name__ if not isinstance(v, (tuple, list)) else f"{len(vals)} values") \
+        if not ok else "a number too large for a float"
+    raise MergelangError(error("E903", f"the objective returned {what}; it must return "
+                               + ("a number" if n == 1 else f"{n} numbers (one per --direction)"),
+                               None, "return a float (e.g. accuracy), or a tuple with one "
+                               "number per direction"))
 
 
 def _is_scalar_tensor(x: Any) -> bool:
@@ -196,17 +221,28 @@ def open_study(directions: Sequence[str], sampler: str | None, seed: int | None,
                                    "no direction given", None, "maximize or minimize"))
     chosen = sampler or ("tpe" if len(dirs) == 1 else "nsga2")
     try:
-        return optuna.create_study(storage=storage, study_name=study_name, directions=list(dirs),
-                                   sampler=make_sampler(chosen, seed, len(dirs)),
-                                   load_if_exists=storage is not None)
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=list(dirs),
+                                    sampler=make_sampler(chosen, seed, len(dirs)),
+                                    load_if_exists=storage is not None)
     except ValueError as exc:  # e.g. a stored study with other directions
         raise MergelangError(error("E902", f"cannot open the study: {exc}", None,
                                    "use another --study-name, or the directions it was made with")) from None
+    except ImportError as exc:  # a server URL whose database driver is not installed
+        raise MergelangError(error("E904", f"the study storage {storage!r} needs a database driver "
+                                   f"that is not installed ({exc})", None,
+                                   "install the driver (e.g. psycopg2 for postgresql://), or use "
+                                   "--storage sqlite:///study.db")) from None
     except Exception as exc:  # storage URLs: sqlalchemy errors
         if type(exc).__module__.startswith(("sqlalchemy", "optuna")):
             raise MergelangError(error("E902", f"cannot open the study storage {storage!r}: {exc}",
                                        None, "e.g. --storage sqlite:///study.db")) from None
         raise
+    stored = tuple(d.name.lower() for d in study.directions)
+    if stored != dirs:  # optuna loads a stored study whatever directions are asked for
+        raise MergelangError(error("E902", f"the stored study {study.study_name!r} was made with "
+                                   f"direction {', '.join(stored)}, not {', '.join(dirs)}", None,
+                                   "give the directions it was made with, or another --study-name"))
+    return study
 
 
 def records(study: "optuna.Study", shapes: Mapping[str, Any]) -> list[TrialRecord]:
@@ -234,15 +270,23 @@ def tune(runner: "TrialRunner", objective: Callable[..., Any], shapes: Mapping[s
     n_obj = len(study.directions)
 
     def one(trial: "optuna.Trial") -> Any:
-        values = {n: _suggest(trial, n, shapes[n], ranges[n]) for n in shapes}
+        try:
+            values = {n: _suggest(trial, n, shapes[n], ranges[n]) for n in shapes}
+        except ValueError as exc:  # a stored study that searched these names differently
+            raise MergelangError(error("E902", f"cannot continue the stored study: {exc}", None,
+                                       "the recipe's params changed since: use another "
+                                       "--study-name")) from None
         t0 = time.perf_counter()
         state = runner.run(values)
         trial.set_user_attr("merge_seconds", time.perf_counter() - t0)
         try:
             got = objective(state)
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            raise ObjectiveFailed(f"{type(exc).__name__}: {exc}") from exc
+        except (KeyboardInterrupt, MergelangError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit too: a failed trial, not the end
+            why = objective_error(exc)
+            trial.set_user_attr("error", why)
+            raise ObjectiveFailed(why) from None
         vals = _check_value(got, n_obj)
         if any(math.isnan(v) for v in vals):
             trial.set_user_attr("error", "the objective returned NaN")

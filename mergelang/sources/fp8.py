@@ -12,8 +12,10 @@ tensor, and config.json keeps `quantization_config`; with `--dtype` / `option dt
 bfloat16) the weights are written dequantized and `quantization_config` is dropped.
 
 Checked from headers (at the model's declaration): an FP8 weight without its scale tensor
-(E320), a scale whose shape is not the block grid of its weight (E321), FP8 weights with scale
-tensors but no `weight_block_size` in config.json (E322).
+(E320), a scale whose shape is not the block grid of its weight or a scaled weight that is not
+2-D (E321), FP8 weights with scale tensors but no `weight_block_size` in config.json (E322), a
+`weight_block_size` that is not two whole numbers in 1..MAX_BLOCK (E330; 128.0 is 128). A block
+larger than its weight is one block covering it (no path repeats a scale past the weight).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def dequantize(q: "torch.Tensor", scale: "torch.Tensor", block: tuple[int, int])
     import torch
 
     r, c = q.shape
-    s = scale.to(torch.float32).repeat_interleave(block[0], 0)[:r].repeat_interleave(block[1], 1)[:, :c]
+    # a block larger than the weight covers all of it: never repeat a scale past the weight
+    s = scale.to(torch.float32)[: -(-r // block[0]), : -(-c // block[1])]
+    s = s.repeat_interleave(min(block[0], r), 0)[:r].repeat_interleave(min(block[1], c), 1)[:, :c]
     return q.to(torch.float32) * s
 
 
@@ -93,14 +97,26 @@ class BlockFp8(WrappedSource):
         return out if dtype in (None, torch.float32) else out.to(dtype)
 
 
-def _block_size(cfg: dict | None) -> tuple[int, int] | None:
+#: the largest block side accepted (real checkpoints use 128)
+MAX_BLOCK = 1 << 16
+
+
+def _block_size(cfg: dict | None) -> tuple[int, int] | str | None:
+    """quantization_config.weight_block_size as two ints (128.0 counts as 128), None when
+    absent, or a str saying why it is invalid."""
     q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    if not isinstance(q, dict):
+    if not isinstance(q, dict) or q.get("weight_block_size") is None:
         return None
     b = q.get("weight_block_size")
-    if isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b):
-        return (b[0], b[1])
-    return None
+    if not (isinstance(b, (list, tuple)) and len(b) == 2):
+        return f"it is {str(b)[:40]}, not two block sides"
+    out = []
+    for x in b:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
+                or x != int(x) or not 1 <= x <= MAX_BLOCK:
+            return f"it is {list(b)}: each side must be a whole number in 1..{MAX_BLOCK}"
+        out.append(int(x))
+    return (out[0], out[1])
 
 
 def dequantize_models(models: dict[str, ModelSource | None], spans: Mapping[str, Any],
@@ -122,6 +138,11 @@ def dequantize_models(models: dict[str, ModelSource | None], spans: Mapping[str,
         span = spans.get(label)
         if not scaled and block is None:
             continue  # FP8 without scales or a quantization_config: plain (per-tensor) values
+        if isinstance(block, str):
+            diags.add(error("E330", f"model `{label}`: config.json's quantization_config."
+                            f"weight_block_size is invalid: {block}", span,
+                            "block-scaled FP8 checkpoints use e.g. \"weight_block_size\": [128, 128]"))
+            continue
         if block is None:
             diags.add(error("E322", f"model `{label}` has block-scaled FP8 weights (e.g. `{scaled[0]}` "
                             f"with `{scaled[0]}{SCALE_SUFFIX}`) but its config.json has no "
@@ -136,8 +157,16 @@ def dequantize_models(models: dict[str, ModelSource | None], spans: Mapping[str,
                                                                else ""), span,
                             "a block-scaled FP8 checkpoint stores one scale per weight; is a shard missing?"))
             continue
+        flat = [n for n in fp8 if len(table[n].shape) != 2]
+        if flat:
+            n = flat[0]
+            diags.add(error("E321", f"model `{label}`: FP8 weight `{n}` has shape "
+                            f"{list(table[n].shape)} and a scale `{n}{SCALE_SUFFIX}`: block scales "
+                            "are for 2-D weights", span, "a block-scaled checkpoint stores only "
+                            "matrices in FP8"))
+            continue
         bad = [(n, table[n + SCALE_SUFFIX].shape, block_grid(table[n].shape, block)) for n in fp8
-               if len(table[n].shape) != 2 or table[n + SCALE_SUFFIX].shape != block_grid(table[n].shape, block)]
+               if table[n + SCALE_SUFFIX].shape != block_grid(table[n].shape, block)]
         if bad:
             n, got, want = bad[0]
             diags.add(error("E321", f"model `{label}`: scale `{n}{SCALE_SUFFIX}` has shape {list(got)}, "

@@ -12,8 +12,6 @@ plan loads it.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:
     import torch
 
+from mergelang.io.adapter import adapter_paths, lora_scale, read_adapter_config
 from mergelang.io.checkpoint import CheckpointError, ModelSource, TensorInfo, read_header
 from mergelang.diagnostics import Span
 from mergelang.lang.intrinsics.registry import Elab, intrinsic
@@ -82,18 +81,17 @@ class LoraSource(ModelSource):
                 raise CheckpointError(f"{folder} has only adapter_model.bin (a pickle)",
                                       "convert it to adapter_model.safetensors", code="E306")
             raise CheckpointError(f"no {ADAPTER_FILES[0]} in {folder}", code="E301")
-        try:
-            self.cfg = json.loads(cfg_path.read_text())
-            if not isinstance(self.cfg, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"cannot read {cfg_path}: {exc}",
-                                  "a PEFT adapter folder has adapter_config.json") from None
-        if folder.is_dir():  # the adapter's weights must lie inside its folder (inputs.py)
+        if folder.is_dir():  # the adapter's files must lie inside its folder (io/adapter.py)
+            file, cfg_path = adapter_paths(folder)
+        else:  # the weights file named itself: its config must lie in the file's folder
             from mergelang.io.inputs import confined, model_root
 
-            file = confined(file, model_root(folder), False, "adapter file")
-            confined(cfg_path, model_root(folder), False, "adapter config")
+            cfg_path = confined(cfg_path, model_root(folder.parent), False, "adapter config")
+        try:
+            self.cfg = read_adapter_config(cfg_path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {cfg_path}: {exc.strerror or exc}",
+                                  "a PEFT adapter folder has adapter_config.json") from None
         self.file = file
         self.extra = 1.0 if scale is None else scale
         header = read_header(file)
@@ -125,6 +123,15 @@ class LoraSource(ModelSource):
             raise CheckpointError(f"adapter {file}: {len(unknown) + len(incomplete)} tensors do not "
                                   f"fit the base model (e.g. {', '.join(map(repr, what))})",
                                   "the adapter must have been trained on this base model")
+        for target, slot in self.pairs.items():
+            why = _pair_problem(header[slot["A"]].shape, header[slot["B"]].shape,
+                                tuple(table[target].shape),
+                                bool(slot["embedding"] or self.cfg.get("fan_in_fan_out")))
+            if why:
+                raise CheckpointError(f"adapter {file}: `{slot['module']}` {why}",
+                                      "the adapter must have been trained on this base model "
+                                      "(and `fan_in_fan_out` in adapter_config.json must match it)",
+                                      "E327")
         self._handle = None
 
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -138,13 +145,7 @@ class LoraSource(ModelSource):
         return self._handle.get_tensor(key)
 
     def scale(self, module: str, r: int) -> float:
-        alpha = self.cfg.get("lora_alpha", r)
-        for pat, value in (self.cfg.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?{pat}$", module):
-                alpha = value
-                break
-        denom = math.sqrt(r) if self.cfg.get("use_rslora") else r
-        return self.extra * alpha / denom
+        return self.extra * lora_scale(self.cfg, module, r)
 
     def load(self, name: str) -> torch.Tensor:
         import torch
@@ -164,6 +165,20 @@ class LoraSource(ModelSource):
 
     def close(self) -> None:
         self._handle = None
+
+
+def _pair_problem(a: tuple, b: tuple, weight: tuple, transposed: bool) -> str | None:
+    """Why lora_A of shape `a` and lora_B of shape `b` cannot update a weight of shape `weight`
+    (B @ A, transposed for embeddings and `fan_in_fan_out`), or None."""
+    a, b = tuple(a), tuple(b)
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        return f"has lora_A {list(a)} and lora_B {list(b)}: not (r, in) and (out, r) factors"
+    delta = (a[1], b[0]) if transposed else (b[0], a[1])
+    if delta != weight:
+        fifo = " with fan_in_fan_out" if transposed else ""
+        return (f"gives an update of shape {list(delta)}{fifo}, but the base weight is "
+                f"{list(weight)}")
+    return None
 
 
 def open_adapter(decl: Any, spec: LoraSpec, models: dict[str, ModelSource | None], base_dir: Path,

@@ -147,9 +147,16 @@ def _moe(el: Elab, a: dict[str, Value], span: Span) -> Value:
     else:
         raise el.error("E324", f"residual_scale must be one number per expert ({len(experts)})", span)
     seed = a["seed"]
+    sv = seed.value if isinstance(seed, Const) else None
+    whole = (isinstance(sv, int) and not isinstance(sv, bool)) or (
+        isinstance(sv, float) and sv == sv and abs(sv) != float("inf") and sv.is_integer())
+    if not (whole and 0 <= sv < 2 ** 63):  # type: ignore[operator]
+        raise el.error("E324", f"moe's seed must be a whole number in 0..2**63-1 (the random "
+                       f"gate's generator seed), got {str(sv)[:40] if sv is not None else seed.describe()}",
+                       span)
     return Const(MoeSpec(base.name, experts, gate, prompts, negative, int(k.value), output,  # type: ignore[union-attr]
                          shared.name if isinstance(shared, ModelV) else None, shared_prompts,
-                         int(seed.value) if is_number(seed) else 0, scales))  # type: ignore[union-attr]
+                         int(sv), scales))  # type: ignore[arg-type]
 
 
 def _model_type(m: Any) -> Any:

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from mergelang.diagnostics import Diagnostics, error, warning
+from mergelang.errors import CheckpointError
 from mergelang.io.checkpoint import ModelSource, TensorInfo
+from mergelang.io.inputs import confined, model_root
+from mergelang.io.textfile import read_json, read_text
 from mergelang.sources.vocab import is_vocab_tensor
 
 if TYPE_CHECKING:
@@ -41,9 +44,24 @@ class TokenizerError(Exception):
     pass
 
 
-def _tokenizer_json(src: ModelSource) -> Path | None:
+def _tokenizer_json(src: ModelSource, follow: bool = False) -> Path | None:
+    """The model's tokenizer.json, resolved inside its folder (or cache repository: E314 for a
+    link leaving it, as for every model file, io/inputs.py), or None."""
     f = Path(src.folder) / "tokenizer.json" if src.folder is not None else None
-    return f if f is not None and f.is_file() else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return confined(f, model_root(Path(src.folder)), follow, "tokenizer file")  # type: ignore[arg-type]
+    except CheckpointError as e:
+        raise _Refused(e) from None
+
+
+class _Refused(Exception):
+    """A tokenizer file refused by the model-folder rule (its CheckpointError: E314)."""
+
+    def __init__(self, exc: CheckpointError):
+        super().__init__(exc.message)
+        self.exc = exc
 
 
 def vocab_size(src: ModelSource, rows: int | None) -> int | None:
@@ -63,7 +81,7 @@ def _load(path: Path) -> Any:
     except ImportError as e:  # pragma: no cover - a dependency
         raise TokenizerError("the `tokenizers` package is needed for tokenizer_source") from e
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(read_text(path))
     except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
         raise TokenizerError(f"cannot read {path}: {e}") from None
 
@@ -233,8 +251,9 @@ class RetokenizedSource(ModelSource):
 
 def retokenize_models(models: dict[str, ModelSource | None], reference: str, source: str,
                       pad: int | None, chat_template: str | None, diags: Diagnostics,
-                      span: Any = None) -> dict[str, ModelSource | None]:
-    """Every model with its vocabulary tensors mapped to the output tokenizer's vocabulary."""
+                      span: Any = None, follow: bool = False) -> dict[str, ModelSource | None]:
+    """Every model with its vocabulary tensors mapped to the output tokenizer's vocabulary
+    (`follow`: --follow-symlinks, tokenizer files may link out of their model folders)."""
     ref = models.get(reference)
     live = {k: m for k, m in models.items() if m is not None and m.block_output is None}
     if ref is None or reference not in live:
@@ -247,7 +266,7 @@ def retokenize_models(models: dict[str, ModelSource | None], reference: str, sou
         vocabs: dict[str, dict[str, int] | None] = {}
         toks: dict[str, Any] = {}
         for label, m in live.items():
-            path = _tokenizer_json(m)
+            path = _tokenizer_json(m, follow)
             if path is None:
                 if label in (reference, source):
                     raise TokenizerError(f"model `{label}` has no tokenizer.json (only fast "
@@ -269,11 +288,14 @@ def retokenize_models(models: dict[str, ModelSource | None], reference: str, sou
     except TokenizerError as e:
         diags.add(error("E318", f"tokenizer_source {source!r}: {e}", span))
         return models
+    except _Refused as e:
+        diags.add(error(e.exc.code, f"tokenizer_source {source!r}: {e.exc.message}", span, e.exc.help))
+        return models
     vocab = out_tok.get_vocab(with_added_tokens=True)
     size = len(vocab)
     if pad and size % pad:
         size = (size // pad + 1) * pad
-    files = _files(out_tok, live, reference, source, chat_template, diags, span)
+    files = _files(out_tok, live, reference, source, chat_template, diags, span, follow)
     table = VocabTable(live, reference, vocab, size, vocabs)
     out: dict[str, ModelSource | None] = {}
     for label, m in models.items():
@@ -287,7 +309,8 @@ def retokenize_models(models: dict[str, ModelSource | None], reference: str, sou
 
 
 def _files(tok: Any, live: dict[str, ModelSource], reference: str, source: str,
-           chat_template: str | None, diags: Diagnostics, span: Any) -> dict[str, str | Path]:
+           chat_template: str | None, diags: Diagnostics, span: Any,
+           follow: bool = False) -> dict[str, str | Path]:
     """The output's tokenizer files: the chosen model's (union: tokenizer.json rebuilt, the
     base's other files), with `chat_template` set in tokenizer_config.json."""
     donor = live[reference if source in ("base", "union") else source]
@@ -298,7 +321,7 @@ def _files(tok: Any, live: dict[str, ModelSource], reference: str, source: str,
         from mergelang.io.inputs import RECIPE_FILENAME, reference_files
 
         try:
-            found = reference_files(folder, RECIPE_FILENAME)
+            found = reference_files(folder, RECIPE_FILENAME, follow)
         except (CheckpointError, OSError) as e:
             diags.add(error("E318", f"cannot copy the tokenizer files of {folder}: {e}", span))
             return files
@@ -308,28 +331,32 @@ def _files(tok: Any, live: dict[str, ModelSource], reference: str, source: str,
     if chat_template:
         template = chat_template
         if chat_template == "auto":
-            found = [t for t in (_template(m) for m in live.values()) if t]
+            found = [t for t in (_template(m, follow) for m in live.values()) if t]
             if not found:
                 diags.add(warning("W105", "chat_template \"auto\": no model has a chat template",
                                   span))
                 return files
             template = Counter(found).most_common(1)[0][0]
         if isinstance(files.get("tokenizer_config.json"), Path):  # one template: the file's
-            cfg = json.loads(Path(files["tokenizer_config.json"]).read_text())
+            cfg = read_json(Path(files["tokenizer_config.json"]), obj=True)
             if cfg.pop("chat_template", None) is not None:
                 files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
         files["chat_template.jinja"] = template
     return files
 
 
-def _template(m: ModelSource) -> str | None:
+def _template(m: ModelSource, follow: bool = False) -> str | None:
+    """The model's chat template (chat_template.jinja, else tokenizer_config.json's), read only
+    from inside its folder (a file linking out of it counts as absent)."""
     if m.folder is None:
         return None
     f = Path(m.folder)
-    if (f / "chat_template.jinja").is_file():
-        return (f / "chat_template.jinja").read_text()
+    root = model_root(f)
     try:
-        t = json.loads((f / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
+        if (f / "chat_template.jinja").is_file():
+            return read_text(confined(f / "chat_template.jinja", root, follow))
+        cfg = read_json(confined(f / "tokenizer_config.json", root, follow), obj=True)
+        t = cfg.get("chat_template")
+    except (OSError, ValueError, CheckpointError):
         return None
     return t if isinstance(t, str) else None

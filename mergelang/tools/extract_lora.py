@@ -9,8 +9,10 @@ used, smaller ranks in `rank_pattern`/`alpha_pattern`, so scale * B @ A is the a
 itself. A bias becomes `lora_B.bias` (its delta). Embeddings (`embed_tokens`, `wte`, ...) and
 output embeddings (`lm_head`, `embed_out`) go to `modules_to_save` at full rank unless
 `--embed-lora` (then embeddings are decomposed transposed, as lora_embedding_A/B; not when the
-vocabularies differ); other weights (norms: 1-D) cannot be decomposed and are saved at full rank
-(`--skip-undecomposable` drops them). `--include`/`--exclude` (regular expressions, searched in
+vocabularies differ); other weights (norms: 1-D; integer / bool 2-D tables) cannot be decomposed
+and are saved at full rank (`--skip-undecomposable` drops them). NaN / inf in a delta or a saved
+tensor is E331 (no adapter); a base without the fine-tune's bias, or with another shape, E302; a
+bad --include / --exclude regex E109. `--include`/`--exclude` (regular expressions, searched in
 the module name) choose the decomposed modules, as mergekit's.
 
 The output folder is written like every mergelang output: planned up front, in a work folder,
@@ -23,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from mergelang.diagnostics import MergelangError, error
 from mergelang.errors import CodedError, to_diagnostic
@@ -52,10 +54,41 @@ class ExtractionPlan:
 
 def _searcher(patterns: Iterable[str]):
     """`name -> bool`: does any of the regular expressions occur in the name (compiled once)."""
-    from mergelang.lang.ast import compile_pattern
+    from mergelang.lang.ast import PatternError, compile_pattern
 
-    compiled = [compile_pattern(".*(?:" + p + ").*", "regex") for p in patterns]
+    try:
+        compiled = [compile_pattern(".*(?:" + p + ").*", "regex") for p in patterns]
+    except PatternError as exc:
+        bad = next(p for p in patterns if _fails(p))
+        raise MergelangError(error("E109", f"--include / --exclude {bad!r}: {exc}", None,
+                                   "a regular expression searched in the module name (RE2 "
+                                   "syntax), e.g. 'self_attn\\.(q|k)_proj'")) from None
     return lambda name: any(c.fullmatch(name) for c in compiled)
+
+
+def _fails(p: str) -> bool:
+    from mergelang.lang.ast import PatternError, compile_pattern
+
+    try:
+        compile_pattern(".*(?:" + p + ").*", "regex")
+        return False
+    except PatternError:
+        return True
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat")) and not dtype.startswith("float8")
+
+
+def _finite(t, what: str) -> None:
+    """E331 unless every value of float tensor `t` is finite (an SVD of NaN/inf fails or
+    gives a NaN adapter)."""
+    import torch
+
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise MergelangError(error("E331", f"{what} holds NaN or infinite values", None,
+                                   "the fine-tuned (or base) checkpoint is broken there: an "
+                                   "adapter extracted from it would be too"))
 
 
 def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tuple[str, ...] = (),
@@ -87,12 +120,19 @@ def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tupl
         if module in plan.modules_to_save or key in plan.modules_to_save:
             plan.full += [name] + ([module + ".bias"] if bias else [])
         elif (not include or included(module)) and not excluded(module):
-            if len(info.shape) == 2:
+            if len(info.shape) == 2 and _floating(info.dtype):
                 if name not in btensors or btensors[name].shape != info.shape:
                     raise MergelangError(error(
                         "E302", f"tensor `{name}` is missing in the base model or has another "
                         f"shape there ({list(btensors[name].shape) if name in btensors else 'missing'}"
                         f" against {list(info.shape)})", None,
+                        "exclude the module (--exclude) or save it at full rank (--save-module)"))
+                bn = module + ".bias"
+                if bias and (bn not in btensors or btensors[bn].shape != tensors[bn].shape):
+                    raise MergelangError(error(
+                        "E302", f"bias `{bn}` is missing in the base model or has another shape "
+                        f"there ({list(btensors[bn].shape) if bn in btensors else 'missing'} against "
+                        f"{list(tensors[bn].shape)})", None,
                         "exclude the module (--exclude) or save it at full rank (--save-module)"))
                 plan.lora.append(LoraModule(module, min(rank, *info.shape), is_embed, bias))
             elif not skip_undecomposable:
@@ -100,7 +140,9 @@ def plan_extraction(base: ModelSource, ft: ModelSource, rank: int, include: tupl
                     plan.modules_to_save.append(key)
                 plan.full += [name] + ([module + ".bias"] if bias else [])
                 if key not in warned:
-                    plan.notes.append(f"{key}: a {len(info.shape)}-D weight cannot be decomposed; "
+                    what = (f"a {len(info.shape)}-D weight" if len(info.shape) != 2
+                            else f"a {info.dtype} weight (not floating point)")
+                    plan.notes.append(f"{key}: {what} cannot be decomposed; "
                                       "saved at full rank (modules_to_save)")
                     warned.add(key)
     if not plan.lora:
@@ -175,23 +217,61 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, rank:
             for m in plan.lora:
                 w = m.module + ".weight"
                 delta = (f.load_as(w, torch.float32).to(dev) - b.load_as(w, torch.float32).to(dev))
-                for name, t in zip(lora_names(m), decompose(delta.T if m.transpose else delta, m.rank,
-                                                             distribute_scale)):
+                _finite(delta, f"the delta of `{w}` (fine-tuned - base)")
+                try:
+                    factors = decompose(delta.T if m.transpose else delta, m.rank, distribute_scale)
+                except torch.linalg.LinAlgError as exc:
+                    raise MergelangError(error("E331", f"the SVD of `{w}`'s delta failed: {exc}",
+                                               None)) from None
+                for t in factors:
+                    _finite(t, f"the factors of `{w}`")
+                for name, t in zip(lora_names(m), factors):
                     writer.write(name, t.to(layout.tensors[name].torch_dtype).cpu().contiguous())
                 if m.bias:
                     bn, name = m.module + ".bias", f"base_model.model.{m.module}.lora_B.bias"
                     d = f.load_as(bn, torch.float32) - b.load_as(bn, torch.float32)
+                    _finite(d, f"the delta of `{bn}`")
                     writer.write(name, d.to(layout.tensors[name].torch_dtype))
             for n in plan.full:
-                writer.write(f"base_model.model.{n}", f.load_as(n).contiguous())
+                t = f.load_as(n).contiguous()
+                _finite(t, f"the fine-tuned model's `{n}`")
+                writer.write(f"base_model.model.{n}", t)
             cfg = adapter_config(outs, str(base))
-            readme = (f"# LoRA adapter extracted by mergelang\n\nBase: `{base}`\nFine-tuned: "
-                      f"`{finetuned}`\nRank: {cfg['r']} ({len(plan.lora)} modules; modules saved at "
-                      f"full rank: {', '.join(plan.modules_to_save) or 'none'})\n")
             return writer.finish(extra_files={"adapter_config.json": json.dumps(cfg, indent=4) + "\n",
-                                              "README.md": readme})
+                                              "README.md": _card(base, finetuned, b, f, cfg, plan)},
+                                 manifest={"provenance": _provenance(base, finetuned, b, f, dev)})
     except CodedError as exc:  # the writer's: output refused (E403/E404), disk errors
         raise MergelangError(to_diagnostic(exc)) from None
     finally:
         for s in srcs:
             s.close()
+
+
+def _card(base: Any, finetuned: Any, b: Any, f: Any, cfg: dict, plan: Any) -> str:
+    """The adapter's model card (record/card.py): front matter for PEFT, the inputs, the rank."""
+    from mergelang.record import command_text
+    from mergelang.record.card import code, hub_id, tool_card
+
+    inputs = [("base", hub_id(str(base), b.folder), str(b.folder or base)),
+              ("fine-tuned", hub_id(str(finetuned), f.folder), str(f.folder or finetuned))]
+    saved = ", ".join(code(m) for m in plan.modules_to_save) or "none"
+    details = [f"rank: {code(cfg['r'])} ({len(plan.lora)} modules decomposed)",
+               f"modules saved at full rank: {saved}"]
+    return tool_card("LoRA adapter extracted by mergelang", "a LoRA adapter extracted from the "
+                     "difference of two models", command_text(), inputs, details, adapter=True)
+
+
+def _provenance(base: Any, finetuned: Any, b: Any, f: Any, device: Any) -> dict:
+    """The manifest's provenance: versions, the command, both inputs with their digests."""
+    import platform
+
+    from mergelang._version import __version__
+    from mergelang.record import command_text
+    import torch
+
+    from mergelang.record.manifest import PROVENANCE_VERSION, sources_record
+
+    return {"version": PROVENANCE_VERSION, "mergelang": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device), "command": command_text(),
+            "tool": "extract-lora", "inputs": sources_record({"base": b, "finetuned": f},
+                                                             {"base": str(base), "finetuned": str(finetuned)})}

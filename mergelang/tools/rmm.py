@@ -32,18 +32,38 @@ CONFIG_FILE = "rmm_config.json"
 
 
 def _read_adapter(folder: Path) -> tuple[dict, dict[str, Any]]:
+    """An adapter folder's config and tensors, read by the rule `lora("dir")` reads them with
+    (io/adapter.py: files confined to the folder, E314; the config checked, E327)."""
     from safetensors.torch import load_file
 
-    cfg_path, model = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not model.is_file():
+    from mergelang.io.adapter import adapter_paths, read_adapter_config
+
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise MergelangError(error("E325", f"{folder} is not a PEFT LoRA adapter folder (no "
                                    "adapter_config.json / adapter_model.safetensors)", None,
                                    "write one with `mergelang extract-lora` or peft's save_pretrained"))
     try:
-        cfg = json.loads(cfg_path.read_text())
-        return cfg, load_file(str(model))
-    except (OSError, ValueError) as exc:
+        model, cfg_path = adapter_paths(folder)
+        cfg = read_adapter_config(cfg_path)
+        tensors = load_file(str(model))
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own error for a bad file
         raise MergelangError(error("E325", f"cannot read the adapter in {folder}: {exc}")) from None
+    bad = [k for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))
+           and (v.dim() != 2 or not v.is_floating_point())]
+    if bad:
+        raise MergelangError(error("E325", f"{folder}: `{bad[0]}` is not a 2-D floating tensor",
+                                   None, "lora_A / lora_B weights are (r, in) and (out, r) matrices"))
+    for k, a in tensors.items():
+        if k.endswith(".lora_A.weight"):
+            b = tensors.get(k[: -len("A.weight")] + "B.weight")
+            if b is None or b.shape[1] != a.shape[0]:
+                got = "no lora_B" if b is None else f"lora_B {list(b.shape)}"
+                raise MergelangError(error("E325", f"{folder}: `{k}` is {list(a.shape)} with "
+                                           f"{got}", None, "each module needs lora_A (r, in) and "
+                                           "lora_B (out, r) of one rank r"))
+    return cfg, tensors
 
 
 def _modules(tensors: dict[str, Any]) -> list[str]:
@@ -51,12 +71,11 @@ def _modules(tensors: dict[str, Any]) -> list[str]:
 
 
 def _scale(cfg: dict, module: str, r: int) -> float:
-    """PEFT's scaling of a module (lora_alpha / r, rank_pattern / alpha_pattern by suffix)."""
-    import math
+    """PEFT's scaling of a module (io/adapter.py: lora_alpha / r, alpha_pattern as PEFT matches
+    it, on RE2)."""
+    from mergelang.io.adapter import lora_scale
 
-    key = next((k for k in cfg.get("alpha_pattern", {}) if module.endswith(k)), None)
-    alpha = cfg["alpha_pattern"][key] if key else cfg.get("lora_alpha", r)
-    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    return lora_scale(cfg, module, r)
 
 
 def positions_basis(x: "Any", k: int) -> tuple["Any", "Any"]:
@@ -109,6 +128,15 @@ def reversible_merge(adapters: Sequence[str | Path], out: str | Path, basis: int
                     raise MergelangError(error("E325", f"`{m}.{part}` is {list(a)} in {f} and {list(b)} "
                                                f"in {folders[0]}", None, "every adapter needs the same rank per module"))
     n = len(folders)
+    most = max(min(t0[f"{m}.lora_A.weight"].shape[0], n) for m in modules)
+    if basis > most:  # more vectors than the r x n matrices have rank: zeros, never used
+        from mergelang.diagnostics import warning
+
+        log(warning("W111", f"--basis {basis} is more than the {most} basis vectors these adapters "
+                    f"can use (rank {max(t0[f'{m}.lora_A.weight'].shape[0] for m in modules)}, {n} "
+                    f"adapters): clamped to {most}", None,
+                    f"with --basis {most} every adapter is rebuilt exactly").render())
+        basis = most
     outs: list[OutputTensor] = []
     for m in modules:
         r, cin = t0[f"{m}.lora_A.weight"].shape
@@ -164,21 +192,16 @@ def _rebuild_factors(ab: Any, ac: Any, bb: Any, bc: Any) -> tuple[Any, Any]:
 def rebuild(folder: str | Path, task: str | int, out: str | Path, *, force: bool = False) -> Path:
     """Write task `task`'s PEFT adapter (name or index) rebuilt from an RMM folder."""
     import torch
-    from safetensors.torch import load_file
 
     from mergelang.io.adapter import ADAPTER_FILE
     from mergelang.io.layout import OutputTensor, single_file
     from mergelang.io.writer import CheckpointWriter
 
     folder = Path(folder)
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        stored = load_file(str(folder / MODEL_FILE))
-    except (OSError, ValueError) as exc:
-        raise MergelangError(error("E325", f"{folder} is not an RMM folder: {exc}", None,
-                                   "write one with `mergelang rmm`")) from None
+    config, stored = _read_rmm(folder)
     tasks = config["tasks"]
-    i = tasks.index(task) if task in tasks else (int(task) if str(task).isdigit() else -1)
+    i = tasks.index(task) if task in tasks else (
+        int(task) if str(task).isdigit() and str(task).isascii() and len(str(task)) < 10 else -1)
     if not 0 <= i < len(tasks):
         raise MergelangError(error("E325", f"no task {task!r} in {folder}", None,
                                    f"tasks: {', '.join(tasks)} (or an index 0..{len(tasks) - 1})"))
@@ -204,3 +227,54 @@ def rebuild(folder: str | Path, task: str | int, out: str | Path, *, force: bool
             return w.finish(extra_files={"adapter_config.json": json.dumps(cfg, indent=4) + "\n"})
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
+
+
+def _read_rmm(folder: Path) -> tuple[dict, dict[str, Any]]:
+    """An RMM folder's config and tensors, checked (E325 / E327 / E314): the files inside the
+    folder, read with the bounded readers; `tasks` distinct names, one adapter config each
+    (checked as adapter_config.json is); per module the four basis / coefficient tensors, of
+    consistent shapes with one coefficient column per task."""
+    from safetensors.torch import load_file
+
+    from mergelang.io.adapter import check_adapter_config
+    from mergelang.io.inputs import confined, model_root
+    from mergelang.io.textfile import read_json
+
+    def bad(what: str) -> MergelangError:
+        return MergelangError(error("E325", f"{folder} is not an RMM folder: {what}", None,
+                                    "write one with `mergelang rmm`"))
+
+    try:
+        root = model_root(folder)
+        config = read_json(confined(folder / CONFIG_FILE, root, False, "RMM config"), obj=True)
+        stored = load_file(str(confined(folder / MODEL_FILE, root, False, "RMM file")))
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - OSError, TextFileError, safetensors' own error
+        raise bad(str(exc) or type(exc).__name__) from None
+    tasks, cfgs = config.get("tasks"), config.get("adapter_configs")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks) \
+            or len(set(tasks)) != len(tasks):
+        raise bad(f"{CONFIG_FILE}'s `tasks` is not a list of distinct names")
+    if not isinstance(cfgs, list) or len(cfgs) != len(tasks):
+        raise bad(f"{CONFIG_FILE}'s `adapter_configs` is not a list of one config per task")
+    try:
+        for c in cfgs:
+            check_adapter_config(c, folder / CONFIG_FILE)
+    except CodedError as exc:
+        raise MergelangError(to_diagnostic(exc)) from None
+    n = len(tasks)
+    for name, t in stored.items():
+        if not name.endswith(".lora_A.basis"):
+            continue
+        m = name[: -len(".lora_A.basis")]
+        parts = [stored.get(f"{m}.{p}") for p in ("lora_A.basis", "lora_A.coef", "lora_B.basis",
+                                                    "lora_B.coef")]
+        if any(p is None or p.dim() != 3 or not p.is_floating_point() for p in parts):
+            raise bad(f"module `{m}` lacks a 3-D floating basis or coefficient tensor")
+        ab, ac, bb, bc = (tuple(p.shape) for p in parts)
+        if not (ab[0] == ac[0] and bb[0] == bc[0] and ab[1] == bb[1] and ab[2] == ac[1] == bb[2] == bc[1]
+                and ac[2] == bc[2] == n):
+            raise bad(f"module `{m}`'s basis and coefficients have inconsistent shapes "
+                      f"{list(ab)}, {list(ac)}, {list(bb)}, {list(bc)} for {n} tasks")
+    return config, stored

@@ -44,7 +44,8 @@ def main() -> None:
             with open(cfg_path) as f:
                 cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
             run_merge(cfg, out, MergeOptions(copy_tokenizer=True, write_model_card=False,
-                                             quiet=True, random_seed=0))
+                                             quiet=True, random_seed=0,
+                                             lora_merge_cache=out + "_lora"))  # model+lora
             print("ok", out, flush=True)
         except Exception as e:  # noqa: BLE001 - reported to the test
             print("error", out + ":", repr(e).replace("\n", " "), flush=True)

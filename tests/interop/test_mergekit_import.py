@@ -247,7 +247,8 @@ def test_gta_family_methods_are_emitted(models):
            "merge_method": "dare_ties", "base_model": models["base"],
            "parameters": {"rescale": True}}
     text = _translate(cfg)
-    assert '"*" => dare_ties(base, [a, b], weights = [0.5, 0.5], density = 0.7, rescale = true)' in text
+    # mergekit's rescale is an L1-norm rescale (issue 28, item 4)
+    assert '"*" => dare_ties(base, [a, b], weights = [0.5, 0.5], density = 0.7, rescale = "l1")' in text
     from mergelang.lang.loader import stdlib_functions
 
     if "dare_ties" in stdlib_functions():  # the stdlib method lives on another branch
@@ -288,11 +289,27 @@ merge from s {
     assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
 
 
-def test_slices_that_move_layers_in_a_merge_are_reported(models):
+def test_slices_that_move_layers_in_a_merge_restack_each_model(models):
+    """mergekit writes the slices' layers renumbered in order (issue 28, item 1): layers 0..1,
+    then 1..2 again, merged. Side by side with mergekit: test_mergekit_fidelity.py."""
     cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 2]},
                                    {"model": models["b"], "layer_range": [0, 2]}]},
                       {"sources": [{"model": models["a"], "layer_range": [1, 3]},
                                    {"model": models["b"], "layer_range": [1, 3]}]}],
+           "merge_method": "linear", "parameters": {"weight": 1.0}}
+    res = translate(cfg)
+    assert not res.errors and "stack_layers([layer_range(a, 0, 2), layer_range(a, 1, 3)])" in res.text
+    got = _merge(res.text)
+    a, b = load_file(models["a"]), load_file(models["b"])
+    for out_layer, in_layer in enumerate([0, 1, 1, 2]):
+        k = "model.layers.{}.mlp.up_proj.weight"
+        torch.testing.assert_close(got[k.format(out_layer)], (a[k.format(in_layer)] + b[k.format(in_layer)]) / 2)
+    assert not any(n.startswith("model.layers.4.") for n in got)
+
+
+def test_slices_with_different_lengths_in_one_slice_are_reported(models):
+    cfg = {"slices": [{"sources": [{"model": models["a"], "layer_range": [0, 2]},
+                                   {"model": models["b"], "layer_range": [1, 4]}]}],
            "merge_method": "slerp", "base_model": models["a"], "parameters": {"t": 0.5}}
     res = translate(cfg)
     assert [d.code for d in res.errors] == ["E704"] and res.text == ""
@@ -404,7 +421,7 @@ def test_della_with_per_model_epsilon_imports_and_runs(models):
     text = _translate(cfg)
     assert "epsilon = [0.1, 0.3]" in text
     hand = _header(models, "base", "a", "b") + \
-        'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1) }\n'
+        'merge from base { "*" => della(base, [a, b], weights = [1, 1], density = 0.5, epsilon = [0.1, 0.3], lambda = 1, rescale = "l1") }\n'
     _assert_same(_merge(text), _merge(hand), exact=True)
 
 

@@ -124,6 +124,10 @@ def test_chunked_matches_unchunked_within_budget(models, method):
     r.close()
 
 
+#: the model card names its folder, the manifest what each run read: every other file is compared
+RECORDS = ("README.md", "mergelang_manifest.json")
+
+
 def test_run_to_disk_is_byte_identical(models, tmp_path):
     r = ml.compile(_recipe(models, ROW_LOCAL["dare_linear"][0]))
     free = r.run(tmp_path / "free", device="cpu")
@@ -131,7 +135,8 @@ def test_run_to_disk_is_byte_identical(models, tmp_path):
     files = sorted(p.name for p in free.iterdir())
     assert files == sorted(p.name for p in tight.iterdir())
     for name in files:
-        assert (free / name).read_bytes() == (tight / name).read_bytes(), name
+        if name not in RECORDS:
+            assert (free / name).read_bytes() == (tight / name).read_bytes(), name
     r.close()
 
 
@@ -149,7 +154,8 @@ def test_named_outputs_run_in_chunks_byte_identical(models, tmp_path):
         files = sorted(p.name for p in (free / out).iterdir())
         assert files == sorted(p.name for p in (tight / out).iterdir())
         for name in files:
-            assert (free / out / name).read_bytes() == (tight / out / name).read_bytes(), (out, name)
+            if name not in RECORDS:
+                assert (free / out / name).read_bytes() == (tight / out / name).read_bytes(), (out, name)
         got = load_file(next((tight / out).glob("*.safetensors")))
         for name in SHAPES:
             assert torch.equal(got[name], ref(sds, name)), (out, name)

@@ -24,7 +24,7 @@ from mergelang.cli import main as cli_main
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "emit"
 UPDATE = bool(os.environ.get("MERGELANG_UPDATE_GOLDEN"))
 STAGES = ("ast", "graph", "optimized", "plan")
-RECIPES = ("ties", "linear", "slerp_layers")
+RECIPES = ("ties", "linear", "slerp_layers", "comprehension")
 
 
 def _tensor(shape: tuple[int, ...], k: int) -> torch.Tensor:

@@ -26,6 +26,10 @@ def worker_pid(state):
         raise AssertionError
     return float(os.getpid())
 
+def exits(state):
+    import sys
+    sys.exit(0)
+
 def flaky(state):
     if state["b"][0] > target["b"][0]:
         raise ValueError("too far")
@@ -92,3 +96,16 @@ def test_in_memory_models_are_refused(cluster) -> None:
     with pytest.raises(MergelangError) as ei:
         r.tune(lambda s: 1.0, trials=2, executor="ray", ray_address=cluster.address)
     assert ei.value.diagnostics[0].code == "E802"
+
+
+def test_an_objective_that_exits_fails_its_trial_on_the_worker(cluster, project: Path, monkeypatch) -> None:
+    """sys.exit in an objective on a Ray worker is a failed trial (issue 27), as it is locally:
+    the worker lives on and the next trials run there."""
+    monkeypatch.chdir(project)
+    from mergelang.search.objectives import load_function
+
+    res = ml.compile(project / "r.mrg").tune(load_function("obj.py:exits"), trials=4, sampler="random",
+                                             seed=0, executor="ray", ray_address=cluster.address,
+                                             objective_spec="obj.py:exits")
+    assert [t.state for t in res.trials] == ["fail"] * 4
+    assert all("sys.exit(0)" in (t.error or "") for t in res.trials)

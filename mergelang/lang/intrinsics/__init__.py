@@ -6,6 +6,6 @@ sources in `mergelang.sources`, whose `__init__` registers them the same way.
 """
 
 from mergelang.lang.intrinsics.registry import INTRINSICS, Impl, Intrinsic, intrinsic
-from mergelang.lang.intrinsics import core, layers, linalg, names, stats  # noqa: F401  (the members)
+from mergelang.lang.intrinsics import core, layers, linalg, lists, names, stats  # noqa: F401  (the members)
 
 __all__ = ["INTRINSICS", "Impl", "Intrinsic", "intrinsic"]

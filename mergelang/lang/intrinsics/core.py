@@ -93,6 +93,14 @@ def _where(el: Elab, a: dict[str, Value], span: Span) -> Value:
         if not isinstance(cond.value, bool):
             raise el.error("E201", f"where's condition must be a bool, got {cond.describe()}", span)
         return a["a"] if cond.value else a["b"]
+    if isinstance(cond, ListV) and all(isinstance(c, Const) and isinstance(c.value, bool)
+                                       for c in cond.items) and \
+            all(is_number(v) or isinstance(v, ListV) and v.scalars and len(v.items) == len(cond.items)
+                for v in (a["a"], a["b"])):  # per-model numbers known at compile time: a list
+        def pick(v: Value, i: int) -> Value:
+            return v.items[i] if isinstance(v, ListV) else v
+        return ListV(tuple(pick(a["a"], i) if c.value else pick(a["b"], i)  # type: ignore[union-attr]
+                           for i, c in enumerate(cond.items)))
     args = [el.to_node(v, span) for v in (cond, a["a"], a["b"])]
     return TensorV(el.make(Op.WHERE, args, Attrs(), span))
 
@@ -134,11 +142,25 @@ def _scope(el: Elab, v: Value, over: Value, span: Span, allowed: tuple[str, ...]
     return over.value  # type: ignore[return-value]
 
 
-_PY_REDUCE: dict[str, Callable[[list[float]], float]] = {
+def _differentiable(py: Callable[[list[Any]], Any], kind: str) -> Callable[[list[Any]], Any]:
+    """`py` over numbers; over torch tensors (`learn` evaluates param expressions with them) the
+    same reduction in torch, so the gradient flows through it (math.fsum would drop it)."""
+    def reduce(xs: list[Any]) -> Any:
+        if not any(type(x).__module__.startswith("torch") for x in xs):
+            return py(xs)
+        import torch
+
+        t = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs])
+        return {"sum": t.sum, "mean": t.mean, "max": t.max, "min": t.min, "count": (t != 0).float().sum,
+                "l1": t.abs().sum, "l2": lambda: t.pow(2).sum().sqrt()}[kind]()
+    return reduce
+
+
+_PY_REDUCE: dict[str, Callable[[list[float]], float]] = {k: _differentiable(f, k) for k, f in {
     "sum": math.fsum, "mean": lambda xs: math.fsum(xs) / len(xs), "max": max, "min": min,
     "count": lambda xs: float(sum(1 for x in xs if x)), "l1": lambda xs: math.fsum(abs(x) for x in xs),
     "l2": lambda xs: math.sqrt(math.fsum(x * x for x in xs)),
-}
+}.items()}
 
 
 def _reduce_impl(kind: str) -> Impl:

@@ -1,4 +1,4 @@
-"""Faster CPU kernels that give bit-identical results to the plain torch kernels in `kernels.py`.
+"""Faster CPU kernels that give bit-identical results to the plain torch kernels in `table.py`.
 
 Measured on the 2-core development VM, the plain kernels spent most of a `ties` merge in three
 places, each replaced here by an exact equivalent (float32 and bool values on the CPU only; any
@@ -27,7 +27,7 @@ from mergelang.ir.ops import Op
 from mergelang.ir.types import broadcast_all
 from mergelang.runtime.workers import parallel_map
 
-#: `MERGELANG_FAST=0` turns these kernels and the buffer reuse of `inplace.py` off (for checks)
+#: `MERGELANG_FAST=0` turns these kernels and the buffer reuse of `runtime/buffers.py` off (for checks)
 ENABLED = os.environ.get("MERGELANG_FAST", "1") != "0"
 
 #: below this many elements the plain torch kernels are used (call overhead dominates)

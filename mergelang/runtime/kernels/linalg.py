@@ -123,6 +123,7 @@ def _block_quant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     (b0, b1), fmax = node.attrs["block"], node.attrs["fmax"]
     r, c = x.shape
+    b0, b1 = max(1, min(b0, r)), max(1, min(b1, c))  # a block past the tensor: one block of it
     rb, cb = -(-r // b0), -(-c // b1)
     padded = torch.nn.functional.pad(x.abs(), (0, cb * b1 - c, 0, rb * b0 - r))
     scale = padded.reshape(rb, b0, cb, b1).amax(dim=(1, 3)) / fmax

@@ -1,4 +1,4 @@
-"""Helpers the generated kernels of `kernels_fused.py` import (compiled by numba)."""
+"""Helpers the generated kernels of `numba_codegen.py` import (compiled by numba)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def order_key(x, absolute):
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def settle(out, cidx, clow, count, low, ties):
-    """The split selection's last step (kernels_select.py): of the threshold bucket's listed
+    """The split selection's last step (numba_topk.py): of the threshold bucket's listed
     entries (in index order), keep those whose low half is above `low`, and the first `ties`
     equal to it."""
     for j in range(count):

@@ -1,0 +1,93 @@
+"""`mergelang verify OUT`: check an output folder against its manifest (io/verify.py): its files
+are the ones written (digests), and the inputs on this machine are still those the merge read.
+Exit 0 when everything matches, 1 with a diagnostic otherwise (E420 no usable manifest, E421 an
+output file differs, E422 an input differs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergelang.commands.common import _guard
+from mergelang.diagnostics import Diagnostic, MergelangError, error
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    from mergelang.io.outguard import MANIFEST_FORMAT, MANIFEST_NAME
+
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MergelangError(error("E420", f"{folder} has no readable {MANIFEST_NAME} ({why})", None,
+                                   "verify checks a folder written by `mergelang run` (or tune -o, "
+                                   "learn -o, extract-lora)")) from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise MergelangError(error("E420", f"{path} is not a mergelang output manifest", None,
+                                   "verify checks a folder written by mergelang"))
+    return data
+
+
+def verify_folder(folder: Path, inputs: bool, quick: bool, say: Any) -> list[Diagnostic]:
+    """The report (through `say`) and the errors for one output folder (and its named outputs)."""
+    from mergelang.io.verify import check_inputs, check_outputs
+
+    data = _manifest(folder)
+    errors: list[Diagnostic] = []
+    subs = data.get("outputs") or []
+    if subs:
+        say(f"{folder}: {len(subs)} named outputs")
+        for name in subs:
+            if not isinstance(name, str) or "/" in name or name in (".", ".."):
+                errors.append(error("E420", f"{folder}: the manifest names a bad output {name!r}"))
+                continue
+            errors += verify_folder(folder / name, inputs, quick, say)
+        return errors
+    problems = check_outputs(folder, data)
+    n = len(data.get("digests") or {})
+    if problems:
+        for p in problems:
+            say(f"  output  DIFFERS  {p}")
+        errors.append(error("E421", f"{folder}: {len(problems)} of its files differ from the "
+                            "manifest", None, "the folder was changed after mergelang wrote it: "
+                            "rerun the merge (its mergelang_recipe.mrg) to rebuild it"))
+    else:
+        say(f"{folder}: outputs ok ({n} files match their digests)")
+    prov = data.get("provenance")
+    if not inputs:
+        return errors
+    if not isinstance(prov, dict):
+        say("  inputs  not recorded (written by an older mergelang, or by a tool without inputs)")
+        return errors
+    diffs, notes = check_inputs(prov, quick)
+    for d in diffs:
+        say(f"  input   DIFFERS  {d}")
+    for note in notes:
+        say(f"  input   note     {note}")
+    if diffs:
+        errors.append(error("E422", f"{folder}: {len(diffs)} of its input files are not what the "
+                            "merge read", None, "rerunning the recipe now would not reproduce "
+                            "this output; restore those inputs (or their recorded hf: revisions)"))
+    else:
+        how = "size and header" if quick else "content digests"
+        say(f"{folder}: inputs ok (same {how} as when merged)")
+    return errors
+
+
+@click.command(name="verify")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--no-inputs", is_flag=True, help="check only the output's own files")
+@click.option("--quick", is_flag=True,
+              help="compare the inputs by size and header only (no read of their tensor data)")
+@_guard
+def verify_cmd(out: str, no_inputs: bool, quick: bool) -> None:
+    """Check OUT against its manifest: every file as written (digests), and whether the inputs
+    on this machine are still those the merge read. Exit 0 when all match, else 1."""
+    errors = verify_folder(Path(out), not no_inputs, quick, lambda m: click.echo(m))
+    if errors:
+        raise MergelangError(errors)
+    click.echo("verified: ok")

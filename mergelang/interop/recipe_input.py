@@ -1,0 +1,46 @@
+"""What `ml.compile` and the CLI accept as a recipe: a `.mrg` path, recipe text, or a mergekit
+config (`.yml` / `.yaml`) imported on the fly, with the import's warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergelang.diagnostics import Diagnostic, MergelangError, SourceFile, error
+from mergelang.lang.loader import read_recipe_file
+
+
+def recipe_input(recipe: str | Path) -> tuple[SourceFile, Path, list[Diagnostic]]:
+    """The recipe's source, the folder its relative paths resolve against, and the warnings of
+    a mergekit config's import (none for a recipe)."""
+    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and \
+            str(recipe).lower().endswith((".yml", ".yaml")):
+        return _imported(Path(recipe))
+    return (*_recipe_source(recipe), [])
+
+
+def _recipe_source(recipe: str | Path) -> tuple[SourceFile, Path]:
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe
+                                    and (recipe.endswith(".mrg") or Path(recipe).is_file())):
+        path = Path(recipe)
+        try:
+            if "\0" in str(recipe):
+                raise ValueError("the path contains a NUL character")
+            return read_recipe_file(path), path.resolve().parent
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise MergelangError(error("E002", f"cannot read recipe {path}: {reason}")) from None
+    return SourceFile("<recipe>", str(recipe)), Path.cwd()
+
+
+def _imported(path: Path) -> tuple[SourceFile, Path, list[Diagnostic]]:
+    """The recipe `import-mergekit` writes for mergekit config `path` (model paths relative to
+    the config's folder, as mergekit reads them) and the import's warnings; its errors raise."""
+    from mergelang.interop.mergekit_import import translate
+    from mergelang.interop.mergekit_yaml import load_yaml, read_config_text
+
+    folder = path.resolve().parent if path.exists() else Path.cwd()
+    result = translate(load_yaml(read_config_text(path), str(path)), path, folder)
+    if result.errors:
+        raise MergelangError(result.diagnostics)
+    return (SourceFile(f"{path} (imported)", result.text), folder,
+            [d for d in result.diagnostics if not d.is_error])
