@@ -231,6 +231,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
 
 @main.command()
 @click.option("--all", "show_all", is_flag=True, help="also list the built-in primitives")
+@_guard
 def methods(show_all: bool) -> None:
     """List the standard library's merge methods (from stdlib/*.mrg)."""
     from mergelang.lang.elaborate import signature_of

@@ -19,13 +19,14 @@ from mergelang.lang import ast
 from mergelang.io.checkpoint import CheckpointError, DictSource, ModelSource
 from mergelang.io.locate import model_error, open_model
 from mergelang.diagnostics import (CompileError, Diagnostic, Diagnostics, MergelangError, SourceFile,
-                          Span, did_you_mean, error, warning)
+                          did_you_mean, error, warning)
 import mergelang.sources  # noqa: F401  (registers lora, stack_layers, layer_range, align)
 from mergelang.lang.elaborate import Elaborator
 from mergelang.lang.values import Poisoned
 from mergelang.ir.graph import MergeGraph
 from mergelang.io.inputs import RECIPE_FILENAME, is_hf_id, reference_files
 from mergelang.lang.loader import Unit, load
+from mergelang.lang.plugins import plugins_for
 from mergelang.options import RecipeOptions, option_names, validation_message
 from mergelang.lang.parser import parse_expr
 from mergelang.passes.optimize import optimize
@@ -183,7 +184,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     if unit is None:
         diags.raise_if_errors()
         raise AssertionError("unreachable")  # pragma: no cover
-    unit.plugins = _plugins(unit, allow_plugins, diags)
+    unit.plugins = plugins_for(unit, allow_plugins, diags)
     check_unit(unit, diags)
     declared = {d.name for d in [*unit.models, *unit.params]}
     for name in overrides:
@@ -287,31 +288,6 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
                        optimized, plan, [d for d in diags.items if not d.is_error], copies,
                        _overridden(overrides, unit), {k: v for k, v in ranges.items() if v},
                        runtime)
-
-
-def _plugins(unit: Unit, allow: bool, diags: Diagnostics) -> dict[str, Any]:
-    """The Python methods the recipe may call (lang/plugins.py): its plugin files' (when
-    allowed) and installed ones among the names it calls that nothing else defines."""
-    from mergelang.lang.ast import Call
-    from mergelang.lang.intrinsics import INTRINSICS
-    from mergelang.lang.plugins import load_plugins
-
-    called: set[str] = set()
-    stack: list[Any] = [unit.program, *(f for f in unit.fns.values() if not f.span.source.library)]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Call):
-            called.add(x.func)
-        if hasattr(x, "__dataclass_fields__") and not isinstance(x, Span):
-            stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
-        elif isinstance(x, tuple):
-            stack.extend(x)
-    if not unit.plugin_files and called <= set(unit.fns) | set(INTRINSICS):
-        return {}
-    found = load_plugins(unit.plugin_files, called, set(unit.fns) | set(INTRINSICS), allow, diags)
-    if any(d.code == "E116" for d in diags.items):  # its methods' names would all be E102 noise
-        diags.raise_if_errors()
-    return found
 
 
 def _derive_params(unit: Unit, el: Elaborator, overrides: Mapping[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Every ```mrg block in README.md and docs/*.md parses; recipes with models compile against tiny
 synthetic Llama-shaped state dicts (every declared model replaced by one); blocks without models
 pass the static checks. A block using a method that lives elsewhere says `# needs: NAME` and is
-skipped while NAME is missing."""
+skipped while NAME is missing. The other kinds of blocks (bash, python, yaml, text, and blocks
+marked illustrative) are tests/test_doc_commands.py's, which also documents the convention."""
 
 from __future__ import annotations
 

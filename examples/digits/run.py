@@ -5,13 +5,20 @@ TPE on the validation split, task-wise and layer-wise AdaMerging and aTLAS-style
 (learned on unlabeled validation inputs) — and prints the table: accuracy averaged over the
 six tasks, mean and standard deviation over the seeds (as FusionBench's tables, plus seeds).
 
-    python examples/digits/run.py             # 5 seeds, about a minute on 2 CPU cores
+    python examples/digits/run.py             # 5 seeds (times: RESULTS.md, with the machine)
     python examples/digits/run.py --quick     # 1 seed, fewer trials and steps (the test)
+    python examples/digits/run.py --record examples/digits/RESULTS.md   # what README.md quotes
+
+The models are built per seed in a temporary folder. To run the recipes from the command line
+instead, build seed 0's models next to them first: `python examples/digits/setting.py` (writes
+examples/digits/models/, which the recipes and objectives.py read).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import resource
 import statistics
 import sys
 import tempfile
@@ -22,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import mergelang as ml  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import objectives  # noqa: E402  (the objective file tune and learn use from the CLI too)
@@ -80,20 +88,58 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 trials, 3 epochs of batches")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the models are tiny; more threads only add "
+                         "synchronisation, measured 10x slower with 2 on a loaded 2-core machine)")
+    ap.add_argument("--record", type=Path, help="also write the table, the times and the machine "
+                                                "to this markdown file (README.md quotes it)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
     trials = 10 if args.quick else args.trials
     epochs = 3 if args.quick else 30
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
-            runs.append(one_seed(Path(tmp) / f"seed{seed}", seed, trials, epochs))
-            print(f"seed {seed}: " + ", ".join(f"{k.split(' (')[0]} {100 * sum(v[0]) / len(TASKS):.1f}"
-                                                for k, v in runs[-1].items() if "alone" not in k),
-                  file=sys.stderr)
+    load0, t0, cpu0 = _load(), time.perf_counter(), _cpu()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in range(seeds):
+                runs.append(one_seed(Path(tmp) / f"seed{seed}", seed, trials, epochs))
+                print(f"seed {seed}: " + ", ".join(f"{k.split(' (')[0]} {100 * sum(v[0]) / len(TASKS):.1f}"
+                                                    for k, v in runs[-1].items() if "alone" not in k),
+                      file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+    wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
     text = table(runs)
     print(text)
+    summary = (f"{seeds} seed{'s' if seeds != 1 else ''}, {trials} trials, {epochs} epochs of "
+               f"batches: **{wall:.1f} s** wall, {cpu:.1f} s CPU (this process, all threads), "
+               f"{args.threads} torch thread{'s' if args.threads != 1 else ''}; load average "
+               f"{load0} -> {_load()}")
+    print(summary, file=sys.stderr)
+    if args.record:
+        sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
+        import machine
+
+        args.record.write_text(
+            f"# Recorded by `python examples/digits/run.py{' '.join([''] + (argv or sys.argv[1:]))}`\n\n"
+            f"Machine: {machine.describe()}; {datetime.date.today().isoformat()}.\n\n"
+            f"Run: {summary}. The time column is each method's wall time per seed (merge, trials "
+            "or steps, mean over the seeds), on this machine under this load.\n\n" + text + "\n")
     return text
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _load() -> str:
+    try:
+        return "%.1f" % __import__("os").getloadavg()[0]
+    except OSError:
+        return "?"
 
 
 def table(runs: list[dict[str, tuple[list[float], float]]]) -> str:

@@ -45,7 +45,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                        "  this is a bug in mergelang; rerun with --debug for the traceback "
                        "and report it", err=True)
             sys.exit(3)
-    wrapper = click.option("--debug", is_flag=True, hidden=True, help="show tracebacks")(wrapper)
+    wrapper = click.option("--debug", is_flag=True,
+                           help="on an internal error (exit 3), print the Python traceback")(wrapper)
     return wrapper
 
 

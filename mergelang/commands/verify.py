@@ -5,7 +5,6 @@ output file differs, E422 an input differs)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
     path = folder / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from mergelang.io.textfile import read_json
+
+        data = read_json(path, 16 * 1024 * 1024)
     except (OSError, ValueError, RecursionError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MergelangError(error("E420", f"{folder} has no readable {MANIFEST_NAME} ({why})", None,

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_SEQ_LEN = 512
+from mergelang.io.textfile import parse_json
+
+#: the largest .txt / .jsonl data file read (read whole, bounded like every text mergelang reads)
+MAX_DATA_BYTES = 1024 * 1024 * 1024
 
 
 def fail(code: str, message: str, help: str | None = None) -> MergelangError:
@@ -208,9 +212,11 @@ def load_data(spec: str | Path, text_field: str = "text") -> Data:
     if p.is_dir():
         return _dataset_folder(p, text_field)
     try:
-        raw = p.read_bytes()
+        from mergelang.io.textfile import read_bytes
+
+        raw = read_bytes(p, MAX_DATA_BYTES)
         body = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # not a regular file, too large, not UTF-8
         raise fail("E961", f"data {text}: cannot read it as UTF-8 text: {exc}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if p.suffix == ".txt":
@@ -234,7 +240,7 @@ def _jsonl(p: Path, body: str, text_field: str) -> tuple[list[str], list[Any] | 
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except ValueError as exc:
             raise fail("E961", f"{p}:{i}: not a JSON object: {exc}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -179,8 +178,10 @@ def layer_count(path: Path, layer_prefix: str) -> int | None:
 def _config(path: Path) -> dict:
     cfg = path / "config.json"
     try:
-        if cfg.is_file() and cfg.stat().st_size < 4 * 1024 * 1024:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
+        if cfg.is_file():
+            from mergelang.io.textfile import read_json
+
+            data = read_json(cfg, 4 * 1024 * 1024)
             return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         pass

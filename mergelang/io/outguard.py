@@ -108,7 +108,9 @@ def _foreign(folder: Path, known: set[str], depth: int = 0) -> list[str]:
 
 def _manifest_outputs(folder: Path) -> set[str]:
     try:
-        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        from mergelang.io.textfile import read_json
+
+        data = read_json(folder / MANIFEST_NAME, 16 * 1024 * 1024)
         return {o for o in data.get("outputs", []) if isinstance(o, str) and "/" not in o}
     except (OSError, ValueError, RecursionError, AttributeError, TypeError):
         return set()

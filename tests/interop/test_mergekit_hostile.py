@@ -71,7 +71,7 @@ def test_folder_oversized_and_binary_files_are_refused(tmp_path):
     big.write_bytes(b"# " + b"x" * (5 * 1024 * 1024))
     binary = tmp_path / "bin.yml"
     binary.write_bytes(b"\xff\xfe\x00merge_method: linear")
-    for path, why in ((big, "KiB a config may have"), (binary, "not UTF-8")):
+    for path, why in ((big, "more than the 524288 bytes"), (binary, "not UTF-8")):
         code, out, _ = cli("import-mergekit", str(path))
         assert code == 1 and "E701" in out and why in out, out
     from mergelang.diagnostics import MergelangError
