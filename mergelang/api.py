@@ -13,6 +13,7 @@ from mergelang.lang.ast import dump
 from mergelang.errors import CheckpointError, CodedError, to_diagnostic
 from mergelang.compiler import STAGES, Compilation, compile_recipe
 from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa: F401  (all_finite: public here too)
+from mergelang.io.inputcheck import InputCheck, checked_inputs
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
 from mergelang.ir.graph import format_graph
 from mergelang.io.journal import inputs_fingerprint, plan_fingerprint
@@ -150,7 +151,9 @@ class Recipe:
     def learn(self, loss: Callable[..., Any], batches: Any, **kw: Any) -> Any:
         """Fit the params declared `learn` by gradient descent through the merge:
         `loss(state, batch) -> scalar tensor`, differentiable w.r.t. the merged tensors. Keywords:
-        steps (default: one pass over `batches`), lr, optimizer ("adam" | "sgd"), device, log.
+        steps (default: one pass over `batches`), lr, optimizer ("adam" | "sgd"), device, log,
+        clamp ("project": a ranged param is clamped after each step; "use": only its value in
+        the merge is clamped, as the AdaMerging paper's code).
         Returns a Learned result (.values {name: nested list}, .losses, .run(out_dir)):
         search/learn.py."""
         from mergelang.search.learn import learn_recipe
@@ -241,8 +244,10 @@ class Recipe:
                     say(diag.render())
                 install_sigbus()  # a mapped shard truncated meanwhile: E508 and exit 1
                 stats = input_stats(c.models)
-                execute(planned.plan, c.models, sink, device, progress, memory_budget=budget,
-                        pipelined=pipelined)
+                check = None if mode == "off" else InputCheck(  # NaN/Inf in the inputs too
+                    mode, say, {d.name: d.value.span for d in c.unit.models}, self.run_warnings)
+                execute(planned.plan, checked_inputs(c.models, check), sink, device, progress,
+                        memory_budget=budget, pipelined=pipelined)
                 inputs_unchanged(stats)
                 self._prov["inputs"] = inputs_record(c)  # the digests of what was read
                 if reporter is not None:
@@ -430,15 +435,16 @@ class Recipe:
 
 def compile(recipe: str | Path, *, dtype: str | None = None, shard_size: str | int | None = None,
             allow_pickle: bool = False, follow_symlinks: bool = False, allow_plugins: bool = False,
-            **overrides: Any) -> Recipe:
+            compute_dtype: str | None = None, **overrides: Any) -> Recipe:
     """Compile a recipe (a path or its text). Keyword arguments override `param`s (values) and
     `model`s (paths, relative to the current directory, or dicts of tensors); raises
     `MergelangError` carrying every diagnostic. `allow_pickle` lets models be pickle
     checkpoints, read with torch.load(weights_only=True); `follow_symlinks` reads files whose
     symbolic links leave their model folder (refused by default, E314); `allow_plugins` lets the
-    recipe's `import "file.py"` run the Python methods it declares (docs/language.md)."""
+    recipe's `import "file.py"` run the Python methods it declares (docs/language.md).
+    `compute_dtype` ("float32" | "float64") overrides the recipe's option of that name."""
     source, base, imported = recipe_input(recipe)
-    options = {"dtype": dtype, "shard_size": shard_size}
+    options = {"dtype": dtype, "shard_size": shard_size, "compute_dtype": compute_dtype}
     compiled = compile_recipe(source, base, overrides, options, allow_pickle=allow_pickle,
                               follow_symlinks=follow_symlinks, allow_plugins=allow_plugins)
     compiled.warnings[:0] = imported  # a mergekit config's import warnings come first

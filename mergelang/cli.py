@@ -93,6 +93,8 @@ def _tune_gc() -> None:
 @click.option("--memory-budget", default=None, metavar="SIZE", help="cap on live + prefetched tensor bytes, e.g. 8GB")
 @click.option("--dtype", default=None, help="output dtype (overrides the recipe's `option dtype`)")
 @click.option("--shard-size", default=None, metavar="SIZE", help="max shard size, e.g. 2GB (default 5GB)")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="the dtype the merge computes in (overrides `option compute_dtype`; default float32)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--resume", is_flag=True,
               help="continue an interrupted run from its work folder (same recipe and inputs)")
@@ -119,14 +121,14 @@ def _tune_gc() -> None:
                    "output kept of each input's task vector, its cosine and distance to each input")
 @_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
-        dtype: str | None, shard_size: str | None, force: bool, resume: bool, nan_check: str | None,
-        fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
+        dtype: str | None, shard_size: str | None, compute_dtype: str | None, force: bool, resume: bool,
+        nan_check: str | None, fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
         log_json: bool = False, executor: str = "local", ray_address: str | None = None,
         allow_plugins: bool = False, no_card: bool = False, report: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
-                 allow_plugins=allow_plugins)
+                 allow_plugins=allow_plugins, compute_dtype=compute_dtype)
     plan = r.compilation.plan
     from mergelang.runtime.executor import resolve_device
 

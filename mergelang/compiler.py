@@ -274,6 +274,8 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
     el.models = models
     el.out_dtype = opts.dtype
     graph = el.build(*unit.blocks)
+    if opts.compute_dtype != "float32":  # default graphs carry no mark (their plans are unchanged)
+        graph.graph["compute_dtype"] = opts.compute_dtype
     if diags.has_errors:
         improve_diagnostics(diags, models, block.source)  # type: ignore[union-attr]
         _fail(diags, models)

@@ -296,6 +296,7 @@ CODES: dict[str, str] = {
     "E210": "sidecar tensor has the wrong shape",
     "E220": "a model-wide statistic's fraction is not a number in [0, 1]",
     "E221": "a model-wide statistic needs float values",
+    "E222": "NaN or infinite values in an input tensor (option nan_check = \"error\")",
     "E230": "model_quantile_value's offset is not an integer known at compile time",
     # models and checkpoints
     "E301": "model not found",
@@ -406,6 +407,7 @@ CODES: dict[str, str] = {
     "W104": "vocabulary tensors resized (option resize_vocab)",
     "W105": "a model's tokenizer cannot be read for tokenizer_source (its vocabulary is assumed to be the base's)",
     "W109": "a model's config.json disagrees with its tensors on the layer or expert count",
+    "W125": "NaN or infinite values in an input tensor (option nan_check = \"warn\")",
     "W108": "low_rank's rank is more than min(rows, cols) of the delta: clamped",
     "W107": "block-scaled FP8 models merged with others: all dequantized, the output takes the reference's format",
     "W106": "the loss does not depend on a learn param (zero gradient): it keeps its value",

@@ -20,7 +20,9 @@ class RecipeOptions(BaseModel):
     shard_size: ByteSize = ByteSize(DEFAULT_SHARD_SIZE)
     copy_files: bool = True  # copy config.json, tokenizer and other small files from the reference
     resize_vocab: bool = False  # truncate/pad other models' embeddings to the reference's vocab
-    nan_check: Literal["error", "warn", "off"] = "error"  # NaN/Inf in an output tensor (E503)
+    nan_check: Literal["error", "warn", "off"] = "error"  # NaN/Inf in an input or output tensor
+    # the dtype a merge's arithmetic runs in (inputs are upcast to it on load)
+    compute_dtype: Literal["float32", "float64"] = "float32"
     # the output's tokenizer, as mergekit's tokenizer_source: "base" (the `merge from` model's),
     # "union" (every model's tokens) or a model's name; every model's embedding and lm_head rows
     # are then mapped by token to it (sources/tokenizer.py). None: rows are merged as stored
@@ -37,6 +39,11 @@ class RecipeOptions(BaseModel):
         if v is not None and v <= 0:
             raise ValueError("pad_to_multiple_of must be a positive integer")
         return v
+
+    @field_validator("compute_dtype", mode="before")
+    @classmethod
+    def _compute(cls, v: Any) -> Any:
+        return ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("dtype")
     @classmethod

@@ -65,12 +65,14 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
              shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
-             follow_symlinks: bool = False, allow_plugins: bool = False):
+             follow_symlinks: bool = False, allow_plugins: bool = False,
+             compute_dtype: str | None = None):
     from mergelang.api import compile as ml_compile
 
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
                             allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
-                            allow_plugins=allow_plugins, **_overrides(sets))
+                            allow_plugins=allow_plugins, compute_dtype=compute_dtype,
+                            **_overrides(sets))
     if recipe_obj.warnings and log_json:
         from mergelang.progress import diagnostic_event
 

@@ -282,6 +282,9 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
               help="optimizer steps [default: one pass over the batches]")
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--clamp", type=click.Choice(["project", "use"]), default="project", show_default=True,
+              help="keep ranged params in range: clamp the param after each step (project) or only "
+                   "where the merge uses it (use: the AdaMerging paper's code, FusionBench's clamp_weights)")
 @search_device_opt
 @search_force_opt
 @click.option("-q", "--quiet", is_flag=True, help="no per-step log")
@@ -290,7 +293,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
 @follow_opt
 @_guard
 def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr: float,
-              optimizer: str, device: str, force: bool, quiet: bool, sets: tuple[str, ...],
+              optimizer: str, clamp: str, device: str, force: bool, quiet: bool, sets: tuple[str, ...],
               allow_pickle: bool, follow_symlinks: bool) -> None:
     """Learn RECIPE's `learn` params by gradient descent on a loss, then write the merge."""
     from mergelang.search.objectives import load_function, load_value
@@ -301,7 +304,8 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
     _check_output(r, out, force, [*_objective_file(loss), *_objective_file(data)])  # before learning
     say = None if quiet else (lambda msg: click.echo(msg, err=True))
     try:
-        res = r.learn(loss_fn, batches, steps=steps, lr=lr, optimizer=optimizer, device=device, log=say)
+        res = r.learn(loss_fn, batches, steps=steps, lr=lr, optimizer=optimizer, device=device, log=say,
+                      clamp=clamp)
     finally:
         r.close()
     from mergelang.commands.common import _echo_diags

@@ -239,6 +239,8 @@ class RaySession:
                 if progress is not None:
                     progress(nbytes)
             for code, message, help_ in warns:
+                if any(w.code == code and w.message == message for w in warnings):
+                    continue  # an input read by several units (W125) is reported once
                 diag = warning(code, message, None, help_)
                 say(diag.render())
                 warnings.append(diag)

@@ -115,6 +115,7 @@ class MergeWorker:
         the NaN warnings (nan_check = "warn"), and (code, message, help) of a diagnostic that
         stopped the unit (E503, E501), else None."""
         from mergelang.io.checked import CheckedSink
+        from mergelang.io.inputcheck import InputCheck, checked_inputs
         from mergelang.passes.pipeline import plan_for
         from mergelang.passes.stats import fill
         from mergelang.runtime.executor import execute
@@ -127,8 +128,10 @@ class MergeWorker:
         diags: list[Any] = []
         spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
         sink = CheckedSink(out.write, nan_mode, lambda msg: None, spans, diags, out.write_rows)
+        check = None if nan_mode == "off" else InputCheck(nan_mode, lambda msg: None, {}, diags)
         try:
-            execute(final, self.c.models, sink, self.device, memory_budget=self.budget)
+            execute(final, checked_inputs(self.c.models, check), sink, self.device,
+                    memory_budget=self.budget)
             out.close(fsync)
         except MergelangError as e:
             d = e.diagnostics[0]

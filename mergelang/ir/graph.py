@@ -120,6 +120,12 @@ class MergeGraph(nx.DiGraph):
             return order
         return list(nx.lexicographical_topological_sort(self))
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype float values are computed in: "float32", or "float64" when the recipe asks
+        for it (option compute_dtype; the compiler sets it, clones and copies keep it)."""
+        return self.graph.get("compute_dtype", "float32")
+
     def fresh_copy(self) -> "MergeGraph":
         g = MergeGraph()
         g.graph.update(self.graph)

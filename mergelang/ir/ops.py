@@ -77,6 +77,7 @@ def _table() -> dict[Op, OpInfo]:
         # reductions and order statistics
         Op.REDUCE: OpInfo(1, rules.reduction, foldable=True, row_local="scoped"),
         Op.DOT: OpInfo(2, rules.reduction, foldable=True, row_local="scoped"),
+        Op.ROW_KL: OpInfo(2, rules.reduction, row_local="scoped"),  # attrs over = "rows", eps
         Op.TOPK_MASK: OpInfo(1, rules.topk_mask, row_local="scoped"),
         Op.RANK: OpInfo(1, rules.order, row_local="scoped"),
         Op.BAND_MASK: OpInfo(1, rules.order, row_local="scoped"),

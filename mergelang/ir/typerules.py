@@ -205,10 +205,10 @@ def elementwise(op: Op, attrs: Attrs, args: list[TType]) -> TType:
 
 
 def reduction(op: Op, attrs: Attrs, args: list[TType]) -> TType:
-    """REDUCE (a kind over a scope) and DOT (an inner product over a scope)."""
-    if op is Op.DOT:
+    """REDUCE (a kind over a scope), DOT (an inner product over a scope) and ROW_KL (over rows)."""
+    if op is Op.DOT or op is Op.ROW_KL:
         for t in args:
-            _require(t, "float32", "dot")
+            _require(t, "float32", op.value)
         return _reduce_shape(broadcast(args), attrs["over"])
     if attrs["kind"] not in REDUCE_KINDS + SELECT_KINDS:
         raise TypeRuleError(f"unknown reduction {attrs['kind']!r}")

@@ -55,6 +55,7 @@ class Op(enum.Enum):
     # reductions with a scope (attrs: kind, over)
     REDUCE = "reduce"
     DOT = "dot"
+    ROW_KL = "row_kl"          # KL(softmax(x) + eps || softmax(y) + eps) per row, in float64
     # order statistics
     TOPK_MASK = "topk_mask"
     RANK = "rank"              # attrs: over, descending, normalized

@@ -169,10 +169,10 @@ def _per_row_peak(g: MergeGraph, seg: list[int], rowed: set[int], rows: int) -> 
     for i, nid in enumerate(seg):
         n = g.node(nid)
         if nid in rowed and n.op is not Op.OUTPUT:
-            live += n.type.nbytes / rows
+            live += live_bytes(g, nid) / rows  # (8 bytes a float value with compute_dtype float64)
         peak = max(peak, live)
-        live -= sum(g.node(a).type.nbytes / rows for a in frees.get(i, ()))
-    loads = [g.node(x).type.nbytes / rows for x in seg if x in rowed and g.node(x).op is Op.LOAD]
+        live -= sum(live_bytes(g, a) / rows for a in frees.get(i, ()))
+    loads = [live_bytes(g, x) / rows for x in seg if x in rowed and g.node(x).op is Op.LOAD]
     return peak + max(loads, default=0.0) + _outputs_bytes(g, seg) / rows
 
 
@@ -285,5 +285,5 @@ def _segment_peak(g: MergeGraph, seg: list[int], before: int) -> int:
 
 
 def _headroom(g: MergeGraph, seg: list[int]) -> int:
-    loads = [g.node(x).type.nbytes for x in seg if g.node(x).op is Op.LOAD]
+    loads = [live_bytes(g, x) for x in seg if g.node(x).op is Op.LOAD]
     return max(loads, default=0) + _outputs_bytes(g, seg)

@@ -20,7 +20,9 @@ FOLD_LIMIT = 64
 
 
 def _fold_constants(g: MergeGraph) -> MergeGraph:
-    """Evaluate nodes whose inputs are all constants (e.g. stacked weights, their sums)."""
+    """Evaluate nodes whose inputs are all constants (e.g. stacked weights, their sums), in the
+    graph's compute dtype."""
+    wide = g.compute_dtype == "float64"
     for nid in g.topo_order():
         n = g.node(nid)
         if n.op not in FOLDABLE or not n.args or n.op is Op.ASSERT:
@@ -28,11 +30,17 @@ def _fold_constants(g: MergeGraph) -> MergeGraph:
         args = [g.node(a) for a in n.args]
         if not all(a.op is Op.CONST for a in args) or n.type.numel > FOLD_LIMIT:
             continue
-        value = _fold_structural(n, args)
+        value = _fold_structural(n, args, wide)
         if value is None:  # arithmetic: run the kernel (imports torch, only when something folds)
             from mergelang.runtime.kernels import KERNELS, run_node
 
-            value = as_python(run_node(n, [KERNELS[Op.CONST](a, []) for a in args]))
+            consts = [KERNELS[Op.CONST](a, []) for a in args]
+            if wide:  # float64 from the Python numbers, as the executor makes them
+                import torch
+
+                consts = [torch.tensor(a.attrs["value"], dtype=torch.float64).reshape(c.shape)
+                          if c.dtype == torch.float32 else c for a, c in zip(args, consts)]
+            value = as_python(run_node(n, consts))
         g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
     return g
 
@@ -42,7 +50,7 @@ def _f32(x: Any) -> float:
     return struct.unpack("<f", struct.pack("<f", float(x)))[0]
 
 
-def _fold_structural(n: Node, args: list[Node]) -> Any:
+def _fold_structural(n: Node, args: list[Node], wide: bool = False) -> Any:
     """Reshape, stack and index of constants without torch: they only move values (rounded to
     float32 as the kernels' tensors would be); the same attr value the kernel path gives (flat,
     float or bool). None: not such a node, or a value it does not handle."""
@@ -56,7 +64,7 @@ def _fold_structural(n: Node, args: list[Node]) -> Any:
         if a.type.dtype != dtype or not all(isinstance(x, (bool, int, float)) for x in v):
             return None
         try:
-            flats.append(tuple(bool(x) if dtype == "bool" else _f32(x) for x in v))
+            flats.append(tuple(bool(x) if dtype == "bool" else float(x) if wide else _f32(x) for x in v))
         except OverflowError:
             return None
     if n.op is Op.INDEX:

@@ -88,8 +88,8 @@ def chunk(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPla
 
 
 def fuse(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan:
-    if target.device != "cpu" or not target.fuse:
-        return plan
+    if target.device != "cpu" or not target.fuse or plan.graph.compute_dtype != "float32":
+        return plan  # the generated loops are float32 (the plan says so for float64)
     from mergelang.passes.fuse import fuse_plan
 
     fused = fuse_plan(plan)

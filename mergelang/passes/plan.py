@@ -44,9 +44,10 @@ def live_bytes(g: MergeGraph, nid: int) -> int:
     n = g.node(nid)
     if n.op is Op.CONST:
         return 0
+    wide = 2 if n.type.dtype == "float32" and g.compute_dtype == "float64" else 1
     if n.op is Op.LOOP:  # its result, plus what one round of its body holds at once
-        return n.type.nbytes + n.attrs["peak"]
-    return n.type.nbytes
+        return n.type.nbytes * wide + n.attrs["peak"]
+    return n.type.nbytes * wide
 
 
 def lower(g: MergeGraph, eager: bool = False) -> ExecutionPlan:
@@ -73,7 +74,8 @@ def frees_after(g: MergeGraph, order: list[int], keep: Callable[[int], bool] = l
 
 def schedule(g: MergeGraph, order: list[int]) -> tuple[list[Step], int]:
     """Steps for running `order`: each value is freed after its last use; and the peak of live
-    bytes (float32 compute; outputs are handed off, constants are free)."""
+    bytes (8 bytes per float value with compute_dtype float64, else 4; outputs are handed off,
+    constants are free)."""
     frees = frees_after(g, order)
     steps = []
     live = peak = 0
@@ -123,8 +125,11 @@ def _format_steps(plan: ExecutionPlan) -> str:
     names = {g.node(o).attrs["name"] for o in plan.outputs}
     budget = f"; split into row chunks for a budget of {_size(plan.budget)}" if plan.budget else ""
     lines = [f"# {len(names)} outputs, {len(plan.steps)} steps; reads {_size(plan.read_bytes)}, "
-             f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} (float32 compute)"
+             f"writes {_size(plan.write_bytes)}, peak live {_size(plan.peak_bytes)} ({g.compute_dtype} compute)"
              f"{budget}"]
+    if g.compute_dtype == "float64":
+        lines.append("# compute_dtype float64: inputs upcast to float64 on load; no fused CPU loops "
+                     "(they are generated for float32), torch kernels run every op")
     attr_text: dict[tuple, str] = {}  # memo: most ops repeat per tensor (the text is the same)
     type_text: dict[Any, str] = {}
     for step in plan.steps:
@@ -149,7 +154,8 @@ def _format_steps(plan: ExecutionPlan) -> str:
         free = f"  ; free {', '.join(f'%{local[a]}' for a in step.free)}" if step.free else ""
         ty = type_text.get(n.type)
         if ty is None:
-            ty = type_text[n.type] = str(n.type)
+            ty = type_text[n.type] = str(n.type if n.type.dtype != "float32" or n.op is Op.OUTPUT
+                                         else n.type.with_(dtype=g.compute_dtype))
         lines.append(f"%{local[step.nid]} = {what} : {ty}{free}")
     return "\n".join(lines) + "\n"
 

@@ -161,7 +161,7 @@ def split_stats(g: MergeGraph) -> tuple[list[MergeGraph], MergeGraph, tuple[Stat
         for nid, n in stats:
             if specs[n.attrs["key"]].level == d:
                 h.make(Op.OUTPUT, [n.args[0]], Attrs(name=f"{n.attrs['key']}\t{n.attrs['tensor']}",
-                                                     order=order, dtype="float32"), n.span)
+                                                     order=order, dtype=g.compute_dtype), n.span)
                 order += 1
         passes.append(h)
     return passes, placeholders(), tuple(specs.values())

@@ -213,6 +213,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
     live = 0
     bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
     on_device = dev.type != "cpu"
+    run = run_node if g.compute_dtype == "float32" else _run_float64
     for step in plan.steps:
         node = g.node(step.nid)
         if node.op is Op.LOAD:
@@ -225,7 +226,7 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
             try:
                 out = bufs.run(node, step.nid, args, step.free)
                 if out is None:
-                    out = run_node(node, args, dev.type)
+                    out = run(node, args, dev.type)
                 if on_device and out.device != dev:  # constants, statistics: made on the CPU
                     out = out.to(dev)
             except CheckFailed as exc:
@@ -253,6 +254,18 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 live -= _nbytes(t)
             bufs.freed(nid, t)
             del t
+
+
+def _run_float64(node, args: list[torch.Tensor], device: str) -> torch.Tensor:
+    """`run_node` with compute_dtype float64: constants are made in float64 from their Python
+    numbers, and a float value a kernel returns in float32 (masks made numbers, ranks) is
+    widened, so every float value of the plan is float64. Outputs are cast as usual."""
+    if node.op is Op.CONST and node.type.dtype == "float32":
+        return torch.tensor(node.attrs["value"], dtype=torch.float64).reshape(node.type.full_shape)
+    out = run_node(node, args, device)
+    if node.op is not Op.OUTPUT and out.dtype == torch.float32 and node.type.dtype == "float32":
+        return out.double()
+    return out
 
 
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,

@@ -1,5 +1,6 @@
 """Loads: one LOAD node's tensor read from its model source (whole or a row chunk), and the
-upcast to float32 the compute loop works in. Used by both executors (sequential, overlapped)."""
+upcast to the dtype the compute loop works in (float32; float64 with compute_dtype float64).
+Used by both executors (sequential, overlapped)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
     node = plan.graph.node(nid)
     src = models[node.attrs["model"]]
     assert src is not None
-    want = torch.float32 if upcast and node.type.dtype == "float32" else None
+    want = compute_dtype(plan) if upcast and node.type.dtype == "float32" else None
     kw = {"view": True} if node.attrs.get("view") else {}  # only kernels read it (fuse.py)
     if node.attrs.get("stored"):  # FP8 codes or their block scales (passes/fp8_reads.py)
         t = src.load_stored(node.attrs["tensor"], **kw)
@@ -34,5 +35,11 @@ def read_value(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], ni
 
 
 def upcast(plan: ExecutionPlan, nid: int, t: torch.Tensor) -> torch.Tensor:
-    """A LOAD's value: float32, unless the tensor passes through raw (ints, bools)."""
-    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(torch.float32)
+    """A LOAD's value: float32 (float64 with compute_dtype float64), unless the tensor passes
+    through raw (ints, bools)."""
+    return t if plan.graph.node(nid).type.dtype != "float32" else t.to(compute_dtype(plan))
+
+
+def compute_dtype(plan: ExecutionPlan) -> torch.dtype:
+    """The torch dtype of the plan's float values (option compute_dtype)."""
+    return torch.float64 if plan.graph.compute_dtype == "float64" else torch.float32

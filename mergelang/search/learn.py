@@ -268,10 +268,15 @@ def check_lr(lr: Any) -> float:
 def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[..., Any],
                  loss: Callable[..., Any], batches: Any, *, steps: int | None = None,
                  lr: float = 1e-2, optimizer: str = "adam", device: str = "cpu",
-                 log: Callable[[str], None] | None = None) -> Learned:
+                 log: Callable[[str], None] | None = None, clamp: str = "project") -> Learned:
+    """`clamp` keeps a param with a declared range in it: "project" clamps the param itself after
+    each step; "use" clamps only the value the merge uses (the AdaMerging paper's code and
+    FusionBench's `clamp_weights`), the raw param moves freely and the result is its clamp."""
     import torch
 
     names = c.learnable
+    if clamp not in ("project", "use"):
+        raise MergelangError(error("E902", f"clamp must be project or use, not {clamp!r}"))
     if not names:
         raise MergelangError(error("E901", "nothing to learn: no param is declared `learn`", None,
                                    "declare one, e.g. param lam = [0.3, 0.3] learn"))
@@ -303,8 +308,10 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
         moved: dict[str, bool] = {n: False for n in names}
         for step, batch in enumerate(_batches(batches, steps)):
             opt.zero_grad()
-            values = {n: p.detach().tolist() for n, p in params.items()}
-            state = program.state(params, values)
+            used = params if clamp == "project" else \
+                {n: p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p for n, p in params.items()}
+            values = {n: p.detach().tolist() for n, p in used.items()}
+            state = program.state(used, values)
             if cc.output_names:
                 split: dict[str, dict[str, Any]] = {n: {} for n in cc.output_names}
                 for k, v in state.items():
@@ -336,7 +343,7 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
                                            "learning stopped there", None,
                                            "a smaller --lr may help; nothing was written"))
             with torch.no_grad():
-                for n, rng in ranges.items():  # projected: stay in the declared range
+                for n, rng in ranges.items() if clamp == "project" else ():  # stay in the range
                     params[n].clamp_(rng.lo, rng.hi)
             losses.append(float(value.detach()))
             if log is not None:
@@ -350,7 +357,8 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
                                      "(its gradient was zero at every step), so it kept its value",
                                      spans.get(n), "check that the loss uses the tensors this param "
                                      "scales, and that a top-k density is not what it sets"))
-        values = {n: p.detach().cpu().tolist() for n, p in params.items()}
+        values = {n: (p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p).detach().cpu().tolist()
+                  for n, p in params.items()}
         return Learned(values, losses, warns, with_params)
     finally:
         cc.close()

@@ -221,6 +221,22 @@ def test_statistics_by_radix_select_under_a_budget(cluster, models, tmp_path):
     assert local == remote
 
 
+def test_input_nan_check_on_ray(cluster, tmp_path):
+    """--nan-check covers the inputs the workers read: E222 stops the run, "warn" gives W125
+    (once), as the local executor does."""
+    root = tmp_path / "m"
+    sds = {n: make_sd(i, SHAPES) for i, n in enumerate(("base", "a", "b"))}
+    sds["a"]["model.layers.2.mlp.weight"][0, 0] = float("nan")
+    ms = {n: write_model(root / n, sd, {"architectures": ["X"]}) for n, sd in sds.items()}
+    r = ml.compile(recipe(ms, tmp_path, BODIES["ties"].replace(", c]", "]")))
+    with pytest.raises(ml.MergelangError) as info:
+        r.run(tmp_path / "out", executor="ray", ray_address=cluster.address)
+    assert info.value.diagnostics[0].code == "E222" and "model `a`" in info.value.diagnostics[0].message
+    r.run(tmp_path / "out2", executor="ray", ray_address=cluster.address, nan_check="warn")
+    assert [d.code for d in r.run_warnings].count("W125") == 1
+    r.close()
+
+
 def test_a_python_plugin_method_runs_on_the_workers(cluster, tmp_path):
     """A method written in Python (examples/plugins/sdmecha_methods.py, `import "m.py"` with
     allow_plugins) gives the workers' bytes equal to a local run's."""

@@ -52,7 +52,7 @@ def workdir(tmp_path_factory) -> Path:
         folder = root / "models" / name
         folder.mkdir(parents=True)
         save_file(model_tensors(10 * k), str(folder / "model.safetensors"))
-    for name in RECIPES:
+    for name in RECIPES + ("ties_f64",):
         shutil.copy(GOLDEN / f"{name}.mrg", root / f"{name}.mrg")
     return root
 
@@ -101,3 +101,16 @@ def test_optimized_is_smaller(workdir: Path):
         graph = emit(workdir, name, "graph").count("\n")
         optimized = emit(workdir, name, "optimized").count("\n")
         assert optimized < graph, name
+
+
+def test_emit_plan_shows_the_compute_dtype(workdir: Path):
+    """option compute_dtype = "float64": the plan says so (header, float values typed f64, no
+    fused loops and why); the same recipe without the option keeps its golden plan."""
+    text = emit(workdir, "ties_f64", "plan")
+    golden = GOLDEN / "ties_f64.plan.txt"
+    if UPDATE:
+        golden.write_text(text)
+        return
+    assert text == golden.read_text(), f"{golden.name} differs; MERGELANG_UPDATE_GOLDEN=1 to accept"
+    assert "(float64 compute)" in text and "no fused CPU loops" in text
+    assert "(float32 compute)" in emit(workdir, "ties", "plan")

@@ -155,3 +155,46 @@ def test_forward_runs_a_transformers_skeleton_with_merged_tensors() -> None:
         want = loaded(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert all(torch.equal(skeleton.state_dict()[k], sd[k]) for k in sd)  # the skeleton is untouched
+
+
+def _clamp_reference(targets, clamp: str, lr: float) -> float:
+    """A plain-torch loop: Adam on one coefficient λ in [0, 1] of base + λ(a − base), the
+    AdaMerging paper's code for clamp = "use" (torch.clamp(lambdas_raw, 0, 1) in forward), a
+    projection after each step for clamp = "project". Returns the λ the merge would use."""
+    raw = torch.nn.Parameter(torch.tensor(0.3))
+    opt = torch.optim.Adam([raw], lr=lr)
+    tvs = {k: A[k] - BASE[k] for k in BASE}
+    for t in targets:
+        lam = raw.clamp(0, 1) if clamp == "use" else raw
+        loss = sum((BASE[k] + lam * tvs[k] - (BASE[k] + t * tvs[k])).pow(2).mean() for k in BASE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if clamp == "project":
+            with torch.no_grad():
+                raw.clamp_(0, 1)
+    return float(raw.detach().clamp(0, 1))
+
+
+@pytest.mark.parametrize("clamp", ["project", "use"])
+def test_clamp_conventions_match_plain_torch_loops(clamp: str) -> None:
+    """The optimum moves from 1.5 (outside [0, 1]) to 0.6. Projected, λ follows it back to 0.6;
+    clamped where used (the paper's code), the raw λ has drifted past 1, where its gradient is
+    0, so the merge keeps λ = 1."""
+    targets = [1.5] * 60 + [0.6] * 200
+    r = _recipe("param lam = 0.3 in [0, 1] learn\n"
+                'merge from base { "*" => base + lam * (a - base) }\n')
+
+    def loss(state, t):
+        return sum((state[k] - (BASE[k] + t * (A[k] - BASE[k]))).pow(2).mean() for k in BASE)
+    kw = {} if clamp == "project" else {"clamp": clamp}
+    res = r.learn(loss, targets, lr=0.05, **kw)
+    want = _clamp_reference(targets, clamp, 0.05)
+    assert res.values["lam"] == pytest.approx(want, abs=1e-4)
+    assert want == (pytest.approx(0.6, abs=1e-2) if clamp == "project" else 1.0)
+
+
+def test_clamp_convention_is_checked() -> None:
+    r = _recipe("param lam = 0.3 in [0, 1] learn\nmerge from base { \"*\" => base + lam * (a - base) }\n")
+    with pytest.raises(MergelangError, match="clamp must be project or use"):
+        r.learn(lambda s, b: s["norm"].sum(), [0], clamp="paper")

@@ -129,6 +129,19 @@ def test_learn_cli_writes_the_learned_merge(project: Path) -> None:
     assert (project / "out" / "mergelang_recipe.mrg").is_file()
 
 
+@pytest.mark.parametrize("clamp", ["project", "use"])
+def test_learn_cli_clamp_option(project: Path, clamp: str) -> None:
+    """--clamp is passed to learn (l.mrg's w has no range, so both give the same values); a
+    convention that does not exist is a usage error."""
+    res = _run("learn", "l.mrg", "--loss", "obj.py:loss", "--data", "obj.py:BATCHES", "-o", f"out-{clamp}",
+               "--lr", "0.05", "-q", "--clamp", clamp)
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("w = "))
+    assert json.loads(line[4:]) == pytest.approx([0.3, 0.6], abs=1e-3)
+    assert _run("learn", "l.mrg", "--loss", "obj.py:loss", "--data", "obj.py:BATCHES", "-o", "x",
+                "--clamp", "paper").exit_code == 2
+
+
 def test_learn_cli_bad_data_is_E905(project: Path) -> None:
     res = _run("learn", "l.mrg", "--loss", "obj.py:loss", "--data", "obj.py:NOPE", "-o", "out")
     assert res.exit_code == 1 and "E905" in res.output

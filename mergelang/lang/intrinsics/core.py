@@ -195,6 +195,19 @@ def _dot(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.DOT, args, Attrs(over=over), span))
 
 
+@intrinsic("row_kl", "x", "y", ("eps", 1e-8),
+           doc="KL(p || q) per row (last axis; a 1-D tensor is one row), p and q the softmax of "
+               "the rows of x and y plus eps: sum p log(p / q), computed in float64 (a float32 "
+               "sum over nearly equal rows cancels to noise), one value per row")
+def _row_kl(el: Elab, a: dict[str, Value], span: Span) -> Value:
+    eps = a["eps"]
+    if not (is_number(eps) and float(eps.value) >= 0):  # type: ignore[union-attr]
+        raise el.error("E203", f"row_kl's eps must be a number >= 0 known at compile time, got "
+                       f"{eps.describe()}", span)
+    args = [el.to_node(a[k], span) for k in ("x", "y")]
+    return TensorV(el.make(Op.ROW_KL, args, Attrs(over="rows", eps=float(eps.value)), span))  # type: ignore[union-attr]
+
+
 @intrinsic("quantile", "x", "q", ("over", None),
            doc="the q-quantile over a scope without interpolation: the entry at position "
                "floor(q (n - 1)) of the n values sorted ascending (numpy's method \"lower\"); "

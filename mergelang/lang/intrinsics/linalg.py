@@ -11,8 +11,9 @@ from mergelang.lang.values import Const, TensorV, Value, is_number
 
 
 @intrinsic("svd", "x", "part", ("k", None),
-           doc="thin float32 SVD of a 2-D tensor (per model of a stack): part \"U\", \"S\" or "
-               "\"Vh\", keeping the k leading singular triplets (default: all)")
+           doc="thin SVD (in the compute dtype) of a 2-D tensor (per model of a stack): part "
+               "\"U\", \"S\" or \"Vh\", keeping the k leading singular triplets (default: all); "
+               "the singular vectors of numerically zero singular values (not determined) are 0")
 def _svd(el: Elab, a: dict[str, Value], span: Span) -> Value:
     part, k = a["part"], a["k"]
     if not (isinstance(part, Const) and part.value in ("U", "S", "Vh")):
@@ -29,7 +30,8 @@ def _svd(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.SVD, [x], Attrs(part=part.value, k=kk), span))
 
 
-@intrinsic("polar", "x", doc="orthogonal polar factor U Vh of a 2-D tensor (float32 SVD)")
+@intrinsic("polar", "x", doc="polar factor U Vh of a 2-D tensor: orthogonal on its range, 0 on "
+                             "its numerical null space (the partial isometry)")
 def _polar(el: Elab, a: dict[str, Value], span: Span) -> Value:
     return TensorV(el.make(Op.POLAR, [el.to_node(a["x"], span)], Attrs(), span))
 

@@ -1,6 +1,8 @@
 """Torch kernels of the linear-algebra ops (2-D, batched over a stack's model axis).
 
-SVDs run in float32 (`torch.linalg.svd`, thin); the polar factor is U Vh of the thin SVD.
+SVDs run in the compute dtype (`torch.linalg.svd`, thin: float32, or float64 with option
+compute_dtype); the polar factor is U Vh of the thin SVD. The singular vectors of numerically
+zero singular values are not determined and are written as 0 (`determined_svd`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,26 @@ _LAST_SVD: list[tuple[weakref.ref, tuple[torch.Tensor, ...]]] = []
 def _full_svd(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if _LAST_SVD and _LAST_SVD[0][0]() is x:
         return _LAST_SVD[0][1]
-    result = tuple(torch.linalg.svd(x, full_matrices=False))
+    result = determined_svd(x)
     _LAST_SVD[:] = [(weakref.ref(x), result)]
     return result
+
+
+def determined_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD with the singular vectors of numerically zero singular values written as 0.
+
+    Singular values at most max(m, n) * eps * s_max (numpy's `matrix_rank` tolerance, with
+    float32's eps in both compute dtypes: the inputs are at most float32-precise, so directions
+    below that are input rounding) are zero up to rounding: their singular vectors are any
+    orthonormal basis of a null space, which LAPACK picks differently by build, dtype and input
+    rounding (a task vector with dead ReLU units has such zero directions). Writing them as 0
+    keeps U diag(S) Vh (to rounding) and makes every product of the factors determined: `polar`
+    becomes the partial isometry on the matrix's range (the canonical polar factor), 0 on its
+    null space; float32 and float64 runs then agree there."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    tol = s[..., :1] * max(x.shape[-2], x.shape[-1]) * torch.finfo(torch.float32).eps
+    keep = (s > tol).to(s.dtype)
+    return u * keep.unsqueeze(-2), s, vh * keep.unsqueeze(-1)
 
 
 def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
@@ -47,7 +66,7 @@ def _svd(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _polar(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(args[0], full_matrices=False)
+    u, _, vh = determined_svd(args[0])
     return u @ vh
 
 
@@ -74,7 +93,7 @@ def _wudi_adam(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     """Adam on WUDI's loss from X = sum of the task vectors, as FusionBench's `wudi_merging`
     (torch.optim.Adam, weight decay 0). Zero task vectors get weight 0 (the reference divides by
     their zero norm and produces NaN)."""
-    tvs = args[0].to(torch.float32)
+    tvs = args[0] if args[0].dtype == torch.float64 else args[0].to(torch.float32)
     n2 = tvs.reshape(tvs.shape[0], -1).square().sum(-1)
     w = torch.where(n2 > 0, 1.0 / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(n2))
     x = torch.nn.Parameter(tvs.sum(0).clone())

@@ -1,7 +1,8 @@
 """The LOOP kernel (`iterate`, see lang/loops.py): run the body's nodes in order, round after
 round, up to `times` rounds; stop as soon as a round leaves the state bit for bit unchanged (a
 fixed point: every later round would give it again). Values are freed after their last use in
-a round; constants are made once per call, on the state's device."""
+a round; constants are made once per call, on the state's device. With compute_dtype float64
+(float64 inputs) constants are made in float64 and float32 results widened, as the executor does."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def run_loop(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     body: tuple[Node, ...] = node.attrs["body"]
     dev = args[0].device
     last = {a: i for i, n in enumerate(body) for a in n.args}
-    consts = {i: run_node(n, [], dev.type).to(dev) for i, n in enumerate(body) if n.op is Op.CONST}
+    wide = any(a.dtype == torch.float64 for a in args)  # compute_dtype float64
+    consts = {i: _const(n, wide, dev.type).to(dev) for i, n in enumerate(body) if n.op is Op.CONST}
     inputs = list(args)
     x = inputs[0]
     for _ in range(node.attrs["times"]):
@@ -27,7 +29,8 @@ def run_loop(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
             elif n.op is Op.CONST:
                 vals[i] = consts[i]
             else:
-                vals[i] = run_node(n, [vals[a] for a in n.args], dev.type)  # type: ignore[misc]
+                v = run_node(n, [vals[a] for a in n.args], dev.type)  # type: ignore[misc]
+                vals[i] = v.double() if wide and v.dtype == torch.float32 else v
             for a in set(n.args):
                 if last[a] == i:
                     vals[a] = None
@@ -37,6 +40,12 @@ def run_loop(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
             break
         x = inputs[0] = nxt
     return x
+
+
+def _const(n: Node, wide: bool, device: str) -> torch.Tensor:
+    if wide and n.type.dtype == "float32":
+        return torch.tensor(n.attrs["value"], dtype=torch.float64).reshape(n.type.full_shape)
+    return run_node(n, [], device)
 
 
 KERNELS[Op.LOOP] = run_loop

@@ -117,6 +117,17 @@ def _sign(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return torch.sign(args[0])
 
 
+def _row_kl(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """KL(p || q) per row, p and q the softmax over the last axis of the two arguments plus eps,
+    computed in float64 (in float32, the sum of p log(p/q) over nearly equal rows cancels to
+    noise) and returned in the arguments' dtype."""
+    x, y = torch.broadcast_tensors(*(a.to(torch.float64) for a in args))
+    eps = node.attrs["eps"]
+    p = torch.softmax(x, dim=-1) + eps
+    q = torch.softmax(y, dim=-1) + eps
+    return (p * torch.log(p / q)).sum(dim=-1, keepdim=True).to(args[0].dtype)
+
+
 def _simple(fn: Callable[..., torch.Tensor]) -> Kernel:
     return lambda node, args: fn(*args)
 
@@ -138,7 +149,7 @@ KERNELS.update({
     Op.LT: _simple(torch.lt), Op.LE: _simple(torch.le), Op.GT: _simple(torch.gt),
     Op.GE: _simple(torch.ge), Op.AND: _simple(torch.logical_and), Op.OR: _simple(torch.logical_or),
     Op.WHERE: _simple(torch.where), Op.LERP: lambda node, args: args[0] + args[2] * (args[1] - args[0]),
-    Op.REDUCE: _reduce, Op.DOT: _dot, Op.TOPK_MASK: _topk_mask, Op.ASSERT: _assert,
+    Op.REDUCE: _reduce, Op.DOT: _dot, Op.ROW_KL: _row_kl, Op.TOPK_MASK: _topk_mask, Op.ASSERT: _assert,
     Op.OUTPUT: lambda node, args: args[0].to(torch_dtype(node.attrs["dtype"])),
 })
 
@@ -167,10 +178,11 @@ def _rank(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     (x,) = args
     over, stacked = node.attrs["over"], node.type.models is not None
     r = order_ranks(x, over, stacked, node.attrs["descending"])
+    out = x.dtype if x.dtype == torch.float64 else torch.float32  # compute_dtype float64
     if not node.attrs["normalized"]:
-        return r.to(torch.float32)
+        return r.to(out)
     n = _group_size(x, over, stacked)
-    return (r.to(torch.float64) / max(n - 1, 1)).to(torch.float32)
+    return (r.to(torch.float64) / max(n - 1, 1)).to(out)
 
 
 def _per_model(value: Any, x: torch.Tensor, stacked: bool) -> torch.Tensor | int:
