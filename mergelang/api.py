@@ -210,12 +210,9 @@ class Recipe:
         self._card = (Path(os.path.abspath(out_dir)).name, model_card, dict(origins or {}))
         if executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
-        if report:  # run --report's measurements (tools/merge_report.py)
-            from mergelang.tools.merge_report import reporter_for
+        from mergelang.tools.merge_report import reporter_for  # run --report's measurements
 
-            reporter = reporter_for(c, executor)
-        else:
-            reporter = None
+        reporter = reporter_for(c, executor) if report else None
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
             if executor == "ray" else None
         try:
