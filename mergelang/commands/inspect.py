@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from typing import Any
+
 import click
 
 from mergelang.commands.common import _guard, allow_pickle_opt, follow_opt
@@ -54,12 +56,15 @@ def inspect_cmd(base: str, models: tuple[str, ...], out: str, fmt: str, spectrum
                      log=lambda m: click.echo(m + "\n", err=True))
     if quiet:
         return
+    def num(x: Any, spec: str) -> str:  # "-" for an undefined statistic (no tensor, NaN/Inf)
+        return "-" if not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")) \
+            else format(x, spec)
+
     for lab, m in report["total"]["models"].items():
-        rel = "-" if m["rel_norm"] is None else f"{m['rel_norm']:.4g}"
-        click.echo(f"{lab}: |tau| {m['norm']:.4g} ({rel} of |base|), zeros {m['zero_frac']:.3g}", err=True)
+        click.echo(f"{lab}: |tau| {num(m['norm'], '.4g')} ({num(m['rel_norm'], '.4g')} of |base|), "
+                   f"zeros {num(m['zero_frac'], '.3g')}", err=True)
     for key, p in report["total"]["pairs"].items():
-        cos = "-" if p["cosine"] is None else f"{p['cosine']:.4f}"
-        sa = "-" if p["sign_agreement"] is None else f"{p['sign_agreement']:.4f}"
-        click.echo(f"{key}: cosine {cos}, sign agreement {sa}", err=True)
+        click.echo(f"{key}: cosine {num(p['cosine'], '.4f')}, sign agreement "
+                   f"{num(p['sign_agreement'], '.4f')}", err=True)
     click.echo(f"inspected {len(report['tensors'])} tensors in {time.perf_counter() - start:.1f}s; "
                f"wrote {out}", err=True)

@@ -109,6 +109,7 @@ def load_model(spec: str | Path, device: Any, want: str = "any", weights: bool =
     quiet_transformers()
     config = load_config(folder)
     cls = model_class(config, want)
+    _config_fits(cls, config, folder, spec)
     try:
         if weights:
             model = cls.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False)
@@ -121,6 +122,33 @@ def load_model(spec: str | Path, device: Any, want: str = "any", weights: bool =
                    "the model must be loadable by transformers (no remote code)") from None
     model = model.to(device).float().eval()
     return LoadedModel(model, load_tokenizer(folder), folder, name_map(model, folder))
+
+
+def _config_fits(cls: Any, config: Any, folder: Path, spec: Any) -> None:
+    """E960 before any weight is allocated when config.json does not describe the checkpoint
+    (a config without sizes builds transformers' default, e.g. a 7B Llama: 28 GB of float32)."""
+    import torch
+    from mergelang.io.locate import open_model
+
+    try:
+        with torch.device("meta"):
+            meta = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        src = open_model("model", folder)
+    except Exception:  # noqa: BLE001 - no safetensors to compare with: from_pretrained decides
+        return
+    try:
+        shapes = {n: tuple(i.shape) for n, i in src.tensors().items()}
+    finally:
+        src.close()
+    names = name_map(meta, folder)
+    own = meta.state_dict()
+    wrong = [(n, c) for n, c in names.items() if tuple(own[n].shape) != shapes[c]]
+    if wrong or not names:
+        what = (f"`{wrong[0][1]}` is {list(shapes[wrong[0][1]])} in the checkpoint and "
+                f"{list(own[wrong[0][0]].shape)} by config.json") if wrong else \
+            "none of the model's parameters is in the checkpoint"
+        raise fail("E960", f"model {spec}: config.json does not describe its checkpoint: {what}",
+                   "give the config.json the model was saved with (hidden sizes, layer counts)")
 
 
 def quiet_transformers() -> None:

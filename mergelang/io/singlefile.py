@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import shutil
 import struct
 import tempfile
@@ -68,7 +69,7 @@ def run_single_file(recipe: Any, out: str | Path, force: bool, resume: bool, kw:
                                    "a single-file output is assembled after the merge: rerun "
                                    "without --resume, or write a folder"))
     if recipe.output_names or recipe.adapter_outputs():
-        what = "several outputs" if recipe.output_names else "a LoRA adapter"
+        what = "named outputs (one folder each)" if recipe.output_names else "a LoRA adapter"
         raise MergelangError(error("E423", f"-o {out}: a single safetensors file holds one model, and "
                                    f"this recipe writes {what}", None, "give an output folder instead"))
     durable = kw.pop("fsync", True)  # the private folder is never kept: only the file is synced
@@ -78,6 +79,9 @@ def run_single_file(recipe: Any, out: str | Path, force: bool, resume: bool, kw:
                                  durable)
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
+    except MergelangError as exc:  # the private folder is gone: no --resume advice
+        raise MergelangError([replace(d, notes=tuple(n for n in d.notes if "--resume" not in n[0]))
+                              for d in exc.diagnostics]) from None
 
 
 def write_single_file(out: str | Path, inputs: Iterable[Path], force: bool,

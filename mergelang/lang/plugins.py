@@ -32,7 +32,7 @@ from mergelang.diagnostics import CompileError, Diagnostics, Span, error, warnin
 #: the entry-point group installed packages register their methods under
 ENTRY_POINT_GROUP = "mergelang.methods"
 
-_KINDS = {float: "number", int: "number", bool: "bool", str: "string"}
+_KINDS = {float: "number", int: "whole number", bool: "bool", str: "string"}
 
 
 class PluginError(ValueError):
@@ -195,16 +195,18 @@ def load_plugins(files: list[tuple[Path, Span]], called: set[str], known: set[st
         except PluginError as exc:
             diags.add(error("E115", str(exc), span))
             continue
-        except Exception as exc:  # noqa: BLE001 - the plugin's own code failed on import
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the plugin's own code failed on import
             diags.add(error("E114", f"plugin file {path.name} failed on import: "
                             f"{type(exc).__name__}: {exc}", span))
             continue
         if not found:
             diags.add(warning("W006", f"plugin file {path.name} declares no @mergelang.method", span))
         for name, m in found.items():
-            if name in known:
-                diags.add(error("E115", f"plugin method `{name}` has the name of a built-in or "
-                                "standard-library method", span, "give it another name"))
+            if name in known or name in out:
+                where = "another plugin file's method" if name in out else \
+                    "a built-in, standard-library or recipe function"
+                diags.add(error("E115", f"plugin method `{name}` has the name of {where}", span,
+                                "give it another name"))
                 continue
             out[name] = m
         diags.add(warning("W005", f"this recipe runs Python code from {path} (methods: "
@@ -307,6 +309,7 @@ def _value(el: Any, m: PluginMethod, name: str, kind: str, v: Any, span: Span) -
     ok = isinstance(v, Const) and not isinstance(v.value, Deferred) and (
         v.value is None or (kind == "number" and isinstance(v.value, (int, float))
                             and not isinstance(v.value, bool))
+        or (kind == "whole number" and isinstance(v.value, int) and not isinstance(v.value, bool))
         or (kind == "bool" and isinstance(v.value, bool)) or (kind == "string" and isinstance(v.value, str)))
     if not ok:
         raise CompileError(error("E115", f"`{m.name}`'s `{name}` takes a {kind} known at compile "

@@ -142,7 +142,9 @@ def line_figure_svg(title: str, data: dict[str, Any]) -> str:
 
 
 def _json_block(data: Any) -> str:
-    return json.dumps(data, allow_nan=False).replace("</", "<\\/")
+    from mergelang.tools.inspect_stats import json_safe
+
+    return json.dumps(json_safe(data), allow_nan=False).replace("</", "<\\/")
 
 
 def _fmt(v: Any) -> str:

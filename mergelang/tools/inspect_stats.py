@@ -165,7 +165,7 @@ def tensor_group(base: "torch.Tensor", xs: Sequence["torch.Tensor"], spectrum_k:
 
             b = base.to(device=device, dtype=torch.float64)
             sp = spectrum(x.to(device=device, dtype=torch.float64) - b, spectrum_k)
-            g.models[i].eff_ranks = [sp["effective_rank"]]
+            g.models[i].eff_ranks = [] if sp["effective_rank"] is None else [sp["effective_rank"]]
         spectra.append(sp)
     return g, spectra
 
@@ -281,6 +281,9 @@ def spectrum(t: "torch.Tensor", k: int) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
+    if not bool(torch.isfinite(t).all()):  # no SVD of NaN/Inf: the spectrum is unknown (null)
+        return {"top": None, "effective_rank": None, "stable_rank": None,
+                "seconds": time.perf_counter() - t0, "non_finite": True}
     sv = torch.linalg.svdvals(t.to(torch.float32)).to(torch.float64)
     total = float(sv.sum())
     secs = time.perf_counter() - t0
@@ -291,3 +294,15 @@ def spectrum(t: "torch.Tensor", k: int) -> dict[str, Any]:
     entropy = float(-(p * p.log()).sum())
     return {"top": [float(v) for v in sv[:k]], "effective_rank": math.exp(entropy),
             "stable_rank": float((sv * sv).sum() / (sv[0] * sv[0])), "seconds": secs}
+
+
+def json_safe(x: Any) -> Any:
+    """`x` with every NaN / infinite float as None (JSON null): a report of models holding
+    non-finite values stays valid JSON (statistics over them are undefined)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mergelang.diagnostics import MergelangError, error
 from mergelang.tools.inspect_stats import location
+from mergelang.tools.inspect_stats import json_safe
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +154,7 @@ class MergeReport:
 
         report = self.to_json()
         extra = dict(files.get("extra_files") or {})
-        extra[REPORT_JSON] = json.dumps(report, indent=1, allow_nan=False) + "\n"
+        extra[REPORT_JSON] = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
         if html:
             extra[REPORT_HTML] = report_html(report)
         return {**files, "extra_files": extra}
@@ -249,7 +250,7 @@ def report_html(report: dict[str, Any]) -> str:
             data = {"layers": [int(x) for x in layers],
                     "series": {lab: [report["layers"][k].get(lab, {}).get(key) for k in layers] for lab in inputs}}
             if layers:
-                block = json.dumps(data, allow_nan=False).replace("</", "<\\/")
+                block = json.dumps(json_safe(data), allow_nan=False).replace("</", "<\\/")
                 figs += (f'<figure id="fig-{key}"><figcaption>{title}</figcaption>{line_figure_svg(title, data)}'
                          f'<script type="application/json" class="figure-data" data-figure="{key}">'
                          f'{block}</script></figure>')

@@ -16,6 +16,7 @@ from mergelang.diagnostics import MergelangError
 from mergelang.errors import CodedError, to_diagnostic
 from mergelang.io.outguard import MANIFEST_NAME, manifest_text
 from mergelang.io.workfolder import WorkFolder, os_error
+from mergelang.tools.inspect_stats import json_safe
 
 
 class ReportFolder(WorkFolder):
@@ -85,5 +86,6 @@ class ReportFolder(WorkFolder):
 def dumps(report: dict[str, Any]) -> str:
     """report.json's text (NaN never occurs: undefined ratios are null)."""
     if len(report.get("tensors", ())) > 2000:  # compact: ~1 kB per tensor less
-        return json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n"
-    return json.dumps(report, indent=1, allow_nan=False) + "\n"
+        return json.dumps(json_safe(report), separators=(",", ":"), allow_nan=False) + "\n"
+    return json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
+

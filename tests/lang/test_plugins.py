@@ -177,7 +177,7 @@ def test_E115_shape_rule_and_name_clash(folder):
 
 
 @pytest.mark.parametrize("ret, words", [("a[:1]", "promised"), ("1 / 0 * a", "ZeroDivisionError"),
-                                        ("a.to(torch.int64)", "not floats")])
+                                        ("a.to(torch.int64)", "not float values")])
 def test_E117_plugin_failing_at_run_time(folder, tmp_path, ret, words):
     (folder / "p.py").write_text("import torch, mergelang\n\n@mergelang.method\n"
                                  f"def f(a: torch.Tensor) -> torch.Tensor:\n    return {ret}\n")

@@ -14,19 +14,19 @@ def _int(el: Elab, v: Value, what: str, span: Span) -> int:
         return v.value
     if isinstance(v, Const) and isinstance(v.value, float) and v.value.is_integer():
         return int(v.value)
-    raise el.error("E201", f"range's {what} must be a whole number known at compile time, got "
+    raise el.error("E201", f"{what} must be a whole number known at compile time, got "
                    f"{v.describe()}", span)
 
 
 @intrinsic("range", "start", ("stop", None), ("step", 1),
            doc="the list [start, start + step, ...] below stop (range(n): 0 .. n - 1), at compile time")
 def _range(el: Elab, a: dict[str, Value], span: Span) -> Value:
-    start = _int(el, a["start"], "start", span)
+    start = _int(el, a["start"], "range's start", span)
     if isinstance(a["stop"], Const) and a["stop"].value is None:
         start, stop = 0, start
     else:
-        stop = _int(el, a["stop"], "stop", span)
-    step = _int(el, a["step"], "step", span)
+        stop = _int(el, a["stop"], "range's stop", span)
+    step = _int(el, a["step"], "range's step", span)
     if step == 0:
         raise el.error("E203", "range's step must not be 0", span)
     n = len(range(start, stop, step))
@@ -51,7 +51,7 @@ def _zip(el: Elab, a: dict[str, Value], span: Span) -> Value:
 @intrinsic("enumerate", "x", ("start", 0),
            doc="[[start, x[0]], [start + 1, x[1]], ...]: positions with items")
 def _enumerate(el: Elab, a: dict[str, Value], span: Span) -> Value:
-    start = _int(el, a["start"], "start", span)
+    start = _int(el, a["start"], "enumerate's start", span)
     return ListV(tuple(ListV((Const(start + i), v)) for i, v in enumerate(items_of(el, a["x"], span))))
 
 
@@ -65,6 +65,12 @@ def _reduce(el: Elab, a: dict[str, Value], span: Span) -> Value:
                        f"{name.describe()}", span)
     fn = el.fns.get(name.value)
     if fn is None:
+        from mergelang.lang.intrinsics.registry import INTRINSICS
+
+        if name.value in INTRINSICS:
+            raise el.error("E201", f"reduce folds with a recipe or standard-library function, and "
+                           f"`{name.value}` is a built-in", span,
+                           f"wrap it: fn f(acc, x) {{ return {name.value}(acc, x) }}, then reduce(\"f\", ...)")
         raise el.error("E102", f"unknown function `{name.value}`", span,
                        did_you_mean(name.value, el.fns))
     params = [p.name for p in fn.params]

@@ -25,14 +25,15 @@ def run_plugin(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     try:
         m = lookup(node.attrs["origin"], name)
         out = m.fn(*args, **dict(node.attrs["values"]))
-    except Exception as exc:  # noqa: BLE001 - the user's code: reported, never a traceback
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: reported, never a traceback
         raise PluginFailed(f"plugin method `{name}` failed: {type(exc).__name__}: {exc}") from None
     want = node.type.full_shape
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise PluginFailed(f"plugin method `{name}` returned {got}, its shape rule promised {want}")
-    if not out.is_floating_point():
-        raise PluginFailed(f"plugin method `{name}` returned {out.dtype} values, not floats")
+    if not out.is_floating_point() or out.device.type == "meta":
+        what = "a meta tensor (no values)" if out.device.type == "meta" else f"{out.dtype} values"
+        raise PluginFailed(f"plugin method `{name}` returned {what}, not float values")
     return out.to(torch.float32)
 
 
