@@ -275,6 +275,8 @@ def _jsonl(p: Path, body: str, text_field: str) -> tuple[list[str], list[Any] | 
             keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
             raise fail("E961", f"{p}:{i}: no text field `{text_field}` (found: {keys})",
                        "choose the field with --field NAME")
+        if not obj[text_field].strip():  # an empty text, as a blank line of a .txt: no example
+            continue
         texts.append(obj[text_field])
         labels.append(obj.get("label"))
     have = [lab is not None for lab in labels]

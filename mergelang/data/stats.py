@@ -87,6 +87,9 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
         tensors, extra = _fisher(lm, d, dev, bs, seq_len, max_examples, counts, progress)
     if counts.examples == 0:
         raise fail("E961", f"data {d.source} gave no examples")
+    if counts.tokens == 0:  # empty texts: the statistics would be all zeros
+        raise fail("E961", f"data {d.source}: its {counts.examples} examples hold no tokens",
+                   "give examples with text")
     if counts.truncated:
         diags.append(_say(log, warning("W146", f"{counts.truncated} of {counts.examples} examples "
                                        f"are longer than --seq-len {seq_len} tokens: truncated",

@@ -291,6 +291,8 @@ def test_bad_inputs_are_coded(models, tmp_path):
     assert info.value.codes == ["E961"] and "bad.jsonl:2" in str(info.value)
     (tmp_path / "empty.txt").write_text("\n\n")
     assert "E961" in _codes(lambda: ml.stats(a, tmp_path / "empty.txt"))
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')  # examples, no tokens
+    assert "E961" in _codes(lambda: ml.stats(a, tmp_path / "blank.jsonl"))
     assert "E965" in _codes(lambda: ml.stats(a, txt, kind="hessian"))
     assert "E965" in _codes(lambda: ml.stats(a, txt, batch_size=0))
     # Fisher of a model without logits (a bare encoder), and of a classifier without labels
