@@ -20,7 +20,7 @@ from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
-    _compile, _echo_diags, _guard, _overrides, allow_pickle_opt, check_output_file, follow_opt,
+    _compile, echo_diags, _guard, _overrides, allow_pickle_opt, check_output_file, follow_opt,
     force_file_opt, plugins_opt, recipe_arg, recipe_inputs, set_opt, write_output_file)
 
 
@@ -329,7 +329,7 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
     result = import_file(config, out, layer_prefix, allow_crimes)
     if result.errors:
         raise MergelangError(result.diagnostics)
-    _echo_diags(result.diagnostics)
+    echo_diags(result.diagnostics)
     if out:
         write_output_file(out, result.text, [Path(config), *_imported_models(result.text, out)], force,
                           parents=True)

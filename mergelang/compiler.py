@@ -241,7 +241,7 @@ def _compile_recipe(source: SourceFile, base_dir: Path, overrides: Mapping[str, 
         ranges[decl.name] = param_range(decl, value, lambda e: el.eval(e, {}), diags, False)
     el.runtime = runtime_params(unit, params, runtime, diags)
     _derive_params(unit, el, overrides)
-    models = _open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
+    models = open_models(unit, el, overrides, diags, allow_pickle, follow_symlinks)
     models = dequantize_models(models, {d.name: d.value.span for d in unit.models}, diags)
     check_architectures(models, {d.name: d.value.span for d in unit.models}, diags)
     link_outputs(unit, models, diags)
@@ -347,7 +347,7 @@ def _fail(diags: Diagnostics, models: Mapping[str, ModelSource | None]) -> None:
     raise MergelangError(diags.items)
 
 
-def _open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Diagnostics,
+def open_models(unit: Unit, el: Elaborator, overrides: Mapping[str, Any], diags: Diagnostics,
                  allow_pickle: bool = False, follow: bool = False) -> dict[str, ModelSource | None]:
     models: dict[str, ModelSource | None] = {}
     adapters = []

@@ -370,7 +370,7 @@ def test_repository_paths_exist() -> None:
 
 
 # ------------------------------------------------------------------------------ measured numbers
-def _flat(text: str) -> str:
+def flat(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -389,7 +389,7 @@ def test_readme_quotes_the_recorded_digits_run() -> None:
     assert readme[start:].splitlines()[:len(table)] == table, "README's digits table != RESULTS.md"
     run = re.search(r"^Run: (.*?)\. The time column", rec, re.M | re.S).group(1)
     machine = re.search(r"^Machine: (.*?);", rec, re.M).group(1)
-    assert _flat(run) in _flat(readme) and _flat(machine) in _flat(readme)
+    assert flat(run) in flat(readme) and flat(machine) in flat(readme)
     after = readme[start:].split("\n\n")[1]  # the paragraph under the table
     vs_ta = {abs(float(v)) for ln in table[2:] for v in re.findall(r"\| ([+-]\d+\.\d) \(", ln)}
     quoted = {abs(float(v)) for v in re.findall(r"(?<![\w.])[+-]?\d+\.\d(?![\d%])", after)}
@@ -399,7 +399,7 @@ def test_readme_quotes_the_recorded_digits_run() -> None:
 def test_readme_quotes_the_recorded_warmup() -> None:
     line = [ln for ln in WARMUP_RESULTS.read_text(encoding="utf-8").splitlines() if ln.strip()][-1]
     wall = re.search(r"\*\*([\d.]+) s\*\* wall, ([\d.]+) s CPU", line)
-    readme = _flat((REPO / "README.md").read_text(encoding="utf-8"))
+    readme = flat((REPO / "README.md").read_text(encoding="utf-8"))
     assert wall and f"{wall.group(1)} s" in readme and f"{wall.group(2)} s CPU" in readme
     assert "benchmarks/results/warmup.md" in readme
     assert "~19 s" not in readme

@@ -15,7 +15,7 @@ import click
 from mergelang.diagnostics import Diagnostic, MergelangError
 
 
-def _echo_diags(diags: list[Diagnostic]) -> None:
+def echo_diags(diags: list[Diagnostic]) -> None:
     color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
     for d in diags:
         click.echo(d.render(color=color) + "\n", err=True)
@@ -29,7 +29,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MergelangError as exc:
-            _echo_diags(exc.diagnostics)
+            echo_diags(exc.diagnostics)
             n = sum(1 for d in exc.diagnostics if d.is_error)
             click.echo(f"mergelang: {n} error{'s' if n != 1 else ''}", err=True)
             sys.exit(1)
@@ -79,7 +79,7 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
         for d in recipe_obj.warnings:
             click.echo(diagnostic_event(d), err=True)
     elif recipe_obj.warnings:
-        _echo_diags(recipe_obj.warnings)
+        echo_diags(recipe_obj.warnings)
     return recipe_obj
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import _echo_diags, _guard
+from mergelang.commands.common import echo_diags, _guard
 from mergelang.diagnostics import MergelangError, error
 
 
@@ -45,7 +45,7 @@ def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | No
 
     res = stats(model, data, kind, out, max_examples=max_examples, batch_size=batch_size,
                 seq_len=seq_len, device=device, memory_budget=budget, field=field,
-                force=force, progress=not quiet, log=lambda d: _echo_diags([d]))
+                force=force, progress=not quiet, log=lambda d: echo_diags([d]))
     info = res.info
     click.echo(f"wrote {len(res.tensors)} {kind} tensors from {info['examples']} examples "
                f"({info['tokens']} tokens) to {res.path}", err=True)

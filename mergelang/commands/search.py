@@ -308,9 +308,9 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
                       clamp=clamp)
     finally:
         r.close()
-    from mergelang.commands.common import _echo_diags
+    from mergelang.commands.common import echo_diags
 
-    _echo_diags(res.warnings)
+    echo_diags(res.warnings)
     for name, v in res.values.items():
         click.echo(f"{name} = {json.dumps(_rounded(v))}")
     path = res.run(out, force=force, device=device)
@@ -320,13 +320,13 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
 
 def _warn_exits(res: Any) -> None:
     """W110 when objectives tried to end the process (sys.exit): those trials failed."""
-    from mergelang.commands.common import _echo_diags
+    from mergelang.commands.common import echo_diags
     from mergelang.diagnostics import warning
     from mergelang.search.study import EXITED
 
     exited = [t.number for t in res.trials if t.state == "fail" and (t.error or "").startswith(EXITED)]
     if exited:
-        _echo_diags([warning("W110", f"the objective called sys.exit in {len(exited)} trial"
+        echo_diags([warning("W110", f"the objective called sys.exit in {len(exited)} trial"
                              f"{'s' if len(exited) != 1 else ''} (first: trial {exited[0]}): "
                              "they are marked failed and the study went on", None,
                              "return a value (or raise an exception) instead of exiting")])

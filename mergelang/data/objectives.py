@@ -75,11 +75,11 @@ def perplexity(data: str | Path, config: str | Path, max_examples: int | None = 
     (.txt, .jsonl, a datasets folder or FILE.py:BATCHES; see data/inputs.py)."""
     import torch
 
-    from mergelang.data.stats import _is_causal
+    from mergelang.data.stats import is_causal
     from mergelang.search.objectives import forward
 
     sk = _Skeleton(config)
-    if not _is_causal(sk.lm.model):
+    if not is_causal(sk.lm.model):
         raise fail("E963", f"perplexity needs a causal LM; {sk.lm.folder} builds "
                    f"{type(sk.lm.model).__name__}")
     d = load_data(data, field)

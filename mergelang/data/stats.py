@@ -265,7 +265,7 @@ def _grams(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_exampl
 # --------------------------------------------------------------------------------------- fisher
 
 
-def _is_causal(model: Any) -> bool:
+def is_causal(model: Any) -> bool:
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
@@ -280,7 +280,7 @@ def log_likelihood(model: Any, b: Any) -> Any:
     if logits is None:
         raise fail("E963", f"{type(model).__name__} gives no logits: the Fisher needs a causal LM "
                    "or a sequence classifier (config.json `architectures`)")
-    if logits.dim() == 3 and _is_causal(model):
+    if logits.dim() == 3 and is_causal(model):
         if b.labels is not None and b.labels.dim() == 2:
             targets = b.labels
         else:

@@ -157,26 +157,26 @@ class ShardSink:
 
     def write(self, name: str, t: Any) -> None:
         from mergelang.io.journal import checksum
-        from mergelang.io.writer import _bytes_of, _pwrite_all
+        from mergelang.io.writer import bytes_of, pwrite_all
 
         path, begin, end = self.targets[name]
-        data = _bytes_of(t.cpu())
+        data = bytes_of(t.cpu())
         if data.nbytes != end - begin:
             raise RuntimeError(f"internal: {name!r} has {data.nbytes} bytes, planned {end - begin}")
         if data.nbytes:
-            _pwrite_all(self._fd(path), memoryview(data), begin)
+            pwrite_all(self._fd(path), memoryview(data), begin)
         self.written.append((name, checksum(memoryview(data)), data.nbytes))
 
     def write_rows(self, name: str, t: Any, start: int, total: int) -> None:
         from mergelang.io.journal import range_crc
-        from mergelang.io.writer import _bytes_of, _pwrite_all
+        from mergelang.io.writer import bytes_of, pwrite_all
 
         path, begin, end = self.targets[name]
-        data = _bytes_of(t.cpu())
+        data = bytes_of(t.cpu())
         row = (end - begin) // total if total else 0
         fd = self._fd(path)
         if data.nbytes:
-            _pwrite_all(fd, memoryview(data), begin + start * row)
+            pwrite_all(fd, memoryview(data), begin + start * row)
         self.rows[name] = self.rows.get(name, 0) + int(t.shape[0])
         if self.rows[name] == total:  # every row written: the checksum of the whole range
             self.written.append((name, range_crc(fd, begin, end), end - begin))

@@ -64,7 +64,7 @@ LAYER_ONLY = ("self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_
               "down_proj", "input_layernorm", "post_attention_layernorm", "experts", "attn")
 
 
-def _layer_only(f: str) -> bool:
+def layer_only(f: str) -> bool:
     return any(w in f for w in LAYER_ONLY)
 
 
@@ -91,7 +91,7 @@ class Result:
         return [d for d in self.diagnostics if d.is_error]
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int) and abs(v) >= 10 ** 15:
@@ -104,7 +104,7 @@ def _fmt(v: Any) -> str:
         return '"' + "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _uescape(ch))
                              for ch in v) + '"'
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(i) for i in v) + "]"
+        return "[" + ", ".join(fmt(i) for i in v) + "]"
     if v is None:
         return "none"
     raise TypeError(v)
@@ -128,7 +128,7 @@ def _ident(text: str) -> str:
     return s if not s[0].isdigit() else "m_" + s
 
 
-def _conds(setting: Any) -> list[tuple[str | None, Any]]:
+def conds(setting: Any) -> list[tuple[str | None, Any]]:
     """A mergekit ParameterSetting as [(filter or None, value)]."""
     if isinstance(setting, dict):
         return [(_filter(setting.get("filter")), setting.get("value"))]
@@ -141,8 +141,8 @@ def _filter(f: Any) -> str | None:
     return None if f in (None, "*") else str(f)
 
 
-def _evaluate(setting: Any, matched: frozenset[str]) -> Any:
-    for f, value in _conds(setting):
+def evaluate(setting: Any, matched: frozenset[str]) -> Any:
+    for f, value in conds(setting):
         if f is None or f in matched:
             return value
     return None
@@ -162,7 +162,7 @@ def _numeric(v: Any) -> Any:
     return v
 
 
-def _is_gradient(v: Any) -> bool:
+def is_gradient(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
@@ -216,16 +216,16 @@ class ConfigReader:
                 self.err("E705", f"tokenizer.pad_to_multiple_of must be a positive whole number, "
                          f"got {short(pad)}")
             elif pad is not None:
-                out.append(f"option pad_to_multiple_of = {_fmt(pad)}")
+                out.append(f"option pad_to_multiple_of = {fmt(pad)}")
         elif tok is not None:
             self.err("E702", "`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)")
         if source is not None:
             name = source if source in ("base", "union") else self.model(source, "tokenizer source")
             if name is not None:
-                out.insert(0, f"option tokenizer_source = {_fmt(name)}")
+                out.insert(0, f"option tokenizer_source = {fmt(name)}")
         template = cfg.get("chat_template")
         if isinstance(template, str) and (template == "auto" or "{" in template):
-            out.append(f"option chat_template = {_fmt(template)}")
+            out.append(f"option chat_template = {fmt(template)}")
         elif template is not None:
             self.warn("W101", f"chat_template {short(template)}: mergekit's bundled templates are not "
                       "translated; put the template's Jinja text in `option chat_template`")
@@ -264,13 +264,13 @@ class ConfigReader:
         self.models[ref] = name
         if lora is not None:
             path = self._recipe_path(adapter)  # type: ignore[arg-type]
-            self.model_lines.append(f"model {name} = lora({_fmt(path)}, base = {base_name})"
+            self.model_lines.append(f"model {name} = lora({fmt(path)}, base = {base_name})"
                                     "  # mergekit's MODEL+LORA")
             if ref_model in self.local_paths:
                 self.local_paths[ref] = self.local_paths[ref_model]
             return name
         path, comment = self._path(ref)
-        self.model_lines.append(f"model {name} = {_fmt(path)}{comment}")
+        self.model_lines.append(f"model {name} = {fmt(path)}{comment}")
         return name
 
     def _local(self, ref: str) -> Path | None:
@@ -303,7 +303,7 @@ class ConfigReader:
                 return "hf:" + ref, ""
         cmd = download_command()
         hint = (f"download it (`{cmd} {repo[0]}" + (f" --revision {repo[1]}" if repo[1] else "")
-                + "`): the recipe then finds it in the cache as " + _fmt("hf:" + ref)
+                + "`): the recipe then finds it in the cache as " + fmt("hf:" + ref)
                 if repo else "give the model's local folder")
         self.warn("W103", f"model `{ref}` is not a local path" + (
             " and is not in the local Hugging Face cache" if repo else ""),

@@ -35,8 +35,8 @@ from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, fin
 from mergelang.interop.mergekit_layers import LayerPlanner
 from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               PER_MODEL_METHOD_DEFAULTS,
-                              TOP_KEYS, L1_RESCALE, Result, Slice, Source, _conds, _evaluate, _fmt,
-                              _ident, _is_gradient, _layer_only, comment_text)
+                              TOP_KEYS, L1_RESCALE, Result, Slice, Source, conds, evaluate, fmt,
+                              _ident, is_gradient, layer_only, comment_text)
 
 
 class Translator(LayerPlanner):
@@ -53,29 +53,29 @@ class Translator(LayerPlanner):
             chain.insert(0, src.params)
         for d in chain:
             if name in d:
-                v = _evaluate(d[name], matched)
+                v = evaluate(d[name], matched)
                 if v is not None:
                     return v
         return None
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
         v = _numeric(v)
-        nums = v if _is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+        nums = v if is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
         if any(finite(x) is None for x in nums):
             self.err("E705", f"parameter `{root}`: {short(v)} is not a finite number")
-            return _fmt(None)
-        if _is_gradient(v):
+            return fmt(None)
+        if is_gradient(v):
             if len(v) == 1:
-                return _fmt(v[0])
+                return fmt(v[0])
             return f"gradient({self.hoist(root, pname, v)}, {t_expr})"
         if isinstance(v, list):
             self.err("E705", f"parameter `{pname}`: a list of {short(v)} is not a gradient of numbers")
-            return _fmt(None)
+            return fmt(None)
         if not isinstance(v, (bool, int, float, str)):
             self.err("E705", f"parameter `{root}`: {short(v)} is not a number, bool, string or "
                      "gradient (a list of numbers)")
-            return _fmt(None)
-        return _fmt(v)
+            return fmt(None)
+        return fmt(v)
 
     def hoist(self, root: str, pname: str, values: list) -> str:
         key = (root, tuple(values))
@@ -87,7 +87,7 @@ class Translator(LayerPlanner):
         while cand in taken:
             cand, k = f"{name}_{k}", k + 1
         self.hoisted[key] = cand
-        self.param_lines.append(f"param {cand} = {_fmt(values)}")
+        self.param_lines.append(f"param {cand} = {fmt(values)}")
         return cand
 
     # ------------------------------------------------------------ expressions
@@ -246,7 +246,7 @@ class Translator(LayerPlanner):
             for src in sl.sources:
                 settings += list(src.params.values())
         for s in settings:
-            for f, _ in _conds(s):
+            for f, _ in conds(s):
                 if f is not None and not f.isprintable():  # no tensor name holds a newline
                     self.warn("W101", f"filter {short(f)} holds characters no tensor name has "
                               "(a line break, a control character): it can never match and is "
@@ -351,7 +351,7 @@ class Translator(LayerPlanner):
                 guard = None if len(slices) == 1 and a == 0 else (
                     f"i == {a}" if n == 1 else f"i >= {a} and i < {b}")
             layer_blocks.append((guard, self.region_rules(method, sl, filters, t_expr)))
-        outer = [f for f in filters if not _layer_only(f)]
+        outer = [f for f in filters if not layer_only(f)]
         # mergekit plans the tensors outside the layer stack (embeddings, final norm, lm_head)
         # with t = 0: their gradients take their first value
         pre = self.region_rules(method, slices[0], outer, "0")
@@ -412,7 +412,7 @@ class Translator(LayerPlanner):
             if self.cfg.get("dtype") and not self.cfg.get("out_dtype"):
                 out.append("# mergekit's `dtype` is its compute dtype; mergelang computes in float32 and "
                            "writes this dtype")
-            out.append(f"option dtype = {_fmt(str(dtype))}")
+            out.append(f"option dtype = {fmt(str(dtype))}")
         if self.notes:
             out.append("")
             out += sorted(set(self.notes), key=self.notes.index)
@@ -421,7 +421,7 @@ class Translator(LayerPlanner):
         return "\n".join(out + self.block_lines) + "\n"
 
     def render_block(self, rules: list[str], ref: str) -> list[str]:
-        name = f"{_fmt(self.output_name)} " if self.output_name else ""
+        name = f"{fmt(self.output_name)} " if self.output_name else ""
         out = [f"merge {name}from {ref} {{"]
         width = max((len(r.split(" => ")[0]) for r in rules if not r.startswith("#")), default=0)
         for r in rules:

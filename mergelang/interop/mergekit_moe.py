@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mergelang.interop.mergekit_config import ConfigReader, Result, _fmt
+from mergelang.interop.mergekit_config import ConfigReader, Result, fmt
 from mergelang.interop.mergekit_checks import finite
 from mergelang.interop.mergekit_yaml import short
 
@@ -103,25 +103,25 @@ def translate_moe(cfg: dict[str, Any], config_path: Path | None, out_dir: Path |
     if base is None or any(n is None for n in names) or any(d.is_error for d in r.diags):
         return Result("", r.diags)
     n = len(experts)
-    args = [base, "[" + ", ".join(names[:n]) + "]", f"gate = {_fmt(GATES[gate])}"]
+    args = [base, "[" + ", ".join(names[:n]) + "]", f"gate = {fmt(GATES[gate])}"]
     if GATES[gate] != "random":
-        args.append("prompts = [" + ", ".join("[" + ", ".join(_fmt(p) for p in ps) + "]" for ps in pos[:n]) + "]")
+        args.append("prompts = [" + ", ".join("[" + ", ".join(fmt(p) for p in ps) + "]" for ps in pos[:n]) + "]")
         if any(neg[:n]):
             args.append("negative_prompts = [" + ", ".join(
-                "[" + ", ".join(_fmt(p) for p in ps) + "]" for ps in neg[:n]) + "]")
+                "[" + ", ".join(fmt(p) for p in ps) + "]" for ps in neg[:n]) + "]")
     args.append(f"experts_per_token = {int(float(cfg.get('experts_per_token', 2)))}")  # checked
     if output != "mixtral":
-        args.append(f"output = {_fmt(output)}")
+        args.append(f"output = {fmt(output)}")
     if shared:
         args.append(f"shared = {names[n]}")
         if GATES[gate] != "random":
-            args.append("shared_prompts = [" + ", ".join(_fmt(p) for p in pos[n]) + "]")
+            args.append("shared_prompts = [" + ", ".join(fmt(p) for p in pos[n]) + "]")
     if any(s != 1.0 for s in scales[:n]):
-        args.append("residual_scale = [" + ", ".join(_fmt(s) for s in scales[:n]) + "]")
+        args.append("residual_scale = [" + ", ".join(fmt(s) for s in scales[:n]) + "]")
     lines = ["# translated from a mergekit-moe config by `mergelang import-mergekit`", *r.notes, ""]
     lines += r.model_lines
     if cfg.get("dtype"):
-        lines.append(f"option dtype = {_fmt(str(cfg['dtype']))}")
+        lines.append(f"option dtype = {fmt(str(cfg['dtype']))}")
     lines.append(f"model moe = moe({', '.join(args)})")
     lines += ["", 'merge from moe { "*" => moe }']
     return Result("\n".join(lines) + "\n", r.diags)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
-from mergelang.interop.mergekit_config import Result, _fmt, _ident
+from mergelang.interop.mergekit_config import Result, fmt, _ident
 from mergelang.interop.mergekit_yaml import short
 from mergelang.lang.loader import OUTPUT_NAME
 
@@ -103,7 +103,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
                 while ident in t.models.values() or ident == "base":
                     ident += "_out"
                 t.models[ref] = ident
-                t.model_lines.append(f"model {ident} = output({_fmt(ref)})")
+                t.model_lines.append(f"model {ident} = output({fmt(ref)})")
             shared = t
         else:  # one namespace for models, hoisted gradients and notes
             t.models, t.model_lines = shared.models, shared.model_lines
@@ -132,7 +132,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
     if shared.param_lines:
         out += [""] + shared.param_lines
     if dtype:
-        out += ["", f"option dtype = {_fmt(str(dtype))}"]
+        out += ["", f"option dtype = {fmt(str(dtype))}"]
     out += options.get(final, []) + crimes
     for n, lines in options.items():
         if lines and n != final:

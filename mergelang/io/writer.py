@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """``os.pwrite`` until every byte is written (a call may write fewer bytes)."""
     done = 0
     while done < len(data):
@@ -52,7 +52,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
-def _bytes_of(tensor: torch.Tensor) -> Any:
+def bytes_of(tensor: torch.Tensor) -> Any:
     """The tensor's bytes as a flat numpy uint8 array (a view when it is a contiguous CPU tensor)."""
     import torch
 
@@ -118,7 +118,7 @@ class CheckpointWriter(WorkFolder):
             for shard in layout.shards:
                 path = self.tmp_dir / shard.filename
                 fd = self._fds[shard.filename] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                _pwrite_all(fd, memoryview(shard.header), 0)
+                pwrite_all(fd, memoryview(shard.header), 0)
                 os.ftruncate(fd, shard.size)  # final size up front; tensors fill it in place
         except BaseException as e:
             self.abort()
@@ -151,7 +151,7 @@ class CheckpointWriter(WorkFolder):
                     entries = {n: c for n, c in entries.items() if n not in shard.offsets}
                     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o666)
                     self._fds[shard.filename] = fd
-                    _pwrite_all(fd, memoryview(shard.header), 0)
+                    pwrite_all(fd, memoryview(shard.header), 0)
                     os.ftruncate(fd, shard.size)
                     continue
                 self._fds[shard.filename] = fd
@@ -193,9 +193,9 @@ class CheckpointWriter(WorkFolder):
             fd = self._fds[shard.filename]
         ok = False
         try:
-            data = _bytes_of(tensor)
+            data = bytes_of(tensor)
             if data.nbytes:
-                _pwrite_all(fd, memoryview(data), begin)
+                pwrite_all(fd, memoryview(data), begin)
             crc = self._crcs[name] = checksum(memoryview(data))
             if self._journal is not None:  # journaled once durable (group commit, journal.py)
                 self._journal.record(name, crc, fd, data.nbytes)
@@ -259,9 +259,9 @@ class CheckpointWriter(WorkFolder):
             fd = self._fds[shard.filename]
         ok = complete = False
         try:
-            data = _bytes_of(tensor)
+            data = bytes_of(tensor)
             if data.nbytes:
-                _pwrite_all(fd, memoryview(data), begin + start * row)
+                pwrite_all(fd, memoryview(data), begin + start * row)
             with self._lock:
                 in_order = state[1] == start
                 state[0] += n

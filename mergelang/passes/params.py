@@ -75,11 +75,11 @@ def _sub(v: Any, values: Mapping[str, Any]) -> Any:
     if isinstance(v, tuple):
         return tuple(_sub(x, values) for x in v)
     if isinstance(v, Node) and _has_ref(v):
-        return Node(v.op, v.args, _sub_attrs(v.attrs, values), v.type, v.span)
+        return Node(v.op, v.args, sub_attrs(v.attrs, values), v.type, v.span)
     return v
 
 
-def _sub_attrs(attrs: Attrs, values: Mapping[str, Any]) -> Attrs:
+def sub_attrs(attrs: Attrs, values: Mapping[str, Any]) -> Attrs:
     return Attrs({k: _sub(x, values) for k, x in attrs.items()})
 
 
@@ -156,7 +156,7 @@ class ParamFiller:
             g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
         for nid in refs:
             n = g.node(nid)
-            new = Node(n.op, n.args, _sub_attrs(n.attrs, values), n.type, n.span)
+            new = Node(n.op, n.args, sub_attrs(n.attrs, values), n.type, n.span)
             _check_density(new)
             g.set_node(nid, new)
         return g

@@ -207,7 +207,7 @@ class StatCollector:
                 idx = torch.where(sel, keys & 0xFFFF, torch.full_like(keys, 1 << 16))
             else:
                 idx = keys >> 16
-            h = _bincount_rows(idx, (1 << 16) + 1)[:, : 1 << 16]
+            h = bincount_rows(idx, (1 << 16) + 1)[:, : 1 << 16]
             prev = self.hist.get(spec.key)
             self.hist[spec.key] = h if prev is None else prev + h
 
@@ -261,7 +261,7 @@ def _kth_index(n: int, spec: StatSpec) -> int:
     return max(n - int(n * spec.fraction), 1)
 
 
-def _bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
+def bincount_rows(idx: torch.Tensor, bins: int) -> torch.Tensor:
     import torch
 
     rows = idx.shape[0]

@@ -149,7 +149,7 @@ class GraphProgram:
         """The merged tensors (float32) for the current param tensors; `values` (plain
         numbers) fill ParamRef attrs, which are not differentiable."""
         from mergelang.ir.graph import Node
-        from mergelang.passes.params import _sub_attrs
+        from mergelang.passes.params import sub_attrs
         from mergelang.runtime.kernels import KERNELS
 
         import torch
@@ -166,7 +166,7 @@ class GraphProgram:
                 vals[nid] = v
                 continue
             if nid in self.refs:
-                n = Node(n.op, n.args, _sub_attrs(n.attrs, values), n.type, n.span)
+                n = Node(n.op, n.args, sub_attrs(n.attrs, values), n.type, n.span)
             args = [vals[a] for a in n.args]
             if n.op is Op.OUTPUT:
                 out[n.attrs["name"]] = args[0]

@@ -67,7 +67,7 @@ class TrialWorker:
 
     def trial(self, values: dict[str, Any]) -> tuple[str, Any, float]:
         """("ok", values, merge seconds) | ("fail", error) | ("bad", E903 message)."""
-        from mergelang.search.study import _check_value, objective_error
+        from mergelang.search.study import check_value, objective_error
 
         t0 = time.perf_counter()
         try:
@@ -82,7 +82,7 @@ class TrialWorker:
         except BaseException as e:  # noqa: BLE001 - a failed trial (sys.exit too: not the actor's end)
             return "fail", objective_error(e), secs
         try:
-            return "ok", _check_value(got, self.objectives), secs
+            return "ok", check_value(got, self.objectives), secs
         except MergelangError as e:
             return "bad", e.diagnostics[0].message, secs
 
@@ -104,7 +104,7 @@ def tune_on_ray(spec: "RecipeSpec | None", compile_: Callable[..., Any], names: 
     from optuna.trial import TrialState
 
     from mergelang.distributed.ray_driver import await_ready, connect, cpu_slots, import_ray, stop
-    from mergelang.search.study import _suggest
+    from mergelang.search.study import suggest
     from mergelang.search.trials import split_runtime
 
     if spec is None:
@@ -130,7 +130,7 @@ def tune_on_ray(spec: "RecipeSpec | None", compile_: Callable[..., Any], names: 
         while done < trials:
             while idle and asked < trials:
                 t = study.ask()
-                values = {n: _suggest(t, n, shapes[n], ranges[n]) for n in shapes}
+                values = {n: suggest(t, n, shapes[n], ranges[n]) for n in shapes}
                 a = idle.pop()
                 pending[a.trial.remote(values)] = (t, a)
                 asked += 1

@@ -153,12 +153,12 @@ def _shape(v: Value) -> Any:
     return ()
 
 
-def _suggest(trial: "optuna.Trial", name: str, shape: Any, rng: "ParamRange") -> Any:
+def suggest(trial: "optuna.Trial", name: str, shape: Any, rng: "ParamRange") -> Any:
     if shape == ():
         if rng.integer:
             return trial.suggest_int(name, int(rng.lo), int(rng.hi), log=rng.log)
         return trial.suggest_float(name, rng.lo, rng.hi, log=rng.log)
-    return [_suggest(trial, f"{name}[{i}]", s, rng) for i, s in enumerate(shape)]
+    return [suggest(trial, f"{name}[{i}]", s, rng) for i, s in enumerate(shape)]
 
 
 def _rebuild(params: Mapping[str, Any], name: str, shape: Any) -> Any:
@@ -167,7 +167,7 @@ def _rebuild(params: Mapping[str, Any], name: str, shape: Any) -> Any:
     return [_rebuild(params, f"{name}[{i}]", s) for i, s in enumerate(shape)]
 
 
-def _check_value(v: Any, n: int) -> tuple[float, ...]:
+def check_value(v: Any, n: int) -> tuple[float, ...]:
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v,)
     ok = len(vals) == n and all(isinstance(x, numbers.Real) and not isinstance(x, bool) or
                                 _is_scalar_tensor(x) for x in vals)
@@ -271,7 +271,7 @@ def tune(runner: "TrialRunner", objective: Callable[..., Any], shapes: Mapping[s
 
     def one(trial: "optuna.Trial") -> Any:
         try:
-            values = {n: _suggest(trial, n, shapes[n], ranges[n]) for n in shapes}
+            values = {n: suggest(trial, n, shapes[n], ranges[n]) for n in shapes}
         except ValueError as exc:  # a stored study that searched these names differently
             raise MergelangError(error("E902", f"cannot continue the stored study: {exc}", None,
                                        "the recipe's params changed since: use another "
@@ -287,7 +287,7 @@ def tune(runner: "TrialRunner", objective: Callable[..., Any], shapes: Mapping[s
             why = objective_error(exc)
             trial.set_user_attr("error", why)
             raise ObjectiveFailed(why) from None
-        vals = _check_value(got, n_obj)
+        vals = check_value(got, n_obj)
         if any(math.isnan(v) for v in vals):
             trial.set_user_attr("error", "the objective returned NaN")
         return vals[0] if n_obj == 1 else vals

@@ -1,7 +1,7 @@
 """`mergelang inspect BASE MODEL... -o REPORT` and `ml.inspect(base, models)`: how far each model
 moved from the base, where the models agree, in one streaming pass (docs/inspect.md).
 
-Models are opened as a recipe's models are (compiler._open_models): folders, sharded or single
+Models are opened as a recipe's models are (compiler.open_models): folders, sharded or single
 safetensors files, `hf:` ids (local cache), block-scaled FP8 (seen dequantized), and model
 expressions such as `lora("adapter_dir", base = base)`. Every check that headers allow runs
 before any tensor is read. Then each base tensor is read once with every model's version (a
@@ -89,7 +89,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     per argument (paths and ids as overrides, resolved against the current directory; model
     expressions as written). Diagnostics (E301 missing, E303 not a checkpoint, E306 pickle,
     FP8 E320-E322, ...) are raised as MergelangError."""
-    from mergelang.compiler import _open_models
+    from mergelang.compiler import open_models
     from mergelang.lang.elaborate import Elaborator
     from mergelang.lang.loader import load
     from mergelang.sources.fp8 import dequantize_models
@@ -110,7 +110,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     el = Elaborator(unit.fns, {}, {}, {}, diags)
     el.models = {m.name: None for m in unit.models}
     el.params = {}
-    opened = _open_models(unit, el, overrides, diags, allow_pickle, follow)
+    opened = open_models(unit, el, overrides, diags, allow_pickle, follow)
     opened = dequantize_models(opened, {d.name: d.value.span for d in unit.models}, diags)
     if diags.has_errors or any(opened.get(label) is None for label in labels):
         for m in opened.values():

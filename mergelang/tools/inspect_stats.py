@@ -170,7 +170,7 @@ def tensor_group(base: "torch.Tensor", xs: Sequence["torch.Tensor"], spectrum_k:
     return g, spectra
 
 
-def _flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
+def flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
     """A 1-D numpy array of `t` in `dtype` (a view when it is one already); bfloat16 as its
     uint16 bit patterns."""
     import torch
@@ -192,8 +192,8 @@ def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> N
     dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
         torch.float64 if torch.float64 in kinds else torch.float32
     bf = dtype == torch.bfloat16
-    b = _flat(base, dtype)
-    arrs = [_flat(x, dtype) for x in xs]
+    b = flat(base, dtype)
+    arrs = [flat(x, dtype) for x in xs]
     if b.size <= SMALL:  # one sorting call per model (small tensors: no bucket tables)
         for s, a in zip(g.models, arrs):
             s.numel = b.size
@@ -203,9 +203,9 @@ def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> N
             p.dot, p.agree, p.both = pair_pass(b, arrs[i], arrs[j], bf)
             p.agree, p.both = int(p.agree), int(p.both)
         return
-    parts = max(1, min(_workers(), b.size // PARALLEL_MIN))
+    parts = max(1, min(workers(), b.size // PARALLEL_MIN))
     models, pairs = fused_stats(b, arrs, FRACTIONS, bf, parts,
-                                lambda fn, args: list(_pool().map(lambda a: fn(*a), args)))
+                                lambda fn, args: list(pool().map(lambda a: fn(*a), args)))
     for s, (ss, bss, mx, zeros, energy) in zip(g.models, models):
         s.numel, s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = b.size, ss, bss, mx, zeros, energy
     for p, (dot, agree, both) in zip(g.pairs.values(), pairs):
@@ -217,17 +217,17 @@ PARALLEL_MIN = 1 << 16
 _POOL: list[Any] = []
 
 
-def _workers() -> int:
+def workers() -> int:
     import os
 
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _pool() -> Any:
+def pool() -> Any:
     if not _POOL:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="mergelang-inspect-cpu"))
+        _POOL.append(ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="mergelang-inspect-cpu"))
     return _POOL[0]
 
 

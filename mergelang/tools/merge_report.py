@@ -200,23 +200,23 @@ def _sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -
     import torch
 
     from mergelang.tools.inspect_kernels import merge_fused
-    from mergelang.tools.inspect_stats import PARALLEL_MIN, _flat, _pool, _workers
+    from mergelang.tools.inspect_stats import PARALLEL_MIN, flat, pool, workers
 
     kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}
     dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
         torch.float64 if torch.float64 in kinds else torch.float32
-    b, o = _flat(base.cpu(), dtype), _flat(out.cpu(), dtype)
-    arrs = tuple(_flat(x.cpu(), dtype) for x in xs)
+    b, o = flat(base.cpu(), dtype), flat(out.cpu(), dtype)
+    arrs = tuple(flat(x.cpu(), dtype) for x in xs)
     bf = dtype == torch.bfloat16
     n = b.size
-    parts = max(1, min(_workers(), n // PARALLEL_MIN))
+    parts = max(1, min(workers(), n // PARALLEL_MIN))
     cuts = [n * p // parts for p in range(parts + 1)]
     acc = np.zeros((parts, len(xs), 10), np.float64)
     jobs = [(b, arrs, o, bf, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
     if parts == 1:
         merge_fused(*jobs[0])
     else:
-        list(_pool().map(lambda a: merge_fused(*a), jobs))
+        list(pool().map(lambda a: merge_fused(*a), jobs))
     tot = acc.sum(axis=0)
     return [RunSums(n, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
 

@@ -413,7 +413,7 @@ _values = st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=1, 
 _weight = st.floats(0.05, 20, allow_nan=False).map(lambda w: round(w, 3)).filter(lambda w: w > 0)
 
 
-def _fmt(xs):
+def fmt(xs):
     return "[" + ", ".join(repr(float(x)) for x in xs) + "]"
 
 
@@ -422,7 +422,7 @@ def _fmt(xs):
 def test_prop_linear_of_identical_models_is_the_model(values, weights):
     x = {"x": torch.tensor(values, dtype=torch.float32)}
     names = "abcd"[:len(weights)]
-    out = ml.merge(f"linear([{', '.join(names)}], weights = {_fmt(weights)})",
+    out = ml.merge(f"linear([{', '.join(names)}], weights = {fmt(weights)})",
                    **{n: x for n in names})
     torch.testing.assert_close(out["x"], x["x"], rtol=RTOL, atol=ATOL)
 
@@ -457,7 +457,7 @@ def test_prop_ties_matches_reference_on_small_integers(data, density, weights):
     base = {"x": torch.tensor(data.draw(ints), dtype=torch.float32)}
     names = "abc"[:len(weights)]
     models = {nm: {"x": torch.tensor(data.draw(ints), dtype=torch.float32)} for nm in names}
-    out = ml.merge(f"ties(base, [{', '.join(names)}], weights = {_fmt(weights)}, "
+    out = ml.merge(f"ties(base, [{', '.join(names)}], weights = {fmt(weights)}, "
                    f"density = {density!r})", base=base, **models)
     exp = ref.ties(base["x"], [models[nm]["x"] for nm in names], weights, density=density)
     torch.testing.assert_close(out["x"], exp, rtol=RTOL, atol=ATOL)

@@ -70,7 +70,7 @@ def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], model
     body lines per element, the root's value name per model, or one name). `segmented`: the
     block scales of FP8 inputs are the names `fq{j}` the caller sets per run of elements sharing
     a block (`_segments`), not looked up per element."""
-    params, loads, prelude = [], [], _offsets(models)
+    params, loads, prelude = [], [], offsets(models)
     names: list[list[str]] = []  # per input: one name, or one per model
     for j, (kind, dt) in enumerate(zip(kinds, dtypes)):
         if kind.startswith("fp8:"):  # codes + geometry (columns, block columns); scales: input j+1
@@ -127,7 +127,7 @@ def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], model
     return params, prelude, loads + ops, values[-1]
 
 
-_HEADER = (
+HEADER = (
     "import numpy as np\n"
     "from numba import njit\n"
     "from mergelang.runtime.kernels.numba_runtime import F8E4M3, F8E5M2, narrow_bf16, order_key, sel, widen_bf16\n"
@@ -139,7 +139,7 @@ _HEADER = (
     "BLOCK = np.uint64(2048)\n"
     "\n"
 )
-_JIT = "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
+JIT = "@njit(nogil=True, cache=True, error_model='numpy', boundscheck=False)\n"
 
 
 def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
@@ -155,10 +155,10 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
     elif out_dtype == "bool":
         root = [f"sel({v}, U1, U0)" for v in root]
     stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
-    head = _HEADER + _JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n" + _indent(prelude, 4)
+    head = HEADER + JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n" + indent(prelude, 4)
     if segmented:
-        return head + _indent(_segments(kinds, fp8), 4) + _indent(lines + stores, 12) + "        sp = send\n"
-    return head + "    for i in range(np.uint64(lo), np.uint64(hi)):\n" + _indent(lines + stores, 8)
+        return head + indent(_segments(kinds, fp8), 4) + indent(lines + stores, 12) + "        sp = send\n"
+    return head + "    for i in range(np.uint64(lo), np.uint64(hi)):\n" + indent(lines + stores, 8)
 
 
 def _block_shape(kind: str) -> tuple[int, int]:
@@ -186,7 +186,7 @@ def _segments(kinds: tuple[str, ...], fp8: list[int]) -> list[str]:
             + [f"    fq{j} = a{j + 1}[sblk]" for j in fp8] + ["    for i in range(sp, send):"])
 
 
-def _needed(lines: list[str], root: str) -> list[str]:
+def needed(lines: list[str], root: str) -> list[str]:
     """The lines `root` depends on (a model's slice of a program over several models)."""
     want, keep = set(_NAMES.findall(root)), []
     for line in reversed(lines):
@@ -200,7 +200,7 @@ def _needed(lines: list[str], root: str) -> list[str]:
 _NAMES = re.compile(r"[A-Za-z_]\w*")
 
 
-def _indent(lines: list[str], width: int) -> str:
+def indent(lines: list[str], width: int) -> str:
     return "".join(" " * width + line + "\n" for line in lines)
 
 
@@ -209,7 +209,7 @@ def _at(m: int | None) -> str:
     return f"o{m} + i" if m else "i"
 
 
-def _offsets(models: int) -> list[str]:
+def offsets(models: int) -> list[str]:
     """Prelude: each model's offset `o{m}` in a stacked input, unsigned like the index `i`.
     Unsigned indices matter: numba wraps a negative index around, and unless LLVM can prove an
     index non-negative, that check per access stops the loop from being vectorised (measured:

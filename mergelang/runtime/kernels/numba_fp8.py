@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from mergelang.runtime.kernels.numba_runtime import _bits_to_f32, _f32_to_bits, sel
+from mergelang.runtime.kernels.numba_runtime import bits_to_f32, f32_to_bits, sel
 from mergelang.runtime.workers import parallel_map
 
 _U = np.uint32
@@ -40,11 +40,11 @@ def to_e4m3(x):
     """float32 -> float8_e4m3fn code, as torch converts (round to nearest even; NaN -> 0x7F;
     finite values that would round to 480 or more -> 0x7E, the largest value; sign kept).
     Branch-free (selects), so loops over it vectorise."""
-    bits = _f32_to_bits(x)
+    bits = f32_to_bits(x)
     sign = _U(bits & _U(0x80000000))
     bits = _U(bits ^ sign)
     # below 2^-6: a subnormal, rounded by one float addition (garbage otherwise: not selected)
-    sub = _U(_f32_to_bits(_bits_to_f32(bits) + _bits_to_f32(_U(141 << 23))) - _U(141 << 23))
+    sub = _U(f32_to_bits(bits_to_f32(bits) + bits_to_f32(_U(141 << 23))) - _U(141 << 23))
     nor = _rne(bits, _U(20), _U(((7 - 127) << 23) & 0xFFFFFFFF), _U(0x7FFFF))
     nor = sel(nor == _U(0x7F), _U(0x7E), nor)  # rounding up into the NaN code: the largest value
     r = sel(bits < _U(121 << 23), sub, nor)
@@ -56,10 +56,10 @@ def to_e4m3(x):
 def to_e5m2(x):
     """float32 -> float8_e5m2 code, as torch converts (round to nearest even; NaN -> 0x7F,
     from 65536 up -> 0x7C, infinity; the sign bit kept). Branch-free."""
-    bits = _f32_to_bits(x)
+    bits = f32_to_bits(x)
     sign = _U(bits & _U(0x80000000))
     bits = _U(bits ^ sign)
-    sub = _U(_f32_to_bits(_bits_to_f32(bits) + _bits_to_f32(_U(134 << 23))) - _U(134 << 23))  # < 2^-14
+    sub = _U(f32_to_bits(bits_to_f32(bits) + bits_to_f32(_U(134 << 23))) - _U(134 << 23))  # < 2^-14
     nor = _rne(bits, _U(21), _U(((15 - 127) << 23) & 0xFFFFFFFF), _U(0xFFFFF))
     r = sel(bits < _U(113 << 23), sub, nor)
     r = sel(bits >= _U(143 << 23), sel(bits > _U(0x7F800000), _U(0x7F), _U(0x7C)), r)
@@ -86,7 +86,7 @@ def _scales(x, b0, b1, fmax, out, rb_lo, rb_hi):
                     m = sel(v > m, v, m)
                 best[bj] = m
         for bj in range(cb):
-            out[bi, bj] = _bits_to_f32(best[bj]) / fmax
+            out[bi, bj] = bits_to_f32(best[bj]) / fmax
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

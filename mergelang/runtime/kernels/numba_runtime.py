@@ -22,7 +22,7 @@ F8E5M2 = _fp8_table("float8_e5m2")
 
 
 @intrinsic
-def _bits_to_f32(typingctx, bits):
+def bits_to_f32(typingctx, bits):
     """Reinterpret a uint32 as the float32 with the same bits."""
     sig = types.float32(types.uint32)
 
@@ -35,7 +35,7 @@ def _bits_to_f32(typingctx, bits):
 @njit(inline="always", nogil=True, cache=True)
 def widen_bf16(h):
     """bfloat16 bits (a uint16) -> the float32 of the same value (exact: the bits shifted up)."""
-    return _bits_to_f32(np.uint32(h) << np.uint32(16))
+    return bits_to_f32(np.uint32(h) << np.uint32(16))
 
 
 @intrinsic
@@ -52,7 +52,7 @@ def sel(typingctx, cond, x, y):
 
 
 @intrinsic
-def _f32_to_bits(typingctx, x):
+def f32_to_bits(typingctx, x):
     """Reinterpret a float32 as the uint32 with the same bits."""
     if x != types.float32:
         return None
@@ -68,7 +68,7 @@ def _f32_to_bits(typingctx, x):
 def narrow_bf16(x):
     """float32 -> bfloat16 bits (a uint16) exactly as torch converts on the CPU: round to nearest,
     ties to even; every NaN becomes 0xFFFF (what torch's conversion gives, scalar and vector)."""
-    bits = _f32_to_bits(x)
+    bits = f32_to_bits(x)
     bias = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
     rounded = np.uint32((bits + bias) >> np.uint32(16))
     return np.uint16(sel(x != x, np.uint32(0xFFFF), rounded))
@@ -78,7 +78,7 @@ def narrow_bf16(x):
 def order_key(x, absolute):
     """A uint32 whose unsigned order is the order of the float32 value x (or |x|); -0.0 and
     +0.0 share one key (equal values)."""
-    b = _f32_to_bits(x)
+    b = f32_to_bits(x)
     if absolute:
         return (b & np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
     b = sel(b == np.uint32(0x80000000), np.uint32(0), b)

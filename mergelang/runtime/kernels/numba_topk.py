@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mergelang.runtime.kernels import numba_codegen as kernels_fused
-from mergelang.runtime.kernels.numba_codegen import (_HEADER, _JIT, _at, _indent, _inputs, _needed, _offsets, _program,
+from mergelang.runtime.kernels.numba_codegen import (HEADER, JIT, _at, indent, _inputs, needed, offsets, _program,
                             module, run)
 from mergelang.runtime.workers import parallel_map
 
@@ -155,16 +155,16 @@ def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], 
     if body:
         params, prelude, lines, root = _program(body, kinds, dtypes, models)
     else:
-        params, prelude = ["a0"], _offsets(models)
+        params, prelude = ["a0"], offsets(models)
         lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
     funcs = []
     for m in range(len(root)):
-        x = _needed(lines, root[m]) + [f"x = {root[m]}"]
-        funcs.append(_SELECT.format(jit=_JIT, m=m, params=", ".join(params),
-                                    prelude=_indent(prelude, 4), x=_indent(x, 12),
-                                    x4=_indent(x, 16), absolute=bool(absolute)))
+        x = needed(lines, root[m]) + [f"x = {root[m]}"]
+        funcs.append(_SELECT.format(jit=JIT, m=m, params=", ".join(params),
+                                    prelude=indent(prelude, 4), x=indent(x, 12),
+                                    x4=indent(x, 16), absolute=bool(absolute)))
     names = "".join(f"select{m}, " for m in range(len(root)))
-    return _HEADER + "".join(funcs) + f"KERNELS = ({names})\n"
+    return HEADER + "".join(funcs) + f"KERNELS = ({names})\n"
 
 
 def split_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
@@ -202,9 +202,9 @@ def split_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], m
                     f"            c{m} += 1"]
     listing += [f"slots[{m}] = c{m}" for m in m_all]
     ps = ", ".join(params)
-    return (_HEADER + _JIT + f"def hist(lo, hi, n, hists, {ps}):\n" + _indent(hist, 4) + "\n\n"
-            + _JIT + f"def listing(lo, hi, n, tops, outs, cidx, clow, slots, ends, hists, {ps}):\n"
-            + _indent(listing, 4))
+    return (HEADER + JIT + f"def hist(lo, hi, n, hists, {ps}):\n" + indent(hist, 4) + "\n\n"
+            + JIT + f"def listing(lo, hi, n, tops, outs, cidx, clow, slots, ends, hists, {ps}):\n"
+            + indent(listing, 4))
 
 
 def _bucket(hist: np.ndarray, k: int) -> tuple[int, int]:
