@@ -13,12 +13,14 @@ mergelang single-file output; any other file is refused, `--force` or not (E403)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import replace
 import shutil
 import struct
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -89,13 +91,44 @@ def write_single_file(out: str | Path, inputs: Iterable[Path], force: bool,
     """Check `out`, run the merge into a private folder (`run_folder(path) -> folder`), then
     write its tensors, recipe and manifest as one safetensors file at `out`."""
     path = check_single_file(out, inputs, force)
+    _remove_stale(path)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".mergelang-work", dir=path.parent))
+    lock = os.open(work / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while the run lives (a kill releases it)
         folder = run_folder(work / "out")
         tensors, metadata = _collect(folder)
         return replace_file(path, lambda tmp: _assemble(tmp, tensors, metadata, fsync))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
+
+
+#: the lock file inside a private work folder: held (flock) while its run is alive
+LOCK_NAME = ".mergelang-lock"
+
+
+def _remove_stale(path: Path) -> None:
+    """Private work folders of earlier single-file runs for `path` that were killed (SIGKILL, a
+    power loss: no `finally` ran): folders named by this module's pattern, holding its lock file,
+    whose lock nobody holds. A run still alive holds its lock, and its folder stays."""
+    for cand in path.parent.glob(f".{glob_escape(path.name)}.*.mergelang-work"):
+        lock_path = cand / LOCK_NAME
+        if cand.is_symlink() or not cand.is_dir() or lock_path.is_symlink() or not lock_path.is_file():
+            continue  # not one of ours
+        try:
+            fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live run
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(cand, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _collect(folder: Path) -> tuple[list[tuple[str, dict, Path, int]], dict[str, str]]:

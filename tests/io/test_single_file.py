@@ -102,3 +102,30 @@ def test_a_failing_merge_leaves_nothing(root):
     with pytest.raises(MergelangError) as exc:
         ml.compile(root / "r.mrg").run(root / "x.safetensors", resume=True)
     assert exc.value.diagnostics[0].code == "E402"
+
+
+def test_a_killed_runs_private_folder_is_removed_by_the_next_run(root):
+    """SIGKILL leaves the private work folder (no cleanup runs); the next run for the same file
+    removes it, unless its lock is held (a run still alive), and never touches other folders."""
+    import fcntl
+    import os
+
+    from mergelang.io.singlefile import LOCK_NAME
+
+    stale = root / ".m.safetensors.dead1234.mergelang-work"
+    (stale / "out").mkdir(parents=True)
+    (stale / LOCK_NAME).write_text("")
+    alive = root / ".m.safetensors.live5678.mergelang-work"
+    alive.mkdir()
+    (alive / LOCK_NAME).write_text("")
+    foreign = root / ".m.safetensors.mine.mergelang-work"  # no lock file: not ours
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    fd = os.open(alive / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        ml.compile(root / "r.mrg").run(root / "m.safetensors")
+    finally:
+        os.close(fd)
+    assert not stale.exists() and alive.is_dir() and (foreign / "notes.txt").read_text() == "mine"
+    assert (root / "m.safetensors").is_file()
