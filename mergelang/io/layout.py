@@ -82,10 +82,12 @@ class ShardLayout:
         return self._where[name]
 
 
-def build_header(tensors: tuple[OutputTensor, ...]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def build_header(tensors: tuple[OutputTensor, ...], metadata: dict[str, str] | None = None
+                 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """A safetensors header for `tensors` laid out back to back in order, and their absolute
-    offsets. The JSON is padded with spaces so the data starts 8-byte aligned."""
-    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets. The JSON is padded with spaces so the data starts 8-byte aligned. `metadata`:
+    extra string entries of `__metadata__` (a single-file output's recipe and manifest)."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     spans: list[tuple[int, int]] = []
     pos = 0
     for t in tensors:

@@ -14,18 +14,18 @@ mergelang single-file output; any other file is refused, `--force` or not (E403)
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-from dataclasses import replace
 import shutil
-import struct
 import tempfile
+from dataclasses import replace
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mergelang.diagnostics import MergelangError, error
 from mergelang.errors import CodedError, to_diagnostic
+from mergelang.io.checkpoint import TensorInfo, read_header
+from mergelang.io.layout import OutputTensor, build_header
 from mergelang.io.outguard import MANIFEST_NAME, OutputError, check_file_output, replace_file
 from mergelang.io.textfile import read_json, read_text
 
@@ -131,26 +131,19 @@ def _remove_stale(path: Path) -> None:
             os.close(fd)
 
 
-def _collect(folder: Path) -> tuple[list[tuple[str, dict, Path, int]], dict[str, str]]:
-    """Every tensor of a merged folder in index order, as (name, header entry, shard, data
-    start), and the metadata of the single file."""
+def _collect(folder: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Every tensor of a merged folder in index order (with its shard and byte range), and the
+    metadata of the single file."""
     index = read_json(folder / "model.safetensors.index.json", obj=True)
-    shards: dict[str, tuple[dict, int]] = {}
+    shards: dict[str, dict[str, TensorInfo]] = {}
     out = []
     for name, shard in index["weight_map"].items():
         if shard not in shards:
-            shards[shard] = _header(folder / shard)
-        header, start = shards[shard]
-        out.append((name, header[name], folder / shard, start))
-    metadata = {"format": "pt", RECIPE_KEY: read_text(folder / "mergelang_recipe.mrg"),
+            shards[shard] = read_header(folder / shard)
+        out.append(shards[shard][name])
+    metadata = {RECIPE_KEY: read_text(folder / "mergelang_recipe.mrg"),
                 MANIFEST_KEY: read_text(folder / MANIFEST_NAME)}
     return out, metadata
-
-
-def _header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:  # a shard mergelang itself just wrote
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
 
 
 def _copy(src: int, dst: int, offset: int, n: int) -> None:
@@ -170,23 +163,14 @@ def _copy(src: int, dst: int, offset: int, n: int) -> None:
         n -= done
 
 
-def _assemble(tmp: Path, tensors: list[tuple[str, dict, Path, int]], metadata: dict[str, str],
-              fsync: bool = True) -> None:
-    head: dict = {"__metadata__": metadata}
-    pos = 0
-    for name, entry, _, _ in tensors:
-        b, e = entry["data_offsets"]
-        head[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [pos, pos + e - b]}
-        pos += e - b
-    text = json.dumps(head, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+def _assemble(tmp: Path, tensors: list[TensorInfo], metadata: dict[str, str], fsync: bool = True) -> None:
+    header, _ = build_header(tuple(OutputTensor(t.name, t.shape, t.dtype) for t in tensors), metadata)
     with open(tmp, "xb") as dst:
-        dst.write(struct.pack("<Q", len(text)) + text)
+        dst.write(header)
         dst.flush()
-        for _, entry, shard, start in tensors:
-            b, e = entry["data_offsets"]
-            with open(shard, "rb") as src:
-                _copy(src.fileno(), dst.fileno(), start + b, e - b)
+        for t in tensors:
+            with open(t.file, "rb") as src:
+                _copy(src.fileno(), dst.fileno(), t.begin, t.end - t.begin)
         dst.flush()
         if fsync:
             os.fsync(dst.fileno())

@@ -331,52 +331,32 @@ def dump(node: object, indent: int = 0) -> str:
     return f"{pad}{node!r}"
 
 
-def names_in(e: object) -> frozenset[str]:
-    """The variable names an expression reads (Name ids, anywhere in it)."""
-    import dataclasses
-
-    out: set[str] = set()
+def walk(e: object):
+    """Every AST node inside `e` (itself included; nodes, tuples and lists of them), spans
+    skipped: the one traversal the name and call queries below share."""
     stack = [e]
     while stack:
         x = stack.pop()
-        if isinstance(x, Name):
-            out.add(x.id)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
+        if isinstance(x, Node):
+            yield x
+            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
         elif isinstance(x, (tuple, list)):
             stack.extend(x)
-    return frozenset(out)
 
 
-# ---------------------------------------------------------------- names used by an expression
+def names_in(e: object) -> frozenset[str]:
+    """The variable names an expression reads (Name ids, anywhere in it)."""
+    return frozenset(x.id for x in walk(e) if isinstance(x, Name))
+
+
 def expr_names(e: Node) -> set[str]:
     """The names (`Name.id`) an expression reads, anywhere inside it."""
-    out: set[str] = set()
-    stack: list = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Name):
-            out.add(x.id)
-        elif isinstance(x, Node):
-            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
-        elif isinstance(x, tuple):
-            stack.extend(x)
-    return out
+    return set(names_in(e))
 
 
-def expr_calls(e: Node) -> set[str]:
-    """The functions (`Call.func`) an expression calls, anywhere inside it."""
-    out: set[str] = set()
-    stack: list = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Call):
-            out.add(x.func)
-        if isinstance(x, Node):
-            stack.extend(getattr(x, f.name) for f in fields(x) if f.name != "span")
-        elif isinstance(x, tuple):
-            stack.extend(x)
-    return out
+def expr_calls(e: object) -> set[str]:
+    """The functions (`Call.func`) an expression (or a program) calls, anywhere inside it."""
+    return {x.func for x in walk(e) if isinstance(x, Call)}
 
 
 #: the intrinsics whose only purpose may be a check (a `let` calling one is kept even unused)

@@ -227,19 +227,11 @@ def load_plugins(files: list[tuple[Path, Span]], called: set[str], known: set[st
 def plugins_for(unit: Any, allow: bool, diags: Diagnostics) -> dict[str, PluginMethod]:
     """The Python methods the recipe may call (lang/plugins.py): its plugin files' (when
     allowed) and installed ones among the names it calls that nothing else defines."""
-    from mergelang.lang.ast import Call
     from mergelang.lang.intrinsics import INTRINSICS
 
-    called: set[str] = set()
-    stack: list[Any] = [unit.program, *(f for f in unit.fns.values() if not f.span.source.library)]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Call):
-            called.add(x.func)
-        if hasattr(x, "__dataclass_fields__") and not isinstance(x, Span):
-            stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
-        elif isinstance(x, tuple):
-            stack.extend(x)
+    from mergelang.lang.ast import expr_calls
+
+    called = expr_calls((unit.program, *(f for f in unit.fns.values() if not f.span.source.library)))
     if not unit.plugin_files and called <= set(unit.fns) | set(INTRINSICS):
         return {}
     found = load_plugins(unit.plugin_files, called, set(unit.fns) | set(INTRINSICS), allow, diags)
