@@ -231,9 +231,9 @@ class StepInterpreter(Interpreter):
     def load(self, step, node) -> torch.Tensor:
         t = self.take(step.nid)
         self.bufs.stored(step.nid, t, None, [])
-        self.live += _nbytes(t)
+        live = self.live = self.live + _nbytes(t)
         if self.meter is not None:
-            self.meter(self.live)
+            self.meter(live)
         return t
 
     def run_node(self, step, node, args: list) -> "torch.Tensor | LazyStack":
@@ -245,11 +245,11 @@ class StepInterpreter(Interpreter):
                 out = out.to(self.dev)
         except CheckFailed as exc:
             raise _check_error(self.plan, step.nid, node, exc) from None
-        if node.op is not Op.OUTPUT:
+        if node.op is not _OUTPUT:
             self.bufs.stored(step.nid, out, node.op, args)
-            self.live += _nbytes(out)
+            live = self.live = self.live + _nbytes(out)
             if self.meter is not None:
-                self.meter(self.live)
+                self.meter(live)
         return out
 
     def output(self, step, node, out: torch.Tensor) -> None:
@@ -266,6 +266,9 @@ class StepInterpreter(Interpreter):
         if t is not None:
             self.live -= _nbytes(t)
         self.bufs.freed(nid, t)
+
+
+_OUTPUT = Op.OUTPUT
 
 
 def _check_error(plan: ExecutionPlan, nid: int, node, exc: CheckFailed) -> MergelangError:

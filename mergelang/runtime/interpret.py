@@ -66,14 +66,15 @@ class Interpreter:
         node_of, load, run_node, output, free = (self.node_of, self.load, self.run_node,
                                                  self.output, self.free)
         for step in steps:
-            node = node_of(step.nid)
+            nid = step.nid
+            node = node_of(nid)
             op = node.op
             if op is _LOAD:
-                env[step.nid] = load(step, node)
+                env[nid] = load(step, node)
             elif op is _OUTPUT:  # no local holds it: the sink decides how long it lives
                 output(step, node, run_node(step, node, [env[a] for a in node.args]))
             else:
-                env[step.nid] = run_node(step, node, [env[a] for a in node.args])
+                env[nid] = run_node(step, node, [env[a] for a in node.args])
             for a in step.free:
                 free(a, env.pop(a, None))
         return env
