@@ -23,10 +23,21 @@ FOLD_LIMIT = 64
 
 def _fold_constants(g: MergeGraph) -> MergeGraph:
     """Evaluate nodes whose inputs are all constants (e.g. stacked weights, their sums), in the
-    graph's compute dtype: the plan interpreter walks the graph in topological order."""
+    graph's compute dtype: the plan interpreter walks the graph's CONST nodes and the small
+    foldable ones in topological order (a node it does not visit is not a constant)."""
+    steps = [Step(nid, ()) for nid in g.topo_order()
+             if (n := g.node(nid)).op is Op.CONST or (n.op in FOLDABLE and n.args and n.op is not Op.ASSERT
+                                                      and n.type.numel <= FOLD_LIMIT)]
     # nothing to free: each value is a CONST node of the graph (None: not a constant)
-    Folder(g).run([Step(nid, ()) for nid in g.topo_order()])
+    Folder(g).run(steps, _Unvisited())
     return g
+
+
+class _Unvisited(dict):
+    """The folder's environment: a node it did not visit is not a constant (None)."""
+
+    def __missing__(self, nid: int) -> None:
+        return None
 
 
 class Folder(Interpreter):
