@@ -10,7 +10,7 @@ with torch autograd, from the frontier and the current param tensors.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import Op
@@ -18,6 +18,9 @@ from mergelang.ir.paramexpr import evaluate
 from mergelang.passes.params import param_nodes, sub_attrs
 from mergelang.passes.plan import Step
 from mergelang.runtime.interpret import Interpreter, steps_for
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GraphProgram:
