@@ -117,7 +117,8 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
     tensors, used = finish(acc, sites)
     info = {"format": "mergelang-stats", "kind": "correlation", "models": [str(m) for m in models],
             "data": str(data), "data_sha256": d.digest, "examples": counts.examples,
-            "rows": int(next(iter(acc.values()))["n"]), "batch_size": batch_size or 8,
+            "rows": int(next(iter(acc.values()))["n"]),
+            "batch_size": None if module is not None or d.batches is not None else batch_size or 8,
             "seq_len": seq_len, "spec": spec.arch, "custom_groups": list(groups),
             "groups": {g.name: {"size": g.size, "sites": [k for k in by_group[g.name] if k in used]}
                        for g in spec.groups},
@@ -265,6 +266,9 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
     if d.batches is None:
         raise fail("E969", f"--module: data {d.source} is text; a torch module needs FILE.py:BATCHES "
                    "(tensors, tuples or dicts of its inputs)")
+    import hashlib
+
+    digest = hashlib.sha256()
     for k, b in enumerate(d.batches):
         args, kw = ((b,), {}) if isinstance(b, torch.Tensor) else \
             (tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)) if isinstance(b, dict) else (None, None)
@@ -279,8 +283,12 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
             args = tuple(v[:size] if isinstance(v, torch.Tensor) else v for v in args)
             kw = {n: v[:size] if isinstance(v, torch.Tensor) else v for n, v in kw.items()}
         counts.examples += size
+        for v in (*args, *kw.values()):
+            if isinstance(v, torch.Tensor):
+                digest.update(v.detach().cpu().contiguous().numpy().tobytes())
         move = (lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v)
         yield tuple(move(v) for v in args), {n: move(v) for n, v in kw.items()}, None, size
+    d.digest = digest.hexdigest()
 
 
 def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> dict[str, tuple[Any, int]]:
