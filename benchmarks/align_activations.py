@@ -18,8 +18,8 @@ safetensors folders, and the correlation sidecar is computed with the command
     weights:     linear([a, align(b, to = a, groups = G)])                        (weight matching)
     activations: linear([a, align(b, to = a, by = "activations", stats = c, groups = G)])
 
-and every model's accuracy is measured on the test split (360 digits, never seen in training or
-in the statistics).
+and every model's accuracy and mean cross-entropy are measured on the test split (360 digits,
+never seen in training or in the statistics).
 """
 
 from __future__ import annotations
@@ -41,45 +41,16 @@ sys.path.insert(0, str(DIGITS))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 import mergelang as ml  # noqa: E402
-from mlp import GROUPS, DigitsMLP  # noqa: E402
-from setting import data  # noqa: E402
+from mlp import GROUPS, evaluate, load, save, train  # noqa: E402
 
 EXPRS = {"plain": "linear([a, b])",
          "weights": "linear([a, align(b, to = a, groups = G)])",
          "activations": 'linear([a, align(b, to = a, by = "activations", stats = c, groups = G)])'}
 
 
-def train(seed: int, epochs: int) -> DigitsMLP:
-    torch.manual_seed(seed)
-    model = DigitsMLP()
-    x, y = data("identity", "train")
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(y), generator=g).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-    return model.eval()
-
-
-def save(model: DigitsMLP, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "digits-mlp"}) + "\n")
-    return folder
-
-
-def accuracy(state: dict) -> float:
-    model = DigitsMLP()
-    model.load_state_dict(state)
-    x, y = data("identity", "test")
-    with torch.no_grad():
-        return float((model(x).argmax(-1) == y).float().mean())
+NAMES = ("a", "b", *EXPRS)
 
 
 def stats_command(a: Path, b: Path, out: Path) -> float:
@@ -104,16 +75,15 @@ def merged(expr: str, folders: dict[str, Path]) -> dict:
 
 def pair(k: int, epochs: int, root: Path) -> dict:
     t0 = time.perf_counter()
-    a, b = (save(train(s + k, epochs), root / f"{n}{k}") for s, n in ((100, "a"), (200, "b")))
+    a, b = (save(train(s + k, epochs), root / f"{n}{k}") for s, n in ((100, "a"), (200, "b")))  # noqa: B023
     t_train = time.perf_counter() - t0
     c = root / f"c{k}"
     t_stats = stats_command(a, b, c)
-    from safetensors.torch import load_file
-
-    row = {"pair": k, "a": accuracy(load_file(str(a / "model.safetensors"))),
-           "b": accuracy(load_file(str(b / "model.safetensors")))}
-    for name, expr in EXPRS.items():
-        row[name] = accuracy(merged(expr, {"a": a, "b": b, "c": c}))
+    row: dict = {"pair": k}
+    states = {"a": load(a), "b": load(b)}
+    states.update({name: merged(expr, {"a": a, "b": b, "c": c}) for name, expr in EXPRS.items()})
+    for name, state in states.items():
+        row[name], row[f"{name} loss"] = evaluate(state)
     row["seconds"] = {"train both": round(t_train, 2), "stats command": round(t_stats, 2)}
     return row
 
@@ -132,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.pairs):
             rows.append(pair(k, args.epochs, Path(tmp)))
             r = rows[-1]
-            print(f"pair {k}: a {r['a']:.3f}  b {r['b']:.3f}  plain {r['plain']:.3f}  "
-                  f"weights {r['weights']:.3f}  activations {r['activations']:.3f}  {r['seconds']}",
-                  flush=True)
-    mean = {n: statistics.mean(r[n] for r in rows) for n in ("a", "b", *EXPRS)}
-    print("mean: " + "  ".join(f"{n} {v:.3f}" for n, v in mean.items()))
+            print(f"pair {k}: " + "  ".join(f"{n} {r[n]:.3f} ({r[n + ' loss']:.3f})" for n in NAMES)
+                  + f"  {r['seconds']}", flush=True)
+    mean = {n: statistics.mean(r[n] for r in rows) for n in (*NAMES, *(n + " loss" for n in NAMES))}
+    print("mean: " + "  ".join(f"{n} {mean[n]:.3f} ({mean[n + ' loss']:.3f})" for n in NAMES))
+    print("test accuracy (test cross-entropy)")
     out = {"machine": describe(), "pairs": args.pairs, "epochs": args.epochs, "rows": rows, "mean": mean}
     print(f"machine: {out['machine']}")
     if args.json:
