@@ -388,7 +388,7 @@ CODES: dict[str, str] = {
     "E965": "a bad stats setting (kind, batch size, lengths, several passes over one-shot batches)",
     "E966": "a bad data objective (perplexity: / lm-eval: without data or tasks, an unknown task, a state that misses weights)",
     "E967": "align by activations / stats --kind correlation: a bad setting (by, stats missing or not a model, no groups for the models, models that differ)",
-    "E968": "align's correlation stats do not fit (not a correlation sidecar, a group missing or of another size, a tensor missing)",
+    "E968": "align's correlation stats do not fit (not a correlation sidecar, a group missing or of another size, a tensor missing, the models swapped)",
     "E969": "stats --module: the torch module cannot be built, does not fit the checkpoint, or has no batch data",
     "E907": "the loss or the data function raised, or called sys.exit",
     "E908": "the loss (or a learned param) became NaN or infinite: learning stopped",

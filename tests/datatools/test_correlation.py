@@ -273,6 +273,7 @@ def sidecar(mlp, tmp_path_factory) -> Path:
     ('align(b, to = a, by = "activations", stats = c, groups = [G[0], G[1], "h2: layers.2.weight@0"])', "E968",
      "no statistics for the group `h2`"),
     ('align(b, to = a, by = "activations", stats = g, groups = G)', "E968", "not a sidecar"),
+    ('align(a, to = b, by = "activations", stats = c, groups = G)', "E968", "must be the reference"),
 ])
 def test_align_diagnostics(mlp, sidecar, tmp_path, call, code, what):
     gram = tmp_path / "g"

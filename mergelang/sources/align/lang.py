@@ -71,6 +71,7 @@ def _align(el: Elab, a: dict[str, Value], span: Span) -> Value:
         made = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span, reg)  # type: ignore[union-attr]
         if side is not None:
             made.stats, made.stats_info = side, stats_info(el, side, made.spec, stats, span)
+            swapped(el, made.stats_info, src, ref, stats, span)
         el.models[name] = made
     except CompileError:
         el.models[name] = None  # reported once (here); later uses of this model are skipped
@@ -171,3 +172,17 @@ def stats_info(el: Elab, side: Any, spec: Any, stats: ModelV, span: Span) -> dic
                        f"{problems[0]}", span, "compute them with the same groups (config.json / "
                        "--group) on these two models: mergelang stats A B --kind correlation")
     return info
+
+
+def swapped(el: Elab, info: dict, src: Any, ref: Any, stats: ModelV, span: Span) -> None:
+    """E968 when the sidecar was computed as `stats B A` (its first model must be `to`)."""
+    from pathlib import Path
+
+    models = info.get("models")
+    if not (isinstance(models, list) and len(models) == 2 and src.folder and ref.folder):
+        return
+    got = [Path(str(m)).resolve() for m in models]
+    if got[0] != got[1] and got == [Path(src.folder).resolve(), Path(ref.folder).resolve()]:
+        raise el.error("E968", f"align's stats `{stats.name}` were computed as `stats {models[0]} "
+                       f"{models[1]}`: the first model must be the reference `to`", span,
+                       "mergelang stats TO MODEL --kind correlation (A = to, B = the model aligned)")
