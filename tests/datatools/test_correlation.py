@@ -287,3 +287,16 @@ def test_align_diagnostics(mlp, sidecar, tmp_path, call, code, what):
     assert r.exit_code == 1, r.output
     assert f"error[{code}]" in r.output and what in r.output, r.output
     assert "r.mrg:7:12" in r.output, r.output  # file:line:col of the align call
+
+
+def test_align_md_quotes_the_recorded_digits_run():
+    """docs/align.md's digits table is benchmarks/align_activations_results.json, as recorded by
+    `python benchmarks/align_activations.py --pairs 5 --json ...`."""
+    repo = Path(__file__).resolve().parents[2]
+    rec = json.loads((repo / "benchmarks" / "align_activations_results.json").read_text())
+    doc = (repo / "docs" / "align.md").read_text()
+    names = ("a", "b", "plain", "weights", "activations")
+    for label, row in [*((str(r["pair"]), r) for r in rec["rows"]), ("mean", rec["mean"])]:
+        cells = " | ".join(f"{row[n] * 100:.1f} % ({row[n + ' loss']:.3f})" for n in names)
+        assert f"| {label} | {cells} |" in doc, label
+    assert rec["pairs"] == 5 and "no GPU" in rec["machine"]
