@@ -300,3 +300,17 @@ def test_align_md_quotes_the_recorded_digits_run():
         cells = " | ".join(f"{row[n] * 100:.1f} % ({row[n + ' loss']:.3f})" for n in names)
         assert f"| {label} | {cells} |" in doc, label
     assert rec["pairs"] == 5 and "no GPU" in rec["machine"]
+
+
+@pytest.mark.parametrize("name", ["align_experiment_results_activations.json",
+                                  "align_experiment_results_order2_activations.json"])
+def test_align_md_quotes_the_recorded_llama_runs(name):
+    """docs/align.md's tiny-Llama activation tables are the recorded JSON of
+    `benchmarks/align_experiment.py --activations`; activation matching is the best merge there."""
+    repo = Path(__file__).resolve().parents[2]
+    rec = json.loads((repo / "benchmarks" / name).read_text())
+    doc = (repo / "docs" / "align.md").read_text()
+    for r in rec["pairs"]:
+        cells = " | ".join(f"{r[n]:.3f}" for n in ("a", "b", "plain", "aligned", "activations"))
+        assert f"| {r['pair']} | {cells} |" in doc
+        assert r["activations"] < min(r["plain"], r["aligned"])
