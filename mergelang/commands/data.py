@@ -11,11 +11,12 @@ from mergelang.diagnostics import MergelangError, error
 
 
 @click.command(name="stats")
-@click.argument("model")
+@click.argument("model", nargs=-1, required=True)
 @click.option("--data", required=True, metavar="DATA",
               help="FILE.txt (one example per line), FILE.jsonl, a datasets folder, or FILE.py:BATCHES")
-@click.option("--kind", type=click.Choice(["gram", "fisher"]), required=True,
-              help="gram: input Gram matrices of linear layers (regmean); fisher: diagonal Fisher")
+@click.option("--kind", type=click.Choice(["gram", "fisher", "correlation"]), required=True,
+              help="gram: input Gram matrices of linear layers (regmean); fisher: diagonal Fisher; "
+                   "correlation: two models' activation correlations (align by activations)")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="the sidecar folder")
 @click.option("--max-examples", type=click.IntRange(min=1), default=None, help="use the first N examples")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -26,14 +27,22 @@ from mergelang.diagnostics import MergelangError, error
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="cap on the Gram matrices held at once, e.g. 2GB (more passes over the data)")
+@click.option("--group", "groups", multiple=True, metavar="GROUP",
+              help="correlation: a permutation group as align's `groups` strings (repeatable; "
+                   "default: the built-in spec)")
+@click.option("--module", default=None, metavar="FILE.py:NAME",
+              help="correlation: run the models as this torch module (a class or function) "
+                   "instead of through transformers")
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @_guard
-def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | None,
+def stats_cmd(model: tuple[str, ...], data: str, kind: str, out: str, max_examples: int | None,
               batch_size: int | None, seq_len: int, field: str, device: str,
-              memory_budget: str | None, force: bool, quiet: bool) -> None:
+              memory_budget: str | None, groups: tuple[str, ...], module: str | None,
+              force: bool, quiet: bool) -> None:
     """Compute Gram or Fisher statistics of MODEL (a folder or hf:ORG/NAME) on data, for
-    `regmean(models, grams)` and `fisher(models, fishers)`."""
+    `regmean(models, grams)` and `fisher(models, fishers)`; with `--kind correlation`, two
+    models A B: their activation correlations, for `align(b, to = a, by = "activations")`."""
     from mergelang.data.stats import stats
     from mergelang.ir.types import parse_bytes
 
@@ -43,12 +52,19 @@ def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | No
         raise click.BadParameter(f"{memory_budget!r} is not a size like 8GB or 512MiB",
                                  param_hint="--memory-budget") from None
 
-    res = stats(model, data, kind, out, max_examples=max_examples, batch_size=batch_size,
-                seq_len=seq_len, device=device, memory_budget=budget, field=field,
-                force=force, progress=not quiet, log=lambda d: echo_diags([d]))
+    want = 2 if kind == "correlation" else 1
+    if len(model) != want:
+        raise click.UsageError(f"--kind {kind} takes {want} model{'s' if want > 1 else ''}, got {len(model)}")
+    if (groups or module) and kind != "correlation":
+        raise click.UsageError("--group and --module are options of --kind correlation")
+    res = stats(list(model) if want == 2 else model[0], data, kind, out, max_examples=max_examples,
+                batch_size=batch_size, seq_len=seq_len, device=device, memory_budget=budget,
+                field=field, force=force, progress=not quiet, log=lambda d: echo_diags([d]),
+                groups=groups, module=module)
     info = res.info
     click.echo(f"wrote {len(res.tensors)} {kind} tensors from {info['examples']} examples "
-               f"({info['tokens']} tokens) to {res.path}", err=True)
+               f"({info.get('tokens', info.get('rows'))} {'tokens' if 'tokens' in info else 'rows'}) "
+               f"to {res.path}", err=True)
 
 
 #: tune's options for the objectives on data (`--objective perplexity:DATA`, `lm-eval:TASKS`)

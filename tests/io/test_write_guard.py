@@ -33,7 +33,7 @@ READS = {("run", "recipe"), ("check", "recipe"), ("compile", "recipe"), ("explai
          ("tune", "recipe"), ("tune", "objective"), ("learn", "recipe"), ("learn", "loss"),
          ("learn", "data"), ("extract-lora", "base"), ("extract-lora", "finetuned"),
          ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder"),
-         ("stats", "model"), ("stats", "data"), ("tune", "lm_eval_include"),
+         ("stats", "model"), ("stats", "data"), ("stats", "module"), ("tune", "lm_eval_include"),
          ("inspect", "base"), ("inspect", "models"),
          ("verify", "out")}  # verify reads the output folder it checks
 OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "shard_size"),
@@ -41,7 +41,7 @@ OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "s
          ("explain", "sets"), ("tune", "study_name"), ("tune", "ray_address"), ("tune", "sets"),
          ("learn", "sets"), ("tune", "params"), ("extract-lora", "include"), ("extract-lora", "exclude"),
          ("extract-lora", "save_modules"), ("import-mergekit", "layer_prefix"), ("rmm", "names"),
-         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget"),
+         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget"), ("stats", "groups"),
          ("inspect", "memory_budget")}
 
 Argv = Callable[[Path, str], list[str]]  # (project root, the path under test) -> argv
