@@ -58,6 +58,9 @@ lm_eval_include_opt = click.option(
 limit_opt = click.option(
     "--limit", type=click.IntRange(min=1), default=None, metavar="N",
     help="perplexity: the first N examples; lm-eval: N documents per task")
+num_fewshot_opt = click.option(
+    "--num-fewshot", type=click.IntRange(min=0), default=None, metavar="K",
+    help="lm-eval: K few-shot examples per task (lm_eval --num_fewshot)")
 
 
 def is_builtin(objective: str) -> bool:
@@ -65,7 +68,8 @@ def is_builtin(objective: str) -> bool:
 
 
 def builtin_objective(objective: str, recipe: Any, directions: tuple[str, ...], executor: str,
-                      include: str | None, limit: int | None) -> tuple[Any, tuple[str, ...]]:
+                      include: str | None, limit: int | None,
+                      num_fewshot: int | None = None) -> tuple[Any, tuple[str, ...]]:
     """(objective, directions) for `--objective perplexity:DATA` / `lm-eval:TASKS`, run in a
     model built from the recipe's `merge from` model (its folder's config and tokenizer); the
     direction is implied (minimize perplexity, maximize scores)."""
@@ -79,7 +83,7 @@ def builtin_objective(objective: str, recipe: Any, directions: tuple[str, ...], 
         raise MergelangError(error("E966", f"--objective {objective}: the `merge from` model "
                                    f"`{c.reference}` is not a model folder with a config.json",
                                    None, "merge from a Hugging Face model folder"))
-    made = builtin(objective, src.folder, include_path=include, limit=limit)
+    made = builtin(objective, src.folder, include_path=include, limit=limit, num_fewshot=num_fewshot)
     assert made is not None
     fn, implied = made
     if directions and set(directions) != {implied}:
