@@ -14,9 +14,16 @@ from mergelang.diagnostics import MergelangError, error
 @click.argument("model")
 @click.option("--data", required=True, metavar="DATA",
               help="FILE.txt (one example per line), FILE.jsonl, a datasets folder, or FILE.py:BATCHES")
-@click.option("--kind", type=click.Choice(["gram", "fisher"]), required=True,
-              help="gram: input Gram matrices of linear layers (regmean); fisher: diagonal Fisher")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="the sidecar folder")
+@click.option("--kind", type=click.Choice(["gram", "fisher", "gram-plusplus"]), required=True,
+              help="gram: input Gram matrices of linear layers (regmean); fisher: diagonal Fisher; "
+                   "gram-plusplus: RegMean++ Grams of MODEL and each --with model, inputs from "
+                   "the model merged so far")
+@click.option("-o", "--output", "out", required=True, multiple=True, type=click.Path(),
+              help="the sidecar folder (gram-plusplus: one per model, MODEL's first)")
+@click.option("--with", "with_models", multiple=True, metavar="MODEL",
+              help="gram-plusplus: the other models merged with MODEL (repeatable)")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="gram-plusplus: the alpha of the regmean merge that will read the Grams [default: 0.95]")
 @click.option("--max-examples", type=click.IntRange(min=1), default=None, help="use the first N examples")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="examples per forward pass [default: 8 for gram, 1 for fisher]")
@@ -29,13 +36,19 @@ from mergelang.diagnostics import MergelangError, error
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @_guard
-def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | None,
-              batch_size: int | None, seq_len: int, field: str, device: str,
-              memory_budget: str | None, force: bool, quiet: bool) -> None:
+def stats_cmd(model: str, data: str, kind: str, out: tuple[str, ...], with_models: tuple[str, ...],
+              alpha: float | None, max_examples: int | None, batch_size: int | None, seq_len: int,
+              field: str, device: str, memory_budget: str | None, force: bool, quiet: bool) -> None:
     """Compute Gram or Fisher statistics of MODEL (a folder or hf:ORG/NAME) on data, for
     `regmean(models, grams)` and `fisher(models, fishers)`."""
     from mergelang.data.stats import stats
     from mergelang.ir.types import parse_bytes
+
+    if kind == "gram-plusplus":
+        return _plusplus(model, data, out, with_models, alpha, max_examples, batch_size, seq_len,
+                         field, device, memory_budget, force, quiet)
+    if with_models or alpha is not None or len(out) != 1:
+        raise click.UsageError("--with, --alpha and several -o are for --kind gram-plusplus")
 
     try:
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
@@ -43,12 +56,33 @@ def stats_cmd(model: str, data: str, kind: str, out: str, max_examples: int | No
         raise click.BadParameter(f"{memory_budget!r} is not a size like 8GB or 512MiB",
                                  param_hint="--memory-budget") from None
 
-    res = stats(model, data, kind, out, max_examples=max_examples, batch_size=batch_size,
+    res = stats(model, data, kind, out[0], max_examples=max_examples, batch_size=batch_size,
                 seq_len=seq_len, device=device, memory_budget=budget, field=field,
                 force=force, progress=not quiet, log=lambda d: echo_diags([d]))
     info = res.info
     click.echo(f"wrote {len(res.tensors)} {kind} tensors from {info['examples']} examples "
                f"({info['tokens']} tokens) to {res.path}", err=True)
+
+
+def _plusplus(model: str, data: str, out: tuple[str, ...], others: tuple[str, ...], alpha: float | None,
+              max_examples: int | None, batch_size: int | None, seq_len: int, field: str, device: str,
+              memory_budget: str | None, force: bool, quiet: bool) -> None:
+    """`stats --kind gram-plusplus`: data/regmeanpp.py."""
+    from mergelang.data.regmeanpp import regmeanpp
+
+    if not others:
+        raise click.UsageError("--kind gram-plusplus needs the other models: --with MODEL ...")
+    if len(out) != 1 + len(others):
+        raise click.UsageError(f"--kind gram-plusplus writes one sidecar per model: give {1 + len(others)} "
+                               "-o folders (MODEL's first, then each --with model's)")
+    if memory_budget is not None:
+        raise click.UsageError("--memory-budget is not available for --kind gram-plusplus")
+    res = regmeanpp([model, *others], data, 0.95 if alpha is None else alpha, list(out),
+                    max_examples=max_examples, batch_size=batch_size or 8, seq_len=seq_len,
+                    device=device, field=field, force=force, progress=not quiet)
+    for st in res:
+        click.echo(f"wrote {len(st.tensors)} gram-plusplus tensors of {st.info['model']} from "
+                   f"{st.info['examples']} examples ({st.info['tokens']} tokens) to {st.path}", err=True)
 
 
 #: tune's options for the objectives on data (`--objective perplexity:DATA`, `lm-eval:TASKS`)

@@ -33,7 +33,7 @@ READS = {("run", "recipe"), ("check", "recipe"), ("compile", "recipe"), ("explai
          ("tune", "recipe"), ("tune", "objective"), ("learn", "recipe"), ("learn", "loss"),
          ("learn", "data"), ("extract-lora", "base"), ("extract-lora", "finetuned"),
          ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder"),
-         ("stats", "model"), ("stats", "data"), ("tune", "lm_eval_include"),
+         ("stats", "model"), ("stats", "data"), ("stats", "with_models"), ("tune", "lm_eval_include"),
          ("inspect", "base"), ("inspect", "models"),
          ("verify", "out")}  # verify reads the output folder it checks
 OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "shard_size"),
