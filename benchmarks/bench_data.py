@@ -6,7 +6,8 @@ Models (random weights, saved into a temporary folder, with a word-level tokeniz
 * small: a Llama with hidden 512, 4 layers, intermediate 1536 (~13M parameters; `--small`);
 * large: a Llama with hidden 1024, 16 layers, intermediate 2816, 16 heads and a 32000-row
   vocabulary (0.27B parameters, the size issue #30 names; `--large`, `--large-examples` examples,
-  one run of each computation: minutes on a CPU).
+  one run of each computation, the batch-1 Fisher only with `--large-fisher-1`: about 2.5
+  minutes on the shared 2-core VM, 6 with it).
 Data: N random sentences of 30 words. Each figure is the best of `--repeat` runs of the
 computation itself (the model and data loading excluded), divided by the number of real tokens /
 1000: wall time, and the process's CPU time (on a shared machine the CPU time is the steadier
@@ -33,12 +34,13 @@ import data_models as dm  # noqa: E402
 import mergelang as ml  # noqa: E402
 
 
-def bench(folder: Path, data: Path, repeat: int, device: str) -> dict[str, float]:
+def bench(folder: Path, data: Path, repeat: int, device: str,
+          kinds: tuple = (("gram", 8), ("fisher", 1), ("fisher", 8))) -> dict[str, float]:
     import torch
 
     out = {}
     tokens = ml.stats(folder, data, kind="gram", device=device).info["tokens"]
-    for kind, bs in (("gram", 8), ("fisher", 1), ("fisher", 8)):
+    for kind, bs in kinds:
         import mergelang.data.stats as S
 
         lm = S.load_model(folder, torch.device(device))
@@ -90,6 +92,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="also the ~13M-parameter model")
     ap.add_argument("--large", action="store_true", help="also the 0.27B-parameter model")
     ap.add_argument("--large-examples", type=int, default=8)
+    ap.add_argument("--large-fisher-1", action="store_true", help="--large: also the batch-1 Fisher")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -124,7 +127,10 @@ def main() -> None:
             big = name == "large"
             print(f"{name} ({n / 1e6:.2f}M parameters), {args.large_examples if big else args.examples} "
                   f"examples, device {args.device}:", flush=True)
-            bench(folder, large_data if big else data, 1 if big else args.repeat, args.device)
+            kinds = (("gram", 8), ("fisher", 1), ("fisher", 8))
+            if big and not args.large_fisher_1:
+                kinds = (("gram", 8), ("fisher", 8))
+            bench(folder, large_data if big else data, 1 if big else args.repeat, args.device, kinds)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     a = dm.save_llama(root / "a", 0, num_hidden_layers=3)
     b = dm.save_llama(root / "b", 1, base=a, scale=0.3, num_hidden_layers=3)
     c = dm.save_llama(root / "c", 2, base=a, scale=0.3, num_hidden_layers=3)
-    return {"root": root, "a": a, "b": b, "c": c, "txt": dm.write_texts(root / "d.txt")}
+    return {"root": root, "a": a, "b": b, "c": c, "txt": dm.write_texts(root / "d.txt", TEXTS)}
+
+
+TEXTS = dm.TEXTS
+
+
+@pytest.fixture(scope="module")
+def pp(models) -> list:
+    return ml.regmeanpp([models["a"], models["b"], models["c"]], models["txt"], alpha=ALPHA,
+                        device="cpu")
 
 
 def load(folder: Path):
@@ -104,10 +113,10 @@ def reference(folders: list[Path], texts: list[str], ratio: float):
     return grams, merged
 
 
-def test_grams_and_merge_equal_the_reference(models):
+def test_grams_and_merge_equal_the_reference(models, pp):
     folders = [models["a"], models["b"], models["c"]]
-    got = ml.regmeanpp(folders, models["txt"], alpha=ALPHA, device="cpu")
-    want, merged = reference(folders, dm.TEXTS, ALPHA)
+    got = pp
+    want, merged = reference(folders, TEXTS, ALPHA)
     for st, ref in zip(got, want):
         assert set(st.tensors) == set(ref)
         for k in ref:
@@ -123,14 +132,14 @@ def test_grams_and_merge_equal_the_reference(models):
         torch.testing.assert_close(out["model.layers." + k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_cli_writes_one_sidecar_per_model(models, tmp_path):
-    outs = [tmp_path / "ga", tmp_path / "gb"]
+def test_cli_writes_one_sidecar_per_model(models, pp, tmp_path):
+    outs = [tmp_path / "ga", tmp_path / "gb", tmp_path / "gc"]
     r = CliRunner().invoke(cli_main, ["stats", str(models["a"]), "--data", str(models["txt"]),
                                       "--kind", "gram-plusplus", "--with", str(models["b"]),
-                                      "--alpha", "0.6", "-o", str(outs[0]), "-o", str(outs[1]),
-                                      "--device", "cpu", "-q"])
+                                      "--with", str(models["c"]), "--alpha", "0.6",
+                                      *[x for o in outs for x in ("-o", str(o))], "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
-    want = ml.regmeanpp([models["a"], models["b"]], models["txt"], alpha=0.6, device="cpu")
+    want = pp
     from safetensors.torch import load_file
 
     for o, st in zip(outs, want):
@@ -149,3 +158,6 @@ def test_bad_settings_are_e965(models, tmp_path):
         ml.regmeanpp([models["a"]], models["txt"], device="cpu")
     with pytest.raises(MergelangError, match="E965"):
         ml.regmeanpp([models["a"], models["b"]], models["txt"], out=[tmp_path / "x"], device="cpu")
+    r = CliRunner().invoke(cli_main, ["stats", str(models["a"]), "--data", str(models["txt"]),
+                                      "--kind", "gram-plusplus", "-o", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "--with" in r.output
