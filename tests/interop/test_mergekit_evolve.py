@@ -191,6 +191,48 @@ def test_lm_eval_weighted_score() -> None:
             task_entries(bad)
 
 
+def test_lm_eval_objective_passes_weights_metrics_and_fewshot(tmp_path, monkeypatch) -> None:
+    """What the objective asks lm-eval for and how it scores the answer (lm-eval faked; the real
+    one is run against the lm_eval CLI in tests/datatools/test_data_objectives.py)."""
+    import data_models as dm
+    import transformers
+
+    from mergelang.data import objectives as O
+
+    folder = dm.save_llama(tmp_path / "m", 0)
+    seen: dict = {}
+
+    class Manager:
+        def __init__(self, include_path=None):
+            self.all_tasks = ["t1", "t2"]
+
+    class LmEval:
+        @staticmethod
+        def simple_evaluate(**kw):
+            seen.update(kw)
+            return {"results": {"t1": {"acc,none": 0.5}, "t2": {"acc,none": 1.0, "acc_norm,none": 0.25}},
+                    "configs": {t: {"metric_list": [{"metric": "acc"}]} for t in ("t1", "t2")}}
+
+    monkeypatch.setattr(O, "_lm_eval_modules", lambda: (LmEval, lambda **kw: object(), Manager))
+    state = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+    f = O.lm_eval("t1*2,t2=acc_norm", folder, num_fewshot=3)
+    assert f(state) == (2 * 0.5 + 0.25) / 2
+    assert seen["num_fewshot"] == 3 and seen["tasks"] == ["t1", "t2"]
+    seen.clear()
+    assert O.lm_eval("t1,t2", folder)(state) == (0.5 + 1.0) / 2  # plain names: the mean, as before
+    assert "num_fewshot" not in seen
+    with pytest.raises(MergelangError, match="E966"):
+        O.lm_eval("t2=f1", folder)(state)  # a metric the task did not report
+
+
+def test_num_fewshot_needs_a_builtin_objective(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "obj.py").write_text("def f(state):\n    return 0.0\n")
+    rec = _write(root, 'model a = "a"\nparam w = 0.5 in [0, 1]\nmerge from a { "*" => a * w }\n')
+    r = CliRunner().invoke(cli_main, ["tune", str(rec), "--objective", f"{tmp_path / 'obj.py'}:f",
+                                      "--trials", "1", "--num-fewshot", "2"])
+    assert r.exit_code == 2 and "--num-fewshot" in r.output
+
+
 @pytest.mark.parametrize("genome,top,code", [
     ({"merge_method": "slerp"}, {}, "W113"),
     ({"merge_method": "ties", "base": "a"}, {}, "W113"),
@@ -237,7 +279,7 @@ def test_slerp_two_models(root: Path) -> None:
 
 # ------------------------------------------------------------------ mergekit's own genome code
 def mergekit_python() -> str | None:
-    from tests.interop.test_mergekit_side_by_side import mergekit_python as find
+    from test_mergekit_side_by_side import mergekit_python as find
 
     return find()
 
