@@ -323,7 +323,8 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
 @_guard
 def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False,
                     force: bool = False) -> None:
-    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
+    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe (a mergekit-evolve
+    config: a recipe with ranged params, and the `mergelang tune` command that searches them)."""
     from mergelang.interop.mergekit_import import import_file
 
     result = import_file(config, out, layer_prefix, allow_crimes)
@@ -336,6 +337,8 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
         click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)
+    if result.tune_command:  # a mergekit-evolve config: the search to run
+        click.echo(f"search it with: {result.tune_command}", err=True)
 
 
 def _imported_models(text: str, out: str) -> list[Path]:
