@@ -167,7 +167,7 @@ def _rule_nodes(el: Any, bi: int, name: str) -> list[int]:
     if key not in el.block_state.nodes:
         block = el.block_state.blocks[bi]
         rule, captures = match_rule(el, block, name)
-        family = None if el.state.recording else _family(el, bi, rule, captures, name)
+        family = None if el.state.recording else BlockElaboration._family(el, bi, rule, captures, name)
         template = el.block_state.templates.get(family) if family is not None else None
         if template is not None:
             el.block_state.nodes[key] = template.replay(el.graph, name, el.load)
@@ -198,7 +198,7 @@ def _rule_nodes(el: Any, bi: int, name: str) -> list[int]:
     return el.block_state.nodes[key]
 
 
-def _family(el: Any, bi: int, rule: int, captures: dict[str, Value], name: str) -> Any:
+def family_key(el: Any, bi: int, rule: int, captures: dict[str, Value], name: str) -> Any:
     """The key of the tensors a rule elaborates alike: the block, the rule, its captures and
     the tensor's shape and dtype in every model (None when the captures are not hashable)."""
     used = el.block_state.rule_names.get((bi, rule))
@@ -213,6 +213,13 @@ def _family(el: Any, bi: int, rule: int, captures: dict[str, Value], name: str) 
                    if m is not None and m.block_output is None
                    and (info := m.tensors().get(name)) is not None)
     return (bi, rule, caps, shapes)
+
+
+class BlockElaboration:
+    """Not a mixin: the one replaceable policy of block elaboration. `_family` keys the tensors
+    one template serves (`family_key`); tests replace it to elaborate every tensor on its own."""
+
+    _family = family_key
 
 
 def block_value(el: Any, model: str, source: ModelSource, tensor: str, span: Span, raw: bool) -> int:

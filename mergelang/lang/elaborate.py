@@ -91,6 +91,7 @@ class Elaborator:
     out_dtype = property(lambda self: self.ctx.out_dtype)
     model_spans = property(lambda self: self.ctx.model_spans)
     stack = property(lambda self: self.state.stack)
+    _tensor = property(lambda self: self.state.tensor)  # without marking it read
 
     @property
     def tensor(self) -> str:
