@@ -59,8 +59,8 @@ def build_blocks(el: Any, blocks: tuple[ast.MergeBlock, ...]) -> MergeGraph:
         for i, rule in enumerate(block.rules):
             if not el.block_state.rule_hits.get((bi, i)):
                 el.diags.add(warning("W001", f"rule {rule.pattern.text!r} matches no tensor of "
-                                       f"`{block.source}`", rule.pattern.span,
-                                       "an earlier rule may match first, or the pattern has a typo"))
+                                     f"`{block.source}`", rule.pattern.span,
+                                     "an earlier rule may match first, or the pattern has a typo"))
     return el.graph
 
 
@@ -75,9 +75,9 @@ def _output(el: Any, bi: int, block: ast.MergeBlock, name: str, info: TensorInfo
     if not is_floating(info.dtype):
         if not (isinstance(expr, ast.Name) and expr.id == block.source):
             el.diags.add(warning("W002", f"{info.dtype} tensor `{name}` is copied from "
-                                   f"`{block.source}` unchanged", expr.span,
-                                   "merge rules apply to floating-point tensors only"),
-                           subject=name)
+                                 f"`{block.source}` unchanged", expr.span,
+                                 "merge rules apply to floating-point tensors only"),
+                         subject=name)
         nid = el.load(block.source, name, block.source_span, raw=True)
         for out in outs:
             el.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=info.dtype))
@@ -97,10 +97,10 @@ def _output(el: Any, bi: int, block: ast.MergeBlock, name: str, info: TensorInfo
         if scaled is not None:  # block-scaled FP8 like the reference (sources/fp8.py)
             scale_name, blk, fmax = scaled
             q, s = (el.graph.make(Op.BLOCK_QUANT, [nid], Attrs(block=blk, fmax=fmax, part=p),
-                                    expr.span) for p in ("values", "scale_inv"))
+                                  expr.span) for p in ("values", "scale_inv"))
             el.graph.make(Op.OUTPUT, [q], Attrs(name=out, order=order, dtype=dtype), expr.span)
             el.graph.make(Op.OUTPUT, [s], Attrs(name=out[: len(out) - len(name)] + scale_name,
-                                                  order=order + 1, dtype="float32"), expr.span)
+                                                order=order + 1, dtype="float32"), expr.span)
             order += 2
             continue
         el.graph.make(Op.OUTPUT, [nid], Attrs(name=out, order=order, dtype=dtype), expr.span)
@@ -122,7 +122,7 @@ def _adapter_output(el: Any, block: ast.MergeBlock, name: str, info: TensorInfo,
     items = value.items if isinstance(value, ListV) and not value.scalars else None
     if items is not None and len(items) != len(names):
         raise el.error("E313", f"this rule gives a list of {len(items)} values for "
-                         f"{len(names)} adapter{'s' if len(names) != 1 else ''}", expr.span)
+                       f"{len(names)} adapter{'s' if len(names) != 1 else ''}", expr.span)
     for out, item in zip(names, items if items is not None else [value] * len(names)):
         order = _adapter_item(el, out, name, info, item, expr, order)
     return order
@@ -140,7 +140,7 @@ def _adapter_item(el: Any, out: str, name: str, info: TensorInfo, value: Value, 
         lr = value.value
         if not name.endswith(".weight"):
             raise el.error("E319", f"low_rank(...) gives a module's LoRA factors; `{name}` is "
-                             "not a module weight (`.weight`)", expr.span)
+                           "not a module weight (`.weight`)", expr.span)
         kind, suf = ("lora_embedding", "") if lr.embedding else ("lora", ".weight")
         module = name[: -len(".weight")]
         for part, nid in (("A", lr.a), ("B", lr.b)):
@@ -152,10 +152,10 @@ def _adapter_item(el: Any, out: str, name: str, info: TensorInfo, value: Value, 
     nid = result_node(el, value, expr.span)
     if el.graph.node(nid).type.shape != info.shape:
         raise el.error("E319", f"in an adapter, a rule gives low_rank(...), none, or the "
-                         f"whole tensor `{name}` {list(info.shape)} (a module saved at full "
-                         f"rank), not {list(el.graph.node(nid).type.shape)}", expr.span)
+                       f"whole tensor `{name}` {list(info.shape)} (a module saved at full "
+                       f"rank), not {list(el.graph.node(nid).type.shape)}", expr.span)
     el.graph.make(Op.OUTPUT, [nid], Attrs(name=f"{prefix}base_model.model.{name}", order=order,
-                                           dtype=dtype), expr.span)
+                                          dtype=dtype), expr.span)
     return order + 1
 
 
@@ -229,13 +229,13 @@ def block_value(el: Any, model: str, source: ModelSource, tensor: str, span: Spa
     info = source.tensors().get(tensor)
     if info is None:
         raise el.error("E302", f"tensor `{tensor}` is missing in model `{model}` (the output "
-                         f"of the block merging from `{el.block_state.blocks[bi].source}`)", span)
+                       f"of the block merging from `{el.block_state.blocks[bi].source}`)", span)
     if not is_floating(info.dtype):  # the block copies these from its reference model
         return el.load(el.block_state.blocks[bi].source, tensor, span, raw=True)
     if (bi, tensor) in el.block_state.in_progress:
         raise el.error("E317", f"model `{model}` is the output of a block whose rule for "
-                         f"`{tensor}` uses `{model}` itself", span,
-                         "an output can only use the outputs of other blocks")
+                       f"`{tensor}` uses `{model}` itself", span,
+                       "an output can only use the outputs of other blocks")
     return _rule_nodes(el, bi, tensor)[oi]
 
 
@@ -245,9 +245,9 @@ def _split(el: Any, value: Value, k: int, span: Span) -> list[int]:
     if k and isinstance(value, ListV) and not value.scalars:
         if len(value.items) != k:
             raise el.error("E313", f"this rule gives a list of {len(value.items)} values for "
-                             f"{k} output{'s' if k != 1 else ''}", span,
-                             "a rule of a named block gives one tensor (written to every "
-                             "output of the block), or one per output name (a list or a stack)")
+                           f"{k} output{'s' if k != 1 else ''}", span,
+                           "a rule of a named block gives one tensor (written to every "
+                           "output of the block), or one per output name (a list or a stack)")
         return [result_node(el, v, span) for v in value.items]
     if k and not isinstance(value, (Const, ListV)):
         nid = el.to_node(value, span)
@@ -255,9 +255,9 @@ def _split(el: Any, value: Value, k: int, span: Span) -> list[int]:
         if models:
             if models != k:
                 raise el.error("E313", f"this rule gives a stack of {models} tensors for "
-                                 f"{k} output{'s' if k != 1 else ''}", span,
-                                 "a rule of a named block gives one tensor (written to every "
-                                 "output of the block), or one per output name (a list or a stack)")
+                               f"{k} output{'s' if k != 1 else ''}", span,
+                               "a rule of a named block gives one tensor (written to every "
+                               "output of the block), or one per output name (a list or a stack)")
             return [el.make(Op.INDEX, [nid], Attrs(i=i), span) for i in range(k)]
     nid = result_node(el, value, span)
     return [nid] * max(k, 1)
@@ -284,7 +284,7 @@ def _match_rules(el: Any, block: ast.MergeBlock, name: str) -> tuple[int, dict[s
             cond = el.eval(rule.guard, env)
             if not (isinstance(cond, Const) and isinstance(cond.value, bool)):
                 raise el.error("E201", f"a rule's `if` guard must be a bool known at compile "
-                                 f"time, got {cond.describe()}", rule.guard.span)
+                               f"time, got {cond.describe()}", rule.guard.span)
             if not cond.value:
                 continue
         return i, env
@@ -295,20 +295,20 @@ def _match_rules(el: Any, block: ast.MergeBlock, name: str) -> tuple[int, dict[s
 def result_node(el: Any, value: Value, span: Span) -> int:
     if isinstance(value, Const) and type(value.value).__name__ == "LowRank":
         raise el.error("E319", "low_rank(...) gives LoRA factors, which only a `merge "
-                         "adapter` block writes", span,
-                         'e.g. merge adapter "a_lora" from base { "*proj.weight" => '
-                         'low_rank(a - base, rank = 16)  "*" => none }')
+                       "adapter` block writes", span,
+                       'e.g. merge adapter "a_lora" from base { "*proj.weight" => '
+                       'low_rank(a - base, rank = 16)  "*" => none }')
     if isinstance(value, Const):
         raise el.error("E201", f"this rule gives {value.describe()}, not a tensor", span,
-                         "a rule must produce a tensor, e.g. `base * 0.5`")
+                       "a rule must produce a tensor, e.g. `base * 0.5`")
     if isinstance(value, ListV):
         raise el.error("E201", f"this rule gives {value.describe()} values, not one tensor",
-                         span, "combine them, e.g. linear([a, b])")
+                       span, "combine them, e.g. linear([a, b])")
     nid = el.to_node(value, span)
     ty = el.graph.node(nid).type
     if ty.stacked:
         raise el.error("E201", f"this rule gives a stack of {ty.models} tensors, not one",
-                         span, 'reduce the model axis, e.g. sum(x, over = "models")')
+                       span, 'reduce the model axis, e.g. sum(x, over = "models")')
     return nid
 
 

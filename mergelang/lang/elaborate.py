@@ -20,7 +20,6 @@ from mergelang.lang.context import ElabContext, ElabState, Frame  # noqa: F401  
 from mergelang.lang.loops import NotLoopable
 from mergelang.lang.arith import MAX_INT_BITS, PYOPS, compile_time_op  # noqa: F401
 from mergelang.lang.templates import Recording
-from mergelang.io.checkpoint import ModelSource
 from mergelang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
