@@ -52,6 +52,14 @@ class Elaborator:
     recorder: Recording | None = None  # recording a template (lang/templates.py)
     root: "Elaborator | None" = None  # the elaborator a view was made from
     intrinsics: Mapping[str, Any] = field(init=False, repr=False)
+    #: the context's fields, as plain attributes (read on every name lookup)
+    fns: Mapping[str, ast.FnDef] = field(init=False, repr=False)
+    models: Mapping[str, Any] = field(init=False, repr=False)
+    params: Mapping[str, Value] = field(init=False, repr=False)
+    runtime: Mapping[str, Value] = field(init=False, repr=False)
+    derived: Mapping[str, Value] = field(init=False, repr=False)
+    diags: Any = field(init=False, repr=False)
+    out_dtype: str | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         from mergelang.lang.intrinsics import INTRINSICS
@@ -62,6 +70,8 @@ class Elaborator:
 
             intrinsics = {**INTRINSICS, **{n: as_intrinsic(m) for n, m in self.ctx.plugins.items()}}
         object.__setattr__(self, "intrinsics", intrinsics)  # part of construction
+        for name in ("fns", "models", "params", "runtime", "derived", "diags", "out_dtype"):
+            object.__setattr__(self, name, getattr(self.ctx, name))
 
     def with_context(self, **changes: Any) -> "Elaborator":
         """This elaborator over a context with `changes` (the next compile stage's): the same
@@ -81,13 +91,6 @@ class Elaborator:
     def base(self) -> "Elaborator":
         return self.root or self
 
-    fns = property(lambda self: self.ctx.fns)
-    models = property(lambda self: self.ctx.models)
-    params = property(lambda self: self.ctx.params)
-    runtime = property(lambda self: self.ctx.runtime)
-    derived = property(lambda self: self.ctx.derived)
-    diags = property(lambda self: self.ctx.diags)
-    out_dtype = property(lambda self: self.ctx.out_dtype)
     model_spans = property(lambda self: self.ctx.model_spans)
     stack = property(lambda self: self.state.stack)
     _tensor = property(lambda self: self.state.tensor)  # without marking it read
