@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mergelang.lang.ast import dump
 from mergelang.errors import CheckpointError, CodedError, to_diagnostic
-from mergelang.compiler import STAGES, Compilation, compile_recipe
+from mergelang.compiler import EMIT_STAGES, Compilation, compile_recipe
 from mergelang.io.checked import CheckedSink as _CheckedSink, all_finite  # noqa: F401  (all_finite: public here too)
 from mergelang.io.inputcheck import InputCheck, checked_inputs
 from mergelang.diagnostics import CompileError, Diagnostic, MergelangError, SourceFile, error, warning
@@ -105,7 +105,7 @@ class Recipe:
 
             budget = parse_bytes(memory_budget) if memory_budget is not None else None
             return head + format_plan(plan_for(c.plan, Target.cpu(budget)).plan)
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(EMIT_STAGES)}")
 
     def evaluate(self, device: str = "cpu", *, pipelined: bool = True) -> dict[str, Any]:
         """Run the merge in memory and return the output tensors (for small models and tests):

@@ -93,18 +93,18 @@ def _calls(e: Any) -> list[str]:
 def rule_assignment(c: Compilation, block: Any = None) -> tuple[dict[int, list[str]], list[str]]:
     """rule index -> output tensor names it produces; and the names copied raw (non-float);
     for `block` (default: the first merge block)."""
-    from mergelang.lang.elaborate import Elaborator
+    from mergelang.lang.elaborate import ElabContext, Elaborator
 
     block = block or c.unit.block
     assert block is not None
-    el = Elaborator(c.unit.fns, c.models, {}, c.params, Diagnostics())
+    el = Elaborator(ElabContext(c.unit.fns, c.models, c.params, Diagnostics()))
     ref = c.models[block.source]
     assert ref is not None
     by_rule: dict[int, list[str]] = defaultdict(list)
     raw: list[str] = []
     for name, info in ref.tensors().items():
-        el.tensor = name
-        rule, _ = el._match(block, name)
+        el.state.tensor = name
+        rule, _ = el.match(block, name)
         by_rule[rule].append(name)
         if not is_floating(info.dtype):
             raw.append(name)

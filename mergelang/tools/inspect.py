@@ -90,7 +90,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     expressions as written). Diagnostics (E301 missing, E303 not a checkpoint, E306 pickle,
     FP8 E320-E322, ...) are raised as MergelangError."""
     from mergelang.compiler import open_models
-    from mergelang.lang.elaborate import Elaborator
+    from mergelang.lang.elaborate import ElabContext, Elaborator
     from mergelang.lang.loader import load
     from mergelang.sources.fp8 import dequantize_models
 
@@ -107,9 +107,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     unit = load(SourceFile("<inspect>", "\n".join(lines) + "\n"), Path.cwd(), diags)
     diags.raise_if_errors()
     assert unit is not None
-    el = Elaborator(unit.fns, {}, {}, {}, diags)
-    el.models = {m.name: None for m in unit.models}
-    el.params = {}
+    el = Elaborator(ElabContext(unit.fns, {m.name: None for m in unit.models}, {}, diags))
     opened = open_models(unit, el, overrides, diags, allow_pickle, follow)
     opened = dequantize_models(opened, {d.name: d.value.span for d in unit.models}, diags)
     if diags.has_errors or any(opened.get(label) is None for label in labels):
