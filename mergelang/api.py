@@ -212,7 +212,7 @@ class Recipe:
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
         from mergelang.tools.merge_report import reporter_for  # run --report's measurements
 
-        reporter = reporter_for(c, executor) if report else None
+        reporter = reporter_for(c, executor, budget) if report else None
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
             if executor == "ray" else None
         try:

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "mergelang_report.json"
 REPORT_HTML = "mergelang_report.html"
-#: outputs waiting to be measured (each holds its loads): the compute thread waits beyond this
-PENDING = 2
+#: outputs waiting to be measured on the report's thread (each holds its loads): the compute
+#: thread waits beyond this
+PENDING = 1
 
 
 @dataclass
@@ -96,10 +97,11 @@ class MergeReport:
         self.seconds = 0.0
         self.fp8: set[str] = set()  # outputs written as block-scaled FP8: not measured
         self.held: dict[tuple[str, int | None], dict[str, "torch.Tensor"]] = {}  # loads kept
-        self.reads = 0  # inputs read for the report itself (the merge did not load them)
+        self.read_again: dict[str, set[str]] = {}  # tensor -> models read for the report itself
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PENDING)
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
+        self.inline = False  # measure on the compute thread (set for runs with a memory budget)
 
     # -- the executor's observer (runtime/executor.Observer): the values the merge has in memory
 
@@ -116,13 +118,17 @@ class MergeReport:
             self.held.setdefault((name, None if rows is None else rows[0]), {})[a["model"]] = value
 
     def output(self, node: Any, value: "torch.Tensor") -> None:
-        """Measure an output on the report's own thread (the merge goes on meanwhile); at most
-        PENDING outputs (and the loads they hold) wait for it."""
+        """Measure an output on the report's own thread (the merge goes on meanwhile; at most
+        PENDING outputs and the loads they hold wait for it), or here with `inline` (a run with
+        a memory budget: no values are held beyond the output being measured)."""
         rows = node.attrs.get("rows")
         name = node.attrs["name"]
         with self.lock:
             held = self.held.pop((name, None if rows is None else rows[0]), {})
         if name not in self.rules:
+            return
+        if self.inline:
+            self.measure(name, value, None if rows is None else rows[0], held)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="mergelang-report", daemon=True)
@@ -172,7 +178,8 @@ class MergeReport:
             t = held.get(label)
             if t is not None and t.shape == out.shape and t.is_floating_point() and t.element_size() > 1:
                 return t
-            self.reads += 1
+            with self.lock:
+                self.read_again.setdefault(name, set()).add(label)
             src = self.models[label]
             if start is None:
                 return src.load_as(name, None, view=True)
@@ -202,7 +209,9 @@ class MergeReport:
                 "rules": {k: conv(v) for k, v in self.groups["rules"].items()},
                 "layers": {k: conv(self.groups["layers"][k])
                            for k in sorted(self.groups["layers"], key=int)},
-                "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v)} for k, v in self.tensors.items()},
+                "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v),
+                                "read_again": sorted(self.read_again.get(k, ()))}
+                            for k, v in self.tensors.items()},
                 "not_measured": sorted(n for n in self.rules if n not in self.tensors and n not in self.fp8),
                 "fp8_not_measured": sorted(self.fp8)}
 
@@ -320,11 +329,14 @@ def report_html(report: dict[str, Any]) -> str:
             f"in {REPORT_JSON}.</p>{''.join(parts)}{figs}</body></html>\n")
 
 
-def reporter_for(c: Any, executor: str) -> "MergeReport":
-    """run --report's measurements for compilation `c`; E954 where it cannot measure."""
+def reporter_for(c: Any, executor: str, budget: int | None = None) -> "MergeReport":
+    """run --report's measurements for compilation `c` (on the compute thread when a memory
+    `budget` is set); E954 where it cannot measure."""
     from mergelang.diagnostics import MergelangError, error
 
     if executor != "local":
         raise MergelangError(error("E954", "run --report measures a local run only", None,
                                    "run without --executor ray, or inspect the output afterwards"))
-    return MergeReport(c)
+    report = MergeReport(c)
+    report.inline = budget is not None
+    return report
