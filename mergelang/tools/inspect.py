@@ -226,10 +226,11 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     for batch, got, secs in read_ahead(sources, batches_of(names, sizes), sizes, cap):
         read_secs += secs
         for name, tensors in zip(batch, got):
-            entry, g, per_expert, secs_svd = measure_tensor(name, tensors, models, spectrum_k, dev)
+            where = location(name)
+            entry, g, per_expert, secs_svd = measure_tensor(name, tensors, models, spectrum_k, dev,
+                                                            where[2])
             del tensors
             svd_secs += secs_svd
-            where = location(name)
             entry.update(shape=list(sources[0].tensors()[name].shape), layer=where[0], family=where[1],
                          expert=where[2])
             if per_expert:
@@ -265,13 +266,20 @@ class Totals:
     def add(self, g: Group, where: tuple[Any, str, Any], per_expert: list[Group]) -> None:
         layer, family, expert = where
         for e, pe in enumerate(per_expert):
-            self.experts.setdefault(e, Group.empty(self.n)).add(pe)
+            self._at(self.experts, e).add(pe)
         self.total.add(g)
         if layer is not None:
-            self.layers.setdefault(layer, Group.empty(self.n)).add(g)
-        self.families.setdefault(family, Group.empty(self.n)).add(g)
+            self._at(self.layers, layer).add(g)
+        self._at(self.families, family).add(g)
         if expert is not None:
-            self.experts.setdefault(expert, Group.empty(self.n)).add(g)
+            self._at(self.experts, expert).add(g)
+
+    def _at(self, groups: dict[Any, Group], key: Any) -> Group:
+        """groups[key], made empty the first time (not one Group made per call: 90k tensors)."""
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group.empty(self.n)
+        return g
 
     def to_json(self, models: list[str]) -> dict[str, Any]:
         return {"total": self.total.to_json(models),
@@ -281,11 +289,12 @@ class Totals:
 
 
 def measure_tensor(name: str, tensors: list[Any], models: list[str], spectrum_k: int | None,
-                   dev: Any) -> tuple[dict[str, Any], Group, list[Group], float]:
+                   dev: Any, expert: int | None) -> tuple[dict[str, Any], Group, list[Group], float]:
     """One tensor's entry (its numbers and spectra), its sums, the sums of each expert slice of
-    a fused [E, ...] tensor (else []), and the seconds of its SVDs."""
+    a fused [E, ...] tensor (else []), and the seconds of its SVDs (`expert`: the expert number
+    in its name, if any)."""
     per_expert: list[Group] = []
-    if location(name)[2] is None and fused_experts(name, tensors[0]):  # [E, ...]: each expert's slice
+    if expert is None and fused_experts(name, tensors[0]):  # [E, ...]: each expert's slice
         parts = [tensor_group(tensors[0][e], [t[e] for t in tensors[1:]], spectrum_k, dev)
                  for e in range(tensors[0].shape[0])]
         per_expert = [p[0] for p in parts]

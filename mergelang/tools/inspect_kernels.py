@@ -96,14 +96,16 @@ def _max(a, m):  # noqa: ANN001, ANN201
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def top_sum(vals, r):  # noqa: ANN001, ANN201
-    """The sum of the r largest of `vals` (>= 0): a radix selection on the 16-bit digits of
-    their float64 bits, exact, no sort (quantised task vectors put millions of equal values in
-    one bucket)."""
+    """The sum of the r largest of `vals` (>= 0): a radix selection on the bits of their float64
+    patterns (ordered like the values), exact, no sort (quantised task vectors put millions of
+    equal values in one bucket). Each round takes the DIGIT_BITS bits just below the highest bit
+    where the least and the largest candidate differ (the bits above are common to all), so
+    a round never passes over digits that cannot split, and its tables stay in the L1 cache."""
     total = 0.0
     cand = vals
-    shift = 48
-    counts = np.zeros(1 << 16, np.int64)
-    sums = np.zeros(1 << 16, np.float64)
+    counts = np.zeros(1 << DIGIT_BITS, np.int64)
+    sums = np.zeros(1 << DIGIT_BITS, np.float64)
+    mask = np.uint64((1 << DIGIT_BITS) - 1)
     while r > 0:
         if cand.size <= r:
             return total + _sum(cand, cand.size)
@@ -111,30 +113,42 @@ def top_sum(vals, r):  # noqa: ANN001, ANN201
         for i in range(cand.size):
             lo_v = min(lo_v, cand[i])
             hi_v = max(hi_v, cand[i])
-        if shift < 0 or lo_v == hi_v:  # all equal: r copies of one value
+        if lo_v == hi_v:  # all equal: r copies of one value
             return total + r * cand[0]
         bits = cand.view(np.uint64)
+        lh = np.empty(2, np.float64)
+        lh[0] = lo_v
+        lh[1] = hi_v
+        lhb = lh.view(np.uint64)
+        diff = lhb[0] ^ lhb[1]
+        top = 63
+        while (diff >> np.uint64(top)) == 0:
+            top -= 1
+        shift = np.uint64(max(0, top - DIGIT_BITS + 1))
         counts[:] = 0
         sums[:] = 0.0
         for i in range(cand.size):
-            d = (bits[i] >> shift) & 0xFFFF
+            d = (bits[i] >> shift) & mask
             counts[d] += 1
             sums[d] += cand[i]
-        d = 0xFFFF
+        d = (1 << DIGIT_BITS) - 1
         while counts[d] < r:  # whole digits above the one holding the r-th largest
             r -= counts[d]
             total += sums[d]
             d -= 1
-        if counts[d] != cand.size:
-            keep = np.empty(counts[d], np.float64)
-            j = 0
-            for i in range(cand.size):
-                if (bits[i] >> shift) & 0xFFFF == d:
-                    keep[j] = cand[i]
-                    j += 1
-            cand = keep
-        shift -= 16
+        keep = np.empty(counts[d], np.float64)
+        j = 0
+        dd = np.uint64(d)
+        for i in range(cand.size):
+            if (bits[i] >> shift) & mask == dd:
+                keep[j] = cand[i]
+                j += 1
+        cand = keep
     return total
+
+
+#: bits per round of top_sum's radix selection (tables of 2**11 entries: 16 kB each)
+DIGIT_BITS = 11
 
 
 @njit(**_JIT)
@@ -222,30 +236,32 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):
     fx = np.empty(CHUNK, np.float64)
     tt = np.empty((nm, CHUNK), np.float64)
     qq = np.empty(CHUNK, np.float64)
-    w1 = np.empty(CHUNK, np.float64)
-    w2 = np.empty(CHUNK, np.float64)
     a32 = np.empty(CHUNK, np.float32)
     abits = a32.view(np.uint32)
     u = np.empty(CHUNK, np.uint32)
     for start in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - start)
         _load(b, start, m, bf, fb, u)
+        bss = 0.0
         for i in range(m):
-            w1[i] = fb[i] * fb[i]
-        bss = _sum(w1, m)
+            bss += fb[i] * fb[i]
         for j in range(nm):
             _load(xs[j], start, m, bf, fx, u)
+            ss = zeros = mx = 0.0  # sums in registers (`reassoc`: LLVM vectorises the loop)
             for i in range(m):
                 t = fx[i] - fb[i]
                 tt[j, i] = t
-                qq[i] = t * t
-                w1[i] = abs(t)
-                a32[i] = np.float32(abs(t))
-                w2[i] = 1.0 if t == 0.0 else 0.0
-            stats[j, 0] += _sum(qq, m)
+                q = t * t
+                qq[i] = q
+                ss += q
+                a = abs(t)
+                mx = a if a > mx else mx
+                a32[i] = np.float32(a)
+                zeros += 1.0 if t == 0.0 else 0.0
+            stats[j, 0] += ss
             stats[j, 1] += bss
-            stats[j, 2] = max(stats[j, 2], _max(w1, m))
-            stats[j, 3] += _sum(w2, m)
+            stats[j, 2] = max(stats[j, 2], mx)
+            stats[j, 3] += zeros
             for i in range(m):
                 k = abits[i] >> 16
                 q = qq[i]
@@ -257,14 +273,15 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):
         p = 0
         for j in range(nm):
             for l in range(j + 1, nm):
+                dot = agree = both = 0.0
                 for i in range(m):
                     pr = tt[j, i] * tt[l, i]
-                    qq[i] = pr
-                    w1[i] = 1.0 if pr > 0.0 else 0.0
-                    w2[i] = 1.0 if pr != 0.0 else 0.0
-                pairs[p, 0] += _sum(qq, m)
-                pairs[p, 1] += _sum(w1, m)
-                pairs[p, 2] += _sum(w2, m)
+                    dot += pr
+                    agree += 1.0 if pr > 0.0 else 0.0
+                    both += 1.0 if pr != 0.0 else 0.0
+                pairs[p, 0] += dot
+                pairs[p, 1] += agree
+                pairs[p, 2] += both
                 p += 1
 
 
