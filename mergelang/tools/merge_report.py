@@ -96,7 +96,8 @@ class MergeReport:
         self.tensors: dict[str, dict[str, RunSums]] = {}
         self.seconds = 0.0
         self.fp8: set[str] = set()  # outputs written as block-scaled FP8: not measured
-        self.held: dict[tuple[str, int | None], dict[str, "torch.Tensor"]] = {}  # loads kept
+        #: loads kept: tensor -> first row of the chunk (None: whole) -> model -> value
+        self.held: dict[str, dict[int | None, dict[str, "torch.Tensor"]]] = {}
         self.read_again: dict[str, set[str]] = {}  # tensor -> models read for the report itself
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PENDING)
         self._thread: threading.Thread | None = None
@@ -115,7 +116,8 @@ class MergeReport:
             return
         rows = a.get("rows")
         with self.lock:
-            self.held.setdefault((name, None if rows is None else rows[0]), {})[a["model"]] = value
+            chunks = self.held.setdefault(name, {})
+            chunks.setdefault(None if rows is None else rows[0], {})[a["model"]] = value
 
     def output(self, node: Any, value: "torch.Tensor") -> None:
         """Measure an output on the report's own thread (the merge goes on meanwhile; at most
@@ -124,7 +126,9 @@ class MergeReport:
         rows = node.attrs.get("rows")
         name = node.attrs["name"]
         with self.lock:
-            held = self.held.pop((name, None if rows is None else rows[0]), {})
+            held = self.held.get(name, {}).pop(None if rows is None else rows[0], {})
+            if rows is None or rows[1] >= rows[2]:  # the tensor's last output: nothing more to keep
+                self.held.pop(name, None)
         if name not in self.rules:
             return
         if self.inline:
