@@ -212,7 +212,7 @@ class Recipe:
             raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
         from mergelang.tools.merge_report import reporter_for  # run --report's measurements
 
-        reporter = reporter_for(c, executor) if report else None
+        reporter = reporter_for(c, executor, budget) if report else None
         session = self._ray_session(device, budget, fingerprint["plan"], ray_address) \
             if executor == "ray" else None
         try:
@@ -232,10 +232,7 @@ class Recipe:
                 planned = plan_for(c.plan, target_for(device, budget), writer.resumed)
                 for line in over_budget_summary(list(planned.unchunked), budget or 0):
                     say(f"warning: {line}")
-                write, write_rows = writer.write, writer.write_rows
-                if reporter is not None:  # measured between the NaN check and the writer
-                    write, write_rows = reporter.wrap(write, write_rows)
-                sink = self._checked_sink(write, mode, say, write_rows)
+                sink = self._checked_sink(writer.write, mode, say, writer.write_rows)
                 for diag in self._config_warnings():
                     self.run_warnings.append(diag)
                     say(diag.render())
@@ -244,7 +241,7 @@ class Recipe:
                 check = None if mode == "off" else InputCheck(  # NaN/Inf in the inputs too
                     mode, say, {d.name: d.value.span for d in c.unit.models}, self.run_warnings)
                 execute(planned.plan, checked_inputs(c.models, check), sink, device, progress,
-                        memory_budget=budget, pipelined=pipelined)
+                        memory_budget=budget, pipelined=pipelined, observer=reporter)
                 inputs_unchanged(stats)
                 self._prov["inputs"] = inputs_record(c)  # the digests of what was read
                 if reporter is not None:
@@ -258,6 +255,8 @@ class Recipe:
         finally:
             if session is not None:
                 session.close()
+            if reporter is not None:
+                reporter.close(quiet=True)  # its thread ends (add_files raised its errors)
 
     def _ray_session(self, device: str, budget: int | None, digest: str,
                      address: str | None) -> Any:

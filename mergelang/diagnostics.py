@@ -398,6 +398,7 @@ CODES: dict[str, str] = {
     "E951": "inspect: a model's tensor differs in shape from the base's",
     "E952": "inspect: the device is not available (--device cuda without a GPU)",
     "E953": "inspect / run --report: html or png plots need matplotlib, which is not installed",
+    "E955": "verify FILE.safetensors: the single file does not record the shard layout its manifest's digests cover",
     # warnings
     "W001": "rule never matches",
     "W002": "integer or bool tensor passed through",

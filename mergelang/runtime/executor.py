@@ -65,14 +65,15 @@ def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
 def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
             memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
-            meter: "PeakMeter | None" = None) -> None:
+            meter: "PeakMeter | None" = None, observer: "Observer | None" = None) -> None:
     """Run `plan` — a final plan from `passes.pipeline.plan_for`, which this never rewrites —
     calling `sink(name, tensor)` once per output, in output order.
 
     Its statistics passes run first (their values are filled into the plan). Row chunks go to a
     sink's `write_rows(name, tensor, start, total)` when it has one, else they are assembled.
     `memory_budget` bounds the prefetched and pending bytes; `meter` records the peak of live
-    tensor bytes (computed values + prefetched loads + outputs waiting for the sink)."""
+    tensor bytes (computed values + prefetched loads + outputs waiting for the sink);
+    `observer` sees the main plan's loads and outputs (`Observer`; not the statistics passes')."""
     dev = resolve_device(device)
     if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
         from mergelang.passes.stats import run_stat_passes
@@ -83,8 +84,8 @@ def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink:
     prepare_models(plan, models, dev)
     if pipelined and _tiny_reads(plan):  # a thread handoff per tensor would cost more than the read
         pipelined = False
-    runner: Executor = (OverlappedExecutor(memory_budget, readers, meter) if pipelined
-                        else SequentialExecutor(meter))
+    runner: Executor = (OverlappedExecutor(memory_budget, readers, meter, observer) if pipelined
+                        else SequentialExecutor(meter, observer))
     with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
         runner.run(plan, models, sink, dev, progress)
 
@@ -98,6 +99,17 @@ def _tiny_reads(plan: ExecutionPlan) -> bool:
     thread costs more than reading it there (measured: 4 s of lock waits for 40k reads)."""
     loads = sum(1 for s in plan.steps if plan.graph.node(s.nid).op is Op.LOAD)
     return loads >= 1000 and plan.read_bytes < loads * TINY_READ_BYTES
+
+
+class Observer(Protocol):
+    """Sees the values of a run as the compute loop has them (run --report,
+    tools/merge_report.py): each LOAD node's value (never written into: loads are not reused
+    as buffers) and each OUTPUT node's value as handed to the sink. Called on the compute
+    thread; it must not modify them."""
+
+    def loaded(self, node, value: torch.Tensor) -> None: ...
+
+    def output(self, node, value: torch.Tensor) -> None: ...
 
 
 class Executor(Protocol):
@@ -114,10 +126,11 @@ class SequentialExecutor:
     """One tensor at a time on the calling thread: read, compute, write (the interpreter)."""
 
     meter: "PeakMeter | None" = None
+    observer: "Observer | None" = None
 
     def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
             dev: torch.device, progress: Callable[[int], None] | None) -> None:
-        _execute_sequential(plan, models, sink, dev, progress, self.meter)
+        _execute_sequential(plan, models, sink, dev, progress, self.meter, self.observer)
 
 
 @dataclass
@@ -128,6 +141,7 @@ class OverlappedExecutor:
     memory_budget: int | None = None
     readers: int = 1
     meter: "PeakMeter | None" = None
+    observer: "Observer | None" = None
 
     def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
             dev: torch.device, progress: Callable[[int], None] | None) -> None:
@@ -137,7 +151,7 @@ class OverlappedExecutor:
         with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, self.memory_budget),
                       self.readers) as pipe:
             sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
-            compute(plan, pipe.take, pipe.put, dev, sample)
+            compute(plan, pipe.take, pipe.put, dev, sample, self.observer)
 
 
 def target_for(device: torch.device | str = "cpu", memory_budget: int | None = None) -> Target:
@@ -203,11 +217,12 @@ def _nbytes(v: "torch.Tensor | LazyStack") -> int:
 
 def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
             put: Callable[..., None], dev: torch.device,
-            meter: Callable[[int], None] | None = None) -> None:
+            meter: Callable[[int], None] | None = None, observer: "Observer | None" = None) -> None:
     """The compute loop shared by both executors: `take(nid)` gives a LOAD's value on `dev`,
     `put(name, tensor, nbytes, rows)` receives each output (on the CPU; `rows` is
     `(start, stop, total)` for a row chunk, else None). `meter(live_bytes)` is called after
-    each step with the bytes of the values held."""
+    each step with the bytes of the values held; `observer` (optional) sees each LOAD's value
+    and each output just before `put`."""
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
     live = 0
@@ -219,6 +234,8 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
         if node.op is Op.LOAD:
             values[step.nid] = t = take(step.nid)
             bufs.stored(step.nid, t, None, [])
+            if observer is not None:
+                observer.loaded(node, t)
             live += _nbytes(t)
             del t
         else:
@@ -239,8 +256,10 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 if meter is not None:
                     meter(live + _nbytes(out))
                 bufs.pin(out)
-                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes,
-                    node.attrs.get("rows"))
+                out = out.cpu() if out.device.type != "cpu" else out
+                if observer is not None:
+                    observer.output(node, out)
+                put(node.attrs["name"], out, node.type.nbytes, node.attrs.get("rows"))
             else:
                 values[step.nid] = out
                 bufs.stored(step.nid, out, node.op, args)
@@ -270,7 +289,7 @@ def _run_float64(node, args: list[torch.Tensor], device: str) -> torch.Tensor:
 
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
                         dev: torch.device, progress: Callable[[int], None] | None,
-                        meter: PeakMeter | None = None) -> None:
+                        meter: PeakMeter | None = None, observer: "Observer | None" = None) -> None:
     from mergelang.runtime.rows import RowAssembler, tensor_done
 
     emit = RowAssembler(sink)
@@ -286,7 +305,7 @@ def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | 
         if progress is not None and done:
             progress(done)
 
-    compute(plan, take, put, dev, None if meter is None else meter.sample)
+    compute(plan, take, put, dev, None if meter is None else meter.sample, observer)
 
 
 def _output_name(plan: ExecutionPlan, nid: int) -> str:
