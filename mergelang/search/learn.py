@@ -294,7 +294,7 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
             raise MergelangError(error("E906", "a model-wide statistic depends on a learnable param, "
                                        "so it cannot be learned (statistics are not differentiable)"))
         if plan.prepasses:
-            from mergelang.passes.stats import run_stat_passes
+            from mergelang.runtime.stats import run_stat_passes
             from mergelang.runtime.executor import execute
 
             plan = run_stat_passes(plan, lambda pp, sink: execute(pp, cc.models, sink, device,

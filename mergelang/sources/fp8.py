@@ -68,6 +68,13 @@ class BlockFp8(WrappedSource):
             return None
         return scale, self.block, FP8[self._table[name].dtype]
 
+    def stored_block_scale(self, name: str) -> tuple[str, tuple[int, int], float] | None:
+        return self.block_scale(name)
+
+    @property
+    def block_scaled(self) -> bool:
+        return True
+
     def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
         scale = self.scales.get(name)
         if scale is None:
@@ -195,9 +202,5 @@ def mixed_formats(models: Mapping[str, ModelSource | None], reference: str, dtyp
 
 
 def wraps_fp8(model: Any) -> bool:
-    """`model` is (or wraps) a block-scaled FP8 source (BlockFp8)."""
-    while model is not None:
-        if hasattr(model, "block_scale"):
-            return True
-        model = getattr(model, "inner", None)
-    return False
+    """`model` is (or wraps) a block-scaled FP8 source (BlockFp8): `ModelSource.block_scaled`."""
+    return model is not None and model.block_scaled
