@@ -29,7 +29,7 @@ from mergelang.io.checkpoint import ModelSource
 from mergelang.io.inputs import RECIPE_FILENAME
 
 if TYPE_CHECKING:
-    from mergelang.io.writer import OutputTensor
+    from mergelang.io.layout import OutputTensor
 
 #: the files of a tokenizer (an output's come from one tokenizer: tokenizer_source)
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

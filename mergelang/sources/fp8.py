@@ -199,8 +199,3 @@ def mixed_formats(models: Mapping[str, ModelSource | None], reference: str, dtyp
                       f"with others ({', '.join(f'`{k}`' for k in others)}): all are dequantized; the "
                       f"output takes `{reference}`'s format: {fmt}", span,
                       "set the output's format with --dtype (e.g. bfloat16) or `merge from` another model"))
-
-
-def wraps_fp8(model: Any) -> bool:
-    """`model` is (or wraps) a block-scaled FP8 source (BlockFp8): `ModelSource.block_scaled`."""
-    return model is not None and model.block_scaled
