@@ -14,7 +14,7 @@ import mergelang as ml
 from mergelang.io.checkpoint import DictSource, WrappedSource
 from mergelang.io.layout import OutputTensor
 from mergelang.io.package import Package, config_override
-from mergelang.passes.pipeline import Target, plan_for
+from mergelang.passes.pipeline import plan_for
 from mergelang.passes.stats import StatSpec
 from mergelang.runtime.executor import (Executor, OverlappedExecutor, SequentialExecutor, execute,
                                         local_executor, target_for)
