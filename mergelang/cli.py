@@ -130,10 +130,10 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
                  allow_plugins=allow_plugins, compute_dtype=compute_dtype)
     plan = r.compilation.plan
-    from mergelang.runtime.executor import resolve_device
+    from mergelang.runtime.executor import target_for
 
-    try:
-        resolve_device(device)
+    try:  # the run's device and budget, resolved once: `r.run` and the executor take the Target
+        target = target_for(device, budget)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.perf_counter()
@@ -146,8 +146,8 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
         try:
             if ray_address and executor != "ray":
                 raise click.UsageError("--ray-address needs --executor ray")
-            path = r.run(out, device=device, force=force, progress=update, resume=resume,
-                         nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
+            path = r.run(out, device=target, force=force, progress=update, resume=resume,
+                         nan_check=nan_check, log=log, fsync=fsync,
                          executor=executor, ray_address=ray_address, model_card=not no_card,
                          report=report)
         except KeyboardInterrupt:

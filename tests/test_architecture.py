@@ -153,7 +153,7 @@ PRIVATE_IMPORTS_LEFT = {
     ("mergelang.commands.common", "_compile"), ("mergelang.commands.common", "_guard"),
     ("mergelang.commands.common", "_overrides"), ("mergelang.interop.mergekit_config", "_ident"),
     ("mergelang.interop.mergekit_config", "_numeric"), ("mergelang.io.writer", "_os_error"),
-    ("mergelang.passes.plan", "_size"), ("mergelang.passes.stats", "_pick"),
+    ("mergelang.passes.plan", "_size"),
     ("mergelang.runtime.kernels.numba_codegen", "_at"),
     ("mergelang.runtime.kernels.numba_codegen", "_inputs"),
     ("mergelang.runtime.kernels.numba_codegen", "_program"),

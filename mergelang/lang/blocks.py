@@ -313,12 +313,7 @@ def result_node(el: Any, value: Value, span: Span) -> int:
 
 
 def _block_scale(model: Any, name: str) -> Any:
-    """(scale tensor name, block, largest value) when `model` (or a source it wraps) stores
-    `name` as block-scaled FP8 (sources/fp8.BlockFp8), else None."""
-    while model is not None:
-        fn = getattr(model, "block_scale", None)
-        if fn is not None:
-            return fn(name)
-        model = getattr(model, "inner", None)
-    return None
+    """(scale tensor name, block, largest value) when `model`'s checkpoint stores `name` as
+    block-scaled FP8 (sources/fp8.BlockFp8; `ModelSource.stored_block_scale`), else None."""
+    return None if model is None else model.stored_block_scale(name)
 

@@ -125,6 +125,7 @@ class TrialRunner:
         self._compile = compile_
         self.names = names
         self.device = device
+        self.target: Any = None  # the device resolved once (runtime/executor.target_for)
         first = None
         if runtime is None:
             runtime, static, first = split_and_compile(compile_, names)
@@ -152,7 +153,9 @@ class TrialRunner:
             c = self._first if self._first is not None else self._compile(self.runtime, fixed)
             self._first = None
             self.compiles += 1
-            plan = plan_for(c.plan, target_for(self.device)).plan
+            if self.target is None:
+                self.target = target_for(self.device)
+            plan = plan_for(c.plan, self.target).plan
             models = {k: self._hold(k, m) for k, m in c.models.items()}
             got = self._cache[key] = (c, ParamFiller(plan), models)
             self._fp8 = fp8_outputs(c.optimized)
@@ -181,7 +184,7 @@ class TrialRunner:
         check_values({n: values[n] for n in self.runtime}, c.ranges)
         out: dict[str, torch.Tensor] = {}
         execute(filler.fill({n: values[n] for n in self.runtime}), models, out.__setitem__,
-                self.device, pipelined=False)
+                self.target, pipelined=False)
         if self._fp8:  # block-scaled FP8 outputs: the values they stand for, as floats
             from mergelang.sources.fp8 import dequantize
 

@@ -56,17 +56,17 @@ def kth_largest_radix(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of each row (keepdim) by a two-round radix select over the
     entries' order-preserving 32-bit keys — the high 16 bits, then the low 16 bits within the
     chosen bucket, each a 65536-bin histogram per row (torch.bincount) — without sorting; the
-    same selection the model-wide statistics use (passes/stats.py). Rows without NaN; -0.0
+    same selection the model-wide statistics use (runtime/stats.py). Rows without NaN; -0.0
     ranks just below +0.0 (both compare equal, so a threshold mask is the same)."""
-    from mergelang.passes.stats import bincount_rows, _pick, from_sort_keys, sort_keys
+    from mergelang.runtime.stats import bincount_rows, from_sort_keys, pick, sort_keys
 
     rows, n = x.reshape(-1, x.shape[-1]).shape
     keys = sort_keys(x.reshape(rows, n))
     kk = torch.full((rows,), n - k + 1, dtype=torch.int64, device=x.device)
-    high, left = _pick(bincount_rows(keys >> 16, 1 << 16), kk)
+    high, left = pick(bincount_rows(keys >> 16, 1 << 16), kk)
     sel = (keys >> 16) == high.unsqueeze(1)
     low_idx = torch.where(sel, keys & 0xFFFF, torch.full_like(keys, 1 << 16))
-    low, _ = _pick(bincount_rows(low_idx, (1 << 16) + 1)[:, : 1 << 16], left)
+    low, _ = pick(bincount_rows(low_idx, (1 << 16) + 1)[:, : 1 << 16], left)
     return from_sort_keys((high << 16) | low).reshape(*x.shape[:-1], 1)
 
 
