@@ -52,7 +52,10 @@ def run_batch(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
             continue
         xs = [vals[x] for x in n.args]
         flags = [batched[x] for x in n.args]
-        if i in items:  # attributes that name the tensor (a random mask's key): one by one
+        if i in items and n.op is Op.BERNOULLI and "row0" not in n.attrs:
+            COUNTS["batched"] += 1
+            vals[i] = bernoulli_batched(n, xs, flags, b, [dict(t)["tensor"] for t in items[i]])
+        elif i in items:  # attributes that name the tensor: one by one
             COUNTS["per_tensor"] += b
             vals[i] = torch.stack([run_node(replace(n, attrs=Attrs(dict(n.attrs), **dict(items[i][t]))),
                                             [x[t] if f else x for x, f in zip(xs, flags)], device)
@@ -168,6 +171,47 @@ def topk_mask_rows_batched(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     need = kt - above.sum(dim=-1, keepdim=True)
     mask = above | (at & (torch.cumsum(at, dim=-1) <= need))
     return torch.where(kt <= 0, False, torch.where(kt >= n, True, mask))
+
+
+def random_u32_rows(numel: int, streams: list[tuple], device: torch.device) -> torch.Tensor:
+    """`rng.random_u32(numel, *parts)` for every `parts` in `streams`, as the rows of one int64
+    tensor: the same Philox words (integer ops only), all streams in one pass per chunk."""
+    from mergelang.runtime.rng import CHUNK, MASK32, philox4x32, stream_key
+
+    keys = [stream_key(*parts) for parts in streams]
+    col = lambda i, j: torch.tensor([k[i][j] for k in keys], dtype=torch.int64, device=device).unsqueeze(1)
+    k0, k1, h2, h3 = col(0, 0), col(0, 1), col(1, 0), col(1, 1)
+    out = torch.empty((len(streams), numel), dtype=torch.int64, device=device)
+    blocks = (numel + 3) // 4
+    chunk = max(1, CHUNK.get(device.type, CHUNK["cuda"]) // len(streams))
+    for start in range(0, blocks, chunk):
+        stop = min(blocks, start + chunk)
+        j = torch.arange(start, stop, dtype=torch.int64, device=device).unsqueeze(0)
+        words = philox4x32([(j & MASK32).expand(len(streams), -1), (j >> 32).expand(len(streams), -1),
+                            h2.expand(-1, j.shape[1]), h3.expand(-1, j.shape[1])], (k0, k1))  # type: ignore[arg-type]
+        lanes = torch.stack(words, dim=-1).reshape(len(streams), -1)
+        hi = min(stop * 4, numel)
+        out[:, start * 4:hi] = lanes[:, :hi - start * 4]
+    return out
+
+
+def bernoulli_batched(n: Node, xs, flags, b: int, names: list[str]) -> torch.Tensor:
+    """BERNOULLI for B tensors at once: every (tensor, model) stream a row of one Philox pass;
+    the comparison `u < p * 2^32` in float64, as `rng.bernoulli_mask` does it."""
+    like, p = xs
+    a, m = n.attrs, n.type.models
+    shape = tuple(like.shape[1:])
+    item = shape[1:] if m else shape
+    numel = 1
+    for d in item:
+        numel *= d
+    streams = [(a["seed"], t, i, a["stream"]) for t in names for i in range(m)] if m else \
+        [(a["seed"], t, "-", a["stream"]) for t in names]
+    u = random_u32_rows(numel, streams, like.device).reshape(like.shape)
+    if flags[1]:
+        p = p.reshape((b,) + (1,) * (len(shape) - (p.dim() - 1)) + tuple(p.shape[1:]))
+    thr = torch.broadcast_to(p, like.shape).to(torch.float64) * 4294967296.0
+    return u.to(torch.float64) < thr
 
 
 _BATCHED = {
