@@ -66,9 +66,9 @@ def select_method(x: torch.Tensor, k: int) -> str:
 
 
 #: per device type, the row length from which the radix select (`kth_largest_radix`) is used;
-#: None: never. CPU: numpy's introselect is faster at every size measured (benchmarks/
-#: bench_select.py, docs/design.md). CUDA: to be set from the device run of bench_select.py
-#: (benchmarks/gpu_check.sh); until then the sort / kthvalue rule below.
+#: None: never. CPU: numpy's introselect is faster at every size measured
+#: (benchmarks/bench_select.py, docs/design.md). CUDA: to be set from the device run of
+#: benchmarks/bench_select.py (benchmarks/gpu_check.sh); until then the sort / kthvalue rule.
 RADIX_MIN_ROW: dict[str, int | None] = {"cpu": None, "cuda": None}
 
 
