@@ -94,6 +94,8 @@ def bench(root: Path, methods: list[str], device: str, repeat: int, mergekit: st
         bm.drop_output(floor_out)
     floor = min(floors[1:])
     print(f"I/O floor: {floor:.2f} s; device {device}; {os.cpu_count()} cores")
+    if device == "cpu":
+        print("(on the CPU, `unbatched` is the default path: fused loops; `batched` is forced)")
     print(f"{'method':10} {'batched s':>10} {'x floor':>8} {'GPU MiB':>8} {'unbatched s':>12} {'x floor':>8} "
           f"{'GPU MiB':>8} {'mergekit s':>11} {'mk / batched':>13}")
     for method in methods:
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--mergekit", default=None, metavar="EXE")
+    ap.add_argument("--make-only", action="store_true", help="only write the checkpoints")
     args = ap.parse_args()
     root = args.dir.resolve() / args.size
     if not (root / "b" / "config.json").is_file():
@@ -130,6 +133,8 @@ def main() -> None:
         bm.make_model(root / "a", args.size, 1, base=root / "base")
         bm.make_model(root / "b", args.size, 2, base=root / "base")
         print(f"made 3 {args.size} checkpoints in {time.perf_counter() - t:.0f} s")
+    if args.make_only:
+        return
     bench(root, args.methods.split(","), args.device, args.repeat, args.mergekit)
 
 

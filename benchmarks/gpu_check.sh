@@ -24,7 +24,7 @@ PY="${PYTHON:-python3}"
 SIZE="${SIZE:-3B}"
 DEVICE="${DEVICE:-cuda}"
 REPEAT="${REPEAT:-1}"
-TOTAL_S="${TOTAL_S:-480}"
+TOTAL_S="${TOTAL_S:-420}"
 WORK="${WORK:-/tmp/mergelang-gpu}"
 mkdir -p "$(dirname "$RESULTS")" "$WORK"
 exec > >(tee "$RESULTS") 2>&1
@@ -70,20 +70,16 @@ tiny=""; [ "$SIZE" = tiny ] && tiny=1
 echo "== 1. machine: $(nproc) cores, $(df -h "$WORK" | tail -1 | awk '{print $4}') free in $WORK; mergekit: ${MK_EXE:-none}"
 nvidia-smi -L 2>/dev/null || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-if [ "$DEVICE" = cuda ]; then
-    step "2. gpu tests" 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
-    step "3. CUDA vs CPU per method" 120 "$PY" benchmarks/gpu_equality.py
-    step "3b. ties profile on the GPU" 60 "$PY" benchmarks/gpu_profile.py
-fi
+# most wanted first (the device time is short): equality of the (batched) CUDA plans, launches,
+# the select table, the models; the older checks last
+[ "$DEVICE" = cuda ] && step "3. CUDA (batched) vs CPU per method" 90 "$PY" benchmarks/gpu_equality.py
 L=8; HID=512; [ -n "$tiny" ] && L=2 && HID=64
 step "4. launches per tensor, batched vs unbatched ($DEVICE)" 120 "$PY" benchmarks/bench_batch.py --device "$DEVICE" --layers $L --hidden $HID
 MAXLOG=26; [ "$DEVICE" = cpu ] && MAXLOG=16
 step "5. k-th largest: radix select vs device sort ($DEVICE)" 60 "$PY" benchmarks/bench_select.py --device "$DEVICE" --max-log2 $MAXLOG
-if [ -z "$tiny" ]; then
-    step "6. FP8 block-scaled DeepSeek-V3-shaped slice ($DEVICE)" 120 "$PY" benchmarks/bench_fp8.py --dir "$WORK/fp8" --device "$DEVICE" --repeat 1
-fi
-ALL=linear,ties,dare_ties,della,slerp; [ -n "$tiny" ] && ALL=linear,ties  # tiny: a check of the structure
+ALL=ties,linear,dare_ties,della,slerp; [ -n "$tiny" ] && ALL=linear,ties  # tiny: a check of the structure
 METHODS="${METHODS:-$ALL}"
+step "7a. write 3 $SIZE models" 240 "$PY" benchmarks/bench_gpu_merge.py --dir "$WORK/models" --size "$SIZE" --make-only
 step "7. $SIZE models: batched / unbatched / mergekit ($DEVICE)" 300 \
     "$PY" benchmarks/bench_gpu_merge.py --dir "$WORK/models" --size "$SIZE" --device "$DEVICE" --repeat "$REPEAT" \
     --methods "$METHODS" "${MK[@]}"
@@ -93,4 +89,11 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_CPU:-}" ]; then
 fi
 step "9. tune trials ($DEVICE)" 60 "$PY" benchmarks/bench_trials.py --device "$DEVICE"
 [ "$DEVICE" = cuda ] && step "9b. tune trials (cpu, same machine)" 60 "$PY" benchmarks/bench_trials.py --device cpu
+if [ -z "$tiny" ]; then
+    step "6. FP8 block-scaled DeepSeek-V3-shaped slice ($DEVICE)" 120 "$PY" benchmarks/bench_fp8.py --dir "$WORK/fp8" --device "$DEVICE" --repeat 1
+fi
+if [ "$DEVICE" = cuda ]; then
+    step "2. gpu tests" 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
+    step "3b. ties profile on the GPU" 60 "$PY" benchmarks/gpu_profile.py
+fi
 echo "== done in $(( $(date +%s) - start )) s (limit $TOTAL_S s); log: $RESULTS"
