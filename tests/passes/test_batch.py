@@ -146,3 +146,12 @@ def test_topk_rows_batched_matches_row_by_row(ks):
     got = batched.topk_mask_rows_batched(x, ks)
     want = torch.stack([topk_mask_rows(x[i:i + 1], k)[0] for i, k in enumerate(ks)])
     assert torch.equal(got, want)
+
+
+def test_emit_plan_with_batching_forced_shows_it(models, monkeypatch):
+    """`MERGELANG_BATCH=1 mergelang compile R --emit plan`: the CPU plan, batched as on a GPU."""
+    recipe = ml.compile(str(_recipe(models, METHODS["linear"])))
+    monkeypatch.setenv("MERGELANG_BATCH", "1")
+    assert "tensors=6 loads_each=3 ops=<stack mul reduce cast>" in recipe.emit("plan")
+    monkeypatch.delenv("MERGELANG_BATCH")
+    assert "batch %" not in recipe.emit("plan")
