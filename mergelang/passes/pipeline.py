@@ -113,8 +113,8 @@ def narrow_fp8(plan: ExecutionPlan, target: Target, state: PassState) -> Executi
 def batch(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan:
     from mergelang.passes.batch import batch_plan, batching_requested
 
-    if state.statistics or not batching_requested(target.device):
-        return plan
+    if state.statistics or not batching_requested(target.device) or plan.graph.compute_dtype != "float32":
+        return plan  # float64 plans widen kernel results per step (executor): not inside a batch
     return batch_plan(plan, target.memory_budget)
 
 

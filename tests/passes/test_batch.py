@@ -155,3 +155,13 @@ def test_emit_plan_with_batching_forced_shows_it(models, monkeypatch):
     assert "tensors=6 loads_each=3 ops=<stack mul reduce cast>" in recipe.emit("plan")
     monkeypatch.delenv("MERGELANG_BATCH")
     assert "batch %" not in recipe.emit("plan")
+
+
+def test_float64_plans_are_not_batched(models):
+    plan = _plan(models, METHODS["linear"])
+    plan.graph.graph["compute_dtype"] = "float64"
+    try:
+        out = plan_for(plan, Target("cuda")).plan
+        assert Op.BATCH not in {out.graph.node(s.nid).op for s in out.steps}
+    finally:
+        plan.graph.graph["compute_dtype"] = "float32"
