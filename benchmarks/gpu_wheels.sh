@@ -50,3 +50,12 @@ if [ -z "$KEEP_ALL" ]; then
 fi
 ls "$DEST" | sed 's/^/  /'
 echo "total: $(du -sh "$DEST" | cut -f1) in $(ls "$DEST" | wc -l) wheels ($DEST)"
+# mergelang's own dependencies the device image lacks (as for the first GPU run: notes/gpu-first-run.md),
+# into .whl/ for gpu_check.sh's WHEELS=.whl (no dependencies resolved: the device has the rest).
+# POT (32 MiB, imported only by align(method = "ot")) is left out unless WITH_POT=1: the carry
+# is 64 MiB in all (.whl ~3 MiB + .whl-mergekit ~23 MiB + the tree ~7 MiB)
+OWN="${OWN:-.whl}"
+mkdir -p "$OWN"
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$OWN" pydantic pydantic_core annotated_types \
+    typing_inspection lark crc32c google-re2 ${WITH_POT:+POT}
+echo "mergelang's missing dependencies: $(du -sh "$OWN" | cut -f1) in $(ls "$OWN" | wc -l) wheels ($OWN)"
