@@ -72,7 +72,8 @@ nvidia-smi -L 2>/dev/null || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 # most wanted first (the device time is short): equality of the (batched) CUDA plans, launches,
 # the select table, the models; the older checks last
-[ "$DEVICE" = cuda ] && step "3. CUDA (batched) vs CPU per method" 90 "$PY" benchmarks/gpu_equality.py
+[ "$DEVICE" = cuda ] && step "3. CUDA (batched) vs CPU per method" 90 env MERGELANG_BATCH=1 "$PY" benchmarks/gpu_equality.py
+[ "$DEVICE" = cuda ] && step "3b. CUDA (unbatched) vs CPU per method" 90 env MERGELANG_BATCH=0 "$PY" benchmarks/gpu_equality.py
 L=8; HID=512; [ -n "$tiny" ] && L=2 && HID=64
 step "4. launches per tensor, batched vs unbatched ($DEVICE)" 120 "$PY" benchmarks/bench_batch.py --device "$DEVICE" --layers $L --hidden $HID
 MAXLOG=26; [ "$DEVICE" = cpu ] && MAXLOG=16
