@@ -150,15 +150,7 @@ def test_comments_name_only_files_that_exist() -> None:
 #: private names still imported across modules (each clashes with a public name where it is
 #: used; renaming them is issue 29's remaining hygiene): this list may only shrink
 PRIVATE_IMPORTS_LEFT = {
-    ("mergelang.commands.common", "_compile"), ("mergelang.commands.common", "_guard"),
-    ("mergelang.commands.common", "_overrides"), ("mergelang.interop.mergekit_config", "_ident"),
-    ("mergelang.interop.mergekit_config", "_numeric"), ("mergelang.io.writer", "_os_error"),
-    ("mergelang.passes.plan", "_size"), ("mergelang.passes.stats", "_pick"),
-    ("mergelang.runtime.kernels.numba_codegen", "_at"),
-    ("mergelang.runtime.kernels.numba_codegen", "_inputs"),
-    ("mergelang.runtime.kernels.numba_codegen", "_program"),
-    ("mergelang.search.objectives", "_attribute"), ("mergelang.search.study", "_shape"),
-    ("mergelang.tools.merge_report", "_sums"),
+    ("mergelang.passes.stats", "_pick"), ("mergelang.tools.merge_report", "_sums"),
 }
 
 
@@ -172,4 +164,4 @@ def test_no_new_private_imports_across_modules() -> None:
                 found |= {(node.module, a.name) for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")}
     assert found <= PRIVATE_IMPORTS_LEFT, f"new private imports: {sorted(found - PRIVATE_IMPORTS_LEFT)}"
-    assert len(PRIVATE_IMPORTS_LEFT) <= 14
+    assert len(PRIVATE_IMPORTS_LEFT) <= 2

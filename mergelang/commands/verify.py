@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import _guard
+from mergelang.commands.common import cli_guard
 from mergelang.diagnostics import Diagnostic, MergelangError, error
 
 
@@ -84,7 +84,7 @@ def verify_folder(folder: Path, inputs: bool, quick: bool, say: Any) -> list[Dia
 @click.option("--no-inputs", is_flag=True, help="check only the output's own files")
 @click.option("--quick", is_flag=True,
               help="compare the inputs by size and header only (no read of their tensor data)")
-@_guard
+@cli_guard
 def verify_cmd(out: str, no_inputs: bool, quick: bool) -> None:
     """Check OUT against its manifest: every file as written (digests), and whether the inputs
     on this machine are still those the merge read. Exit 0 when all match, else 1."""

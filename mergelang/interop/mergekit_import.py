@@ -33,10 +33,10 @@ from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_yaml import load_yaml, read_config_text, short
 from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, finite
 from mergelang.interop.mergekit_layers import LayerPlanner
-from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
+from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, as_numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               PER_MODEL_METHOD_DEFAULTS,
                               TOP_KEYS, L1_RESCALE, Result, Slice, Source, conds, evaluate, fmt,
-                              _ident, is_gradient, layer_only, comment_text)
+                              to_ident, is_gradient, layer_only, comment_text)
 
 
 class Translator(LayerPlanner):
@@ -59,7 +59,7 @@ class Translator(LayerPlanner):
         return None
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
-        v = _numeric(v)
+        v = as_numeric(v)
         nums = v if is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
         if any(finite(x) is None for x in nums):
             self.err("E705", f"parameter `{root}`: {short(v)} is not a finite number")
@@ -81,7 +81,7 @@ class Translator(LayerPlanner):
         key = (root, tuple(values))
         if key in self.hoisted:
             return self.hoisted[key]
-        name = _ident(pname)
+        name = to_ident(pname)
         taken = set(self.hoisted.values()) | set(self.models.values())
         cand, k = name, 2
         while cand in taken:
@@ -270,7 +270,7 @@ class Translator(LayerPlanner):
         emitted: list[tuple[frozenset[str], str]] = []
         for s in subsets:
             filt = "_".join(sorted(s, key=idx.__getitem__))
-            expr = self.call(method, sl, s, t_expr, _ident(filt) if filt else "")
+            expr = self.call(method, sl, s, t_expr, to_ident(filt) if filt else "")
             if s:
                 cands = [e for e in emitted if e[0] <= s]
                 best = max(cands, key=lambda e: (len(e[0]), [-idx[f] for f in sorted(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
-from mergelang.interop.mergekit_config import Result, fmt, _ident
+from mergelang.interop.mergekit_config import Result, fmt, to_ident
 from mergelang.interop.mergekit_yaml import short
 from mergelang.lang.loader import OUTPUT_NAME
 
@@ -99,7 +99,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         t.output_name = n
         if shared is None:
             for ref in used:  # intermediates other configs use: models bound to their outputs
-                ident = _ident(ref)
+                ident = to_ident(ref)
                 while ident in t.models.values() or ident == "base":
                     ident += "_out"
                 t.models[ref] = ident
