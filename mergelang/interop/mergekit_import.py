@@ -101,36 +101,9 @@ class Translator(LayerPlanner):
         for src in sl.sources:
             per_model_names += [p for p in src.params if p not in per_model_names]
         if conv == "single":
-            if len(sl.sources) != 1:
-                self.err("E702", f"passthrough takes exactly one model per slice, got {len(sl.sources)}")
-                return "none"
-            src = sl.sources[0]
-            scale = self.lookup("scale", src, sl, matched)
-            if scale is None:
-                return src.model
-            return f"passthrough({src.model}, scale = {self.value(scale, 'scale', 'scale' + suffix, t_expr)})"
+            return self._call_single(sl, matched, t_expr, suffix)
         if conv == "pair":
-            if base is None:
-                self.err("E705", f"{method} needs `base_model`")
-                return "none"
-            others = [s for s in sl.sources if s.model != base]
-            if len(sl.sources) == 2 and len(others) == 2:
-                self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
-                         f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
-                         "from base_model (t = 0) to the other model (t = 1): name one of the two "
-                         "as base_model")
-                return "none"
-            if len(others) != 1 or len(sl.sources) > 2:
-                self.err("E702", f"{method} merges exactly two models (base_model and one other), "
-                         f"got {len(sl.sources)}")
-                return "none"
-            t = self.lookup("t", None, sl, matched)
-            if t is None:
-                self.err("E705", f"{method} needs parameter `t`")
-                return "none"
-            self._globals(method, sl, matched, t_expr, suffix, kwargs, skip={"t"})
-            return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
-                "".join(", " + k for k in kwargs) + ")"
+            return self._call_pair(method, base, sl, matched, t_expr, suffix)
         members = [s for s in sl.sources if not (conv == "base_models" and s.model == base)]
         if method == "karcher" and base is not None and base not in [s.model for s in members]:
             # mergekit's karcher averages every input, base_model included
@@ -177,6 +150,43 @@ class Translator(LayerPlanner):
         models = "[" + ", ".join(s.model for s in members) + "]"
         head = f"{method}({base}, {models}" if conv == "base_models" else f"{method}({models}"
         return head + "".join(", " + k for k in kwargs) + ")"
+
+    def _call_single(self, sl: Slice, matched: frozenset[str], t_expr: str, suffix: str) -> str:
+        """passthrough: the slice's one model, scaled when it has a `scale`."""
+        if len(sl.sources) != 1:
+            self.err("E702", f"passthrough takes exactly one model per slice, got {len(sl.sources)}")
+            return "none"
+        src = sl.sources[0]
+        scale = self.lookup("scale", src, sl, matched)
+        if scale is None:
+            return src.model
+        return f"passthrough({src.model}, scale = {self.value(scale, 'scale', 'scale' + suffix, t_expr)})"
+
+    def _call_pair(self, method: str, base: str | None, sl: Slice, matched: frozenset[str],
+                   t_expr: str, suffix: str) -> str:
+        """slerp/nuslerp-like methods: from base_model (t = 0) to the one other model (t = 1)."""
+        if base is None:
+            self.err("E705", f"{method} needs `base_model`")
+            return "none"
+        others = [s for s in sl.sources if s.model != base]
+        if len(sl.sources) == 2 and len(others) == 2:
+            self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
+                     f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
+                     "from base_model (t = 0) to the other model (t = 1): name one of the two "
+                     "as base_model")
+            return "none"
+        if len(others) != 1 or len(sl.sources) > 2:
+            self.err("E702", f"{method} merges exactly two models (base_model and one other), "
+                     f"got {len(sl.sources)}")
+            return "none"
+        t = self.lookup("t", None, sl, matched)
+        if t is None:
+            self.err("E705", f"{method} needs parameter `t`")
+            return "none"
+        kwargs: list[str] = []
+        self._globals(method, sl, matched, t_expr, suffix, kwargs, skip={"t"})
+        return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
+            "".join(", " + k for k in kwargs) + ")"
 
     def _globals(self, method: str, sl: Slice, matched: frozenset[str], t_expr: str, suffix: str,
                  kwargs: list[str], skip: set[str]) -> None:
