@@ -56,6 +56,20 @@ if sys.argv[2] == "public":
 
 import mergelang.api as api
 recipe = Path(sys.argv[1])
+if sys.argv[2] == "count":  # how often one compile adds a node and reads a payload
+    calls = {"add": 0, "node": 0}
+
+    def counted(name, f):
+        def wrapper(*args):
+            calls[name] += 1
+            return f(*args)
+        return wrapper
+
+    G.MergeGraph.add = counted("add", G.MergeGraph.add)
+    G.MergeGraph.node = counted("node", G.MergeGraph.node)
+    api.compile(recipe)
+    print(calls["add"], calls["node"])
+    sys.exit(0)
 api.compile(recipe)  # warm: imports, the parser
 times = []
 for _ in range(int(sys.argv[3])):
@@ -89,11 +103,15 @@ def main() -> None:
                       '    "model.layers.{i}.mlp.experts.{e}.*" => b\n    "*" => linear([a, b])\n}\n')
     print(f"compile of a {args.layers}-layer DeepSeek-V3 pair, {len(shapes)} tensors per model "
           f"(CPU s, best of {args.reps})")
+    run = [sys.executable, "-c", CHILD, str(recipe)]
+    adds, reads = subprocess.run([*run, "count", "0"], capture_output=True, text=True,
+                                 check=True).stdout.split()[-2:]
+    print(f"one compile adds {int(adds)} nodes and reads a node's payload {int(reads)} times")
     best: dict[str, list[float]] = {"fast": [], "public": []}
     for r in range(args.rounds):
         for variant in best:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(recipe), variant, str(args.reps)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([*run, variant, str(args.reps)], capture_output=True, text=True,
+                                 check=True).stdout
             best[variant].append(float(out.split()[-1]))
         print(f"round {r + 1}: fast paths {best['fast'][-1]:.2f} s, public API {best['public'][-1]:.2f} s")
     f, p = min(best["fast"]), min(best["public"])

@@ -44,9 +44,9 @@ _clear_cache = getattr(nx, "_clear_cache", lambda g: None)
 
 class NetworkxFastPaths(nx.DiGraph):
     """The one place that touches networkx internals: DiGraph's dicts `_node`, `_succ`, `_pred`
-    and `nx._clear_cache`. Elaborating a MoE recipe of 90k tensors per model adds ~10^5 nodes
-    and reads ~10^6 payloads; with networkx's public add_node/add_edge/nodes[...] instead,
-    compilation takes ~20 % more CPU time (benchmarks/bench_graph_fastpaths.py). Each method
+    and `nx._clear_cache`. Compiling a MoE recipe of 20k tensors per model adds 52k nodes and
+    reads payloads 520k times; with networkx's public add_node/add_edge/nodes[...] instead, it
+    takes ~20 % more CPU time (benchmarks/bench_graph_fastpaths.py). Each method
     does what its public equivalent (named in its docstring) does, minus the checks;
     tests/ir/test_graph_networkx.py keeps them equal."""
 
