@@ -15,6 +15,8 @@ folders, then merged by mergelang with
     ot:      linear([a, align(b, to = a, method = "ot")])
     ot_reg=R: linear([a, align(b, to = a, method = "ot", reg = R)])   (soft OT, --reg)
 
+and, with `--activations`, activations: linear([a, align(b, to = a, by = "activations", stats = c)])
+(`c` from `ml.stats([a, b], ..., kind="correlation")` on 256 fresh sequences of the training chain),
 plus two ablations through the Python API: weight matching without the residual group
 (`no_residual`) and with the residual group alone (`residual_only`).
 
@@ -137,6 +139,16 @@ def permute_saved(model, folder: Path, seed: int = 7) -> None:
     model.save_pretrained(folder)
 
 
+def activation_stats(pa: Path, pb: Path, table: torch.Tensor, tmp: Path, k: int) -> Path:
+    """The correlation sidecar of a and b on 256 fresh sequences of the training chain."""
+    torch.save(sample(table, 256, torch.Generator().manual_seed(4242)), tmp / "acts.pt")
+    (tmp / "acts.py").write_text("from pathlib import Path\nimport torch\nBATCHES = [{'input_ids': x} for x in "
+                                 "torch.load(Path(__file__).parent / 'acts.pt').split(32)]\n")
+    out = tmp / f"corr{k}"
+    ml.stats([pa, pb], f"{tmp / 'acts.py'}:BATCHES", kind="correlation", out=out)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=("bigram", "order2"), default="bigram")
@@ -151,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="skip the permuted fine-tune control")
+    ap.add_argument("--activations", action="store_true",
+                    help="also align by activations: `mergelang stats A B --kind correlation` on 256 "
+                         "training sequences (ml.stats), then align(b, to = a, by = \"activations\")")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     SIZE.update(layers=args.layers, inner=args.inner, lr=args.lr, hidden=args.hidden, task=args.task,
@@ -180,6 +195,11 @@ def main(argv=None) -> int:
             for key, expr in exprs:
                 row[key] = merged_loss(expr, {"a": pa, "b": pb}, test)
                 row[key + "_s"] = round(time.perf_counter() - t0, 1)
+            if args.activations:
+                corr = activation_stats(pa, pb, table, Path(tmp), k)
+                row["activations"] = merged_loss('linear([a, align(b, to = a, by = "activations", stats = c)])',
+                                                 {"a": pa, "b": pb, "c": corr}, test)
+                row["activations_s"] = round(time.perf_counter() - t0, 1)
             if args.ablation:
                 row.update(ablation(a, b, test))
             if args.control:

@@ -12,7 +12,9 @@ reused when present), then times, in this process and with a warm page cache:
 Each is run --repeat times, alternating, after one warm-up of each (page cache, numba's cache);
 the best time is kept. `--tiny N` builds three
 checkpoints of N tiny tensors named like DeepSeek-V3's experts (model.layers.L.mlp.experts.E.*)
-and reports the per-tensor overhead of inspect over the floor.
+and reports the per-tensor overhead of inspect over the floor. Besides the wall-clock times, the
+CPU time of the process (all threads) is printed: on a machine shared with other jobs, the CPU
+ratio is the steadier measure.
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ def build(folder: Path, shapes: dict[str, tuple[int, ...]]) -> list[Path]:
     return paths
 
 
-def read_floor(paths: list[Path]) -> float:
+def read_floor(paths: list[Path]) -> tuple[float, float]:
     import torch
 
     from mergelang.io.locate import open_model
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     srcs = [open_model(p.name, p) for p in paths]
     for name in srcs[0].tensors():
         for s in srcs:
@@ -93,15 +95,15 @@ def read_floor(paths: list[Path]) -> float:
             del t
     for s in srcs:
         s.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_inspect(paths: list[Path], spectrum: bool = False) -> float:
+def run_inspect(paths: list[Path], spectrum: bool = False) -> tuple[float, float]:
     import mergelang as ml
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ml.inspect(paths[0], paths[1:], device="cpu", spectrum=spectrum)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -125,14 +127,14 @@ def main() -> None:
     for _ in range(args.repeat):
         floor.append(read_floor(paths))
         insp.append(run_inspect(paths))
-    f, i = min(floor), min(insp)
-    print(f"read floor   {f:8.2f} s")
-    print(f"inspect      {i:8.2f} s   ratio {i / f:.2f}x")
+    (f, fc), (i, ic) = min(floor), min(insp)
+    print(f"read floor   {f:8.2f} s   (CPU {fc:.2f} s, all threads)")
+    print(f"inspect      {i:8.2f} s   (CPU {ic:.2f} s)   ratio {i / f:.2f}x   CPU ratio {ic / fc:.2f}x")
     if args.tiny:
         print(f"per tensor   floor {1e6 * f / len(shapes):.0f} us, inspect {1e6 * i / len(shapes):.0f} us, "
               f"overhead {1e6 * (i - f) / len(shapes):.0f} us per tensor (3 models)")
     if args.spectrum:
-        s = run_inspect(paths, spectrum=True)
+        s = run_inspect(paths, spectrum=True)[0]
         print(f"--spectrum   {s:8.2f} s   ratio {s / f:.2f}x (SVDs: {s - i:.1f} s)")
 
 

@@ -16,11 +16,12 @@ from mergelang.diagnostics import Diagnostic, MergelangError
 
 if TYPE_CHECKING:
     from mergelang.api import Recipe, compile, merge, parse
+    from mergelang.data.regmeanpp import regmeanpp
     from mergelang.data.stats import stats
     from mergelang.tools.inspect import inspect
 
 __all__ = ["compile", "merge", "parse", "method", "inspect", "Recipe", "MergelangError", "Diagnostic",
-           "stats"]
+           "stats", "regmeanpp"]
 from mergelang._version import __version__ as __version__  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def __getattr__(name: str) -> Any:
         from mergelang.data.stats import stats
 
         return stats
+    if name == "regmeanpp":  # ml.regmeanpp(models, data, alpha=...): data/regmeanpp.py
+        from mergelang.data.regmeanpp import regmeanpp
+
+        return regmeanpp
     if name == "inspect":  # ml.inspect(base, models, ...): tools/inspect.py
         from mergelang.tools.inspect import inspect
 

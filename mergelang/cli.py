@@ -130,10 +130,10 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
     r = compile_from_cli(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
                  allow_plugins=allow_plugins, compute_dtype=compute_dtype)
     plan = r.compilation.plan
-    from mergelang.runtime.executor import resolve_device
+    from mergelang.runtime.executor import target_for
 
-    try:
-        resolve_device(device)
+    try:  # the run's device and budget, resolved once: `r.run` and the executor take the Target
+        target = target_for(device, budget)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.perf_counter()
@@ -146,8 +146,8 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
         try:
             if ray_address and executor != "ray":
                 raise click.UsageError("--ray-address needs --executor ray")
-            path = r.run(out, device=device, force=force, progress=update, resume=resume,
-                         nan_check=nan_check, log=log, memory_budget=budget, fsync=fsync,
+            path = r.run(out, device=target, force=force, progress=update, resume=resume,
+                         nan_check=nan_check, log=log, fsync=fsync,
                          executor=executor, ray_address=ray_address, model_card=not no_card,
                          report=report)
         except KeyboardInterrupt:
@@ -323,7 +323,8 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
 @cli_guard
 def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False,
                     force: bool = False) -> None:
-    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe."""
+    """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe (a mergekit-evolve
+    config: a recipe with ranged params, and the `mergelang tune` command that searches them)."""
     from mergelang.interop.mergekit_import import import_file
 
     result = import_file(config, out, layer_prefix, allow_crimes)
@@ -336,6 +337,8 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
         click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)
+    if result.tune_command:  # a mergekit-evolve config: the search to run
+        click.echo(f"search it with: {result.tune_command}", err=True)
 
 
 def _imported_models(text: str, out: str) -> list[Path]:

@@ -93,18 +93,18 @@ def _calls(e: Any) -> list[str]:
 def rule_assignment(c: Compilation, block: Any = None) -> tuple[dict[int, list[str]], list[str]]:
     """rule index -> output tensor names it produces; and the names copied raw (non-float);
     for `block` (default: the first merge block)."""
-    from mergelang.lang.elaborate import Elaborator
+    from mergelang.lang.elaborate import ElabContext, Elaborator
 
     block = block or c.unit.block
     assert block is not None
-    el = Elaborator(c.unit.fns, c.models, {}, c.params, Diagnostics())
+    el = Elaborator(ElabContext(c.unit.fns, c.models, c.params, Diagnostics()))
     ref = c.models[block.source]
     assert ref is not None
     by_rule: dict[int, list[str]] = defaultdict(list)
     raw: list[str] = []
     for name, info in ref.tensors().items():
-        el.tensor = name
-        rule, _ = el._match(block, name)
+        el.state.tensor = name
+        rule, _ = el.match(block, name)
         by_rule[rule].append(name)
         if not is_floating(info.dtype):
             raw.append(name)
@@ -437,3 +437,28 @@ def render(dot_text: str, fmt: str) -> bytes:
     if proc.returncode != 0:
         raise MergelangError(error("E707", f"dot failed: {proc.stderr.decode(errors='replace').strip()}"))
     return proc.stdout
+
+
+def emit_text(c: Compilation, stage: str, memory_budget: int | str | None = None) -> str:
+    """`Recipe.emit`: the stable text of a compiler stage (ast, graph, optimized or plan; with a
+    `memory_budget`: the plan split into row chunks for it, as a run executes it)."""
+    from mergelang.compiler import EMIT_STAGES
+    from mergelang.ir.graph import format_graph
+    from mergelang.ir.types import parse_bytes
+    from mergelang.passes.plan import format_plan
+
+    if stage == "ast":
+        return ast.dump(c.unit.program) + "\n"
+    if stage == "graph":
+        return format_graph(c.graph)
+    if stage == "optimized":
+        return format_graph(c.optimized)
+    if stage == "plan":
+        names = c.output_names
+        head = (f"# outputs: {', '.join(names)} (each written to OUTDIR/NAME/; "
+                "tensors named NAME/TENSOR below)\n" if names else "")
+        from mergelang.passes.pipeline import Target, plan_for
+
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        return head + format_plan(plan_for(c.plan, Target.cpu(budget)).plan)
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(EMIT_STAGES)}")

@@ -147,33 +147,19 @@ def test_comments_name_only_files_that_exist() -> None:
     assert not stale, "comments name files that do not exist:\n" + "\n".join(sorted(set(stale)))
 
 
-#: private names still imported across modules (each clashes with a public name where it is
-#: used; renaming them is issue 29's remaining hygiene): this list may only shrink
-PRIVATE_IMPORTS_LEFT = {
-    ("mergelang.passes.stats", "_pick"), ("mergelang.tools.merge_report", "_sums"),
-}
-
-
-def test_no_new_private_imports_across_modules() -> None:
+def test_no_private_imports_across_modules() -> None:
     """A module does not import another module's private (`_name`) names: what it shares is
-    public. The few left are listed above (the list may only shrink)."""
+    public."""
     found = set()
     for p in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mergelang"):
                 found |= {(node.module, a.name) for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")}
-    assert found <= PRIVATE_IMPORTS_LEFT, f"new private imports: {sorted(found - PRIVATE_IMPORTS_LEFT)}"
-    assert len(PRIVATE_IMPORTS_LEFT) <= 2
+    assert not found, f"private imports across modules: {sorted(found)}"
 
 
 MAX_FUNCTION_LINES = 80
-#: functions still over MAX_FUNCTION_LINES while they are being split (issue 29): this list may
-#: only shrink
-LONG_FUNCTIONS_LEFT = {
-    ("mergelang.api", "run"), ("mergelang.compiler", "_compile_recipe"),
-    ("mergelang.search.learn", "learn_recipe"), ("mergelang.tools.inspect", "stream"),
-}
 
 
 def test_functions_are_short() -> None:
@@ -185,6 +171,4 @@ def test_functions_are_short() -> None:
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
                     long[(modname(p), node.name)] = n
-    new = {k: v for k, v in long.items() if k not in LONG_FUNCTIONS_LEFT}
-    assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split them): {new}"
-    assert len(LONG_FUNCTIONS_LEFT) <= 4
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"

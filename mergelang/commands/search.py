@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from mergelang.commands.data import builtin_objective, is_builtin, lm_eval_include_opt, limit_opt
+from mergelang.commands.data import (builtin_objective, is_builtin, lm_eval_include_opt, limit_opt,
+                                     num_fewshot_opt)
 from mergelang.commands.common import (compile_from_cli, cli_guard, allow_pickle_opt, follow_opt, recipe_arg,
                                        search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
@@ -198,6 +199,7 @@ def plot(res: Any, path: str) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @lm_eval_include_opt
 @limit_opt
+@num_fewshot_opt
 @set_opt
 @allow_pickle_opt
 @follow_opt
@@ -206,8 +208,9 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
              directions: tuple[str, ...], storage: str | None, study_name: str | None,
              seed: int | None, params: tuple[str, ...], executor: str, ray_address: str | None,
              device: str, out: str | None, pick: int | None, plot_path: str | None, force: bool,
-             quiet: bool, lm_eval_include: str | None, limit: int | None, sets: tuple[str, ...],
-             allow_pickle: bool, follow_symlinks: bool) -> None:
+             quiet: bool, lm_eval_include: str | None, limit: int | None,
+             num_fewshot: int | None, sets: tuple[str, ...], allow_pickle: bool,
+             follow_symlinks: bool) -> None:
     """Search RECIPE's ranged params (`param x = v in [lo, hi]`) against an objective."""
     from mergelang.search.objectives import load_function
 
@@ -216,13 +219,15 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     builtin = is_builtin(objective)
-    if not builtin and (lm_eval_include or limit):
-        raise click.UsageError("--lm-eval-include and --limit are for --objective perplexity:DATA / lm-eval:TASKS")
+    if not builtin and (lm_eval_include or limit or num_fewshot is not None):
+        raise click.UsageError("--lm-eval-include, --limit and --num-fewshot are for --objective "
+                               "perplexity:DATA / lm-eval:TASKS")
     fn = None if builtin else load_function(objective, "objective")
     r = compile_from_cli(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
     if builtin:
         try:
-            fn, directions = builtin_objective(objective, r, directions, executor, lm_eval_include, limit)
+            fn, directions = builtin_objective(objective, r, directions, executor, lm_eval_include, limit,
+                                               num_fewshot)
         except BaseException:
             r.close()
             raise

@@ -8,10 +8,14 @@ not used).
   number of predicted tokens), what `exp(loss)` of transformers' causal-LM loss gives on one
   unpadded example, and the count-weighted mean of those losses over several. Lower is better.
   The merged tensors drive the model through `torch.func.functional_call` (no copy).
-* `lm_eval(tasks, config, include_path=None, limit=None)`: lm-evaluation-harness
-  (`pip install "mergelang[eval]"`) on the merged weights, loaded into the model (a copy per
-  call) and wrapped in lm-eval's `HFLM`; returns the mean over the tasks of each task's primary
-  metric (the first of its `metric_list`). Local task YAMLs and data files through
+* `lm_eval(tasks, config, include_path=None, limit=None, num_fewshot=None)`:
+  lm-evaluation-harness (`pip install "mergelang[eval]"`) on the merged weights, loaded into the
+  model (a copy per call) and wrapped in lm-eval's `HFLM`; returns the mean over the tasks of
+  each task's primary metric (the first of its `metric_list`). A task written `TASK=METRIC*W`
+  scores its metric METRIC (lm-eval's result key `METRIC,none`; `METRIC/FILTER` for
+  `METRIC,FILTER`) times W: the score is sum(W_i * metric_i) / number of tasks (W = 1 and the
+  primary metric by default, so plain task names give the mean), mergekit-evolve's weighted sum
+  divided by the number of tasks. Local task YAMLs and data files through
   `include_path`; set HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 to stay offline. Higher is better.
 
 `builtin(spec, reference, ...)` turns the CLI's `--objective perplexity:DATA` and
@@ -121,11 +125,38 @@ def _lm_eval_modules() -> Any:
     return lm_eval, HFLM, TaskManager
 
 
+def task_entries(tasks: str | list[str]) -> list[tuple[str, str | None, float]]:
+    """(task, metric key or None for the primary one, weight) per `TASK[=METRIC][*WEIGHT]`."""
+    out = []
+    for entry in (tasks.split(",") if isinstance(tasks, str) else tasks):
+        entry = entry.strip()
+        if not entry:
+            continue
+        head, star, w = entry.partition("*")
+        name, eq, metric = head.partition("=")
+        try:
+            weight = float(w) if star else 1.0
+        except ValueError:
+            weight = math.nan
+        if not name.strip() or (eq and not metric.strip()) or not math.isfinite(weight):
+            raise fail("E966", f"lm-eval: cannot read the task {entry!r}",
+                       "TASK, TASK=METRIC, TASK*WEIGHT or TASK=METRIC*WEIGHT (WEIGHT a number)")
+        key = None
+        if eq:
+            m, slash, filt = metric.strip().partition("/")
+            key = f"{m},{filt if slash else 'none'}"
+        out.append((name.strip(), key, weight))
+    return out
+
+
 def lm_eval(tasks: str | list[str], config: str | Path, include_path: str | Path | None = None,
-            limit: int | float | None = None, *, batch_size: int = 8) -> Objective:
-    """The mean of the tasks' primary metrics (lm-evaluation-harness) for the merged weights."""
+            limit: int | float | None = None, *, batch_size: int = 8,
+            num_fewshot: int | None = None) -> Objective:
+    """The mean of the tasks' primary metrics (lm-evaluation-harness) for the merged weights;
+    `TASK=METRIC*WEIGHT` entries as in the module's documentation."""
     lm_eval_mod, HFLM, TaskManager = _lm_eval_modules()
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    entries = task_entries(tasks)
+    names = list(dict.fromkeys(t for t, _, _ in entries))
     if not names:
         raise fail("E966", "lm-eval: no task named", "e.g. --objective lm-eval:hellaswag,arc_easy")
     if include_path is not None and not Path(include_path).exists():
@@ -154,10 +185,11 @@ def lm_eval(tasks: str | list[str], config: str | Path, include_path: str | Path
             held["lm"] = _quiet(lambda: HFLM(pretrained=model, tokenizer=sk.lm.tokenizer,
                                              batch_size=batch_size, device=str(sk.device)))
             held["device"] = sk.device
+        more = {} if num_fewshot is None else {"num_fewshot": num_fewshot}
         out = _quiet(lambda: lm_eval_mod.simple_evaluate(
             model=held["lm"], tasks=names, task_manager=manager, limit=limit, log_samples=False,
-            verbosity="ERROR"))
-        return primary_score(out, names)
+            verbosity="ERROR", **more))
+        return weighted_score(out, entries)
 
     return objective
 
@@ -171,6 +203,23 @@ def _quiet(fn: Callable[[], Any]) -> Any:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     with contextlib.redirect_stderr(io.StringIO()):
         return fn()
+
+
+def weighted_score(out: Mapping[str, Any], entries: list[tuple[str, str | None, float]]) -> float:
+    """sum(weight * metric) / number of entries; a metric key None is the task's primary one."""
+    total = 0.0
+    for task, key, weight in entries:
+        if key is None:
+            value = primary_score(out, [task])
+        else:
+            res = out["results"][task]
+            if key not in res:
+                known = [k for k in res if k != "alias" and "stderr" not in k]
+                raise fail("E966", f"lm-eval task {task} reported no metric {key!r}",
+                           f"it reported {', '.join(known) or 'none'}")
+            value = float(res[key])
+        total += value if weight == 1.0 else weight * value
+    return total / len(entries)
 
 
 def primary_score(out: Mapping[str, Any], tasks: list[str]) -> float:
@@ -190,7 +239,7 @@ def primary_score(out: Mapping[str, Any], tasks: list[str]) -> float:
 
 
 def builtin(spec: str, reference: str | Path, *, include_path: str | None = None,
-            limit: int | None = None) -> tuple[Objective, str] | None:
+            limit: int | None = None, num_fewshot: int | None = None) -> tuple[Objective, str] | None:
     """`perplexity:DATA` -> (perplexity objective, "minimize"), `lm-eval:TASKS` -> (lm_eval
     objective, "maximize"); None for any other spec (FILE.py:FUNC)."""
     kind, sep, arg = spec.partition(":")
@@ -200,7 +249,8 @@ def builtin(spec: str, reference: str | Path, *, include_path: str | None = None
         raise fail("E966", f"--objective {spec}: give the {'data' if kind == 'perplexity' else 'tasks'}"
                    f" after `{kind}:`", "e.g. --objective perplexity:val.txt or lm-eval:arc_easy")
     if kind == "perplexity":
-        if include_path is not None:
-            raise fail("E966", "--lm-eval-include is for --objective lm-eval:TASKS")
+        if include_path is not None or num_fewshot is not None:
+            raise fail("E966", "--lm-eval-include and --num-fewshot are for --objective lm-eval:TASKS")
         return perplexity(arg, reference, max_examples=limit), "minimize"
-    return lm_eval(arg, reference, include_path=include_path, limit=limit), "maximize"
+    return lm_eval(arg, reference, include_path=include_path, limit=limit,
+                   num_fewshot=num_fewshot), "maximize"

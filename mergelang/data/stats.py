@@ -60,11 +60,20 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
           max_examples: int | None = None, batch_size: int | None = None,
           seq_len: int = DEFAULT_SEQ_LEN, device: str = "auto", memory_budget: int | str | None = None,
           field: str = "text", force: bool = False, progress: bool = False,
-          log: Callable[[Diagnostic], None] | None = None) -> Stats:
+          log: Callable[[Diagnostic], None] | None = None, groups: Any = (), module: Any = None) -> Stats:
     """Compute `kind` ("gram" or "fisher") statistics of `model` on `data` (see the module
-    docstring); write them to the sidecar folder `out` when given."""
+    docstring); write them to the sidecar folder `out` when given. `kind="correlation"` with
+    `model = [a, b]` (and `groups`, `module`): data/correlation.py."""
     from mergelang.ir.types import parse_bytes
 
+    if kind == "correlation":
+        from mergelang.data.correlation import correlation
+
+        if memory_budget is not None:
+            raise fail("E965", "memory_budget applies to kind gram, not correlation")
+        return correlation(model, data, out, groups=groups, module=module, max_examples=max_examples,  # type: ignore[return-value]
+                           batch_size=batch_size, seq_len=seq_len, device=device, field=field,
+                           force=force, progress=progress, log=log)
     if kind not in KINDS:
         raise fail("E965", f"unknown statistics kind {kind!r}", f"kinds: {', '.join(KINDS)}")
     for name, v, lo in (("max_examples", max_examples, 1), ("batch_size", batch_size, 1),

@@ -1,6 +1,7 @@
 """Distributed execution: the Ray executor (`mergelang run --executor ray`).
 
-The driver (`ray_driver.run_on_ray`) keeps everything that makes a run trustworthy — the work
+The driver (`ray_driver.RayExecutor`, the run contract of runtime/executor.py, chosen by
+`executors.executor_for`) keeps everything that makes a run trustworthy — the work
 folder, the journal, verification, the rename into place — and hands units of work to Ray
 actors (`ray_worker.MergeWorker`), each of which compiles the same recipe from a filesystem it
 shares with the driver, checks that its plan is the driver's, and computes the outputs of a

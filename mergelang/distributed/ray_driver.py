@@ -6,8 +6,8 @@
    or whose plan differs, stops the run with E802 naming its node; no GPU in the cluster for
    `--device cuda` is E603.
 2. Statistics passes (model-wide statistics) as map / reduce: units of feeds go to the actors,
-   which return one partial per feed; the driver reduces them in plan order with the same
-   `StatCollector` a local run uses, round after round.
+   which return one partial per feed; the driver merges them in plan order into the same
+   `StatCollector` a local run uses (runtime/stats.py: `merge`), round after round.
 3. The apply plan: the outputs not yet written (resume) in units balanced by bytes (a few per
    actor, never one task per tensor), each written by an actor straight into the preallocated
    shards of the work folder; the driver journals each tensor as its actor reports it (name,
@@ -21,13 +21,14 @@ killed driver leaves the work folder and journal: `--resume` (local or Ray) cont
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from mergelang.diagnostics import Diagnostic, MergelangError, error, warning
+from mergelang.diagnostics import MergelangError, error, warning
 
 if TYPE_CHECKING:
     from mergelang.distributed.ray_worker import RecipeSpec
+    from mergelang.io.checked import WriterSink
+    from mergelang.passes.pipeline import Target
 
 #: units per actor (load balance against per-task overhead)
 UNITS_PER_WORKER = 4
@@ -161,25 +162,30 @@ def stop(ray: Any, actors: list[Any]) -> None:
             pass
 
 
-class RaySession:
-    """Connected, with every worker started and ready (or E801-E804 before any output exists)."""
+class RayExecutor:
+    """The Ray executor (the run contract of runtime/executor.Executor): connected, with every
+    worker started and ready for `target` (or E801-E804 before any output exists). Its sink
+    must be an output folder's (io/checked.WriterSink): the workers write their tensors into the
+    writer's shards, and the driver journals them."""
 
-    def __init__(self, spec: RecipeSpec, device: str, budget: int | None, digest: str,
-                 address: str | None = None, max_workers: int | None = None):
+    def __init__(self, spec: RecipeSpec, target: Target, digest: str, address: str | None = None,
+                 max_workers: int | None = None):
         self.ray = import_ray()
         connect(self.ray, address)
-        self.budget = budget
-        self.actors = start_workers(self.ray, spec, device, budget, digest, max_workers)
+        device = target.device.partition(":")[0]  # the workers resolve their own device index
+        self.actors = start_workers(self.ray, spec, device, target.memory_budget, digest, max_workers)
 
     def close(self) -> None:
         stop(self.ray, self.actors)
         self.actors = []
 
-    def run(self, plan: Any, writer: Any, progress: Callable[[int], None] | None, nan_mode: str,
-            fsync: bool, say: Callable[[str], None]) -> list[Diagnostic]:
-        """Run `plan` (the compiled plan) into `writer`; the NaN warnings (nan_check warn)."""
+    def run(self, plan: Any, models: Any, sink: WriterSink, target: Target,
+            progress: Callable[[int], None] | None = None) -> None:
+        """Run the final plan `plan` into `sink`'s writer (the workers read the models from the
+        shared filesystem, not `models`); NaN warnings go to `sink`'s warnings, once each."""
         try:
-            return self._run(plan, writer, progress, nan_mode, fsync, say)
+            values = self._statistics(plan, target.memory_budget)
+            self._apply(plan, values, sink, progress)
         except MergelangError:
             raise
         except Exception as e:  # noqa: BLE001 - a task that failed for good (after Ray's retries)
@@ -187,20 +193,19 @@ class RaySession:
             raise MergelangError(error("E805", f"the Ray run failed: {type(cause).__name__}: {cause}",
                                        None, "the finished tensors are kept; rerun with --resume")) from None
 
-    def _run(self, plan: Any, writer: Any, progress: Callable[[int], None] | None, nan_mode: str,
-             fsync: bool, say: Callable[[str], None]) -> list[Diagnostic]:
+    def _statistics(self, plan: Any, budget: int | None) -> dict[str, Any]:
+        """Model-wide statistics: units of feeds mapped onto the workers, their partials merged
+        here (`StatCollector.merge`: the sums and entries in plan order), round after round."""
         from ray.util import ActorPool
 
-        from mergelang.passes.stats import StatCollector, fill
+        from mergelang.runtime.stats import StatCollector, stat_limit
 
-        actors, budget = self.actors, self.budget
+        actors = self.actors
         values: dict[str, Any] = {}
-        for i, pp in enumerate(plan.prepasses):  # model-wide statistics: map, then reduce here
-            limit = None if budget is None else max(0, budget - pp.peak_bytes)
+        for i, pp in enumerate(plan.prepasses):
+            limit = stat_limit(pp, budget)
             col = StatCollector(plan.stats, limit)
-            g = pp.graph
-            feeds = [g.node(n).attrs["name"] for n in g.outputs()]
-            sizes = {g.node(n).attrs["name"]: g.node(n).type.nbytes for n in g.outputs()}
+            feeds, sizes = output_sizes(pp)
             while True:
                 pool = ActorPool(actors)
                 parts: dict[str, Any] = {}
@@ -208,29 +213,28 @@ class RaySession:
                         lambda a, u: a.stats_unit.remote(i, u, values, col.bucket, limit),
                         units(feeds, sizes, len(actors))):
                     parts.update(got["feeds"])
-                    for k, v in got["hist"].items():
-                        col.hist[k] = v if k not in col.hist else col.hist[k] + v
+                    col.merge(got["hist"])
                 for name in feeds:  # in plan order: the sums add up as a local run's do
-                    sums, kept = parts[name]
-                    for k, v in sums.items():
-                        col.sums[k] = v if k not in col.sums else col.sums[k] + v
-                    for k, v in kept.items():
-                        col.parts.setdefault(k, []).extend(v)
+                    col.merge(parts[name])
                 if not col.finish():
                     break
             values.update(col.values)
-        apply = fill(replace(plan, prepasses=(), stats=()), values)
-        g = apply.graph
-        todo = [g.node(n).attrs["name"] for n in g.outputs()
-                if g.node(n).attrs["name"] not in writer.resumed]
-        sizes = {g.node(n).attrs["name"]: g.node(n).type.nbytes for n in g.outputs()}
+        return values
+
+    def _apply(self, plan: Any, values: dict[str, Any], sink: WriterSink,
+               progress: Callable[[int], None] | None) -> None:
+        from ray.util import ActorPool
+
+        writer = sink.writer
+        names, sizes = output_sizes(plan)
+        todo = [n for n in names if n not in writer.resumed]
         targets = {n: writer.target(n) for n in todo}
-        warnings: list[Diagnostic] = []
-        pool = ActorPool(actors)
+        pool = ActorPool(self.actors)
+        seen: set[tuple[str, str]] = set()
         for written, warns, failure in pool.map_unordered(
-                lambda a, u: a.apply_unit.remote(u, values, {n: targets[n] for n in u}, nan_mode,
-                                                 fsync),
-                units(todo, sizes, len(actors))):
+                lambda a, u: a.apply_unit.remote(u, values, {n: targets[n] for n in u}, sink.mode,
+                                                 sink.fsync),
+                units(todo, sizes, len(self.actors))):
             if failure is not None:  # e.g. E503 (NaN in an output): the worker's diagnostic
                 code, message, help_ = failure
                 raise MergelangError(error(code, message, None, help_))
@@ -239,9 +243,22 @@ class RaySession:
                 if progress is not None:
                     progress(nbytes)
             for code, message, help_ in warns:
-                if any(w.code == code and w.message == message for w in warnings):
+                if (code, message) in seen:
                     continue  # an input read by several units (W125) is reported once
+                seen.add((code, message))
                 diag = warning(code, message, None, help_)
-                say(diag.render())
-                warnings.append(diag)
-        return warnings
+                sink.say(diag.render())
+                sink.warnings.append(diag)
+
+
+def output_sizes(plan: Any) -> tuple[list[str], dict[str, int]]:
+    """The output names of `plan` in plan order (a tensor split into row chunks: once) and the
+    bytes of each."""
+    g = plan.graph
+    sizes: dict[str, int] = {}
+    for n in g.outputs():
+        node = g.node(n)
+        rows = node.attrs.get("rows")
+        sizes[node.attrs["name"]] = node.type.nbytes if rows is None else \
+            sizes.get(node.attrs["name"], 0) + node.type.nbytes
+    return list(sizes), sizes

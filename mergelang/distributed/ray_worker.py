@@ -34,6 +34,21 @@ class RecipeSpec:
     allow_plugins: bool = False
 
 
+def spec_for(source: SourceFile, base: Path, overrides: dict[str, Any], used: dict[str, Any],
+             options: dict[str, Any], allow_pickle: bool, follow_symlinks: bool,
+             allow_plugins: bool) -> RecipeSpec | None:
+    """How a worker compiles the driver's recipe; None when an override cannot be given to a
+    worker (a state dict). `used`: the overrides as compiled (model paths made absolute:
+    workers run in other folders)."""
+    if not all(isinstance(v, (str, int, float, bool, list, tuple, type(None), os.PathLike))
+               for v in overrides.values()):
+        return None
+    return RecipeSpec(source, Path(os.path.abspath(base)),
+                      {k: used.get(k, str(v) if isinstance(v, os.PathLike) else v)
+                       for k, v in overrides.items()}, options, allow_pickle, follow_symlinks,
+                      allow_plugins)
+
+
 def failure_text(e: Exception) -> str:
     """Why an actor cannot work, for the driver: a diagnostic rendered, or the exception."""
     if isinstance(e, MergelangError):
@@ -82,30 +97,32 @@ class MergeWorker:
 
     def stats_unit(self, index: int, feeds: list[str], values: dict[str, Any],
                    bucket: dict[str, Any], limit: int | None) -> dict[str, Any]:
-        """Partials of statistics pass `index` over the feeds of this unit: per feed, the float
-        sums and kept entries (the driver adds them in plan order, as a local run does), and
-        the radix-select histograms already added up (exact integers)."""
+        """Partials of statistics pass `index` over the feeds of this unit: per feed, a
+        `StatPartial` of its float sums and kept entries (the driver merges them in plan order,
+        as a local run does), and one of the unit's radix-select histograms, added up here
+        (exact integers)."""
         from mergelang.passes.pipeline import plan_for
         from mergelang.passes.restrict import restrict_plan
-        from mergelang.passes.stats import StatCollector, fill
+        from mergelang.passes.stats import fill
         from mergelang.runtime.executor import execute
+        from mergelang.runtime.stats import StatCollector, StatPartial
 
         raw = self.c.plan.prepasses[index]
         names = {raw.graph.node(n).attrs["name"] for n in raw.graph.outputs()}
         unit = restrict_plan(fill(raw, values), names - set(feeds))
-        final = plan_for(unit, self._target()).plan
-        partials: dict[str, Any] = {}
-        hist: dict[str, Any] = {}
+        target = self._target()
+        final = plan_for(unit, target).plan
+        col = StatCollector(self.c.plan.stats, limit)
+        col.bucket = bucket
+        partials: dict[str, StatPartial] = {}
+        hist = StatPartial()
 
         def sink(name: str, t: Any) -> None:
-            col = StatCollector(self.c.plan.stats, limit)
-            col.bucket = bucket
-            col(name, t)
-            partials[name] = (col.sums, col.parts)
-            for k, h in col.hist.items():  # integer counts: reduced here, in any order
-                hist[k] = h if k not in hist else hist[k] + h
+            part = col.partial(name, t)
+            hist.add(StatPartial(hist=part.hist))  # integer counts: reduced here, in any order
+            partials[name] = StatPartial(part.sums, part.parts)
 
-        execute(final, self.c.models, sink, self.device, memory_budget=self.budget)
+        execute(final, self.c.models, sink, target)
         return {"feeds": partials, "hist": hist}
 
     def apply_unit(self, names: list[str], values: dict[str, Any],
@@ -120,18 +137,18 @@ class MergeWorker:
         from mergelang.passes.stats import fill
         from mergelang.runtime.executor import execute
 
+        target = self._target()
         plan = fill(replace(self.c.plan, prepasses=(), stats=()), values)
         g = plan.graph
         done = {g.node(n).attrs["name"] for n in g.outputs()} - set(names)
-        final = plan_for(plan, self._target(), done).plan
+        final = plan_for(plan, target, done).plan
         out = ShardSink(targets)
         diags: list[Any] = []
         spans = {g.node(n).attrs["name"]: g.node(n).span for n in g.outputs()}
         sink = CheckedSink(out.write, nan_mode, lambda msg: None, spans, diags, out.write_rows)
         check = None if nan_mode == "off" else InputCheck(nan_mode, lambda msg: None, {}, diags)
         try:
-            execute(final, checked_inputs(self.c.models, check), sink, self.device,
-                    memory_budget=self.budget)
+            execute(final, checked_inputs(self.c.models, check), sink, target)
             out.close(fsync)
         except MergelangError as e:
             d = e.diagnostics[0]

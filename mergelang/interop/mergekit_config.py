@@ -85,6 +85,7 @@ class Slice:
 class Result:
     text: str
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    tune_command: str | None = None  # a mergekit-evolve config: the `mergelang tune` to run
 
     @property
     def errors(self) -> list[Diagnostic]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import error
+from mergelang.interop.mergekit_evolve import is_evolve_config, translate_evolve
 from mergelang.interop.mergekit_moe import is_moe_config, translate_moe
 from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_yaml import load_yaml, read_config_text, short
@@ -446,11 +447,15 @@ class Translator(LayerPlanner):
 
 def translate(config: dict[str, Any] | str, config_path: str | Path | None = None,
               out_dir: str | Path | None = None, layer_prefix: str = "model.layers",
-              allow_crimes: bool = False) -> Result:
-    """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics."""
+              allow_crimes: bool = False, recipe: str | None = None) -> Result:
+    """Translate a mergekit config (a dict, or YAML text) into recipe text + diagnostics; a
+    mergekit-evolve config also gives `tune_command` (`recipe`: the recipe path it names)."""
     if isinstance(config, str):
         config = load_yaml(config, str(config_path or "<config>"))
     path, out = Path(config_path) if config_path else None, Path(out_dir) if out_dir else None
+    if is_evolve_config(config):
+        assert isinstance(config, dict)
+        return translate_evolve(config, path, out, layer_prefix, recipe)
     problem = check_structure(config)
     if problem is not None:
         return Result("", [problem])
@@ -471,4 +476,4 @@ def import_file(path: str | Path, out: str | Path | None = None,
     text = read_config_text(path)
     out_dir = Path(out).parent if out else Path.cwd()
     return translate(load_yaml(text, str(path)), path, out_dir, layer_prefix,  # type: ignore[arg-type]
-                     allow_crimes)
+                     allow_crimes, str(out) if out else None)

@@ -4,6 +4,7 @@ config (`.yml` / `.yaml`) imported on the fly, with the import's warnings."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from mergelang.diagnostics import Diagnostic, MergelangError, SourceFile, error
 from mergelang.lang.loader import read_recipe_file
@@ -44,3 +45,22 @@ def _imported(path: Path) -> tuple[SourceFile, Path, list[Diagnostic]]:
         raise MergelangError(result.diagnostics)
     return (SourceFile(f"{path} (imported)", result.text), folder,
             [d for d in result.diagnostics if not d.is_error])
+
+
+def merge_source(expr: str, outputs: Iterable[str] | None, values: Mapping[str, Any]) -> SourceFile:
+    """`ml.merge`'s recipe: every state dict (a Mapping) in `values` a model held in memory, the
+    other values params, and one rule `"*" => expr` merged from `base` (else the first model),
+    into the named `outputs` when given."""
+    models = [k for k, v in values.items() if isinstance(v, Mapping)]
+    if not models:
+        raise TypeError("merge() needs at least one state dict keyword argument")
+    ref = "base" if "base" in models else models[0]
+    lines = [f'model {name} = "<memory>"' for name in models]
+    lines += [f"param {name} = 0" for name, v in values.items() if not isinstance(v, Mapping)]
+    names = ""
+    if outputs is not None:
+        import json
+
+        names = "[" + ", ".join(json.dumps(str(n)) for n in outputs) + "] "
+    lines.append(f"merge {names}from {ref} {{\n    \"*\" => {expr}\n}}")
+    return SourceFile("<merge>", "\n".join(lines) + "\n")

@@ -105,3 +105,15 @@ class CheckedSink:
             time.sleep(self.delay)
         assert self.rows_sink is not None
         self.rows_sink(name, t, start, total)
+
+
+class WriterSink(CheckedSink):
+    """The sink of a run into an output folder: NaN-checked writes to `writer` (a
+    CheckpointWriter or MultiWriter). A local executor calls it per tensor; a distributed one
+    writes the shards itself (`writer.target`) and reports each tensor (`writer.record_written`),
+    checking NaN with `mode` and syncing with `fsync` on the workers."""
+
+    def __init__(self, writer: Any, mode: str, say: Callable[[str], None], spans: dict[str, Any],
+                 warnings: list[Diagnostic], fsync: bool = True):
+        super().__init__(writer.write, mode, say, spans, warnings, writer.write_rows)
+        self.writer, self.fsync = writer, fsync

@@ -13,12 +13,11 @@ import mmap
 import os
 import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from mergelang.errors import CheckpointError
-from mergelang.io.inputs import model_root
+from mergelang.io.source import ModelSource, TensorInfo, WrappedSource  # noqa: F401  (public here too)
 from mergelang.ir.types import ITEMSIZE, ST_TO_NAME, dtype_name, itemsize, torch_dtype
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: checking reads headers only
@@ -31,23 +30,6 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_HELP = ("pickle files can run code when loaded: convert them to safetensors, or pass "
                "--allow-pickle (ml.compile(..., allow_pickle=True)) to read them with "
                "torch.load(weights_only=True)")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # torch dtype name, e.g. "bfloat16"
-    file: str = ""  # shard path ("" for in-memory)
-    begin: int = 0  # absolute byte offset of the data in the file
-    end: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * itemsize(self.dtype)
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
@@ -145,94 +127,6 @@ def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int]:
     if len(offsets) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
         raise TypeError
     return entry["dtype"], tuple(shape), offsets[0], offsets[1]
-
-
-class ModelSource:
-    """A checkpoint: an ordered table of tensors (headers only) and a way to load one tensor."""
-
-    label: str = ""
-    folder: Path | None = None  # the HF folder (config.json, tokenizer) when there is one
-    #: (block index, output index) when this "model" is a merge block's output (`output(...)`):
-    #: the elaborator substitutes that block's rules instead of loading tensors
-    block_output: tuple[int, int] | None = None
-
-    def tensors(self) -> Mapping[str, TensorInfo]:
-        raise NotImplementedError
-
-    def load(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def load_as(self, name: str, dtype: torch.dtype | None = None, *, view: bool = False) -> torch.Tensor:
-        """The tensor converted to `dtype` (None: as stored), in memory it owns. `view`: the
-        caller only reads the result, so a source may hand out a view of the file's bytes as
-        stored (no copy) instead; this default always copies."""
-        t = self.load(name)
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-    def load_rows(self, name: str, dtype: torch.dtype | None, start: int, stop: int, *,
-                  view: bool = False) -> torch.Tensor:
-        """Rows `start:stop` (axis 0) of the tensor, converted to `dtype`, in memory it owns
-        (`view`: as in :meth:`load_as`). This default reads the whole tensor; safetensors files
-        read just those rows."""
-        return self.load_as(name, dtype)[start:stop].clone()
-
-    def load_stored(self, name: str, *, view: bool = False) -> torch.Tensor:
-        """The tensor exactly as the file stores it, for kernels that decode it themselves: a
-        block-scaled FP8 weight's codes, or (by its name) its scale tensor, which a model that
-        dequantizes hides from `tensors()` (sources/fp8.BlockFp8). Here: `load_as` as stored."""
-        return self.load_as(name, None, view=view)
-
-    def close(self) -> None:
-        pass
-
-    def input_paths(self) -> list[Path]:
-        """The folders and files this model reads (an output may not overlap any of them): its
-        folder (and Hugging Face cache repository) and every file a tensor is read from."""
-        out: list[Path] = []
-        if self.folder is not None:
-            out += [Path(self.folder), model_root(Path(self.folder))]
-        out += [Path(f) for f in dict.fromkeys(i.file for i in self.tensors().values() if i.file)]
-        return out
-
-    def prepare(self, device: object = None) -> None:
-        """Model-level work before any tensor is streamed (e.g. solving an alignment)."""
-
-    def config(self) -> dict | None:
-        if self.folder is not None and (self.folder / "config.json").is_file():
-            try:
-                from mergelang.io.textfile import read_json
-
-                return read_json(self.folder / "config.json")
-            except (OSError, ValueError):
-                return None
-        return None
-
-
-class WrappedSource(ModelSource):
-    """A source that changes how another one (`inner`) is read: its label, folder, tensor
-    table, files, config, model-level work and closing are the inner source's unless overridden."""
-
-    def __init__(self, inner: ModelSource):
-        self.inner = inner
-        self.label, self.folder = inner.label, inner.folder
-
-    def tensors(self) -> Mapping[str, TensorInfo]:
-        return self.inner.tensors()
-
-    def load(self, name: str) -> torch.Tensor:
-        return self.load_as(name, None)
-
-    def input_paths(self) -> list[Path]:
-        return self.inner.input_paths()
-
-    def prepare(self, device: object = None) -> None:
-        self.inner.prepare(device)
-
-    def config(self) -> dict | None:
-        return self.inner.config()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class SafetensorsSource(ModelSource):

@@ -77,7 +77,7 @@ class CheckedInput(WrappedSource):
         self.check(self.model, name, t)
         return t
 
-    def __getattr__(self, attr: str) -> Any:  # e.g. tokenizer_files, a source's own helpers
+    def __getattr__(self, attr: str) -> Any:  # a source's own helpers
         if attr == "inner":
             raise AttributeError(attr)
         return getattr(self.inner, attr)

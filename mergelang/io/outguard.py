@@ -7,6 +7,10 @@
   nothing besides the files that manifest lists. Any other non-empty folder is refused (E403) with
   a hint to remove it by hand. A multi-output folder's sub-folders are compared with their own
   manifests, recursively: a file added to ``OUT/NAME/`` makes the folder foreign too.
+* An output inside a mergelang output folder (a folder above it holds a manifest) is refused
+  (E403): it would make that folder fail `mergelang verify`. The one exception: with
+  ``--force``, an existing report folder there (`inspect -o`, manifest kind "inspect") is
+  replaced (the enclosing folder is foreign to its manifest already).
 * A single-file output (`compile -o`, `explain -o`, `import-mergekit -o`, `tune --plot`) is
   never a symbolic link, a folder or a special file (`/dev/null`, a FIFO); an existing file is
   replaced only with ``--force`` (E403 without), and never when it is an input (E404). Its
@@ -152,7 +156,41 @@ def check_replaceable(out: Path, force: bool) -> None:
 
 def check_output(out: Path, inputs: Iterable[Path], force: bool) -> None:
     check_not_input(out, inputs)
+    check_not_inside_output(out, force)
     check_replaceable(out, force)
+
+
+def enclosing_output(out: Path) -> Path | None:
+    """The nearest folder above `out` (as written, or with links resolved) that is a mergelang
+    output (it has a manifest), or None."""
+    for form in sorted(_forms(out)):
+        for parent in form.parents:
+            if manifest_files(parent) is not None:
+                return parent
+    return None
+
+
+def check_not_inside_output(out: Path, force: bool, option: str = "-o") -> None:
+    """E403 when `out` lies inside a mergelang output folder: a file added there makes that
+    folder fail `mergelang verify` (and refuse `--force`). Allowed only with `force` for an
+    existing report folder there (`inspect -o`), whose replacing changes nothing more."""
+    outer = enclosing_output(out)
+    if outer is None:
+        return
+    if force and _is_report_folder(out):
+        return
+    raise OutputError(f"{option} {out} lies inside the mergelang output {outer}",
+                      "writing there would make that output fail `mergelang verify`: choose a path "
+                      "outside it")
+
+
+def _is_report_folder(folder: Path) -> bool:
+    if folder.is_symlink() or manifest_files(folder) is None:
+        return False
+    try:
+        return read_json(folder / MANIFEST_NAME, 16 * 1024 * 1024).get("kind") == "inspect"
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
 
 
 # --------------------------------------------------------------------------- single files
@@ -163,6 +201,7 @@ def check_file_output(out: str | Path, inputs: Iterable[Path], force: bool,
     `parents`: a missing folder is created when the file is written (import-mergekit)."""
     path = Path(os.path.abspath(out))
     check_not_input(path, inputs)
+    check_not_inside_output(path, False, option)
     if path.is_symlink():
         raise OutputError(f"{option} {out} is a symbolic link", "mergelang does not write through "
                           "links: choose another path")

@@ -1,6 +1,7 @@
 """Single-file outputs: `mergelang run R.mrg -o model.safetensors` writes ONE safetensors file (what
 Stable Diffusion UIs and sd-mecha write) with the recipe and the manifest in its metadata
-(`mergelang_recipe`, `mergelang_manifest`: strings, as safetensors metadata must be).
+(`mergelang_recipe`, `mergelang_manifest`, and `mergelang_shards` for `mergelang verify FILE`:
+strings, as safetensors metadata must be).
 
 The merge runs as usual — the same atomic writer, journal, checks and manifest — into a private
 temporary folder beside the target (hidden, created here, removed on every exit path); its shards
@@ -32,6 +33,9 @@ from mergelang.io.textfile import read_json, read_text
 #: the metadata keys of a single-file output
 RECIPE_KEY = "mergelang_recipe"
 MANIFEST_KEY = "mergelang_manifest"
+#: the shards of the merge's folder, each with its tensor names in file order (JSON): what
+#: `mergelang verify FILE` needs to recompute the manifest's shard digests from this one file
+SHARDS_KEY = "mergelang_shards"
 _CHUNK = 64 << 20
 
 
@@ -141,8 +145,13 @@ def _collect(folder: Path) -> tuple[list[TensorInfo], dict[str, str]]:
         if shard not in shards:
             shards[shard] = read_header(folder / shard)
         out.append(shards[shard][name])
+    import json
+
+    layout = {shard: [i.name for i in sorted(infos.values(), key=lambda i: i.begin)]
+              for shard, infos in shards.items()}
     metadata = {RECIPE_KEY: read_text(folder / "mergelang_recipe.mrg"),
-                MANIFEST_KEY: read_text(folder / MANIFEST_NAME)}
+                MANIFEST_KEY: read_text(folder / MANIFEST_NAME),
+                SHARDS_KEY: json.dumps(layout, separators=(",", ":"))}
     return out, metadata
 
 

@@ -184,3 +184,66 @@ def check_inputs(provenance: dict[str, Any], quick: bool = False) -> tuple[list[
                 notes.append(f"model `{name}`: {path}: {len(unread)} tensors the merge did not "
                              "read are not covered by its digest")
     return diffs, notes
+
+
+def check_single_file(path: Path, manifest: dict[str, Any], layout: dict[str, Any]
+                      ) -> tuple[list[str], list[str]]:
+    """(problems, notes) of a single-file output (io/singlefile.py) against the manifest of the
+    folder it was assembled from: each shard's digest recomputed from this file's bytes (its
+    tensors, in the shard's order under the header the writer built for them: `layout` gives
+    the shard's tensor names), the recipe against the metadata's copy; the folder's other files
+    (index, config) are not carried by a single file: a note."""
+    from mergelang.io.digests import sha256_text, tensor_digest
+    from mergelang.io.layout import OutputTensor, build_header
+    from mergelang.io.singlefile import RECIPE_KEY, metadata_of
+
+    digests, files = manifest.get("digests"), manifest.get("files")
+    if not isinstance(digests, dict) or not isinstance(files, list):
+        return ["the manifest records no file digests"], []
+    try:
+        infos = read_header(path)
+    except (OSError, CheckpointError) as e:
+        return [f"{path.name}: cannot be read back ({e})"], []
+    problems: list[str] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        for shard, names in sorted(layout.items()):
+            want = digests.get(shard)
+            if shard not in files or not isinstance(want, str) or not isinstance(names, list) \
+                    or any(n not in infos for n in names):
+                problems.append(f"{shard}: the file does not hold the tensors the manifest lists")
+                continue
+            seen.update(names)
+            head, _ = build_header(tuple(OutputTensor(n, infos[n].shape, infos[n].dtype) for n in names))
+            crcs = [(n, _range_crc(fd, infos[n].begin, infos[n].end)) for n in names]
+            if tensor_digest(head, crcs) != want:
+                problems.append(f"{shard}: its tensors differ from what was written")
+    finally:
+        os.close(fd)
+    if set(infos) - seen:
+        problems.append(f"{len(set(infos) - seen)} tensors not written by mergelang (e.g. "
+                        f"{sorted(set(infos) - seen)[0]!r})")
+    recipe = (metadata_of(path) or {}).get(RECIPE_KEY)
+    if "mergelang_recipe.mrg" in files and (recipe is None or sha256_text(recipe)
+                                            != digests.get("mergelang_recipe.mrg")):
+        problems.append("mergelang_recipe.mrg: the recipe in the metadata differs from the one merged")
+    rest = sorted(str(f) for f in files if str(f) not in layout and f != "mergelang_recipe.mrg"
+                  and not str(f).startswith("mergelang_manifest"))
+    if rest:
+        notes.append(f"not carried by a single file (not checked): {', '.join(rest)}")
+    return problems, notes
+
+
+def _range_crc(fd: int, pos: int, end: int) -> int:
+    from mergelang.io.digests import crc
+
+    c = 0
+    while pos < end:
+        chunk = os.pread(fd, min(end - pos, 64 << 20), pos)
+        if not chunk:
+            raise OSError("the file is shorter than its header says")
+        c = crc(chunk, c)
+        pos += len(chunk)
+    return c

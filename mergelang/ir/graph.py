@@ -269,6 +269,11 @@ def _attrs_text(n: Node) -> str:
     if n.op is Op.LOOP:
         return (f"fn={a['fn']!r} times={a['times']} body=<{len(a['body'])} nodes, "
                 f"{', '.join(sorted({b.op.value for b in a['body']}))}>")
+    if n.op is Op.BATCH:  # passes/batch.py: the ops that run once on the stack, in order
+        ops = " ".join(b.op.value for b in a["body"] if b.op is not Op.ARG)
+        return f"tensors={a['batch']} loads_each={a['loads']} ops=<{ops}>"
+    if n.op is Op.UNBATCH:
+        return f"index={a['index']}"
     return " ".join(f"{k}={v!r}" for k, v in sorted(a.items()))
 
 

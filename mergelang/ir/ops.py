@@ -95,6 +95,8 @@ def _table() -> dict[Op, OpInfo]:
         Op.PARAM: OpInfo(0, rules.typed, in_loop=False, devices=()),
         Op.PLUGIN: OpInfo(None, rules.typed, row_local="elementwise"),
         Op.FUSED: OpInfo(None, rules.fused, devices=("cpu",)),
+        Op.BATCH: OpInfo(None, rules.typed, in_loop=False),  # passes/batch.py
+        Op.UNBATCH: OpInfo(1, rules.typed, in_loop=False),
     })
     for op in (Op.SVD, Op.POLAR, Op.MATMUL, Op.SOLVE, Op.TRANSPOSE, Op.PINV, Op.WUDI_ADAM, Op.DIAGONAL,
                Op.CAT, Op.CONCAT_MODELS):

@@ -103,6 +103,11 @@ class Op(enum.Enum):
     PLUGIN = "plugin"
     # execution only (fuse.py): a region of elementwise ops run as one generated CPU loop
     FUSED = "fused"            # attrs: body, inputs, models; typed by its root, never by a rule
+    # execution only (passes/batch.py): B same-shape tensors' identical steps run once on their
+    # stack; args: B x `loads` per-tensor inputs (tensor-major), then the shared ones; attrs:
+    # body (like LOOP's; ARG index < loads: a stacked input), batch, loads, type ([B, *shape])
+    BATCH = "batch"
+    UNBATCH = "unbatch"        # tensor `index` of a BATCH's stacked result; attrs: index, type
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"

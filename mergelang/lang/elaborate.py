@@ -11,15 +11,16 @@ in the library it happened.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from mergelang.lang import ast
-from mergelang.lang.blocks import BlockElaboration
+from mergelang.lang.blocks import BlockState, block_value, build_blocks, match_rule
+from mergelang.lang.context import ElabContext, ElabState, Frame  # noqa: F401  (re-exported)
 from mergelang.lang.loops import NotLoopable
 from mergelang.lang.arith import MAX_INT_BITS, PYOPS, compile_time_op  # noqa: F401
-from mergelang.io.checkpoint import ModelSource
-from mergelang.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean, error
+from mergelang.lang.templates import Recording
+from mergelang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error
 from mergelang.ir.graph import MergeGraph
 from mergelang.ir.ops import ELEMENTWISE, Attrs, Op, TypeRuleError
 from mergelang.ir.types import TType, format_shape, is_floating
@@ -35,70 +36,79 @@ BINOPS: dict[str, Op] = {
 }
 
 
-@dataclass
-class Frame:
-    fn: str
-    call_span: Span
-    env: dict[str, Value]
-    tag: str = ""  # `iterate`'s round ("#3"): tells model-wide statistics of each round apart
+@dataclass(frozen=True, eq=False)
+class Elaborator:
+    """Builds the merge graph from a frozen `ElabContext`; `build` fills `graph`. Nothing is
+    assigned to an elaborator after construction: a loop body (`body_view`) and a template
+    recording (`recording_view`) are views of it with their own graph (and loads), sharing its
+    `state` and block state (lang/blocks.py)."""
 
+    ctx: ElabContext
+    graph: Any = field(default_factory=MergeGraph)  # a MergeGraph, or a recording's view of one
+    loads: dict[tuple[str, str, bool], int] = field(default_factory=dict)
+    state: ElabState = field(default_factory=ElabState)
+    block_state: BlockState = field(default_factory=BlockState)
+    in_loop_body: bool = False  # elaborating an `iterate` body into a LOOP node (loops.py)
+    recorder: Recording | None = None  # recording a template (lang/templates.py)
+    root: "Elaborator | None" = None  # the elaborator a view was made from
+    intrinsics: Mapping[str, Any] = field(init=False, repr=False)
+    #: the context's fields, as plain attributes (read on every name lookup)
+    fns: Mapping[str, ast.FnDef] = field(init=False, repr=False)
+    models: Mapping[str, Any] = field(init=False, repr=False)
+    params: Mapping[str, Value] = field(init=False, repr=False)
+    runtime: Mapping[str, Value] = field(init=False, repr=False)
+    derived: Mapping[str, Value] = field(init=False, repr=False)
+    diags: Any = field(init=False, repr=False)
+    out_dtype: str | None = field(init=False, repr=False)
 
-class Elaborator(BlockElaboration):
-    """Builds the merge graph. One instance per compilation; `build` fills `self.graph`."""
-
-    def __init__(self, fns: Mapping[str, ast.FnDef], models: Mapping[str, ModelSource | None],
-                 model_spans: Mapping[str, Span], params: Mapping[str, Value], diags: Diagnostics,
-                 out_dtype: str | None = None, plugins: Mapping[str, Any] | None = None):
+    def __post_init__(self) -> None:
         from mergelang.lang.intrinsics import INTRINSICS
 
-        self.fns = fns
-        self.intrinsics = INTRINSICS
-        if plugins:  # Python methods (lang/plugins.py): called like intrinsics
+        intrinsics = INTRINSICS
+        if self.ctx.plugins:  # Python methods (lang/plugins.py): called like intrinsics
             from mergelang.lang.plugins import as_intrinsic
 
-            self.intrinsics = {**INTRINSICS, **{n: as_intrinsic(m) for n, m in plugins.items()}}
-        self.models = models
-        self.model_spans = model_spans
-        self.params = params
-        #: run-time params (tune / learn): name -> its compile-time value, for types only
-        self.runtime: dict[str, Value] = {}
-        #: params whose declaration reads run-time params: their Deferred values
-        self.derived: dict[str, Value] = {}
-        self.diags = diags
-        #: `let`s evaluated so far (dead ones never are: ast.live_lets)
-        self.lets_evaluated = 0
-        self.string_chars = 0  # built by `+` on strings (py)
-        self._live: dict[int, tuple[ast.FnDef, tuple[ast.Let, ...]]] = {}
-        self._checking: set[str] | None = None
-        self.out_dtype = out_dtype
-        self.graph = MergeGraph()
-        self.stack: list[Frame] = []
-        self._tensor = ""  # the output tensor being elaborated (`tensor`)
-        #: elaboration templates (lang/templates.py): family key -> Template, and the flags that
-        #: keep an elaboration from becoming one
-        self.templates: dict[Any, Any] = {}
-        self._rule_names: dict[tuple[int, int], frozenset[str]] = {}
-        self._last_match: Any = None  # blocks._match's last answer
-        self.name_read = False
-        self.no_template = False
-        self.recording = False
-        self._loads: dict[tuple[str, str, bool], int] = {}
-        self.rule_hits: dict[tuple[int, int], int] = {}
-        self.in_loop_body = False  # elaborating an `iterate` body into a LOOP node (loops.py)
-        self.blocks: tuple[ast.MergeBlock, ...] = ()
-        self._block_nodes: dict[tuple[int, str], list[int]] = {}  # (block, tensor) -> its nodes
-        self._in_progress: set[tuple[int, str]] = set()
+            intrinsics = {**INTRINSICS, **{n: as_intrinsic(m) for n, m in self.ctx.plugins.items()}}
+        object.__setattr__(self, "intrinsics", intrinsics)  # part of construction
+        for name in ("fns", "models", "params", "runtime", "derived", "diags", "out_dtype"):
+            object.__setattr__(self, name, getattr(self.ctx, name))
+
+    def with_context(self, **changes: Any) -> "Elaborator":
+        """This elaborator over a context with `changes` (the next compile stage's): the same
+        graph, loads and state."""
+        return replace(self, ctx=replace(self.ctx, **changes))
+
+    def body_view(self) -> "Elaborator":
+        """A view elaborating into a fresh graph of its own, reading no model (loops.py)."""
+        return replace(self, graph=MergeGraph(), loads={}, in_loop_body=True, recorder=None,
+                       root=self.base)
+
+    def recording_view(self, rec: Recording) -> "Elaborator":
+        """A view whose `graph.make` and `load` calls `rec` records (lang/templates.py)."""
+        return replace(self, graph=rec.view, recorder=rec, root=self.base)
+
+    @property
+    def base(self) -> "Elaborator":
+        return self.root or self
+
+    model_spans = property(lambda self: self.ctx.model_spans)
+    stack = property(lambda self: self.state.stack)
+    _tensor = property(lambda self: self.state.tensor)  # without marking it read
 
     @property
     def tensor(self) -> str:
         """The output tensor being elaborated. Reading it marks the elaboration as depending on
         the name (so it is not replayed for other tensors: lang/templates.py)."""
-        self.name_read = True
-        return self._tensor
+        self.state.name_read = True
+        return self.state.tensor
 
-    @tensor.setter
-    def tensor(self, name: str) -> None:
-        self._tensor = name
+    def build(self, *blocks: ast.MergeBlock) -> MergeGraph:
+        """The merge blocks' graph (lang/blocks.py)."""
+        return build_blocks(self, blocks)
+
+    def match(self, block: ast.MergeBlock, name: str) -> tuple[int, dict[str, Value]]:
+        """The rule of `block` that applies to tensor `name`, and its captures."""
+        return match_rule(self, block, name)
 
     # ------------------------------------------------------------------ errors
     def error(self, code: str, message: str, span: Span, help: str | None = None) -> CompileError:
@@ -113,8 +123,8 @@ class Elaborator(BlockElaboration):
                     notes = ((f"inside `{self.stack[-1].fn}` at {span.location()}", None),)
                     span = frame.call_span
                     break
-        if self._tensor:
-            notes += ((f"while merging tensor `{self._tensor}`", None),)
+        if self.state.tensor:
+            notes += ((f"while merging tensor `{self.state.tensor}`", None),)
         return error(code, message, span, help, notes)
 
     # ------------------------------------------------------------------ evaluation
@@ -224,7 +234,7 @@ class Elaborator(BlockElaboration):
         self.stack.append(Frame(fn.name, span, local, tag))
         try:
             for let in self.live_lets(fn):  # a `let` the result does not use costs nothing
-                self.lets_evaluated += 1
+                self.state.lets_evaluated += 1
                 local[let.name] = self.eval(let.value, local)
             return self.eval(fn.ret, local)
         finally:
@@ -232,11 +242,11 @@ class Elaborator(BlockElaboration):
 
     def live_lets(self, fn: ast.FnDef) -> tuple[ast.Let, ...]:
         """ast.live_lets of `fn`, computed once per function."""
-        got = self._live.get(id(fn))
+        got = self.state.live.get(id(fn))
         if got is None or got[0] is not fn:
-            if self._checking is None:
-                self._checking = ast.checking_fns(self.fns)
-            got = self._live[id(fn)] = (fn, ast.live_lets(fn, self._checking))
+            if self.state.checking is None:
+                self.state.checking = ast.checking_fns(self.fns)
+            got = self.state.live[id(fn)] = (fn, ast.live_lets(fn, self.state.checking))
         return got[1]
 
     def bind(self, sig: Signature, e: ast.Call, env: dict[str, Value]) -> dict[str, Value]:
@@ -268,14 +278,16 @@ class Elaborator(BlockElaboration):
     def load(self, model: str, tensor: str, span: Span, raw: bool = False) -> int:
         if self.in_loop_body:
             raise NotLoopable()  # a model read inside a loop body: `iterate` unrolls instead
+        if self.recorder is not None:  # the load is what a template records, not its node
+            return self.recorder.load(self.base.load, model, tensor, span, raw)
         key = (model, tensor, raw)
-        if key in self._loads:
-            return self._loads[key]
+        if key in self.loads:
+            return self.loads[key]
         source = self.models.get(model)
         if source is None:
             raise Poisoned()
         if source.block_output is not None:
-            return self._block_value(model, source, tensor, span, raw)
+            return block_value(self, model, source, tensor, span, raw)
         info = source.tensors().get(tensor)
         if info is None:
             raise self.error("E302", f"tensor `{tensor}` is missing in model `{model}`", span,
@@ -291,14 +303,14 @@ class Elaborator(BlockElaboration):
         if scaled is not None:  # block-scaled FP8: fused loops may read its codes + scales
             attrs = attrs.replace(scale=(scaled[0], *scaled[1]))
         nid = self.graph.make(Op.LOAD, [], attrs, span)
-        self._loads[key] = nid
+        self.loads[key] = nid
         return nid
 
     def to_node(self, v: Value, span: Span) -> int:
         if isinstance(v, TensorV):
             return v.nid
         if isinstance(v, ModelV):
-            return self.load(v.name, self._tensor, v.span)
+            return self.load(v.name, self.state.tensor, v.span)
         if isinstance(v, Const):
             if isinstance(v.value, Deferred):  # a run-time param's number: filled per run
                 return self.graph.make(Op.PARAM, [], Attrs(expr=v.value.tree, type=TType(())))
@@ -410,8 +422,8 @@ class Elaborator(BlockElaboration):
         compilation builds are bounded in all (MAX_TOTAL_CHARS: E329)."""
         out = compile_time_op(op, x, y, span, self.error)
         if isinstance(out, str):
-            self.string_chars += len(out)
-            if self.string_chars > MAX_TOTAL_CHARS:
+            self.state.string_chars += len(out)
+            if self.state.string_chars > MAX_TOTAL_CHARS:
                 raise self.error("E329", f"the strings this recipe builds at compile time exceed "
                                  f"{MAX_TOTAL_CHARS} characters in all", span)
         return out

@@ -44,17 +44,14 @@ def build_loop(el: Any, fn: Any, params: list[str], init: Value, args: list[Valu
         else:
             return None
     types = [el.graph.node(n).type for n in outer]
-    saved = el.graph, el._loads, el.in_loop_body
-    body = MergeGraph()
-    el.graph, el._loads, el.in_loop_body = body, {}, True
+    inner = el.body_view()  # its own graph, reads no model (NotLoopable)
+    body = inner.graph
     try:
         ins = [body.make(Op.ARG, [], Attrs(index=i, type=t)) for i, t in enumerate(types)]
         vals = [TensorV(ins[0])] + [TensorV(ins[s]) if isinstance(s, int) else s for s in slots]
-        result = el.to_node(el.apply(fn, dict(zip(params, vals)), span, tag="#loop"), span)
+        result = inner.to_node(inner.apply(fn, dict(zip(params, vals)), span, tag="#loop"), span)
     except NotLoopable:
         return None
-    finally:
-        el.graph, el._loads, el.in_loop_body = saved
     if body.node(result).type != types[0]:
         return None
     program, peak = _program(body, result)

@@ -4,7 +4,7 @@ MoE checkpoints have ~90k tensors and most of them are one rule applied to tenso
 shapes (`experts.{e}.*`, every layer's projections). Elaborating the rule for each (evaluating
 its expression, calling stdlib functions, typing every node) costs ~250 us per tensor. A
 template records the graph nodes one elaboration makes (`MergeGraph.make` calls, with their
-arguments as positions in the recording) and replays them for another tensor of the same family,
+arguments as positions in the recording, through the elaborator's `recording_view`) and replays them for another tensor of the same family,
 with that tensor's name in its LOAD nodes, typed as recorded (same op, attrs and argument types),
 built without re-evaluating anything. Nodes of the recording that no load flows into (constants,
 their reshapes and arithmetic) are not copied: every replay uses the recording's own node, which
@@ -30,15 +30,15 @@ if TYPE_CHECKING:
 
 
 class Recording:
-    """Records the elaborator's `graph.make` and `load` calls while installed
-    (`with Recording(el) as rec:`)."""
+    """Records an elaborator's `graph.make` and `load` calls: the elaborator's
+    `recording_view(rec)` makes them through `rec.view` and `rec.load`."""
 
-    def __init__(self, el: Any):
-        self.el, self.graph = el, el.graph
+    def __init__(self, graph: "MergeGraph"):
+        self.graph = graph
+        self.view = RecordingGraph(self)  # the graph as the recording elaborator sees it
         #: (op, args spec, attrs, span, the node's type, its id when the family shares it)
         self.calls: list[tuple[Any, tuple[tuple[str, int], ...], Any, Any, Any, int | None]] = []
         self.made: dict[int, int] = {}  # node id -> index of the call that returned it
-        self._in_load = 0
 
     def _note(self, op: Any, spec: tuple, attrs: Any, span: Any, nid: int, shared: bool = False) -> int:
         ty = None if op == "load" else self.graph.node(nid).type
@@ -46,36 +46,19 @@ class Recording:
         self.made.setdefault(nid, len(self.calls) - 1)
         return nid
 
-    def __enter__(self) -> "Recording":
-        make_inner: Callable[..., int] = self.graph.make
-        load_inner: Callable[..., int] = self.el.load
+    def make(self, op: Op, args: Any = (), attrs: Attrs | None = None, span: Any = None) -> int:
+        args = tuple(args)
+        nid = self.graph.make(op, args, attrs, span)
+        spec = tuple(("r", self.made[a]) if a in self.made else ("n", a) for a in args)
+        # a node of the recording that no load of the tensor flows into (constants, their
+        # arithmetic) is the same node (op, args, attrs) for every tensor of the family
+        shared = all(k == "n" or self.calls[i][5] is not None for k, i in spec)
+        return self._note(op, spec, attrs if attrs is not None else Attrs(), span, nid, shared)
 
-        def make(op: Op, args: Any = (), attrs: Attrs | None = None, span: Any = None) -> int:
-            args = tuple(args)
-            nid = make_inner(op, args, attrs, span)
-            if self._in_load:
-                return nid  # a load's own node: the load is what is recorded
-            spec = tuple(("r", self.made[a]) if a in self.made else ("n", a) for a in args)
-            # a node of the recording that no load of the tensor flows into (constants, their
-            # arithmetic) is the same node (op, args, attrs) for every tensor of the family
-            shared = all(k == "n" or self.calls[i][5] is not None for k, i in spec)
-            return self._note(op, spec, attrs if attrs is not None else Attrs(), span, nid, shared)
-
-        def load(model: str, tensor: str, span: Any, raw: bool = False) -> int:
-            self._in_load += 1
-            try:
-                nid = load_inner(model, tensor, span, raw)
-            finally:
-                self._in_load -= 1
-            return self._note("load", (), (model, tensor, raw), span, nid)
-
-        self.graph.make = make  # type: ignore[method-assign]
-        self.el.load = load
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.graph.make  # the class's methods again
-        del self.el.load
+    def load(self, load: Callable[..., int], model: str, tensor: str, span: Any, raw: bool) -> int:
+        """A load through `load` (the elaborator's own, whose LOAD node is not recorded)."""
+        nid = load(model, tensor, span, raw)
+        return self._note("load", (), (model, tensor, raw), span, nid)
 
     def template(self, name: str, results: list[int]) -> "Template | None":
         """The template of this recording for tensor `name` giving `results`, or None when a
@@ -111,3 +94,16 @@ class Template:
                 made.append(add(Node(op, tuple(made[i] if kind == "r" else i for kind, i in spec),
                                      attrs, ty, span)))
         return [made[i] for i in self.results]
+
+
+class RecordingGraph:
+    """A recording's view of its graph: `make` is recorded, the rest is the graph's."""
+
+    def __init__(self, rec: Recording):
+        self._rec = rec
+
+    def make(self, op: Op, args: Any = (), attrs: Attrs | None = None, span: Any = None) -> int:
+        return self._rec.make(op, args, attrs, span)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rec.graph, name)

@@ -14,6 +14,8 @@ rewrites a plan, and an executor runs exactly what it is given.
     fuse       CPU targets: elementwise chains as generated loops (fuse.py)
     narrow_fp8 GPU targets: FP8 weights copied as codes + scales, dequantized on the device
                (BLOCK_DEQUANT; fp8_reads.py)
+    batch      GPU targets (CPU: MERGELANG_BATCH=1): same-shape tensors through the same steps
+               run as one stacked BATCH step per group (batch.py)
 
 Statistics values are filled into the final plans when the passes before them have run
 (`passes.stats.fill`, by node id: the placeholders survive chunking and fusion unchanged).
@@ -90,6 +92,8 @@ def chunk(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPla
 def fuse(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan:
     if target.device != "cpu" or not target.fuse or plan.graph.compute_dtype != "float32":
         return plan  # the generated loops are float32 (the plan says so for float64)
+    if os.environ.get("MERGELANG_BATCH") == "1":  # CPU plans batched instead (batch.py)
+        return plan
     from mergelang.passes.fuse import fuse_plan
 
     fused = fuse_plan(plan)
@@ -106,9 +110,18 @@ def narrow_fp8(plan: ExecutionPlan, target: Target, state: PassState) -> Executi
     return narrow_reads(plan)
 
 
+def batch(plan: ExecutionPlan, target: Target, state: PassState) -> ExecutionPlan:
+    from mergelang.passes.batch import batch_plan, batching_requested
+
+    if state.statistics or not batching_requested(target.device) or plan.graph.compute_dtype != "float32":
+        return plan  # float64 plans widen kernel results per step (executor): not inside a batch
+    return batch_plan(plan, target.memory_budget)
+
+
 #: the plan passes, in order
 PLAN_PASSES: tuple[tuple[str, PlanPass], ...] = (("restrict", restrict), ("chunk", chunk),
-                                                 ("fuse", fuse), ("narrow_fp8", narrow_fp8))
+                                                 ("fuse", fuse), ("narrow_fp8", narrow_fp8),
+                                                 ("batch", batch))
 
 
 @dataclass(frozen=True)

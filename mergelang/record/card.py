@@ -162,3 +162,12 @@ def tool_card(title: str, kind: str, command: str | None, inputs: Iterable[tuple
     out.append("\n### Command\n\n")
     out.append(fenced(command, "sh") if command else "Made from Python.\n")
     return "".join(out)
+
+
+def card_maker(c: Any, provenance: dict[str, Any]) -> Any:
+    """io/package.py's CardMaker for compilation `c`: (adapter, title, reference, recipe text)
+    -> {CARD_NAME: the model card}."""
+    def make(adapter: bool, title: str, reference: str, text: str) -> dict[str, str]:
+        return {CARD_NAME: model_card(c, provenance, adapter=adapter, title=title,
+                                      reference=reference, recipe_text=text)}
+    return make

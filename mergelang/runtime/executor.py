@@ -16,7 +16,7 @@ run on the same values in the same order; only the reads and writes move to othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Protocol
 
 import torch
@@ -30,7 +30,7 @@ from mergelang.ir.ops import Op
 from mergelang.passes.pipeline import Target, fusion_enabled, plan_for
 from mergelang.passes.plan import ExecutionPlan
 from mergelang.passes.params import unset
-from mergelang.passes.stats import unfilled
+from mergelang.runtime.stats import unfilled
 from mergelang.runtime.workers import run_pool
 
 KERNELS.setdefault(Op.MODEL_STAT, unfilled)  # placeholders: an error if ever run
@@ -63,30 +63,30 @@ def lookahead_bytes(plan: ExecutionPlan, memory_budget: int | None) -> int:
 
 
 def execute(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None, *,
-            memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
-            meter: "PeakMeter | None" = None) -> None:
+            target: Target | torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+            *, memory_budget: int | None = None, pipelined: bool = True, readers: int = 1,
+            meter: "PeakMeter | None" = None, observer: "Observer | None" = None) -> None:
     """Run `plan` — a final plan from `passes.pipeline.plan_for`, which this never rewrites —
-    calling `sink(name, tensor)` once per output, in output order.
+    calling `sink(name, tensor)` once per output, in output order: `local_executor(...).run`
+    for `target` (a Target, or a device resolved here with `memory_budget`: the form tests and
+    scripts use).
 
     Its statistics passes run first (their values are filled into the plan). Row chunks go to a
     sink's `write_rows(name, tensor, start, total)` when it has one, else they are assembled.
-    `memory_budget` bounds the prefetched and pending bytes; `meter` records the peak of live
-    tensor bytes (computed values + prefetched loads + outputs waiting for the sink)."""
-    dev = resolve_device(device)
-    if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
-        from mergelang.passes.stats import run_stat_passes
+    The target's memory budget bounds the prefetched and pending bytes; `meter` records the peak
+    of live tensor bytes (computed values + prefetched loads + outputs waiting for the sink);
+    `observer` sees the main plan's loads and outputs (`Observer`; not the statistics passes')."""
+    if not isinstance(target, Target):
+        target = target_for(target, memory_budget)
+    local_executor(pipelined, readers, meter, observer).run(plan, models, sink, target, progress)
 
-        plan = run_stat_passes(plan, lambda pp, sink: execute(
-            pp, models, sink, dev, memory_budget=memory_budget, pipelined=pipelined, readers=readers,
-            meter=meter), memory_budget)
-    prepare_models(plan, models, dev)
-    if pipelined and _tiny_reads(plan):  # a thread handoff per tensor would cost more than the read
-        pipelined = False
-    runner: Executor = (OverlappedExecutor(memory_budget, readers, meter) if pipelined
-                        else SequentialExecutor(meter))
-    with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
-        runner.run(plan, models, sink, dev, progress)
+
+def local_executor(pipelined: bool = True, readers: int = 1, meter: "PeakMeter | None" = None,
+                   observer: "Observer | None" = None) -> "LocalExecutor":
+    """The executor of a run on this machine: overlapped (reads, compute and writes in threads)
+    unless `pipelined=False`; `observer` sees the main plan's loads and outputs."""
+    return (OverlappedExecutor(readers, meter, observer) if pipelined
+            else SequentialExecutor(meter, observer))
 
 
 #: below this average size of a read, reads are not overlapped (a thread handoff costs ~0.1 ms)
@@ -100,50 +100,101 @@ def _tiny_reads(plan: ExecutionPlan) -> bool:
     return loads >= 1000 and plan.read_bytes < loads * TINY_READ_BYTES
 
 
+class Observer(Protocol):
+    """Sees the values of a run as the compute loop has them (run --report,
+    tools/merge_report.py): each LOAD node's value (never written into: loads are not reused
+    as buffers) and each OUTPUT node's value as handed to the sink. Called on the compute
+    thread; it must not modify them."""
+
+    def loaded(self, node, value: torch.Tensor) -> None: ...
+
+    def output(self, node, value: torch.Tensor) -> None: ...
+
+
 class Executor(Protocol):
-    """Runs one final plan (statistics already filled) on `dev`, handing each output to `sink`
-    (a sink with `write_rows` receives row chunks). The local executors below share `compute`;
-    a distributed executor implements the same call."""
+    """The run contract every executor implements — sequential, overlapped (below) and Ray
+    (distributed/ray_driver.RayExecutor): run the final plan `plan` (from `plan_for(compiled
+    plan, target, resumed)`; its statistics passes first) for `target` (device and memory
+    budget, resolved once by `target_for`), handing each output to `sink` (a sink with
+    `write_rows` receives row chunks), and `progress(bytes)` as outputs are done. `close`
+    releases what the executor holds (Ray: its workers). distributed/executors.executor_for
+    picks one per run."""
 
     def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-            dev: torch.device, progress: Callable[[int], None] | None) -> None: ...
+            target: Target, progress: Callable[[int], None] | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """An executor on this machine: the statistics passes (each run like a plan of its own),
+    the models' preparation, the kernels' thread pool, then `stream` of the apply plan."""
+
+    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+            target: Target, progress: Callable[[int], None] | None = None) -> None:
+        dev = torch.device(target.device)
+        if plan.prepasses:  # model-wide statistics: streaming passes before the merge itself
+            from mergelang.runtime.stats import run_stat_passes
+
+            quiet = replace(self, observer=None)  # the observer sees the main plan only
+            plan = run_stat_passes(plan, lambda pp, sink: quiet.run(pp, models, sink, target),
+                                   target.memory_budget)
+        prepare_models(plan, models, dev)
+        with run_pool(max(2, torch.get_num_threads())):  # the kernels' threads, for the run
+            self.stream(plan, models, sink, dev, target.memory_budget, progress)
+
+    def stream(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+               dev: torch.device, memory_budget: int | None,
+               progress: Callable[[int], None] | None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
-class SequentialExecutor:
+class SequentialExecutor(LocalExecutor):
     """One tensor at a time on the calling thread: read, compute, write (the interpreter)."""
 
     meter: "PeakMeter | None" = None
+    observer: "Observer | None" = None
 
-    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-            dev: torch.device, progress: Callable[[int], None] | None) -> None:
-        _execute_sequential(plan, models, sink, dev, progress, self.meter)
+    def stream(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+               dev: torch.device, memory_budget: int | None,
+               progress: Callable[[int], None] | None) -> None:
+        _execute_sequential(plan, models, sink, dev, progress, self.meter, self.observer)
 
 
 @dataclass
-class OverlappedExecutor:
+class OverlappedExecutor(LocalExecutor):
     """Reads (reader threads), compute (this thread) and writes (a writer thread) overlap within
-    the memory budget's headroom (runtime/pipeline.py)."""
+    the memory budget's headroom (runtime/pipeline.py); plans of many tiny reads run
+    sequentially."""
 
-    memory_budget: int | None = None
     readers: int = 1
     meter: "PeakMeter | None" = None
+    observer: "Observer | None" = None
 
-    def run(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
-            dev: torch.device, progress: Callable[[int], None] | None) -> None:
+    def stream(self, plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
+               dev: torch.device, memory_budget: int | None,
+               progress: Callable[[int], None] | None) -> None:
         from mergelang.runtime.pipeline import Pipeline
 
+        if _tiny_reads(plan):  # a thread handoff per tensor would cost more than the read
+            return SequentialExecutor(self.meter, self.observer).stream(plan, models, sink, dev, memory_budget,
+                                                         progress)
         meter = self.meter
-        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, self.memory_budget),
+        with Pipeline(plan, models, sink, dev, progress, lookahead_bytes(plan, memory_budget),
                       self.readers) as pipe:
             sample = None if meter is None else (lambda live: meter.sample(live + pipe.budget.used))
-            compute(plan, pipe.take, pipe.put, dev, sample)
+            compute(plan, pipe.take, pipe.put, dev, sample, self.observer)
 
 
 def target_for(device: torch.device | str = "cpu", memory_budget: int | None = None) -> Target:
-    """The target a plan is made for on this machine: the device (`auto` resolved), the budget,
-    and fusion for CPU targets (off with `MERGELANG_FUSE=0` / `MERGELANG_FAST=0`, or when numba
-    cannot set up its runtime helpers: checked only if a plan has something to fuse)."""
+    """The one place a run's device and budget are resolved: the target a plan is made for and
+    run on here — the device (`auto` resolved; `cuda` without a GPU is a ValueError), the
+    budget, and fusion for CPU targets (off with `MERGELANG_FUSE=0` / `MERGELANG_FAST=0`, or
+    when numba cannot set up its runtime helpers: checked only if a plan has something to fuse)."""
     from mergelang.runtime.kernels import cpu_exact as kernels_fast
 
     dev = resolve_device(device)
@@ -161,8 +212,8 @@ def run_plan(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink
              device: torch.device | str = "cpu", **kw) -> None:
     """`execute` of `plan` made final for this machine (`plan_for(plan, target_for(...))`):
     the one-call form for tests and scripts."""
-    execute(plan_for(plan, target_for(device, kw.get("memory_budget"))).plan, models, sink,
-            device, **kw)
+    target = target_for(device, kw.pop("memory_budget", None))
+    execute(plan_for(plan, target).plan, models, sink, target, **kw)
 
 
 class PeakMeter:
@@ -203,11 +254,12 @@ def _nbytes(v: "torch.Tensor | LazyStack") -> int:
 
 def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
             put: Callable[..., None], dev: torch.device,
-            meter: Callable[[int], None] | None = None) -> None:
+            meter: Callable[[int], None] | None = None, observer: "Observer | None" = None) -> None:
     """The compute loop shared by both executors: `take(nid)` gives a LOAD's value on `dev`,
     `put(name, tensor, nbytes, rows)` receives each output (on the CPU; `rows` is
     `(start, stop, total)` for a row chunk, else None). `meter(live_bytes)` is called after
-    each step with the bytes of the values held."""
+    each step with the bytes of the values held; `observer` (optional) sees each LOAD's value
+    and each output just before `put`."""
     g = plan.graph
     values: dict[int, torch.Tensor] = {}
     live = 0
@@ -219,6 +271,8 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
         if node.op is Op.LOAD:
             values[step.nid] = t = take(step.nid)
             bufs.stored(step.nid, t, None, [])
+            if observer is not None:
+                observer.loaded(node, t)
             live += _nbytes(t)
             del t
         else:
@@ -239,8 +293,10 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
                 if meter is not None:
                     meter(live + _nbytes(out))
                 bufs.pin(out)
-                put(node.attrs["name"], out.cpu() if out.device.type != "cpu" else out, node.type.nbytes,
-                    node.attrs.get("rows"))
+                out = out.cpu() if out.device.type != "cpu" else out
+                if observer is not None:
+                    observer.output(node, out)
+                put(node.attrs["name"], out, node.type.nbytes, node.attrs.get("rows"))
             else:
                 values[step.nid] = out
                 bufs.stored(step.nid, out, node.op, args)
@@ -270,7 +326,7 @@ def _run_float64(node, args: list[torch.Tensor], device: str) -> torch.Tensor:
 
 def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | None], sink: Sink,
                         dev: torch.device, progress: Callable[[int], None] | None,
-                        meter: PeakMeter | None = None) -> None:
+                        meter: PeakMeter | None = None, observer: "Observer | None" = None) -> None:
     from mergelang.runtime.rows import RowAssembler, tensor_done
 
     emit = RowAssembler(sink)
@@ -286,7 +342,7 @@ def _execute_sequential(plan: ExecutionPlan, models: Mapping[str, ModelSource | 
         if progress is not None and done:
             progress(done)
 
-    compute(plan, take, put, dev, None if meter is None else meter.sample)
+    compute(plan, take, put, dev, None if meter is None else meter.sample, observer)
 
 
 def _output_name(plan: ExecutionPlan, nid: int) -> str:

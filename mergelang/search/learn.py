@@ -265,6 +265,54 @@ def check_lr(lr: Any) -> float:
     return float(lr)
 
 
+def _statistics_filled(cc: "Compilation", device: str) -> Any:
+    """The apply plan of `cc` with its model-wide statistics computed (E906 when one depends on
+    a learnable param: statistics are not differentiable)."""
+    from mergelang.passes.params import runtime_names
+
+    plan = cc.plan
+    if any(runtime_names(pp.graph) for pp in plan.prepasses):
+        raise MergelangError(error("E906", "a model-wide statistic depends on a learnable param, "
+                                   "so it cannot be learned (statistics are not differentiable)"))
+    if plan.prepasses:
+        from mergelang.runtime.executor import execute, target_for
+        from mergelang.runtime.stats import run_stat_passes
+
+        target = target_for(device)
+        plan = run_stat_passes(plan, lambda pp, sink: execute(pp, cc.models, sink, target,
+                                                              pipelined=False))
+    return plan
+
+
+def _by_output(state: dict[str, Any], names: tuple[str, ...]) -> Any:
+    """`{"NAME/TENSOR": x}` -> `{NAME: {TENSOR: x}}` with named outputs; else `state`."""
+    if not names:
+        return state
+    split: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for k, v in state.items():
+        o, _, t = k.partition("/")
+        split[o][t] = v
+    return split
+
+
+def _checked_loss(value: Any, step: int) -> Any:
+    """The loss's value: E903 unless a real scalar tensor, E908 when not finite."""
+    import torch
+
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1) or value.is_complex():
+        what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) and \
+            value.numel() == 1 else type(value).__name__
+        raise MergelangError(error("E903", f"the loss returned {what}; it must "
+                                   "return a real scalar tensor", None,
+                                   "return e.g. ml.objectives.entropy(logits)"))
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise MergelangError(error("E908", f"the loss is {float(value.detach())} at step "
+                                   f"{step + 1}: learning stopped there", None,
+                                   "check the loss for a log of 0 or a division by 0; a "
+                                   "smaller --lr may help; nothing was written"))
+    return value
+
+
 def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[..., Any],
                  loss: Callable[..., Any], batches: Any, *, steps: int | None = None,
                  lr: float = 1e-2, optimizer: str = "adam", device: str = "cpu",
@@ -287,19 +335,7 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
     if static:
         raise _refuse(compile_, static[0])
     try:
-        from mergelang.passes.params import runtime_names
-
-        plan = cc.plan
-        if any(runtime_names(pp.graph) for pp in plan.prepasses):
-            raise MergelangError(error("E906", "a model-wide statistic depends on a learnable param, "
-                                       "so it cannot be learned (statistics are not differentiable)"))
-        if plan.prepasses:
-            from mergelang.passes.stats import run_stat_passes
-            from mergelang.runtime.executor import execute
-
-            plan = run_stat_passes(plan, lambda pp, sink: execute(pp, cc.models, sink, device,
-                                                                  pipelined=False))
-        program = GraphProgram(plan, cc.models, device)
+        program = GraphProgram(_statistics_filled(cc, device), cc.models, device)
         params = {n: _as_tensor(c.params[n]).to(device).requires_grad_(True) for n in names}
         ranges = {n: c.ranges[n] for n in names if n in c.ranges}
         opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=lr)
@@ -311,25 +347,8 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
             used = params if clamp == "project" else \
                 {n: p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p for n, p in params.items()}
             values = {n: p.detach().tolist() for n, p in used.items()}
-            state = program.state(used, values)
-            if cc.output_names:
-                split: dict[str, dict[str, Any]] = {n: {} for n in cc.output_names}
-                for k, v in state.items():
-                    o, _, t = k.partition("/")
-                    split[o][t] = v
-                state = split  # type: ignore[assignment]
-            value = _user("the loss", loss, state, batch)
-            if not (isinstance(value, torch.Tensor) and value.numel() == 1) or value.is_complex():
-                what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) and \
-                    value.numel() == 1 else type(value).__name__
-                raise MergelangError(error("E903", f"the loss returned {what}; it must "
-                                           "return a real scalar tensor", None,
-                                           "return e.g. ml.objectives.entropy(logits)"))
-            if not bool(torch.isfinite(value.detach()).all()):
-                raise MergelangError(error("E908", f"the loss is {float(value.detach())} at step "
-                                           f"{step + 1}: learning stopped there", None,
-                                           "check the loss for a log of 0 or a division by 0; a "
-                                           "smaller --lr may help; nothing was written"))
+            state = _by_output(program.state(used, values), cc.output_names)
+            value = _checked_loss(_user("the loss", loss, state, batch), step)
             if value.requires_grad:
                 value.reshape(()).backward()
             for n, p in params.items():

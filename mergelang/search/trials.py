@@ -25,18 +25,49 @@ if TYPE_CHECKING:
 Compile = Callable[[tuple[str, ...], Mapping[str, Any]], "Compilation"]
 
 
-class HeldSource(WrappedSource):
-    """A model whose float32 tensors are read once and then kept in memory."""
+class DeviceRoom:
+    """The bytes of held inputs that may stay on the trial device (a GPU: a share of its free
+    memory when the runner starts), and what did not fit (held in host memory instead, copied
+    to the device in every trial)."""
 
-    def __init__(self, inner: ModelSource):
+    #: share of the GPU's free memory the held inputs may take (the rest: the trial's values)
+    SHARE = 0.5
+
+    def __init__(self, device: str, left: int):
+        self.device, self.left, self.spilled = device, left, 0
+
+    @classmethod
+    def for_device(cls, device: str) -> "DeviceRoom | None":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            return None
+        return cls(device, int(torch.cuda.mem_get_info(torch.device(device))[0] * cls.SHARE))
+
+    def place(self, t: "torch.Tensor") -> "torch.Tensor":
+        nbytes = t.numel() * t.element_size()
+        if nbytes <= self.left:
+            self.left -= nbytes
+            return t.to(self.device)
+        self.spilled += nbytes
+        return t
+
+
+class HeldSource(WrappedSource):
+    """A model whose float32 tensors are read once and then kept in memory: on the trial
+    device while `room` has space (a GPU: no host-to-device copy per trial), else on the host."""
+
+    def __init__(self, inner: ModelSource, room: DeviceRoom | None = None):
         super().__init__(inner)
         self._held: dict[tuple[str, Any], torch.Tensor] = {}
+        self.room = room
 
     def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
         key = (name, dtype)
         t = self._held.get(key)
         if t is None:
-            t = self._held[key] = self.inner.load_as(name, dtype)
+            t = self.inner.load_as(name, dtype)
+            t = self._held[key] = t if self.room is None else self.room.place(t)
         return t if view else t.clone()
 
     def load_stored(self, name: str, *, view: bool = False) -> "torch.Tensor":
@@ -125,6 +156,7 @@ class TrialRunner:
         self._compile = compile_
         self.names = names
         self.device = device
+        self.target: Any = None  # the device resolved once (runtime/executor.target_for)
         first = None
         if runtime is None:
             runtime, static, first = split_and_compile(compile_, names)
@@ -135,6 +167,7 @@ class TrialRunner:
         self._held: dict[str, HeldSource] = {}
         self._closing: list[Any] = []  # evicted compilations (their files close at the end)
         self._fp8: dict[str, tuple[str, tuple[int, int]]] = {}
+        self.room = DeviceRoom.for_device(device)  # inputs resident on a GPU, within its memory
         self._first = first  # the compilation split_and_compile made: the first trial's
         self.compiles = 0
 
@@ -152,7 +185,9 @@ class TrialRunner:
             c = self._first if self._first is not None else self._compile(self.runtime, fixed)
             self._first = None
             self.compiles += 1
-            plan = plan_for(c.plan, target_for(self.device)).plan
+            if self.target is None:
+                self.target = target_for(self.device)
+            plan = plan_for(c.plan, self.target).plan
             models = {k: self._hold(k, m) for k, m in c.models.items()}
             got = self._cache[key] = (c, ParamFiller(plan), models)
             self._fp8 = fp8_outputs(c.optimized)
@@ -164,7 +199,7 @@ class TrialRunner:
             return m
         held = self._held.get(name)
         if held is None:
-            held = self._held[name] = HeldSource(m)
+            held = self._held[name] = HeldSource(m, self.room)
         else:  # a recompilation opened the model again: keep the tensors already read
             held.inner = m
         return held
@@ -180,8 +215,15 @@ class TrialRunner:
         c, filler, models = self._prepared(values)
         check_values({n: values[n] for n in self.runtime}, c.ranges)
         out: dict[str, torch.Tensor] = {}
+        spilled = self.room.spilled if self.room is not None else 0
         execute(filler.fill({n: values[n] for n in self.runtime}), models, out.__setitem__,
-                self.device, pipelined=False)
+                self.target, pipelined=False)
+        if self.room is not None and self.room.spilled > spilled == 0:
+            import warnings
+
+            warnings.warn(f"{self.room.spilled / 2**30:.1f} GiB of the inputs do not fit in the "
+                          f"share of GPU memory kept for them ({DeviceRoom.SHARE:.0%} of the free "
+                          "memory): they stay in host memory and are copied to the GPU in every trial")
         if self._fp8:  # block-scaled FP8 outputs: the values they stand for, as floats
             from mergelang.sources.fp8 import dequantize
 

@@ -68,6 +68,13 @@ class BlockFp8(WrappedSource):
             return None
         return scale, self.block, FP8[self._table[name].dtype]
 
+    def stored_block_scale(self, name: str) -> tuple[str, tuple[int, int], float] | None:
+        return self.block_scale(name)
+
+    @property
+    def block_scaled(self) -> bool:
+        return True
+
     def load_as(self, name: str, dtype: Any = None, *, view: bool = False) -> "torch.Tensor":
         scale = self.scales.get(name)
         if scale is None:
@@ -192,12 +199,3 @@ def mixed_formats(models: Mapping[str, ModelSource | None], reference: str, dtyp
                       f"with others ({', '.join(f'`{k}`' for k in others)}): all are dequantized; the "
                       f"output takes `{reference}`'s format: {fmt}", span,
                       "set the output's format with --dtype (e.g. bfloat16) or `merge from` another model"))
-
-
-def wraps_fp8(model: Any) -> bool:
-    """`model` is (or wraps) a block-scaled FP8 source (BlockFp8)."""
-    while model is not None:
-        if hasattr(model, "block_scale"):
-            return True
-        model = getattr(model, "inner", None)
-    return False

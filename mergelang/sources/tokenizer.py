@@ -29,15 +29,12 @@ from mergelang.diagnostics import Diagnostics, error, warning
 from mergelang.errors import CheckpointError
 from mergelang.io.checkpoint import ModelSource, TensorInfo
 from mergelang.io.inputs import confined, model_root
+from mergelang.io.package import TOKENIZER_FILES  # noqa: F401  (here too)
 from mergelang.io.textfile import read_json, read_text
 from mergelang.sources.vocab import is_vocab_tensor
 
 if TYPE_CHECKING:
     import torch
-
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                             "vocab.txt", "chat_template.jinja", "chat_template.json"})
 
 
 class TokenizerError(Exception):
@@ -242,8 +239,14 @@ class RetokenizedSource(ModelSource):
         return None if cfg is None else {**cfg, **self.config_patch()}
 
     def config_patch(self) -> dict[str, Any]:
-        inner = getattr(self.inner, "config_patch", None)
-        return {**(inner() if inner else {}), "vocab_size": self.table.size}
+        return {**(self.inner.config_patch() or {}), "vocab_size": self.table.size}
+
+    def stored_block_scale(self, name: str) -> tuple[str, tuple[int, int], float] | None:
+        return self.inner.stored_block_scale(name)  # read remapped (block_scale: None), stored as is
+
+    @property
+    def block_scaled(self) -> bool:
+        return self.inner.block_scaled
 
     def tokenizer_files(self) -> dict[str, str | Path] | None:
         return self.files

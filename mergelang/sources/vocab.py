@@ -95,6 +95,13 @@ class ResizedVocab(ModelSource):
     def config(self) -> dict | None:
         return self.inner.config()
 
+    def stored_block_scale(self, name: str) -> tuple[str, tuple[int, int], float] | None:
+        return self.inner.stored_block_scale(name)  # read resized (block_scale: None), stored as is
+
+    @property
+    def block_scaled(self) -> bool:
+        return self.inner.block_scaled
+
 
 def resize_models(models: dict[str, ModelSource | None], reference: str,
                   diags: Diagnostics) -> dict[str, ModelSource | None]:

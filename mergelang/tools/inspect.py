@@ -90,7 +90,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     expressions as written). Diagnostics (E301 missing, E303 not a checkpoint, E306 pickle,
     FP8 E320-E322, ...) are raised as MergelangError."""
     from mergelang.compiler import open_models
-    from mergelang.lang.elaborate import Elaborator
+    from mergelang.lang.elaborate import ElabContext, Elaborator
     from mergelang.lang.loader import load
     from mergelang.sources.fp8 import dequantize_models
 
@@ -107,9 +107,7 @@ def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
     unit = load(SourceFile("<inspect>", "\n".join(lines) + "\n"), Path.cwd(), diags)
     diags.raise_if_errors()
     assert unit is not None
-    el = Elaborator(unit.fns, {}, {}, {}, diags)
-    el.models = {m.name: None for m in unit.models}
-    el.params = {}
+    el = Elaborator(ElabContext(unit.fns, {m.name: None for m in unit.models}, {}, diags))
     opened = open_models(unit, el, overrides, diags, allow_pickle, follow)
     opened = dequantize_models(opened, {d.name: d.value.span for d in unit.models}, diags)
     if diags.has_errors or any(opened.get(label) is None for label in labels):
@@ -215,86 +213,28 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     except ValueError as exc:
         raise MergelangError(error("E952", str(exc), None, "use --device auto or cpu")) from None
     models = labels[1:]
-    total = Group.empty(len(models))
-    layers: dict[int, Group] = {}
-    families: dict[str, Group] = {}
-    experts: dict[int, Group] = {}
+    agg = Totals(len(models))
     per_tensor: dict[str, Any] = {}
     started = time.perf_counter()
     svd_secs = 0.0
     read_secs = 0.0
     cap = budget if budget is not None else DEFAULT_BUDGET
     sizes = {n: sum(s.tensors()[n].nbytes for s in sources) for n in names}
-
-    # small tensors are read in batches (one read-ahead task per batch, not per tensor)
-    batches: list[list[str]] = []
-    filled = 0
-    for n in names:
-        if not batches or len(batches[-1]) >= 256 or filled >= BATCH_BYTES:
-            batches.append([])
-            filled = 0
-        batches[-1].append(n)
-        filled += sizes[n]
-
-    def read(batch: list[str]) -> tuple[list[list[Any]], float]:
-        t0 = time.perf_counter()
-        return [[s.load_as(n, None, view=True) for s in sources] for n in batch], time.perf_counter() - t0
-
-    def work() -> Any:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelang-inspect") as pool:
-            pending: deque = deque()
-            ahead = 0  # bytes read ahead (submitted, not yet done with)
-            nxt = 0
-            for batch in batches:
-                while nxt < len(batches) and (not pending or ahead + batch_bytes(batches[nxt], sizes) <= cap):
-                    pending.append(pool.submit(read, batches[nxt]))
-                    ahead += batch_bytes(batches[nxt], sizes)
-                    nxt += 1
-                got, secs = pending.popleft().result()
-                yield batch, got, secs
-                ahead -= batch_bytes(batch, sizes)
-
     done = 0
-    for batch, got, secs in work():
+    for batch, got, secs in read_ahead(sources, batches_of(names, sizes), sizes, cap):
         read_secs += secs
         for name, tensors in zip(batch, got):
-            layer, family, expert = location(name)
-            per_expert: list[Group] = []
-            if expert is None and fused_experts(name, tensors[0]):  # [E, ...]: each expert's slice
-                parts = [tensor_group(tensors[0][e], [t[e] for t in tensors[1:]], spectrum_k, dev)
-                         for e in range(tensors[0].shape[0])]
-                per_expert = [p[0] for p in parts]
-                g = Group.empty(len(models))
-                for pe in per_expert:
-                    g.add(pe)
-                g.tensors = 1
-                spectra = [{"experts": [p[1][i] for p in parts]} if spectrum_k else {}
-                           for i in range(len(models))]
-                if spectrum_k:
-                    svd_secs += sum(sp.get("seconds", 0.0) for p in parts for sp in p[1])
-            else:
-                g, spectra = tensor_group(tensors[0], tensors[1:], spectrum_k, dev)
-                if spectrum_k:
-                    svd_secs += sum(sp.get("seconds", 0.0) for sp in spectra)
+            where = location(name)
+            entry, g, per_expert, secs_svd = measure_tensor(name, tensors, models, spectrum_k, dev,
+                                                            where[2])
             del tensors
-            entry = g.to_json(models)
-            entry.update(shape=list(sources[0].tensors()[name].shape), layer=layer, family=family,
-                         expert=expert)
+            svd_secs += secs_svd
+            entry.update(shape=list(sources[0].tensors()[name].shape), layer=where[0], family=where[1],
+                         expert=where[2])
             if per_expert:
                 entry["fused_experts"] = len(per_expert)
-                for e, pe in enumerate(per_expert):
-                    experts.setdefault(e, Group.empty(len(models))).add(pe)
-            if spectrum_k:
-                for lab, sp in zip(models, spectra):
-                    if sp:
-                        entry["models"][lab]["spectrum"] = sp
             per_tensor[name] = entry
-            total.add(g)
-            if layer is not None:
-                layers.setdefault(layer, Group.empty(len(models))).add(g)
-            families.setdefault(family, Group.empty(len(models))).add(g)
-            if expert is not None:
-                experts.setdefault(expert, Group.empty(len(models))).add(g)
+            agg.add(g, where, per_expert)
             done += 1
             if progress is not None:
                 progress(done, len(names))
@@ -307,12 +247,105 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
         "energy_fractions": list(FRACTIONS), "spectrum": {"top_k": spectrum_k} if spectrum_k else None,
         "device": str(dev),
         "timing": {"seconds": secs, "read_seconds": read_secs, "svd_seconds": svd_secs if spectrum_k else None},
-        "total": total.to_json(models),
-        "layers": {str(k): layers[k].to_json(models) for k in sorted(layers)},
-        "families": {k: v.to_json(models) for k, v in families.items()},
-        "experts": {str(k): experts[k].to_json(models) for k in sorted(experts)},
-        "tensors": per_tensor,
+        **agg.to_json(models), "tensors": per_tensor,
     }
+
+
+class Totals:
+    """The aggregates of a report: the whole model, per layer, family and expert."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.total = Group.empty(n)
+        self.layers: dict[int, Group] = {}
+        self.families: dict[str, Group] = {}
+        self.experts: dict[int, Group] = {}
+
+    def add(self, g: Group, where: tuple[Any, str, Any], per_expert: list[Group]) -> None:
+        layer, family, expert = where
+        for e, pe in enumerate(per_expert):
+            self._at(self.experts, e).add(pe)
+        self.total.add(g)
+        if layer is not None:
+            self._at(self.layers, layer).add(g)
+        self._at(self.families, family).add(g)
+        if expert is not None:
+            self._at(self.experts, expert).add(g)
+
+    def _at(self, groups: dict[Any, Group], key: Any) -> Group:
+        """groups[key], made empty the first time (not one Group made per call: 90k tensors)."""
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group.empty(self.n)
+        return g
+
+    def to_json(self, models: list[str]) -> dict[str, Any]:
+        return {"total": self.total.to_json(models),
+                "layers": {str(k): self.layers[k].to_json(models) for k in sorted(self.layers)},
+                "families": {k: v.to_json(models) for k, v in self.families.items()},
+                "experts": {str(k): self.experts[k].to_json(models) for k in sorted(self.experts)}}
+
+
+def measure_tensor(name: str, tensors: list[Any], models: list[str], spectrum_k: int | None,
+                   dev: Any, expert: int | None) -> tuple[dict[str, Any], Group, list[Group], float]:
+    """One tensor's entry (its numbers and spectra), its sums, the sums of each expert slice of
+    a fused [E, ...] tensor (else []), and the seconds of its SVDs (`expert`: the expert number
+    in its name, if any)."""
+    per_expert: list[Group] = []
+    if expert is None and fused_experts(name, tensors[0]):  # [E, ...]: each expert's slice
+        parts = [tensor_group(tensors[0][e], [t[e] for t in tensors[1:]], spectrum_k, dev)
+                 for e in range(tensors[0].shape[0])]
+        per_expert = [p[0] for p in parts]
+        g = Group.empty(len(models))
+        for pe in per_expert:
+            g.add(pe)
+        g.tensors = 1
+        spectra = [{"experts": [p[1][i] for p in parts]} if spectrum_k else {}
+                   for i in range(len(models))]
+        svd = sum(sp.get("seconds", 0.0) for p in parts for sp in p[1]) if spectrum_k else 0.0
+    else:
+        g, spectra = tensor_group(tensors[0], tensors[1:], spectrum_k, dev)
+        svd = sum(sp.get("seconds", 0.0) for sp in spectra) if spectrum_k else 0.0
+    entry = g.to_json(models)
+    if spectrum_k:
+        for lab, sp in zip(models, spectra):
+            if sp:
+                entry["models"][lab]["spectrum"] = sp
+    return entry, g, per_expert, svd
+
+
+def batches_of(names: list[str], sizes: dict[str, int]) -> list[list[str]]:
+    """Small tensors are read in batches (one read-ahead task per batch, not per tensor)."""
+    batches: list[list[str]] = []
+    filled = 0
+    for n in names:
+        if not batches or len(batches[-1]) >= 256 or filled >= BATCH_BYTES:
+            batches.append([])
+            filled = 0
+        batches[-1].append(n)
+        filled += sizes[n]
+    return batches
+
+
+def read_ahead(sources: list[Any], batches: list[list[str]], sizes: dict[str, int], cap: int) -> Any:
+    """(batch, its tensors of every source, read seconds) in order, a thread reading ahead
+    while at most `cap` bytes are read and not yet consumed (always at least one batch)."""
+    def read(batch: list[str]) -> tuple[list[list[Any]], float]:
+        t0 = time.perf_counter()
+        return [[s.load_as(n, None, view=True) for s in sources] for n in batch], time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelang-inspect") as pool:
+        pending: deque = deque()
+        ahead = 0  # bytes read ahead (submitted, not yet done with)
+        nxt = 0
+        for batch in batches:
+            while nxt < len(batches) and (not pending or ahead + batch_bytes(batches[nxt], sizes) <= cap):
+                pending.append(pool.submit(read, batches[nxt]))
+                ahead += batch_bytes(batches[nxt], sizes)
+                nxt += 1
+            got, secs = pending.popleft().result()
+            yield batch, got, secs
+            ahead -= batch_bytes(batch, sizes)
 
 
 def batch_bytes(batch: list[str], sizes: dict[str, int]) -> int:

@@ -96,14 +96,16 @@ def _max(a, m):  # noqa: ANN001, ANN201
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def top_sum(vals, r):  # noqa: ANN001, ANN201
-    """The sum of the r largest of `vals` (>= 0): a radix selection on the 16-bit digits of
-    their float64 bits, exact, no sort (quantised task vectors put millions of equal values in
-    one bucket)."""
+    """The sum of the r largest of `vals` (>= 0): a radix selection on the bits of their float64
+    patterns (ordered like the values), exact, no sort (quantised task vectors put millions of
+    equal values in one bucket). Each round takes the DIGIT_BITS bits just below the highest bit
+    where the least and the largest candidate differ (the bits above are common to all), so
+    a round never passes over digits that cannot split, and its tables stay in the L1 cache."""
     total = 0.0
     cand = vals
-    shift = 48
-    counts = np.zeros(1 << 16, np.int64)
-    sums = np.zeros(1 << 16, np.float64)
+    counts = np.zeros(1 << DIGIT_BITS, np.int64)
+    sums = np.zeros(1 << DIGIT_BITS, np.float64)
+    mask = np.uint64((1 << DIGIT_BITS) - 1)
     while r > 0:
         if cand.size <= r:
             return total + _sum(cand, cand.size)
@@ -111,30 +113,42 @@ def top_sum(vals, r):  # noqa: ANN001, ANN201
         for i in range(cand.size):
             lo_v = min(lo_v, cand[i])
             hi_v = max(hi_v, cand[i])
-        if shift < 0 or lo_v == hi_v:  # all equal: r copies of one value
+        if lo_v == hi_v:  # all equal: r copies of one value
             return total + r * cand[0]
         bits = cand.view(np.uint64)
+        lh = np.empty(2, np.float64)
+        lh[0] = lo_v
+        lh[1] = hi_v
+        lhb = lh.view(np.uint64)
+        diff = lhb[0] ^ lhb[1]
+        top = 63
+        while (diff >> np.uint64(top)) == 0:
+            top -= 1
+        shift = np.uint64(max(0, top - DIGIT_BITS + 1))
         counts[:] = 0
         sums[:] = 0.0
         for i in range(cand.size):
-            d = (bits[i] >> shift) & 0xFFFF
+            d = (bits[i] >> shift) & mask
             counts[d] += 1
             sums[d] += cand[i]
-        d = 0xFFFF
+        d = (1 << DIGIT_BITS) - 1
         while counts[d] < r:  # whole digits above the one holding the r-th largest
             r -= counts[d]
             total += sums[d]
             d -= 1
-        if counts[d] != cand.size:
-            keep = np.empty(counts[d], np.float64)
-            j = 0
-            for i in range(cand.size):
-                if (bits[i] >> shift) & 0xFFFF == d:
-                    keep[j] = cand[i]
-                    j += 1
-            cand = keep
-        shift -= 16
+        keep = np.empty(counts[d], np.float64)
+        j = 0
+        dd = np.uint64(d)
+        for i in range(cand.size):
+            if (bits[i] >> shift) & mask == dd:
+                keep[j] = cand[i]
+                j += 1
+        cand = keep
     return total
+
+
+#: bits per round of top_sum's radix selection (tables of 2**11 entries: 16 kB each)
+DIGIT_BITS = 11
 
 
 @njit(**_JIT)
@@ -222,30 +236,32 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):
     fx = np.empty(CHUNK, np.float64)
     tt = np.empty((nm, CHUNK), np.float64)
     qq = np.empty(CHUNK, np.float64)
-    w1 = np.empty(CHUNK, np.float64)
-    w2 = np.empty(CHUNK, np.float64)
     a32 = np.empty(CHUNK, np.float32)
     abits = a32.view(np.uint32)
     u = np.empty(CHUNK, np.uint32)
     for start in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - start)
         _load(b, start, m, bf, fb, u)
+        bss = 0.0
         for i in range(m):
-            w1[i] = fb[i] * fb[i]
-        bss = _sum(w1, m)
+            bss += fb[i] * fb[i]
         for j in range(nm):
             _load(xs[j], start, m, bf, fx, u)
+            ss = zeros = mx = 0.0  # sums in registers (`reassoc`: LLVM vectorises the loop)
             for i in range(m):
                 t = fx[i] - fb[i]
                 tt[j, i] = t
-                qq[i] = t * t
-                w1[i] = abs(t)
-                a32[i] = np.float32(abs(t))
-                w2[i] = 1.0 if t == 0.0 else 0.0
-            stats[j, 0] += _sum(qq, m)
+                q = t * t
+                qq[i] = q
+                ss += q
+                a = abs(t)
+                mx = a if a > mx else mx
+                a32[i] = np.float32(a)
+                zeros += 1.0 if t == 0.0 else 0.0
+            stats[j, 0] += ss
             stats[j, 1] += bss
-            stats[j, 2] = max(stats[j, 2], _max(w1, m))
-            stats[j, 3] += _sum(w2, m)
+            stats[j, 2] = max(stats[j, 2], mx)
+            stats[j, 3] += zeros
             for i in range(m):
                 k = abits[i] >> 16
                 q = qq[i]
@@ -257,14 +273,15 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):
         p = 0
         for j in range(nm):
             for l in range(j + 1, nm):
+                dot = agree = both = 0.0
                 for i in range(m):
                     pr = tt[j, i] * tt[l, i]
-                    qq[i] = pr
-                    w1[i] = 1.0 if pr > 0.0 else 0.0
-                    w2[i] = 1.0 if pr != 0.0 else 0.0
-                pairs[p, 0] += _sum(qq, m)
-                pairs[p, 1] += _sum(w1, m)
-                pairs[p, 2] += _sum(w2, m)
+                    dot += pr
+                    agree += 1.0 if pr > 0.0 else 0.0
+                    both += 1.0 if pr != 0.0 else 0.0
+                pairs[p, 0] += dot
+                pairs[p, 1] += agree
+                pairs[p, 2] += both
                 p += 1
 
 
@@ -374,47 +391,65 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]
 
 
+#: run --report's loops: one reduction loop per chunk and input, its sums in registers (`reassoc`
+#: lets LLVM vectorise them; sums written to scratch rows first ran ~2.7x slower)
+@njit(**_JIT)
+def _merge_input(fb, fo, fx, m, r):  # noqa: ANN001, ANN201
+    """r += the sums of one chunk of the output `fo` against input `fx` (base `fb`)."""
+    sx = st = dox = dtt = dist = nnz = kept = against = 0.0
+    for i in range(m):
+        xx = fx[i]
+        bb = fb[i]
+        oo = fo[i]
+        t = xx - bb
+        p = (oo - bb) * t
+        d = oo - xx
+        sx += xx * xx
+        st += t * t
+        dox += oo * xx
+        dtt += p
+        dist += d * d
+        nnz += 1.0 if t != 0.0 else 0.0
+        kept += 1.0 if p > 0.0 else 0.0
+        against += 1.0 if p < 0.0 else 0.0
+    r[0] += sx
+    r[1] += st
+    r[4] += dox
+    r[5] += dtt
+    r[6] += dist
+    r[7] += nnz
+    r[8] += kept
+    r[9] += against
+
+
+@njit(**_JIT)
+def _merge_output(fb, fo, m):  # noqa: ANN001, ANN201
+    so = sto = 0.0
+    for i in range(m):
+        oo = fo[i]
+        to = oo - fb[i]
+        so += oo * oo
+        sto += to * to
+    return so, sto
+
+
 @njit(**_JIT)
 def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201
-    """merge_pass for every input in `xs` at once over entries lo:hi, the base and the output
-    widened once per chunk: acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖²,
-    nnz, kept, against) (counts as float64: exact below 2**53)."""
+    """The sums of output `o` against every input in `xs` over entries lo:hi, the base and the
+    output widened once per chunk: acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩,
+    ‖o − x‖², nnz, kept, against) (counts as float64: exact below 2**53)."""
     nx = len(xs)
     fb = np.empty(CHUNK, np.float64)
     fx = np.empty(CHUNK, np.float64)
     fo = np.empty(CHUNK, np.float64)
-    to = np.empty(CHUNK, np.float64)
-    w = np.empty((10, CHUNK), np.float64)
     u = np.empty(CHUNK, np.uint32)
     for start in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - start)
         _load(b, start, m, bf, fb, u)
         _load(o, start, m, bf, fo, u)
-        for i in range(m):
-            to[i] = fo[i] - fb[i]
-            w[2, i] = fo[i] * fo[i]
-            w[3, i] = to[i] * to[i]
-        so = _sum(w[2], m)
-        sto = _sum(w[3], m)
+        so, sto = _merge_output(fb, fo, m)
         for j in range(nx):
             _load(xs[j], start, m, bf, fx, u)
-            for i in range(m):
-                xx = fx[i]
-                t = xx - fb[i]
-                p = to[i] * t
-                d = fo[i] - xx
-                w[0, i] = xx * xx
-                w[1, i] = t * t
-                w[4, i] = fo[i] * xx
-                w[5, i] = p
-                w[6, i] = d * d
-                w[7, i] = 1.0 if t != 0.0 else 0.0
-                w[8, i] = 1.0 if p > 0.0 else 0.0
-                w[9, i] = 1.0 if p < 0.0 else 0.0
-            for c in range(10):
-                if c == 2:
-                    acc[j, c] += so
-                elif c == 3:
-                    acc[j, c] += sto
-                else:
-                    acc[j, c] += _sum(w[c], m)
+            _merge_input(fb, fo, fx, m, acc[j])
+            acc[j, 2] += so
+            acc[j, 3] += sto

@@ -1,25 +1,28 @@
 """`mergelang run R.mrg -o OUT --report`: what the merge did, measured inside the same streaming
 run (docs/inspect.md, "run --report").
 
-The report sits between the executor and the writer: each output tensor (or row chunk), as it is
-handed to the writer, is compared with the inputs its rule read (the LOAD nodes of the graph
-above that output that read the same tensor name) and with the reference model's tensor (the
-`merge from` model: the base of every task vector). The inputs are read again for this from
-their sources (`load_as(view=True)` / `load_rows`: the bytes the merge itself read moments ago,
-from the page cache). One numba pass over the base, the output and every input (inspect_kernels.merge_fused) gives additive sums,
-added per tensor, per rule (its source line), per layer and for the whole output. The report is
-written into the output folder before it is moved into place (mergelang_report.json, and
-mergelang_report.html with matplotlib), so the manifest lists it.
+The report is the executor's observer (runtime/executor.Observer): the compute loop hands it
+each LOAD's value and each output tensor (or row chunk) just before the writer gets it. It keeps
+the loads an output needs (the LOAD nodes of the graph above that output that read the same
+tensor name, and the reference model's tensor: the base of every task vector) until that output
+is computed, then compares them: the values the merge itself has in memory, no second read. The
+reference's tensor is read from its source (a view of the page cache) only when the rule does
+not load it (e.g. `linear([a, b])`). One numba pass over the base, the output and every input
+(inspect_kernels.merge_fused) gives additive sums, added per tensor, per rule (its source
+line), per layer and for the whole output. The report is written into the output folder before
+it is moved into place (mergelang_report.json and mergelang_report.html, its SVG drawn without
+matplotlib), so the manifest lists it.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from mergelang.diagnostics import MergelangError, error
 from mergelang.tools.inspect_stats import location
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "mergelang_report.json"
 REPORT_HTML = "mergelang_report.html"
+#: outputs waiting to be measured on the report's thread (each holds its loads): the compute
+#: thread waits beyond this
+PENDING = 1
 
 
 @dataclass
@@ -90,22 +96,77 @@ class MergeReport:
         self.tensors: dict[str, dict[str, RunSums]] = {}
         self.seconds = 0.0
         self.fp8: set[str] = set()  # outputs written as block-scaled FP8: not measured
+        #: loads kept: tensor -> first row of the chunk (None: whole) -> model -> value
+        self.held: dict[str, dict[int | None, dict[str, "torch.Tensor"]]] = {}
+        self.read_again: dict[str, set[str]] = {}  # tensor -> models read for the report itself
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PENDING)
+        self._thread: threading.Thread | None = None
+        self.failed: BaseException | None = None
+        self.inline = False  # measure on the compute thread (set for runs with a memory budget)
 
-    def wrap(self, write: Callable[..., None], write_rows: Callable[..., None] | None
-             ) -> tuple[Callable[..., None], Callable[..., None] | None]:
-        """The writer's `write` and `write_rows`, measuring each tensor first."""
-        def measured(name: str, t: "torch.Tensor") -> None:
-            self.measure(name, t, None)
-            write(name, t)
+    # -- the executor's observer (runtime/executor.Observer): the values the merge has in memory
 
-        def measured_rows(name: str, t: "torch.Tensor", start: int, total: int) -> None:
-            self.measure(name, t, start)
-            assert write_rows is not None
-            write_rows(name, t, start, total)
+    def loaded(self, node: Any, value: "torch.Tensor") -> None:
+        """Keep a LOAD's value that an output's measurement needs (an input of its rule or the
+        reference's tensor) until that output is computed: no second read."""
+        a = node.attrs
+        name = a["tensor"]
+        plan = self.rules.get(name)
+        if plan is None or a.get("stored") or (a["model"] != self.reference and a["model"] not in plan[1]):
+            return
+        rows = a.get("rows")
+        with self.lock:
+            chunks = self.held.setdefault(name, {})
+            chunks.setdefault(None if rows is None else rows[0], {})[a["model"]] = value
 
-        return measured, (measured_rows if write_rows is not None else None)
+    def output(self, node: Any, value: "torch.Tensor") -> None:
+        """Measure an output on the report's own thread (the merge goes on meanwhile; at most
+        PENDING outputs and the loads they hold wait for it), or here with `inline` (a run with
+        a memory budget: no values are held beyond the output being measured)."""
+        rows = node.attrs.get("rows")
+        name = node.attrs["name"]
+        with self.lock:
+            held = self.held.get(name, {}).pop(None if rows is None else rows[0], {})
+            if rows is None or rows[1] >= rows[2]:  # the tensor's last output: nothing more to keep
+                self.held.pop(name, None)
+        if name not in self.rules:
+            return
+        if self.inline:
+            self.measure(name, value, None if rows is None else rows[0], held)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="mergelang-report", daemon=True)
+            self._thread.start()
+        self._jobs.put((name, value, None if rows is None else rows[0], held))
 
-    def measure(self, name: str, out: "torch.Tensor", start: int | None) -> None:
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self.failed is None:
+                    self.measure(*job)
+            except BaseException as exc:  # noqa: BLE001  (raised again by close())
+                self.failed = exc
+            finally:
+                del job
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the outputs still being measured (and end the report's thread); a
+        measurement's error is raised here (unless `quiet`: the run failed already)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        self.held.clear()
+        if self.failed is not None and not quiet:
+            raise self.failed
+
+    def measure(self, name: str, out: "torch.Tensor", start: int | None,
+                held: dict[str, "torch.Tensor"] | None = None) -> None:
+        """Add the sums of output `out` (rows from `start`, or whole) against its inputs: the
+        values `held` from the merge's own loads, read from the sources only where the merge
+        did not load one (e.g. the reference of a rule that does not use it)."""
         plan = self.rules.get(name)
         if plan is None or not out.is_floating_point() or out.numel() == 0:
             return
@@ -115,14 +176,23 @@ class MergeReport:
             return
         t0 = time.perf_counter()
         rule, inputs = plan
-        stop = None if start is None else start + out.shape[0]
+        held = held or {}
 
-        def read(src: Any) -> "torch.Tensor":
+        def value(label: str) -> "torch.Tensor":
+            t = held.get(label)
+            if t is not None and t.shape == out.shape and t.is_floating_point() and t.element_size() > 1:
+                return t
+            with self.lock:
+                self.read_again.setdefault(name, set()).add(label)
+            src = self.models[label]
             if start is None:
                 return src.load_as(name, None, view=True)
-            return src.load_rows(name, None, start, stop, view=True)
+            return src.load_rows(name, None, start, start + out.shape[0], view=True)
 
-        sums = dict(zip(inputs, _sums(read(self.ref), [read(self.models[lab]) for lab in inputs], out)))
+        sums = dict(zip(inputs, run_sums(value(self.reference), [value(lab) for lab in inputs], out)))
+        self._add(name, rule, sums, time.perf_counter() - t0)
+
+    def _add(self, name: str, rule: str, sums: dict[str, RunSums], seconds: float) -> None:
         layer = location(name)[0]
         with self.lock:
             targets = [self.tensors.setdefault(name, {}), self.groups["rules"].setdefault(rule, {}),
@@ -132,7 +202,7 @@ class MergeReport:
             for target in targets:
                 for lab, s in sums.items():
                     target.setdefault(lab, RunSums()).add(s)
-            self.seconds += time.perf_counter() - t0
+            self.seconds += seconds
 
     def to_json(self) -> dict[str, Any]:
         def conv(d: dict[str, RunSums]) -> dict[str, Any]:
@@ -143,7 +213,9 @@ class MergeReport:
                 "rules": {k: conv(v) for k, v in self.groups["rules"].items()},
                 "layers": {k: conv(self.groups["layers"][k])
                            for k in sorted(self.groups["layers"], key=int)},
-                "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v)} for k, v in self.tensors.items()},
+                "tensors": {k: {"rule": self.rules[k][0], "inputs": conv(v),
+                                "read_again": sorted(self.read_again.get(k, ()))}
+                            for k, v in self.tensors.items()},
                 "not_measured": sorted(n for n in self.rules if n not in self.tensors and n not in self.fp8),
                 "fp8_not_measured": sorted(self.fp8)}
 
@@ -152,6 +224,7 @@ class MergeReport:
         lists them)."""
         import json
 
+        self.close()
         report = self.to_json()
         extra = dict(files.get("extra_files") or {})
         extra[REPORT_JSON] = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
@@ -193,7 +266,7 @@ def _rule_key(span: Any) -> str:
     return f"{Path(span.source.path).name}:{span.line}: {text[:80]}"
 
 
-def _sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -> list[RunSums]:
+def run_sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -> list[RunSums]:
     """The sums of `out` against each input, in one pass (two parts of the entries on two
     threads for a large tensor)."""
     import numpy as np
@@ -223,7 +296,7 @@ def _sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -
 
 def report_html(report: dict[str, Any]) -> str:
     """One self-contained page: per rule and input a table; kept fraction and cosine to each
-    input by layer (inline SVG plots when matplotlib is installed; tables otherwise)."""
+    input by layer (inline SVG plots)."""
     import html
     import json
 
@@ -240,22 +313,19 @@ def report_html(report: dict[str, Any]) -> str:
         parts.append(f"<h2>{title}</h2><table><tr><th></th><th>input</th>"
                      + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table>")
     figs = ""
-    try:
-        from mergelang.tools.inspect_plots import line_figure_svg
+    from mergelang.tools.inspect_plots import line_figure_svg
 
-        layers = list(report["layers"])
-        for key, title in (("kept", "Fraction of each input's task vector kept (same sign), by layer"),
-                           ("cosine", "Cosine of the output to each input, by layer")):
-            inputs = sorted({lab for g in report["layers"].values() for lab in g})
-            data = {"layers": [int(x) for x in layers],
-                    "series": {lab: [report["layers"][k].get(lab, {}).get(key) for k in layers] for lab in inputs}}
-            if layers:
-                block = json.dumps(json_safe(data), allow_nan=False).replace("</", "<\\/")
-                figs += (f'<figure id="fig-{key}"><figcaption>{title}</figcaption>{line_figure_svg(title, data)}'
-                         f'<script type="application/json" class="figure-data" data-figure="{key}">'
-                         f'{block}</script></figure>')
-    except ImportError:
-        pass
+    layers = list(report["layers"])
+    for key, title in (("kept", "Fraction of each input's task vector kept (same sign), by layer"),
+                       ("cosine", "Cosine of the output to each input, by layer")):
+        inputs = sorted({lab for g in report["layers"].values() for lab in g})
+        data = {"layers": [int(x) for x in layers],
+                "series": {lab: [report["layers"][k].get(lab, {}).get(key) for k in layers] for lab in inputs}}
+        if layers:
+            block = json.dumps(json_safe(data), allow_nan=False).replace("</", "<\\/")
+            figs += (f'<figure id="fig-{key}"><figcaption>{title}</figcaption>{line_figure_svg(title, data)}'
+                     f'<script type="application/json" class="figure-data" data-figure="{key}">'
+                     f'{block}</script></figure>')
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mergelang run report"
             "</title><style>body{font-family:sans-serif;max-width:70em;margin:1em auto}table{border-collapse:"
             "collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body><h1>What the merge did"
@@ -263,11 +333,14 @@ def report_html(report: dict[str, Any]) -> str:
             f"in {REPORT_JSON}.</p>{''.join(parts)}{figs}</body></html>\n")
 
 
-def reporter_for(c: Any, executor: str) -> "MergeReport":
-    """run --report's measurements for compilation `c`; E954 where it cannot measure."""
+def reporter_for(c: Any, executor: str, budget: int | None = None) -> "MergeReport":
+    """run --report's measurements for compilation `c` (on the compute thread when a memory
+    `budget` is set); E954 where it cannot measure."""
     from mergelang.diagnostics import MergelangError, error
 
     if executor != "local":
         raise MergelangError(error("E954", "run --report measures a local run only", None,
                                    "run without --executor ray, or inspect the output afterwards"))
-    return MergeReport(c)
+    report = MergeReport(c)
+    report.inline = budget is not None
+    return report

@@ -57,7 +57,7 @@ def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: t
     import torch
 
     from mergelang.tools.inspect_stats import tensor_group
-    from mergelang.tools.merge_report import _sums
+    from mergelang.tools.merge_report import run_sums
 
     g = torch.Generator().manual_seed(0)
     for dt in dtypes:
@@ -68,7 +68,7 @@ def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: t
                 base = torch.randn(shape, generator=g).to(dtype)
                 xs = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
                 tensor_group(base, xs, None, torch.device("cpu"))
-                _sums(base, xs, xs[0])
+                run_sums(base, xs, xs[0])
             log(f"inspect ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
 
 

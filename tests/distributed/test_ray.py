@@ -126,24 +126,26 @@ def test_E801_without_ray(models, tmp_path, monkeypatch):
 def test_E802_a_worker_that_cannot_read_an_input(cluster, models, tmp_path):
     from dataclasses import replace
 
-    from mergelang.distributed.ray_driver import RaySession
+    from mergelang.distributed.ray_driver import RayExecutor
+    from mergelang.passes.pipeline import Target
 
     r = ml.compile(recipe(models, tmp_path, BODIES["linear"]))
     spec = replace(r._spec, overrides={"a": str(tmp_path / "not-on-the-workers")})
     r.close()
     ray.shutdown()
     with pytest.raises(ml.MergelangError) as info:
-        RaySession(spec, "cpu", None, "x", cluster.address)
+        RayExecutor(spec, Target("cpu"), "x", cluster.address)
     d = info.value.diagnostics[0]
     assert d.code == "E802" and "not-on-the-workers" in d.message and "on " in d.message
 
 
 def test_E803_gpu_without_gpus(cluster, models, tmp_path):
-    from mergelang.distributed.ray_driver import RaySession
+    from mergelang.distributed.ray_driver import RayExecutor
+    from mergelang.passes.pipeline import Target
 
     r = ml.compile(recipe(models, tmp_path, BODIES["linear"]))
     with pytest.raises(ml.MergelangError) as info:
-        RaySession(r._spec, "cuda", None, "x", cluster.address)
+        RayExecutor(r._spec, Target("cuda"), "x", cluster.address)
     r.close()
     assert info.value.diagnostics[0].code == "E803"
 

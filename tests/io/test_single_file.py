@@ -129,3 +129,45 @@ def test_a_killed_runs_private_folder_is_removed_by_the_next_run(root):
         os.close(fd)
     assert not stale.exists() and alive.is_dir() and (foreign / "notes.txt").read_text() == "mine"
     assert (root / "m.safetensors").is_file()
+
+
+def test_verify_a_single_file(root):
+    """`mergelang verify FILE.safetensors`: the manifest's shard digests recomputed from the file
+    (the shard layout is in its metadata); a changed byte is E421, a changed input E422, a file
+    without the layout (older mergelang) E955, a safetensors file without a manifest E420."""
+    from mergelang.io.checkpoint import read_header
+    from safetensors.torch import save_file
+
+    target = root / "m.safetensors"
+    ml.compile(root / "r.mrg").run(target)
+    run = CliRunner().invoke(main, ["verify", str(target)])
+    assert run.exit_code == 0 and "verified: ok" in run.output and "inputs ok" in run.output, run.output
+    assert "not carried by a single file" in run.output  # the index and config are not in it
+    with safe_open(str(target), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    layout = json.loads(meta["mergelang_shards"])
+    assert sorted(n for names in layout.values() for n in names) == sorted(SHAPES)
+    # a file without the layout: outputs not checkable (E955), inputs still checked
+    old = root / "old.safetensors"
+    save_file(tensors, str(old), {k: v for k, v in meta.items() if k != "mergelang_shards"})
+    res = CliRunner().invoke(main, ["verify", str(old)])
+    assert res.exit_code == 1 and "E955" in res.output and "inputs ok" in res.output, res.output
+    plain = root / "plain.safetensors"
+    save_file(tensors, str(plain))
+    assert "E420" in CliRunner().invoke(main, ["verify", str(plain)]).output
+    # one byte of one tensor changed
+    info = read_header(target)["model.layers.1.w"]
+    data = bytearray(target.read_bytes())
+    data[info.begin + 3] ^= 0x40
+    target.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["verify", str(target), "--no-inputs"])
+    assert res.exit_code == 1 and "E421" in res.output and "DIFFERS" in res.output, res.output
+    data[info.begin + 3] ^= 0x40
+    target.write_bytes(bytes(data))
+    assert CliRunner().invoke(main, ["verify", str(target)]).exit_code == 0
+    a = root / "a" / "model.safetensors"  # an input changed since
+    sd = load_file(a)
+    sd["model.layers.0.w"] = sd["model.layers.0.w"] + 1
+    save_file(sd, str(a))
+    res = CliRunner().invoke(main, ["verify", str(target)])
+    assert res.exit_code == 1 and "E422" in res.output, res.output

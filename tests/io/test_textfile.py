@@ -38,6 +38,8 @@ ALLOWED = {
     "mergelang/io/journal.py": "the work folder's journal: mergelang's own binary-framed file",
     "mergelang/interop/mergekit_import.py": "yaml parses text read by io/textfile.read_text",
     "mergelang/commands/search.py": "writes pareto.csv (a write, not a read)",
+    "mergelang/commands/verify.py": "json.loads of a single-file output's metadata strings (inside a "
+                                    "safetensors header read bounded by io/checkpoint)",
     "mergelang/interop/mergekit_yaml.py": "the bounded YAML loader parses text read by io/textfile",
     "mergelang/io/digests.py": "content digests of safetensors files: binary, streamed in blocks",
     "mergelang/io/singlefile.py": "copies the shards mergelang just wrote into one file (binary)",

@@ -53,14 +53,14 @@ def test_rewritten_during_the_run_is_not_presented_as_complete(tmp_path: Path) -
         os.utime(f, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
         return real(before)
 
-    import mergelang.api as api
+    import mergelang.runtime.folderrun as folderrun
 
-    api.inputs_unchanged = touched
+    folderrun.inputs_unchanged = touched
     try:
         with pytest.raises(MergelangError) as exc:
             r.run(tmp_path / "out", device="cpu")
     finally:
-        api.inputs_unchanged = real
+        folderrun.inputs_unchanged = real
         r.close()
     assert exc.value.codes == ["E508"] and not (tmp_path / "out").exists()
 

@@ -33,7 +33,7 @@ READS = {("run", "recipe"), ("check", "recipe"), ("compile", "recipe"), ("explai
          ("tune", "recipe"), ("tune", "objective"), ("learn", "recipe"), ("learn", "loss"),
          ("learn", "data"), ("extract-lora", "base"), ("extract-lora", "finetuned"),
          ("import-mergekit", "config"), ("rmm", "adapters"), ("rmm-rebuild", "folder"),
-         ("stats", "model"), ("stats", "data"), ("tune", "lm_eval_include"),
+         ("stats", "model"), ("stats", "data"), ("stats", "module"), ("tune", "lm_eval_include"),
          ("inspect", "base"), ("inspect", "models"),
          ("verify", "out")}  # verify reads the output folder it checks
 OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "shard_size"),
@@ -41,7 +41,7 @@ OTHER = {("run", "sets"), ("run", "memory_budget"), ("run", "dtype"), ("run", "s
          ("explain", "sets"), ("tune", "study_name"), ("tune", "ray_address"), ("tune", "sets"),
          ("learn", "sets"), ("tune", "params"), ("extract-lora", "include"), ("extract-lora", "exclude"),
          ("extract-lora", "save_modules"), ("import-mergekit", "layer_prefix"), ("rmm", "names"),
-         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget"),
+         ("rmm-rebuild", "task"), ("stats", "field"), ("stats", "memory_budget"), ("stats", "groups"),
          ("inspect", "memory_budget")}
 
 Argv = Callable[[Path, str], list[str]]  # (project root, the path under test) -> argv
@@ -208,3 +208,48 @@ def test_writing_option_refuses_a_foreign_path(project: Path, tmp_path: Path,
         code, out = _invoke(argv_of(project, str(target)) + ["--force"])
         assert code == 1 and "E403" in out, out
         assert _digest(target) == before
+
+
+@pytest.fixture(scope="module")
+def merged(project: Path) -> Path:
+    out = project / "merged"
+    code, text = _invoke(["run", _r(project), "-o", str(out), "-q"])
+    assert code == 0, text
+    return out
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in WRITES.items() if v[1] != "storage"),
+                         ids=lambda k: f"{k[0]}:{k[1]}")
+def test_writing_option_refuses_a_path_inside_an_output(project: Path, merged: Path,
+                                                        key: tuple[str, str]) -> None:
+    """An output inside a mergelang output folder would make it fail `verify`: E403, --force or
+    not, and the folder still verifies."""
+    argv_of, kind = WRITES[key]
+    target = merged / ("sub" if kind == "folder" else "x.png")
+    argv = argv_of(project, str(target)) + (["--force"] if _has_force(key[0]) else [])
+    code, out = _invoke(argv)
+    assert code == 1 and "E403" in out and "lies inside the mergelang output" in out, (argv, out)
+    assert not target.exists()
+    code, out = _invoke(["verify", str(merged), "--no-inputs"])
+    assert code == 0, out
+
+
+def test_inspect_replaces_its_own_report_inside_an_output(project: Path, tmp_path: Path) -> None:
+    """The one exception: an inspect report folder already inside an output is replaced with
+    --force (refused without)."""
+    import shutil
+
+    out = tmp_path / "merged"
+    assert _invoke(["run", _r(project), "-o", str(out), "-q"])[0] == 0
+    argv = WRITES[("inspect", "out")][0]
+    assert _invoke(argv(project, str(tmp_path / "rep")))[0] == 0
+    shutil.copytree(tmp_path / "rep", out / "rep")  # put there by hand (or an older mergelang)
+    code, text = _invoke(argv(project, str(out / "rep")))
+    assert code == 1 and "E403" in text, text
+    code, text = _invoke(argv(project, str(out / "rep")) + ["--force"])
+    assert code == 0, text
+    assert (out / "rep" / "report.json").is_file()
+    shutil.copytree(tmp_path / "rep", out / "notes")  # a folder that is no report: refused
+    (out / "notes" / "mergelang_manifest.json").unlink()
+    code, text = _invoke(argv(project, str(out / "notes")) + ["--force"])
+    assert code == 1 and "E403" in text, text

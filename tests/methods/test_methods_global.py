@@ -251,12 +251,14 @@ def test_memory_budget_switches_to_radix_select(monkeypatch):
                    base=base, a=a, b=b)
     plan, models = r.compilation.plan, r.compilation.models
     calls = []
-    real = stats.run_stat_passes
+    from mergelang.runtime import stats as run_stats
+
+    real = run_stats.run_stat_passes
 
     def counting(p, run, budget=None):
         return real(p, lambda pp, sink: (calls.append(pp), run(pp, sink)), budget)
 
-    monkeypatch.setattr(stats, "run_stat_passes", counting)
+    monkeypatch.setattr(run_stats, "run_stat_passes", counting)
     want = reference_ties(base, [a, b], list(SHAPES), 0.3)
     for budget, passes in ((None, 2), (plan.prepasses[0].peak_bytes + 10, 3)):
         calls.clear()

@@ -99,6 +99,12 @@ def test_report_numbers(tmp_path, budget):
     assert rules["linear([a, b])"]["a"]["dropped"] == 0
     assert "model.layers.0.input_layernorm.weight" not in rep["tensors"]  # `=> base`: no inputs
     assert rep["not_measured"] == []
+    # measured from the values the merge loaded: only the base of `linear([a, b])` (which does
+    # not load it) is read again for the report
+    for n in mlp:
+        assert rep["tensors"][n]["read_again"] == [], n
+    for n in rest:
+        assert rep["tensors"][n]["read_again"] == ["base"], n
 
 
 def test_report_files_are_in_the_manifest_and_force_replaces_them(tmp_path):

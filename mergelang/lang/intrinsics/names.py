@@ -23,7 +23,7 @@ from mergelang.lang.values import Const, ModelV, TensorV, Value, is_number
            doc="tensor `name` of `model` (a name known at compile time, e.g. built with + and "
                "str()), instead of the tensor being merged: renamed layers, re-ordered experts")
 def _tensor(el: Elab, a: dict[str, Value], span: Span) -> Value:
-    el.no_template = True  # a name of its own: not replayed for other tensors (lang/templates.py)
+    el.state.no_template = True  # a name of its own: not replayed for other tensors (lang/templates.py)
     m, name = a["model"], a["name"]
     if not isinstance(m, ModelV):
         raise el.error("E201", f"tensor's first argument must be a model, got {m.describe()}", span)

@@ -26,8 +26,9 @@ DOC = ("the model permuted (hidden units, heads) to match `to`, for merging: "
 
 
 def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str, ...] = (),
-                 reg: float = 0.0) -> str:
-    extra = "" if method == "weight_matching" else f", method={method}"
+                 reg: float = 0.0, stats: str | None = None) -> str:
+    extra = "" if stats is None else f", by=activations, stats={stats}"
+    extra += "" if method == "weight_matching" else f", method={method}"
     extra += "" if seed == 0 else f", seed={seed}"
     extra += "" if reg == 0 else f", reg={reg:g}"
     if groups:
@@ -37,7 +38,7 @@ def derived_name(model: str, to: str, method: str, seed: int, groups: tuple[str,
 
 
 @intrinsic("align", "model", "to", ("method", "weight_matching"), ("seed", 0), ("groups", None), ("reg", 0),
-           doc=DOC)
+           ("by", "weights"), ("stats", None), doc=DOC)
 def _align(el: Elab, a: dict[str, Value], span: Span) -> Value:
     from mergelang.lang.values import Poisoned
 
@@ -54,17 +55,24 @@ def _align(el: Elab, a: dict[str, Value], span: Span) -> Value:
         raise el.error("E201", f"align's `seed` must be an integer, got {seed.describe()}", span)
     reg = _reg(el, a["reg"], method.value, span)
     groups = _groups(el, a["groups"], span)
-    name = derived_name(model.name, to.name, method.value, seed.value, groups, reg)  # type: ignore[union-attr]
+    stats = by_activations(el, a["by"], a["stats"], reg, span)
+    name = derived_name(model.name, to.name, method.value, seed.value, groups, reg,  # type: ignore[union-attr]
+                        stats.name if stats is not None else None)
     if name in el.models:
         return ModelV(name, span)
     if not el.tensor:
         raise el.error("E601", "align(...) makes a model, so it can only be used in merge rules "
                        "and functions, not in a param", span)
     src, ref = el.models.get(model.name), el.models.get(to.name)  # type: ignore[union-attr]
-    if src is None or ref is None:
+    side = el.models.get(stats.name) if stats is not None else None
+    if src is None or ref is None or (stats is not None and side is None):
         raise Poisoned()  # a model failed to open: already reported
     try:
-        el.models[name] = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span, reg)  # type: ignore[union-attr]
+        made = _derive(el, name, src, ref, model, to, method.value, seed.value, groups, span, reg)  # type: ignore[union-attr]
+        if side is not None:
+            made.stats, made.stats_info = side, stats_info(el, side, made.spec, stats, span)
+            swapped(el, made.stats_info, src, ref, stats, span)
+        el.models[name] = made
     except CompileError:
         el.models[name] = None  # reported once (here); later uses of this model are skipped
         raise
@@ -119,3 +127,62 @@ def _groups(el: Elab, v: Value, span: Span) -> tuple[str, ...]:
         raise el.error("E605", f"`groups` must be a string or a list of strings, got {v.describe()}", span,
                        'e.g. groups = ["mlp: model.layers.{i}.mlp.up_proj.weight@0 ..."]')
     return tuple(i.value for i in items)  # type: ignore[union-attr]
+
+
+def by_activations(el: Elab, by: Value, stats: Value, reg: float, span: Span) -> ModelV | None:
+    """`by = "weights"` (default) or `"activations"` with `stats = SIDECAR` (a declared model):
+    the sidecar model value, or None for weight matching (E967 for a bad combination)."""
+    from mergelang.sources.align.activations import BY
+
+    if not (isinstance(by, Const) and by.value in BY):
+        got = by.value if isinstance(by, Const) else by.describe()
+        raise el.error("E967", f"align's `by` must be \"weights\" or \"activations\", got {got!r}", span,
+                       'align(b, to = a, by = "activations", stats = c)')
+    none = isinstance(stats, Const) and stats.value is None
+    if by.value == "weights":
+        if not none:
+            raise el.error("E967", "align's `stats` is read only with by = \"activations\"", span,
+                           'align(b, to = a, by = "activations", stats = c)')
+        return None
+    if none or not isinstance(stats, ModelV):
+        got = "missing" if none else stats.describe()
+        raise el.error("E967", f"align(by = \"activations\") needs `stats` = the correlation sidecar "
+                       f"(a declared model), got {got}", span,
+                       'model c = "corr/"  (mergelang stats A B --kind correlation -o corr/), then '
+                       'align(b, to = a, by = "activations", stats = c)')
+    if reg:
+        raise el.error("E967", "soft alignment (reg > 0) is not available with by = \"activations\"",
+                       span, "use reg = 0 (hard permutations)")
+    return stats
+
+
+def stats_info(el: Elab, side: Any, spec: Any, stats: ModelV, span: Span) -> dict:
+    """The correlation sidecar's JSON, checked against the spec (E968: file:line:col of the call)."""
+    from mergelang.sources.align.activations import StatsError, check_stats, read_info
+
+    try:
+        info = read_info(side.folder)
+    except StatsError as exc:
+        raise el.error("E968", f"align's stats `{stats.name}`: {exc}", span,
+                       "mergelang stats A B --data DATA --kind correlation -o C") from None
+    shapes = {k: v.shape for k, v in side.tensors().items()}
+    problems = check_stats(info, shapes, spec)
+    if problems:
+        raise el.error("E968", f"align's stats `{stats.name}` do not fit the {spec.arch} groups: "
+                       f"{problems[0]}", span, "compute them with the same groups (config.json / "
+                       "--group) on these two models: mergelang stats A B --kind correlation")
+    return info
+
+
+def swapped(el: Elab, info: dict, src: Any, ref: Any, stats: ModelV, span: Span) -> None:
+    """E968 when the sidecar was computed as `stats B A` (its first model must be `to`)."""
+    from pathlib import Path
+
+    models = info.get("models")
+    if not (isinstance(models, list) and len(models) == 2 and src.folder and ref.folder):
+        return
+    got = [Path(str(m)).resolve() for m in models]
+    if got[0] != got[1] and got == [Path(src.folder).resolve(), Path(ref.folder).resolve()]:
+        raise el.error("E968", f"align's stats `{stats.name}` were computed as `stats {models[0]} "
+                       f"{models[1]}`: the first model must be the reference `to`", span,
+                       "mergelang stats TO MODEL --kind correlation (A = to, B = the model aligned)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 if TYPE_CHECKING:  # imported where used: checking a recipe imports none of them
     import numpy as np
@@ -76,6 +76,44 @@ def group_cost(g: Group, ref: Mapping[str, torch.Tensor], other: Mapping[str, to
     return cost
 
 
+def descend(spec: AlignSpec, cost_of: Callable[[Group, dict[str, torch.Tensor]], torch.Tensor], seed: int,
+            method: str, max_sweeps: int, dev: torch.device) -> tuple[dict[str, torch.Tensor], int, bool, list[float]]:
+    """Coordinate descent over the groups (seeded random order each sweep): each group's
+    permutation is the assignment maximising its cost (`cost_of(group, perms)`, the other
+    groups' permutations applied), replaced only when it strictly improves; stops after a sweep
+    without improvement or `max_sweeps`. (perms, sweeps, converged, objective per sweep)."""
+    import torch
+
+    perms = {g.name: torch.arange(g.size, device=dev) for g in spec.groups}
+    rng = random.Random(seed)
+    order = list(range(len(spec.groups)))
+    history: list[float] = []
+    converged = False
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        rng.shuffle(order)
+        improved = False
+        total = 0.0
+        for gi in order:
+            g = spec.groups[gi]
+            cost = cost_of(g, perms)
+            rows = torch.arange(g.size, device=dev)
+            old = cost[rows, perms[g.name]].sum().item()
+            new_p = torch.as_tensor(assign(cost.cpu().numpy(), method), device=dev, dtype=torch.long)
+            new = cost[rows, new_p].sum().item()
+            if new > old + 1e-9 * max(1.0, abs(old)):
+                perms[g.name] = new_p
+                improved = True
+                total += new
+            else:
+                total += old
+        history.append(total)
+        if not improved:
+            converged = True
+            break
+    return perms, sweeps, converged, history
+
+
 def weight_matching(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], spec: AlignSpec,
                     seed: int = 0, method: str = "weight_matching", max_sweeps: int = MAX_SWEEPS,
                     device: str | torch.device | None = None, reg: float = 0.0) -> AlignResult:
@@ -94,33 +132,8 @@ def weight_matching(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
     R = {k: ref[k].to(dev, torch.float32) for k in names}
     O = {k: other[k].to(dev, torch.float32) for k in names}
     members_of = spec.by_tensor()
-    perms = {g.name: torch.arange(g.size, device=dev) for g in spec.groups}
-    rng = random.Random(seed)
-    order = list(range(len(spec.groups)))
-    history: list[float] = []
-    converged = False
-    sweeps = 0
-    for sweeps in range(1, max_sweeps + 1):
-        rng.shuffle(order)
-        improved = False
-        total = 0.0
-        for gi in order:
-            g = spec.groups[gi]
-            cost = group_cost(g, R, O, members_of, perms)
-            rows = torch.arange(g.size, device=dev)
-            old = cost[rows, perms[g.name]].sum().item()
-            new_p = torch.as_tensor(assign(cost.cpu().numpy(), method), device=dev, dtype=torch.long)
-            new = cost[rows, new_p].sum().item()
-            if new > old + 1e-9 * max(1.0, abs(old)):
-                perms[g.name] = new_p
-                improved = True
-                total += new
-            else:
-                total += old
-        history.append(total)
-        if not improved:
-            converged = True
-            break
+    perms, sweeps, converged, history = descend(
+        spec, lambda g, perms: group_cost(g, R, O, members_of, perms), seed, method, max_sweeps, dev)
     maps: dict[str, torch.Tensor] = {}
     if reg > 0:
         from mergelang.sources.align.soft import is_soft_capable, sinkhorn_map

@@ -22,10 +22,13 @@ from mergelang.sources.align.spec import AlignSpec, permute_tensor
 
 class AlignedSource(ModelSource):
     def __init__(self, label: str, source: ModelSource, ref: ModelSource, spec: AlignSpec,
-                 method: str = "weight_matching", seed: int = 0, reg: float = 0.0):
+                 method: str = "weight_matching", seed: int = 0, reg: float = 0.0,
+                 stats: ModelSource | None = None, stats_info: dict | None = None):
         self.label = label
         self.source, self.ref, self.spec = source, ref, spec
         self.method, self.seed, self.reg = method, seed, reg
+        #: `by = "activations"`: the correlation sidecar and its JSON (sources/align/activations.py)
+        self.stats, self.stats_info = stats, stats_info
         self.folder = source.folder
         self.result: AlignResult | None = None
         self._members = spec.by_tensor()
@@ -43,6 +46,13 @@ class AlignedSource(ModelSource):
                 for s in (self.source, self.ref):  # nested align(...) values solve first
                     if isinstance(s, AlignedSource):
                         s.prepare(device)
+                if self.stats is not None and self.stats_info is not None:
+                    from mergelang.sources.align.activations import activation_matching, used_keys
+
+                    corrs = {k: self.stats.load(f"{k}.corr") for k in used_keys(self.stats_info)}
+                    self.result = activation_matching(corrs, self.stats_info, self.spec, self.seed,
+                                                      self.method, device=device)
+                    return self.result
                 names = self.spec.tensors()
                 ref = {n: self.ref.load(n) for n in names}
                 other = {n: self.source.load(n) for n in names}
