@@ -20,7 +20,7 @@ from mergelang.ir.types import format_bytes, parse_bytes, plural
 
 
 from mergelang.commands.common import (  # noqa: F401  (shared with commands/)
-    _compile, echo_diags, _guard, _overrides, allow_pickle_opt, check_output_file, follow_opt,
+    compile_from_cli, echo_diags, cli_guard, parse_sets, allow_pickle_opt, check_output_file, follow_opt,
     force_file_opt, plugins_opt, recipe_arg, recipe_inputs, set_opt, write_output_file)
 
 
@@ -119,7 +119,7 @@ def _tune_gc() -> None:
 @click.option("--report", is_flag=True,
               help="also write OUT/mergelang_report.json (+ .html): per rule and layer, what the "
                    "output kept of each input's task vector, its cosine and distance to each input")
-@_guard
+@cli_guard
 def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget: str | None,
         dtype: str | None, shard_size: str | None, compute_dtype: str | None, force: bool, resume: bool,
         nan_check: str | None, fsync: bool, allow_pickle: bool, follow_symlinks: bool, quiet: bool,
@@ -127,7 +127,7 @@ def run(recipe: str, out: str, sets: tuple[str, ...], device: str, memory_budget
         allow_plugins: bool = False, no_card: bool = False, report: bool = False) -> None:
     """Run RECIPE and write the merged model to OUTPUT."""
     budget = _budget(memory_budget)
-    r = _compile(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
+    r = compile_from_cli(recipe, sets, dtype, shard_size, log_json, allow_pickle, follow_symlinks,
                  allow_plugins=allow_plugins, compute_dtype=compute_dtype)
     plan = r.compilation.plan
     from mergelang.runtime.executor import target_for
@@ -183,11 +183,11 @@ def _budget(text: str | None) -> int | None:
 @allow_pickle_opt
 @follow_opt
 @plugins_opt
-@_guard
+@cli_guard
 def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlinks: bool,
           allow_plugins: bool = False) -> None:
     """Check RECIPE from checkpoint headers only (no tensor data is read)."""
-    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
+    r = compile_from_cli(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
                  allow_plugins=allow_plugins)
     plan = r.compilation.plan
     outs = f" in {len(r.output_names)} outputs ({', '.join(r.output_names)})" if r.output_names else ""
@@ -208,7 +208,7 @@ def check(recipe: str, sets: tuple[str, ...], allow_pickle: bool, follow_symlink
 @allow_pickle_opt
 @plugins_opt
 @force_file_opt
-@_guard
+@cli_guard
 def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
                 allow_pickle: bool, memory_budget: str | None = None, allow_plugins: bool = False,
                 force: bool = False) -> None:
@@ -223,7 +223,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
         text = dump(parse(Path(recipe))) + "\n"
     else:
         budget = _budget(memory_budget)
-        r = _compile(recipe, sets, allow_pickle=allow_pickle, allow_plugins=allow_plugins)
+        r = compile_from_cli(recipe, sets, allow_pickle=allow_pickle, allow_plugins=allow_plugins)
         text = r.emit(emit, budget) if emit == "plan" else r.emit(emit)
         if out:
             inputs += r.compilation.inputs
@@ -236,7 +236,7 @@ def compile_cmd(recipe: str, sets: tuple[str, ...], emit: str, out: str | None,
 
 @main.command()
 @click.option("--all", "show_all", is_flag=True, help="also list the built-in primitives")
-@_guard
+@cli_guard
 def methods(show_all: bool) -> None:
     """List the standard library's merge methods (from stdlib/*.mrg)."""
     from mergelang.lang.elaborate import signature_of
@@ -296,7 +296,7 @@ def _first_sentence(doc: str) -> str:
               help="split sqrt(S) between A and B (else A = S Vh, B = U)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
-@_guard
+@cli_guard
 def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tuple[str, ...],
                      exclude: tuple[str, ...], embed_lora: bool, save_modules: tuple[str, ...],
                      skip_undecomposable: bool, distribute_scale: bool, device: str, force: bool) -> None:
@@ -320,7 +320,7 @@ def extract_lora_cmd(base: str, finetuned: str, out: str, rank: int, include: tu
               help="import models whose config.json name different architectures (refused by "
                    "default, E709, as mergekit); the recipe gets `option allow_crimes = true`")
 @force_file_opt
-@_guard
+@cli_guard
 def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crimes: bool = False,
                     force: bool = False) -> None:
     """Translate a mergekit YAML CONFIG into an equivalent .mrg recipe (a mergekit-evolve
@@ -365,7 +365,7 @@ def _imported_models(text: str, out: str) -> list[Path]:
               help="draw the op-level graph (one cluster per group of same-shaped tensors) instead "
                    "of models -> rules -> outputs")
 @force_file_opt
-@_guard
+@cli_guard
 def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: bool = False,
             force: bool = False) -> None:
     """Explain RECIPE: rules per tensor group, methods, bytes, peak memory; or draw it."""
@@ -374,7 +374,7 @@ def explain(recipe: str, sets: tuple[str, ...], fmt: str, out: str | None, ops: 
     inputs = recipe_inputs(recipe)
     if out:
         check_output_file(out, inputs, force)  # before the work, not after it
-    r = _compile(recipe, sets)
+    r = compile_from_cli(recipe, sets)
     try:
         c = r.compilation
         if out:
@@ -420,7 +420,7 @@ main.add_command(inspect_cmd)
 
 @main.command()
 @click.option("-q", "--quiet", is_flag=True, help="no per-method timings")
-@_guard
+@cli_guard
 def warmup(quiet: bool) -> None:
     """Compile the fused CPU loops of the common methods into the cache (run once after
     installing: a first merge then costs what a later one does)."""

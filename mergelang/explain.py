@@ -27,7 +27,7 @@ from mergelang.diagnostics import Diagnostics, MergelangError, error
 from mergelang.ir.graph import MergeGraph, postorder
 from mergelang.ir.names import template
 from mergelang.ir.ops import Op
-from mergelang.passes.plan import _size
+from mergelang.ir.types import format_bytes
 from mergelang.ir.types import is_floating
 
 ASSUMED_IO_BYTES_PER_S = 1e9  # for the time estimate: about one SSD's sequential throughput
@@ -207,17 +207,17 @@ def explain_text(c: Compilation) -> str:
         if n.op is Op.LOAD and (n.attrs["model"], n.attrs["tensor"]) not in seen:
             seen.add((n.attrs["model"], n.attrs["tensor"]))
             reads[n.attrs["model"]] += n.type.with_(dtype=n.attrs["src_dtype"]).nbytes
-    lines.append(f"reads {_size(plan.read_bytes)}: " +
-                 ", ".join(f"{m} {_size(b)}" for m, b in sorted(reads.items())))
-    lines.append(f"writes {_size(plan.write_bytes)} ({_dtypes(g)})")
-    lines.append(f"estimated peak memory: {_size(plan.peak_bytes)} of live tensors (float32 compute)")
+    lines.append(f"reads {format_bytes(plan.read_bytes)}: " +
+                 ", ".join(f"{m} {format_bytes(b)}" for m, b in sorted(reads.items())))
+    lines.append(f"writes {format_bytes(plan.write_bytes)} ({_dtypes(g)})")
+    lines.append(f"estimated peak memory: {format_bytes(plan.peak_bytes)} of live tensors (float32 compute)")
     extra = 0
     if plan.prepasses:  # model-wide statistics: streaming passes before the merge
         rounds = [max((s.rounds for s in plan.stats if s.level == i), default=1)
                   for i in range(len(plan.prepasses))]
         extra = sum(r * pp.read_bytes for r, pp in zip(rounds, plan.prepasses))
         lines.append(f"model-wide statistics: {len(plan.stats)}, computed by {sum(rounds)} "
-                     f"streaming pass(es) before the merge, reading {_size(extra)} more")
+                     f"streaming pass(es) before the merge, reading {format_bytes(extra)} more")
     secs = (plan.read_bytes + extra + plan.write_bytes) / ASSUMED_IO_BYTES_PER_S
     lines.append(f"estimated time: about {secs:.1f}s of disk I/O at 1 GB/s, plus compute")
     ops: dict[str, int] = defaultdict(int)
@@ -325,7 +325,7 @@ def explain_rules_dot(c: Compilation) -> str:
              '  graph [fontname="Helvetica", fontsize=11];']
     for name, src in c.models.items():
         size = sum(i.nbytes for i in src.tensors().values()) if src is not None else 0
-        lines.append(f'  m_{name} [label="{_esc(name)}\\n{_size(size)}", shape=ellipse];')
+        lines.append(f'  m_{name} [label="{_esc(name)}\\n{format_bytes(size)}", shape=ellipse];')
     for b, block in enumerate(c.unit.blocks):
         by_rule, _ = rule_assignment(c, block)
         outs = block.outputs or ("OUTDIR",)
@@ -342,7 +342,7 @@ def explain_rules_dot(c: Compilation) -> str:
             calls = ", ".join(_calls(rule.expr)) or "copy"
             secs = nbytes / ASSUMED_IO_BYTES_PER_S
             label = (f"[{i + 1}] {_esc(rule_head(rule, 60))}\\n{_esc(calls)}\\n"
-                     f"{len(names)} tensors, {_size(nbytes)} written, "
+                     f"{len(names)} tensors, {format_bytes(nbytes)} written, "
                      f"{'<0.01' if secs < 0.01 else f'~{secs:.2f}'} s of I/O at 1 GB/s"
                      + (f"\\n{shown}" if names else "\\nmatches no tensor"))
             rid = f"r_{b}_{i}"

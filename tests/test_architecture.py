@@ -147,28 +147,28 @@ def test_comments_name_only_files_that_exist() -> None:
     assert not stale, "comments name files that do not exist:\n" + "\n".join(sorted(set(stale)))
 
 
-#: private names still imported across modules (each clashes with a public name where it is
-#: used; renaming them is issue 29's remaining hygiene): this list may only shrink
-PRIVATE_IMPORTS_LEFT = {
-    ("mergelang.commands.common", "_compile"), ("mergelang.commands.common", "_guard"),
-    ("mergelang.commands.common", "_overrides"), ("mergelang.interop.mergekit_config", "_ident"),
-    ("mergelang.interop.mergekit_config", "_numeric"), ("mergelang.io.writer", "_os_error"),
-    ("mergelang.passes.plan", "_size"),
-    ("mergelang.runtime.kernels.numba_codegen", "_at"),
-    ("mergelang.runtime.kernels.numba_codegen", "_inputs"),
-    ("mergelang.runtime.kernels.numba_codegen", "_program"),
-    ("mergelang.search.objectives", "_attribute"), ("mergelang.search.study", "_shape"),
-}
-
-
-def test_no_new_private_imports_across_modules() -> None:
+def test_no_private_imports_across_modules() -> None:
     """A module does not import another module's private (`_name`) names: what it shares is
-    public. The few left are listed above (the list may only shrink)."""
+    public."""
     found = set()
     for p in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mergelang"):
                 found |= {(node.module, a.name) for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")}
-    assert found <= PRIVATE_IMPORTS_LEFT, f"new private imports: {sorted(found - PRIVATE_IMPORTS_LEFT)}"
-    assert len(PRIVATE_IMPORTS_LEFT) <= 13
+    assert not found, f"private imports across modules: {sorted(found)}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_functions_are_short() -> None:
+    """No function (method, nested function) is longer than 80 lines, `def` to last line."""
+    long = {}
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[(modname(p), node.name)] = n
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"

@@ -21,7 +21,7 @@ def echo_diags(diags: list[Diagnostic]) -> None:
         click.echo(d.render(color=color) + "\n", err=True)
 
 
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+def cli_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MergelangError into rendered diagnostics + exit 1; anything unexpected into exit 3."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +50,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
+def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
     from mergelang.compiler import parse_override
 
     out: dict[str, Any] = {}
@@ -63,7 +63,7 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
+def compile_from_cli(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
              shard_size: str | None = None, log_json: bool = False, allow_pickle: bool = False,
              follow_symlinks: bool = False, allow_plugins: bool = False,
              compute_dtype: str | None = None):
@@ -72,7 +72,7 @@ def _compile(recipe: str, sets: tuple[str, ...], dtype: str | None = None,
     recipe_obj = ml_compile(Path(recipe), dtype=dtype, shard_size=shard_size,
                             allow_pickle=allow_pickle, follow_symlinks=follow_symlinks,
                             allow_plugins=allow_plugins, compute_dtype=compute_dtype,
-                            **_overrides(sets))
+                            **parse_sets(sets))
     if recipe_obj.warnings and log_json:
         from mergelang.progress import diagnostic_event
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import echo_diags, _guard
+from mergelang.commands.common import echo_diags, cli_guard
 from mergelang.diagnostics import MergelangError, error
 
 
@@ -40,7 +40,7 @@ from mergelang.diagnostics import MergelangError, error
                    "instead of through transformers")
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-@_guard
+@cli_guard
 def stats_cmd(model: tuple[str, ...], data: str, kind: str, out: tuple[str, ...],
               alpha: float | None, max_examples: int | None, batch_size: int | None, seq_len: int,
               field: str, device: str, memory_budget: str | None, groups: tuple[str, ...],

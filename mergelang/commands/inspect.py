@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import _guard, allow_pickle_opt, follow_opt
+from mergelang.commands.common import cli_guard, allow_pickle_opt, follow_opt
 
 
 @click.command(name="inspect")
@@ -32,7 +32,7 @@ from mergelang.commands.common import _guard, allow_pickle_opt, follow_opt
 @allow_pickle_opt
 @follow_opt
 @click.option("-q", "--quiet", is_flag=True, help="no summary")
-@_guard
+@cli_guard
 def inspect_cmd(base: str, models: tuple[str, ...], out: str, fmt: str, spectrum: bool, top_k: int,
                 memory_budget: str | None, device: str, force: bool, allow_pickle: bool,
                 follow_symlinks: bool, quiet: bool) -> None:

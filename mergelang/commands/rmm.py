@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from mergelang.commands.common import _guard
+from mergelang.commands.common import cli_guard
 
 
 @click.command(name="rmm")
@@ -17,7 +17,7 @@ from mergelang.commands.common import _guard
 @click.option("--name", "names", multiple=True, metavar="NAME",
               help="task names, one per adapter in order (default: the folder names)")
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
-@_guard
+@cli_guard
 def rmm_cmd(adapters: tuple[str, ...], out: str, basis: int, names: tuple[str, ...], force: bool) -> None:
     """Reversible merge of LoRA ADAPTERS: a shared basis and per-task coefficients from which
     each adapter is rebuilt (`mergelang rmm-rebuild`)."""
@@ -33,7 +33,7 @@ def rmm_cmd(adapters: tuple[str, ...], out: str, basis: int, names: tuple[str, .
 @click.option("--task", required=True, help="the task's name or index")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="the adapter folder")
 @click.option("--force", is_flag=True, help="replace an earlier mergelang output at OUTPUT")
-@_guard
+@cli_guard
 def rmm_rebuild_cmd(folder: str, task: str, out: str, force: bool) -> None:
     """Rebuild one task's PEFT LoRA adapter from an RMM FOLDER."""
     from mergelang.tools.rmm import rebuild

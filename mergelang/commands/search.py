@@ -11,7 +11,7 @@ import click
 
 from mergelang.commands.data import (builtin_objective, is_builtin, lm_eval_include_opt, limit_opt,
                                      num_fewshot_opt)
-from mergelang.commands.common import (_compile, _guard, allow_pickle_opt, follow_opt, recipe_arg,
+from mergelang.commands.common import (compile_from_cli, cli_guard, allow_pickle_opt, follow_opt, recipe_arg,
                                        search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
 
@@ -203,7 +203,7 @@ def plot(res: Any, path: str) -> None:
 @set_opt
 @allow_pickle_opt
 @follow_opt
-@_guard
+@cli_guard
 def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
              directions: tuple[str, ...], storage: str | None, study_name: str | None,
              seed: int | None, params: tuple[str, ...], executor: str, ray_address: str | None,
@@ -223,7 +223,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
         raise click.UsageError("--lm-eval-include, --limit and --num-fewshot are for --objective "
                                "perplexity:DATA / lm-eval:TASKS")
     fn = None if builtin else load_function(objective, "objective")
-    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    r = compile_from_cli(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
     if builtin:
         try:
             fn, directions = builtin_objective(objective, r, directions, executor, lm_eval_include, limit,
@@ -296,7 +296,7 @@ def tune_cmd(recipe: str, objective: str, trials: int, sampler: str | None,
 @set_opt
 @allow_pickle_opt
 @follow_opt
-@_guard
+@cli_guard
 def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr: float,
               optimizer: str, clamp: str, device: str, force: bool, quiet: bool, sets: tuple[str, ...],
               allow_pickle: bool, follow_symlinks: bool) -> None:
@@ -305,7 +305,7 @@ def learn_cmd(recipe: str, loss: str, data: str, out: str, steps: int | None, lr
 
     loss_fn = load_function(loss, "loss")
     batches = load_value(data, "data")
-    r = _compile(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
+    r = compile_from_cli(recipe, sets, allow_pickle=allow_pickle, follow_symlinks=follow_symlinks)
     _check_output(r, out, force, [*_objective_file(loss), *_objective_file(data)])  # before learning
     say = None if quiet else (lambda msg: click.echo(msg, err=True))
     try:

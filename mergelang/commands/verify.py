@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from mergelang.commands.common import _guard
+from mergelang.commands.common import cli_guard
 from mergelang.diagnostics import Diagnostic, MergelangError, error
 
 
@@ -137,7 +137,7 @@ def _inputs(folder: Path, data: dict[str, Any], quick: bool, say: Any) -> list[D
 @click.option("--no-inputs", is_flag=True, help="check only the output's own files")
 @click.option("--quick", is_flag=True,
               help="compare the inputs by size and header only (no read of their tensor data)")
-@_guard
+@cli_guard
 def verify_cmd(out: str, no_inputs: bool, quick: bool) -> None:
     """Check OUT (a folder, or a FILE.safetensors from `run -o FILE.safetensors`) against its
     manifest: every file as written (digests), and whether the inputs on this machine are still

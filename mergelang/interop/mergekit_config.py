@@ -124,7 +124,7 @@ def comment_text(text: str) -> str:
     return "".join(ch if ch.isprintable() else _uescape(ch) for ch in text)
 
 
-def _ident(text: str) -> str:
+def to_ident(text: str) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "m"
     return s if not s[0].isdigit() else "m_" + s
 
@@ -152,14 +152,14 @@ def evaluate(setting: Any, matched: frozenset[str]) -> Any:
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _numeric(v: Any) -> Any:
+def as_numeric(v: Any) -> Any:
     """A parameter value with numeric-looking strings as numbers: YAML 1.1 reads `1e-10` (no
     dot) as a string, which mergekit's pydantic models coerce to a float; lists likewise."""
     if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
         f = float(v)
         return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
     if isinstance(v, list):
-        return [_numeric(x) for x in v]
+        return [as_numeric(x) for x in v]
     return v
 
 
@@ -212,7 +212,7 @@ class ConfigReader:
             if tok.get("tokens"):
                 self.warn("W101", "`tokenizer.tokens` (per-token embedding sources) is not "
                           "translated: tokens a model lacks take mergekit's default sources")
-            pad = _numeric(tok.get("pad_to_multiple_of"))
+            pad = as_numeric(tok.get("pad_to_multiple_of"))
             if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
                 self.err("E705", f"tokenizer.pad_to_multiple_of must be a positive whole number, "
                          f"got {short(pad)}")
@@ -255,7 +255,7 @@ class ConfigReader:
             if base_name is None:
                 return None
         stem = re.sub(r"\.safetensors$", "", ref.rstrip("/").rsplit("/", 1)[-1])
-        name = "base" if base else _ident(stem)
+        name = "base" if base else to_ident(stem)
         taken = set(self.models.values())
         if name in taken or name in ("base",) and not base:
             k = 2

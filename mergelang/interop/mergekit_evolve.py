@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.interop.mergekit_checks import layer_count
-from mergelang.interop.mergekit_config import ConfigReader, Result, _ident, comment_text, fmt, layer_only
+from mergelang.interop.mergekit_config import ConfigReader, Result, to_ident, comment_text, fmt, layer_only
 from mergelang.interop.mergekit_yaml import short
 
 EVOLVE_KEYS = ("genome", "tasks", "limit", "num_fewshot", "shuffle", "random_init",
@@ -156,7 +156,7 @@ class EvolveTranslator(EvolveReader):
         for m in self.members(g):
             for p in METHOD_PARAMS[g.method]:
                 for f in [*g.filters, None]:
-                    name = _ident("_".join([p, m] + ([f] if f else [])))
+                    name = to_ident("_".join([p, m] + ([f] if f else [])))
                     taken = set(names.values()) | set(self.models.values())
                     cand, k = name, 2
                     while cand in taken:

@@ -34,10 +34,10 @@ from mergelang.interop.mergekit_multi import translate_multi
 from mergelang.interop.mergekit_yaml import load_yaml, read_config_text, short
 from mergelang.interop.mergekit_checks import KNOWN_PARAMS, check_structure, finite
 from mergelang.interop.mergekit_layers import LayerPlanner
-from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, _numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
+from mergelang.interop.mergekit_config import (IMPORT_IGNORES_WEIGHTS, UNUSED_BY_METHOD, UNUSED_GLOBALS, as_numeric, IGNORED_PARAMS, MAX_FILTERS, METHODS, PER_MODEL_DEFAULTS, TAKES_BASE_KW,
                               PER_MODEL_METHOD_DEFAULTS,
                               TOP_KEYS, L1_RESCALE, Result, Slice, Source, conds, evaluate, fmt,
-                              _ident, is_gradient, layer_only, comment_text)
+                              to_ident, is_gradient, layer_only, comment_text)
 
 
 class Translator(LayerPlanner):
@@ -60,7 +60,7 @@ class Translator(LayerPlanner):
         return None
 
     def value(self, v: Any, root: str, pname: str, t_expr: str) -> str:
-        v = _numeric(v)
+        v = as_numeric(v)
         nums = v if is_gradient(v) else [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
         if any(finite(x) is None for x in nums):
             self.err("E705", f"parameter `{root}`: {short(v)} is not a finite number")
@@ -82,7 +82,7 @@ class Translator(LayerPlanner):
         key = (root, tuple(values))
         if key in self.hoisted:
             return self.hoisted[key]
-        name = _ident(pname)
+        name = to_ident(pname)
         taken = set(self.hoisted.values()) | set(self.models.values())
         cand, k = name, 2
         while cand in taken:
@@ -102,36 +102,9 @@ class Translator(LayerPlanner):
         for src in sl.sources:
             per_model_names += [p for p in src.params if p not in per_model_names]
         if conv == "single":
-            if len(sl.sources) != 1:
-                self.err("E702", f"passthrough takes exactly one model per slice, got {len(sl.sources)}")
-                return "none"
-            src = sl.sources[0]
-            scale = self.lookup("scale", src, sl, matched)
-            if scale is None:
-                return src.model
-            return f"passthrough({src.model}, scale = {self.value(scale, 'scale', 'scale' + suffix, t_expr)})"
+            return self._call_single(sl, matched, t_expr, suffix)
         if conv == "pair":
-            if base is None:
-                self.err("E705", f"{method} needs `base_model`")
-                return "none"
-            others = [s for s in sl.sources if s.model != base]
-            if len(sl.sources) == 2 and len(others) == 2:
-                self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
-                         f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
-                         "from base_model (t = 0) to the other model (t = 1): name one of the two "
-                         "as base_model")
-                return "none"
-            if len(others) != 1 or len(sl.sources) > 2:
-                self.err("E702", f"{method} merges exactly two models (base_model and one other), "
-                         f"got {len(sl.sources)}")
-                return "none"
-            t = self.lookup("t", None, sl, matched)
-            if t is None:
-                self.err("E705", f"{method} needs parameter `t`")
-                return "none"
-            self._globals(method, sl, matched, t_expr, suffix, kwargs, skip={"t"})
-            return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
-                "".join(", " + k for k in kwargs) + ")"
+            return self._call_pair(method, base, sl, matched, t_expr, suffix)
         members = [s for s in sl.sources if not (conv == "base_models" and s.model == base)]
         if method == "karcher" and base is not None and base not in [s.model for s in members]:
             # mergekit's karcher averages every input, base_model included
@@ -178,6 +151,43 @@ class Translator(LayerPlanner):
         models = "[" + ", ".join(s.model for s in members) + "]"
         head = f"{method}({base}, {models}" if conv == "base_models" else f"{method}({models}"
         return head + "".join(", " + k for k in kwargs) + ")"
+
+    def _call_single(self, sl: Slice, matched: frozenset[str], t_expr: str, suffix: str) -> str:
+        """passthrough: the slice's one model, scaled when it has a `scale`."""
+        if len(sl.sources) != 1:
+            self.err("E702", f"passthrough takes exactly one model per slice, got {len(sl.sources)}")
+            return "none"
+        src = sl.sources[0]
+        scale = self.lookup("scale", src, sl, matched)
+        if scale is None:
+            return src.model
+        return f"passthrough({src.model}, scale = {self.value(scale, 'scale', 'scale' + suffix, t_expr)})"
+
+    def _call_pair(self, method: str, base: str | None, sl: Slice, matched: frozenset[str],
+                   t_expr: str, suffix: str) -> str:
+        """slerp/nuslerp-like methods: from base_model (t = 0) to the one other model (t = 1)."""
+        if base is None:
+            self.err("E705", f"{method} needs `base_model`")
+            return "none"
+        others = [s for s in sl.sources if s.model != base]
+        if len(sl.sources) == 2 and len(others) == 2:
+            self.err("E702", f"{method}: base_model `{base}` is not one of the two models "
+                     f"(`{others[0].model}`, `{others[1].model}`)", f"{method} interpolates "
+                     "from base_model (t = 0) to the other model (t = 1): name one of the two "
+                     "as base_model")
+            return "none"
+        if len(others) != 1 or len(sl.sources) > 2:
+            self.err("E702", f"{method} merges exactly two models (base_model and one other), "
+                     f"got {len(sl.sources)}")
+            return "none"
+        t = self.lookup("t", None, sl, matched)
+        if t is None:
+            self.err("E705", f"{method} needs parameter `t`")
+            return "none"
+        kwargs: list[str] = []
+        self._globals(method, sl, matched, t_expr, suffix, kwargs, skip={"t"})
+        return f"{method}({base}, {others[0].model}, t = {self.value(t, 't', 't' + suffix, t_expr)}" + \
+            "".join(", " + k for k in kwargs) + ")"
 
     def _globals(self, method: str, sl: Slice, matched: frozenset[str], t_expr: str, suffix: str,
                  kwargs: list[str], skip: set[str]) -> None:
@@ -271,7 +281,7 @@ class Translator(LayerPlanner):
         emitted: list[tuple[frozenset[str], str]] = []
         for s in subsets:
             filt = "_".join(sorted(s, key=idx.__getitem__))
-            expr = self.call(method, sl, s, t_expr, _ident(filt) if filt else "")
+            expr = self.call(method, sl, s, t_expr, to_ident(filt) if filt else "")
             if s:
                 cands = [e for e in emitted if e[0] <= s]
                 best = max(cands, key=lambda e: (len(e[0]), [-idx[f] for f in sorted(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelang.diagnostics import Diagnostic, error, warning
-from mergelang.interop.mergekit_config import Result, fmt, _ident
+from mergelang.interop.mergekit_config import Result, fmt, to_ident
 from mergelang.interop.mergekit_yaml import short
 from mergelang.lang.loader import OUTPUT_NAME
 
@@ -57,12 +57,9 @@ def _order(names: list[str], deps: dict[str, set[str]]) -> list[str] | None:
     return done if all(visit(n) for n in names) else None
 
 
-def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | None,
-                    layer_prefix: str, Translator: Any) -> Result:
-    """`Translator`: mergekit_import.Translator (passed in: that module imports this one)."""
-    if not docs or not all(isinstance(d, dict) for d in docs):
-        return Result("", [error("E702", "every document of a mergekit-multi file must be a "
-                                 "config (a YAML mapping)")])
+def _output_names(docs: list[dict]) -> tuple[list[str], int, Diagnostic | None]:
+    """Each document's output name (`final` for the unnamed one), how many are unnamed, and
+    the error (E702) that stops the translation, if any."""
     names: list[str] = []
     unnamed = 0
     for k, d in enumerate(docs):
@@ -71,16 +68,28 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
             unnamed += 1
             n = "final"
         if not isinstance(n, str) or not OUTPUT_NAME.fullmatch(n) or n in (".", ".."):
-            return Result("", [error("E702", f"document {k + 1}: name {short(n)} cannot be an output "
-                                     "folder name (letters, digits, `_`, `-`, `.`)")])
+            return names, unnamed, error("E702", f"document {k + 1}: name {short(n)} cannot be an "
+                                         "output folder name (letters, digits, `_`, `-`, `.`)")
         names.append(n)
     if unnamed > 1:
-        return Result("", [error("E702", f"{unnamed} documents have no `name`: mergekit-multi "
-                                 "allows one unnamed (final) merge")])
+        return names, unnamed, error("E702", f"{unnamed} documents have no `name`: mergekit-multi "
+                                     "allows one unnamed (final) merge")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        return Result("", [error("E702", f"the name {short(dupes[0])} is used by two documents"
-                                 + (" (the unnamed merge is named `final`)" if unnamed else ""))])
+        return names, unnamed, error("E702", f"the name {short(dupes[0])} is used by two documents"
+                                     + (" (the unnamed merge is named `final`)" if unnamed else ""))
+    return names, unnamed, None
+
+
+def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | None,
+                    layer_prefix: str, Translator: Any) -> Result:
+    """`Translator`: mergekit_import.Translator (passed in: that module imports this one)."""
+    if not docs or not all(isinstance(d, dict) for d in docs):
+        return Result("", [error("E702", "every document of a mergekit-multi file must be a "
+                                 "config (a YAML mapping)")])
+    names, unnamed, problem = _output_names(docs)
+    if problem is not None:
+        return Result("", [problem])
     by_name = dict(zip(names, docs))
     deps = {n: _refs(d) & set(names) for n, d in by_name.items()}
     order = _order(names, deps)
@@ -99,7 +108,7 @@ def translate_multi(docs: list[Any], config_path: Path | None, out_dir: Path | N
         t.output_name = n
         if shared is None:
             for ref in used:  # intermediates other configs use: models bound to their outputs
-                ident = _ident(ref)
+                ident = to_ident(ref)
                 while ident in t.models.values() or ident == "base":
                     ident += "_out"
                 t.models[ref] = ident

@@ -23,8 +23,8 @@ import torch
 
 from mergelang.io.journal import WORK_MARKER, JournalError, check_ours, lock_dir, mark_ours, work_dir_for
 from mergelang.io.outguard import MANIFEST_NAME, manifest_text
-from mergelang.io.workfolder import WorkFolder
-from mergelang.io.writer import CheckpointWriter, ShardLayout, WriterError, _os_error
+from mergelang.io.workfolder import WorkFolder, os_error
+from mergelang.io.writer import CheckpointWriter, ShardLayout, WriterError
 
 
 class MultiWriter(WorkFolder):
@@ -57,7 +57,7 @@ class MultiWriter(WorkFolder):
             raise WriterError(e.code, str(e), e.help) from None
         except OSError as e:
             self.suspend()
-            raise _os_error(work, e) from e
+            raise os_error(work, e) from e
         except BaseException:
             self.suspend()
             raise
@@ -122,7 +122,7 @@ class MultiWriter(WorkFolder):
                 (self.tmp_dir / MANIFEST_NAME).write_text(manifest_text([], outputs=self.writers),
                                                           encoding="utf-8")
             except OSError as e:
-                raise _os_error(self.tmp_dir / MANIFEST_NAME, e) from e
+                raise os_error(self.tmp_dir / MANIFEST_NAME, e) from e
             self._release()
             self._sync_dir(self.tmp_dir)
             self._move_into_place()

@@ -17,7 +17,6 @@ from mergelang.ir.ops import ARITY, Attrs, Op, TypeRuleError, infer
 from mergelang.ir.types import TType
 
 PAYLOAD = "node"
-_clear_cache = getattr(nx, "_clear_cache", lambda g: None)  # networkx >= 3.3 caches per graph
 
 
 @dataclass(frozen=True)
@@ -36,18 +35,23 @@ class Node:
         return replace(self, args=args)
 
 
-class MergeGraph(nx.DiGraph):
-    """A DiGraph of `Node`s with typed accessors. Node ids are ints, unique per graph."""
+#: the networkx versions `NetworkxFastPaths` is written for, [lowest, first unsupported):
+#: tests/ir/test_graph_networkx.py fails outside it and checks each fast path against the public API
+NETWORKX_SUPPORTED = ((3, 0), (4, 0))
+#: networkx >= 3.3 caches backend conversions per graph; its own add_* methods clear that cache
+_clear_cache = getattr(nx, "_clear_cache", lambda g: None)
 
-    def __init__(self, incoming_graph_data=None, **attr):
-        super().__init__(incoming_graph_data, **attr)
-        self.graph.setdefault("next_id", 0)
 
-    # -- building
-    def add(self, node: Node) -> int:
-        # the hot path of elaboration: networkx's own add_node/add_edge, minus their checks
-        nid = self.graph["next_id"]
-        self.graph["next_id"] = nid + 1
+class NetworkxFastPaths(nx.DiGraph):
+    """The one place that touches networkx internals: DiGraph's dicts `_node`, `_succ`, `_pred`
+    and `nx._clear_cache`. Compiling a MoE recipe of 20k tensors per model adds 52k nodes and
+    reads payloads 520k times; with networkx's public add_node/add_edge/nodes[...] instead, it
+    takes ~20 % more CPU time (benchmarks/bench_graph_fastpaths.py). Each method
+    does what its public equivalent (named in its docstring) does, minus the checks;
+    tests/ir/test_graph_networkx.py keeps them equal."""
+
+    def _insert(self, nid: int, node: Node) -> None:
+        """add_node(nid, node=node), then add_edge(a, nid) per argument `a` (which must exist)."""
         succ, pred = self._succ, self._pred
         succ[nid] = {}
         preds = pred[nid] = {}
@@ -60,6 +64,49 @@ class MergeGraph(nx.DiGraph):
                 d = preds[a] = {}
             succ[a][nid] = d
         _clear_cache(self)
+
+    def node(self, nid: int) -> Node:
+        """The payload of node `nid`: self.nodes[nid][PAYLOAD]."""
+        return self._node[nid][PAYLOAD]
+
+    def items(self) -> Iterable[tuple[int, Node]]:
+        """(id, payload) per node in insertion order: self.nodes(data=PAYLOAD)."""
+        for nid, data in self._node.items():
+            yield nid, data[PAYLOAD]
+
+    def _sorted_if_topological(self) -> list[int] | None:
+        """sorted(self) when every edge runs from a smaller id to a larger one, else None."""
+        order = sorted(self._node)
+        pred = self._pred
+        return order if all(a < nid for nid in order for a in pred[nid]) else None
+
+    def _copy_into(self, g: nx.DiGraph) -> None:
+        """Into an empty `g`: g.add_nodes_from(self.nodes(data=True)) (attribute dicts copied,
+        payloads shared), then g.add_edges_from(self.edges) (no edge data)."""
+        g._node.update((nid, dict(data)) for nid, data in self._node.items())
+        succ = {u: {v: {} for v in nbrs} for u, nbrs in self._succ.items()}
+        pred: dict = {v: {} for v in self._pred}
+        for u, nbrs in succ.items():
+            for v, d in nbrs.items():
+                pred[v][u] = d
+        g._succ.update(succ)
+        g._pred.update(pred)
+        _clear_cache(g)
+
+
+class MergeGraph(NetworkxFastPaths):
+    """A DiGraph of `Node`s with typed accessors. Node ids are ints, unique per graph."""
+
+    def __init__(self, incoming_graph_data=None, **attr):
+        super().__init__(incoming_graph_data, **attr)
+        self.graph.setdefault("next_id", 0)
+
+    # -- building
+    def add(self, node: Node) -> int:
+        # the hot path of elaboration (NetworkxFastPaths)
+        nid = self.graph["next_id"]
+        self.graph["next_id"] = nid + 1
+        self._insert(nid, node)
         return nid
 
     def make(self, op: Op, args: Iterable[int] = (), attrs: Attrs | None = None,
@@ -85,14 +132,7 @@ class MergeGraph(nx.DiGraph):
             n = self.node(user)
             self.set_node(user, n.with_args(tuple(new if a == old else a for a in n.args)))
 
-    # -- reading
-    def node(self, nid: int) -> Node:
-        return self._node[nid][PAYLOAD]
-
-    def items(self) -> Iterable[tuple[int, Node]]:
-        for nid, data in self._node.items():
-            yield nid, data[PAYLOAD]
-
+    # -- reading (node and items: NetworkxFastPaths)
     def outputs(self) -> list[int]:
         """OUTPUT node ids in output order."""
         outs = [nid for nid, n in self.items() if n.op is Op.OUTPUT]
@@ -114,11 +154,8 @@ class MergeGraph(nx.DiGraph):
         """networkx's lexicographical topological order (smallest ready id first). Builders
         create arguments before their users and passes only rewire uses to older nodes, so
         this is usually just the sorted ids: checked in O(edges), else networkx computes it."""
-        order = sorted(self._node)
-        pred = self._pred
-        if all(a < nid for nid in order for a in pred[nid]):
-            return order
-        return list(nx.lexicographical_topological_sort(self))
+        order = self._sorted_if_topological()
+        return order if order is not None else list(nx.lexicographical_topological_sort(self))
 
     @property
     def compute_dtype(self) -> str:
@@ -135,14 +172,7 @@ class MergeGraph(nx.DiGraph):
         """A copy sharing the (immutable) Node payloads; edges carry no data."""
         g = MergeGraph()
         g.graph.update(self.graph)
-        g._node.update((nid, dict(data)) for nid, data in self._node.items())
-        succ = {u: {v: {} for v in nbrs} for u, nbrs in self._succ.items()}
-        pred: dict = {v: {} for v in self._pred}
-        for u, nbrs in succ.items():
-            for v, d in nbrs.items():
-                pred[v][u] = d
-        g._succ.update(succ)
-        g._pred.update(pred)
+        self._copy_into(g)
         return g
 
 

@@ -65,7 +65,7 @@ def load_value(spec: str, what: str = "data") -> Any:
         text = read_text(path, MAX_RECIPE_BYTES)
     except (OSError, ValueError) as exc:
         raise MergelangError(error("E905", f"--{what}: cannot read {path}: {reason(exc)}")) from None
-    return _attribute(module_from_source(text, path, what), name, path, what)
+    return module_attribute(module_from_source(text, path, what), name, path, what)
 
 
 def module_from_source(text: str, path: Path, what: str = "objective") -> Any:
@@ -89,7 +89,7 @@ def module_from_source(text: str, path: Path, what: str = "objective") -> Any:
     return module
 
 
-def _attribute(module: Any, name: str, path: Path, what: str) -> Any:
+def module_attribute(module: Any, name: str, path: Path, what: str) -> Any:
     if not hasattr(module, name):
         names = [n for n, v in vars(module).items() if not n.startswith("_")
                  and getattr(v, "__module__", None) == module.__name__]

@@ -50,10 +50,10 @@ class TrialWorker:
                                   allow_plugins=spec.allow_plugins)
         try:
             if objective[0] == "source":
-                from mergelang.search.objectives import _attribute, module_from_source
+                from mergelang.search.objectives import module_attribute, module_from_source
 
                 _, text, path, name = objective
-                self.objective = _attribute(module_from_source(text, Path(path)), name, path, "objective")
+                self.objective = module_attribute(module_from_source(text, Path(path)), name, path, "objective")
             else:
                 self.objective = objective[1]
             self.runner = TrialRunner(compile_, names, device, runtime=runtime)

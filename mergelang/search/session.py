@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from mergelang.diagnostics import MergelangError, error
-from mergelang.search.study import TuneResult, check_search_range, open_study, records, tune, _shape
+from mergelang.search.study import TuneResult, check_search_range, open_study, records, tune, value_shape
 from mergelang.search.trials import Compile, TrialRunner
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def tune_recipe(c: "Compilation", compile_: Compile, write: Callable[..., Any],
     interrupted trial is marked failed and a stored study stays usable."""
     dirs = (directions,) if isinstance(directions, str) else tuple(directions)
     names = tuned_names(c, params)
-    shapes = {n: _shape(c.params[n]) for n in names}
+    shapes = {n: value_shape(c.params[n]) for n in names}
     ranges = {n: c.ranges[n] for n in names}
     for n, rng in ranges.items():
         check_search_range(n, rng)

@@ -146,10 +146,10 @@ class TuneResult:
 
 
 # ---------------------------------------------------------------- the search space
-def _shape(v: Value) -> Any:
+def value_shape(v: Value) -> Any:
     """() for a number, else a nested tuple of element shapes."""
     if isinstance(v, ListV):
-        return tuple(_shape(i) for i in v.items)
+        return tuple(value_shape(i) for i in v.items)
     return ()
 
 

@@ -114,29 +114,9 @@ def reversible_merge(adapters: Sequence[str | Path], out: str | Path, basis: int
                                    "rename the folders or give --name per adapter"))
     read = [_read_adapter(f) for f in folders]
     cfg0, t0 = read[0]
-    modules = _modules(t0)
-    if not modules:
-        raise MergelangError(error("E325", f"{folders[0]} has no lora_A / lora_B weights"))
-    for f, (cfg, t) in zip(folders[1:], read[1:]):
-        if _modules(t) != modules:
-            raise MergelangError(error("E325", f"{f} adapts other modules than {folders[0]}", None,
-                                       "RMM combines adapters of the same modules (one base, one target list)"))
-        for m in modules:
-            for part in ("lora_A", "lora_B"):
-                a, b = t[f"{m}.{part}.weight"].shape, t0[f"{m}.{part}.weight"].shape
-                if a != b:
-                    raise MergelangError(error("E325", f"`{m}.{part}` is {list(a)} in {f} and {list(b)} "
-                                               f"in {folders[0]}", None, "every adapter needs the same rank per module"))
+    modules = _same_modules(folders, [t for _, t in read])
     n = len(folders)
-    most = max(min(t0[f"{m}.lora_A.weight"].shape[0], n) for m in modules)
-    if basis > most:  # more vectors than the r x n matrices have rank: zeros, never used
-        from mergelang.diagnostics import warning
-
-        log(warning("W111", f"--basis {basis} is more than the {most} basis vectors these adapters "
-                    f"can use (rank {max(t0[f'{m}.lora_A.weight'].shape[0] for m in modules)}, {n} "
-                    f"adapters): clamped to {most}", None,
-                    f"with --basis {most} every adapter is rebuilt exactly").render())
-        basis = most
+    basis = _clamp_basis(basis, t0, modules, n, log)
     outs: list[OutputTensor] = []
     for m in modules:
         r, cin = t0[f"{m}.lora_A.weight"].shape
@@ -180,6 +160,40 @@ def reversible_merge(adapters: Sequence[str | Path], out: str | Path, basis: int
             return config
     except CodedError as exc:
         raise MergelangError(to_diagnostic(exc)) from None
+
+
+def _same_modules(folders: list[Path], tensors: list[dict[str, Any]]) -> list[str]:
+    """The modules the adapters adapt: the same in each, with the same shapes (else E325)."""
+    t0 = tensors[0]
+    modules = _modules(t0)
+    if not modules:
+        raise MergelangError(error("E325", f"{folders[0]} has no lora_A / lora_B weights"))
+    for f, t in zip(folders[1:], tensors[1:]):
+        if _modules(t) != modules:
+            raise MergelangError(error("E325", f"{f} adapts other modules than {folders[0]}", None,
+                                       "RMM combines adapters of the same modules (one base, one target list)"))
+        for m in modules:
+            for part in ("lora_A", "lora_B"):
+                a, b = t[f"{m}.{part}.weight"].shape, t0[f"{m}.{part}.weight"].shape
+                if a != b:
+                    raise MergelangError(error("E325", f"`{m}.{part}` is {list(a)} in {f} and {list(b)} "
+                                               f"in {folders[0]}", None, "every adapter needs the same rank per module"))
+    return modules
+
+
+def _clamp_basis(basis: int, t0: dict[str, Any], modules: list[str], n: int,
+                 log: Callable[[str], None]) -> int:
+    """`basis`, at most the number of basis vectors n adapters of these ranks can use (W111)."""
+    most = max(min(t0[f"{m}.lora_A.weight"].shape[0], n) for m in modules)
+    if basis > most:  # more vectors than the r x n matrices have rank: zeros, never used
+        from mergelang.diagnostics import warning
+
+        log(warning("W111", f"--basis {basis} is more than the {most} basis vectors these adapters "
+                    f"can use (rank {max(t0[f'{m}.lora_A.weight'].shape[0] for m in modules)}, {n} "
+                    f"adapters): clamped to {most}", None,
+                    f"with --basis {most} every adapter is rebuilt exactly").render())
+        basis = most
+    return basis
 
 
 def _rebuild_factors(ab: Any, ac: Any, bb: Any, bc: Any) -> tuple[Any, Any]:

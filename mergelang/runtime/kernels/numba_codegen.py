@@ -64,7 +64,7 @@ def available() -> bool:
     return True
 
 
-def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
+def program_lines(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models: int,
              segmented: bool = False) -> tuple[list[str], list[str], list[str], list[str]]:
     """A program as straight-line code for element `i`: (parameters, prelude lines run once,
     body lines per element, the root's value name per model, or one name). `segmented`: the
@@ -88,7 +88,7 @@ def _program(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], model
             cur = []
             for m in parts:
                 nm = f"x{j}" if m is None else f"x{j}_{m}"
-                loads.append(f"{nm} = {_widen(dt, f'a{j}[{_at(m)}]')}")
+                loads.append(f"{nm} = {_widen(dt, f'a{j}[{flat_index(m)}]')}")
                 cur.append(nm)
             names.append(cur)
         else:  # scalar(s): a 1-D array of one value, or one per model
@@ -149,12 +149,12 @@ def source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], models:
     bytes 0/1): `kernel(lo, hi, n, out, *inputs)` computes elements lo..hi-1."""
     fp8 = [j for j, k in enumerate(kinds) if k.startswith("fp8:")]
     segmented = len({kinds[j] for j in fp8}) == 1  # one block size: scales hoisted per block run
-    params, prelude, lines, root = _program(body, kinds, dtypes, models, segmented)
+    params, prelude, lines, root = program_lines(body, kinds, dtypes, models, segmented)
     if out_dtype == "bfloat16":
         root = [f"narrow_bf16({v})" for v in root]
     elif out_dtype == "bool":
         root = [f"sel({v}, U1, U0)" for v in root]
-    stores = [f"out[{_at(m)}] = {v}" for m, v in enumerate(root)]
+    stores = [f"out[{flat_index(m)}] = {v}" for m, v in enumerate(root)]
     head = HEADER + JIT + f"def kernel(lo, hi, n, out, {', '.join(params)}):\n" + indent(prelude, 4)
     if segmented:
         return head + indent(_segments(kinds, fp8), 4) + indent(lines + stores, 12) + "        sp = send\n"
@@ -176,7 +176,7 @@ def _segments(kinds: tuple[str, ...], fp8: list[int]) -> list[str]:
     """The loop over runs of elements that share every FP8 input's block scale (one row's
     columns of one block; every FP8 input has the root's shape and one block size): the scales
     `fq{j}` are read once per run, the inner loop over `i` is the plain element loop. (Names
-    here and in `_program`'s FP8 lines start with `s` or `f`, apart from the kernels' own.)"""
+    here and in `program_lines`'s FP8 lines start with `s` or `f`, apart from the kernels' own.)"""
     j0 = fp8[0]
     b0, b1 = _block_shape(kinds[j0])
     return (["sp = np.uint64(lo)", "shi = np.uint64(hi)", "while sp < shi:",
@@ -204,7 +204,7 @@ def indent(lines: list[str], width: int) -> str:
     return "".join(" " * width + line + "\n" for line in lines)
 
 
-def _at(m: int | None) -> str:
+def flat_index(m: int | None) -> str:
     """The flat index of element i of model m's slice (model 0 or a plain tensor: i)."""
     return f"o{m} + i" if m else "i"
 
@@ -297,7 +297,7 @@ def _array(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return t.to(torch.float32).contiguous().reshape(-1).numpy(), "float32"
 
 
-def _inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.ndarray], tuple[str, ...]]:
+def kernel_inputs(kinds: tuple[str, ...], args: list[torch.Tensor]) -> tuple[list[np.ndarray], tuple[str, ...]]:
     """The kernel's input arrays and their dtype names."""
     arrays, dtypes = [], []
     for t, kind in zip(args, kinds):
@@ -322,7 +322,7 @@ def run(node, args: list[torch.Tensor]) -> torch.Tensor:
     """The FUSED node's value: its program's kernel over `args` (CPU tensors); with attr
     `select`, see `numba_topk.run_select` (the table's FUSED kernel dispatches)."""
     body, kinds, models = node.attrs["body"], node.attrs["inputs"], node.attrs["models"]
-    arrays, dtypes = _inputs(kinds, args)
+    arrays, dtypes = kernel_inputs(kinds, args)
     ty = node.type
     fn = compiled(source(body, kinds, dtypes, models, ty.dtype if ty.dtype in ("bfloat16", "bool") else ""))
     out = torch.empty(ty.full_shape, dtype={"bool": torch.bool, "bfloat16": torch.bfloat16}.get(

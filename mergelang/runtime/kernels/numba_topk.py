@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mergelang.runtime.kernels import numba_codegen as kernels_fused
-from mergelang.runtime.kernels.numba_codegen import (HEADER, JIT, _at, indent, _inputs, needed, offsets, _program,
+from mergelang.runtime.kernels.numba_codegen import (HEADER, JIT, flat_index, indent, kernel_inputs, needed, offsets, program_lines,
                             module, run)
 from mergelang.runtime.workers import parallel_map
 
@@ -153,10 +153,10 @@ def select_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], 
     `absolute`) of a program's float32 root, computed on the fly in each pass (never stored):
     `KERNELS[m](k, out, n, *inputs) -> bool` (`_SELECT`). An empty `body`: the root is input 0."""
     if body:
-        params, prelude, lines, root = _program(body, kinds, dtypes, models)
+        params, prelude, lines, root = program_lines(body, kinds, dtypes, models)
     else:
         params, prelude = ["a0"], offsets(models)
-        lines, root = [], [f"a0[{_at(m)}]" for m in range(max(models, 1))]
+        lines, root = [], [f"a0[{flat_index(m)}]" for m in range(max(models, 1))]
     funcs = []
     for m in range(len(root)):
         x = needed(lines, root[m]) + [f"x = {root[m]}"]
@@ -172,7 +172,7 @@ def split_source(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], m
     """The generated module of the split form (module docstring) for a program over `models`
     models: `hist(lo, hi, n, hists, *inputs) -> nan` and `listing(lo, hi, n, tops, outs, cidx,
     clow, slots, ends, hists, *inputs)`, over elements lo..hi-1."""
-    params, prelude, lines, root = _program(body, kinds, dtypes, models)
+    params, prelude, lines, root = program_lines(body, kinds, dtypes, models)
     m_all = range(len(root))
     absolute = bool(absolute)
     loop = ["for b0 in range(ulo, uhi, BLOCK):", "    nb = min(BLOCK, uhi - b0)",
@@ -290,7 +290,7 @@ def run_select(node, args: list[torch.Tensor]) -> torch.Tensor:
     dens = density if isinstance(density, tuple) else (density,) * rows
     ks = [int(d * n) for d in dens]
     if all(0 < k < n for k in ks):
-        arrays, dtypes = _inputs(node.attrs["inputs"], args)
+        arrays, dtypes = kernel_inputs(node.attrs["inputs"], args)
         out = np.empty((rows, n), dtype=np.bool_)
         parts = kernels_fused.threads_for(n)
         if (_split_select(node, arrays, dtypes, ks, n, out.view(np.uint8), parts) if parts > rows
