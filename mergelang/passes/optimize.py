@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from mergelang.ir.graph import MergeGraph, Node
 from mergelang.ir.ops import FOLDABLE, Attrs, Op
+from mergelang.passes.plan import Step
+from mergelang.runtime.interpret import Interpreter
 
 Pass = Callable[[MergeGraph], MergeGraph]
 
@@ -21,28 +23,62 @@ FOLD_LIMIT = 64
 
 def _fold_constants(g: MergeGraph) -> MergeGraph:
     """Evaluate nodes whose inputs are all constants (e.g. stacked weights, their sums), in the
-    graph's compute dtype."""
-    wide = g.compute_dtype == "float64"
-    for nid in g.topo_order():
-        n = g.node(nid)
-        if n.op not in FOLDABLE or not n.args or n.op is Op.ASSERT:
-            continue
-        args = [g.node(a) for a in n.args]
-        if not all(a.op is Op.CONST for a in args) or n.type.numel > FOLD_LIMIT:
-            continue
-        value = _fold_structural(n, args, wide)
-        if value is None:  # arithmetic: run the kernel (imports torch, only when something folds)
-            from mergelang.runtime.kernels import KERNELS, run_node
-
-            consts = [KERNELS[Op.CONST](a, []) for a in args]
-            if wide:  # float64 from the Python numbers, as the executor makes them
-                import torch
-
-                consts = [torch.tensor(a.attrs["value"], dtype=torch.float64).reshape(c.shape)
-                          if c.dtype == torch.float32 else c for a, c in zip(args, consts)]
-            value = as_python(run_node(n, consts))
-        g.set_node(nid, Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span))
+    graph's compute dtype: the plan interpreter walks the graph's CONST nodes and the small
+    foldable ones in topological order (a node it does not visit is not a constant)."""
+    steps = [Step(nid, ()) for nid in g.topo_order()
+             if (n := g.node(nid)).op is Op.CONST or (n.op in FOLDABLE and n.args and n.op is not Op.ASSERT
+                                                      and n.type.numel <= FOLD_LIMIT)]
+    # nothing to free: each value is a CONST node of the graph (None: not a constant)
+    Folder(g).run(steps, _Unvisited())
     return g
+
+
+class _Unvisited(dict):
+    """The folder's environment: a node it did not visit is not a constant (None)."""
+
+    def __missing__(self, nid: int) -> None:
+        return None
+
+
+class Folder(Interpreter):
+    """Constant folding as the plan interpreter's hooks (runtime/interpret.py): a node's value
+    is its CONST node, or None when it is not constant. A node whose args are all constant
+    (and which is foldable and small) becomes a CONST node of `graph`, computed without torch
+    when it only moves values, else by its runtime kernel on the CPU."""
+
+    def __init__(self, graph: MergeGraph):
+        super().__init__(graph.node, "cpu")
+        self.graph, self.wide = graph, graph.compute_dtype == "float64"
+
+    def load(self, step: Step, n: Node) -> None:
+        return None
+
+    def output(self, step: Step, n: Node, value: Any) -> None:
+        return None
+
+    def run_node(self, step: Step, n: Node, args: list[Node | None]) -> Node | None:
+        if n.op is Op.CONST:
+            return n
+        if (n.op not in FOLDABLE or not n.args or n.op is Op.ASSERT or n.type.numel > FOLD_LIMIT
+                or any(a is None for a in args)):
+            return None
+        value = _fold_structural(n, args, self.wide)  # type: ignore[arg-type]
+        if value is None:  # arithmetic: run the kernel (imports torch, only when something folds)
+            value = as_python(self.kernel(n, self.consts(args), "cpu"))  # type: ignore[arg-type]
+        folded = Node(Op.CONST, (), Attrs(value=value, type=n.type), n.type, n.span)
+        self.graph.set_node(step.nid, folded)
+        return folded
+
+    def consts(self, args: list[Node]) -> list[Any]:
+        """The CONST nodes' tensors, as the executor makes them (float64 from the Python
+        numbers with compute_dtype float64)."""
+        consts = [self.kernel(a, [], "cpu") for a in args]
+        if self.wide:
+            import torch
+
+            consts = [torch.tensor(a.attrs["value"], dtype=torch.float64).reshape(c.shape)
+                      if c.dtype == torch.float32 else c for a, c in zip(args, consts)]
+        return consts
 
 
 def _f32(x: Any) -> float:

@@ -24,6 +24,7 @@ import torch
 from mergelang.io.checkpoint import ModelSource
 from mergelang.diagnostics import MergelangError, error
 from mergelang.runtime.buffers import Buffers, LazyStack
+from mergelang.runtime.interpret import Interpreter
 from mergelang.runtime.loads import read_value, upcast  # noqa: F401  (re-exported)
 from mergelang.runtime.kernels import KERNELS, CheckFailed, run_node
 from mergelang.ir.ops import Op
@@ -260,56 +261,80 @@ def compute(plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
     `(start, stop, total)` for a row chunk, else None). `meter(live_bytes)` is called after
     each step with the bytes of the values held; `observer` (optional) sees each LOAD's value
     and each output just before `put`."""
-    g = plan.graph
-    values: dict[int, torch.Tensor] = {}
-    live = 0
-    bufs = Buffers(plan, dev)  # buffer reuse: in-place ops on dead values, lazy stack sums
-    on_device = dev.type != "cpu"
-    run = run_node if g.compute_dtype == "float32" else _run_float64
-    for step in plan.steps:
-        node = g.node(step.nid)
-        if node.op is Op.LOAD:
-            values[step.nid] = t = take(step.nid)
-            bufs.stored(step.nid, t, None, [])
-            if observer is not None:
-                observer.loaded(node, t)
-            live += _nbytes(t)
-            del t
-        else:
-            args = [values[a] for a in node.args]
-            try:
-                out = bufs.run(node, step.nid, args, step.free)
-                if out is None:
-                    out = run(node, args, dev.type)
-                if on_device and out.device != dev:  # constants, statistics: made on the CPU
-                    out = out.to(dev)
-            except CheckFailed as exc:
-                code = getattr(exc, "code", "E501")
-                raise MergelangError(error(
-                    code, f"{exc} (tensor `{_output_name(plan, step.nid)}`)", node.span,
-                    "the check depends on tensor values, so it could only run now" if code == "E501"
-                    else "the merge stopped; nothing was written to the output")) from None
-            if node.op is Op.OUTPUT:
-                if meter is not None:
-                    meter(live + _nbytes(out))
-                bufs.pin(out)
-                out = out.cpu() if out.device.type != "cpu" else out
-                if observer is not None:
-                    observer.output(node, out)
-                put(node.attrs["name"], out, node.type.nbytes, node.attrs.get("rows"))
-            else:
-                values[step.nid] = out
-                bufs.stored(step.nid, out, node.op, args)
-                live += _nbytes(out)
-            del args, out
+    StepInterpreter(plan, take, put, dev, meter, observer).run(plan.steps)
+
+
+class StepInterpreter(Interpreter):
+    """The executor's hooks of the plan interpreter (runtime/interpret.py): loads from `take`,
+    kernels with buffer reuse (`Buffers`: in-place ops on dead values, lazy stack sums) and
+    float64 widening, outputs cast on the device then handed to `put` on the CPU, and the live
+    bytes counted for `meter`, loads and outputs shown to `observer`. A failed runtime check
+    becomes its diagnostic (E501, ...)."""
+
+    def __init__(self, plan: ExecutionPlan, take: Callable[[int], torch.Tensor],
+                 put: Callable[..., None], dev: torch.device,
+                 meter: Callable[[int], None] | None = None, observer: "Observer | None" = None):
+        super().__init__(plan.graph.node, dev.type)
+        self.plan, self.take, self.put, self.dev, self.meter = plan, take, put, dev, meter
+        self.observer = observer
+        self.live = 0  # bytes of the values held
+        self.bufs = Buffers(plan, dev)
+        self.on_device = dev.type != "cpu"
+        self.kernel_of = run_node if plan.graph.compute_dtype == "float32" else _run_float64
+
+    def load(self, step, node) -> torch.Tensor:
+        t = self.take(step.nid)
+        self.bufs.stored(step.nid, t, None, [])
+        if self.observer is not None:
+            self.observer.loaded(node, t)
+        live = self.live = self.live + _nbytes(t)
+        if self.meter is not None:
+            self.meter(live)
+        return t
+
+    def run_node(self, step, node, args: list) -> "torch.Tensor | LazyStack":
+        try:
+            out = self.bufs.run(node, step.nid, args, step.free)
+            if out is None:
+                out = self.kernel_of(node, args, self.device)
+            if self.on_device and out.device != self.dev:  # constants, statistics: made on the CPU
+                out = out.to(self.dev)
+        except CheckFailed as exc:
+            raise _check_error(self.plan, step.nid, node, exc) from None
+        if node.op is not _OUTPUT:
+            self.bufs.stored(step.nid, out, node.op, args)
+            live = self.live = self.live + _nbytes(out)
+            if self.meter is not None:
+                self.meter(live)
+        return out
+
+    def output(self, step, node, out: torch.Tensor) -> None:
+        meter = self.meter
         if meter is not None:
-            meter(live)
-        for nid in step.free:
-            t = values.pop(nid, None)
-            if t is not None:
-                live -= _nbytes(t)
-            bufs.freed(nid, t)
-            del t
+            meter(self.live + _nbytes(out))
+        self.bufs.pin(out)
+        out = out.cpu() if out.device.type != "cpu" else out
+        if self.observer is not None:
+            self.observer.output(node, out)
+        self.put(node.attrs["name"], out, node.type.nbytes, node.attrs.get("rows"))
+        if meter is not None:
+            meter(self.live)
+
+    def free(self, nid: int, t: "torch.Tensor | LazyStack | None") -> None:
+        if t is not None:
+            self.live -= _nbytes(t)
+        self.bufs.freed(nid, t)
+
+
+_OUTPUT = Op.OUTPUT
+
+
+def _check_error(plan: ExecutionPlan, nid: int, node, exc: CheckFailed) -> MergelangError:
+    code = getattr(exc, "code", "E501")
+    return MergelangError(error(
+        code, f"{exc} (tensor `{_output_name(plan, nid)}`)", node.span,
+        "the check depends on tensor values, so it could only run now" if code == "E501"
+        else "the merge stopped; nothing was written to the output"))
 
 
 def _run_float64(node, args: list[torch.Tensor], device: str) -> torch.Tensor:

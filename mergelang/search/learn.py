@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from mergelang.diagnostics import Diagnostic, MergelangError, error, warning
-from mergelang.ir.ops import Op
-from mergelang.ir.paramexpr import evaluate
 from mergelang.lang.values import ListV, Value
+from mergelang.search.program import GraphProgram
 from mergelang.search.trials import Compile, split_and_compile
 
 if TYPE_CHECKING:
@@ -85,127 +84,6 @@ def _refuse(compile_: Compile, name: str) -> MergelangError:
     if why is not None:
         diag = diag.with_note(f"where: {why.message}")
     return MergelangError(diag)
-
-
-class GraphProgram:
-    """The plan as constant work (done once) and dynamic work (done per step)."""
-
-    def __init__(self, plan: Any, models: Mapping[str, Any], device: str):
-        import torch
-
-        from mergelang.runtime.executor import prepare_models
-        from mergelang.runtime.loads import read_value
-
-        g = _float_outputs(plan.graph)
-        self.graph = g
-        order = [s.nid for s in plan.steps if s.nid in g]
-        dynamic: set[int] = set()
-        from mergelang.passes.params import param_nodes
-
-        refs = set(param_nodes(g)[1])
-        self.refs = refs
-        for nid in order:
-            n = g.node(nid)
-            if n.op is Op.PARAM or nid in refs or any(a in dynamic for a in n.args):
-                dynamic.add(nid)
-        self.dynamic = [nid for nid in order if nid in dynamic]
-        needed = {a for nid in self.dynamic for a in g.node(nid).args if a not in dynamic}
-        users: dict[int, int] = {}
-        for nid in order:
-            if nid not in dynamic:
-                for a in g.node(nid).args:
-                    users[a] = users.get(a, 0) + 1
-        self.device = device
-        prepare_models(plan, models, torch.device(device))
-        vals: dict[int, torch.Tensor] = {}
-        self.frontier: dict[int, torch.Tensor] = {}
-        self.const_out: dict[str, torch.Tensor] = {}
-        self.outputs: list[tuple[int, str]] = []
-        from mergelang.runtime.kernels import KERNELS
-
-        with torch.no_grad():
-            for nid in order:
-                n = g.node(nid)
-                if n.op is Op.OUTPUT:
-                    self.outputs.append((nid, n.attrs["name"]))
-                if nid in dynamic:
-                    continue
-                if n.op is Op.LOAD:
-                    v = read_value(plan, models, nid).to(device)
-                elif n.op is Op.OUTPUT:
-                    v = vals[n.args[0]].detach()
-                    self.const_out[n.attrs["name"]] = v
-                else:
-                    v = KERNELS[n.op](n, [vals[a] for a in n.args])
-                vals[nid] = v
-                if nid in needed:
-                    self.frontier[nid] = v
-                for a in set(n.args):
-                    users[a] -= 1
-                    if users[a] == 0 and a not in needed:
-                        vals.pop(a, None)
-
-    def state(self, params: Mapping[str, "torch.Tensor"], values: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
-        """The merged tensors (float32) for the current param tensors; `values` (plain
-        numbers) fill ParamRef attrs, which are not differentiable."""
-        from mergelang.ir.graph import Node
-        from mergelang.passes.params import sub_attrs
-        from mergelang.runtime.kernels import KERNELS
-
-        import torch
-
-        g = self.graph
-        vals: dict[int, torch.Tensor] = dict(self.frontier)
-        out: dict[str, torch.Tensor] = {}
-        for nid in self.dynamic:
-            n = g.node(nid)
-            if n.op is Op.PARAM:  # its expression over the param tensors (differentiable)
-                v = evaluate(n.attrs["expr"], lambda name, path: _at(params[name], path))
-                if not isinstance(v, torch.Tensor):  # e.g. clamp(t, 0, 1) with t out of range: a
-                    v = torch.tensor(float(v), dtype=torch.float32, device=self.device)  # constant
-                vals[nid] = v
-                continue
-            if nid in self.refs:
-                n = Node(n.op, n.args, sub_attrs(n.attrs, values), n.type, n.span)
-            args = [vals[a] for a in n.args]
-            if n.op is Op.OUTPUT:
-                out[n.attrs["name"]] = args[0]
-                continue
-            vals[nid] = KERNELS[n.op](n, args)
-        # the loss gets its own copies of the constant tensors (and of any output that is one of
-        # them): a loss that changes `state` in place must not change later steps
-        kept = {t.data_ptr() for t in [*self.frontier.values(), *self.const_out.values()]}
-        return {name: (out[name] if out[name].data_ptr() not in kept else out[name].clone())
-                if name in out else self.const_out[name].clone() for _, name in self.outputs}
-
-
-def _at(t: Any, path: tuple[int, ...]) -> Any:
-    for i in path:
-        t = t[i]
-    return t
-
-
-def _float_outputs(graph: Any) -> Any:
-    """The graph with block-scaled FP8 outputs (sources/fp8.py) as the float values they
-    quantize: a loss sees weights, not FP8 codes and their scale tensors."""
-    from mergelang.ir.graph import Node
-
-    quant = [(nid, n) for nid, n in graph.items()
-             if n.op is Op.OUTPUT and graph.node(n.args[0]).op is Op.BLOCK_QUANT]
-    if not quant:
-        return graph
-    g = graph.clone()
-    dropped = set()
-    for nid, n in quant:
-        bq = g.node(n.args[0])
-        dropped.add(n.args[0])
-        if bq.attrs["part"] == "scale_inv":
-            g.remove_node(nid)
-        else:
-            g.set_node(nid, Node(Op.OUTPUT, (bq.args[0],), n.attrs.replace(dtype="float32"),
-                                 bq.type, n.span))
-    g.remove_nodes_from(dropped)
-    return g
 
 
 def _batches(batches: Any, steps: int | None) -> Iterable[Any]:
@@ -323,13 +201,7 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
     import torch
 
     names = c.learnable
-    if clamp not in ("project", "use"):
-        raise MergelangError(error("E902", f"clamp must be project or use, not {clamp!r}"))
-    if not names:
-        raise MergelangError(error("E901", "nothing to learn: no param is declared `learn`", None,
-                                   "declare one, e.g. param lam = [0.3, 0.3] learn"))
-    if optimizer not in ("adam", "sgd"):
-        raise MergelangError(error("E902", f"optimizer must be adam or sgd, not {optimizer!r}"))
+    _check_options(names, optimizer, clamp)
     lr = check_lr(lr)
     runtime, static, cc = split_and_compile(compile_, names)
     if static:
@@ -339,45 +211,81 @@ def learn_recipe(c: "Compilation", compile_: Compile, with_params: Callable[...,
         params = {n: _as_tensor(c.params[n]).to(device).requires_grad_(True) for n in names}
         ranges = {n: c.ranges[n] for n in names if n in c.ranges}
         opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=lr)
-        losses: list[float] = []
-        warns: list[Diagnostic] = []
-        moved: dict[str, bool] = {n: False for n in names}
+        descent = Descent(program, params, ranges, opt, clamp, cc.output_names)
         for step, batch in enumerate(_batches(batches, steps)):
-            opt.zero_grad()
-            used = params if clamp == "project" else \
-                {n: p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p for n, p in params.items()}
-            values = {n: p.detach().tolist() for n, p in used.items()}
-            state = _by_output(program.state(used, values), cc.output_names)
-            value = _checked_loss(_user("the loss", loss, state, batch), step)
-            if value.requires_grad:
-                value.reshape(()).backward()
-            for n, p in params.items():
-                if p.grad is not None and bool(p.grad.abs().sum() > 0):
-                    moved[n] = True
-            opt.step()
-            bad = [n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
-            if bad:
-                raise MergelangError(error("E908", f"learnable param `{bad[0]}` became NaN or infinite "
-                                           f"at step {step + 1} (its gradient was not finite): "
-                                           "learning stopped there", None,
-                                           "a smaller --lr may help; nothing was written"))
-            with torch.no_grad():
-                for n, rng in ranges.items() if clamp == "project" else ():  # stay in the range
-                    params[n].clamp_(rng.lo, rng.hi)
-            losses.append(float(value.detach()))
+            descent.step(step, batch, loss)
             if log is not None:
-                log(f"step {step + 1}: loss {losses[-1]:.6g}")
-        if not losses:
+                log(f"step {step + 1}: loss {descent.losses[-1]:.6g}")
+        if not descent.losses:
             raise MergelangError(error("E903", "no batch to learn from: `batches` is empty"))
-        spans = {d.name: d.value.span for d in c.unit.params}
-        for n, ok in moved.items():
-            if not ok:
-                warns.append(warning("W106", f"the loss does not depend on learnable param `{n}` "
-                                     "(its gradient was zero at every step), so it kept its value",
-                                     spans.get(n), "check that the loss uses the tensors this param "
-                                     "scales, and that a top-k density is not what it sets"))
         values = {n: (p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p).detach().cpu().tolist()
                   for n, p in params.items()}
-        return Learned(values, losses, warns, with_params)
+        return Learned(values, descent.losses, _unmoved(c, descent.moved), with_params)
     finally:
         cc.close()
+
+
+def _check_options(names: Any, optimizer: str, clamp: str) -> None:
+    """E902 for an unknown clamp or optimizer, E901 when nothing is declared `learn`."""
+    if clamp not in ("project", "use"):
+        raise MergelangError(error("E902", f"clamp must be project or use, not {clamp!r}"))
+    if not names:
+        raise MergelangError(error("E901", "nothing to learn: no param is declared `learn`", None,
+                                   "declare one, e.g. param lam = [0.3, 0.3] learn"))
+    if optimizer not in ("adam", "sgd"):
+        raise MergelangError(error("E902", f"optimizer must be adam or sgd, not {optimizer!r}"))
+
+
+@dataclass
+class Descent:
+    """Gradient descent on the params: one `step` per batch; the losses, and which params'
+    gradients were ever nonzero."""
+
+    program: GraphProgram
+    params: dict[str, "torch.Tensor"]
+    ranges: dict[str, Any]
+    opt: Any
+    clamp: str
+    output_names: Any
+    losses: list[float] = field(default_factory=list)
+    moved: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.moved = {n: False for n in self.params}
+
+    def step(self, step: int, batch: Any, loss: Callable[..., Any]) -> None:
+        import torch
+
+        params, ranges = self.params, self.ranges
+        self.opt.zero_grad()
+        used = params if self.clamp == "project" else \
+            {n: p.clamp(ranges[n].lo, ranges[n].hi) if n in ranges else p for n, p in params.items()}
+        values = {n: p.detach().tolist() for n, p in used.items()}
+        state = _by_output(self.program.state(used, values), self.output_names)
+        value = _checked_loss(_user("the loss", loss, state, batch), step)
+        if value.requires_grad:
+            value.reshape(()).backward()
+        for n, p in params.items():
+            if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                self.moved[n] = True
+        self.opt.step()
+        bad = [n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise MergelangError(error("E908", f"learnable param `{bad[0]}` became NaN or infinite "
+                                       f"at step {step + 1} (its gradient was not finite): "
+                                       "learning stopped there", None,
+                                       "a smaller --lr may help; nothing was written"))
+        with torch.no_grad():
+            for n, rng in ranges.items() if self.clamp == "project" else ():  # stay in the range
+                params[n].clamp_(rng.lo, rng.hi)
+        self.losses.append(float(value.detach()))
+
+
+def _unmoved(c: "Compilation", moved: Mapping[str, bool]) -> list[Diagnostic]:
+    """W106 for each learnable param whose gradient was zero at every step."""
+    spans = {d.name: d.value.span for d in c.unit.params}
+    return [warning("W106", f"the loss does not depend on learnable param `{n}` "
+                    "(its gradient was zero at every step), so it kept its value",
+                    spans.get(n), "check that the loss uses the tensors this param "
+                    "scales, and that a top-k density is not what it sets")
+            for n, ok in moved.items() if not ok]
