@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mergelang.api import Recipe, SourceFile, compile_recipe
+from mergelang.api import Recipe
+from mergelang.compiler import compile_recipe
+from mergelang.diagnostics import SourceFile
 from mergelang.search.trials import DeviceRoom, HeldSource, TrialRunner
 
 
