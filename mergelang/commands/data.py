@@ -45,9 +45,11 @@ def stats_cmd(model: tuple[str, ...], data: str, kind: str, out: tuple[str, ...]
               alpha: float | None, max_examples: int | None, batch_size: int | None, seq_len: int,
               field: str, device: str, memory_budget: str | None, groups: tuple[str, ...],
               module: str | None, force: bool, quiet: bool) -> None:
-    """Compute Gram or Fisher statistics of MODEL (a folder or hf:ORG/NAME) on data, for
-    `regmean(models, grams)` and `fisher(models, fishers)`; with `--kind correlation`, two
-    models A B: their activation correlations, for `align(b, to = a, by = "activations")`."""
+    """Compute statistics of MODEL (a folder or hf:ORG/NAME) on data: Gram matrices for
+    `regmean(models, grams)`, the Fisher for `fisher(models, fishers)`; with `--kind
+    correlation`, two models A B: their activation correlations, for `align(b, to = a, by =
+    "activations", stats = c)`; with `--kind gram-plusplus`, the models merged together: each
+    one's RegMean++ Grams (one -o per model)."""
     from mergelang.data.stats import stats
     from mergelang.ir.types import parse_bytes
 
