@@ -22,7 +22,9 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 #: buckets: the high 16 bits of float32(|τ|) (sign 0, 8 exponent, 7 mantissa bits)
 NBUCKETS = 1 << 16
@@ -34,19 +36,27 @@ CHUNK = 1024
 _JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "contract"})
 
 
-@njit(inline="always", nogil=True, cache=True)
-def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201
-    """Entries start:start+m of `a` into float64 `out`; `bf`: `a` holds bfloat16 bit patterns
-    (uint16), widened through the uint32 scratch `u32`."""
-    if bf:
-        for i in range(m):
-            u32[i] = np.uint32(a[start + i]) << 16
-        f = u32.view(np.float32)
-        for i in range(m):
-            out[i] = f[i]
-    else:
-        for i in range(m):
-            out[i] = a[start + i]
+@intrinsic
+def _f64(typingctx, v):  # noqa: ANN001, ANN201, ARG001
+    """One entry as float64: a bfloat16 bit pattern (uint16) by a shift (its bits << 16 are the
+    float32 of the same value: exact), float32 widened, float64 as is; no memory scratch."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202, ARG001
+        x = args[0]
+        if v == types.uint16:
+            x = builder.bitcast(builder.shl(builder.zext(x, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)),
+                                ir.FloatType())
+        return x if v == types.float64 else builder.fpext(x, ir.DoubleType())
+    return (types.float64(v), codegen) if v in (types.uint16, types.float32, types.float64) else None
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201, ARG001
+    """Entries start:start+m of `a` (bfloat16 bit patterns as uint16, float32 or float64) into
+    float64 `out` (`bf`, `u32`: unused, kept for the callers). Unsigned indices: a signed one
+    makes numba test each for wraparound, and LLVM then loads lane by lane (~3x slower)."""
+    s = np.uint64(start)
+    for i in range(np.uint64(m)):
+        out[i] = _f64(a[s + i])
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
@@ -391,21 +401,25 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]
 
 
-#: run --report's loops: one reduction loop per chunk and input, its sums in registers (`reassoc`
-#: lets LLVM vectorise them; sums written to scratch rows first ran ~2.7x slower)
+#: run --report's loop: per chunk and input one reduction loop over the base, the input and the
+#: output as stored (widened in registers by _f64; unsigned indices), its sums in registers
+#: (`reassoc` lets LLVM vectorise them)
 @njit(**_JIT)
-def _merge_input(fb, fo, fx, m, r):  # noqa: ANN001, ANN201
-    """r += the sums of one chunk of the output `fo` against input `fx` (base `fb`)."""
-    sx = st = dox = dtt = dist = nnz = kept = against = 0.0
-    for i in range(m):
-        xx = fx[i]
-        bb = fb[i]
-        oo = fo[i]
+def _merge_chunk(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
+    """r += the sums of entries lo:hi of output `o` against input `x` (base `b`)."""
+    sx = st = so = sto = dox = dtt = dist = nnz = kept = against = 0.0
+    for i in range(np.uint64(lo), np.uint64(hi)):
+        bb = _f64(b[i])
+        oo = _f64(o[i])
+        xx = _f64(x[i])
         t = xx - bb
-        p = (oo - bb) * t
+        to = oo - bb
+        p = to * t
         d = oo - xx
         sx += xx * xx
         st += t * t
+        so += oo * oo
+        sto += to * to
         dox += oo * xx
         dtt += p
         dist += d * d
@@ -414,6 +428,8 @@ def _merge_input(fb, fo, fx, m, r):  # noqa: ANN001, ANN201
         against += 1.0 if p < 0.0 else 0.0
     r[0] += sx
     r[1] += st
+    r[2] += so
+    r[3] += sto
     r[4] += dox
     r[5] += dtt
     r[6] += dist
@@ -423,33 +439,12 @@ def _merge_input(fb, fo, fx, m, r):  # noqa: ANN001, ANN201
 
 
 @njit(**_JIT)
-def _merge_output(fb, fo, m):  # noqa: ANN001, ANN201
-    so = sto = 0.0
-    for i in range(m):
-        oo = fo[i]
-        to = oo - fb[i]
-        so += oo * oo
-        sto += to * to
-    return so, sto
-
-
-@njit(**_JIT)
-def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201
-    """The sums of output `o` against every input in `xs` over entries lo:hi, the base and the
-    output widened once per chunk: acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩,
-    ‖o − x‖², nnz, kept, against) (counts as float64: exact below 2**53)."""
-    nx = len(xs)
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    fo = np.empty(CHUNK, np.float64)
-    u = np.empty(CHUNK, np.uint32)
+def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201, ARG001
+    """The sums of output `o` against every input in `xs` over entries lo:hi, one pass, a chunk
+    at a time (the base's and the output's chunk read again from the cache for each input):
+    acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖², nnz, kept, against) (counts as
+    float64: exact below 2**53; `bf`: unused, the arrays' dtype says it)."""
     for start in range(lo, hi, CHUNK):
-        m = min(CHUNK, hi - start)
-        _load(b, start, m, bf, fb, u)
-        _load(o, start, m, bf, fo, u)
-        so, sto = _merge_output(fb, fo, m)
-        for j in range(nx):
-            _load(xs[j], start, m, bf, fx, u)
-            _merge_input(fb, fo, fx, m, acc[j])
-            acc[j, 2] += so
-            acc[j, 3] += sto
+        end = min(start + CHUNK, hi)
+        for j in range(len(xs)):
+            _merge_chunk(b, xs[j], o, start, end, acc[j])
