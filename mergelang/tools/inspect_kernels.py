@@ -234,36 +234,34 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
 
 
 @njit(**_JIT)
-def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):  # noqa: ANN001, ANN201
+def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, ANN201
     """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
     per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
-    `keys[j]`, counted in `counts[j]`, summed in `sums[j]`, their least and largest τ² in
-    `bmin[j]` / `bmax[j]`; per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
-    entries both non-zero with equal signs, entries both non-zero). The base and each model
-    are widened once per chunk, for everything."""
+    `keys[j]`, and per bucket k `hist[j, k]` = (count, sum, least, largest τ²) updated (one
+    cache line per entry); per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
+    entries both non-zero with equal signs, entries both non-zero). Per chunk the base and
+    each model are widened once (bf16 by a shift, _f64), unsigned indices (no wraparound
+    tests), sums in registers (`reassoc`: LLVM vectorises those loops)."""
     nm = len(xs)
     fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
     tt = np.empty((nm, CHUNK), np.float64)
-    qq = np.empty(CHUNK, np.float64)
     a32 = np.empty(CHUNK, np.float32)
     abits = a32.view(np.uint32)
-    u = np.empty(CHUNK, np.uint32)
     for start in range(lo, hi, CHUNK):
-        m = min(CHUNK, hi - start)
-        _load(b, start, m, bf, fb, u)
+        m = np.uint64(min(CHUNK, hi - start))
+        s0 = np.uint64(start)
+        _load(b, start, m, bf, fb, a32)
         bss = 0.0
         for i in range(m):
             bss += fb[i] * fb[i]
         for j in range(nm):
-            _load(xs[j], start, m, bf, fx, u)
-            ss = zeros = mx = 0.0  # sums in registers (`reassoc`: LLVM vectorises the loop)
+            x = xs[j]
+            tj = tt[j]
+            ss = zeros = mx = 0.0
             for i in range(m):
-                t = fx[i] - fb[i]
-                tt[j, i] = t
-                q = t * t
-                qq[i] = q
-                ss += q
+                t = _f64(x[s0 + i]) - fb[i]
+                tj[i] = t
+                ss += t * t
                 a = abs(t)
                 mx = a if a > mx else mx
                 a32[i] = np.float32(a)
@@ -272,20 +270,24 @@ def fused_pass(b, xs, bf, lo, hi, counts, sums, bmin, bmax, keys, stats, pairs):
             stats[j, 1] += bss
             stats[j, 2] = max(stats[j, 2], mx)
             stats[j, 3] += zeros
+            hj = hist[j]
+            kj = keys[j]
             for i in range(m):
-                k = abits[i] >> 16
-                q = qq[i]
-                keys[j, start + i] = k
-                counts[j, k] += 1
-                sums[j, k] += q
-                bmin[j, k] = min(bmin[j, k], q)
-                bmax[j, k] = max(bmax[j, k], q)
+                k = abits[i] >> np.uint32(16)
+                q = tj[i] * tj[i]
+                kj[s0 + i] = k
+                h = hj[k]
+                h[0] += 1.0
+                h[1] += q
+                h[2] = min(h[2], q)
+                h[3] = max(h[3], q)
         p = 0
         for j in range(nm):
             for l in range(j + 1, nm):
+                ti, tl = tt[j], tt[l]
                 dot = agree = both = 0.0
                 for i in range(m):
-                    pr = tt[j, i] * tt[l, i]
+                    pr = ti[i] * tl[i]
                     dot += pr
                     agree += 1.0 if pr > 0.0 else 0.0
                     both += 1.0 if pr != 0.0 else 0.0
@@ -345,16 +347,15 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
     xt = tuple(xs)
     npairs = nm * (nm - 1) // 2
     cuts = [n * p // parts for p in range(parts + 1)]
-    counts = np.zeros((parts, nm, NBUCKETS), np.int64)
-    sums = np.zeros((parts, nm, NBUCKETS), np.float64)
-    bmin = np.full((parts, nm, NBUCKETS), np.inf)
-    bmax = np.zeros((parts, nm, NBUCKETS), np.float64)
+    hist = np.zeros((parts, nm, NBUCKETS, 4), np.float64)  # count, sum, least, largest τ²
+    hist[..., 2] = np.inf
     keys = np.empty((nm, n), np.uint16)
     stats = np.zeros((parts, nm, 4), np.float64)
     pairs = np.zeros((parts, max(npairs, 1), 3), np.float64)
     runner = run or (lambda fn, args: [fn(*a) for a in args])
-    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], counts[p], sums[p], bmin[p], bmax[p], keys,
-                         stats[p], pairs[p]) for p in range(parts)])
+    runner(fused_pass, [(b, xt, bf, cuts[p], cuts[p + 1], hist[p], keys, stats[p], pairs[p])
+                        for p in range(parts)])
+    counts, sums, bmin, bmax = hist[..., 0].astype(np.int64), hist[..., 1], hist[..., 2], hist[..., 3]
     total = counts.sum(axis=0)
     bucket_sums = sums.sum(axis=0)
     lowest, highest = bmin.min(axis=0), bmax.max(axis=0)
