@@ -298,44 +298,18 @@ def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, AN
 
 
 @njit(**_JIT)
-def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, out):  # noqa: ANN001, ANN201
+def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, out):  # noqa: ANN001, ANN201, ARG001
     """Second pass over entries lo:hi, reading the bucket keys: the τ² of the entries of
     buckets with a slot (`slot[j, k]` >= 0) listed into `out` at `fill[slot]`, recomputed from
-    the inputs: a chunk at a time where many of a chunk's entries are listed (quantised task
-    vectors), one entry at a time where few are."""
-    fb = np.empty(CHUNK, np.float64)
-    fx = np.empty(CHUNK, np.float64)
-    u = np.empty(CHUNK, np.uint32)
-    hit = np.empty(CHUNK, np.int64)
+    the inputs as stored (_f64; unsigned indices)."""
     for j in range(len(xs)):
-        x = xs[j]
-        for start in range(lo, hi, CHUNK):
-            m = min(CHUNK, hi - start)
-            h = 0
-            for i in range(m):
-                if slot[j, keys[j, start + i]] >= 0:
-                    hit[h] = i
-                    h += 1
-            if h == 0:
-                continue
-            if h * 16 > m:
-                _load(b, start, m, bf, fb, u)
-                _load(x, start, m, bf, fx, u)
-                for e in range(h):
-                    i = hit[e]
-                    t = fx[i] - fb[i]
-                    s = slot[j, keys[j, start + i]]
-                    out[fill[s]] = t * t
-                    fill[s] += 1
-            else:
-                for e in range(h):
-                    i = start + hit[e]
-                    _load(b, i, 1, bf, fb, u)
-                    _load(x, i, 1, bf, fx, u)
-                    t = fx[0] - fb[0]
-                    s = slot[j, keys[j, i]]
-                    out[fill[s]] = t * t
-                    fill[s] += 1
+        x, kj, sj = xs[j], keys[j], slot[j]
+        for i in range(np.uint64(lo), np.uint64(hi)):
+            s = sj[kj[i]]
+            if s >= 0:
+                t = _f64(x[i]) - _f64(b[i])
+                out[fill[s]] = t * t
+                fill[s] += 1
 
 
 def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...], bf: bool,
