@@ -1,0 +1,69 @@
+"""ns per entry of run --report's sums kernel (tools.merge_report.run_sums) and of inspect's
+fused pass (tools.inspect_stats.fused_stats), on synthetic bfloat16 tensors (no files).
+
+    python benchmarks/bench_report_kernel.py              # 16M entries, base + 2 inputs + output
+
+Prints, per kernel: wall and CPU time (process, all threads) per entry, single-thread (one
+part) and threaded (run_sums as run --report calls it: parts on the inspect pool), best of
+--repeat. On a shared machine CPU time is the steadier measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def best(fn, repeat: int) -> tuple[float, float]:  # noqa: ANN001
+    fn()  # compile / warm
+    runs = []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        runs.append((time.perf_counter() - t0, time.process_time() - c0))
+    return min(runs)
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from mergelang.tools import inspect_stats as st
+    from mergelang.tools.inspect_kernels import fused_stats
+    from mergelang.tools.merge_report import run_sums
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", type=int, default=1 << 24)
+    ap.add_argument("--inputs", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    n = args.entries
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(args.inputs)]
+    out = torch.stack([x.float() for x in xs]).mean(0).to(torch.bfloat16)
+    b = st.flat(base, torch.bfloat16)
+    arrs = [st.flat(x, torch.bfloat16) for x in xs]
+    saved = st.workers
+    for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
+        st.workers = lambda w=w: w  # noqa: E731  (run_sums / fused_stats split by workers())
+        wall, cpu = best(lambda: run_sums(base, xs, out), args.repeat)
+        print(f"run_sums     {label:10s} {n} entries x {args.inputs} inputs: "
+              f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
+    for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
+        def inspect(w: int = w) -> None:
+            fused_stats(b, arrs, st.FRACTIONS, True, w,
+                           lambda fn, a: list(st.pool().map(lambda x: fn(*x), a)))
+        wall, cpu = best(inspect, args.repeat)
+        print(f"fused_stats  {label:10s} {n} entries x {args.inputs} models: "
+              f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
+    st.workers = saved
+    del np
+
+
+if __name__ == "__main__":
+    main()
