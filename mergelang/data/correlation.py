@@ -168,6 +168,7 @@ def spec_of(models: Any, groups: tuple[str, ...]) -> Any:
                    "give the groups as align's `groups` strings (--group / groups=)") from None
     problems = spec.check(shapes[0])
     bad = [t for t in spec.tensors() if shapes[1].get(t) != shapes[0].get(t)]
+    bad += sorted(set(shapes[0]) ^ set(shapes[1]))  # one architecture: no tensor only one model has
     if problems or bad:
         why = problems[0] if problems else f"tensor `{bad[0]}` differs between {models[0]} and {models[1]}"
         raise fail("E967", f"correlation statistics: {why}", "two models of the same architecture and size")
@@ -192,8 +193,9 @@ def build_module(model: Any, module: Any, dev: Any) -> Any:
     maker = load_value(module, "module") if isinstance(module, str) else module
     try:
         net = maker() if callable(maker) and not isinstance(maker, torch.nn.Module) else maker
-    except Exception as exc:  # noqa: BLE001 - user code: one diagnostic
-        raise fail("E969", f"--module {module}: building the module failed: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (sys.exit too): one diagnostic
+        why = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise fail("E969", f"--module {module}: building the module failed: {why}") from None
     if not isinstance(net, torch.nn.Module):
         raise fail("E969", f"--module {module}: gives a {type(net).__name__}, not a torch.nn.Module",
                    "NAME must be an nn.Module class or a function returning a module")
@@ -269,7 +271,7 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
     import hashlib
 
     digest = hashlib.sha256()
-    for k, b in enumerate(d.batches):
+    for k, b in enumerate(user_items(d)):
         args, kw = ((b,), {}) if isinstance(b, torch.Tensor) else \
             (tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)) if isinstance(b, dict) else (None, None)
         if args is None:
@@ -289,6 +291,24 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
         move = (lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v)
         yield tuple(move(v) for v in args), {n: move(v) for n, v in kw.items()}, None, size
     d.digest = digest.hexdigest()
+
+
+def user_items(d: Data) -> Iterator[Any]:
+    """The items of FILE.py:BATCHES; an iterable that fails (or is none) is E961, not a traceback."""
+    try:
+        it = iter(d.batches)
+    except TypeError:
+        raise fail("E961", f"--data {d.source}: a {type(d.batches).__name__} is not an iterable of batches") from None
+    k = 0
+    while True:
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - the user's iterable: one diagnostic
+            raise fail("E961", f"--data {d.source}: producing batch {k} failed: {type(exc).__name__}: {exc}") from None
+        yield b
+        k += 1
 
 
 def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> dict[str, tuple[Any, int]]:
@@ -311,6 +331,12 @@ def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> d
     try:
         with torch.no_grad():
             r.model(*args, **kw)
+    except MergelangError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model on the user's batches: one diagnostic
+        raise fail("E970", f"the model's forward pass failed on the data: {type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                   "each batch must be the model's inputs (FILE.py:BATCHES: tensors, tuples or dicts)") from None
     finally:
         for h in handles:
             h.remove()
@@ -393,6 +419,9 @@ def finish(acc: dict[str, dict[str, Any]], sites: list[Site]) -> tuple[dict[str,
         sdb = (s["sbb"] / n - mb * mb).clamp(min=0).sqrt()
         cov = s["sab"] / n - ma[:, None] * mb[None, :]
         corr = cov / (sda[:, None] * sdb[None, :]).clamp(min=EPS)
+        if not bool(corr.isfinite().all()):
+            raise fail("E970", f"site {key}: the activations are not finite (NaN or inf)",
+                       "check the data and the models' weights for NaN / inf values")
         for part, t in zip(PARTS, (corr, ma, mb, sda, sdb)):
             out[f"{key}.{part}"] = t.float().cpu()
     return out, set(acc)
