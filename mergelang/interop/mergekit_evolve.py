@@ -67,7 +67,7 @@ class EvolveReader(ConfigReader):
             if k not in GENOME_KEYS:
                 self.warn("W101", f"genome.{k} is not translated (unknown key)")
         method = g.get("merge_method")
-        if method not in METHOD_PARAMS:
+        if not isinstance(method, str) or method not in METHOD_PARAMS:
             self.err("E711", f"genome.merge_method {short(method)}: mergekit-evolve searches "
                      + ", ".join(METHOD_PARAMS))
             return None
