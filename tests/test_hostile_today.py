@@ -226,3 +226,17 @@ def test_lm_eval_spec_is_read_before_lm_eval_is_imported(monkeypatch, tmp_path):
     with pytest.raises(ml.MergelangError) as info:
         ml.objectives.lm_eval("t=/x", config=tmp_path)
     assert info.value.codes == ["E966"]
+
+
+def test_python_api_settings_of_the_wrong_type(mlp, tmp_path, monkeypatch):
+    import mergelang as ml
+
+    with pytest.raises(ml.MergelangError) as info:  # was AttributeError: 'int' object has no attribute 'partition'
+        ml.stats([mlp / "a", mlp / "b"], f"{mlp / 'mlp.py'}:BATCHES", kind="correlation",
+                 module=f"{mlp / 'mlp.py'}:MLP", groups=[1])
+    assert info.value.codes == ["E967"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ml.MergelangError) as info:  # a string of 2 characters was 2 folders: "g" and "1"
+        ml.regmeanpp([mlp / "a", mlp / "b"], f"{mlp / 'mlp.py'}:BATCHES", out="g1")
+    assert info.value.codes == ["E965"]
+    assert list(tmp_path.iterdir()) == []

@@ -92,6 +92,8 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
         raise fail("E967", f"kind correlation needs two models [a, b], got {models!r}",
                    "mergelang stats A B --kind correlation (A: the reference of align's `to`)")
     groups = (groups,) if isinstance(groups, str) else tuple(groups or ())
+    if not all(isinstance(g, str) for g in groups):
+        raise fail("E967", f"groups must be strings \"NAME: PATTERN@AXIS ...\", got {list(groups)!r}")
     for name, v in (("max_examples", max_examples), ("batch_size", batch_size)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise fail("E965", f"{name} must be an integer >= 1, got {v!r}")
@@ -101,7 +103,7 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
         raise fail("E402", str(exc)) from None
     if out is not None:
         check_out(Path(out), models, data, force)
-    spec = spec_of(models, groups)
+    spec = spec_of(models, groups, same_names=module is None)
     d = load_data(data, field)
     runners = [load_runner(m, module, dev) for m in models]
     sites, by_group = find_sites(runners[0], spec)
@@ -142,7 +144,7 @@ def warn(log: Callable[[Diagnostic], None] | None, d: Diagnostic) -> Diagnostic:
 # ------------------------------------------------------------------------------ spec and models
 
 
-def spec_of(models: Any, groups: tuple[str, ...]) -> Any:
+def spec_of(models: Any, groups: tuple[str, ...], same_names: bool = True) -> Any:
     """align's spec for model A (custom `groups` or the built-in one); E967 when none fits or
     the two models differ in a spec tensor."""
     from mergelang.errors import CheckpointError
@@ -168,7 +170,8 @@ def spec_of(models: Any, groups: tuple[str, ...]) -> Any:
                    "give the groups as align's `groups` strings (--group / groups=)") from None
     problems = spec.check(shapes[0])
     bad = [t for t in spec.tensors() if shapes[1].get(t) != shapes[0].get(t)]
-    bad += sorted(set(shapes[0]) ^ set(shapes[1]))  # one architecture: no tensor only one model has
+    if same_names:  # one architecture: no tensor only one model has (--module: its strict load says it)
+        bad += sorted(set(shapes[0]) ^ set(shapes[1]))
     if problems or bad:
         why = problems[0] if problems else f"tensor `{bad[0]}` differs between {models[0]} and {models[1]}"
         raise fail("E967", f"correlation statistics: {why}", "two models of the same architecture and size")

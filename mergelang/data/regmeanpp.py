@@ -188,6 +188,8 @@ def regmeanpp(models: list[str | Path], data: str | Path | list[str | Path], alp
     if len(models) < 2:
         raise fail("E965", "RegMean++ merges two or more models", "give every model to merge")
     datas = list(data) if isinstance(data, (list, tuple)) else [data] * len(models)
+    if isinstance(out, (str, Path)):  # one path is not a list of folders (a string's characters)
+        raise fail("E965", f"out must be a list of {len(models)} folders, one per model, got {str(out)!r}")
     if len(datas) != len(models) or (out is not None and len(out) != len(models)):
         raise fail("E965", f"{len(models)} models need one data source (or one for all) and one "
                    "output folder each")

@@ -67,7 +67,7 @@ def check_stats(info: Mapping[str, Any], shapes: Mapping[str, Any], spec: AlignS
             problems.append(f"it has no statistics for the group `{g.name}` (its groups: "
                             f"{', '.join(list(groups)[:4]) or 'none'})")
         elif got.get("size") != g.size:
-            problems.append(f"its group `{g.name}` has size {got.get('size')}, the model's {g.size}")
+            problems.append(f"its group `{g.name}` has size {got.get('size')!r}, the model's {g.size}")
     extra = sorted(set(groups) - {g.name for g in spec.groups})
     if extra:
         problems.append(f"it has groups the model's spec lacks: {', '.join(extra[:4])}")
