@@ -240,3 +240,20 @@ def test_python_api_settings_of_the_wrong_type(mlp, tmp_path, monkeypatch):
         ml.regmeanpp([mlp / "a", mlp / "b"], f"{mlp / 'mlp.py'}:BATCHES", out="g1")
     assert info.value.codes == ["E965"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evolve_import_never_replaces_a_task_yaml_it_read(tmp_path):
+    pytest.importorskip("transformers")
+    import data_models as dm
+
+    a, b = dm.save_llama(tmp_path / "a", 0), dm.save_llama(tmp_path / "b", 1)
+    cfg = tmp_path / "e.yml"
+    cfg.write_text(yaml.safe_dump({"genome": {"models": [str(a), str(b)], "merge_method": "linear"},
+                                   "tasks": ["t1"], "apply_chat_template": False}))
+    task = tmp_path / "t1.yaml"
+    task.write_text("task: t1\ndataset_path: json\n")
+    rc, text = cli("import-mergekit", str(cfg), "-o", str(task), "--force")
+    assert rc == 1 and "error[E404]" in text, text  # was: the task YAML replaced by the recipe
+    assert task.read_text() == "task: t1\ndataset_path: json\n"
+    rc, text = cli("import-mergekit", str(cfg), "-o", str(tmp_path / "r.mrg"))
+    assert rc == 0 and "--lm-eval-include" in text, text
