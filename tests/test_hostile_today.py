@@ -151,15 +151,40 @@ def test_an_edited_correlation_sidecar(mlp, sidecar, tmp_path, edit):
     assert not (tmp_path / "out").exists()
 
 
-def test_correlation_of_models_of_different_depth(tmp_path):
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
     import data_models as dm
 
-    a = dm.save_llama(tmp_path / "a", 0)
-    b = dm.save_llama(tmp_path / "b", 1, num_hidden_layers=3)  # one layer more: was accepted
-    rc, text = cli("stats", str(a), str(b), "--kind", "correlation", "--data", str(dm.write_texts(tmp_path / "d.txt")),
-                   "-o", str(tmp_path / "c"), "-q")
+    root = tmp_path_factory.mktemp("llamas")
+    dm.save_llama(root / "a", 0)
+    dm.save_llama(root / "b", 1)
+    dm.save_llama(root / "deep", 1, num_hidden_layers=3)
+    dm.write_texts(root / "d.txt")
+    (root / "ids.py").write_text(
+        "import torch\n"
+        "def gen():\n    yield {'input_ids': torch.randint(3, 10, (2, 5))}\n    raise ValueError('gen fail')\n"
+        "GEN = gen()\nBIG = [{'input_ids': torch.full((2, 5), 10 ** 6)}]\nFLOAT = [{'input_ids': torch.rand(2, 5)}]\n")
+    return root
+
+
+def test_correlation_of_models_of_different_depth(llamas, tmp_path):
+    rc, text = cli("stats", str(llamas / "a"), str(llamas / "deep"), "--kind", "correlation",  # was accepted
+                   "--data", str(llamas / "d.txt"), "-o", str(tmp_path / "c"), "-q")
     assert rc == 1 and "error[E967]" in text and "differs between" in text, text
+
+
+@pytest.mark.parametrize("kind", ["gram", "fisher", "gram-plusplus", "correlation"])
+@pytest.mark.parametrize("data, code", [("GEN", "E961"), ("BIG", "E970"), ("FLOAT", "E970")])
+def test_stats_on_batches_the_model_cannot_read(llamas, tmp_path, kind, data, code):
+    two = kind in ("gram-plusplus", "correlation")
+    args = ["stats", str(llamas / "a"), *([str(llamas / "b")] if two else []), "--kind", kind,
+            "--data", f"{llamas / 'ids.py'}:{data}", "-o", str(tmp_path / "g1"), "-q"]
+    if kind == "gram-plusplus":
+        args += ["-o", str(tmp_path / "g2"), "--alpha", "0.5"]
+    rc, text = cli(*args)
+    assert rc == 1 and f"error[{code}]" in text, text  # was exit 3 (internal error)
+    assert not (tmp_path / "g1").exists()
 
 
 def test_evolve_merge_method_that_is_not_a_string(tmp_path):
@@ -242,11 +267,8 @@ def test_python_api_settings_of_the_wrong_type(mlp, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_evolve_import_never_replaces_a_task_yaml_it_read(tmp_path):
-    pytest.importorskip("transformers")
-    import data_models as dm
-
-    a, b = dm.save_llama(tmp_path / "a", 0), dm.save_llama(tmp_path / "b", 1)
+def test_evolve_import_never_replaces_a_task_yaml_it_read(llamas, tmp_path):
+    a, b = llamas / "a", llamas / "b"
     cfg = tmp_path / "e.yml"
     cfg.write_text(yaml.safe_dump({"genome": {"models": [str(a), str(b)], "merge_method": "linear"},
                                    "tasks": ["t1"], "apply_chat_template": False}))

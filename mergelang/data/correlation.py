@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mergelang.data.inputs import DEFAULT_SEQ_LEN, Counts, Data, batches, fail, load_data, load_model
+from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, batches, fail, forward_errors, load_data,
+                                   load_model, user_items)
 from mergelang.diagnostics import Diagnostic, MergelangError, warning
 
 STATS_FILE = "mergelang_stats.json"
@@ -274,7 +275,7 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
     import hashlib
 
     digest = hashlib.sha256()
-    for k, b in enumerate(user_items(d)):
+    for k, b in enumerate(user_items(d.source, d.batches)):
         args, kw = ((b,), {}) if isinstance(b, torch.Tensor) else \
             (tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)) if isinstance(b, dict) else (None, None)
         if args is None:
@@ -296,24 +297,6 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
     d.digest = digest.hexdigest()
 
 
-def user_items(d: Data) -> Iterator[Any]:
-    """The items of FILE.py:BATCHES; an iterable that fails (or is none) is E961, not a traceback."""
-    try:
-        it = iter(d.batches)
-    except TypeError:
-        raise fail("E961", f"--data {d.source}: a {type(d.batches).__name__} is not an iterable of batches") from None
-    k = 0
-    while True:
-        try:
-            b = next(it)
-        except StopIteration:
-            return
-        except Exception as exc:  # noqa: BLE001 - the user's iterable: one diagnostic
-            raise fail("E961", f"--data {d.source}: producing batch {k} failed: {type(exc).__name__}: {exc}") from None
-        yield b
-        k += 1
-
-
 def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> dict[str, tuple[Any, int]]:
     """{site key: (float64 rows x features, the raw tensor)} from one forward pass."""
     import torch
@@ -332,14 +315,8 @@ def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> d
 
     handles = [mods[s.module].register_forward_hook(hook_for(s)) for s in sites]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors():
             r.model(*args, **kw)
-    except MergelangError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the model on the user's batches: one diagnostic
-        raise fail("E970", f"the model's forward pass failed on the data: {type(exc).__name__}: "
-                   f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                   "each batch must be the model's inputs (FILE.py:BATCHES: tensors, tuples or dicts)") from None
     finally:
         for h in handles:
             h.remove()
