@@ -279,3 +279,9 @@ def test_evolve_import_never_replaces_a_task_yaml_it_read(llamas, tmp_path):
     assert task.read_text() == "task: t1\ndataset_path: json\n"
     rc, text = cli("import-mergekit", str(cfg), "-o", str(tmp_path / "r.mrg"))
     assert rc == 0 and "--lm-eval-include" in text, text
+
+
+def test_align_stats_given_as_a_single_file(mlp, sidecar, tmp_path):
+    r = align_recipe(mlp, next(sidecar.glob("model-*.safetensors")), tmp_path)
+    rc, text = cli("check", str(r))
+    assert rc == 1 and "error[E968]" in text and "not a local folder" in text and "in None" not in text, text

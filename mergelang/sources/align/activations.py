@@ -44,7 +44,10 @@ def read_info(folder: Path | None) -> dict[str, Any]:
     """The sidecar's mergelang_stats.json (E968 when absent, unreadable or not `correlation`)."""
     from mergelang.io.textfile import read_json, reason
 
-    if folder is None or not (Path(folder) / STATS_FILE).is_file():
+    if folder is None:
+        raise StatsError("it is not a local folder (a single file?): give the sidecar folder "
+                         "written by `mergelang stats`")
+    if not (Path(folder) / STATS_FILE).is_file():
         raise StatsError(f"no {STATS_FILE} in {folder}: not a sidecar written by `mergelang stats`")
     try:
         info = read_json(Path(folder) / STATS_FILE, obj=True)
