@@ -332,8 +332,8 @@ def import_mergekit(config: str, out: str | None, layer_prefix: str, allow_crime
         raise MergelangError(result.diagnostics)
     echo_diags(result.diagnostics)
     if out:
-        write_output_file(out, result.text, [Path(config), *_imported_models(result.text, out)], force,
-                          parents=True)
+        inputs = [Path(config), *result.reads, *_imported_models(result.text, out)]  # reads: task YAMLs
+        write_output_file(out, result.text, inputs, force, parents=True)
         click.echo(f"wrote {out} ({plural(len(result.diagnostics), 'warning')})", err=True)
     else:
         click.echo(result.text, nl=False)

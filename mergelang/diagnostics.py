@@ -392,6 +392,7 @@ CODES: dict[str, str] = {
     "E967": "align by activations / stats --kind correlation: a bad setting (by, stats missing or not a model, no groups for the models, models that differ)",
     "E968": "align's correlation stats do not fit (not a correlation sidecar, a group missing or of another size, a tensor missing, the models swapped)",
     "E969": "stats --module: the torch module cannot be built, does not fit the checkpoint, or has no batch data",
+    "E970": "stats: the model's forward pass fails on the data (any kind), or correlation activations are not finite",
     "E907": "the loss or the data function raised, or called sys.exit",
     "E908": "the loss (or a learned param) became NaN or infinite: learning stopped",
     "E950": "inspect: no model to compare with the base",

@@ -43,7 +43,11 @@ def _single_file(path: Path) -> tuple[dict[str, Any], Any]:
     from mergelang.io.outguard import MANIFEST_FORMAT
     from mergelang.io.singlefile import MANIFEST_KEY, SHARDS_KEY, metadata_of
 
-    meta = metadata_of(path) or {}
+    meta = metadata_of(path)
+    if meta is None:
+        raise MergelangError(error("E420", f"{path} is not a readable safetensors file (truncated, "
+                                   "or its header edited)", None,
+                                   "verify checks a file written by `mergelang run -o FILE.safetensors`"))
     try:
         data = json.loads(meta[MANIFEST_KEY])
         layout = json.loads(meta[SHARDS_KEY]) if SHARDS_KEY in meta else None

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mergelang.data.inputs import DEFAULT_SEQ_LEN, Counts, Data, batches, fail, load_data, load_model
+from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, batches, fail, forward_errors, load_data,
+                                   load_model, user_items)
 from mergelang.diagnostics import Diagnostic, MergelangError, warning
 
 STATS_FILE = "mergelang_stats.json"
@@ -92,6 +93,8 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
         raise fail("E967", f"kind correlation needs two models [a, b], got {models!r}",
                    "mergelang stats A B --kind correlation (A: the reference of align's `to`)")
     groups = (groups,) if isinstance(groups, str) else tuple(groups or ())
+    if not all(isinstance(g, str) for g in groups):
+        raise fail("E967", f"groups must be strings \"NAME: PATTERN@AXIS ...\", got {list(groups)!r}")
     for name, v in (("max_examples", max_examples), ("batch_size", batch_size)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise fail("E965", f"{name} must be an integer >= 1, got {v!r}")
@@ -101,7 +104,7 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
         raise fail("E402", str(exc)) from None
     if out is not None:
         check_out(Path(out), models, data, force)
-    spec = spec_of(models, groups)
+    spec = spec_of(models, groups, same_names=module is None)
     d = load_data(data, field)
     runners = [load_runner(m, module, dev) for m in models]
     sites, by_group = find_sites(runners[0], spec)
@@ -142,7 +145,7 @@ def warn(log: Callable[[Diagnostic], None] | None, d: Diagnostic) -> Diagnostic:
 # ------------------------------------------------------------------------------ spec and models
 
 
-def spec_of(models: Any, groups: tuple[str, ...]) -> Any:
+def spec_of(models: Any, groups: tuple[str, ...], same_names: bool = True) -> Any:
     """align's spec for model A (custom `groups` or the built-in one); E967 when none fits or
     the two models differ in a spec tensor."""
     from mergelang.errors import CheckpointError
@@ -168,6 +171,8 @@ def spec_of(models: Any, groups: tuple[str, ...]) -> Any:
                    "give the groups as align's `groups` strings (--group / groups=)") from None
     problems = spec.check(shapes[0])
     bad = [t for t in spec.tensors() if shapes[1].get(t) != shapes[0].get(t)]
+    if same_names:  # one architecture: no tensor only one model has (--module: its strict load says it)
+        bad += sorted(set(shapes[0]) ^ set(shapes[1]))
     if problems or bad:
         why = problems[0] if problems else f"tensor `{bad[0]}` differs between {models[0]} and {models[1]}"
         raise fail("E967", f"correlation statistics: {why}", "two models of the same architecture and size")
@@ -192,8 +197,9 @@ def build_module(model: Any, module: Any, dev: Any) -> Any:
     maker = load_value(module, "module") if isinstance(module, str) else module
     try:
         net = maker() if callable(maker) and not isinstance(maker, torch.nn.Module) else maker
-    except Exception as exc:  # noqa: BLE001 - user code: one diagnostic
-        raise fail("E969", f"--module {module}: building the module failed: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (sys.exit too): one diagnostic
+        why = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise fail("E969", f"--module {module}: building the module failed: {why}") from None
     if not isinstance(net, torch.nn.Module):
         raise fail("E969", f"--module {module}: gives a {type(net).__name__}, not a torch.nn.Module",
                    "NAME must be an nn.Module class or a function returning a module")
@@ -269,7 +275,7 @@ def model_batches(r: Runner, d: Data, dev: Any, bs: int, seq_len: int, max_examp
     import hashlib
 
     digest = hashlib.sha256()
-    for k, b in enumerate(d.batches):
+    for k, b in enumerate(user_items(d.source, d.batches)):
         args, kw = ((b,), {}) if isinstance(b, torch.Tensor) else \
             (tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)) if isinstance(b, dict) else (None, None)
         if args is None:
@@ -309,7 +315,7 @@ def capture(r: Runner, sites: list[Site], args: tuple, kw: dict, mask: Any) -> d
 
     handles = [mods[s.module].register_forward_hook(hook_for(s)) for s in sites]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors():
             r.model(*args, **kw)
     finally:
         for h in handles:
@@ -393,6 +399,9 @@ def finish(acc: dict[str, dict[str, Any]], sites: list[Site]) -> tuple[dict[str,
         sdb = (s["sbb"] / n - mb * mb).clamp(min=0).sqrt()
         cov = s["sab"] / n - ma[:, None] * mb[None, :]
         corr = cov / (sda[:, None] * sdb[None, :]).clamp(min=EPS)
+        if not bool(corr.isfinite().all()):
+            raise fail("E970", f"site {key}: the activations are not finite (NaN or inf)",
+                       "check the data and the models' weights for NaN / inf values")
         for part, t in zip(PARTS, (corr, ma, mb, sda, sdb)):
             out[f"{key}.{part}"] = t.float().cpu()
     return out, set(acc)

@@ -22,6 +22,7 @@ real tokens, and padding never counts in any statistic.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -42,6 +43,39 @@ MAX_DATA_BYTES = 1024 * 1024 * 1024
 
 def fail(code: str, message: str, help: str | None = None) -> MergelangError:
     return MergelangError(error(code, message, None, help))
+
+
+@contextlib.contextmanager
+def forward_errors() -> Iterator[None]:
+    """A model's forward pass on the user's batches: any failure (a batch of the wrong shape or
+    dtype, token ids outside the vocabulary) is E970, not an internal error."""
+    try:
+        yield
+    except MergelangError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model on the user's data: one diagnostic
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise fail("E970", f"the model's forward pass failed on the data: {type(exc).__name__}: {first}",
+                   "each batch must be the model's inputs (FILE.py:BATCHES: tensors, tuples or dicts; "
+                   "token ids inside the vocabulary)") from None
+
+
+def user_items(source: str, items: Any) -> Iterator[Any]:
+    """The items of FILE.py:BATCHES; one that is not iterable, or an iterator that raises, is E961."""
+    try:
+        it = iter(items)
+    except TypeError:
+        raise fail("E961", f"--data {source}: a {type(items).__name__} is not an iterable of batches") from None
+    k = 0
+    while True:
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - the user's iterable: one diagnostic
+            raise fail("E961", f"--data {source}: producing batch {k} failed: {type(exc).__name__}: {exc}") from None
+        yield b
+        k += 1
 
 
 # --------------------------------------------------------------------------------------- models
@@ -367,13 +401,8 @@ def batches(data: Data, tokenizer: Any, device: Any, batch_size: int, seq_len: i
 def _user_batches(data: Data, device: Any, max_examples: int | None, counts: Counts) -> Iterator[Batch]:
     import torch
 
-    try:
-        it = iter(data.batches)
-    except TypeError:
-        raise fail("E961", f"--data {data.source}: a {type(data.batches).__name__} is not an "
-                   "iterable of batches") from None
     digest = hashlib.sha256()
-    for k, b in enumerate(it):
+    for k, b in enumerate(user_items(data.source, data.batches)):
         if isinstance(b, torch.Tensor):
             b = {"input_ids": b}
         if not isinstance(b, dict) or not isinstance(b.get("input_ids"), torch.Tensor) \

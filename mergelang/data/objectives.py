@@ -138,14 +138,16 @@ def task_entries(tasks: str | list[str]) -> list[tuple[str, str | None, float]]:
             weight = float(w) if star else 1.0
         except ValueError:
             weight = math.nan
-        if not name.strip() or (eq and not metric.strip()) or not math.isfinite(weight):
+        m, slash, filt = metric.strip().partition("/")
+        if not name.strip() or (eq and (not m.strip() or "=" in metric or (slash and not filt.strip()))) \
+                or not math.isfinite(weight):
             raise fail("E966", f"lm-eval: cannot read the task {entry!r}",
                        "TASK, TASK=METRIC, TASK*WEIGHT or TASK=METRIC*WEIGHT (WEIGHT a number)")
-        key = None
-        if eq:
-            m, slash, filt = metric.strip().partition("/")
-            key = f"{m},{filt if slash else 'none'}"
+        key = f"{m.strip()},{filt.strip() if slash else 'none'}" if eq else None
         out.append((name.strip(), key, weight))
+    if out and all(w == 0 for _, _, w in out):
+        raise fail("E966", "lm-eval: every task's weight is 0: the score would not depend on the merge",
+                   "give at least one task a weight other than 0 (TASK*WEIGHT)")
     return out
 
 
@@ -154,8 +156,8 @@ def lm_eval(tasks: str | list[str], config: str | Path, include_path: str | Path
             num_fewshot: int | None = None) -> Objective:
     """The mean of the tasks' primary metrics (lm-evaluation-harness) for the merged weights;
     `TASK=METRIC*WEIGHT` entries as in the module's documentation."""
+    entries = task_entries(tasks)  # a malformed spec is E966 before lm-eval's slow import
     lm_eval_mod, HFLM, TaskManager = _lm_eval_modules()
-    entries = task_entries(tasks)
     names = list(dict.fromkeys(t for t, _, _ in entries))
     if not names:
         raise fail("E966", "lm-eval: no task named", "e.g. --objective lm-eval:hellaswag,arc_easy")

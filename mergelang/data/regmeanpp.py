@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mergelang.data.inputs import DEFAULT_SEQ_LEN, Counts, LoadedModel, batches, fail, load_data, load_model
+from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, LoadedModel, batches, fail, forward_errors, load_data,
+                                   load_model)
 
 
 class _Stop(Exception):
@@ -65,7 +66,7 @@ def _stages(lm: LoadedModel, first: Any) -> tuple[list[list[str]], list[str], li
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
                for name, m in lm.model.named_modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors():
             lm.model(**first.inputs)
     finally:
         for h in handles:
@@ -127,7 +128,7 @@ def _grams_at(lm: LoadedModel, params: dict[str, Any], cached: list[Any], target
     if stop_at is not None:
         handles.append(stop_at.register_forward_hook(stop))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors():
             for b in cached:
                 state["mask"] = b.mask
                 try:
@@ -188,6 +189,8 @@ def regmeanpp(models: list[str | Path], data: str | Path | list[str | Path], alp
     if len(models) < 2:
         raise fail("E965", "RegMean++ merges two or more models", "give every model to merge")
     datas = list(data) if isinstance(data, (list, tuple)) else [data] * len(models)
+    if isinstance(out, (str, Path)):  # one path is not a list of folders (a string's characters)
+        raise fail("E965", f"out must be a list of {len(models)} folders, one per model, got {str(out)!r}")
     if len(datas) != len(models) or (out is not None and len(out) != len(models)):
         raise fail("E965", f"{len(models)} models need one data source (or one for all) and one "
                    "output folder each")

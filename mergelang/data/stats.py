@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, LoadedModel, batches, fail,
+from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, LoadedModel, batches, fail, forward_errors,
                                    load_data, load_model)
 from mergelang.diagnostics import Diagnostic, MergelangError, warning
 
@@ -256,7 +256,8 @@ def _grams(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_exampl
                 for b in batches(d, lm.tokenizer, dev, bs, seq_len, max_examples, counts):
                     state["mask"] = b.mask
                     state["last"] = None
-                    lm.model(**b.inputs)
+                    with forward_errors():
+                        lm.model(**b.inputs)
                     state["last"] = None
                     bar.update(b.size)
         finally:
@@ -284,7 +285,8 @@ def log_likelihood(model: Any, b: Any) -> Any:
     labels (a sequence classifier). E963 for a model with neither."""
     import torch
 
-    out = model(**b.inputs)
+    with forward_errors():
+        out = model(**b.inputs)
     logits = getattr(out, "logits", None)
     if logits is None:
         raise fail("E963", f"{type(model).__name__} gives no logits: the Fisher needs a causal LM "

@@ -86,6 +86,7 @@ class Result:
     text: str
     diagnostics: list[Diagnostic] = field(default_factory=list)
     tune_command: str | None = None  # a mergekit-evolve config: the `mergelang tune` to run
+    reads: list[Path] = field(default_factory=list)  # files read besides the config (task YAMLs)
 
     @property
     def errors(self) -> list[Diagnostic]:

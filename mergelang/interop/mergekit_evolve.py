@@ -67,7 +67,7 @@ class EvolveReader(ConfigReader):
             if k not in GENOME_KEYS:
                 self.warn("W101", f"genome.{k} is not translated (unknown key)")
         method = g.get("merge_method")
-        if method not in METHOD_PARAMS:
+        if not isinstance(method, str) or method not in METHOD_PARAMS:
             self.err("E711", f"genome.merge_method {short(method)}: mergekit-evolve searches "
                      + ", ".join(METHOD_PARAMS))
             return None
@@ -302,16 +302,18 @@ def eval_settings(r: ConfigReader, cfg: dict) -> list[str] | None:
     return opts
 
 
-def task_folder(config_path: Path | None, names: list[str]) -> Path | None:
-    """The config's folder when a task YAML in it (or one level below) defines one of `names`
-    (`task: NAME`): the --lm-eval-include to give (lm-eval reads task folders recursively)."""
+def task_files(config_path: Path | None, names: list[str]) -> list[Path]:
+    """The task YAMLs in the config's folder (or one level below) that define one of `names`
+    (`task: NAME`): that folder is the --lm-eval-include to give (lm-eval reads task folders
+    recursively), and these files are inputs an -o must not replace."""
     import re
 
     from mergelang.io.textfile import read_text
 
     if config_path is None:
-        return None
+        return []
     root = config_path.parent
+    found = []
     files = [p for pat in ("*.yaml", "*.yml", "*/*.yaml", "*/*.yml") for p in sorted(root.glob(pat))]
     rx = re.compile(r"^task:\s*['\"]?(" + "|".join(re.escape(n) for n in names) + r")['\"]?\s*$", re.M)
     for p in files[:500]:
@@ -319,10 +321,10 @@ def task_folder(config_path: Path | None, names: list[str]) -> Path | None:
             continue
         try:
             if rx.search(read_text(p, 1 << 20)):
-                return root
+                found.append(p)
         except (OSError, ValueError):
             continue
-    return None
+    return found
 
 
 def translate_evolve(cfg: dict[str, Any], config_path: Path | None, out_dir: Path | None,
@@ -350,13 +352,13 @@ def translate_evolve(cfg: dict[str, Any], config_path: Path | None, out_dir: Pat
     options = t.tokenizer_options()
     names = t.params(g)
     rules = t.rules(g, names)
-    folder = task_folder(config_path, [e.split("=")[0] for e in spec[len("lm-eval:"):].split(",")])
-    if folder is not None:
-        opts.append(f"--lm-eval-include {shlex.quote(_rel(folder))}")
+    tasks = task_files(config_path, [e.split("=")[0] for e in spec[len("lm-eval:"):].split(",")])
+    if tasks and config_path is not None:
+        opts.append(f"--lm-eval-include {shlex.quote(_rel(config_path.parent))}")
     command = " ".join(["mergelang tune", shlex.quote(recipe or "RECIPE.mrg"), "--objective",
                         shlex.quote(spec), f"--trials {DEFAULT_TRIALS} --sampler cmaes", *opts,
                         "-o merged-best"])
-    return Result(render(t, g, options, rules, command), t.diags, command)
+    return Result(render(t, g, options, rules, command), t.diags, command, tasks)
 
 
 def _rel(p: Path) -> str:

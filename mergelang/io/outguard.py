@@ -154,9 +154,11 @@ def check_replaceable(out: Path, force: bool) -> None:
                           "pass --force to replace it, or choose another -o")
 
 
-def check_output(out: Path, inputs: Iterable[Path], force: bool) -> None:
+def check_output(out: Path, inputs: Iterable[Path], force: bool, report: bool = False) -> None:
+    """`report`: the writer is inspect's report folder (the only one that may replace a report
+    folder inside an output)."""
     check_not_input(out, inputs)
-    check_not_inside_output(out, force)
+    check_not_inside_output(out, force, report=report)
     check_replaceable(out, force)
 
 
@@ -170,14 +172,15 @@ def enclosing_output(out: Path) -> Path | None:
     return None
 
 
-def check_not_inside_output(out: Path, force: bool, option: str = "-o") -> None:
+def check_not_inside_output(out: Path, force: bool, option: str = "-o", report: bool = False) -> None:
     """E403 when `out` lies inside a mergelang output folder: a file added there makes that
     folder fail `mergelang verify` (and refuse `--force`). Allowed only with `force` for an
-    existing report folder there (`inspect -o`), whose replacing changes nothing more."""
+    existing report folder there by the report writer itself (`inspect -o`, `report`), whose
+    replacing changes nothing more; any other output there is E403."""
     outer = enclosing_output(out)
     if outer is None:
         return
-    if force and _is_report_folder(out):
+    if force and report and _is_report_folder(out):
         return
     raise OutputError(f"{option} {out} lies inside the mergelang output {outer}",
                       "writing there would make that output fail `mergelang verify`: choose a path "

@@ -61,12 +61,13 @@ class WorkFolder:
     force: bool
     protected: tuple[Path, ...]
     tmp_dir: Path
+    report_ok = False  # inspect's ReportFolder: may replace its own report inside an output
 
     def _check_target(self) -> None:
         """The output path may be written (outguard.py): not an input, and absent, empty, or
         (with force) an earlier mergelang output."""
         try:
-            check_output(self.out_dir, self.protected, self.force)
+            check_output(self.out_dir, self.protected, self.force, self.report_ok)
         except OutputError as e:
             raise WriterError(e.code, e.message, e.help) from None
 

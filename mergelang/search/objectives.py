@@ -81,10 +81,10 @@ def module_from_source(text: str, path: Path, what: str = "objective") -> Any:
         sys.path.append(folder)
     try:
         exec(compile(text, str(path), "exec"), module.__dict__)  # noqa: S102 - the user's own file
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - sys.exit on import must not end mergelang
         sys.modules.pop(mod_name, None)
-        raise MergelangError(error("E905", f"--{what}: importing {path} failed: "
-                                   f"{type(exc).__name__}: {exc}", None,
+        why = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise MergelangError(error("E905", f"--{what}: importing {path} failed: {why}", None,
                                    "run the file with python to see the full error")) from None
     return module
 

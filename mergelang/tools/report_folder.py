@@ -20,6 +20,8 @@ from mergelang.tools.inspect_stats import json_safe
 
 
 class ReportFolder(WorkFolder):
+    report_ok = True  # replacing its own earlier report inside an output (outguard.py)
+
     def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
                  protected: Iterable[Path] = ()):
         self.out_dir = Path(os.path.abspath(out_dir))

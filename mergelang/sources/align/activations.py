@@ -44,7 +44,10 @@ def read_info(folder: Path | None) -> dict[str, Any]:
     """The sidecar's mergelang_stats.json (E968 when absent, unreadable or not `correlation`)."""
     from mergelang.io.textfile import read_json, reason
 
-    if folder is None or not (Path(folder) / STATS_FILE).is_file():
+    if folder is None:
+        raise StatsError("it is not a local folder (a single file?): give the sidecar folder "
+                         "written by `mergelang stats`")
+    if not (Path(folder) / STATS_FILE).is_file():
         raise StatsError(f"no {STATS_FILE} in {folder}: not a sidecar written by `mergelang stats`")
     try:
         info = read_json(Path(folder) / STATS_FILE, obj=True)
@@ -67,12 +70,21 @@ def check_stats(info: Mapping[str, Any], shapes: Mapping[str, Any], spec: AlignS
             problems.append(f"it has no statistics for the group `{g.name}` (its groups: "
                             f"{', '.join(list(groups)[:4]) or 'none'})")
         elif got.get("size") != g.size:
-            problems.append(f"its group `{g.name}` has size {got.get('size')}, the model's {g.size}")
+            problems.append(f"its group `{g.name}` has size {got.get('size')!r}, the model's {g.size}")
     extra = sorted(set(groups) - {g.name for g in spec.groups})
     if extra:
         problems.append(f"it has groups the model's spec lacks: {', '.join(extra[:4])}")
+    by_key = sites(info)
+    for g in spec.groups:  # each group's sites: a list of keys of the `sites` entries
+        keys = groups.get(g.name, {}).get("sites", []) if isinstance(groups.get(g.name), dict) else []
+        bad = [k for k in keys if not isinstance(k, str) or k not in by_key] if isinstance(keys, list) else [keys]
+        if bad:
+            problems.append(f"its group `{g.name}` names sites it does not describe: {bad[0]!r}")
+    for s in by_key.values():
+        if not isinstance(s.get("weight"), str) or type(s.get("axis")) is not int:
+            problems.append(f"site `{s.get('key')}` lacks a weight name or an integer axis")
     members = spec.by_tensor()
-    for s in sites(info).values():
+    for s in by_key.values():
         L = s.get("features")
         for part, shape in (("corr", [L, L]), ("mean_a", [L]), ("std_b", [L])):
             have = shapes.get(f"{s.get('key')}.{part}")
@@ -81,6 +93,8 @@ def check_stats(info: Mapping[str, Any], shapes: Mapping[str, Any], spec: AlignS
                                 f"{'missing' if have is None else list(have)}, expected {shape}")
         if s.get("weight") not in members:
             problems.append(f"site `{s.get('key')}`: `{s.get('weight')}` is in no group of the spec")
+        elif s.get("axis") not in {m.axis for _, m in members[s["weight"]]}:
+            problems.append(f"site `{s.get('key')}`: no group permutes axis {s.get('axis')!r} of `{s['weight']}`")
     return problems
 
 

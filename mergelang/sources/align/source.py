@@ -49,7 +49,14 @@ class AlignedSource(ModelSource):
                 if self.stats is not None and self.stats_info is not None:
                     from mergelang.sources.align.activations import activation_matching, used_keys
 
+                    from mergelang.sources.align.activations import StatsError
+
                     corrs = {k: self.stats.load(f"{k}.corr") for k in used_keys(self.stats_info)}
+                    bad = next((k for k, v in corrs.items() if not bool(v.isfinite().all())), None)
+                    if bad is not None:
+                        raise StatsError(f"align's stats: tensor `{bad}.corr` holds NaN or inf values "
+                                         "(an edited or broken sidecar): compute them again with "
+                                         "mergelang stats A B --kind correlation")
                     self.result = activation_matching(corrs, self.stats_info, self.spec, self.seed,
                                                       self.method, device=device)
                     return self.result
