@@ -423,6 +423,7 @@ CODES: dict[str, str] = {
     "W145": "the Gram matrices exceed --memory-budget: computed in several passes over the data",
     "W146": "examples longer than --seq-len tokens were truncated",
     "W147": "stats --kind correlation: a permutation group has no activation (no linear layer reads or writes it): align leaves it in place",
+    "W148": "align(by = \"activations\"): the correlation statistics were computed for other model folders than the ones aligned",
     "W110": "the objective called sys.exit: those trials failed and the study went on",
     "W111": "rmm --basis is more than the adapters can use: clamped",
     "W140": "inspect: a model lacks some of the base's tensors (left out of the report)",

@@ -136,7 +136,7 @@ def test_mlp_cli_and_recipe_recover_the_permuted_copy(mlp, tmp_path):
         }}
         '''))
     r = CliRunner().invoke(cli_main, ["run", str(recipe), "-o", str(tmp_path / "out")])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "W148" not in r.output, r.output
     out = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
     a = load_file(str(mlp["a"] / "model.safetensors"))
     assert all(torch.equal(out[k], a[k]) for k in a)
@@ -287,6 +287,20 @@ def test_align_diagnostics(mlp, sidecar, tmp_path, call, code, what):
     assert r.exit_code == 1, r.output
     assert f"error[{code}]" in r.output and what in r.output, r.output
     assert "r.mrg:7:12" in r.output, r.output  # file:line:col of the align call
+
+
+def test_stats_of_other_folders_warn_w148(mlp, sidecar, tmp_path):
+    """A sidecar computed for other folders (here: a copy of b) still fits the shapes: W148."""
+    import shutil
+
+    b2 = tmp_path / "b2"
+    shutil.copytree(mlp["b"], b2)
+    recipe = tmp_path / "r.mrg"
+    recipe.write_text(f'model a = "{mlp["a"]}"\nmodel b = "{b2}"\nmodel c = "{sidecar}"\n'
+                      f'param G = {json.dumps(GROUPS)}\n'
+                      f'merge from a {{\n    "*" => align(b, to = a, by = "activations", stats = c, groups = G)\n}}\n')
+    r = CliRunner().invoke(cli_main, ["check", str(recipe)])
+    assert r.exit_code == 0 and "warning[W148]" in r.output and "r.mrg:6:12" in r.output, r.output
 
 
 def test_align_md_quotes_the_recorded_digits_run():

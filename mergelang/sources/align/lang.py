@@ -182,7 +182,16 @@ def swapped(el: Elab, info: dict, src: Any, ref: Any, stats: ModelV, span: Span)
     if not (isinstance(models, list) and len(models) == 2 and src.folder and ref.folder):
         return
     got = [Path(str(m)).resolve() for m in models]
-    if got[0] != got[1] and got == [Path(src.folder).resolve(), Path(ref.folder).resolve()]:
+    want = [Path(ref.folder).resolve(), Path(src.folder).resolve()]
+    if got[0] != got[1] and got == want[::-1]:
         raise el.error("E968", f"align's stats `{stats.name}` were computed as `stats {models[0]} "
                        f"{models[1]}`: the first model must be the reference `to`", span,
                        "mergelang stats TO MODEL --kind correlation (A = to, B = the model aligned)")
+    if got != want:  # same shapes, other folders: maybe moved copies, maybe other models
+        from mergelang.diagnostics import warning
+
+        el.diags.add(warning("W148", f"align's stats `{stats.name}` were computed for "
+                             f"{models[0]} and {models[1]}, not for the models aligned here "
+                             f"({want[0]} and {want[1]})", span,
+                             "recompute them: mergelang stats TO MODEL --kind correlation (or "
+                             "ignore this if the folders were moved)"))
