@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Models that fill the card (issue 33, items 4 and 6): base + 2 Llama-shaped bf16 checkpoints,
-merged by whole `mergelang run` processes on one device, batched (the default on a GPU; forced
-with MERGELANG_BATCH=1 on the CPU) and unbatched (MERGELANG_BATCH=0), and by mergekit-yaml
+merged by whole `mergelang run` processes on one device, batched (MERGELANG_BATCH=1: batching is
+opt-in on every device) and unbatched (MERGELANG_BATCH=0), and by mergekit-yaml
 (--cuda on a GPU) when given, the three alternating run after run on the same inputs.
 
 Per method: best wall time of each, peak GPU memory of the mergelang process

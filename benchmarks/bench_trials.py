@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mergelang.api import SourceFile, compile_recipe
+from mergelang.compiler import compile_recipe
+from mergelang.diagnostics import SourceFile
 from mergelang.search.trials import TrialRunner
 
 

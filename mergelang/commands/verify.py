@@ -140,7 +140,8 @@ def _inputs(folder: Path, data: dict[str, Any], quick: bool, say: Any) -> list[D
 @click.argument("out", type=click.Path())
 @click.option("--no-inputs", is_flag=True, help="check only the output's own files")
 @click.option("--quick", is_flag=True,
-              help="compare the inputs by size and header only (no read of their tensor data)")
+              help="compare the inputs by size, header and modification time only (no read of their "
+                   "tensor data)")
 @cli_guard
 def verify_cmd(out: str, no_inputs: bool, quick: bool) -> None:
     """Check OUT (a folder, or a FILE.safetensors from `run -o FILE.safetensors`) against its

@@ -14,7 +14,7 @@ rewrites a plan, and an executor runs exactly what it is given.
     fuse       CPU targets: elementwise chains as generated loops (fuse.py)
     narrow_fp8 GPU targets: FP8 weights copied as codes + scales, dequantized on the device
                (BLOCK_DEQUANT; fp8_reads.py)
-    batch      GPU targets (CPU: MERGELANG_BATCH=1): same-shape tensors through the same steps
+    batch      opt-in, any target (MERGELANG_BATCH=1): same-shape tensors through the same steps
                run as one stacked BATCH step per group (batch.py)
 
 Statistics values are filled into the final plans when the passes before them have run
