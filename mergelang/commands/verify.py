@@ -76,7 +76,7 @@ def _single_outputs(path: Path, data: dict[str, Any], layout: Any, say: Any) -> 
         return [error("E421", f"{path}: {len(problems)} of its parts differ from the manifest", None,
                       "the file was changed after mergelang wrote it: rerun the merge (the recipe "
                       "is in its metadata, mergelang_recipe) to rebuild it")]
-    say(f"{path}: outputs ok ({len(layout)} shards' tensors match their digests)")
+    say(f"{path}: outputs ok (the tensors of {len(layout)} shard{'s' if len(layout) != 1 else ''} match their digests)")
     return []
 
 
