@@ -327,6 +327,10 @@ def batches_of(names: list[str], sizes: dict[str, int]) -> list[list[str]]:
     return batches
 
 
+#: below this average size of a tensor (all models), reads stay on the computing thread
+TINY_READ_BYTES = 64 << 10
+
+
 def read_ahead(sources: list[Any], batches: list[list[str]], sizes: dict[str, int], cap: int) -> Any:
     """(batch, its tensors of every source, read seconds) in order, a thread reading ahead
     while at most `cap` bytes are read and not yet consumed (always at least one batch)."""
@@ -334,6 +338,13 @@ def read_ahead(sources: list[Any], batches: list[list[str]], sizes: dict[str, in
         t0 = time.perf_counter()
         return [[s.load_as(n, None, view=True) for s in sources] for n in batch], time.perf_counter() - t0
 
+    total = sum(batch_bytes(b, sizes) for b in batches)
+    n = sum(len(b) for b in batches)
+    if n >= 1000 and total < n * TINY_READ_BYTES:  # tiny tensors: a reader thread only contends
+        for batch in batches:                       # for the GIL (as the executor's _tiny_reads)
+            got, secs = read(batch)
+            yield batch, got, secs
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelang-inspect") as pool:
         pending: deque = deque()
         ahead = 0  # bytes read ahead (submitted, not yet done with)

@@ -379,3 +379,25 @@ def test_fused_experts_are_grouped_per_expert(tmp_path):
     sv = torch.linalg.svdvals(sliced["q"]["e1"] - sliced["base"]["e1"])
     assert entry["models"]["q"]["spectrum"]["experts"][1]["top"] == pytest.approx(sv[:2].tolist(), rel=1e-5)
     assert "fused_experts" not in r["tensors"]["model.layers.0.mlp.gate.weight"]
+
+
+def test_read_ahead_inline_for_many_tiny_tensors_gives_the_same_batches():
+    """>= 1000 tiny tensors are read on the computing thread (no GIL contention with a reader
+    thread); larger ones through the reader thread: the same batches and tensors either way."""
+    from mergelang.tools.inspect import batches_of, read_ahead
+
+    class Fake:
+        def __init__(self, k):
+            self.k = k
+
+        def load_as(self, name, dtype, view=False):
+            return torch.full((2,), float(int(name[1:]) * 10 + self.k))
+
+    for n, size in ((1200, 16), (1200, 1 << 20), (10, 16)):  # inline; thread (big); thread (few)
+        names = [f"t{i}" for i in range(n)]
+        sizes = {x: size for x in names}
+        got = [(b, [[t.tolist() for t in ts] for ts in tensors])
+               for b, tensors, _ in read_ahead([Fake(1), Fake(2)], batches_of(names, sizes), sizes, 1 << 40)]
+        assert [x for b, _ in got for x in b] == names
+        assert all(ts == [[int(x[1:]) * 10 + 1.0] * 2, [int(x[1:]) * 10 + 2.0] * 2]
+                   for b, tensors in got for x, ts in zip(b, tensors))
