@@ -34,7 +34,6 @@ tuples (positional inputs) or dicts (keyword inputs); every row of every activat
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,22 +41,14 @@ from typing import Any, Callable, Iterator
 
 from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, batches, fail, forward_errors, load_data,
                                    load_model, user_items)
-from mergelang.diagnostics import Diagnostic, MergelangError, warning
+from mergelang.data.sidecar import Stats, check_out, data_path, say, write_stats
+from mergelang.diagnostics import Diagnostic, warning
 
-STATS_FILE = "mergelang_stats.json"
 EPS = 1e-7
 PARTS = ("corr", "mean_a", "mean_b", "std_a", "std_b")
 
 
-@dataclass
-class CorrelationStats:
-    """As `stats.Stats`: tensors {name: float32}, info (the JSON), the folder written."""
-
-    kind: str
-    tensors: dict[str, Any]
-    info: dict[str, Any]
-    path: Path | None = None
-    warnings: list[Diagnostic] = field(default_factory=list)
+CorrelationStats = Stats  # the same record as the gram / fisher statistics
 
 
 @dataclass
@@ -103,12 +94,12 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
     except (ValueError, RuntimeError) as exc:
         raise fail("E402", str(exc)) from None
     if out is not None:
-        check_out(Path(out), models, data, force)
+        check_out(Path(out), protected(models, data), force)
     spec = spec_of(models, groups, same_names=module is None)
     d = load_data(data, field)
     runners = [load_runner(m, module, dev) for m in models]
     sites, by_group = find_sites(runners[0], spec)
-    diags = [warn(log, warning("W147", f"group `{g}` has no activation: no linear layer reads or "
+    diags = [say(log, warning("W147", f"group `{g}` has no activation: no linear layer reads or "
                                "writes its units; align(by = \"activations\") leaves it in place",
                                None, "give groups that a linear layer reads (an input axis)"))
              for g, keys in by_group.items() if not keys]
@@ -132,14 +123,8 @@ def correlation(models: Any, data: Any, out: Any = None, *, groups: Any = (), mo
             "seconds": round(time.perf_counter() - t0, 3)}
     res = CorrelationStats("correlation", tensors, info, warnings=diags)
     if out is not None:
-        res.path = write(res, Path(out), force, protected(models, data))
+        res.path = write_stats(res, Path(out), force, protected(models, data))
     return res
-
-
-def warn(log: Callable[[Diagnostic], None] | None, d: Diagnostic) -> Diagnostic:
-    if log is not None:
-        log(d)
-    return d
 
 
 # ------------------------------------------------------------------------------ spec and models
@@ -411,42 +396,14 @@ def finish(acc: dict[str, dict[str, Any]], sites: list[Site]) -> tuple[dict[str,
 
 
 def protected(models: Any, data: Any) -> list[Path]:
-    """The model folders (and their cache repositories) and the data: never the output."""
+    """The model folders (and their cache repositories) and the data: never the output. (Not
+    `stats.protected`: a `--module` model is a folder without config.json.)"""
     from mergelang.io.inputs import model_root
 
-    text = str(data)
-    head, sep, _ = text.rpartition(":")
-    paths = [Path(head) if sep and head.endswith(".py") else Path(text)]
+    paths = [data_path(data)]
     for m in models:
         p = Path(str(m))
         if p.exists():
             folder = p if p.is_dir() else p.parent
             paths += [folder, model_root(folder)]
     return paths
-
-
-def check_out(out: Path, models: Any, data: Any, force: bool) -> None:
-    from mergelang.errors import CodedError, to_diagnostic
-    from mergelang.io.outguard import check_output
-
-    try:
-        check_output(out, protected(models, data), force)
-    except CodedError as exc:
-        raise MergelangError(to_diagnostic(exc)) from None
-
-
-def write(res: CorrelationStats, out: Path, force: bool, inputs: list[Path]) -> Path:
-    """The sidecar folder, with the writer and guards of `run` (as the gram / fisher sidecars)."""
-    from mergelang.errors import CodedError, to_diagnostic
-    from mergelang.io.layout import OutputTensor, plan_shards
-    from mergelang.io.writer import CheckpointWriter
-
-    outs = [OutputTensor(n, tuple(t.shape), "float32") for n, t in sorted(res.tensors.items())]
-    try:
-        with CheckpointWriter(out, plan_shards(outs, 5 * 10**9), force=force, protected=inputs) as w:
-            for o in outs:
-                w.write(o.name, res.tensors[o.name].contiguous())
-            return w.finish(extra_files={STATS_FILE: json.dumps(res.info, indent=2) + "\n"},
-                            manifest={"stats": res.kind})
-    except CodedError as exc:
-        raise MergelangError(to_diagnostic(exc)) from None

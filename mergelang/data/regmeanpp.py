@@ -183,7 +183,8 @@ def regmeanpp(models: list[str | Path], data: str | Path | list[str | Path], alp
               field: str = "text", force: bool = False, progress: bool = False) -> list[Any]:
     """RegMean++ Grams of each model (module docstring): a list of `Stats` (kind "gram", as
     `ml.stats` returns), written to the sidecar folders `out` (one per model) when given."""
-    from mergelang.data.stats import Stats, protected, write_stats
+    from mergelang.data.sidecar import Stats, write_stats
+    from mergelang.data.stats import protected
     from mergelang.runtime.executor import resolve_device
 
     if len(models) < 2:
@@ -238,14 +239,9 @@ def regmeanpp(models: list[str | Path], data: str | Path | list[str | Path], alp
 
 
 def _check_outs(outs: list[Path], guarded: list[Path], force: bool) -> None:
-    from mergelang.diagnostics import MergelangError
-    from mergelang.errors import CodedError, to_diagnostic
-    from mergelang.io.outguard import check_output
+    from mergelang.data.sidecar import check_out
 
     if len({o.resolve() for o in outs}) != len(outs):
         raise fail("E965", "give each model its own output folder")
-    try:
-        for o in outs:
-            check_output(o, guarded + [x for x in outs if x != o], force)
-    except CodedError as exc:
-        raise MergelangError(to_diagnostic(exc)) from None
+    for o in outs:
+        check_out(o, guarded + [x for x in outs if x != o], force)

@@ -30,30 +30,16 @@ data is read once per group (W145).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from mergelang.data.inputs import (DEFAULT_SEQ_LEN, Counts, Data, LoadedModel, batches, fail, forward_errors,
                                    load_data, load_model)
-from mergelang.diagnostics import Diagnostic, MergelangError, warning
+from mergelang.data.sidecar import STATS_FILE, Stats, check_out, data_path, say, write_stats  # noqa: F401  (public here too)
+from mergelang.diagnostics import Diagnostic, warning
 
 KINDS = ("gram", "fisher")
-STATS_FILE = "mergelang_stats.json"
-
-
-@dataclass
-class Stats:
-    """The statistics ({checkpoint tensor name: float32 tensor}), what they were computed from
-    (`info`, also saved as mergelang_stats.json), and the folder written (None without `out`)."""
-
-    kind: str
-    tensors: dict[str, Any]
-    info: dict[str, Any]
-    path: Path | None = None
-    warnings: list[Diagnostic] = field(default_factory=list)
 
 
 def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Path | None = None, *,
@@ -83,7 +69,7 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     dev = _device(device)
     if out is not None:
-        _check_out(Path(out), model, data, force)
+        check_out(Path(out), protected(model, data), force)
     d = load_data(data, field)
     lm = load_model(model, dev)
     bs = batch_size or (1 if kind == "fisher" else 8)
@@ -100,7 +86,7 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
         raise fail("E961", f"data {d.source}: its {counts.examples} examples hold no tokens",
                    "give examples with text")
     if counts.truncated:
-        diags.append(_say(log, warning("W146", f"{counts.truncated} of {counts.examples} examples "
+        diags.append(say(log, warning("W146", f"{counts.truncated} of {counts.examples} examples "
                                        f"are longer than --seq-len {seq_len} tokens: truncated",
                                        None, "raise --seq-len to use whole examples")))
     info = {"format": "mergelang-stats", "kind": kind, "model": str(model), "data": str(data),
@@ -113,12 +99,6 @@ def stats(model: str | Path, data: str | Path, kind: str = "gram", out: str | Pa
     return res
 
 
-def _say(log: Callable[[Diagnostic], None] | None, d: Diagnostic) -> Diagnostic:
-    if log is not None:
-        log(d)
-    return d
-
-
 def _device(name: str) -> Any:
     from mergelang.runtime.executor import resolve_device
 
@@ -126,13 +106,6 @@ def _device(name: str) -> Any:
         return resolve_device(name)
     except (ValueError, RuntimeError) as exc:
         raise fail("E402", str(exc)) from None
-
-
-def data_path(data: Any) -> Path:
-    """The file or folder data is read from (FILE.py for FILE.py:NAME)."""
-    text = str(data)
-    head, sep, name = text.rpartition(":")
-    return Path(head) if sep and head.endswith(".py") else Path(text)
 
 
 def protected(model: Any, data: Any) -> list[Path]:
@@ -143,16 +116,6 @@ def protected(model: Any, data: Any) -> list[Path]:
 
     folder = model_folder(model)
     return [folder, model_root(folder), data_path(data)]
-
-
-def _check_out(out: Path, model: Any, data: Any, force: bool) -> None:
-    from mergelang.errors import CodedError, to_diagnostic
-    from mergelang.io.outguard import check_output
-
-    try:
-        check_output(out, protected(model, data), force)
-    except CodedError as exc:
-        raise MergelangError(to_diagnostic(exc)) from None
 
 
 def _bar(progress: bool, total: int | None, kind: str) -> Any:
@@ -220,7 +183,7 @@ def _grams(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_exampl
                        "make BATCHES a list (or a function returning a fresh iterable), or raise "
                        "--memory-budget")
         total = sum(m.in_features ** 2 * 4 for _, m, _ in layers)
-        diags.append(_say(log, warning(
+        diags.append(say(log, warning(
             "W145", f"the Gram matrices take {format_bytes(total)}, more than --memory-budget "
             f"{format_bytes(budget or 0)}: computed in {len(groups)} passes over the data, one per "
             "group of layers", None, "raise --memory-budget for fewer passes")))
@@ -342,18 +305,3 @@ def _fisher(lm: LoadedModel, d: Data, dev: Any, bs: int, seq_len: int, max_examp
 # ---------------------------------------------------------------------------------------- write
 
 
-def write_stats(res: Stats, out: Path, force: bool, inputs: list[Path]) -> Path:
-    from mergelang.errors import CodedError, to_diagnostic
-    from mergelang.io.layout import OutputTensor, plan_shards
-    from mergelang.io.writer import CheckpointWriter
-
-    outs = [OutputTensor(n, tuple(t.shape), "float32") for n, t in sorted(res.tensors.items())]
-    layout = plan_shards(outs, 5 * 10**9)
-    try:
-        with CheckpointWriter(out, layout, force=force, protected=inputs) as w:
-            for o in outs:
-                w.write(o.name, res.tensors[o.name].contiguous())
-            return w.finish(extra_files={STATS_FILE: json.dumps(res.info, indent=2) + "\n"},
-                            manifest={"stats": res.kind})
-    except CodedError as exc:
-        raise MergelangError(to_diagnostic(exc)) from None
