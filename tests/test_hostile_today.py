@@ -21,21 +21,9 @@ from safetensors.torch import load_file, save_file
 from mergelang.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent / "datatools"))
+import data_models as dm  # noqa: E402
 
-MLP_PY = '''
-import sys, torch
-from torch import nn
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(6, 10), nn.Linear(10, 8), nn.Linear(8, 3)])
-
-    def forward(self, x):
-        for layer in self.layers[:-1]:
-            x = torch.relu(layer(x))
-        return self.layers[-1](x)
-
+MLP_PY = dm.MLP_SOURCE + '''
 def exits():
     sys.exit(0)
 
@@ -50,8 +38,7 @@ INT = 5
 WRONG = [torch.randn(4, 7)]
 NAN = [torch.full((4, 6), float("nan"))]
 '''
-GROUPS = ["h0: layers.0.weight@0 layers.0.bias@0 layers.1.weight@1",
-          "h1: layers.1.weight@0 layers.1.bias@0 layers.2.weight@1"]
+GROUPS = dm.GROUPS
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -154,7 +141,6 @@ def test_an_edited_correlation_sidecar(mlp, sidecar, tmp_path, edit):
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    import data_models as dm
 
     root = tmp_path_factory.mktemp("llamas")
     dm.save_llama(root / "a", 0)

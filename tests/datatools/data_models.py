@@ -13,6 +13,25 @@ WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "big", "red", "ran", "to"
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 VOCAB = SPECIAL + WORDS
 
+#: a 3-layer MLP's source, for the `--module FILE.py:MLP` tests (correlation, hostile inputs)
+MLP_SOURCE = '''
+import sys, torch
+from torch import nn
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(6, 10), nn.Linear(10, 8), nn.Linear(8, 3)])
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+'''
+#: align's permutation groups of that MLP's two hidden layers
+GROUPS = ["h0: layers.0.weight@0 layers.0.bias@0 layers.1.weight@1",
+          "h1: layers.1.weight@0 layers.1.bias@0 layers.2.weight@1"]
+
 TEXTS = ["the cat sat on the mat", "a big red dog ran home", "it was a good day",
          "the sun and the night", "a dog", "the cat ran to the red mat and sat",
          "bad night", "it was the big day and the sun was good"]

@@ -26,28 +26,14 @@ transformers = pytest.importorskip("transformers")
 import align_helpers as ah  # noqa: E402
 import data_models as dm  # noqa: E402
 
-MLP_PY = '''
-import torch
-from torch import nn
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(6, 10), nn.Linear(10, 8), nn.Linear(8, 3)])
-
-    def forward(self, x):
-        for layer in self.layers[:-1]:
-            x = torch.relu(layer(x))
-        return self.layers[-1](x)
-
+MLP_PY = dm.MLP_SOURCE + '''
 def not_a_module():
     return 3
 
 _g = torch.Generator().manual_seed(0)
 BATCHES = [torch.randn(16, 6, generator=_g) for _ in range(3)]
 '''
-GROUPS = ["h0: layers.0.weight@0 layers.0.bias@0 layers.1.weight@1",
-          "h1: layers.1.weight@0 layers.1.bias@0 layers.2.weight@1"]
+GROUPS = dm.GROUPS
 
 
 def corr_ref(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
