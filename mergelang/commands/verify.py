@@ -86,6 +86,9 @@ def verify_folder(folder: Path, inputs: bool, quick: bool, say: Any) -> list[Dia
     from mergelang.io.verify import check_outputs
 
     errors: list[Diagnostic] = []
+    if not folder.exists():
+        raise MergelangError(error("E420", f"{folder} does not exist", None,
+                                   "give the folder (or FILE.safetensors) that `mergelang run -o` wrote"))
     if folder.is_file():
         data, layout = _single_file(folder)
         errors += _single_outputs(folder, data, layout, say)

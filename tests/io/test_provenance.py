@@ -299,6 +299,9 @@ def test_verify_reports_outputs_and_inputs(proj: Path, tmp_path: Path) -> None:
     # not an output folder
     res = cli("verify", proj, expect=1)
     assert "E420" in res.output
+    for missing in (proj / "nope", proj / "nope.safetensors"):  # a wrong path says so
+        res = cli("verify", missing, expect=1)
+        assert "E420" in res.output and "does not exist" in res.output, res.output
 
 
 def test_extract_lora_output_has_a_card_and_provenance(tmp_path: Path) -> None:
