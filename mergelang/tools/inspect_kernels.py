@@ -13,7 +13,7 @@ value when it holds one value (usual for bfloat16 task vectors: no second pass),
 needed) and `top_sum` selects by radix on 16-bit digits. Exact, like a sort, with no sort.
 Both passes split the entries into parts run on threads. Small tensors: `small_pass` sorts.
 `pair_pass` (small tensors) sums τi·τj and counts the entries non-zero in both and those of
-them with equal signs; `merge_fused` compares a merge output with its inputs.
+them with equal signs (run --report's loop: report_kernels.py).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ NBUCKETS = 1 << 16
 #: entries per chunk: inputs are widened to float64 a chunk at a time (vectorised loops; the
 #: chunk's scratch arrays stay in the L1/L2 cache)
 CHUNK = 1024
-_JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "contract"})
+JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "contract"})
 
 
 @intrinsic
-def _f64(typingctx, v):  # noqa: ANN001, ANN201, ARG001
+def f64(typingctx, v):  # noqa: ANN001, ANN201, ARG001
     """One entry as float64: a bfloat16 bit pattern (uint16) by a shift (its bits << 16 are the
     float32 of the same value: exact), float32 widened, float64 as is; no memory scratch."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202, ARG001
@@ -56,7 +56,7 @@ def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201, ARG001
     makes numba test each for wraparound, and LLVM then loads lane by lane (~3x slower)."""
     s = np.uint64(start)
     for i in range(np.uint64(m)):
-        out[i] = _f64(a[s + i])
+        out[i] = f64(a[s + i])
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
@@ -161,7 +161,7 @@ def top_sum(vals, r):  # noqa: ANN001, ANN201
 DIGIT_BITS = 11
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
     """⟨τx, τy⟩, the entries where both are non-zero with equal signs, and where both are
     non-zero (τx·τy > 0 and ≠ 0: exact in float64 for float32 / 16-bit inputs)."""
@@ -186,7 +186,7 @@ def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
     return dot, agree, both
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def small_pass(b, x, bf, ks):  # noqa: ANN001, ANN201
     """model_pass + the top-k energies for a small tensor: τ² sorted (no 65536-bucket tables:
     per-tensor overhead matters for checkpoints of many small tensors)."""
@@ -233,14 +233,14 @@ def model_stats(b: np.ndarray, x: np.ndarray, fractions: tuple[float, ...], bf: 
     return ss, bss, mx, zeros, [float(e) for e in en]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, ANN201
     """Entries lo:hi of the base `b` and every model in `xs` (a tuple of arrays) in one pass:
     per model j `stats[j]` += (‖τ‖², ‖base‖², max |τ| (a max), zeros), its τ² buckets into
     `keys[j]`, and per bucket k `hist[j, k]` = (count, sum, least, largest τ²) updated (one
     cache line per entry); per pair p (in (i, j), i < j order) `pairs[p]` += (⟨τi, τj⟩,
     entries both non-zero with equal signs, entries both non-zero). Per chunk the base and
-    each model are widened once (bf16 by a shift, _f64), unsigned indices (no wraparound
+    each model are widened once (bf16 by a shift, f64), unsigned indices (no wraparound
     tests), sums in registers (`reassoc`: LLVM vectorises those loops)."""
     nm = len(xs)
     fb = np.empty(CHUNK, np.float64)
@@ -259,7 +259,7 @@ def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, AN
             tj = tt[j]
             ss = zeros = mx = 0.0
             for i in range(m):
-                t = _f64(x[s0 + i]) - fb[i]
+                t = f64(x[s0 + i]) - fb[i]
                 tj[i] = t
                 ss += t * t
                 a = abs(t)
@@ -297,17 +297,17 @@ def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, AN
                 p += 1
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def fused_gather(b, xs, bf, lo, hi, keys, slot, fill, out):  # noqa: ANN001, ANN201, ARG001
     """Second pass over entries lo:hi, reading the bucket keys: the τ² of the entries of
     buckets with a slot (`slot[j, k]` >= 0) listed into `out` at `fill[slot]`, recomputed from
-    the inputs as stored (_f64; unsigned indices)."""
+    the inputs as stored (f64; unsigned indices)."""
     for j in range(len(xs)):
         x, kj, sj = xs[j], keys[j], slot[j]
         for i in range(np.uint64(lo), np.uint64(hi)):
             s = sj[kj[i]]
             if s >= 0:
-                t = _f64(x[i]) - _f64(b[i])
+                t = f64(x[i]) - f64(b[i])
                 out[fill[s]] = t * t
                 fill[s] += 1
 
@@ -374,88 +374,3 @@ def fused_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, ...
         models.append((float(st[j, 0]), float(st[j, 1]), mx, int(st[j, 3]), energy))
     pr = pairs.sum(axis=0)
     return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(npairs)]
-
-
-#: run --report's loop: per chunk and input one reduction loop over the base, the input and the
-#: output as stored (widened in registers by _f64; unsigned indices), its sums in registers
-#: (`reassoc` lets LLVM vectorise them)
-@njit(**_JIT)
-def _merge_chunk(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
-    """r += the sums of entries lo:hi of output `o` against input `x` (base `b`)."""
-    sx = st = so = sto = dox = dtt = dist = nnz = kept = against = 0.0
-    for i in range(np.uint64(lo), np.uint64(hi)):
-        bb = _f64(b[i])
-        oo = _f64(o[i])
-        xx = _f64(x[i])
-        t = xx - bb
-        to = oo - bb
-        p = to * t
-        d = oo - xx
-        sx += xx * xx
-        st += t * t
-        so += oo * oo
-        sto += to * to
-        dox += oo * xx
-        dtt += p
-        dist += d * d
-        nnz += 1.0 if t != 0.0 else 0.0
-        kept += 1.0 if p > 0.0 else 0.0
-        against += 1.0 if p < 0.0 else 0.0
-    r[0] += sx
-    r[1] += st
-    r[2] += so
-    r[3] += sto
-    r[4] += dox
-    r[5] += dtt
-    r[6] += dist
-    r[7] += nnz
-    r[8] += kept
-    r[9] += against
-
-
-@njit(**_JIT)
-def _merge_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
-    """_merge_chunk for two inputs at once (the base and the output widened once: ~16 % less
-    time per entry than two _merge_chunk calls); the same sums, in the same order."""
-    sx = st = dox = dtt = dist = nnz = kept = against = so = sto = 0.0
-    sy = sty = doy = dty = disty = nnzy = kepty = againsty = 0.0
-    for i in range(np.uint64(lo), np.uint64(hi)):
-        bb = _f64(b[i])
-        oo = _f64(o[i])
-        to = oo - bb
-        so += oo * oo
-        sto += to * to
-        xx = _f64(x[i])
-        t, d = xx - bb, oo - xx
-        p = to * t
-        sx, st, dox, dtt, dist = sx + xx * xx, st + t * t, dox + oo * xx, dtt + p, dist + d * d
-        nnz += 1.0 if t != 0.0 else 0.0
-        kept += 1.0 if p > 0.0 else 0.0
-        against += 1.0 if p < 0.0 else 0.0
-        yy = _f64(y[i])
-        t, d = yy - bb, oo - yy
-        p = to * t
-        sy, sty, doy, dty, disty = sy + yy * yy, sty + t * t, doy + oo * yy, dty + p, disty + d * d
-        nnzy += 1.0 if t != 0.0 else 0.0
-        kepty += 1.0 if p > 0.0 else 0.0
-        againsty += 1.0 if p < 0.0 else 0.0
-    for acc, v in ((r, (sx, st, so, sto, dox, dtt, dist, nnz, kept, against)),
-                   (q, (sy, sty, so, sto, doy, dty, disty, nnzy, kepty, againsty))):
-        for k in range(10):
-            acc[k] += v[k]
-
-
-@njit(**_JIT)
-def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201, ARG001
-    """The sums of output `o` against every input in `xs` over entries lo:hi, one pass, a chunk
-    at a time, two inputs per loop (the base's and the output's chunk read again from the
-    cache for the next two): acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖²,
-    nnz, kept, against) (counts as float64: exact below 2**53; `bf`: unused, the arrays' dtype
-    says it)."""
-    nx = len(xs)
-    for start in range(lo, hi, CHUNK):
-        end = min(start + CHUNK, hi)
-        for j in range(0, nx - 1, 2):
-            _merge_pair(b, xs[j], xs[j + 1], o, start, end, acc[j], acc[j + 1])
-        if nx % 2:
-            _merge_chunk(b, xs[nx - 1], o, start, end, acc[nx - 1])

@@ -8,7 +8,7 @@ tensor name, and the reference model's tensor: the base of every task vector) un
 is computed, then compares them: the values the merge itself has in memory, no second read. The
 reference's tensor is read from its source (a view of the page cache) only when the rule does
 not load it (e.g. `linear([a, b])`). One numba pass over the base, the output and every input
-(inspect_kernels.merge_fused) gives additive sums, added per tensor, per rule (its source
+(report_kernels.merge_fused) gives additive sums, added per tensor, per rule (its source
 line), per layer and for the whole output. The report is written into the output folder before
 it is moved into place (mergelang_report.json and mergelang_report.html, its SVG drawn without
 matplotlib), so the manifest lists it.
@@ -40,7 +40,7 @@ PENDING = 1
 
 @dataclass
 class RunSums:
-    """Additive sums of an output against one input (inspect_kernels.merge_fused)."""
+    """Additive sums of an output against one input (report_kernels.merge_fused)."""
 
     numel: int = 0
     sx: float = 0.0
@@ -277,7 +277,7 @@ def run_sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor"
     import numpy as np
     import torch
 
-    from mergelang.tools.inspect_kernels import merge_fused
+    from mergelang.tools.report_kernels import merge_fused
     from mergelang.tools.inspect_stats import PARALLEL_MIN, flat, pool, workers
 
     kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}

@@ -6,7 +6,7 @@ A generated loop depends on the method's ops, the number of models and the input
 dtypes, not on tensor shapes or values, so small in-memory merges of each method with 2 and 3
 models, in bfloat16 and float32, compile the loops a real merge of those methods uses. The
 install scripts (`scripts/quickstart.sh`, `.ci/run`) run it once. It also compiles the loops of
-`mergelang inspect` and `run --report` (numba's cache beside tools/inspect_kernels.py).
+`mergelang inspect` and `run --report` (numba's cache beside tools/inspect_kernels.py and report_kernels.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def warmup(log: Callable[[str], None] = lambda m: None, models: tuple[int, ...] 
 
 
 def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
-    """`mergelang inspect` and `run --report`'s loops (tools/inspect_kernels.py): the fused and
+    """`mergelang inspect` and `run --report`'s loops (tools/inspect_kernels.py, tools/report_kernels.py): the fused and
     small forms, with a boundary bucket of several values (the listing pass and the selection)."""
     import torch
 
