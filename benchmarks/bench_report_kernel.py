@@ -4,8 +4,9 @@ fused pass (tools.inspect_stats.fused_stats), on synthetic bfloat16 tensors (no 
     python benchmarks/bench_report_kernel.py              # 16M entries, base + 2 inputs + output
 
 Prints, per kernel: wall and CPU time (process, all threads) per entry, single-thread (one
-part) and threaded (run_sums as run --report calls it: parts on the inspect pool), best of
---repeat. On a shared machine CPU time is the steadier measure.
+part) and threaded (run_sums as run --report calls it: parts on the inspect pool), and the
+report's two loops side by side on one thread (float64 sums, and the bfloat16 loop's float32
+partial sums, report_kernels.py), best of --repeat. On a shared machine CPU time is the steadier measure.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     from mergelang.tools import inspect_stats as st
     from mergelang.tools.inspect_kernels import fused_stats
     from mergelang.tools.merge_report import run_sums
+    from mergelang.tools.report_kernels import merge_fused, merge_fused_bf16
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1 << 24)
@@ -48,6 +50,7 @@ def main() -> None:
     out = torch.stack([x.float() for x in xs]).mean(0).to(torch.bfloat16)
     b = st.flat(base, torch.bfloat16)
     arrs = [st.flat(x, torch.bfloat16) for x in xs]
+    ob = st.flat(out, torch.bfloat16)
     saved = st.workers
     for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
         st.workers = lambda w=w: w  # noqa: E731  (run_sums / fused_stats split by workers())
@@ -62,7 +65,11 @@ def main() -> None:
         print(f"fused_stats  {label:10s} {n} entries x {args.inputs} models: "
               f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
     st.workers = saved
-    del np
+    acc = np.zeros((args.inputs, 10))
+    for label, kernel, extra in (("float64", merge_fused, (True,)), ("bf16/f32", merge_fused_bf16, ())):
+        wall, cpu = best(lambda k=kernel, e=extra: k(b, tuple(arrs), ob, *e, 0, n, acc), args.repeat)
+        print(f"report loop  {label:10s} {n} entries x {args.inputs} inputs, 1 thread: "
+              f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
 
 
 if __name__ == "__main__":
