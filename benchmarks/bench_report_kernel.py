@@ -6,7 +6,9 @@ fused pass (tools.inspect_stats.fused_stats), on synthetic bfloat16 tensors (no 
 Prints, per kernel: wall and CPU time (process, all threads) per entry, single-thread (one
 part) and threaded (run_sums as run --report calls it: parts on the inspect pool), and the
 report's two loops side by side on one thread (float64 sums, and the bfloat16 loop's float32
-partial sums, report_kernels.py), best of --repeat. On a shared machine CPU time is the steadier measure.
+partial sums, report_kernels.py) and the float64 loop compiled without reassociation, as the
+merge's own generated kernels are (their bits are torch's): what the same sums would cost inside
+the merge's loop. Best of --repeat. On a shared machine CPU time is the steadier measure.
 """
 
 from __future__ import annotations
@@ -66,7 +68,22 @@ def main() -> None:
               f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
     st.workers = saved
     acc = np.zeros((args.inputs, 10))
-    for label, kernel, extra in (("float64", merge_fused, (True,)), ("bf16/f32", merge_fused_bf16, ())):
+    # the float64 loop compiled as the merge's generated kernels are (no reassociation: their
+    # results are torch's bits), i.e. what the same sums would cost inside the merge's own loop
+    import types
+
+    from numba import njit
+
+    from mergelang.tools import report_kernels as rk
+
+    scope = dict(vars(rk))
+    for name in ("_merge_chunk", "_merge_pair", "merge_fused"):
+        fn = getattr(rk, name).py_func
+        scope[name] = njit(nogil=True, boundscheck=False, error_model="numpy")(
+            types.FunctionType(fn.__code__, scope, name))
+    exact = scope["merge_fused"]
+    for label, kernel, extra in (("float64", merge_fused, (True,)), ("bf16/f32", merge_fused_bf16, ()),
+                                 ("no-reassoc", exact, (True,))):
         wall, cpu = best(lambda k=kernel, e=extra: k(b, tuple(arrs), ob, *e, 0, n, acc), args.repeat)
         print(f"report loop  {label:10s} {n} entries x {args.inputs} inputs, 1 thread: "
               f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
