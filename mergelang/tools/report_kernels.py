@@ -8,9 +8,9 @@ it to float32 partial sums over runs of RUN entries (8 vector lanes: RUN / 8 ter
 to float64 sums per run: twice the entries per vector instruction, ~2x faster per entry
 (benchmarks/bench_report_kernel.py). Its error: products of bfloat16 values (8-bit significands)
 are exact in float32, differences x - base exact unless their exponents differ by more than 16
-bits, so the error is that of the float32 partial sums, at most (RUN / 8) * 2**-24 relative per
-run for the sums of squares (2e-6 for RUN=256; ~2e-8 measured): a report's numbers to 5-6
-significant digits. Sums a float32 run cannot hold (an overflow, or terms under float32's normal
+bits, so the error is that of the float32 partial sums: at most RUN * 2**-24 relative per run
+for the sums of squares (1.5e-5 for RUN=256), RUN / 8 * 2**-24 (2e-6) as LLVM vectorises the
+loop over 8 lanes; ~2e-8 measured: a report's numbers to 5-6 significant digits. Sums a float32 run cannot hold (an overflow, or terms under float32's normal
 range: any sum of squares non-finite or below FLOOR) are computed again in float64 by the
 caller (merge_report.run_sums), so huge or tiny weights keep exact reports.
 """
