@@ -3,6 +3,8 @@
     python benchmarks/bench_inspect.py --dir /tmp/mlinspect                 # 0.27B-shaped, 3 models
     python benchmarks/bench_inspect.py --dir /tmp/mlinspect --size 0.05B    # a quick run
     python benchmarks/bench_inspect.py --dir /tmp/mlinspect --tiny 20000    # per-tensor overhead
+    python benchmarks/bench_inspect.py --dir /tmp/mlinspect --tiny 90000 --repeat 1 \
+        --baseline /tmp/old-inspect     # against an earlier checkout, side by side
 
 It writes a Llama-shaped bf16 base and two fine-tunes (base + small noise) into --dir (once;
 reused when present), then times, in this process and with a warm page cache:
@@ -20,6 +22,9 @@ ratio is the steadier measure.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +111,44 @@ def run_inspect(paths: list[Path], spectrum: bool = False) -> tuple[float, float
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+#: run in a fresh process by --baseline: time ml.inspect of the tree on sys.path[0]
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import mergelang as ml
+assert ml.__file__.startswith(sys.argv[1]), ml.__file__
+paths = sys.argv[2:5]
+runs = []
+for _ in range(int(sys.argv[5]) + 1):  # the first: warm-up (numba's cache, page cache)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ml.inspect(paths[0], paths[1:], device="cpu")
+    runs.append((time.perf_counter() - t0, time.process_time() - c0))
+print(json.dumps({"best": min(runs[1:]), "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def child_inspect(repo: Path, paths: list[Path], repeat: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), *map(str, paths), str(repeat)],
+                         check=True, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(baseline: Path, paths: list[Path], n: int, floor: float, repeat: int) -> None:
+    """This tree's inspect against `baseline`'s, each in its own process, alternating."""
+    res: dict[str, list[dict]] = {"baseline": [], "this tree": []}
+    for _ in range(repeat):
+        res["baseline"].append(child_inspect(baseline.resolve(), paths, 1))
+        res["this tree"].append(child_inspect(REPO, paths, 1))
+    print(f"side by side (fresh process each; read floor {floor:.2f} s):")
+    for label, rs in res.items():
+        (w, c), rss = min(r["best"] for r in rs), max(r["maxrss_mb"] for r in rs)
+        line = f"  {label:10s} inspect {w:7.2f} s (CPU {c:.2f} s), peak RSS {rss:.0f} MB"
+        if n:
+            line += f", {1e6 * (w - floor) / n:.0f} us per tensor over the read floor"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, required=True)
@@ -113,6 +156,8 @@ def main() -> None:
     ap.add_argument("--tiny", type=int, default=0, metavar="N", help="N tiny tensors instead")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--spectrum", action="store_true", help="also time inspect --spectrum (once)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also time the inspect of this checkout (an earlier commit) side by side")
     args = ap.parse_args()
     shapes = tiny_shapes(args.tiny) if args.tiny else llama_shapes(args.size)
     label = f"tiny{args.tiny}" if args.tiny else args.size
@@ -133,6 +178,8 @@ def main() -> None:
     if args.tiny:
         print(f"per tensor   floor {1e6 * f / len(shapes):.0f} us, inspect {1e6 * i / len(shapes):.0f} us, "
               f"overhead {1e6 * (i - f) / len(shapes):.0f} us per tensor (3 models)")
+    if args.baseline is not None:
+        side_by_side(args.baseline, paths, args.tiny, f, args.repeat)
     if args.spectrum:
         s = run_inspect(paths, spectrum=True)[0]
         print(f"--spectrum   {s:8.2f} s   ratio {s / f:.2f}x (SVDs: {s - i:.1f} s)")
