@@ -143,11 +143,11 @@ def sequential_totals(names: list[str], stored: dict) -> dict:
 def test_gc_state_is_restored(many):
     root = many[0]
     assert gc.isenabled()
-    ml.inspect(root / "base", [root / "m0"], device="cpu")
+    ml.inspect(root / "base", [root / lab for lab in LABELS], device="cpu")
     assert gc.isenabled()
     gc.disable()
     try:
-        ml.inspect(root / "base", [root / "m0"], device="cpu")
+        ml.inspect(root / "base", [root / lab for lab in LABELS], device="cpu")
         assert not gc.isenabled()
     finally:
         gc.enable()
@@ -181,3 +181,27 @@ def test_dumps_writes_non_finite_as_null():
     assert dumps(finite) == json.dumps(finite, indent=1) + "\n"
     bad = {"tensors": {}, "a": [math.nan, 1.0], "b": {"c": math.inf}}
     assert json.loads(dumps(bad)) == {"tensors": {}, "a": [None, 1.0], "b": {"c": None}}
+
+
+@pytest.mark.parametrize("shapes", [[()] * 4, [(), (3,)], [(3,), ()], [(4, 8), (2, 8), (8,)],
+                                    [(2, 3, 4), (1, 3, 4)], [(5,), (7,), (1,)]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_batch_sums_equal_one_tensor_at_a_time(shapes, dtype):
+    from mergelang.tools.inspect_stats import FRACTIONS
+
+    g = torch.Generator().manual_seed(len(shapes))
+    group = []
+    for shape in shapes:
+        b = torch.randn(shape, generator=g)
+        group.append([b.to(dtype)] + [(b + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(2)])
+    d = inspect_small.batch_dtype(group[0])
+    assert d == (dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32)
+    numel, ms, en, ps = inspect_small.batch_sums(group, d, FRACTIONS)
+    for t, ts in enumerate(group):
+        one = tensor_group(ts[0], ts[1:], None, torch.device("cpu"))[0]
+        assert numel[t] == ts[0].numel()
+        for j, m in enumerate(one.models):
+            assert [float(v) for v in ms[t, j]] == [m.ss, m.base_ss, m.max_abs, m.zeros]
+            assert [float(v) for v in en[t, j]] == m.energy
+        for p, pair in enumerate(one.pairs.values()):
+            assert [float(v) for v in ps[t, p]] == [pair.dot, pair.agree, pair.both]
