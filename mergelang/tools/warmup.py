@@ -56,7 +56,8 @@ def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: t
     small forms, with a boundary bucket of several values (the listing pass and the selection)."""
     import torch
 
-    from mergelang.tools.inspect_stats import tensor_group
+    from mergelang.tools.inspect_small import batch_sums
+    from mergelang.tools.inspect_stats import FRACTIONS, tensor_group
     from mergelang.tools.merge_report import run_sums
 
     g = torch.Generator().manual_seed(0)
@@ -69,6 +70,7 @@ def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: t
                 xs = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
                 tensor_group(base, xs, None, torch.device("cpu"))
                 run_sums(base, xs, xs[0])
+            batch_sums([[base, *xs]], dtype, FRACTIONS)  # runs of small tensors (inspect_small.py)
             log(f"inspect ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
 
 
