@@ -11,10 +11,12 @@ are exact in float32, differences x - base exact unless their exponents differ b
 bits, so the error is that of the float32 partial sums: at most RUN * 2**-24 relative per run
 for the sums of squares (1.5e-5 for RUN=256), RUN / 8 * 2**-24 (2e-6) as LLVM vectorises the
 loop over 8 lanes; ~2e-8 measured: a report's numbers to 5-6 significant digits. Sums a float32 run cannot hold (an overflow, or terms under float32's normal
-range: any sum of squares non-finite or below FLOOR) are computed again in float64 by the
-caller (merge_report.run_sums), so huge or tiny weights keep exact reports. The counts kept and
-against are taken from the signs of τ and τo, not of their float32 product p: p rounds to zero
-where |τ·τo| < 2**-150 (τ ~ 1e-23, or subnormal) while the sums of squares are well above FLOOR.
+range: any sum of squares non-finite or below FLOOR, or a signed sum below FLOOR in magnitude:
+products under 2**-150 are lost, n * 2**-150 at most, negligible against a sum of magnitudes of
+FLOOR or more) are computed again in float64 by the caller (merge_report.run_sums), so huge or
+tiny weights keep exact reports. The counts kept and against are taken from the signs of τ
+and τo, not of their float32 product p: p rounds to zero where |τ·τo| < 2**-150 (τ ~ 1e-23, or
+subnormal) while the sums of squares are well above FLOOR.
 """
 
 from __future__ import annotations

@@ -68,3 +68,21 @@ def test_report_of_a_run_on_tiny_task_vectors(tmp_path):
         assert got["tau_nonzero"] == nnz
         assert got["kept"] == kept / nnz and got["against"] == against / nnz
         assert got["dropped"] == (nnz - kept - against) / nnz
+
+
+def test_signed_sums_whose_products_underflow_float32_are_summed_in_float64():
+    """‖τ‖² and ‖τo‖² at or above report_kernels.FLOOR (‖τ‖² exactly 2**-60) from entries where
+    the other is zero, and ⟨τo, τ⟩ only from products τ·τo ~ 2**-161 (lost in float32): the
+    tensor is summed again in float64 (projection and cosine_tau exact, not 0)."""
+    n = 4096
+    b, x, o = torch.ones(n), torch.ones(n), torch.ones(n)
+    b[:100], x[:100], o[:100] = 0, 2.0 ** -80, 2.0 ** -81  # τ·τo = 2**-161
+    b[100], x[100], o[100] = 0, 2.0 ** -30, 0  # ‖τ‖² = 2**-60 (+ 100 * 2**-160)
+    b[201:301], x[201:301], o[201:301] = 0, 0, 2.0 ** -31  # ‖τo‖² = 100 * 2**-62
+    o[200] = 2.0  # o ≠ x: ‖o − x‖² = 1
+    b, x, o = (t.to(torch.bfloat16) for t in (b, x, o))
+    (s,) = run_sums(b, [x], o)
+    t, to = x.double() - b.double(), o.double() - b.double()
+    assert s.dtt == pytest.approx(float(to @ t), rel=1e-12) and s.dtt == 100 * 2.0 ** -161
+    assert s.st == pytest.approx(float(t @ t), rel=1e-12) and s.sto == pytest.approx(float(to @ to), rel=1e-12)
+    assert (s.nnz, s.kept, s.against) == counts(b, x, o)
