@@ -252,8 +252,8 @@ def _plan(c: Any, ref: Any) -> dict[str, tuple[str, list[str]]]:
         node = g.node(nid)
         name = node.attrs["name"]
         info = ref_table.get(name)
-        if info is None or node.span is None:
-            continue
+        if info is None or node.span is None or math.prod(info.shape) == 0:  # no entries: nothing
+            continue  # to measure (not "not_measured", which lists what --resume kept)
         labels = []
         for a in nx.ancestors(g, nid):
             n = g.node(a)

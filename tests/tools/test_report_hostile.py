@@ -86,3 +86,20 @@ def test_signed_sums_whose_products_underflow_float32_are_summed_in_float64():
     assert s.dtt == pytest.approx(float(to @ t), rel=1e-12) and s.dtt == 100 * 2.0 ** -161
     assert s.st == pytest.approx(float(t @ t), rel=1e-12) and s.sto == pytest.approx(float(to @ to), rel=1e-12)
     assert (s.nnz, s.kept, s.against) == counts(b, x, o)
+
+
+def test_an_empty_tensor_is_not_listed_as_not_measured(tmp_path):
+    """"not_measured" lists the tensors --resume kept; a tensor of no entries has nothing to
+    measure and is not listed (a fresh run reports not_measured == [])."""
+    g = torch.Generator().manual_seed(2)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=g), "model.layers.0.empty.weight":
+            torch.zeros(0, 4)}
+    for lab, sd in (("base", base), ("a", {k: v + 0.1 for k, v in base.items()}),
+                    ("b", {k: v - 0.2 for k, v in base.items()})):
+        (tmp_path / lab).mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(tmp_path / lab / "model.safetensors"))
+    text = 'model base = "base"\nmodel a = "a"\nmodel b = "b"\nmerge from base {\n    "*" => linear([a, b])\n}\n'
+    (tmp_path / "r.mrg").write_text(text)
+    ml.compile(tmp_path / "r.mrg").run(tmp_path / "out", device="cpu", report=True)
+    rep = json.loads((tmp_path / "out" / "mergelang_report.json").read_text())
+    assert rep["not_measured"] == [] and list(rep["tensors"]) == ["model.layers.0.mlp.up_proj.weight"]
