@@ -11,8 +11,12 @@ are exact in float32, differences x - base exact unless their exponents differ b
 bits, so the error is that of the float32 partial sums: at most RUN * 2**-24 relative per run
 for the sums of squares (1.5e-5 for RUN=256), RUN / 8 * 2**-24 (2e-6) as LLVM vectorises the
 loop over 8 lanes; ~2e-8 measured: a report's numbers to 5-6 significant digits. Sums a float32 run cannot hold (an overflow, or terms under float32's normal
-range: any sum of squares non-finite or below FLOOR) are computed again in float64 by the
-caller (merge_report.run_sums), so huge or tiny weights keep exact reports.
+range: any sum of squares non-finite or below FLOOR, or a signed sum below FLOOR in magnitude:
+products under 2**-150 are lost, n * 2**-150 at most, negligible against a sum of magnitudes of
+FLOOR or more) are computed again in float64 by the caller (merge_report.run_sums), so huge or
+tiny weights keep exact reports. The counts kept and against are taken from the signs of τ
+and τo, not of their float32 product p: p rounds to zero where |τ·τo| < 2**-150 (τ ~ 1e-23, or
+subnormal) while the sums of squares are well above FLOOR.
 """
 
 from __future__ import annotations
@@ -138,8 +142,9 @@ def _bf16_one(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
             sx, st, so, sto, dox = sx + xx * xx, st + t * t, so + oo * oo, sto + to * to, dox + oo * xx
             dtt, dist = dtt + p, dist + d * d
             nnz += one if t != z else z
-            kept += one if p > z else z
-            against += one if p < z else z
+            u = t * (one if to > z else -one if to < z else z)  # p's sign (p may underflow)
+            kept += one if u > z else z
+            against += one if u < z else z
         for k, v in enumerate((sx, st, so, sto, dox, dtt, dist, nnz, kept, against)):
             r[k] += np.float64(v)
 
@@ -154,21 +159,24 @@ def _bf16_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
         for i in range(start, min(start + np.uint64(RUN), np.uint64(hi))):
             bb, oo = _f32(b[i]), _f32(o[i])
             to = oo - bb
+            sg = one if to > z else -one if to < z else z  # τo's sign (_bf16_one)
             so, sto = so + oo * oo, sto + to * to
             xx = _f32(x[i])
             t, d = xx - bb, oo - xx
             p = to * t
             sx, st, dox, dtt, dist = sx + xx * xx, st + t * t, dox + oo * xx, dtt + p, dist + d * d
             nnz += one if t != z else z
-            kept += one if p > z else z
-            against += one if p < z else z
+            u = t * sg
+            kept += one if u > z else z
+            against += one if u < z else z
             yy = _f32(y[i])
             t, d = yy - bb, oo - yy
             p = to * t
             sy, sty, doy, dty, disty = sy + yy * yy, sty + t * t, doy + oo * yy, dty + p, disty + d * d
             nnzy += one if t != z else z
-            kepty += one if p > z else z
-            againsty += one if p < z else z
+            u = t * sg
+            kepty += one if u > z else z
+            againsty += one if u < z else z
         for acc, v in ((r, (sx, st, so, sto, dox, dtt, dist, nnz, kept, against)),
                        (q, (sy, sty, so, sto, doy, dty, disty, nnzy, kepty, againsty))):
             for k in range(10):
