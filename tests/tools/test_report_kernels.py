@@ -88,3 +88,20 @@ def test_float32_inputs_keep_the_float64_loop():
     out = (xs[0] + xs[1]) / 2
     for x, s in zip(xs, run_sums(base, xs, out)):
         check(s, reference(base, x, out), rel=1e-12)
+
+
+def test_float32_partial_sums_stay_within_their_bound_on_a_crafted_pattern():
+    """Per 256-entry run, one 1.0 per vector lane, then terms each under half an ulp of 1.0:
+    every later addition to a lane is lost in float32, the worst case of the partial sums
+    (31 terms of ~2**-24 per lane): the error stays under the documented 2e-6 bound."""
+    n = 256 * 64
+    x = torch.full((n,), 2.0 ** -12 * (1 - 2.0 ** -8))
+    x.view(-1, 256)[:, :8] = 1.0
+    x = x.to(torch.bfloat16)
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    out = (x.float() * 0.5).to(torch.bfloat16)
+    s = run_sums(base, [x], out)[0]
+    want = float((x.double() ** 2).sum())
+    err = abs(s.sx - want) / want
+    assert err <= 2e-6
+    print(f"crafted pattern: relative error {err:.3g}")
