@@ -36,6 +36,12 @@ HEAVY = 1 / 512
 #: cuts per model at most (each costs a compare and two masked sums per entry)
 MAX_CUTS = 16
 ABS = np.int64(0x7FFFFFFFFFFFFFFF)
+#: list buffers per model: LIST_SCALE x the entries expected in the spans + LIST_SLACK (a
+#: part that lists more overflows: the tensor falls back)
+LIST_SCALE = 2.0
+LIST_SLACK = 4 * CHUNK
+#: False: every large tensor by the bucket method (benchmarks/bench_inspect.py --compare)
+USE_BRACKET = True
 #: how often each path ran (tests, benchmarks): bracket, fallback
 COUNTS = {"bracket": 0, "fallback": 0}
 
@@ -239,6 +245,8 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     pair's (dot, agree, both)) in one pass over `parts` ranges of the entries (through
     `run(fn, args_list)`: threads), falling back to fused_stats where a bracket missed.
     `tamper` (tests) may alter the sorted sample (nm rows) before the cuts are planned."""
+    if not USE_BRACKET:
+        return fused_stats(b, xs, fractions, bf, parts, run)
     n, nm = b.size, len(xs)
     xt = tuple(xs)
     step = sample_step(n)
@@ -253,7 +261,7 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     plans = [plan_cuts(smp[j], n, ks) for j in range(nm)]
     cuts_at = [n * p // parts for p in range(parts + 1)]
     expect = max(p.inside for p in plans) * step  # entries listed, expected, per model
-    cap = min(max(np.diff(cuts_at)), int(2 * expect / parts + 8 * math.sqrt(expect + 1) + 4 * CHUNK))
+    cap = min(max(np.diff(cuts_at)), int(LIST_SCALE * (expect / parts + 4 * math.sqrt(expect + 1)) + LIST_SLACK))
     arrays = _tables(plans, parts, cap if any(p.spans for p in plans) else 1)
     cuts, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill = arrays
     ncut = np.array([len(p.cuts) for p in plans], np.int64)
