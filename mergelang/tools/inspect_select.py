@@ -18,7 +18,8 @@ recomputed by the exact bucket method (inspect_kernels.fused_stats). Exact, like
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -28,7 +29,7 @@ from mergelang.tools.inspect_kernels import CHUNK, JIT, f64, fused_stats, top_su
 #: one sampled entry per block of SAMPLE_STEP entries (a power of two) ...
 SAMPLE_STEP = 64
 #: ... or a smaller step (down to 1) so that at least SAMPLE_MIN entries are sampled
-SAMPLE_MIN = 4096
+SAMPLE_MIN = 32768
 #: the bracket's margin, in binomial standard deviations of the sample rank
 Z = 5.0
 #: a sample value repeated at least HEAVY · (sample size) times (and twice) gets its own cuts
@@ -47,14 +48,14 @@ COUNTS = {"bracket": 0, "fallback": 0}
 
 
 @njit(**JIT)
-def sample_sq(b, xs, step, out):  # noqa: ANN001, ANN201
-    """out[j, i] = τ² of model j at one entry of block i (`step` entries a block, a power of
-    two; the entry's place in the block from a multiplicative hash of i)."""
+def sample_sq(b, xs, step, out, lo, hi):
+    """out[j, i] = τ² of model j at one entry of block i, lo <= i < hi (`step` entries a block,
+    a power of two; the entry's place in the block from a multiplicative hash of i)."""
     mask = np.uint64(step - 1)
     for j in range(len(xs)):
         x = xs[j]
         oj = out[j]
-        for i in range(np.uint64(out.shape[1])):
+        for i in range(np.uint64(lo), np.uint64(hi)):
             h = (i * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
             e = i * np.uint64(step) + (h & mask)
             t = f64(x[e]) - f64(b[e])
@@ -62,7 +63,7 @@ def sample_sq(b, xs, step, out):  # noqa: ANN001, ANN201
 
 
 @njit(**JIT)
-def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill):  # noqa: ANN001, ANN201
+def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill):
     """Entries lo:hi of the base and every model: `stats[j]` += (‖τ‖², ‖base‖², zeros),
     `mxb[j]`: the largest bit pattern of |τ| (max |τ| for a finite τ); per cut r `acc[j, r]`
     += (count of τ² > cuts[j, r] (r < ncut[j]), their sum where wsum[j, r]); the τ² in each span s (between
@@ -127,17 +128,19 @@ def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, acc, stats, mxb,
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _list(q, m, fl, sb, bj, fill, j):  # noqa: ANN001, ANN201
+def _list(q, m, fl, sb, bj, fill, j):
     """Append the τ² of q[:m] inside a span to bj from fill[j]: flags by one unsigned compare
-    on the bit patterns (τ² >= 0: ordered like the values), then the flagged entries of each
-    8-entry word that has any."""
+    per span on the bit patterns (τ² >= 0: ordered like the values), four spans a loop (sb
+    padded with spans that hold nothing), then the flagged entries of each 8-entry word that
+    has any."""
     qb = q.view(np.uint64)
-    for i in range(m):
-        fl[i] = 0
-    for r in range(sb.shape[0]):
-        lo1, width = sb[r, 0], sb[r, 1]
+    for r in range(0, sb.shape[0], 4):
+        l0, w0, l1, w1 = sb[r, 0], sb[r, 1], sb[r + 1, 0], sb[r + 1, 1]
+        l2, w2, l3, w3 = sb[r + 2, 0], sb[r + 2, 1], sb[r + 3, 0], sb[r + 3, 1]
         for i in range(m):
-            fl[i] |= (qb[i] - lo1) <= width
+            v = qb[i]
+            u = ((v - l0) <= w0) | ((v - l1) <= w1) | ((v - l2) <= w2) | ((v - l3) <= w3)
+            fl[i] = u if r == 0 else fl[i] | u
     f = fill[j]
     if f + np.int64(m) > bj.size:
         fill[j] = bj.size + 1
@@ -153,7 +156,7 @@ def _list(q, m, fl, sb, bj, fill, j):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _pairs(tt, nm, m, pairs):  # noqa: ANN001, ANN201
+def _pairs(tt, nm, m, pairs):
     p = 0
     for j in range(nm):
         for l in range(j + 1, nm):
@@ -249,9 +252,11 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
         return fused_stats(b, xs, fractions, bf, parts, run)
     n, nm = b.size, len(xs)
     xt = tuple(xs)
+    runner = run or (lambda fn, args: [fn(*a) for a in args])
     step = sample_step(n)
     smp = np.empty((nm, n // step), np.float64)
-    sample_sq(b, xt, step, smp)
+    at = [smp.shape[1] * p // parts for p in range(parts + 1)]
+    runner(sample_sq, [(b, xt, step, smp, at[p], at[p + 1]) for p in range(parts)])
     smp.sort(axis=1)
     if tamper is not None:
         tamper(smp)
@@ -265,7 +270,6 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     arrays = _tables(plans, parts, cap if any(p.spans for p in plans) else 1)
     cuts, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill = arrays
     ncut = np.array([len(p.cuts) for p in plans], np.int64)
-    runner = run or (lambda fn, args: [fn(*a) for a in args])
     runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, acc[p],
                            stats[p], mxb[p], pairs[p], buf[p], fill[p]) for p in range(parts)])
     st = stats.sum(axis=0)
@@ -291,7 +295,7 @@ def _tables(plans: list[Plan], parts: int, cap: int) -> tuple[np.ndarray, ...]:
     and list nothing) and per-part outputs (acc, stats, mxb, pairs, buf, fill)."""
     nm = len(plans)
     r = max(len(p.cuts) for p in plans)
-    ns = max(1, max(len(p.spans) for p in plans))
+    ns = 4 * max(1, -(-max(len(p.spans) for p in plans) // 4))  # _list: four spans a loop
     cuts = np.full((nm, r), -np.inf)
     wsum = np.zeros((nm, r), np.bool_)
     spans = np.zeros((nm, ns, 2), np.int64)

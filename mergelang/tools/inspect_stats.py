@@ -206,7 +206,7 @@ def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> N
         return
     parts = max(1, min(workers(), b.size // PARALLEL_MIN))
     models, pairs = bracket_stats(b, arrs, FRACTIONS, bf, parts,
-                                lambda fn, args: list(pool().map(lambda a: fn(*a), args)))
+                                  lambda fn, args: list(pool().map(lambda a: fn(*a), args)))
     for s, (ss, bss, mx, zeros, energy) in zip(g.models, models):
         s.numel, s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = b.size, ss, bss, mx, zeros, energy
     for p, (dot, agree, both) in zip(g.pairs.values(), pairs):

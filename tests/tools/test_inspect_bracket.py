@@ -52,10 +52,11 @@ def same(got: tuple[list, list], want: tuple[list, list], rel: float = 1e-9) -> 
         assert g[0] == pytest.approx(w[0], rel=rel, abs=1e-300, nan_ok=True) and g[1:] == w[1:]
 
 
-def counted(fn) -> dict[str, int]:  # noqa: ANN001
+def counted(*args, **kw) -> tuple[tuple[list, list], dict[str, int]]:
+    """run(*args, **kw) and how often each path ran in it."""
     before = dict(sel.COUNTS)
-    fn()
-    return {k: sel.COUNTS[k] - before[k] for k in before}
+    r = run(*args, **kw)
+    return r, {k: sel.COUNTS[k] - before[k] for k in before}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -65,9 +66,8 @@ def test_random_task_vectors(dtype):
         base = torch.randn(n, generator=g).to(dtype)
         xs = [(base.double() + s * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
               for s in (0.01, 0.003, 0.05)]
-        box = {}
-        c = counted(lambda: box.setdefault("r", run(base, xs)))
-        same(box["r"], reference(base, xs))
+        r, c = counted(base, xs)
+        same(r, reference(base, xs))
         assert c == {"bracket": 1, "fallback": 0}
 
 
@@ -79,9 +79,8 @@ def test_quantised_task_vectors_with_many_ties():
     for levels in ((0.0, 0.5, -0.5, 1.0), (0.25, -0.25), (0.0,) * 9 + (2.0,)):
         lv = torch.tensor(levels)
         xs = [base + lv[torch.randint(len(levels), (n,), generator=g)] * s for s in (1.0, 0.125)]
-        box = {}
-        c = counted(lambda: box.setdefault("r", run(base, xs)))
-        same(box["r"], reference(base, xs))
+        r, c = counted(base, xs)
+        same(r, reference(base, xs))
         assert c == {"bracket": 1, "fallback": 0}
     bf = base.to(torch.bfloat16)  # bfloat16 fine-tunes: τ quantised by the stored precision
     xs = [(bf.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(2)]
@@ -99,15 +98,13 @@ def test_a_missed_bracket_or_an_overflowing_list_falls_back(monkeypatch):
         smp[:] = np.sort(smp[:, :1], axis=1)
 
     for tamper in (adversarial, lambda smp: smp.__imul__(4.0), lambda smp: smp.__imul__(0.25)):
-        box = {}
-        c = counted(lambda: box.setdefault("r", run(base, xs, tamper=tamper)))
-        same(box["r"], want)
+        r, c = counted(base, xs, tamper=tamper)
+        same(r, want)
         assert c == {"bracket": 0, "fallback": 1}
     monkeypatch.setattr(sel, "LIST_SCALE", 0.0)
     monkeypatch.setattr(sel, "LIST_SLACK", sel.CHUNK)
-    box = {}
-    c = counted(lambda: box.setdefault("r", run(base, xs, parts=2)))
-    same(box["r"], want)
+    r, c = counted(base, xs, parts=2)
+    same(r, want)
     assert c == {"bracket": 0, "fallback": 1}
 
 
