@@ -7,12 +7,14 @@ stratified, so a period in the tensor's layout does not bias it) is sorted; per 
 it, and `lo`, with at least p + d (p = k·m/n the expected sample rank, d = Z binomial standard
 deviations + 2). Those values, and each sample value repeated often (quantised task vectors:
 millions of equal τ²) as the pair (v⁻, v] (v⁻ the float below v: the interval holds v alone),
-are the `cuts`. The pass counts and sums, per cut c, the τ² > c (branch-free, vectorised; the
-chunk's τ² stay in the L1 cache) and lists the τ² of the entries inside bracket intervals that
-may hold several values (`spans`). Afterwards, per fraction, the interval (c_r, c_r-1] holding
-the k-th largest is found from the counts: one value -> r copies of it; listed -> `top_sum` over
-its listed entries; else (the bracket missed, a list overflowed, τ not finite) the tensor is
-recomputed by the exact bucket method (inspect_kernels.fused_stats). Exact, like a sort.
+are the `cuts`. The pass counts, per cut c, the τ² > c (and sums them at each bracket's top;
+branch-free, vectorised: the chunk's τ² stay in the L1 cache) and lists the τ² of the entries
+inside bracket intervals that may hold several values (`spans`). Afterwards, per fraction, the
+count above `hi` must be < k and above `lo` >= k; walking the intervals (c_r, c_r-1] down from
+`hi`, one holding a single value adds copies of it, a span its listed entries (all, or the
+largest by `top_sum`). Where that does not settle it (the bracket missed, a list overflowed, τ
+not finite) the tensor is recomputed by the exact bucket method (inspect_kernels.fused_stats):
+those results are the bucket method's. Exact, like a sort. The design: docs/design.md.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ SAMPLE_MIN = 32768
 Z = 5.0
 #: a sample value repeated at least HEAVY · (sample size) times (and twice) gets its own cuts
 HEAVY = 1 / 512
-#: cuts per model at most (each costs a compare and two masked sums per entry)
+#: cuts per model at most (each costs a compare and a count per entry, a bracket's top a sum)
 MAX_CUTS = 16
+#: the bits of |v| from those of a float64 v
 ABS = np.int64(0x7FFFFFFFFFFFFFFF)
 #: list buffers per model: LIST_SCALE x the entries expected in the spans + LIST_SLACK (a
 #: part that lists more overflows: the tensor falls back)
@@ -267,7 +270,7 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     cuts_at = [n * p // parts for p in range(parts + 1)]
     expect = max(p.inside for p in plans) * step  # entries listed, expected, per model
     cap = min(max(np.diff(cuts_at)), int(LIST_SCALE * (expect / parts + 4 * math.sqrt(expect + 1)) + LIST_SLACK))
-    arrays = _tables(plans, parts, cap if any(p.spans for p in plans) else 1)
+    arrays = tables(plans, parts, cap if any(p.spans for p in plans) else 1)
     cuts, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill = arrays
     ncut = np.array([len(p.cuts) for p in plans], np.int64)
     runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, acc[p],
@@ -290,7 +293,7 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     return models, [(float(pr[p, 0]), int(pr[p, 1]), int(pr[p, 2])) for p in range(len(pr) if nm > 1 else 0)]
 
 
-def _tables(plans: list[Plan], parts: int, cap: int) -> tuple[np.ndarray, ...]:
+def tables(plans: list[Plan], parts: int, cap: int) -> tuple[np.ndarray, ...]:
     """The pass's inputs (cuts, wsum, spans, spanb; empty slots: -inf cuts, spans that count
     and list nothing) and per-part outputs (acc, stats, mxb, pairs, buf, fill)."""
     nm = len(plans)
