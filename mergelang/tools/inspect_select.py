@@ -187,7 +187,7 @@ def sample_step(n: int) -> int:
 
 def below(v: float) -> float:
     """The float64 just below v."""
-    return float(np.nextafter(v, -np.inf))
+    return math.nextafter(float(v), -math.inf)
 
 
 class Plan(NamedTuple):
