@@ -68,9 +68,10 @@ def main() -> None:
     def one_pass(cuts: bool, spans: bool) -> None:
         c, wsum, sp, spb, acc, st, mxb, pairs, buf, fill = sel.tables(plans, 1, n)
         ncut = np.array([len(p.cuts) if cuts else 0 for p in plans], np.int64)
+        nspan = np.array([len(p.spans) if spans else 0 for p in plans], np.int64)
         if not spans:
             sp[:] = 0
-        sel.bracket_pass(b, xt, 0, n, c, ncut, wsum, sp, spb, acc[0], st[0], mxb[0], pairs[0], buf[0], fill[0])
+        sel.bracket_pass(b, xt, 0, n, c, ncut, wsum, sp, spb, nspan, acc[0], st[0], mxb[0], pairs[0], buf[0], fill[0])
 
     show("  pass: loads and sums", best(lambda: one_pass(False, False), r))
     show("  pass: + cut counts", best(lambda: one_pass(True, False), r))

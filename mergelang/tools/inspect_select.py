@@ -66,7 +66,7 @@ def sample_sq(b, xs, step, out, lo, hi):
 
 
 @njit(**JIT)
-def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill):
+def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, nspan, acc, stats, mxb, pairs, buf, fill):
     """Entries lo:hi of the base and every model: `stats[j]` += (‖τ‖², ‖base‖², zeros),
     `mxb[j]`: the largest bit pattern of |τ| (max |τ| for a finite τ); per cut r `acc[j, r]`
     += (count of τ² > cuts[j, r] (r < ncut[j]), their sum where wsum[j, r]); the τ² in each span s (between
@@ -126,23 +126,22 @@ def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, acc, stats, mxb,
             for r in range(spans.shape[1]):
                 listed += gl[spans[j, r, 0]] - gl[spans[j, r, 1]]
             if listed:
-                _list(q, m, fl, spanb[j], buf[j], fill, j)
+                _list(q, m, fl, spanb[j], nspan[j], buf[j], fill, j)
         _pairs(tt, nm, m, pairs)
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _list(q, m, fl, sb, bj, fill, j):
+def _list(q, m, fl, sb, ns, bj, fill, j):
     """Append the τ² of q[:m] inside a span to bj from fill[j]: flags by one unsigned compare
-    per span on the bit patterns (τ² >= 0: ordered like the values), four spans a loop (sb
-    padded with spans that hold nothing), then the flagged entries of each 8-entry word that
+    per span on the bit patterns (τ² >= 0: ordered like the values), two spans a loop (sb
+    padded with a span that holds nothing), then the flagged entries of each 8-entry word that
     has any."""
     qb = q.view(np.uint64)
-    for r in range(0, sb.shape[0], 4):
+    for r in range(0, ns, 2):
         l0, w0, l1, w1 = sb[r, 0], sb[r, 1], sb[r + 1, 0], sb[r + 1, 1]
-        l2, w2, l3, w3 = sb[r + 2, 0], sb[r + 2, 1], sb[r + 3, 0], sb[r + 3, 1]
         for i in range(m):
             v = qb[i]
-            u = ((v - l0) <= w0) | ((v - l1) <= w1) | ((v - l2) <= w2) | ((v - l3) <= w3)
+            u = ((v - l0) <= w0) | ((v - l1) <= w1)
             fl[i] = u if r == 0 else fl[i] | u
     f = fill[j]
     if f + np.int64(m) > bj.size:
@@ -273,7 +272,8 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     arrays = tables(plans, parts, cap if any(p.spans for p in plans) else 1)
     cuts, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill = arrays
     ncut = np.array([len(p.cuts) for p in plans], np.int64)
-    runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, acc[p],
+    nspan = np.array([len(p.spans) for p in plans], np.int64)
+    runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, nspan, acc[p],
                            stats[p], mxb[p], pairs[p], buf[p], fill[p]) for p in range(parts)])
     st = stats.sum(axis=0)
     if not np.isfinite(st[:, :2]).all():
@@ -298,7 +298,7 @@ def tables(plans: list[Plan], parts: int, cap: int) -> tuple[np.ndarray, ...]:
     and list nothing) and per-part outputs (acc, stats, mxb, pairs, buf, fill)."""
     nm = len(plans)
     r = max(len(p.cuts) for p in plans)
-    ns = 4 * max(1, -(-max(len(p.spans) for p in plans) // 4))  # _list: four spans a loop
+    ns = 2 * max(1, -(-max(len(p.spans) for p in plans) // 2))  # _list: two spans a loop
     cuts = np.full((nm, r), -np.inf)
     wsum = np.zeros((nm, r), np.bool_)
     spans = np.zeros((nm, ns, 2), np.int64)
