@@ -139,3 +139,25 @@ def test_parts_equal_one_part():
     for parts in (2, 5):
         same(run(base, xs, parts=parts), one, rel=1e-12)
     same(one, reference(base, xs))
+
+
+def test_periodic_and_sparse_task_vectors_take_the_one_pass(monkeypatch):
+    """A layout period equal to the sampling step (only every 64th entry changed, or every
+    64th kept), rows of very different scales and sparse τ (1 % non-zero: the 1 % fraction's
+    k-th largest at the edge of the zeros): exact, and no fallback (the sample is stratified
+    at hashed places, not every 64th entry)."""
+    monkeypatch.setattr(sel, "SAMPLE_MIN", 1024)  # step 64 at this size, as for large tensors
+    g = torch.Generator().manual_seed(5)
+    r, c = 512, 256
+    base = torch.randn(r, c, generator=g)
+    idx = torch.arange(r * c).reshape(r, c)
+    noise = 1e-2 * torch.randn(r, c, generator=g)
+    scales = 10.0 ** (torch.arange(r) % 7).float().unsqueeze(1) * 1e-3
+    for tau in ((idx % 64 == 0) * noise, (idx % 64 != 0) * noise, scales * noise / 1e-2,
+                (torch.rand(r, c, generator=g) < 0.01) * noise):
+        for dtype in (torch.float32, torch.bfloat16):
+            b, xs = base.to(dtype), [(base + tau).to(dtype)]
+            assert sel.sample_step(b.numel()) == sel.SAMPLE_STEP == 64
+            got, c_ = counted(b, xs, parts=2)
+            same(got, reference(b, xs))
+            assert c_ == {"bracket": 1, "fallback": 0}
