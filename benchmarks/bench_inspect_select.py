@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def best(fn, repeat: int) -> float:  # noqa: ANN001
+def best(fn, repeat: int) -> float:
     fn()
     runs = []
     for _ in range(repeat):
@@ -71,7 +71,8 @@ def main() -> None:
         nspan = np.array([len(p.spans) if spans else 0 for p in plans], np.int64)
         if not spans:
             sp[:] = 0
-        sel.bracket_pass(b, xt, 0, n, c, ncut, wsum, sp, spb, nspan, acc[0], st[0], mxb[0], pairs[0], buf[0], fill[0])
+        sel.bracket_pass(b, xt, 0, n, c, ncut, wsum, sp, spb, nspan, acc[0], st[0], mxb[0], pairs[0],
+                         buf[0], fill[0])
 
     show("  pass: loads and sums", best(lambda: one_pass(False, False), r))
     show("  pass: + cut counts", best(lambda: one_pass(True, False), r))

@@ -68,12 +68,13 @@ def sample_sq(b, xs, step, out, lo, hi):
 @njit(**JIT)
 def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, nspan, acc, stats, mxb, pairs, buf, fill):
     """Entries lo:hi of the base and every model: `stats[j]` += (‖τ‖², ‖base‖², zeros),
-    `mxb[j]`: the largest bit pattern of |τ| (max |τ| for a finite τ); per cut r `acc[j, r]`
-    += (count of τ² > cuts[j, r] (r < ncut[j]), their sum where wsum[j, r]); the τ² in each span s (between
-    cuts spans[j, s, 0] and spans[j, s, 1]; as bit patterns: spanb[j, s] = (lo, width), τ² in
-    it when its bits - lo <= width, unsigned) listed into buf[j] from fill[j] (a chunk that
-    might not fit marks fill[j] past the end: overflow); per pair `pairs[p]` += (⟨τi, τj⟩, both
-    non-zero with equal signs, both non-zero), as fused_pass. Per chunk, loops over L1 rows."""
+    `mxb[j]`: the largest bit pattern of |τ| (max |τ| for a finite τ); per cut r < ncut[j]
+    `acc[j, r]` += (count of τ² > cuts[j, r], their sum where wsum[j, r]); the τ² in each of
+    the nspan[j] spans (between cuts spans[j, s, 0] and spans[j, s, 1]; as bit patterns
+    spanb[j, s] = (lo, width): τ² in it when its bits - lo <= width, unsigned) listed into
+    buf[j] from fill[j] (a chunk that might not fit marks fill[j] past the end: overflow); per
+    pair `pairs[p]` += (⟨τi, τj⟩, both non-zero with equal signs, both non-zero), as
+    fused_pass. Per chunk, every loop runs over rows in the L1 cache."""
     nm = len(xs)
     fb = np.empty(CHUNK, np.float64)
     tt = np.empty((nm, CHUNK), np.float64)
@@ -268,13 +269,14 @@ def bracket_stats(b: np.ndarray, xs: list[np.ndarray], fractions: tuple[float, .
     plans = [plan_cuts(smp[j], n, ks) for j in range(nm)]
     cuts_at = [n * p // parts for p in range(parts + 1)]
     expect = max(p.inside for p in plans) * step  # entries listed, expected, per model
-    cap = min(max(np.diff(cuts_at)), int(LIST_SCALE * (expect / parts + 4 * math.sqrt(expect + 1)) + LIST_SLACK))
+    cap = int(LIST_SCALE * (expect / parts + 4 * math.sqrt(expect + 1)) + LIST_SLACK)
+    cap = min(max(np.diff(cuts_at)), cap)
     arrays = tables(plans, parts, cap if any(p.spans for p in plans) else 1)
     cuts, wsum, spans, spanb, acc, stats, mxb, pairs, buf, fill = arrays
     ncut = np.array([len(p.cuts) for p in plans], np.int64)
     nspan = np.array([len(p.spans) for p in plans], np.int64)
-    runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, nspan, acc[p],
-                           stats[p], mxb[p], pairs[p], buf[p], fill[p]) for p in range(parts)])
+    runner(bracket_pass, [(b, xt, cuts_at[p], cuts_at[p + 1], cuts, ncut, wsum, spans, spanb, nspan,
+                           acc[p], stats[p], mxb[p], pairs[p], buf[p], fill[p]) for p in range(parts)])
     st = stats.sum(axis=0)
     if not np.isfinite(st[:, :2]).all():
         return _fallback(b, xs, fractions, bf, parts, run)
