@@ -14,16 +14,19 @@ mergelang output and with force, E403).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mergelang.diagnostics import Diagnostic, Diagnostics, MergelangError, SourceFile, error, warning
 from mergelang.tools.inspect_stats import FRACTIONS, Group, location, tensor_group
+from mergelang.tools.inspect_totals import Totals
 
 REPORT_FORMAT = "mergelang-inspect"
 #: the dtypes inspected (block-scaled FP8 weights are loaded dequantized, other FP8 as float32)
@@ -58,28 +61,44 @@ def inspect(base: str | os.PathLike, models: Sequence[str | os.PathLike], out: s
         from mergelang.tools.inspect_plots import require_matplotlib
 
         require_matplotlib()
-    labels, sources = open_inputs(str(base), [str(m) for m in models], allow_pickle, follow_symlinks)
-    try:
-        folder = None
-        if out is not None:
-            from mergelang.tools.report_folder import ReportFolder
+    with gc_paused():
+        labels, sources = open_inputs(str(base), [str(m) for m in models], allow_pickle, follow_symlinks)
+        try:
+            folder = None
+            if out is not None:
+                from mergelang.tools.report_folder import ReportFolder
 
-            inputs = [p for s in sources for p in s.input_paths()]
-            folder = ReportFolder(out, force=force, protected=inputs)
-        names, skipped, warns = plan_tensors(labels, sources)
-        for d in warns:
-            say(d.render())
-        report = stream(labels, sources, names, spectrum_k if spectrum else None, device, budget,
-                        progress)
-        report["skipped"] = skipped
-        report["inputs"] = {"base": str(base), "models": {lab: str(m) for lab, m in zip(labels[1:], models)}}
-        report["warnings"] = [d.render() for d in warns]
-        if folder is not None:
-            folder.write(report, fmt)
-        return report
+                inputs = [p for s in sources for p in s.input_paths()]
+                folder = ReportFolder(out, force=force, protected=inputs)
+            names, skipped, warns = plan_tensors(labels, sources)
+            for d in warns:
+                say(d.render())
+            report = stream(labels, sources, names, spectrum_k if spectrum else None, device, budget,
+                            progress)
+            report["skipped"] = skipped
+            report["inputs"] = {"base": str(base), "models": {lab: str(m) for lab, m in zip(labels[1:], models)}}
+            report["warnings"] = [d.render() for d in warns]
+            if folder is not None:
+                folder.write(report, fmt)
+            return report
+        finally:
+            for s in sources:
+                s.close()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the call (as it was, after): the report of
+    a checkpoint of 90k tensors is millions of dicts and floats, and the collector's passes over
+    them (and over the headers' entries) took about half of inspect's time at 90k tiny tensors
+    (docs/inspect.md). Objects are still freed by reference counting; cycles wait until after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
-        for s in sources:
-            s.close()
+        if was:
+            gc.enable()
 
 
 def open_inputs(base: str, models: list[str], allow_pickle: bool = False,
@@ -207,6 +226,7 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     import torch
 
     from mergelang.runtime.executor import resolve_device
+    from mergelang.tools.inspect_small import batch_sums, entries
 
     try:
         dev = resolve_device(device)
@@ -219,25 +239,37 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
     svd_secs = 0.0
     read_secs = 0.0
     cap = budget if budget is not None else DEFAULT_BUDGET
-    sizes = {n: sum(s.tensors()[n].nbytes for s in sources) for n in names}
+    tables = [s.tensors() for s in sources]
+    table = tables[0]
+    sizes = {n: sum(t[n].nbytes for t in tables) for n in names}
     done = 0
     for batch, got, secs in read_ahead(sources, batches_of(names, sizes), sizes, cap):
         read_secs += secs
-        for name, tensors in zip(batch, got):
-            where = location(name)
-            entry, g, per_expert, secs_svd = measure_tensor(name, tensors, models, spectrum_k, dev,
-                                                            where[2])
+        for run, tensors, dtype in runs(batch, got, dev, spectrum_k):
+            wheres = [location(name) for name in run]
+            if dtype is not None:  # small tensors of one dtype: one call for the run
+                sums = batch_sums(tensors, dtype, FRACTIONS)
+                agg.add_rows(*sums, wheres)
+                made = [(e, 0) for e in entries(*sums, models, FRACTIONS)]
+            else:
+                made = []
+                for name, ts, where in zip(run, tensors, wheres):
+                    entry, g, per_expert, secs_svd = measure_tensor(name, ts, models, spectrum_k, dev,
+                                                                    where[2])
+                    svd_secs += secs_svd
+                    agg.add(g, where, per_expert)
+                    made.append((entry, len(per_expert)))
             del tensors
-            svd_secs += secs_svd
-            entry.update(shape=list(sources[0].tensors()[name].shape), layer=where[0], family=where[1],
-                         expert=where[2])
-            if per_expert:
-                entry["fused_experts"] = len(per_expert)
-            per_tensor[name] = entry
-            agg.add(g, where, per_expert)
-            done += 1
-            if progress is not None:
-                progress(done, len(names))
+            for name, where, (entry, fused) in zip(run, wheres, made):
+                entry.update(shape=list(table[name].shape), layer=where[0], family=where[1],
+                             expert=where[2])
+                if fused:
+                    entry["fused_experts"] = fused
+                per_tensor[name] = entry
+                done += 1
+                if progress is not None:
+                    progress(done, len(names))
+        del got
     secs = time.perf_counter() - started
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -249,41 +281,6 @@ def stream(labels: list[str], sources: list[Any], names: list[str], spectrum_k: 
         "timing": {"seconds": secs, "read_seconds": read_secs, "svd_seconds": svd_secs if spectrum_k else None},
         **agg.to_json(models), "tensors": per_tensor,
     }
-
-
-class Totals:
-    """The aggregates of a report: the whole model, per layer, family and expert."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.total = Group.empty(n)
-        self.layers: dict[int, Group] = {}
-        self.families: dict[str, Group] = {}
-        self.experts: dict[int, Group] = {}
-
-    def add(self, g: Group, where: tuple[Any, str, Any], per_expert: list[Group]) -> None:
-        layer, family, expert = where
-        for e, pe in enumerate(per_expert):
-            self._at(self.experts, e).add(pe)
-        self.total.add(g)
-        if layer is not None:
-            self._at(self.layers, layer).add(g)
-        self._at(self.families, family).add(g)
-        if expert is not None:
-            self._at(self.experts, expert).add(g)
-
-    def _at(self, groups: dict[Any, Group], key: Any) -> Group:
-        """groups[key], made empty the first time (not one Group made per call: 90k tensors)."""
-        g = groups.get(key)
-        if g is None:
-            g = groups[key] = Group.empty(self.n)
-        return g
-
-    def to_json(self, models: list[str]) -> dict[str, Any]:
-        return {"total": self.total.to_json(models),
-                "layers": {str(k): self.layers[k].to_json(models) for k in sorted(self.layers)},
-                "families": {k: v.to_json(models) for k, v in self.families.items()},
-                "experts": {str(k): self.experts[k].to_json(models) for k in sorted(self.experts)}}
 
 
 def measure_tensor(name: str, tensors: list[Any], models: list[str], spectrum_k: int | None,
@@ -312,6 +309,27 @@ def measure_tensor(name: str, tensors: list[Any], models: list[str], spectrum_k:
             if sp:
                 entry["models"][lab]["spectrum"] = sp
     return entry, g, per_expert, svd
+
+
+def runs(batch: list[str], got: list[list[Any]], dev: Any, spectrum_k: int | None
+         ) -> Iterator[tuple[list[str], list[list[Any]], Any]]:
+    """The batch as runs of consecutive tensors (names, tensors, dtype): small tensors whose
+    versions share a dtype, one run per dtype change, computed together (inspect_small.py;
+    dtype: the one they are read in), else one tensor at a time (dtype None: large, empty,
+    mixed dtypes, fused experts, --spectrum, CUDA)."""
+    from mergelang.tools.inspect_small import batch_dtype
+
+    start = 0
+    while start < len(batch):
+        d = None
+        if dev.type == "cpu" and not spectrum_k and not fused_experts(batch[start], got[start][0]):
+            d = batch_dtype(got[start])
+        end = start + 1
+        while d is not None and end < len(batch) and not fused_experts(batch[end], got[end][0]) \
+                and batch_dtype(got[end]) == d and got[end][0].dtype == got[start][0].dtype:
+            end += 1
+        yield batch[start:end], got[start:end], d
+        start = end
 
 
 def batches_of(names: list[str], sizes: dict[str, int]) -> list[list[str]]:

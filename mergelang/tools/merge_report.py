@@ -272,13 +272,14 @@ def _rule_key(span: Any) -> str:
 
 
 def run_sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor") -> list[RunSums]:
-    """The sums of `out` against each input, in one pass (two parts of the entries on two
-    threads for a large tensor)."""
+    """The sums of `out` against each input, in one pass (parts of the entries on the pool's
+    threads for a large tensor). bfloat16 data: float32 partial sums (report_kernels), the
+    tensor summed again in float64 where a sum of squares falls outside their range."""
     import numpy as np
     import torch
 
-    from mergelang.tools.report_kernels import merge_fused
-    from mergelang.tools.inspect_stats import PARALLEL_MIN, flat, pool, workers
+    from mergelang.tools.inspect_stats import flat
+    from mergelang.tools.report_kernels import FLOOR, merge_fused, merge_fused_bf16
 
     kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}
     dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
@@ -286,17 +287,29 @@ def run_sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor"
     b, o = flat(base.cpu(), dtype), flat(out.cpu(), dtype)
     arrs = tuple(flat(x.cpu(), dtype) for x in xs)
     bf = dtype == torch.bfloat16
+    tot = _sums(merge_fused_bf16 if bf else merge_fused, b, arrs, o, (bf,) if not bf else ())
+    squares = tot[:, [0, 1, 2, 3, 6]]
+    if bf and not (np.isfinite(squares).all() and (squares >= FLOOR).all()):
+        tot = _sums(merge_fused, b, arrs, o, (bf,))
+    return [RunSums(b.size, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
+
+
+def _sums(kernel: Any, b: Any, arrs: tuple, o: Any, extra: tuple) -> Any:
+    """The (inputs, 10) sums of a report kernel over every entry, in parts on the pool."""
+    import numpy as np
+
+    from mergelang.tools.inspect_stats import PARALLEL_MIN, pool, workers
+
     n = b.size
     parts = max(1, min(workers(), n // PARALLEL_MIN))
     cuts = [n * p // parts for p in range(parts + 1)]
-    acc = np.zeros((parts, len(xs), 10), np.float64)
-    jobs = [(b, arrs, o, bf, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
+    acc = np.zeros((parts, len(arrs), 10), np.float64)
+    jobs = [(b, arrs, o, *extra, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
     if parts == 1:
-        merge_fused(*jobs[0])
+        kernel(*jobs[0])
     else:
-        list(pool().map(lambda a: merge_fused(*a), jobs))
-    tot = acc.sum(axis=0)
-    return [RunSums(n, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
+        list(pool().map(lambda a: kernel(*a), jobs))
+    return acc.sum(axis=0)
 
 
 def report_html(report: dict[str, Any]) -> str:

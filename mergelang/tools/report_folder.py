@@ -86,8 +86,13 @@ class ReportFolder(WorkFolder):
 
 
 def dumps(report: dict[str, Any]) -> str:
-    """report.json's text (NaN never occurs: undefined ratios are null)."""
-    if len(report.get("tensors", ())) > 2000:  # compact: ~1 kB per tensor less
-        return json.dumps(json_safe(report), separators=(",", ":"), allow_nan=False) + "\n"
-    return json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
+    """report.json's text (NaN never occurs: undefined ratios are null). Written as is when
+    every float is finite (json refuses NaN/Inf: then written from json_safe's copy, non-finite
+    values as null; a copy of a 90k-tensor report took seconds and a few hundred MB)."""
+    compact = len(report.get("tensors", ())) > 2000  # ~1 kB per tensor less
+    kw: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 1}
+    try:
+        return json.dumps(report, allow_nan=False, **kw) + "\n"
+    except ValueError:
+        return json.dumps(json_safe(report), allow_nan=False, **kw) + "\n"
 
