@@ -24,7 +24,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from mergelang.tools.inspect_kernels import CHUNK, JIT, f64, fused_stats, top_sum
 
@@ -136,7 +139,7 @@ def _list(q, m, fl, sb, ns, bj, fill, j):
     """Append the τ² of q[:m] inside a span to bj from fill[j]: flags by one unsigned compare
     per span on the bit patterns (τ² >= 0: ordered like the values), two spans a loop (sb
     padded with a span that holds nothing), then the flagged entries of each 8-entry word that
-    has any."""
+    has any, one set bit at a time."""
     qb = q.view(np.uint64)
     for r in range(0, ns, 2):
         l0, w0, l1, w1 = sb[r, 0], sb[r, 1], sb[r + 1, 0], sb[r + 1, 1]
@@ -148,14 +151,27 @@ def _list(q, m, fl, sb, ns, bj, fill, j):
     if f + np.int64(m) > bj.size:
         fill[j] = bj.size + 1
         return
+    nw = (m + np.uint64(7)) >> np.uint64(3)
+    for i in range(m, nw << np.uint64(3)):
+        fl[i] = 0  # a last, partial word: no flags left from an earlier chunk
     fw = fl.view(np.uint64)
-    for w in range((m + np.uint64(7)) >> np.uint64(3)):
-        if fw[w]:
-            for i in range(w * np.uint64(8), min(m, w * np.uint64(8) + np.uint64(8))):
-                if fl[i]:
-                    bj[np.uint64(f)] = q[i]
-                    f += 1
+    for w in range(nw):
+        x = fw[w]
+        while x:  # one flag (bit 0 of a byte) at a time: its entry is w·8 + (trailing zeros) / 8
+            bj[np.uint64(f)] = q[(w << np.uint64(3)) | (_ctz(x) >> np.uint64(3))]
+            f += 1
+            x &= x - np.uint64(1)
     fill[j] = f
+
+
+@intrinsic
+def _ctz(typingctx, v):
+    """The trailing zero bits of a non-zero uint64 (one instruction)."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+    return (types.uint64(types.uint64), codegen) if v == types.uint64 else None
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
