@@ -12,7 +12,9 @@ reused when present), then times, in this process and with a warm page cache:
 * the read floor: every tensor of every model read once and converted to float32
   (`ModelSource.load_as`, what any merge or statistic must do at least; with Python's garbage
   collector paused, as inspect pauses it);
-* `ml.inspect(base, [ft1, ft2])` (json report, no folder), and with --spectrum also the SVDs.
+* `ml.inspect(base, [ft1, ft2])` (json report, no folder), and with --spectrum also the SVDs;
+* with --compare also inspect with every large tensor's statistics by the bucket method
+  (tools/inspect_select.USE_BRACKET off: the method before the one-pass brackets).
 Each is run --repeat times, alternating, after one warm-up of each (page cache, numba's cache);
 the best time is kept. `--tiny N` builds three
 checkpoints of N tiny tensors named like DeepSeek-V3's experts (model.layers.L.mlp.experts.E.*)
@@ -200,6 +202,9 @@ def main() -> None:
     ap.add_argument("--tiny", type=int, default=0, metavar="N", help="N tiny tensors instead")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--spectrum", action="store_true", help="also time inspect --spectrum (once)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time inspect with the bucket method for every large tensor (the "
+                         "selection before the one-pass brackets), alternating with the others")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also time the inspect of this checkout (an earlier commit) side by side")
     ap.add_argument("--cli", action="store_true",
@@ -217,12 +222,21 @@ def main() -> None:
         return
     read_floor(paths)  # warm the page cache
     run_inspect(paths)  # and load the compiled loops (numba's cache) once
-    floor, insp = [], []
+    from mergelang.tools import inspect_select
+
+    floor, insp, old = [], [], []
     for _ in range(args.repeat):
         floor.append(read_floor(paths))
         insp.append(run_inspect(paths))
+        if args.compare:
+            inspect_select.USE_BRACKET = False
+            old.append(run_inspect(paths))
+            inspect_select.USE_BRACKET = True
     (f, fc), (i, ic) = min(floor), min(insp)
     print(f"read floor   {f:8.2f} s   (CPU {fc:.2f} s, all threads)")
+    if old:
+        o, oc = min(old)
+        print(f"inspect (buckets) {o:8.2f} s   (CPU {oc:.2f} s)   ratio {o / f:.2f}x   CPU ratio {oc / fc:.2f}x")
     print(f"inspect      {i:8.2f} s   (CPU {ic:.2f} s)   ratio {i / f:.2f}x   CPU ratio {ic / fc:.2f}x")
     if args.tiny:
         print(f"per tensor   floor {1e6 * f / len(shapes):.0f} us, inspect {1e6 * i / len(shapes):.0f} us, "

@@ -1,5 +1,6 @@
 """ns per entry of run --report's sums kernel (tools.merge_report.run_sums) and of inspect's
-fused pass (tools.inspect_stats.fused_stats), on synthetic bfloat16 tensors (no files).
+large-tensor statistics (tools.inspect_select.bracket_stats, one pass, and the bucket method
+it falls back to, tools.inspect_kernels.fused_stats), on synthetic bfloat16 tensors (no files).
 
     python benchmarks/bench_report_kernel.py              # 16M entries, base + 2 inputs + output
 
@@ -37,6 +38,7 @@ def main() -> None:
 
     from mergelang.tools import inspect_stats as st
     from mergelang.tools.inspect_kernels import fused_stats
+    from mergelang.tools.inspect_select import bracket_stats
     from mergelang.tools.merge_report import run_sums
     from mergelang.tools.report_kernels import merge_fused, merge_fused_bf16
 
@@ -57,15 +59,15 @@ def main() -> None:
     for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
         st.workers = lambda w=w: w  # noqa: E731  (run_sums / fused_stats split by workers())
         wall, cpu = best(lambda: run_sums(base, xs, out), args.repeat)
-        print(f"run_sums     {label:10s} {n} entries x {args.inputs} inputs: "
+        print(f"run_sums      {label:10s} {n} entries x {args.inputs} inputs: "
               f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
-    for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
-        def inspect(w: int = w) -> None:
-            fused_stats(b, arrs, st.FRACTIONS, True, w,
-                           lambda fn, a: list(st.pool().map(lambda x: fn(*x), a)))
-        wall, cpu = best(inspect, args.repeat)
-        print(f"fused_stats  {label:10s} {n} entries x {args.inputs} models: "
-              f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
+    for fn in (fused_stats, bracket_stats):
+        for label, w in (("1 thread", 1), (f"{saved()} threads", saved())):
+            def inspect(w: int = w, fn=fn) -> None:  # noqa: ANN001
+                fn(b, arrs, st.FRACTIONS, True, w, lambda f, a: list(st.pool().map(lambda x: f(*x), a)))
+            wall, cpu = best(inspect, args.repeat)
+            print(f"{fn.__name__:14s}{label:10s} {n} entries x {args.inputs} models: "
+                  f"{1e9 * wall / n:6.2f} ns/entry wall, {1e9 * cpu / n:6.2f} ns/entry CPU")
     st.workers = saved
     acc = np.zeros((args.inputs, 10))
     # the float64 loop compiled as the merge's generated kernels are (no reassociation: their

@@ -2,7 +2,8 @@
 on the fly, a chunk of CHUNK entries at a time, never stored whole; bfloat16 inputs read as
 stored (their bits widened, exact), other dtypes as float32 / float64 arrays.
 
-Large tensors (`fused_stats`): `fused_pass` reads the base and every model once, summing per
+Large tensors (`fused_stats`, the bucket method: inspect_select.bracket_stats, one pass with
+sampled brackets, runs first and falls back to it): `fused_pass` reads the base and every model once, summing per
 model ‖τ‖², ‖base‖², max |τ|, zeros, per pair ⟨τi, τj⟩ and the sign counts, and counting,
 summing and bounding (least, largest) τ² per bucket: the high 16 bits of |τ| rounded to float32
 (|τ| at bfloat16 precision: 8 exponent, 7 mantissa bits; rounding is monotonic, so a larger τ²

@@ -206,7 +206,8 @@ def flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
 def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> None:
     import torch
 
-    from mergelang.tools.inspect_kernels import SMALL, fused_stats, model_stats, pair_pass
+    from mergelang.tools.inspect_kernels import SMALL, model_stats, pair_pass
+    from mergelang.tools.inspect_select import bracket_stats
 
     kinds = {t.dtype for t in (base, *xs)}
     # one numba specialisation per call: all bfloat16 (read as stored), else float32 (exact
@@ -226,8 +227,8 @@ def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> N
             p.agree, p.both = int(p.agree), int(p.both)
         return
     parts = max(1, min(workers(), b.size // PARALLEL_MIN))
-    models, pairs = fused_stats(b, arrs, FRACTIONS, bf, parts,
-                                lambda fn, args: list(pool().map(lambda a: fn(*a), args)))
+    models, pairs = bracket_stats(b, arrs, FRACTIONS, bf, parts,
+                                  lambda fn, args: list(pool().map(lambda a: fn(*a), args)))
     for s, (ss, bss, mx, zeros, energy) in zip(g.models, models):
         s.numel, s.ss, s.base_ss, s.max_abs, s.zeros, s.energy = b.size, ss, bss, mx, zeros, energy
     for p, (dot, agree, both) in zip(g.pairs.values(), pairs):

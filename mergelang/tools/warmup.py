@@ -53,11 +53,13 @@ def warmup(log: Callable[[str], None] = lambda m: None, models: tuple[int, ...] 
 
 def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
     """`mergelang inspect` and `run --report`'s loops (tools/inspect_kernels.py, tools/report_kernels.py): the fused and
-    small forms, with a boundary bucket of several values (the listing pass and the selection)."""
+    small forms, with a boundary bucket of several values (the listing pass and the selection),
+    and the bucket method that the one-pass selection falls back to (tools/inspect_select.py)."""
     import torch
 
+    from mergelang.tools.inspect_kernels import fused_stats
     from mergelang.tools.inspect_small import batch_sums
-    from mergelang.tools.inspect_stats import FRACTIONS, tensor_group
+    from mergelang.tools.inspect_stats import FRACTIONS, flat, tensor_group
     from mergelang.tools.merge_report import run_sums
 
     g = torch.Generator().manual_seed(0)
@@ -70,6 +72,9 @@ def _warm_inspect(log: Callable[[str], None], models: tuple[int, ...], dtypes: t
                 xs = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
                 tensor_group(base, xs, None, torch.device("cpu"))
                 run_sums(base, xs, xs[0])
+                if shape == SHAPE:  # the bucket method (the selection's fallback)
+                    kd = dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32
+                    fused_stats(flat(base, kd), [flat(x, kd) for x in xs], FRACTIONS, kd == torch.bfloat16)
             batch_sums([[base, *xs]], dtype, FRACTIONS)  # runs of small tensors (inspect_small.py)
             log(f"inspect ({n} models, {dt}): {time.perf_counter() - t:.1f}s")
 
