@@ -128,25 +128,41 @@ def _f32(typingctx, v):  # noqa: ANN001, ANN201, ARG001
     return (types.float32(v), codegen) if v == types.uint16 else None
 
 
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _bf16_step(xx, bb, oo, to, sg, s):  # noqa: ANN001, ANN201
+    """One entry's terms of one input `xx` added to its float32 sums `s` (sx, st, dox, dtt, dist,
+    nnz, kept, against); `to` = τo, `sg` its sign: kept / against from the signs of τ and τo,
+    not of their product, which underflows for τ ~ 1e-23."""
+    z, one = np.float32(0.0), np.float32(1.0)
+    sx, st, dox, dtt, dist, nnz, kept, against = s
+    t, d = xx - bb, oo - xx
+    u = t * sg
+    return (sx + xx * xx, st + t * t, dox + oo * xx, dtt + to * t, dist + d * d,
+            nnz + (one if t != z else z), kept + (one if u > z else z), against + (one if u < z else z))
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _bf16_add(acc, s, so, sto):  # noqa: ANN001, ANN201
+    """A run's float32 sums of one input into its float64 accumulator row (RunSums' order)."""
+    sx, st, dox, dtt, dist, nnz, kept, against = s
+    for k, v in enumerate((sx, st, so, sto, dox, dtt, dist, nnz, kept, against)):
+        acc[k] += np.float64(v)
+
+
 @njit(**JIT)
 def _bf16_one(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
     """r += the sums of entries lo:hi of bfloat16 output `o` against input `x` (base `b`):
     float32 terms and partial sums per RUN entries, float64 across runs."""
     z, one = np.float32(0.0), np.float32(1.0)
     for start in range(np.uint64(lo), np.uint64(hi), np.uint64(RUN)):
-        sx = st = so = sto = dox = dtt = dist = nnz = kept = against = z
+        sx = (z, z, z, z, z, z, z, z)
+        so = sto = z
         for i in range(start, min(start + np.uint64(RUN), np.uint64(hi))):
-            bb, oo, xx = _f32(b[i]), _f32(o[i]), _f32(x[i])
-            t, to, d = xx - bb, oo - bb, oo - xx
-            p = to * t
-            sx, st, so, sto, dox = sx + xx * xx, st + t * t, so + oo * oo, sto + to * to, dox + oo * xx
-            dtt, dist = dtt + p, dist + d * d
-            nnz += one if t != z else z
-            u = t * (one if to > z else -one if to < z else z)  # p's sign (p may underflow)
-            kept += one if u > z else z
-            against += one if u < z else z
-        for k, v in enumerate((sx, st, so, sto, dox, dtt, dist, nnz, kept, against)):
-            r[k] += np.float64(v)
+            bb, oo = _f32(b[i]), _f32(o[i])
+            to = oo - bb
+            so, sto = so + oo * oo, sto + to * to
+            sx = _bf16_step(_f32(x[i]), bb, oo, to, one if to > z else -one if to < z else z, sx)
+        _bf16_add(r, sx, so, sto)
 
 
 @njit(**JIT)
@@ -154,33 +170,17 @@ def _bf16_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
     """_bf16_one for two inputs at once (the base and the output widened once for both)."""
     z, one = np.float32(0.0), np.float32(1.0)
     for start in range(np.uint64(lo), np.uint64(hi), np.uint64(RUN)):
-        sx = st = dox = dtt = dist = nnz = kept = against = so = sto = z
-        sy = sty = doy = dty = disty = nnzy = kepty = againsty = z
+        sx = sy = (z, z, z, z, z, z, z, z)
+        so = sto = z
         for i in range(start, min(start + np.uint64(RUN), np.uint64(hi))):
             bb, oo = _f32(b[i]), _f32(o[i])
             to = oo - bb
-            sg = one if to > z else -one if to < z else z  # τo's sign (_bf16_one)
+            sg = one if to > z else -one if to < z else z
             so, sto = so + oo * oo, sto + to * to
-            xx = _f32(x[i])
-            t, d = xx - bb, oo - xx
-            p = to * t
-            sx, st, dox, dtt, dist = sx + xx * xx, st + t * t, dox + oo * xx, dtt + p, dist + d * d
-            nnz += one if t != z else z
-            u = t * sg
-            kept += one if u > z else z
-            against += one if u < z else z
-            yy = _f32(y[i])
-            t, d = yy - bb, oo - yy
-            p = to * t
-            sy, sty, doy, dty, disty = sy + yy * yy, sty + t * t, doy + oo * yy, dty + p, disty + d * d
-            nnzy += one if t != z else z
-            u = t * sg
-            kepty += one if u > z else z
-            againsty += one if u < z else z
-        for acc, v in ((r, (sx, st, so, sto, dox, dtt, dist, nnz, kept, against)),
-                       (q, (sy, sty, so, sto, doy, dty, disty, nnzy, kepty, againsty))):
-            for k in range(10):
-                acc[k] += np.float64(v[k])
+            sx = _bf16_step(_f32(x[i]), bb, oo, to, sg, sx)
+            sy = _bf16_step(_f32(y[i]), bb, oo, to, sg, sy)
+        _bf16_add(r, sx, so, sto)
+        _bf16_add(q, sy, so, sto)
 
 
 @njit(**JIT)
