@@ -34,73 +34,60 @@ RUN = 256
 FLOOR = 2.0 ** -60
 
 
-#: run --report's loop: per chunk and input one reduction loop over the base, the input and the
-#: output as stored (widened in registers by f64; unsigned indices), its sums in registers
-#: (`reassoc` lets LLVM vectorise them)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _step(xx, bb, oo, to, sg, s, z, one):  # noqa: ANN001, ANN201
+    """One entry's terms of one input `xx` added to its sums `s` (sx, st, dox, dtt, dist, nnz,
+    kept, against), in the type of `z` / `one` (float64, or float32 in the bfloat16 loop);
+    `to` = τo, `sg` its sign: kept / against from the signs of τ and τo, not of their product,
+    which underflows (in float32 for τ ~ 1e-23)."""
+    sx, st, dox, dtt, dist, nnz, kept, against = s
+    t, d = xx - bb, oo - xx
+    u = t * sg
+    return (sx + xx * xx, st + t * t, dox + oo * xx, dtt + to * t, dist + d * d,
+            nnz + (one if t != z else z), kept + (one if u > z else z), against + (one if u < z else z))
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _add(acc, s, so, sto):  # noqa: ANN001, ANN201
+    """One input's sums into its float64 accumulator row (RunSums' order)."""
+    sx, st, dox, dtt, dist, nnz, kept, against = s
+    for k, v in enumerate((sx, st, so, sto, dox, dtt, dist, nnz, kept, against)):
+        acc[k] += np.float64(v)
+
+
+#: run --report's float64 loops: per chunk one reduction loop over the base, the output and one
+#: or two inputs as stored (widened in registers by f64; unsigned indices), its sums in
+#: registers (`reassoc` lets LLVM vectorise them)
 @njit(**JIT)
 def _merge_chunk(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
     """r += the sums of entries lo:hi of output `o` against input `x` (base `b`)."""
-    sx = st = so = sto = dox = dtt = dist = nnz = kept = against = 0.0
+    z, one = 0.0, 1.0
+    sx = (z, z, z, z, z, z, z, z)
+    so = sto = z
     for i in range(np.uint64(lo), np.uint64(hi)):
-        bb = f64(b[i])
-        oo = f64(o[i])
-        xx = f64(x[i])
-        t = xx - bb
+        bb, oo = f64(b[i]), f64(o[i])
         to = oo - bb
-        p = to * t
-        d = oo - xx
-        sx += xx * xx
-        st += t * t
-        so += oo * oo
-        sto += to * to
-        dox += oo * xx
-        dtt += p
-        dist += d * d
-        nnz += 1.0 if t != 0.0 else 0.0
-        kept += 1.0 if p > 0.0 else 0.0
-        against += 1.0 if p < 0.0 else 0.0
-    r[0] += sx
-    r[1] += st
-    r[2] += so
-    r[3] += sto
-    r[4] += dox
-    r[5] += dtt
-    r[6] += dist
-    r[7] += nnz
-    r[8] += kept
-    r[9] += against
+        so, sto = so + oo * oo, sto + to * to
+        sx = _step(f64(x[i]), bb, oo, to, one if to > z else -one if to < z else z, sx, z, one)
+    _add(r, sx, so, sto)
 
 
 @njit(**JIT)
 def _merge_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
     """_merge_chunk for two inputs at once (the base and the output widened once: ~16 % less
-    time per entry than two _merge_chunk calls); the same sums, in the same order."""
-    sx = st = dox = dtt = dist = nnz = kept = against = so = sto = 0.0
-    sy = sty = doy = dty = disty = nnzy = kepty = againsty = 0.0
+    time per entry than two _merge_chunk calls); the same sums."""
+    z, one = 0.0, 1.0
+    sx = sy = (z, z, z, z, z, z, z, z)
+    so = sto = z
     for i in range(np.uint64(lo), np.uint64(hi)):
-        bb = f64(b[i])
-        oo = f64(o[i])
+        bb, oo = f64(b[i]), f64(o[i])
         to = oo - bb
-        so += oo * oo
-        sto += to * to
-        xx = f64(x[i])
-        t, d = xx - bb, oo - xx
-        p = to * t
-        sx, st, dox, dtt, dist = sx + xx * xx, st + t * t, dox + oo * xx, dtt + p, dist + d * d
-        nnz += 1.0 if t != 0.0 else 0.0
-        kept += 1.0 if p > 0.0 else 0.0
-        against += 1.0 if p < 0.0 else 0.0
-        yy = f64(y[i])
-        t, d = yy - bb, oo - yy
-        p = to * t
-        sy, sty, doy, dty, disty = sy + yy * yy, sty + t * t, doy + oo * yy, dty + p, disty + d * d
-        nnzy += 1.0 if t != 0.0 else 0.0
-        kepty += 1.0 if p > 0.0 else 0.0
-        againsty += 1.0 if p < 0.0 else 0.0
-    for acc, v in ((r, (sx, st, so, sto, dox, dtt, dist, nnz, kept, against)),
-                   (q, (sy, sty, so, sto, doy, dty, disty, nnzy, kepty, againsty))):
-        for k in range(10):
-            acc[k] += v[k]
+        sg = one if to > z else -one if to < z else z
+        so, sto = so + oo * oo, sto + to * to
+        sx = _step(f64(x[i]), bb, oo, to, sg, sx, z, one)
+        sy = _step(f64(y[i]), bb, oo, to, sg, sy, z, one)
+    _add(r, sx, so, sto)
+    _add(q, sy, so, sto)
 
 
 @njit(**JIT)
@@ -128,27 +115,6 @@ def _f32(typingctx, v):  # noqa: ANN001, ANN201, ARG001
     return (types.float32(v), codegen) if v == types.uint16 else None
 
 
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _bf16_step(xx, bb, oo, to, sg, s):  # noqa: ANN001, ANN201
-    """One entry's terms of one input `xx` added to its float32 sums `s` (sx, st, dox, dtt, dist,
-    nnz, kept, against); `to` = τo, `sg` its sign: kept / against from the signs of τ and τo,
-    not of their product, which underflows for τ ~ 1e-23."""
-    z, one = np.float32(0.0), np.float32(1.0)
-    sx, st, dox, dtt, dist, nnz, kept, against = s
-    t, d = xx - bb, oo - xx
-    u = t * sg
-    return (sx + xx * xx, st + t * t, dox + oo * xx, dtt + to * t, dist + d * d,
-            nnz + (one if t != z else z), kept + (one if u > z else z), against + (one if u < z else z))
-
-
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _bf16_add(acc, s, so, sto):  # noqa: ANN001, ANN201
-    """A run's float32 sums of one input into its float64 accumulator row (RunSums' order)."""
-    sx, st, dox, dtt, dist, nnz, kept, against = s
-    for k, v in enumerate((sx, st, so, sto, dox, dtt, dist, nnz, kept, against)):
-        acc[k] += np.float64(v)
-
-
 @njit(**JIT)
 def _bf16_one(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
     """r += the sums of entries lo:hi of bfloat16 output `o` against input `x` (base `b`):
@@ -161,8 +127,8 @@ def _bf16_one(b, x, o, lo, hi, r):  # noqa: ANN001, ANN201
             bb, oo = _f32(b[i]), _f32(o[i])
             to = oo - bb
             so, sto = so + oo * oo, sto + to * to
-            sx = _bf16_step(_f32(x[i]), bb, oo, to, one if to > z else -one if to < z else z, sx)
-        _bf16_add(r, sx, so, sto)
+            sx = _step(_f32(x[i]), bb, oo, to, one if to > z else -one if to < z else z, sx, z, one)
+        _add(r, sx, so, sto)
 
 
 @njit(**JIT)
@@ -177,10 +143,10 @@ def _bf16_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
             to = oo - bb
             sg = one if to > z else -one if to < z else z
             so, sto = so + oo * oo, sto + to * to
-            sx = _bf16_step(_f32(x[i]), bb, oo, to, sg, sx)
-            sy = _bf16_step(_f32(y[i]), bb, oo, to, sg, sy)
-        _bf16_add(r, sx, so, sto)
-        _bf16_add(q, sy, so, sto)
+            sx = _step(_f32(x[i]), bb, oo, to, sg, sx, z, one)
+            sy = _step(_f32(y[i]), bb, oo, to, sg, sy, z, one)
+        _add(r, sx, so, sto)
+        _add(q, sy, so, sto)
 
 
 @njit(**JIT)
