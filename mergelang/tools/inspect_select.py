@@ -29,7 +29,15 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mergelang.tools.inspect_kernels import CHUNK, JIT, f64, fused_stats, nonzero_pair, top_sum, wide
+from mergelang.tools.inspect_kernels import (
+    CHUNK,
+    JIT,
+    f64,
+    fused_stats,
+    nonzero_pair,
+    top_sum,
+    wide,
+)
 
 #: one sampled entry per block of SAMPLE_STEP entries (a power of two) ...
 SAMPLE_STEP = 64

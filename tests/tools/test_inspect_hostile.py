@@ -37,22 +37,22 @@ def piece(b: torch.Tensor, xs: list[torch.Tensor]) -> tuple[list[dict], list[dic
     for t in taus:
         sq = torch.sort(t * t, descending=True).values
         ks = [min(n, max(1, math.ceil(f * n))) for f in FR]
-        ms.append(dict(numel=n, ss=float((t * t).sum()), bss=float((b * b).sum()),
-                       mx=float(t.abs().max()) if n else 0.0, zeros=int((t == 0).sum()),
-                       en=[float(sq[:k].sum()) if n else 0.0 for k in ks]))
+        ms.append({"numel": n, "ss": float((t * t).sum()), "bss": float((b * b).sum()),
+                       "mx": float(t.abs().max()) if n else 0.0, "zeros": int((t == 0).sum()),
+                       "en": [float(sq[:k].sum()) if n else 0.0 for k in ks]})
     ps = []
     for i in range(len(taus)):
         for j in range(i + 1, len(taus)):
             si, sj = torch.sign(taus[i]), torch.sign(taus[j])
             both = (si != 0) & (sj != 0)
-            ps.append(dict(dot=float((taus[i] * taus[j]).sum()), agree=int((both & (si == sj)).sum()),
-                           both=int(both.sum())))
+            ps.append({"dot": float((taus[i] * taus[j]).sum()), "agree": int((both & (si == sj)).sum()),
+                           "both": int(both.sum())})
     return ms, ps
 
 
 def empty(nm: int) -> dict:
-    return dict(tensors=0, m=[dict(numel=0, ss=0.0, bss=0.0, mx=0.0, zeros=0, en=[0.0] * 4) for _ in range(nm)],
-                p=[dict(dot=0.0, agree=0, both=0) for _ in range(nm * (nm - 1) // 2)])
+    return {"tensors": 0, "m": [{"numel": 0, "ss": 0.0, "bss": 0.0, "mx": 0.0, "zeros": 0, "en": [0.0] * 4} for _ in range(nm)],
+                "p": [{"dot": 0.0, "agree": 0, "both": 0} for _ in range(nm * (nm - 1) // 2)]}
 
 
 def add(g: dict, ms: list[dict], ps: list[dict], tensors: int = 1) -> None:
@@ -75,14 +75,14 @@ def as_json(g: dict, labels: list[str]) -> dict:
     out = {"tensors": g["tensors"], "numel": g["m"][0]["numel"], "models": {}, "pairs": {}}
     for lab, m in zip(labels, g["m"]):
         nrm, bn = math.sqrt(m["ss"]), math.sqrt(m["bss"])
-        out["models"][lab] = dict(norm=nrm, base_norm=bn, rel_norm=ratio(nrm, bn), max_abs=m["mx"],
-                                  zero_frac=ratio(m["zeros"], m["numel"]),
-                                  energy={f"{f:g}": ratio(e, m["ss"]) for f, e in zip(FR, m["en"])})
+        out["models"][lab] = {"norm": nrm, "base_norm": bn, "rel_norm": ratio(nrm, bn), "max_abs": m["mx"],
+                                  "zero_frac": ratio(m["zeros"], m["numel"]),
+                                  "energy": {f"{f:g}": ratio(e, m["ss"]) for f, e in zip(FR, m["en"])}}
     pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
     for (i, j), p in zip(pairs, g["p"]):
         den = math.sqrt(g["m"][i]["ss"]) * math.sqrt(g["m"][j]["ss"])
-        out["pairs"][f"{labels[i]}~{labels[j]}"] = dict(
-            cosine=ratio(p["dot"], den), sign_agreement=ratio(p["agree"], p["both"]), both_nonzero=p["both"])
+        out["pairs"][f"{labels[i]}~{labels[j]}"] = {
+            "cosine": ratio(p["dot"], den), "sign_agreement": ratio(p["agree"], p["both"]), "both_nonzero": p["both"]}
     return out
 
 
@@ -122,7 +122,7 @@ def reference(base: dict, models: list[dict], labels: list[str]) -> dict:
             "experts": {str(k): as_json(v, labels) for k, v in experts.items()}, "tensors": tensors}
 
 
-def compare(got, want, path: str = "") -> list[str]:  # noqa: ANN001
+def compare(got, want, path: str = "") -> list[str]:
     """Every number: counts and None exactly, floats to rel 1e-9 (energies: top-k by a sort)."""
     if isinstance(want, dict):
         if not isinstance(got, dict) or set(got) != set(want):
@@ -133,7 +133,7 @@ def compare(got, want, path: str = "") -> list[str]:  # noqa: ANN001
     return [] if got == want else [f"{path}: {got!r} != {want!r}"]
 
 
-def models_on_disk(tmp_path, base: dict, models: list[dict]) -> tuple[str, list[str]]:  # noqa: ANN001
+def models_on_disk(tmp_path, base: dict, models: list[dict]) -> tuple[str, list[str]]:
     save_file(base, str(tmp_path / "base.safetensors"))
     paths = []
     for i, m in enumerate(models):
@@ -186,7 +186,7 @@ def sampled(n: int) -> torch.Tensor:
 
 
 def hostile(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
-    r = lambda: torch.rand(n, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda: torch.rand(n, generator=g, dtype=torch.float64)
     t = torch.zeros(n, dtype=torch.float64)
     k = math.ceil(0.01 * n)
     if kind == "boundary_ties":  # the 1 % boundary inside 6 copies, the 5-20 % inside half the entries
@@ -240,7 +240,7 @@ def test_brackets_are_exact_on_hostile_task_vectors(n):
 
 def odd_checkpoints() -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(7)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rn = lambda *s: torch.randn(*s, generator=g)
     dts = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
     base = {}
     for i, nm in enumerate(f"model.layers.{layer}.{x}" for layer in range(3) for x in
@@ -283,7 +283,7 @@ def test_two_inspects_at_once_and_the_collector_after(tmp_path):
     def one(i: int) -> None:
         try:
             out[i] = ml.inspect(b, paths[:2 + i])
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - any failure is reported by the asserts below
             out[i] = exc
 
     assert gc.isenabled()
