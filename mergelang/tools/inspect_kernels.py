@@ -50,6 +50,26 @@ def f64(typingctx, v):  # noqa: ANN001, ANN201, ARG001
     return (types.float64(v), codegen) if v in (types.uint16, types.float32, types.float64) else None
 
 
+@intrinsic
+def wide(typingctx, a):  # noqa: ANN001, ANN201, ARG001
+    """True for a float64 array, as a compile-time constant (the other dtypes' loops keep no
+    trace of the branch): only there can a product τi·τj of non-zero τ underflow to 0 (float32
+    and 16-bit τ are >= 2**-149 in size: their products >= 2**-298)."""
+    val = isinstance(a, types.Array) and a.dtype == types.float64
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202, ARG001
+        return context.get_constant(types.boolean, val)
+    return types.boolean(a), codegen
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def nonzero_pair(tx, ty, pr):  # noqa: ANN001, ANN201
+    """(both non-zero with equal signs, both non-zero) for float64 τ (`pr` = tx·ty): as
+    `pr > 0`, `pr != 0` (NaN included) where the product underflows to 0 too."""
+    agree = (pr > 0.0) | ((tx > 0.0) & (ty > 0.0)) | ((tx < 0.0) & (ty < 0.0))
+    return agree, (pr != 0.0) | ((tx != 0.0) & (ty != 0.0))
+
+
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _load(a, start, m, bf, out, u32):  # noqa: ANN001, ANN201, ARG001
     """Entries start:start+m of `a` (bfloat16 bit patterns as uint16, float32 or float64) into
@@ -179,11 +199,20 @@ def pair_pass(b, x, y, bf):  # noqa: ANN001, ANN201
         _load(b, start, m, bf, fb, u)
         _load(x, start, m, bf, fx, u)
         _load(y, start, m, bf, fy, u)
-        for i in range(m):
-            p = (fx[i] - fb[i]) * (fy[i] - fb[i])
-            dot += p
-            agree += p > 0.0
-            both += p != 0.0
+        if wide(b):  # float64: a product of tiny τ may underflow to 0
+            for i in range(m):
+                tx, ty = fx[i] - fb[i], fy[i] - fb[i]
+                p = tx * ty
+                dot += p
+                a, nz = nonzero_pair(tx, ty, p)
+                agree += a
+                both += nz
+        else:
+            for i in range(m):
+                p = (fx[i] - fb[i]) * (fy[i] - fb[i])
+                dot += p
+                agree += p > 0.0
+                both += p != 0.0
     return dot, agree, both
 
 
@@ -287,11 +316,19 @@ def fused_pass(b, xs, bf, lo, hi, hist, keys, stats, pairs):  # noqa: ANN001, AN
             for l in range(j + 1, nm):
                 ti, tl = tt[j], tt[l]
                 dot = agree = both = 0.0
-                for i in range(m):
-                    pr = ti[i] * tl[i]
-                    dot += pr
-                    agree += 1.0 if pr > 0.0 else 0.0
-                    both += 1.0 if pr != 0.0 else 0.0
+                if wide(b):  # float64: a product of tiny τ may underflow to 0
+                    for i in range(m):
+                        pr = ti[i] * tl[i]
+                        dot += pr
+                        a, nz = nonzero_pair(ti[i], tl[i], pr)
+                        agree += 1.0 if a else 0.0
+                        both += 1.0 if nz else 0.0
+                else:
+                    for i in range(m):
+                        pr = ti[i] * tl[i]
+                        dot += pr
+                        agree += 1.0 if pr > 0.0 else 0.0
+                        both += 1.0 if pr != 0.0 else 0.0
                 pairs[p, 0] += dot
                 pairs[p, 1] += agree
                 pairs[p, 2] += both

@@ -29,7 +29,15 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mergelang.tools.inspect_kernels import CHUNK, JIT, f64, fused_stats, top_sum
+from mergelang.tools.inspect_kernels import (
+    CHUNK,
+    JIT,
+    f64,
+    fused_stats,
+    nonzero_pair,
+    top_sum,
+    wide,
+)
 
 #: one sampled entry per block of SAMPLE_STEP entries (a power of two) ...
 SAMPLE_STEP = 64
@@ -131,7 +139,7 @@ def bracket_pass(b, xs, lo, hi, cuts, ncut, wsum, spans, spanb, nspan, acc, stat
                 listed += gl[spans[j, r, 0]] - gl[spans[j, r, 1]]
             if listed:
                 _list(q, m, fl, spanb[j], nspan[j], buf[j], fill, j)
-        _pairs(tt, nm, m, pairs)
+        _pairs(tt, nm, m, pairs, wide(b))
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
@@ -175,18 +183,29 @@ def _ctz(typingctx, v):
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _pairs(tt, nm, m, pairs):
+def _pairs(tt, nm, m, pairs, exact):
+    """Per pair (⟨τi, τj⟩, both non-zero with equal signs, both non-zero) += the chunk's;
+    `exact` (float64 inputs, a compile-time constant: inspect_kernels.wide) also counts the
+    entries whose product underflows to 0."""
     p = 0
     for j in range(nm):
         for l in range(j + 1, nm):
             ti, tl = tt[j], tt[l]
             dot = 0.0
             agree = both = 0
-            for i in range(m):
-                pr = ti[i] * tl[i]
-                dot += pr
-                agree += pr > 0.0
-                both += pr != 0.0
+            if exact:
+                for i in range(m):
+                    pr = ti[i] * tl[i]
+                    dot += pr
+                    a, nz = nonzero_pair(ti[i], tl[i], pr)
+                    agree += a
+                    both += nz
+            else:
+                for i in range(m):
+                    pr = ti[i] * tl[i]
+                    dot += pr
+                    agree += pr > 0.0
+                    both += pr != 0.0
             pairs[p, 0] += dot
             pairs[p, 1] += agree
             pairs[p, 2] += both

@@ -4,6 +4,8 @@ of tensors are concatenated (one torch op per model and batch, not one per tenso
 numba call runs, for each tensor's slice, the very loops a single small tensor takes
 (inspect_kernels' `small_pass` and `pair_pass`, called from compiled code: no dispatch per
 tensor). The numbers are those of the per-tensor calls, bit for bit (tests/tools/test_inspect_many.py).
+Numba's cache keys a compiled function on its own file only: a change to the loops it calls
+(inspect_kernels.py) needs a change here too, or the cached `batch_pass` keeps the old loops.
 """
 
 from __future__ import annotations
