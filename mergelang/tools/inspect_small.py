@@ -115,8 +115,11 @@ def entries(numel: np.ndarray, mstats: np.ndarray, energy: np.ndarray, pstats: n
         for p, (i, j) in enumerate(pairs):
             den = norm[:, i] * norm[:, j]
             cos.append(_none_where(pstats[:, p, 0] / den, den == 0))
-            agr.append(_none_where(pstats[:, p, 1] / pstats[:, p, 2], pstats[:, p, 2] == 0))
-    norm_l, bnorm_l, mx_l, zf_l = norm.tolist(), bnorm.tolist(), mstats[..., 2].tolist(), zf.tolist()
+            agr.append(_none_where(pstats[:, p, 1] / pstats[:, p, 2],
+                                   (pstats[:, p, 2] == 0) | np.isnan(pstats[:, p, 0])))
+    # a NaN in τ: max |τ| and sign agreement undefined (null), as in Group.to_json
+    mx_l = _none_where(mstats[..., 2], np.isnan(ss))
+    norm_l, bnorm_l, zf_l = norm.tolist(), bnorm.tolist(), zf.tolist()
     both_l = pstats[..., 2].astype(np.int64).tolist()
     keys = [f"{f:g}" for f in fractions]
     pkeys = [f"{labels[i]}~{labels[j]}" for i, j in pairs]

@@ -61,7 +61,10 @@ class ModelSums:
         out: dict[str, Any] = {
             "norm": math.sqrt(self.ss), "base_norm": math.sqrt(self.base_ss),
             "rel_norm": _ratio(math.sqrt(self.ss), math.sqrt(self.base_ss)),
-            "max_abs": self.max_abs, "zero_frac": _ratio(self.zeros, self.numel),
+            # a NaN in τ makes ‖τ‖² NaN: max |τ| is then undefined too (the CPU loops' max skips
+            # NaN, torch's does not: null on both)
+            "max_abs": None if math.isnan(self.ss) else self.max_abs,
+            "zero_frac": _ratio(self.zeros, self.numel),
             "energy": {_key(f): _ratio(e, self.ss) for f, e in zip(FRACTIONS, self.energy)},
         }
         if self.eff_ranks:
@@ -84,7 +87,9 @@ class PairSums:
 
     def to_json(self, si: ModelSums, sj: ModelSums) -> dict[str, Any]:
         den = math.sqrt(si.ss) * math.sqrt(sj.ss)
-        return {"cosine": _ratio(self.dot, den), "sign_agreement": _ratio(self.agree, self.both),
+        undefined = math.isnan(self.dot)  # a NaN in either τ: its signs are not comparable
+        return {"cosine": _ratio(self.dot, den),
+                "sign_agreement": None if undefined else _ratio(self.agree, self.both),
                 "both_nonzero": self.both}
 
 

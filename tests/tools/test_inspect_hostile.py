@@ -297,3 +297,26 @@ def test_two_inspects_at_once_and_the_collector_after(tmp_path):
         want = reference(base, models[:2 + i], ["ft0", "ft1", "ft2"][:2 + i])
         assert isinstance(out[i], dict)
         assert [e for key in want for e in compare(json.loads(json.dumps(out[i][key])), want[key], key)] == []
+
+
+@pytest.mark.parametrize("n", [12, 40_000])
+def test_nan_model_has_null_max_abs_and_sign_agreement(tmp_path, n):
+    """A NaN in a model's τ leaves max |τ| and the pair's sign agreement undefined: null in
+    report.json on the small-tensor path, the large-tensor path and the aggregates (the CPU
+    loops' max skips NaN, torch's does not: both now say null)."""
+    import mergelang as ml
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g)
+    a, b = base + 0.1 * torch.randn(n, generator=g), base + 0.1 * torch.randn(n, generator=g)
+    a[3] = float("nan")
+    for lab, t in (("base", base), ("a", a), ("b", b)):
+        (tmp_path / lab).mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": t.reshape(-1, 4).contiguous()},
+                  str(tmp_path / lab / "model.safetensors"))
+    rep = ml.inspect(str(tmp_path / "base"), [str(tmp_path / "a"), str(tmp_path / "b")])
+    for group in (rep["tensors"]["model.layers.0.mlp.up_proj.weight"], rep["layers"]["0"], rep["total"]):
+        assert group["models"]["a"]["max_abs"] is None
+        assert group["models"]["b"]["max_abs"] == pytest.approx(float((b - base).abs().max()))
+        assert group["pairs"]["a~b"]["sign_agreement"] is None
