@@ -19,7 +19,9 @@ widened exactly (the 16 bits shifted up).
 
 Kernels are compiled on first use (about a second each) and cached: in memory per process and on
 disk (`MERGELANG_CACHE_DIR`, default `~/.cache/mergelang`) through numba's own cache, keyed by
-the generated source, which depends only on the program and the input dtypes.
+the generated source, which depends only on the program, the input dtypes and (its first line)
+a digest of numba_runtime.py and numba's version: the helpers a kernel inlines, so a kernel
+compiled before an upgrade that changed one is compiled again, not reused.
 """
 
 from __future__ import annotations
@@ -127,7 +129,23 @@ def program_lines(body: tuple, kinds: tuple[str, ...], dtypes: tuple[str, ...], 
     return params, prelude, loads + ops, values[-1]
 
 
+def runtime_digest() -> str:
+    """A digest of what generated kernels inline besides their own source: the helpers of
+    numba_runtime.py and numba's version. Generated modules are cached by their source (file
+    name and numba's cache, which checks only the generated file's own stamp), so without it a
+    kernel compiled before an upgrade that changed a helper would keep running the old helper."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        numba_version = version("numba")
+    except PackageNotFoundError:  # pragma: no cover - numba is a dependency
+        numba_version = ""
+    text = Path(__file__).with_name("numba_runtime.py").read_bytes() + numba_version.encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
 HEADER = (
+    f"# helpers {runtime_digest()}\n"
     "import numpy as np\n"
     "from numba import njit\n"
     "from mergelang.runtime.kernels.numba_runtime import F8E4M3, F8E5M2, narrow_bf16, order_key, sel, widen_bf16\n"
