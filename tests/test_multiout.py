@@ -341,9 +341,7 @@ merge ["x", "y"] from a {
     ml.compile(tmp_path / "r.mrg").run(tmp_path / "reference", device="cpu")
     out = tmp_path / "out"
     wdir = work_dir_for(out)
-    # 0.2 s per write: journal groups appear after fdatasync, late on a loaded disk; the kill
-    # must still land mid-run (tests/io/test_resume.py)
-    proc = run_cli("run", tmp_path / "r.mrg", "-o", out, "-q", env_extra={"MERGELANG_TEST_DELAY": "0.2"})
+    proc = run_cli("run", tmp_path / "r.mrg", "-o", out, "-q", env_extra={"MERGELANG_TEST_DELAY": "0.1"})
     want = random.Random().randint(1, 6)  # a random point, once both journals have entries
     deadline = time.monotonic() + 120
     while min(journal_entries(wdir / f".{n}.mergelang-work") for n in "xy") < want:
