@@ -228,7 +228,10 @@ def test_api_disk_full_keeps_work_folder_then_resume(work: Path, tmp_path: Path,
 def test_ctrl_c_keeps_work_folder_and_says_how_to_resume(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     wdir = work_dir_for(out)
-    proc = run_cli("run", work / "recipe.mrg", "-o", out, env_extra={"MERGELANG_TEST_DELAY": "0.1"})
+    # the child must take Ctrl-C even when the test runs as a background job of a
+    # non-interactive shell, which starts with SIGINT ignored (POSIX) and would pass that on
+    proc = run_cli("run", work / "recipe.mrg", "-o", out, env_extra={"MERGELANG_TEST_DELAY": "0.1"},
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while journal_entries(wdir) < 5:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
