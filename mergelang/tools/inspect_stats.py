@@ -208,17 +208,23 @@ def flat(t: "torch.Tensor", dtype: "torch.dtype") -> Any:
     return t.view(torch.int16).numpy().view("uint16") if dtype == torch.bfloat16 else t.numpy()
 
 
+def read_dtype(tensors: Sequence["torch.Tensor"]) -> "torch.dtype":
+    """The dtype the CPU loops read these tensors in, one numba specialisation per call:
+    all bfloat16 (read as stored), else float64 if any is, else float32 (exact for float16)."""
+    import torch
+
+    kinds = {t.dtype for t in tensors}
+    return torch.bfloat16 if kinds == {torch.bfloat16} else \
+        torch.float64 if torch.float64 in kinds else torch.float32
+
+
 def _cpu_sums(g: Group, base: "torch.Tensor", xs: Sequence["torch.Tensor"]) -> None:
     import torch
 
     from mergelang.tools.inspect_kernels import SMALL, model_stats, pair_pass
     from mergelang.tools.inspect_select import bracket_stats
 
-    kinds = {t.dtype for t in (base, *xs)}
-    # one numba specialisation per call: all bfloat16 (read as stored), else float32 (exact
-    # for float16 too), else float64
-    dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
-        torch.float64 if torch.float64 in kinds else torch.float32
+    dtype = read_dtype((base, *xs))
     bf = dtype == torch.bfloat16
     b = flat(base, dtype)
     arrs = [flat(x, dtype) for x in xs]

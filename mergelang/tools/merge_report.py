@@ -278,25 +278,23 @@ def run_sums(base: "torch.Tensor", xs: list["torch.Tensor"], out: "torch.Tensor"
     import numpy as np
     import torch
 
-    from mergelang.tools.inspect_stats import flat
+    from mergelang.tools.inspect_stats import flat, read_dtype
     from mergelang.tools.report_kernels import FLOOR, merge_fused, merge_fused_bf16
 
-    kinds = {base.dtype, out.dtype, *(x.dtype for x in xs)}
-    dtype = torch.bfloat16 if kinds == {torch.bfloat16} else \
-        torch.float64 if torch.float64 in kinds else torch.float32
+    dtype = read_dtype((base, out, *xs))
     b, o = flat(base.cpu(), dtype), flat(out.cpu(), dtype)
     arrs = tuple(flat(x.cpu(), dtype) for x in xs)
     bf = dtype == torch.bfloat16
-    tot = _sums(merge_fused_bf16 if bf else merge_fused, b, arrs, o, (bf,) if not bf else ())
-    squares = tot[:, [0, 1, 2, 3, 6]]
-    # ⟨o, x⟩, ⟨τo, τ⟩ under FLOOR: their products may be under float32's range too (report_kernels)
-    if bf and not (np.isfinite(squares).all() and (squares >= FLOOR).all()
-                   and (np.abs(tot[:, [4, 5]]) >= FLOOR).all()):
-        tot = _sums(merge_fused, b, arrs, o, (bf,))
+    tot = _sums(merge_fused_bf16 if bf else merge_fused, b, arrs, o)
+    # the seven sums (squares and the signed ⟨o, x⟩, ⟨τo, τ⟩): non-finite or under FLOOR in
+    # magnitude, float32 may have lost terms (report_kernels)
+    sums = tot[:, :7]
+    if bf and not (np.isfinite(sums).all() and (np.abs(sums) >= FLOOR).all()):
+        tot = _sums(merge_fused, b, arrs, o)
     return [RunSums(b.size, *(float(v) for v in r[:7]), *(int(v) for v in r[7:])) for r in tot]
 
 
-def _sums(kernel: Any, b: Any, arrs: tuple, o: Any, extra: tuple) -> Any:
+def _sums(kernel: Any, b: Any, arrs: tuple, o: Any) -> Any:
     """The (inputs, 10) sums of a report kernel over every entry, in parts on the pool."""
     import numpy as np
 
@@ -306,7 +304,7 @@ def _sums(kernel: Any, b: Any, arrs: tuple, o: Any, extra: tuple) -> Any:
     parts = max(1, min(workers(), n // PARALLEL_MIN))
     cuts = [n * p // parts for p in range(parts + 1)]
     acc = np.zeros((parts, len(arrs), 10), np.float64)
-    jobs = [(b, arrs, o, *extra, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
+    jobs = [(b, arrs, o, cuts[p], cuts[p + 1], acc[p]) for p in range(parts)]
     if parts == 1:
         kernel(*jobs[0])
     else:

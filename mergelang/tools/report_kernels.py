@@ -91,12 +91,11 @@ def _merge_pair(b, x, y, o, lo, hi, r, q):  # noqa: ANN001, ANN201
 
 
 @njit(**JIT)
-def merge_fused(b, xs, o, bf, lo, hi, acc):  # noqa: ANN001, ANN201, ARG001
+def merge_fused(b, xs, o, lo, hi, acc):  # noqa: ANN001, ANN201
     """The sums of output `o` against every input in `xs` over entries lo:hi, one pass, a chunk
     at a time, two inputs per loop (the base's and the output's chunk read again from the
     cache for the next two): acc[j] += (‖x‖², ‖τ‖², ‖o‖², ‖τo‖², ⟨o, x⟩, ⟨τo, τ⟩, ‖o − x‖²,
-    nnz, kept, against) (counts as float64: exact below 2**53; `bf`: unused, the arrays' dtype
-    says it)."""
+    nnz, kept, against) (counts as float64: exact below 2**53)."""
     nx = len(xs)
     for start in range(lo, hi, CHUNK):
         end = min(start + CHUNK, hi)
