@@ -52,6 +52,9 @@ def entry() -> None:
     complete and closed when it returns (outputs are renamed into place, the journal is written
     through its own file descriptor); stdio is flushed and the atexit handlers still run
     (logging, thread pools, temporary files). A failing command exits the ordinary way."""
+    from mergelang.io import interrupt
+
+    interrupt.arm()  # io/interrupt: Ctrl-C recorded, never lost before an output is in place
     try:
         main()
     except SystemExit as exc:

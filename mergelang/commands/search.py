@@ -14,6 +14,7 @@ from mergelang.commands.data import (builtin_objective, is_builtin, lm_eval_incl
 from mergelang.commands.common import (compile_from_cli, cli_guard, allow_pickle_opt, follow_opt, recipe_arg,
                                        search_device_opt, search_force_opt, set_opt)
 from mergelang.diagnostics import MergelangError, error
+from mergelang.io import interrupt
 
 from mergelang.search.study import SAMPLERS  # noqa: E402  (optuna is imported only when a study opens)
 
@@ -95,6 +96,7 @@ def write_pareto(res: Any, out: Path, inputs: Any = (), force: bool = False) -> 
         made = True
         for name, text in files.items():
             (tmp / name).write_text(text, newline="")
+        interrupt.check()  # io/interrupt: a Ctrl-C whose exception was lost
         if out.exists():  # an empty folder, or (--force) the earlier table: moved aside first
             aside = out.with_name(f".{out.name}.mergelang-old-{secrets.token_hex(4)}")
             os.rename(out, aside)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergelang.errors import CodedError
+from mergelang.io import interrupt
 from mergelang.io.textfile import read_json
 
 MANIFEST_NAME = "mergelang_manifest.json"
@@ -247,6 +248,7 @@ def replace_file(path: Path, write: Any, option: str = "-o") -> Path:
         write(tmp)
         if path.is_symlink() or path.is_dir():  # appeared since the check
             raise OutputError(f"{option} {path} is a link or a folder", "choose another path")
+        interrupt.check()  # io/interrupt: a Ctrl-C whose exception was lost
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from mergelang.errors import CodedIOError
+from mergelang.io import interrupt
 from mergelang.io.outguard import OutputError, check_output
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class WorkFolder:
         out = self.out_dir
         try:
             self._check_target()  # it may have appeared or filled up since __init__
+            interrupt.check()  # a Ctrl-C whose exception was lost: not presented as complete
             if out.exists():
                 aside = self._fresh_name("old")
                 os.rename(out, aside)
